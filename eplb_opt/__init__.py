@@ -1,0 +1,49 @@
+"""eplb-opt: expert placement for Mixture-of-Experts serving, with certified gaps.
+
+Quick start::
+
+    import eplb_opt
+    phy2log, log2phy, logcnt = eplb_opt.rebalance_experts(weight, 288, 8, 4, 32)
+    result = eplb_opt.solve(weight, num_replicas=288, num_groups=8, num_nodes=4, num_gpus=32)
+    print(result.summary())
+
+See :func:`solve` for shapes and units.
+"""
+
+from .bounds import Bounds, lower_bounds
+from .errors import (
+    EplbOptError,
+    InvalidPlanError,
+    InvalidProblemError,
+    InvalidTypeError,
+    ModeNotAvailableError,
+)
+from .metrics import balancedness, gpu_loads, slot_loads
+from .plan import Plan, derive_maps, plan_violations, verify
+from .problem import Problem, make_problem
+from .solve import SolveResult, rebalance_experts, solve
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Bounds",
+    "EplbOptError",
+    "InvalidPlanError",
+    "InvalidProblemError",
+    "InvalidTypeError",
+    "ModeNotAvailableError",
+    "Plan",
+    "Problem",
+    "SolveResult",
+    "__version__",
+    "balancedness",
+    "derive_maps",
+    "gpu_loads",
+    "lower_bounds",
+    "make_problem",
+    "plan_violations",
+    "rebalance_experts",
+    "slot_loads",
+    "solve",
+    "verify",
+]

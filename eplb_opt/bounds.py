@@ -1,0 +1,167 @@
+"""Certified lower bounds on the busiest GPU of each layer.
+
+A bound here holds for *every* plan obeying the policy, with replica counts and (under
+the hierarchical policy) the group-to-node assignment free.  Bounds that hold only for
+fixed counts or a fixed group placement are conditional and are never mixed in.
+
+Components, each ``[L]`` float64 in the units of ``weight``:
+
+* ``average``: ``sum_e w / G``; no ceiling, since a replica carries the fraction ``w / c``.
+* ``replica``: the largest per-replica load under the counts that minimise it (some GPU
+  holds that replica).
+* ``cardinality``: without redundancy (``R == E``) every GPU holds exactly ``k`` whole
+  experts; among the ``j G + 1`` heaviest, some GPU holds ``j + 1``, plus at least the
+  ``k - j - 1`` lightest experts.
+* ``node`` (hierarchical only): the heaviest node over the best group-to-node assignment
+  (exact when enumerable, a relaxation otherwise) spread over the node's GPUs.
+* ``node_replica`` (hierarchical only): a node holds exactly ``R / N`` replicas of its
+  own experts, so a node's per-replica load cannot go below the best its ``R / N`` slots
+  allow.  Each possible node content (a set of ``num_groups / N`` groups) is scored by
+  the larger of that and its load over its GPUs; the bound is the best assignment's
+  worst node (exact min-max when the assignments can be enumerated; otherwise every
+  group must share a node with some set of partners, and the best such set bounds it).
+
+Every component is computed in float64 and then lowered by a few ulps of its summation
+error, so rounding never works in the bound's favour.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from itertools import combinations
+from math import comb
+
+from heuristics import ENUMERATION_LIMIT, equal_partitions, node_load_lower_bound, num_partitions, replica_counts
+
+__all__ = ["Bounds", "lower_bounds", "partition_cardinality_bound", "node_replica_bound"]
+
+# Most node contents (sets of groups) scored for the node_replica bound.
+SUBSET_LIMIT = 4096
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """Per-layer lower bounds.
+
+    Attributes:
+        lower_bound: ``[L]`` the certified bound (max of the components).
+        components: name -> ``[L]`` component values.
+        node_exact: the node component is the exact optimum of the group step.
+        global_bound: ``[L]`` the same bound for the global policy (what the
+            hierarchical policy gives up is visible as ``lower_bound / global_bound``).
+    """
+
+    lower_bound: np.ndarray
+    components: dict[str, np.ndarray]
+    node_exact: bool
+    global_bound: np.ndarray
+
+
+def partition_cardinality_bound(items: np.ndarray, num_bins: int) -> np.ndarray:
+    """Lower bound on the heaviest bin when ``[L, n]`` items go ``n / num_bins`` per bin:
+    the best of the pigeonhole bounds (see module docs).  ``n`` must be a multiple."""
+    s = -np.sort(-np.asarray(items, dtype=np.float64), axis=1)          # descending
+    L, n = s.shape
+    m = n // num_bins
+    best = np.zeros(L)
+    for j in range(m):
+        top = j * num_bins + 1
+        if top > n:
+            break
+        heavy = s[:, top - (j + 1) : top].sum(axis=1)
+        light = s[:, n - (m - j - 1) :].sum(axis=1) if m - j - 1 > 0 else 0.0
+        best = np.maximum(best, heavy + light)
+    return best
+
+
+def _max_replica_load(w: np.ndarray, replicas: int) -> np.ndarray:
+    """Smallest achievable largest per-replica load of each row of ``[rows, n]``."""
+    return (w / replica_counts(w, replicas)).max(axis=1)
+
+
+def node_replica_bound(
+    weight: np.ndarray, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int
+) -> tuple[np.ndarray, bool]:
+    """The ``node_replica`` component (see module docs): ``([L] bound, exact)``.
+
+    ``exact`` means the min-max over assignments was taken exactly (the score of each
+    node content is itself a relaxation of that node's packing).
+    """
+    w = np.asarray(weight, dtype=np.float64)
+    L, E = w.shape
+    gs, m = E // num_groups, num_groups // num_nodes
+    rn, gpn = num_replicas // num_nodes, num_gpus // num_nodes
+    group_load = w.reshape(L, num_groups, gs).sum(axis=2)
+    if comb(num_groups, m) > SUBSET_LIMIT:
+        # Each group alone, with every spare slot of its node.
+        t = _max_replica_load(
+            w.reshape(L * num_groups, gs), gs + rn - E // num_nodes
+        ).reshape(L, num_groups)
+        return np.maximum(t, group_load / gpn).max(axis=1), False
+    subsets = np.array(list(combinations(range(num_groups), m)), dtype=np.int64)   # [C, m]
+    experts = (subsets[:, :, None] * gs + np.arange(gs)).reshape(len(subsets), -1)  # [C, m*gs]
+    sub_w = w[:, experts].reshape(L * len(subsets), -1)
+    t = _max_replica_load(sub_w, rn).reshape(L, len(subsets))
+    score = np.maximum(t, group_load[:, subsets].sum(axis=2) / gpn)                  # [L, C]
+    if num_partitions(num_groups, num_nodes) <= ENUMERATION_LIMIT:
+        parts = equal_partitions(num_groups, num_nodes)                              # [P, Gr]
+        index = {tuple(s): i for i, s in enumerate(subsets.tolist())}
+        blocks = np.array(
+            [[index[tuple(np.flatnonzero(row == b).tolist())] for b in range(num_nodes)] for row in parts]
+        )                                                                             # [P, N]
+        return score[:, blocks].max(axis=2).min(axis=1), True
+    # Every group sits in some node content: the best content containing it bounds it.
+    member = (subsets[:, :, None] == np.arange(num_groups)).any(axis=1)               # [C, Gr]
+    per_group = np.where(member[None, :, :], score[:, :, None], np.inf).min(axis=1)   # [L, Gr]
+    return per_group.max(axis=1), False
+
+
+def _shave(x: np.ndarray, terms: int) -> np.ndarray:
+    """Lower ``x`` by the worst-case relative error of summing ``terms`` float64 values."""
+    return x * (1.0 - (terms + 4) * np.finfo(np.float64).eps)
+
+
+def lower_bounds(
+    weight: np.ndarray,
+    num_replicas: int,
+    num_gpus: int,
+    *,
+    hierarchical: bool = False,
+    num_groups: int = 1,
+    num_nodes: int = 1,
+) -> Bounds:
+    """Certified per-layer lower bounds on the max GPU load.
+
+    Args:
+        weight: ``[L, E]`` non-negative float64 loads.
+        num_replicas: ``R``.
+        num_gpus: ``G``.
+        hierarchical: apply the hierarchical policy's node bound.
+        num_groups, num_nodes: topology (used when ``hierarchical``).
+
+    Returns:
+        :class:`Bounds`.
+    """
+    w = np.asarray(weight, dtype=np.float64)
+    L, E = w.shape
+    comps: dict[str, np.ndarray] = {}
+    comps["average"] = _shave(w.sum(axis=1) / num_gpus, E)
+    counts = replica_counts(w, num_replicas)
+    comps["replica"] = (w / counts).max(axis=1)          # one division: exact to 0.5 ulp
+    comps["replica"] = _shave(comps["replica"], 1)
+    if num_replicas == E:
+        comps["cardinality"] = _shave(partition_cardinality_bound(w, num_gpus), num_replicas // num_gpus)
+    global_bound = np.max(np.stack(list(comps.values())), axis=0)
+    node_exact = True
+    if hierarchical and num_nodes > 1:
+        group_load = w.reshape(L, num_groups, E // num_groups).sum(axis=2)
+        node_bound, node_exact = node_load_lower_bound(group_load, num_nodes)
+        comps["node"] = _shave(node_bound / (num_gpus // num_nodes), E)
+        nr, nr_exact = node_replica_bound(w, num_replicas, num_groups, num_nodes, num_gpus)
+        comps["node_replica"] = _shave(nr, E)
+        node_exact = node_exact and nr_exact
+    bound = np.max(np.stack(list(comps.values())), axis=0)
+    return Bounds(lower_bound=bound, components=comps, node_exact=node_exact, global_bound=global_bound)

@@ -1,0 +1,33 @@
+"""Exception hierarchy.  Every error raised on purpose by eplb-opt derives from
+:class:`EplbOptError`; bad values also derive from :class:`ValueError`, bad types from
+:class:`TypeError`, so ``except ValueError`` in caller code keeps working."""
+
+from __future__ import annotations
+
+__all__ = [
+    "EplbOptError",
+    "InvalidProblemError",
+    "InvalidTypeError",
+    "InvalidPlanError",
+    "ModeNotAvailableError",
+]
+
+
+class EplbOptError(Exception):
+    """Root of all eplb-opt errors."""
+
+
+class InvalidProblemError(EplbOptError, ValueError):
+    """An argument has a bad value (shape, range, divisibility, NaN, ...)."""
+
+
+class InvalidTypeError(EplbOptError, TypeError):
+    """An argument has a bad type (complex or non-numeric loads, a float size, ...)."""
+
+
+class InvalidPlanError(EplbOptError, ValueError):
+    """A placement breaks an invariant (raised by :func:`eplb_opt.verify`)."""
+
+
+class ModeNotAvailableError(EplbOptError, NotImplementedError):
+    """The requested mode is known but not available in this version."""

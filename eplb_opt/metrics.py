@@ -1,0 +1,57 @@
+"""Load metrics of a placement.
+
+A replica of expert ``e`` carries ``w[l, e] / c[l, e]`` (tokens are split evenly over an
+expert's replicas).  A GPU's load is the sum over its ``k`` slots; the step time of a
+layer is set by its busiest GPU.  All loads are float64 in the units of ``weight``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["slot_loads", "gpu_loads", "max_load", "balancedness", "replica_counts_of"]
+
+
+def replica_counts_of(phy2log: np.ndarray, num_experts: int) -> np.ndarray:
+    """``[L, E]`` int64 replica counts of a ``[L, R]`` placement."""
+    p = np.asarray(phy2log, dtype=np.int64)
+    L = p.shape[0]
+    return np.bincount((p + (np.arange(L) * num_experts)[:, None]).ravel(), minlength=L * num_experts).reshape(
+        L, num_experts
+    )
+
+
+def slot_loads(weight: np.ndarray, phy2log: np.ndarray) -> np.ndarray:
+    """``[L, R]`` float64 load of every physical slot.
+
+    Args:
+        weight: ``[L, E]`` loads.
+        phy2log: ``[L, R]`` placement (every expert must have a replica).
+    """
+    w = np.asarray(weight, dtype=np.float64)
+    p = np.asarray(phy2log, dtype=np.int64)
+    counts = replica_counts_of(p, w.shape[1])
+    per_replica = w / np.maximum(counts, 1)
+    return np.take_along_axis(per_replica, p, axis=1)
+
+
+def gpu_loads(weight: np.ndarray, phy2log: np.ndarray, num_gpus: int) -> np.ndarray:
+    """``[L, G]`` float64 load of every GPU (GPU ``g`` holds slots ``g*k .. g*k+k-1``)."""
+    s = slot_loads(weight, phy2log)
+    return s.reshape(s.shape[0], num_gpus, -1).sum(axis=2)
+
+
+def max_load(loads: np.ndarray) -> np.ndarray:
+    """``[L]`` busiest unit (GPU or slot) per layer."""
+    return np.asarray(loads).max(axis=1)
+
+
+def balancedness(loads: np.ndarray) -> float:
+    """``sum_l mean_g load / sum_l max_g load`` over ``[L, units]`` loads (1.0 is perfect,
+    and 1.0 by convention when every load is zero).  Pass GPU loads for the usual
+    figure, slot loads for slot-level balancedness."""
+    a = np.asarray(loads, dtype=np.float64)
+    top = a.max(axis=1).sum()
+    if top <= 0:
+        return 1.0
+    return float(a.mean(axis=1).sum() / top)

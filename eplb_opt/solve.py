@@ -1,0 +1,263 @@
+"""Public entry points: :func:`solve` and the DeepSeek-compatible :func:`rebalance_experts`."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+import heuristics
+
+from .bounds import Bounds, lower_bounds
+from .errors import EplbOptError, InvalidProblemError, InvalidTypeError
+from .metrics import balancedness, gpu_loads, slot_loads
+from .plan import Plan, derive_maps, verify
+from .problem import Problem, make_problem
+
+__all__ = ["SolveResult", "solve", "rebalance_experts"]
+
+
+@dataclass(frozen=True)
+class SolveResult:
+    """Outcome of :func:`solve`.
+
+    Attributes:
+        plan: the verified :class:`~eplb_opt.plan.Plan`.
+        max_load: ``[L]`` float64 busiest GPU per layer, in the input's load units.
+        mean_load: ``[L]`` float64 mean GPU load per layer (``max_load`` can never go
+            below it).
+        lower_bound: ``[L]`` float64 certified lower bound on any plan's busiest GPU
+            under the policy (counts and group placement free).
+        gap: ``[L]`` float64 ``1 - lower_bound / max_load`` (0 where ``max_load == 0``).
+        status: per layer ``"optimal"`` (gap within ``tolerance`` of the certified
+            bound), ``"feasible"`` (a solver ran and the gap is above tolerance) or
+            ``"heuristic"`` (no solver ran, or it failed; see ``events``).
+        balancedness: ``sum_l mean_g load / sum_l max_g load`` over the plan.
+        slot_balancedness: the same over the ``R`` slots.
+        runtime: wall-clock seconds of the call.
+        events: short notes on what happened (solver skipped, timed out, failed, ...).
+        policy: the policy applied, ``"hierarchical"`` or ``"global"``.
+        bounds: the bound components (see :mod:`eplb_opt.bounds`).
+        tolerance: the gap tolerance used for ``status``.
+    """
+
+    plan: Plan
+    max_load: np.ndarray
+    mean_load: np.ndarray
+    lower_bound: np.ndarray
+    gap: np.ndarray
+    status: tuple[str, ...]
+    balancedness: float
+    slot_balancedness: float
+    runtime: float
+    events: tuple[str, ...]
+    policy: str
+    bounds: Bounds = field(repr=False)
+    tolerance: float = 1e-4
+
+    @property
+    def balancedness_ceiling(self) -> float:
+        """Certified upper bound on the balancedness of any plan under the policy:
+        ``sum_l mean_load / sum_l lower_bound`` (1.0 when every load is zero)."""
+        return min(1.0, _ratio(self.mean_load, self.lower_bound)) if self.lower_bound.sum() > 0 else 1.0
+
+    @property
+    def policy_capped(self) -> np.ndarray:
+        """``[L]`` bool: layers where the hierarchical policy itself lifts the bound
+        above what the global policy could reach (by more than ``tolerance``)."""
+        return self.bounds.lower_bound > self.bounds.global_bound * (1 + self.tolerance)
+
+    def summary(self, per_layer: bool = False) -> str:
+        """A human-readable table: overall figures, then (optionally) one row per layer."""
+        L = len(self.max_load)
+        counts = {s: self.status.count(s) for s in ("optimal", "feasible", "heuristic")}
+        lines = [
+            f"policy {self.policy}: {L} layers x {self.plan.num_experts} experts, "
+            f"{self.plan.num_replicas} replicas",
+            f"balancedness {self.balancedness:.6f} (slot-level {self.slot_balancedness:.6f})",
+            f"gap to certified bound: max {self.gap.max():.4%}, mean {self.gap.mean():.4%}",
+            f"no plan under this policy can beat balancedness {self.balancedness_ceiling:.6f} (certified)",
+            "status: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v),
+            f"runtime {self.runtime * 1e3:.1f} ms",
+        ]
+        capped = int(self.policy_capped.sum())
+        if capped:
+            lines.append(
+                f"{capped} layer(s) are capped by the hierarchical policy: their bound is above "
+                "the global policy's (try policy='global' where cross-node traffic allows)"
+            )
+        for ev in self.events:
+            lines.append(f"event: {ev}")
+        if per_layer:
+            lines.append(f"{'layer':>5} {'max load':>14} {'lower bound':>14} {'gap':>9} {'balance':>8} status")
+            for l in range(L):
+                bal = self.mean_load[l] / self.max_load[l] if self.max_load[l] > 0 else 1.0
+                lines.append(
+                    f"{l:>5} {self.max_load[l]:>14.6g} {self.lower_bound[l]:>14.6g} "
+                    f"{self.gap[l]:>9.4%} {bal:>8.5f} {self.status[l]}"
+                )
+        return "\n".join(lines)
+
+
+def _ratio(a: np.ndarray, b: np.ndarray) -> float:
+    tb = float(np.sum(b))
+    return 1.0 if tb <= 0 else float(np.sum(a) / tb)
+
+
+def _plan_numpy(problem: Problem, refine_rounds: int = 64) -> np.ndarray:
+    placement = heuristics.place(
+        problem.weight,
+        problem.num_replicas,
+        problem.plan_groups,
+        problem.plan_nodes,
+        problem.num_gpus,
+        refine_rounds=refine_rounds,
+    )
+    return placement.phy2log
+
+
+def _verify(problem: Problem, phy2log: np.ndarray, **maps: Any) -> None:
+    verify(
+        phy2log,
+        problem.num_experts,
+        problem.num_replicas,
+        problem.num_gpus,
+        num_groups=problem.num_groups,
+        num_nodes=problem.num_nodes,
+        hierarchical=problem.hierarchical,
+        num_layers=problem.num_layers,
+        **maps,
+    )
+
+
+def _tolerance(value: Any) -> float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise InvalidTypeError(f"tolerance must be a number, got {type(value).__name__} {value!r}")
+    tol = float(value)
+    if not (0.0 <= tol < 1.0):
+        raise InvalidProblemError(f"tolerance must be in [0, 1), got {value!r}")
+    return tol
+
+
+def solve(
+    weight: Any,
+    *,
+    num_replicas: int,
+    num_groups: int = 1,
+    num_nodes: int = 1,
+    num_gpus: int,
+    mode: str = "heuristic",
+    time_limit: float | None = None,
+    seed: int = 0,
+    policy: str = "auto",
+    tolerance: float = 1e-4,
+) -> SolveResult:
+    """Plan expert placement for every layer and certify how good it is.
+
+    Args:
+        weight: ``[L, E]`` per-expert load of each layer (tokens routed to the expert in
+            the recording window; any real dtype, torch tensor on any device or numpy
+            array).  Non-negative and finite.
+        num_replicas: ``R``, physical expert slots per layer; ``>= E`` and a multiple of
+            ``num_gpus``.
+        num_groups: expert groups (hierarchical policy: whole groups go to nodes).
+        num_nodes: server nodes.
+        num_gpus: GPUs in total.
+        mode: ``"heuristic"`` (batched numpy pipeline, no solver).  ``"exact"`` (CP-SAT
+            refinement) arrives with the exact-mode release and raises
+            :class:`~eplb_opt.errors.ModeNotAvailableError` here.
+        time_limit: seconds for the whole call; ``None`` means no limit in heuristic mode.
+        seed: fixes every random choice; the heuristic is deterministic for a given input.
+        policy: ``"auto"`` (hierarchical when ``num_groups % num_nodes == 0``, else
+            global), ``"hierarchical"`` or ``"global"``.
+        tolerance: a layer is ``"optimal"`` when its gap is at most this.
+
+    Returns:
+        :class:`SolveResult` with the verified plan, per-layer max loads, certified
+        lower bounds and gaps.
+
+    Raises:
+        InvalidProblemError / InvalidTypeError: bad input (the message names it).
+        ModeNotAvailableError: ``mode="exact"`` before exact mode is available.
+    """
+    start = time.perf_counter()
+    tol = _tolerance(tolerance)
+    problem = make_problem(
+        weight, num_replicas, num_groups, num_nodes, num_gpus,
+        mode=mode, time_limit=time_limit, seed=seed, policy=policy,
+    )
+    phy2log = _plan_numpy(problem)
+    _verify(problem, phy2log)
+    plan = Plan.from_numpy(phy2log, problem.num_experts)
+
+    w = problem.weight
+    slots = slot_loads(w, phy2log)
+    gpus = slots.reshape(problem.num_layers, problem.num_gpus, -1).sum(axis=2)
+    top = gpus.max(axis=1)
+    bounds = lower_bounds(
+        w, problem.num_replicas, problem.num_gpus,
+        hierarchical=problem.hierarchical, num_groups=problem.num_groups, num_nodes=problem.num_nodes,
+    )
+    lb = bounds.lower_bound
+    if (lb > top * (1 + 1e-9) + 1e-300).any():  # pragma: no cover - a bound bug, never a user error
+        l = int(np.argmax(lb - top))
+        raise EplbOptError(
+            f"internal error: lower bound {lb[l]!r} exceeds the achieved max load {top[l]!r} at layer {l}"
+        )
+    gap = np.where(top > 0, 1.0 - np.minimum(lb, top) / np.where(top > 0, top, 1.0), 0.0)
+    status = tuple("optimal" if g <= tol else "heuristic" for g in gap)
+    return SolveResult(
+        plan=plan,
+        max_load=top,
+        mean_load=gpus.mean(axis=1),
+        lower_bound=lb,
+        gap=gap,
+        status=status,
+        balancedness=balancedness(gpus),
+        slot_balancedness=balancedness(slots),
+        runtime=time.perf_counter() - start,
+        events=(),
+        policy=problem.policy,
+        bounds=bounds,
+        tolerance=tol,
+    )
+
+
+def rebalance_experts(
+    weight: Any,
+    num_replicas: int,
+    num_groups: int,
+    num_nodes: int,
+    num_gpus: int,
+    *,
+    mode: str = "heuristic",
+    time_limit: float | None = None,
+    seed: int = 0,
+    policy: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Drop-in replacement for DeepSeek EPLB's ``rebalance_experts``.
+
+    Args:
+        weight: ``[L, E]`` load statistics of every logical expert.
+        num_replicas: number of physical experts ``R``, a multiple of ``num_gpus``.
+        num_groups: number of expert groups.
+        num_nodes: number of server nodes (intra-node links are faster).
+        num_gpus: number of GPUs, a multiple of ``num_nodes`` under the hierarchical policy.
+        mode, time_limit, seed, policy: as in :func:`solve`.
+
+    Returns:
+        ``(phy2log [L, R], log2phy [L, E, R - E + 1], logcnt [L, E])``, torch.int64 on
+        CPU: the expert of each physical slot, the slots of each expert padded with -1,
+        and the replica count of each expert.  The plan is verified before it is returned.
+    """
+    problem = make_problem(
+        weight, num_replicas, num_groups, num_nodes, num_gpus,
+        mode=mode, time_limit=time_limit, seed=seed, policy=policy,
+    )
+    phy2log = _plan_numpy(problem)
+    log2phy, logcnt = derive_maps(phy2log, problem.num_experts)
+    _verify(problem, phy2log, logcnt=logcnt)
+    return torch.from_numpy(phy2log), torch.from_numpy(log2phy), torch.from_numpy(logcnt)

@@ -1,0 +1,39 @@
+"""Fast, batched EPLB heuristics in pure numpy (part of the ``eplb-opt`` distribution).
+
+Not the unrelated PyPI project also named ``heuristics``: this package ships inside
+``eplb-opt`` and has no dependency beyond numpy.  Arrays in, arrays out; every function
+documents its shapes.  It checks only the shapes it depends on: validate user input with
+``eplb_opt`` first.
+"""
+
+from .apportion import max_replica_load, replica_counts
+from .grouping import ENUMERATION_LIMIT, equal_partitions, groups_to_nodes, node_load_lower_bound, num_partitions
+from .packing import (
+    kk_layout,
+    lpt_rounds_layout,
+    pack_items,
+    pack_loads,
+    refine_swaps,
+    separate_duplicates,
+    snake_layout,
+)
+from .pipeline import Placement, place
+
+__all__ = [
+    "ENUMERATION_LIMIT",
+    "Placement",
+    "equal_partitions",
+    "groups_to_nodes",
+    "kk_layout",
+    "lpt_rounds_layout",
+    "max_replica_load",
+    "node_load_lower_bound",
+    "num_partitions",
+    "pack_items",
+    "pack_loads",
+    "place",
+    "refine_swaps",
+    "replica_counts",
+    "separate_duplicates",
+    "snake_layout",
+]

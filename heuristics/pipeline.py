@@ -1,0 +1,121 @@
+"""The heuristic placement pipeline, batched over layers.
+
+``place`` turns per-expert loads ``[L, E]`` into a physical-to-logical map ``[L, R]``:
+
+1. groups to nodes (hierarchical policy only; the global policy is one node, one group);
+2. replica counts per node (or per layer), minimising the largest per-replica load;
+3. replicas to the node's GPUs with exactly ``k = R / G`` slots each: snake and LPT
+   seeds, swap refinement, duplicate separation.
+
+Slot ``s`` of GPU ``g`` is physical index ``g * k + s``; GPU ``g`` lives on node
+``g // (G / N)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .apportion import replica_counts
+from .grouping import groups_to_nodes
+from .packing import pack_items
+
+__all__ = ["Placement", "place"]
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Result of :func:`place` (numpy arrays).
+
+    Attributes:
+        phy2log: ``[L, R]`` int64 logical expert of every physical slot.
+        logcnt: ``[L, E]`` int64 replica count of every expert.
+        node_of_group: ``[L, num_groups]`` int64 node of every group (all zero for the
+            global policy).
+        groups_exact: the group-to-node step minimised the heaviest node exactly.
+    """
+
+    phy2log: np.ndarray
+    logcnt: np.ndarray
+    node_of_group: np.ndarray
+    groups_exact: bool
+
+
+def place(
+    weight: np.ndarray,
+    num_replicas: int,
+    num_groups: int,
+    num_nodes: int,
+    num_gpus: int,
+    refine_rounds: int = 64,
+) -> Placement:
+    """Heuristic placement under the hierarchical policy (pass ``num_groups =
+    num_nodes = 1`` for the global policy).
+
+    Args:
+        weight: ``[L, E]`` non-negative float loads (tokens per expert; any unit).
+        num_replicas: ``R``, a multiple of ``num_gpus`` and ``>= E``; each node gets
+            ``R / num_nodes`` replicas for its own experts.
+        num_groups: expert groups (``E`` divisible by it, divisible by ``num_nodes``).
+        num_nodes: nodes (``num_gpus`` divisible by it).
+        num_gpus: GPUs.
+        refine_rounds: cap on swap-refinement rounds (0: seeds only).
+
+    Returns:
+        :class:`Placement`.  Only the shape rules above are checked here; callers
+        validate user input.
+    """
+    w = np.asarray(weight, dtype=np.float64)
+    if w.ndim != 2:
+        raise ValueError(f"weight must be [L, E], got shape {w.shape}")
+    num_layers, num_experts = w.shape
+    for name, val, div in (
+        ("num_experts", num_experts, num_groups),
+        ("num_groups", num_groups, num_nodes),
+        ("num_gpus", num_gpus, num_nodes),
+        ("num_replicas", num_replicas, num_gpus),
+    ):
+        if div < 1 or val % div:
+            raise ValueError(f"{name}={val} is not a multiple of {div}")
+    if num_replicas < num_experts:
+        raise ValueError(f"num_replicas={num_replicas} < num_experts={num_experts}")
+
+    group_size = num_experts // num_groups
+    experts_per_node = num_experts // num_nodes
+    replicas_per_node = num_replicas // num_nodes
+    gpus_per_node = num_gpus // num_nodes
+
+    # 1. Groups to nodes.
+    group_load = w.reshape(num_layers, num_groups, group_size).sum(axis=2)
+    node_of_group, _, exact = groups_to_nodes(group_load, num_nodes)
+    group_order = np.argsort(node_of_group, axis=1, kind="stable")           # groups by node
+    node_experts = (group_order[:, :, None] * group_size + np.arange(group_size)).reshape(
+        num_layers * num_nodes, experts_per_node
+    )                                                                        # global expert ids
+    rows = num_layers * num_nodes
+    node_w = np.take_along_axis(w.reshape(num_layers, num_experts), node_experts.reshape(num_layers, -1), axis=1)
+    node_w = node_w.reshape(rows, experts_per_node)
+
+    # 2. Replica counts per node.
+    counts = replica_counts(node_w, replicas_per_node, max_count=gpus_per_node)  # [rows, En]
+    labels = np.repeat(np.tile(np.arange(experts_per_node), rows), counts.ravel()).reshape(
+        rows, replicas_per_node
+    )
+    per_replica = node_w / counts
+    values = np.take_along_axis(per_replica, labels, axis=1)
+
+    # 3. Replicas to GPUs.  A row need not be refined below the heaviest bound of its
+    # layer: the layer's step time cannot drop under it anyway.
+    row_bound = np.maximum(values.sum(axis=1) / gpus_per_node, values.max(axis=1))
+    layer_bound = row_bound.reshape(num_layers, num_nodes).max(axis=1)
+    target = np.repeat(layer_bound, num_nodes)
+    layout = pack_items(
+        values, labels, gpus_per_node, target=target, refine_rounds=refine_rounds, segment_size=num_nodes
+    )
+    local = np.take_along_axis(labels, layout.reshape(rows, -1), axis=1)
+    phy2log = np.take_along_axis(node_experts, local, axis=1).reshape(num_layers, num_replicas)
+
+    logcnt = np.empty((num_layers, num_experts), dtype=np.int64)
+    np.put_along_axis(logcnt, node_experts.reshape(num_layers, -1), counts.reshape(num_layers, -1), axis=1)
+    return Placement(phy2log=phy2log, logcnt=logcnt, node_of_group=node_of_group, groups_exact=exact)

@@ -1,0 +1,57 @@
+"""Certified lower bounds never exceed the true optimum (brute force on tiny cases)."""
+
+import numpy as np
+import pytest
+
+import eplb_opt
+from eplb_opt.bounds import lower_bounds, partition_cardinality_bound
+
+from .brute import brute_force_optimum
+
+CASES = [
+    # (E, R, G, groups, nodes, hierarchical)
+    (3, 4, 2, 1, 1, False),
+    (4, 6, 2, 1, 1, False),
+    (4, 6, 3, 1, 1, False),
+    (5, 8, 2, 1, 1, False),   # DeepSeek's greedy is 2.6% above optimum on such a case
+    (4, 4, 2, 1, 1, False),   # no redundancy: cardinality bound
+    (6, 6, 3, 1, 1, False),
+    (4, 6, 2, 2, 2, True),
+    (4, 8, 4, 2, 2, True),
+    (6, 8, 4, 3, 1, True),
+    (4, 4, 2, 4, 2, True),
+    (6, 9, 3, 3, 3, True),
+]
+
+
+@pytest.mark.parametrize("E, R, G, groups, nodes, hier", CASES)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_bound_below_optimum_and_plan_above(E, R, G, groups, nodes, hier, seed):
+    rng = np.random.default_rng(seed + 100 * E + R)
+    w = np.round(rng.pareto(1.0, size=(2, E)) * 20 + rng.integers(0, 3, size=(2, E)), 1)
+    opt = brute_force_optimum(w, R, G, groups, nodes, hier)
+    b = lower_bounds(w, R, G, hierarchical=hier, num_groups=groups, num_nodes=nodes)
+    assert (b.lower_bound <= opt * (1 + 1e-12)).all(), (b.components, opt)
+    policy = "hierarchical" if hier else "global"
+    r = eplb_opt.solve(w, num_replicas=R, num_groups=groups, num_nodes=nodes, num_gpus=G, policy=policy)
+    assert (r.max_load >= opt * (1 - 1e-12)).all()
+    assert (r.lower_bound <= opt * (1 + 1e-12)).all()
+
+
+def test_cardinality_bound_is_tight_on_pigeonhole_case():
+    # 4 experts on 2 GPUs with 2 slots each: {10, 10, 10, 1} -> some GPU gets two 10s.
+    w = np.array([[10.0, 10.0, 10.0, 1.0]])
+    assert partition_cardinality_bound(w, 2)[0] == 20.0
+    b = lower_bounds(w, 4, 2)
+    assert b.lower_bound[0] >= 20.0 * (1 - 1e-12)
+    r = eplb_opt.solve(w, num_replicas=4, num_gpus=2)
+    assert r.status == ("optimal",)
+
+
+def test_node_bound_counts_policy_cap():
+    # Groups {0,1} and {2,3}; 2 nodes; the hot group makes its node the bottleneck.
+    w = np.array([[100.0, 100.0, 1.0, 1.0]])
+    hier = lower_bounds(w, 8, 4, hierarchical=True, num_groups=2, num_nodes=2)
+    glob = lower_bounds(w, 8, 4)
+    assert hier.lower_bound[0] >= 100.0 * (1 - 1e-12)   # 200 over the node's 2 GPUs
+    assert glob.lower_bound[0] <= 202.0 / 4 * (1 + 1e-12)

@@ -1,0 +1,34 @@
+"""The command-line interface."""
+
+import json
+import subprocess
+import sys
+
+from eplb_opt.cli import main
+
+
+def test_example_prints_per_layer_and_overall(capsys):
+    assert main(["example"]) == 0
+    out = capsys.readouterr().out
+    assert "layer" in out and "gap" in out and "balancedness" in out
+    assert out.count("\n") > 58  # one row per layer
+    assert "certified" in out
+
+
+def test_example_json(capsys):
+    assert main(["example", "--json", "--preset", "deepseek-v2-lite"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert len(data["layers"]) == 26
+    assert 0 < data["balancedness"] <= 1
+    for row in data["layers"]:
+        assert row["lower_bound"] <= row["max_load"] * (1 + 1e-12)
+
+
+def test_exact_mode_error_exit_code(capsys):
+    assert main(["example", "--mode", "exact"]) == 2
+    assert "exact" in capsys.readouterr().err
+
+
+def test_console_script_module_entry():
+    out = subprocess.run([sys.executable, "-m", "eplb_opt", "example", "--quiet"], capture_output=True, text=True)
+    assert out.returncode == 0 and "balancedness" in out.stdout

@@ -1,0 +1,160 @@
+"""The numpy heuristics on their own: counts, group placement, packing."""
+
+from itertools import combinations
+
+import numpy as np
+import pytest
+
+import heuristics as H
+
+
+def greedy_counts(w, R, cap=None):
+    cap = R if cap is None else max(cap, -(-R // len(w)))
+    c = np.ones(len(w), dtype=np.int64)
+    for _ in range(R - len(w)):
+        r = np.where(c < cap, w / c, -np.inf)
+        c[int(np.argmax(r))] += 1
+    return c
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_replica_counts_minimise_max_per_replica_load(seed):
+    rng = np.random.default_rng(seed)
+    for _ in range(60):
+        E = int(rng.integers(1, 14))
+        R = E + int(rng.integers(0, 45))
+        cap = int(rng.integers(1, 9)) if rng.random() < 0.5 else None
+        w = rng.pareto(1.0, size=(4, E)) * rng.choice([1e-300, 1.0, 1e12])
+        w[rng.random((4, E)) < 0.2] = 0
+        c = H.replica_counts(w, R, max_count=cap)
+        eff_cap = R if cap is None else max(cap, -(-R // E))
+        assert (c.sum(axis=1) == R).all() and (c >= 1).all() and (c <= eff_cap).all()
+        for r in range(4):
+            g = greedy_counts(w[r], R, cap)
+            assert (w[r] / c[r]).max() <= (w[r] / g).max() * (1 + 1e-12)
+
+
+def test_replica_counts_rejects_bad_shapes():
+    with pytest.raises(ValueError):
+        H.replica_counts(np.ones(4), 4)
+    with pytest.raises(ValueError):
+        H.replica_counts(np.ones((1, 4)), 3)
+
+
+def brute_min_max_partition(loads, nodes):
+    m = len(loads) // nodes
+    best = np.inf
+    for part in H.equal_partitions(len(loads), nodes):
+        best = min(best, max(loads[part == b].sum() for b in range(nodes)))
+    return best
+
+
+@pytest.mark.parametrize("groups, nodes", [(4, 2), (6, 3), (6, 2), (8, 4), (8, 2), (9, 3), (12, 4), (4, 4), (4, 1)])
+def test_groups_to_nodes_exact(groups, nodes):
+    rng = np.random.default_rng(groups * 10 + nodes)
+    gl = rng.pareto(1.5, size=(5, groups))
+    node, worst, exact = H.groups_to_nodes(gl, nodes)
+    assert exact
+    for l in range(5):
+        assert (np.bincount(node[l], minlength=nodes) == groups // nodes).all()
+        achieved = max(gl[l][node[l] == b].sum() for b in range(nodes))
+        assert np.isclose(achieved, worst[l])
+        assert np.isclose(worst[l], brute_min_max_partition(gl[l], nodes))
+
+
+def test_equal_partitions_count():
+    for g, n in [(4, 2), (6, 3), (8, 4), (9, 3)]:
+        parts = H.equal_partitions(g, n)
+        assert len(parts) == H.num_partitions(g, n)
+        assert len({tuple(p) for p in parts}) == len(parts)
+
+
+def test_groups_to_nodes_large_uses_heuristic_with_valid_bound():
+    rng = np.random.default_rng(0)
+    gl = rng.pareto(1.5, size=(4, 24))
+    node, worst, exact = H.groups_to_nodes(gl, 6)          # 4 per node: too many partitions
+    assert not exact
+    lb, lb_exact = H.node_load_lower_bound(gl, 6)
+    assert not lb_exact
+    assert (lb <= worst * (1 + 1e-12)).all()
+    for l in range(4):
+        assert (np.bincount(node[l], minlength=6) == 4).all()
+
+
+def items(rng, rows, P, k, dup_labels=False):
+    v = rng.pareto(1.3, size=(rows, P * k))
+    lab = np.tile(np.arange(P * k), (rows, 1))
+    if dup_labels:
+        lab = np.sort(rng.integers(0, P * k // 2, size=(rows, P * k)), axis=1)
+        v = np.take_along_axis(rng.random((rows, P * k)) + 0.1, lab, axis=1)  # equal loads per label
+    return v, lab
+
+
+def is_layout(lay, n):
+    rows = lay.shape[0]
+    return (np.sort(lay.reshape(rows, -1), axis=1) == np.arange(n)).all()
+
+
+@pytest.mark.parametrize("P, k", [(2, 1), (2, 5), (4, 9), (8, 3), (7, 7), (1, 6)])
+def test_seeds_and_pipeline_are_exact_capacity_layouts(P, k):
+    rng = np.random.default_rng(P * 100 + k)
+    v, lab = items(rng, 6, P, k)
+    for lay in (H.snake_layout(v, P), H.lpt_rounds_layout(v, P), H.kk_layout(v, P, labels=lab), H.pack_items(v, lab, P)):
+        assert lay.shape == (6, P, k) and is_layout(lay, P * k)
+
+
+def test_kk_beats_lpt_on_average_and_pipeline_beats_both():
+    rng = np.random.default_rng(11)
+    v, lab = items(rng, 200, 8, 9)
+    kk = H.pack_loads(v, H.kk_layout(v, 8)).max(axis=1)
+    lpt = H.pack_loads(v, H.lpt_rounds_layout(v, 8)).max(axis=1)
+    full = H.pack_loads(v, H.pack_items(v, lab, 8)).max(axis=1)
+    assert kk.mean() < lpt.mean()
+    assert (full <= np.minimum(kk, lpt) * (1 + 1e-12)).all()
+
+
+def test_refinement_never_worsens_and_respects_labels():
+    rng = np.random.default_rng(12)
+    v, lab = items(rng, 100, 6, 5, dup_labels=True)
+    seed = H.snake_layout(v, 6)
+    out = H.refine_swaps(v, lab, seed)
+    assert is_layout(out, 30)
+    assert (H.pack_loads(v, out).max(axis=1) <= H.pack_loads(v, seed).max(axis=1) * (1 + 1e-12)).all()
+
+    def dups(layout):
+        l = np.take_along_axis(lab, layout.reshape(100, -1), axis=1).reshape(layout.shape)
+        l.sort(axis=-1)
+        return (l[..., 1:] == l[..., :-1]).sum(axis=(1, 2))
+
+    assert (dups(out) <= dups(seed)).all()
+
+
+def test_separate_duplicates_removes_free_duplicates():
+    # Two packs; pack 0 holds both replicas of label 0 and an equal-load item sits in pack 1.
+    v = np.array([[3.0, 3.0, 3.0, 3.0]])
+    lab = np.array([[0, 0, 1, 2]])
+    lay = np.array([[[0, 1], [2, 3]]])
+    out = H.separate_duplicates(v, lab, lay)
+    got = np.take_along_axis(lab, out.reshape(1, -1), axis=1).reshape(1, 2, 2)
+    assert set(got[0, 0]) != {0} and set(got[0, 1]) != {0}
+    assert H.pack_loads(v, out).max() == H.pack_loads(v, lay).max()
+
+
+def test_place_is_deterministic_and_valid():
+    rng = np.random.default_rng(13)
+    w = rng.pareto(1.2, size=(7, 64)) * 50
+    a = H.place(w, 96, 8, 4, 16)
+    b = H.place(w.copy(), 96, 8, 4, 16)
+    assert np.array_equal(a.phy2log, b.phy2log)
+    assert (np.sort(a.phy2log, axis=1) >= 0).all()
+    counts = np.stack([np.bincount(row, minlength=64) for row in a.phy2log])
+    assert np.array_equal(counts, a.logcnt) and (counts >= 1).all()
+
+
+def test_heuristics_imports_neither_torch_nor_ortools():
+    import subprocess
+    import sys
+
+    code = "import sys, heuristics; print('torch' in sys.modules, 'ortools' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False False"
