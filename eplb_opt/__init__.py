@@ -21,7 +21,7 @@ from .errors import (
 from .metrics import balancedness, gpu_loads, slot_loads
 from .plan import Plan, derive_maps, plan_violations, verify
 from .problem import Problem, make_problem
-from .solve import SolveResult, rebalance_experts, solve
+from .api import SolveResult, rebalance_experts, solve
 
 __version__ = "0.1.0"
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from . import __version__
 from .errors import EplbOptError
-from .solve import SolveResult, solve
+from .api import SolveResult, solve
 from .workloads import PRESETS, example_weight
 
 __all__ = ["main"]

@@ -37,7 +37,9 @@ def derive_maps(phy2log: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.n
     width = R - E + 1
     offs = (np.arange(L) * E)[:, None]
     logcnt = np.bincount((p + offs).ravel(), minlength=L * E).reshape(L, E)
-    order = np.argsort(p, axis=1, kind="stable")                 # slots grouped by expert
+    # Slots grouped by expert, increasing slot within an expert (unique keys, so the
+    # fast unstable sort gives the stable order).
+    order = np.argsort(p * R + np.arange(R), axis=1)
     sorted_e = np.take_along_axis(p, order, axis=1)
     start = np.cumsum(logcnt, axis=1) - logcnt
     rank = np.arange(R)[None, :] - np.take_along_axis(start, sorted_e, axis=1)

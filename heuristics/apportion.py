@@ -35,9 +35,16 @@ def _greedy_counts(
     above ``cap`` replicas per expert.  ``extra`` may differ per row."""
     rows = w.shape[0]
     counts = np.ones(w.shape, dtype=np.int64) if counts is None else counts.copy()
-    extra = np.broadcast_to(np.asarray(extra, dtype=np.int64), (rows,))
     ratio = np.where(counts < cap, w / counts, -np.inf)
     ar = np.arange(rows)
+    if np.ndim(extra) == 0:
+        for _ in range(int(extra)):
+            e = ratio.argmax(axis=1)
+            c = counts[ar, e] + 1
+            counts[ar, e] = c
+            ratio[ar, e] = np.where(c < cap, w[ar, e] / c, -np.inf)
+        return counts
+    extra = np.asarray(extra, dtype=np.int64)
     for step in range(int(extra.max(initial=0))):
         live = ar[extra > step]
         e = ratio[live].argmax(axis=1)
@@ -91,7 +98,17 @@ def replica_counts(weight: np.ndarray, num_replicas: int, max_count: int | None 
         row_max = row_max[live]
 
     if extra <= _GREEDY_STEPS:
-        counts[live] = _greedy_counts(w, extra, cap)
+        # Only the `extra` heaviest experts of a row can receive a spare replica (a
+        # lighter one is picked only after `extra` heavier ones got one each), so the
+        # greedy runs on those columns alone.
+        if extra < num_experts:
+            top = np.argpartition(-w, extra - 1, axis=1)[:, :extra]
+            rows_live = np.arange(w.shape[0])[:, None]
+            sub = np.ones_like(counts[live])
+            sub[rows_live, top] = _greedy_counts(w[rows_live, top], extra, cap)
+            counts[live] = sub
+        else:
+            counts[live] = _greedy_counts(w, extra, cap)
         return counts
 
     # Scale each row to max 1: counts are scale invariant, and this keeps tiny or huge

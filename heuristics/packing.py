@@ -1,7 +1,7 @@
 """Packing replicas onto GPUs with exactly ``k`` slots per GPU.
 
 All functions work on a batch of independent rows (a row is one layer, or one layer
-restricted to one node).  A row has ``n = P * k`` items (replicas) with loads ``v`` and
+restricted to one node).  A row has ``n = P * k`` items (replicas) with loads and
 labels (the logical expert each replica belongs to), to be placed on ``P`` packs (GPUs)
 of exactly ``k`` slots each, minimising the heaviest pack.
 
@@ -9,10 +9,18 @@ A placement is held as a *layout* ``idx[rows, P, k]``: ``idx[r, p, s]`` is the i
 slot ``s`` of pack ``p`` of row ``r``.  Every layout is a permutation of ``0..n-1`` per
 row, so exact capacity holds by construction.
 
-Pipeline: two seeds (snake order and LPT by rounds), keep the better per row, then swap
-refinement between the heaviest pack and every other pack, then a repair pass that
-separates two replicas of one expert sharing a pack wherever that costs no balance.
-Loops run over slots per pack or refinement rounds, never over rows or items.
+Pipeline (:func:`pack_items`, or :func:`pack_sorted` for pre-sorted items):
+
+1. items by decreasing load with the replicas of one expert adjacent;
+2. a snake seed for every row, dealt so that an expert's replicas land on different
+   packs (the block after a split run is rotated);
+3. for rows above their target (a lower bound), label-aware largest differencing
+   (Karmarkar-Karp with exact cardinality);
+4. duplicate separation for any row still holding two replicas of one expert on a pack;
+5. swap refinement of the rows that set their layer's maximum.
+
+Loops run over slots per pack, merge steps or refinement rounds, never over rows or
+items.
 """
 
 from __future__ import annotations
@@ -21,17 +29,29 @@ import numpy as np
 
 __all__ = [
     "kk_layout",
-    "snake_layout",
     "lpt_rounds_layout",
-    "pack_loads",
-    "refine_swaps",
-    "separate_duplicates",
     "pack_items",
+    "pack_loads",
+    "pack_sorted",
+    "refine_swaps",
+    "runs_order",
+    "separate_duplicates",
+    "snake_layout",
+    "unsplit_runs",
 ]
 
 # A swap must lower the heaviest pack by more than this fraction of it to count as an
 # improvement; it stops the search cycling on float noise.
 _REL_EPS = 1e-12
+
+# Partners tried per round: the heaviest pack against this many lightest packs, and
+# this many (heaviest, lightest) pairs.
+_PARTNERS = 8
+
+# Default cap on refinement rounds in the pipeline.  Each round improves every active
+# row's heaviest pack; measured on the model-shaped presets, the first rounds take
+# nearly all of the gain (benchmarks/RESULTS.md).
+DEFAULT_REFINE_ROUNDS = 8
 
 
 def _check(values: np.ndarray, num_packs: int) -> tuple[int, int, int]:
@@ -47,6 +67,25 @@ def _descending(values: np.ndarray) -> np.ndarray:
     return np.argsort(-values, axis=1)
 
 
+def runs_order(values: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """``[rows, n]`` item order by decreasing load, ties by label, so the replicas of one
+    label (which carry equal loads) are adjacent."""
+    return np.lexsort((labels, -values), axis=1)
+
+
+def _gather(a: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """``a[r, idx[r, ...]]`` for 2-D ``a``."""
+    return a[np.arange(a.shape[0]).reshape((-1,) + (1,) * (idx.ndim - 1)), idx]
+
+
+def pack_loads(values: np.ndarray, layout: np.ndarray) -> np.ndarray:
+    """Pack loads ``[rows, P]`` of a layout ``[rows, P, k]`` over item loads ``[rows, n]``."""
+    return _gather(values, layout).sum(-1)
+
+
+# ----------------------------------------------------------------------------- seeds
+
+
 def snake_layout(values: np.ndarray, num_packs: int, order: np.ndarray | None = None) -> np.ndarray:
     """Snake ("zigzag") layout: items by decreasing load dealt 0..P-1, P-1..0, ...
 
@@ -60,8 +99,107 @@ def snake_layout(values: np.ndarray, num_packs: int, order: np.ndarray | None = 
     """
     rows, n, k = _check(values, num_packs)
     order = _descending(values) if order is None else order
-    # Sorted position i goes to round i // P; odd rounds run backwards.
     lay = order.reshape(rows, k, num_packs).copy()
+    lay[:, 1::2, :] = lay[:, 1::2, ::-1]
+    return np.ascontiguousarray(lay.transpose(0, 2, 1))
+
+
+def unsplit_runs(sorted_labels: np.ndarray, num_packs: int) -> tuple[np.ndarray, np.ndarray]:
+    """Reorder sorted items so that no run of one label crosses a block boundary.
+
+    Items sorted by decreasing load with each label's items adjacent are cut into blocks
+    of ``P``; snake, LPT-by-rounds and largest differencing all give each pack exactly
+    one item of every block, so a label whose items all sit in one block can never
+    land twice on a pack.  Where a run (``c <= P`` items) crosses the boundary into
+    block ``b``, the first single items (labels with one item) after it move in front
+    of it, as many as the run has before the boundary, so the whole run starts block
+    ``b``.  Runs are never broken, and the moved items are the nearest lighter ones, so
+    the order stays nearly sorted.  Boundaries are fixed in order, so a run pushed
+    across the next boundary is handled there.
+
+    Args:
+        sorted_labels: ``[rows, n]`` labels in sorted order, each label's items adjacent.
+        num_packs: ``P``.
+
+    Returns:
+        ``(perm, split)``: ``perm [rows, n]`` positions into the sorted order, and
+        ``split [rows]`` bool for rows where a run still crosses a boundary (a run
+        longer than ``P``, or too few single items after it).
+    """
+    rows, n = sorted_labels.shape
+    P = num_packs
+    k = n // P
+    perm = np.broadcast_to(np.arange(n), (rows, n)).copy()
+    if k < 2 or rows == 0:
+        return perm, np.zeros(rows, dtype=bool)
+    lab = sorted_labels.copy()
+    single = np.ones((rows, n), dtype=bool)
+    same = lab[:, 1:] == lab[:, :-1]
+    single[:, 1:] &= ~same
+    single[:, :-1] &= ~same
+    for b in range(1, k):
+        B = b * P
+        cross = np.flatnonzero(lab[:, B - 1] == lab[:, B])
+        if cross.size:
+            # A window [B - P, B + 4P) usually holds the run (at most P items) and the
+            # single items that move in front of it; rows where it does not retry with
+            # the rest of the row.
+            short = _unsplit_at(lab, single, perm, cross, B, P, min(B + 4 * P, n))
+            if short.size and B + 4 * P < n:
+                _unsplit_at(lab, single, perm, short, B, P, n)
+    split = (lab[:, P::P] == lab[:, P - 1 : n - 1 : P]).any(axis=1)
+    return perm, split
+
+
+def _unsplit_at(
+    lab: np.ndarray, single: np.ndarray, perm: np.ndarray, cross: np.ndarray, B: int, P: int, hi: int
+) -> np.ndarray:
+    """Fix the run crossing boundary ``B`` in rows ``cross`` (in place), looking for
+    single items in ``[B, hi)``; returns the rows that had too few of them."""
+    lo = B - P
+    lc = lab[cross, lo:hi]
+    run = lc[:, P - 1][:, None]
+    head = lc[:, P - 1 - np.arange(P)] == run                      # B-1, B-2, ... back
+    a = np.where(head.all(axis=1), P, (~head).argmax(axis=1))
+    tail = lc[:, P:] == run
+    t = np.where(tail.all(axis=1), hi - B, (~tail).argmax(axis=1))
+    pos = np.arange(lo, hi)[None, :]
+    after = single[cross, lo:hi] & (pos >= (B + t)[:, None])
+    rank = np.cumsum(after, axis=1)
+    taken = after & (rank <= a[:, None])
+    fits = a + t <= P
+    enough = taken.sum(axis=1) == a
+    ok = fits & enough
+    if ok.any():
+        r = cross[ok]
+        a_ok = a[ok][:, None]
+        key = np.where(taken[ok], (B - a_ok - 1) + rank[ok] / (a_ok + 1.0), pos.astype(np.float64))
+        order = np.argsort(key, axis=1) + lo
+        rr = r[:, None]
+        perm[r, lo:hi] = perm[rr, order]
+        lab[r, lo:hi] = lab[rr, order]
+        single[r, lo:hi] = single[rr, order]
+    return cross[fits & ~enough]
+
+
+def _rotated_snake(sorted_labels: np.ndarray, num_packs: int) -> np.ndarray:
+    """Snake over sorted items (each label's items adjacent) as a layout of positions.
+    Where a run of one label crosses into block ``b``, block ``b`` is dealt rotated so
+    its share of the run comes last: the plain snake would deal both parts of the run
+    onto the same packs.  (A run following another split run can still meet itself.)"""
+    rows, n = sorted_labels.shape
+    P = num_packs
+    k = n // P
+    pos = np.broadcast_to(np.arange(n).reshape(1, k, P), (rows, k, P))
+    if k > 1:
+        lab = sorted_labels.reshape(rows, k, P)
+        cont = lab[:, 1:, :] == lab[:, :-1, -1:]                      # [rows, k-1, P]
+        lead = np.where(cont.all(axis=2), 0, (~cont).argmax(axis=2))  # continuation length
+        if lead.any():
+            shift = np.zeros((rows, k, 1), dtype=np.int64)
+            shift[:, 1:, 0] = lead
+            pos = np.take_along_axis(pos, (np.arange(P) + shift) % P, axis=2)
+    lay = pos.copy()
     lay[:, 1::2, :] = lay[:, 1::2, ::-1]
     return np.ascontiguousarray(lay.transpose(0, 2, 1))
 
@@ -80,70 +218,57 @@ def lpt_rounds_layout(values: np.ndarray, num_packs: int, order: np.ndarray | No
     """
     rows, n, k = _check(values, num_packs)
     order = _descending(values) if order is None else order
-    sorted_v = np.take_along_axis(values, order, axis=1).reshape(rows, k, num_packs)
+    sorted_v = _gather(values, order).reshape(rows, k, num_packs)
     blocks = order.reshape(rows, k, num_packs)
-    return _lpt_rounds(sorted_v, blocks)[0]
-
-
-def _lpt_rounds(sorted_v: np.ndarray, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """LPT by rounds on pre-sorted blocks ``[rows, k, P]``; returns (layout, loads)."""
-    rows, k, num_packs = sorted_v.shape
     lay = np.empty((rows, num_packs, k), dtype=np.int64)
     loads = np.zeros((rows, num_packs))
     ar = np.arange(rows)[:, None]
     for s in range(k):
-        # Lightest pack first; the block is already heaviest first.
-        target = np.argsort(loads, axis=1)
+        target = np.argsort(loads, axis=1)                 # lightest pack first
         lay[ar, target, s] = blocks[:, s, :]
         loads[ar, target] += sorted_v[:, s, :]
-    return lay, loads
+    return lay
 
 
-def _hot_bits(labels: np.ndarray) -> np.ndarray:
-    """``[rows, n]`` uint64 masks: one bit per label that occurs more than once in its
-    row (bit = rank of that label among such labels, modulo 64; sharing a bit only makes
-    the duplicate checks below conservative), zero for single items."""
-    rows, n = labels.shape
-    num_labels = int(labels.max()) + 1 if labels.size else 1
-    flat = (np.arange(rows)[:, None] * num_labels + labels).ravel()
-    cnt = np.bincount(flat, minlength=rows * num_labels).reshape(rows, num_labels)
-    hot = cnt > 1
-    rank = (np.cumsum(hot, axis=1) - 1) % 64
-    bits = np.where(hot, np.left_shift(np.uint64(1), rank.astype(np.uint64)), np.uint64(0))
-    return np.take_along_axis(bits, labels, axis=1)
-
-
-def _avoid_clashes(ma: np.ndarray, mb: np.ndarray, q: np.ndarray, max_fixes: int = 8) -> np.ndarray:
-    """Re-pair positions so that joined subsets share no label bit where possible.
-
-    ``ma[:, i]`` is joined with ``mb[:, q[:, i]]``.  While a row has a clash at some
-    position ``i``, exchange partners with the nearest position ``j`` for which both new
-    joins are clash-free (nearest keeps the loads closest to the plain pairing).
-    """
-    P = q.shape[1]
-    pos = np.arange(P)
-    for _ in range(max_fixes):
-        mbq = np.take_along_axis(mb, q, axis=1)
-        clash = (ma & mbq) != 0
-        rows = np.flatnonzero(clash.any(axis=1))
-        if rows.size == 0:
-            break
-        i = clash[rows].argmax(axis=1)                           # first clash per row
-        ar = np.arange(rows.size)
-        a_i = ma[rows, i][:, None]
-        b_i = mbq[rows, i][:, None]
-        ok = ((a_i & mbq[rows]) == 0) & ((ma[rows] & b_i) == 0) & ~clash[rows]
-        ok[ar, i] = False
-        dist = np.where(ok, np.abs(pos[None, :] - i[:, None]), P + 1)
-        j = dist.argmin(axis=1)
-        good = dist[ar, j] <= P
-        if not good.any():
-            break
-        r, i, j = rows[good], i[good], j[good]
-        qi = q[r, i].copy()
-        q[r, i] = q[r, j]
-        q[r, j] = qi
-    return q
+def _kk_sorted(sorted_values: np.ndarray, num_packs: int) -> np.ndarray:
+    """Largest differencing over items sorted by decreasing load (blocks of ``P``
+    consecutive items); returns a layout of sorted positions."""
+    rows, n = sorted_values.shape
+    P = num_packs
+    k = n // P
+    ar = np.arange(rows)
+    # Partial partitions, each with its subset loads sorted ascending: [rows, k, P].
+    # Block b arrives heaviest first, so its item j sits at ascending position P-1-j.
+    parts = sorted_values.reshape(rows, k, P)[:, :, ::-1].copy()
+    spread = parts[:, :, -1] - parts[:, :, 0]
+    history = []
+    for _ in range(k - 1):
+        ia = spread.argmax(axis=1)
+        spread[ar, ia] = -np.inf
+        ib = spread.argmax(axis=1)
+        raw = parts[ar, ia] + parts[ar, ib][:, ::-1]         # lightest of a + heaviest of b
+        perm = np.argsort(raw, axis=1)
+        merged = _gather(raw, perm)
+        parts[ar, ia] = merged
+        spread[ar, ia] = merged[:, -1] - merged[:, 0]
+        spread[ar, ib] = -np.inf
+        history.append((ia, ib, perm))
+    # Undo the merges to learn, for every block, the final pack of each of its positions.
+    final = np.empty((rows, k, P), dtype=np.int64)
+    final[ar, spread.argmax(axis=1)] = np.arange(P)
+    r2 = ar[:, None]
+    for ia, ib, perm in reversed(history):
+        after = final[ar, ia]                                # pack of merged position pos
+        a_map = np.empty_like(after)
+        b_map = np.empty_like(after)
+        a_map[r2, perm] = after                              # a's position perm[pos]
+        b_map[r2, P - 1 - perm] = after                      # b's position P-1-perm[pos]
+        final[ar, ia] = a_map
+        final[ar, ib] = b_map
+    pack_of = final[:, :, ::-1]                              # [rows, block, j] -> pack
+    lay = np.empty((rows, P, k), dtype=np.int64)
+    lay[ar[:, None, None], pack_of, np.arange(k)[None, :, None]] = np.arange(n).reshape(1, k, P)
+    return lay
 
 
 def kk_layout(
@@ -161,91 +286,61 @@ def kk_layout(
     left.  Every subset takes exactly one item of each block, so each pack ends with
     exactly ``k`` items.  Usually several times closer to the bound than LPT.
 
-    With ``labels``, a join that would put two items of one label together is avoided
-    where exchanging partners with a neighbouring position avoids it.
+    With ``labels``, items are ordered so that each label's items are adjacent and
+    inside one block (:func:`unsplit_runs`), which keeps them on different packs.
 
     Args:
         values: ``[rows, n]`` item loads.
         num_packs: ``P``; ``n`` must be a multiple of it.
-        order: optional ``[rows, n]`` item order by decreasing load.
-        labels: optional ``[rows, n]`` int labels (``>= 0``).
+        order: optional ``[rows, n]`` item order by decreasing load (ignored when
+            ``labels`` is given: the order then keeps labels adjacent).
+        labels: optional ``[rows, n]`` int labels.
 
     Returns:
         ``[rows, P, k]`` int64 layout.
     """
     rows, n, k = _check(values, num_packs)
-    order = _descending(values) if order is None else order
-    P = num_packs
-    ar = np.arange(rows)
-    # Partial partitions, each with its subset loads sorted ascending: [rows, k, P].
-    # Block b arrives heaviest first, so its item j sits at ascending position P-1-j.
-    parts = np.take_along_axis(values, order, axis=1).reshape(rows, k, P)[:, :, ::-1].copy()
-    masks = None
     if labels is not None:
-        bits = np.take_along_axis(_hot_bits(labels), order, axis=1)
-        masks = bits.reshape(rows, k, P)[:, :, ::-1].copy()
-    spread = parts[:, :, -1] - parts[:, :, 0]
-    reverse = np.broadcast_to(np.arange(P)[::-1], (rows, P))
-    history = []
-    for _ in range(k - 1):
-        ia = spread.argmax(axis=1)
-        spread[ar, ia] = -np.inf
-        ib = spread.argmax(axis=1)
-        a, b = parts[ar, ia], parts[ar, ib]
-        q = reverse                                         # partner of a's position i in b
-        if masks is not None:
-            ma, mb = masks[ar, ia], masks[ar, ib]
-            q = _avoid_clashes(ma, mb, reverse.copy())
-        raw = a + np.take_along_axis(b, q, axis=1)
-        perm = np.argsort(raw, axis=1)
-        merged = np.take_along_axis(raw, perm, axis=1)
-        parts[ar, ia] = merged
-        if masks is not None:
-            mraw = ma | np.take_along_axis(mb, q, axis=1)
-            masks[ar, ia] = np.take_along_axis(mraw, perm, axis=1)
-        spread[ar, ia] = merged[:, -1] - merged[:, 0]
-        spread[ar, ib] = -np.inf
-        history.append((ia, ib, perm, q))
-    # Undo the merges to learn, for every block, the final pack of each of its positions.
-    final = np.empty((rows, k, P), dtype=np.int64)
-    final[ar, spread.argmax(axis=1)] = np.arange(P)
-    for ia, ib, perm, q in reversed(history):
-        after = final[ar, ia]                               # pack of merged position pos
-        a_map = np.empty_like(after)
-        b_map = np.empty_like(after)
-        np.put_along_axis(a_map, perm, after, axis=1)       # a's position perm[pos]
-        np.put_along_axis(b_map, np.take_along_axis(q, perm, axis=1), after, axis=1)
-        final[ar, ia] = a_map
-        final[ar, ib] = b_map
-    pack_of = final[:, :, ::-1]                             # [rows, block, j] -> pack
-    lay = np.empty((rows, P, k), dtype=np.int64)
-    lay[ar[:, None, None], pack_of, np.arange(k)[None, :, None]] = order.reshape(rows, k, P)
-    return lay
+        order = runs_order(values, labels)
+        perm, _ = unsplit_runs(_gather(labels, order), num_packs)
+        order = _gather(order, perm)
+    else:
+        order = _descending(values) if order is None else order
+    pos = _kk_sorted(_gather(values, order), num_packs)
+    return _gather(order, pos)
 
 
-def pack_loads(values: np.ndarray, layout: np.ndarray) -> np.ndarray:
-    """Pack loads ``[rows, P]`` of a layout ``[rows, P, k]`` over item loads ``[rows, n]``."""
-    rows = values.shape[0]
-    return np.take_along_axis(values, layout.reshape(rows, -1), axis=1).reshape(layout.shape).sum(-1)
+# ------------------------------------------------------------------ working state
 
 
 class _Layout:
-    """Mutable working copy of a layout with per-slot loads and labels, pack loads and
-    per-pack label occupancy counts (for O(1) duplicate checks)."""
+    """Mutable working copy of a layout with per-slot loads, pack loads and per-pack
+    occupancy counts of the labels that have several items (for O(1) duplicate checks).
+
+    ``lab`` holds compact ids: labels with several items in their row are numbered
+    ``0..H-1``; every single-item label shares id ``H``, whose occupancy is kept at zero
+    (a single item can never be a duplicate).  The table is ``rows x P x (H + 1)``.
+    """
 
     def __init__(self, values: np.ndarray, labels: np.ndarray, layout: np.ndarray) -> None:
         rows, num_packs, k = layout.shape
         self.layout = layout.copy()
-        flat = self.layout.reshape(rows, -1)
-        self.v = np.take_along_axis(values, flat, axis=1).reshape(rows, num_packs, k)
-        self.lab = np.take_along_axis(labels, flat, axis=1).reshape(rows, num_packs, k)
+        self.v = _gather(values, self.layout)
         self.loads = self.v.sum(-1)
-        self.num_labels = int(labels.max()) + 1 if labels.size else 1
-        key = np.arange(rows * num_packs)[:, None] * self.num_labels + self.lab.reshape(rows * num_packs, k)
-        self.occ = np.bincount(key.ravel(), minlength=rows * num_packs * self.num_labels)
-        self.occ_flat = self.occ
-        self.occ = self.occ.reshape(rows, num_packs, self.num_labels)
         self.num_packs = num_packs
+        raw = int(labels.max()) + 1 if labels.size else 1
+        cnt = np.bincount((np.arange(rows)[:, None] * raw + labels).ravel(), minlength=rows * raw)
+        hot = cnt.reshape(rows, raw) > 1
+        rank = np.cumsum(hot, axis=1) - 1
+        cold = int(rank[:, -1].max(initial=-1)) + 1 if raw else 0
+        table = np.where(hot, rank, cold)
+        self.cold = cold
+        self.num_labels = cold + 1
+        self.lab = _gather(table, _gather(labels, self.layout))
+        key = (np.arange(rows * num_packs) * self.num_labels).reshape(rows, num_packs, 1) + self.lab
+        self.occ_flat = np.bincount(key.ravel(), minlength=rows * num_packs * self.num_labels)
+        self.occ = self.occ_flat.reshape(rows, num_packs, self.num_labels)
+        self.occ[:, :, cold] = 0
         # Surplus copies per row: sum over (pack, label) of max(occ - 1, 0).
         self.surplus = np.maximum(self.occ - 1, 0).sum(axis=(1, 2))
 
@@ -271,52 +366,136 @@ class _Layout:
         # Surplus bookkeeping: a copy leaving a pack where it was doubled removes one
         # surplus; a copy arriving where the label already sits adds one.
         # (np.add.at: a row may appear several times.)
-        np.add.at(self.surplus, r, -((self.occ[r, p, la] > 1).astype(np.int64) + (self.occ[r, q, lb] > 1)))
-        self.occ[r, p, la] -= 1
-        self.occ[r, q, lb] -= 1
-        np.add.at(self.surplus, r, (self.occ[r, p, lb] > 0).astype(np.int64) + (self.occ[r, q, la] > 0))
-        self.occ[r, p, lb] += 1
-        self.occ[r, q, la] += 1
+        cp, cq = (r * self.num_packs + p) * self.num_labels, (r * self.num_packs + q) * self.num_labels
+        occ = self.occ_flat
+        delta = (occ[cp + lb] > 0).astype(np.int64) + (occ[cq + la] > 0) - (occ[cp + la] > 1) - (occ[cq + lb] > 1)
+        if delta.any():
+            np.add.at(self.surplus, r, delta)
+        occ[cp + la] -= 1
+        occ[cq + lb] -= 1
+        occ[cp + lb] += 1
+        occ[cq + la] += 1
+        occ[cp + self.cold] = 0
+        occ[cq + self.cold] = 0
 
 
 def _best_pair_swaps(
     st: _Layout, rows: np.ndarray, heavy: np.ndarray, light: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For each row and each (heavy[:, j], light[:, j]) pack pair, the best 1-for-1 swap.
 
     Args:
         rows: ``[a]`` row ids; heavy, light: ``[a, m]`` pack ids (heavy != light).
 
     Returns:
-        ``(new_max [a, m], ai [a, m], bi [a, m], dupfree)``: the best swap moves slot
-        ``ai`` of the heavy pack against slot ``bi`` of the light pack and leaves the
-        pair's larger load at ``new_max`` (``inf`` where no swap lowers the heavy pack).
+        ``(new_max [a, m], ai [a, m], bi [a, m])``: the best swap moves slot ``ai`` of
+        the heavy pack against slot ``bi`` of the light pack and leaves the pair's larger
+        load at ``new_max`` (``inf`` where no duplicate-free swap lowers the heavy pack).
     """
-    a_n, m = heavy.shape
     k = st.v.shape[2]
-    rr = rows[:, None]
-    # Work on [a, m, k*k] arrays (slot of a major, slot of b minor): numpy's inner loops
-    # then run over k*k elements instead of k, which is several times faster.
-    ia = np.repeat(np.arange(k), k)
-    ib = np.tile(np.arange(k), k)
-    vh = st.v[rr, heavy][:, :, ia]                         # [a, m, k*k]
-    vl = st.v[rr, light][:, :, ib]
-    lh = st.loads[rr, heavy]                               # [a, m]
-    ll = st.loads[rr, light]
-    d = vh - vl
+    r2 = rows[:, None]
+    # [a, m, k*k] arrays, slot of a major and slot of b minor.  (Gathering [a, m, k]
+    # blocks and expanding them with repeat/tile is several times faster than one
+    # three-index fancy gather, and flat k*k inner loops beat 4-D broadcasting.)
+    vh = st.v[r2, heavy]                                   # [a, m, k]
+    vl = st.v[r2, light]
+    d = np.repeat(vh, k, axis=2)
+    d -= np.tile(vl, (1, 1, k))
+    lh = st.loads[r2, heavy]                               # [a, m]
+    ll = st.loads[r2, light]
     new_max = np.maximum(lh[..., None] - d, ll[..., None] + d)
     # Duplicate checks: b's label already on the heavy pack, a's label on the light pack.
-    occ = st.occ_flat
-    base_h = (rr * st.num_packs + heavy) * st.num_labels     # [a, m]
-    base_l = (rr * st.num_packs + light) * st.num_labels
-    b_on_h = occ[base_h[..., None] + st.lab[rr, light]] > 0  # [a, m, k] (slot of b)
-    a_on_l = occ[base_l[..., None] + st.lab[rr, heavy]] > 0  # [a, m, k] (slot of a)
-    bad = (d <= 0) | b_on_h[:, :, ib] | a_on_l[:, :, ia]
-    new_max[bad] = np.inf
+    base_h = ((r2 * st.num_packs + heavy) * st.num_labels)[..., None]
+    base_l = ((r2 * st.num_packs + light) * st.num_labels)[..., None]
+    b_on_h = st.occ_flat[base_h + st.lab[r2, light]] > 0  # [a, m, k] (slot of b)
+    a_on_l = st.occ_flat[base_l + st.lab[r2, heavy]] > 0  # [a, m, k] (slot of a)
+    bad = d <= 0
+    bad |= np.tile(b_on_h, (1, 1, k))
+    bad |= np.repeat(a_on_l, k, axis=2)
+    np.copyto(new_max, np.inf, where=bad)
     best = new_max.argmin(axis=2)
     val = np.take_along_axis(new_max, best[..., None], axis=2)[..., 0]
-    val = np.where(val < lh * (1 - _REL_EPS), val, np.inf)
+    val[val >= lh * (1 - _REL_EPS)] = np.inf
     return val, best // k, best % k
+
+
+# ------------------------------------------------------------------- refinement
+
+
+def _refine(
+    st: _Layout, target: np.ndarray | None, max_rounds: int, segment: np.ndarray | None = None
+) -> None:
+    """1-for-1 swap refinement of ``st`` in place.
+
+    Each round, for every active row, evaluates the heaviest pack against the lightest
+    packs (up to ``_PARTNERS``) and the disjoint pairs (i-th heaviest, i-th lightest, up
+    to ``_PARTNERS`` of them), applies the best swap of
+    the heaviest pack and every paired swap touching neither of its two packs.  A row is
+    active while it is above its target and (with ``segment``, ``[rows]`` ints grouping
+    rows whose objective is their joint maximum) attains its segment's maximum; a
+    segment whose maximal row finds no improving swap stops.
+    """
+    rows, num_packs, k = st.layout.shape
+    if segment is None:
+        seg = np.arange(rows)
+        nseg = rows
+    else:
+        _, seg = np.unique(segment, return_inverse=True)
+        nseg = int(seg.max()) + 1 if rows else 0
+    frozen = np.zeros(nseg, dtype=bool)
+    # The heaviest pack tries the `near` lightest packs; the `pairs` heaviest packs
+    # are paired with the `pairs` lightest.  Bounded so a round stays cheap on many GPUs.
+    near = min(num_packs - 1, _PARTNERS)
+    pairs = min(num_packs // 2, _PARTNERS)
+    thresh = None if target is None else target * (1 + _REL_EPS)
+    seg_sorted = segment is None or bool((np.diff(seg) >= 0).all())
+
+    for _ in range(max_rounds):
+        row_max = st.loads.max(axis=1)
+        ok = ~frozen[seg]
+        if thresh is not None:
+            ok &= row_max > thresh
+        if segment is not None:
+            if seg_sorted:
+                starts = np.flatnonzero(np.r_[True, seg[1:] != seg[:-1]])
+                seg_max = np.maximum.reduceat(row_max, starts)[np.cumsum(np.r_[False, seg[1:] != seg[:-1]])]
+            else:
+                seg_max_s = np.full(nseg, -np.inf)
+                np.maximum.at(seg_max_s, seg, row_max)
+                seg_max = seg_max_s[seg]
+            ok &= row_max >= seg_max * (1 - _REL_EPS)
+        active = np.flatnonzero(ok)
+        if active.size == 0:
+            break
+        a_n = active.size
+        ar = np.arange(a_n)
+        order = np.argsort(st.loads[active], axis=1)
+        h = order[:, -1]
+        heavy = np.empty((a_n, near + pairs), dtype=np.int64)
+        heavy[:, :near] = h[:, None]
+        heavy[:, near:] = order[:, : num_packs - pairs - 1 : -1]
+        light = np.empty_like(heavy)
+        light[:, :near] = order[:, :near]
+        light[:, near:] = order[:, :pairs]
+        val, ai, bi = _best_pair_swaps(st, active, heavy, light)
+        g_col = val[:, :near].argmin(axis=1)
+        g = light[ar, g_col]
+        ok = np.isfinite(val[ar, g_col])
+        # Apply the best swap of the heaviest pack, then every paired swap touching
+        # neither of its two packs (they were evaluated on the loads before it).
+        if ok.any():
+            st.swap(active[ok], h[ok], ai[ar, g_col][ok], g[ok], bi[ar, g_col][ok])
+        if pairs:
+            pv = val[:, near:]
+            ph = heavy[:, near:]
+            pl = light[:, near:]
+            hit = (ph == h[:, None]) | (ph == g[:, None]) | (pl == h[:, None]) | (pl == g[:, None])
+            pok = np.isfinite(pv) & ~(hit & ok[:, None])
+            if pok.any():
+                r = np.broadcast_to(active[:, None], pok.shape)[pok]
+                st.swap(r, ph[pok], ai[:, near:][pok], pl[pok], bi[:, near:][pok])
+        # A segment whose heaviest row is stuck cannot get better.
+        frozen[seg[active[~ok]]] = True
 
 
 def refine_swaps(
@@ -326,19 +505,10 @@ def refine_swaps(
     target: np.ndarray | None = None,
     max_rounds: int = 64,
 ) -> np.ndarray:
-    """1-for-1 swap refinement of each row's heaviest packs.
+    """1-for-1 swap refinement of each row's heaviest packs (see :func:`_refine`).
 
-    Each round does two passes over the still-active rows:
-
-    * *paired*: the i-th heaviest pack is paired with the i-th lightest, and every pair
-      applies its best swap (the one minimising the pair's larger load, if that is below
-      the heavy pack's load).  Pairs are disjoint, so one round balances many packs.
-    * *heaviest against all*: the heaviest pack tries every other pack and applies the
-      best swap found.  A row where this finds nothing is a local optimum for 1-for-1
-      swaps of its heaviest pack and stops.
-
-    Swaps that would put two replicas of one label on one pack are never made.  A row
-    also stops once its heaviest pack is within ``_REL_EPS`` of ``target``.
+    Swaps that would put two replicas of one label on one pack are never made, so the
+    heaviest pack never gets worse and no duplicate is created.
 
     Args:
         values: ``[rows, n]`` item loads.
@@ -358,65 +528,52 @@ def refine_swaps(
     return st.layout
 
 
-def _refine(
-    st: _Layout, target: np.ndarray | None, max_rounds: int, segment: np.ndarray | None = None
+# ---------------------------------------------------------------- duplicates
+
+
+def _separate(
+    st: _Layout, active: np.ndarray, max_rounds: int, cap: np.ndarray | None = None
 ) -> None:
-    """Refine ``st`` in place.  ``segment`` (``[rows]`` ints) groups rows whose
-    objective is their joint maximum; only rows attaining it are worked on."""
-    rows, num_packs, k = st.layout.shape
-    if segment is None:
-        seg = np.arange(rows)
-        nseg = rows
-    else:
-        _, seg = np.unique(segment, return_inverse=True)
-        nseg = int(seg.max()) + 1 if rows else 0
-    frozen = np.zeros(nseg, dtype=bool)
-    half = num_packs // 2
-    others = np.arange(num_packs)
-
-    def pick() -> np.ndarray:
-        """Rows worth a round: unsolved, in a live segment, attaining its maximum."""
-        row_max = st.loads.max(axis=1)
-        ok = ~frozen[seg]
-        if target is not None:
-            ok &= row_max > target * (1 + _REL_EPS)
-        if segment is not None:
-            seg_max = np.full(nseg, -np.inf)
-            np.maximum.at(seg_max, seg, row_max)
-            ok &= row_max >= seg_max[seg] * (1 - _REL_EPS)
-        return np.flatnonzero(ok)
-
+    """Separate duplicates in place; ``cap`` (``[rows]``) is the load no pack may
+    exceed (default: the row's current maximum)."""
+    num_packs, k = st.layout.shape[1:]
+    packs = np.arange(num_packs)
     for _ in range(max_rounds):
-        active = pick()
         if active.size == 0:
             break
         a_n = active.size
         ar = np.arange(a_n)
-        # One evaluation per round: the heaviest pack against every pack (column j of
-        # the first block is partner j), then the disjoint pairs i-th heaviest with i-th
-        # lightest.
-        order = np.argsort(st.loads[active], axis=1)
-        h = order[:, -1]
-        heavy = np.concatenate([np.repeat(h[:, None], num_packs, axis=1), order[:, ::-1][:, :half]], axis=1)
-        light = np.concatenate([np.broadcast_to(others, (a_n, num_packs)), order[:, :half]], axis=1)
-        val, ai, bi = _best_pair_swaps(st, active, heavy, light)
-        val[ar, h] = np.inf                                  # h against itself
-        g = val[:, :num_packs].argmin(axis=1)
-        ok = np.isfinite(val[ar, g])
-        # Apply the best swap of the heaviest pack, then every paired swap touching
-        # neither of its two packs (they were evaluated on the loads before it).
-        if ok.any():
-            st.swap(active[ok], h[ok], ai[ar, g][ok], g[ok], bi[ar, g][ok])
-        pv = val[:, num_packs:]
-        ph = heavy[:, num_packs:]
-        pl = light[:, num_packs:]
-        touched = ok[:, None] & ((ph == h[:, None]) | (ph == g[:, None]) | (pl == h[:, None]) | (pl == g[:, None]))
-        pok = np.isfinite(pv) & ~touched
-        if pok.any():
-            r = np.broadcast_to(active[:, None], pok.shape)[pok]
-            st.swap(r, ph[pok], ai[:, num_packs:][pok], pl[pok], bi[:, num_packs:][pok])
-        # A segment whose heaviest row is stuck cannot get better.
-        frozen[seg[active[~ok]]] = True
+        lab = st.lab[active]                                        # [a, P, k]
+        v = st.v[active]
+        lo = st.loads[active]
+        row_cap = lo.max(axis=1) if cap is None else np.maximum(cap[active], lo.max(axis=1))
+        # First slot whose label occurs more than once on its pack.
+        mult = st.occupancy(active[:, None, None], packs[None, :, None], lab) > 1
+        first = mult.reshape(a_n, -1).argmax(axis=1)
+        p, s = first // k, first % k
+        la = lab[ar, p, s]
+        va = v[ar, p, s]
+        # Partner b at (g, t): g != p, b's label not on p, a's label not on g.
+        d = va[:, None, None] - v                                   # load leaving p
+        new_p = lo[ar, p][:, None, None] - d
+        new_g = lo[:, :, None] + d
+        la_on_g = st.occupancy(active[:, None], packs[None, :], la[:, None]) > 0    # [a, P]
+        lb_on_p = st.occupancy(active[:, None, None], p[:, None, None], lab) > 0    # [a, P, k]
+        ok = (
+            (packs[None, :, None] != p[:, None, None])
+            & ~la_on_g[:, :, None]
+            & ~lb_on_p
+            & (new_p <= row_cap[:, None, None])
+            & (new_g <= row_cap[:, None, None])
+        )
+        cost = np.where(ok, np.abs(d), np.inf).reshape(a_n, -1)
+        best = cost.argmin(axis=1)
+        feasible = np.isfinite(cost[ar, best])
+        if not feasible.any():
+            break
+        sel = ar[feasible]
+        st.swap(active[sel], p[sel], s[sel], best[sel] // k, best[sel] % k)
+        active = active[sel][st.has_duplicates(active[sel])]
 
 
 def separate_duplicates(
@@ -447,84 +604,39 @@ def separate_duplicates(
     return st.layout
 
 
-def _separate(
-    st: _Layout, active: np.ndarray, max_rounds: int, cap: np.ndarray | None = None
-) -> None:
-    """Separate duplicates in place; ``cap`` (``[rows]``) is the load no pack may
-    exceed (default: the row's current maximum)."""
-    num_packs, k = st.layout.shape[1:]
-    for _ in range(max_rounds):
-        if active.size == 0:
-            break
-        a_n = active.size
-        ar = np.arange(a_n)
-        lab = st.lab[active]                                        # [a, P, k]
-        v = st.v[active]
-        lo = st.loads[active]
-        row_cap = lo.max(axis=1) if cap is None else np.maximum(cap[active], lo.max(axis=1))
-        # First slot whose label occurs more than once on its pack.
-        packs = np.arange(num_packs)[None, :, None]
-        mult = st.occupancy(active[:, None, None], packs, lab) > 1  # [a, P, k]
-        first = mult.reshape(a_n, -1).argmax(axis=1)
-        p, s = first // k, first % k
-        la = lab[ar, p, s]
-        va = v[ar, p, s]
-        # Partner b at (g, t): g != p, b's label not on p, a's label not on g.
-        d = va[:, None, None] - v                                   # load leaving p
-        new_p = lo[ar, p][:, None, None] - d
-        new_g = lo[:, :, None] + d
-        la_on_g = st.occupancy(active[:, None], np.arange(num_packs)[None, :], la[:, None]) > 0  # [a, P]
-        lb_on_p = st.occupancy(active[:, None, None], p[:, None, None], lab) > 0             # [a, P, k]
-        ok = (
-            (np.arange(num_packs)[None, :, None] != p[:, None, None])
-            & ~la_on_g[:, :, None]
-            & ~lb_on_p
-            & (new_p <= row_cap[:, None, None])
-            & (new_g <= row_cap[:, None, None])
-        )
-        cost = np.where(ok, np.abs(d), np.inf).reshape(a_n, -1)
-        best = cost.argmin(axis=1)
-        feasible = np.isfinite(cost[ar, best])
-        if not feasible.any():
-            break
-        sel = ar[feasible]
-        st.swap(active[sel], p[sel], s[sel], best[sel] // k, best[sel] % k)
-        active = active[sel][st.has_duplicates(active[sel])]
-
-
-def _duplicate_rows(labels: np.ndarray, layout: np.ndarray) -> np.ndarray:
-    """Rows of a layout where some pack holds two items of one label."""
-    rows = layout.shape[0]
-    lab = np.take_along_axis(labels, layout.reshape(rows, -1), axis=1).reshape(layout.shape)
+def _has_duplicates(labels: np.ndarray, layout: np.ndarray) -> np.ndarray:
+    """``[rows]`` bool: some pack of the row holds two items of one label."""
+    lab = _gather(labels, layout)
     lab.sort(axis=-1)
-    return np.flatnonzero((lab[..., 1:] == lab[..., :-1]).any(axis=(1, 2)))
+    return (lab[..., 1:] == lab[..., :-1]).any(axis=(1, 2))
 
 
-def pack_items(
+# ------------------------------------------------------------------- pipeline
+
+
+def pack_sorted(
     values: np.ndarray,
     labels: np.ndarray,
     num_packs: int,
     target: np.ndarray | None = None,
-    refine_rounds: int = 64,
+    refine_rounds: int = DEFAULT_REFINE_ROUNDS,
     segment_size: int = 1,
 ) -> np.ndarray:
-    """Full packing pipeline: snake seed, label-aware largest differencing where the
-    snake misses the target, duplicate separation, swap refinement.
+    """The packing pipeline on items sorted by decreasing load with each label's items
+    adjacent (see :func:`runs_order`); returns a layout of sorted positions.
 
     Args:
-        values: ``[rows, n]`` item loads (float).
-        labels: ``[rows, n]`` int item labels, ``>= 0``; items sharing a label are
-            replicas of one expert and are kept on different packs where that costs
-            nothing.
+        values: ``[rows, n]`` sorted item loads.
+        labels: ``[rows, n]`` int labels, ``>= 0``, each label's items adjacent.
         num_packs: ``P``; ``n`` must be a multiple of it.
-        target: optional ``[rows]`` lower bounds; refinement of a row stops at its bound.
+        target: optional ``[rows]`` lower bounds; work on a row stops at its bound.
         refine_rounds: cap on refinement rounds (0 disables refinement).
         segment_size: consecutive rows form segments of this size whose objective is the
             heaviest pack over the whole segment (the nodes of one layer); only rows
             attaining their segment's maximum are refined.  ``rows`` must be a multiple.
 
     Returns:
-        ``[rows, P, k]`` int64 layout of item indices.
+        ``[rows, P, k]`` int64 layout of positions ``0..n-1``.
     """
     rows, n, k = _check(values, num_packs)
     if segment_size < 1 or rows % segment_size:
@@ -532,17 +644,20 @@ def pack_items(
     if num_packs == 1 or k <= 1 or rows == 0:
         # One pack, or one item per pack: every layout is equally balanced.
         return np.broadcast_to(np.arange(n), (rows, n)).reshape(rows, num_packs, k).copy()
-    # Seeds cascade: the snake layout for every row (it costs one sort), then largest
-    # differencing, label-aware, for the rows still above their target.  Rows at or
-    # below their target are done: no plan of their segment can do better.
-    order = _descending(values)
-    layout = snake_layout(values, num_packs, order)
+
+    # Seeds cascade.  Every row starts from the snake (rotated where a run crosses a
+    # block, to keep an expert's replicas apart); rows at or below their target are done,
+    # since no plan of their segment can do better.
+    layout = _rotated_snake(labels, num_packs)
     best_max = pack_loads(values, layout).max(axis=1)
     todo = np.arange(rows)
     if target is not None:
         todo = todo[best_max > target * (1 + _REL_EPS)]
     if todo.size:
-        kk = kk_layout(values[todo], num_packs, order[todo], labels[todo])
+        # The rest get largest differencing on an order that keeps every expert's
+        # replicas inside one block of P (so they land on different packs).
+        perm, _ = unsplit_runs(labels[todo], num_packs)
+        kk = _gather(perm, _kk_sorted(_gather(values[todo], perm), num_packs))
         kk_max = pack_loads(values[todo], kk).max(axis=1)
         better = kk_max <= best_max[todo]
         layout[todo[better]] = kk[better]
@@ -550,7 +665,7 @@ def pack_items(
 
     # Separate replicas of one expert sharing a GPU, letting any pack go up to the
     # segment's current maximum (the objective), then refine without creating new ones.
-    dup = _duplicate_rows(labels, layout)
+    dup = np.flatnonzero(_has_duplicates(labels, layout))
     if dup.size:
         seg_cap = np.repeat(best_max.reshape(-1, segment_size).max(axis=1), segment_size)
         sub = _Layout(values[dup], labels[dup], layout[dup])
@@ -565,3 +680,34 @@ def pack_items(
         _refine(st, None if target is None else target[todo], refine_rounds, seg)
         layout[todo] = st.layout
     return layout
+
+
+def pack_items(
+    values: np.ndarray,
+    labels: np.ndarray,
+    num_packs: int,
+    target: np.ndarray | None = None,
+    refine_rounds: int = DEFAULT_REFINE_ROUNDS,
+    segment_size: int = 1,
+) -> np.ndarray:
+    """Full packing pipeline (module docs) on items in any order.
+
+    Args:
+        values: ``[rows, n]`` item loads (float).
+        labels: ``[rows, n]`` int item labels, ``>= 0``; items sharing a label are
+            replicas of one expert and are kept on different packs where that costs
+            nothing.
+        num_packs: ``P``; ``n`` must be a multiple of it.
+        target, refine_rounds, segment_size: as in :func:`pack_sorted`.
+
+    Returns:
+        ``[rows, P, k]`` int64 layout of item indices.
+    """
+    _check(values, num_packs)
+    labels = np.asarray(labels)
+    order = runs_order(values, labels)
+    pos = pack_sorted(
+        _gather(values, order), _gather(labels, order), num_packs,
+        target=target, refine_rounds=refine_rounds, segment_size=segment_size,
+    )
+    return _gather(order, pos)

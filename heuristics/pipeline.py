@@ -19,7 +19,7 @@ import numpy as np
 
 from .apportion import replica_counts
 from .grouping import groups_to_nodes
-from .packing import pack_items
+from .packing import DEFAULT_REFINE_ROUNDS, pack_sorted
 
 __all__ = ["Placement", "place"]
 
@@ -48,7 +48,7 @@ def place(
     num_groups: int,
     num_nodes: int,
     num_gpus: int,
-    refine_rounds: int = 64,
+    refine_rounds: int = DEFAULT_REFINE_ROUNDS,
 ) -> Placement:
     """Heuristic placement under the hierarchical policy (pass ``num_groups =
     num_nodes = 1`` for the global policy).
@@ -99,22 +99,23 @@ def place(
 
     # 2. Replica counts per node.
     counts = replica_counts(node_w, replicas_per_node, max_count=gpus_per_node)  # [rows, En]
-    labels = np.repeat(np.tile(np.arange(experts_per_node), rows), counts.ravel()).reshape(
-        rows, replicas_per_node
-    )
     per_replica = node_w / counts
-    values = np.take_along_axis(per_replica, labels, axis=1)
+    # Replicas by decreasing load, an expert's replicas adjacent: order the experts, then
+    # expand each into its replicas (no sort over replicas needed).
+    ar = np.arange(rows)[:, None]
+    expert_order = np.argsort(-per_replica, axis=1)
+    labels = np.repeat(expert_order.ravel(), counts[ar, expert_order].ravel()).reshape(rows, replicas_per_node)
+    values = per_replica[ar, labels]
 
     # 3. Replicas to GPUs.  A row need not be refined below the heaviest bound of its
     # layer: the layer's step time cannot drop under it anyway.
-    row_bound = np.maximum(values.sum(axis=1) / gpus_per_node, values.max(axis=1))
-    layer_bound = row_bound.reshape(num_layers, num_nodes).max(axis=1)
-    target = np.repeat(layer_bound, num_nodes)
-    layout = pack_items(
+    row_bound = np.maximum(values.sum(axis=1) / gpus_per_node, values[:, 0])
+    target = np.repeat(row_bound.reshape(num_layers, num_nodes).max(axis=1), num_nodes)
+    layout = pack_sorted(
         values, labels, gpus_per_node, target=target, refine_rounds=refine_rounds, segment_size=num_nodes
     )
-    local = np.take_along_axis(labels, layout.reshape(rows, -1), axis=1)
-    phy2log = np.take_along_axis(node_experts, local, axis=1).reshape(num_layers, num_replicas)
+    local = labels[ar, layout.reshape(rows, -1)]
+    phy2log = node_experts[ar, local].reshape(num_layers, num_replicas)
 
     logcnt = np.empty((num_layers, num_experts), dtype=np.int64)
     np.put_along_axis(logcnt, node_experts.reshape(num_layers, -1), counts.reshape(num_layers, -1), axis=1)

@@ -107,14 +107,13 @@ def _ratio(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if tb <= 0 else float(np.sum(a) / tb)
 
 
-def _plan_numpy(problem: Problem, refine_rounds: int = 64) -> np.ndarray:
+def _plan_numpy(problem: Problem) -> np.ndarray:
     placement = heuristics.place(
         problem.weight,
         problem.num_replicas,
         problem.plan_groups,
         problem.plan_nodes,
         problem.num_gpus,
-        refine_rounds=refine_rounds,
     )
     return placement.phy2log
 
