@@ -37,9 +37,12 @@ def derive_maps(phy2log: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.n
     width = R - E + 1
     offs = (np.arange(L) * E)[:, None]
     logcnt = np.bincount((p + offs).ravel(), minlength=L * E).reshape(L, E)
-    # Slots grouped by expert, increasing slot within an expert (unique keys, so the
-    # fast unstable sort gives the stable order).
-    order = np.argsort(p * R + np.arange(R), axis=1)
+    # Slots grouped by expert, increasing slot within an expert: a stable sort (radix
+    # sort for 16-bit keys, else unique keys for the fast unstable sort).
+    if E <= np.iinfo(np.int16).max:
+        order = np.argsort(p.astype(np.int16), axis=1, kind="stable")
+    else:
+        order = np.argsort(p * R + np.arange(R), axis=1)
     sorted_e = np.take_along_axis(p, order, axis=1)
     start = np.cumsum(logcnt, axis=1) - logcnt
     rank = np.arange(R)[None, :] - np.take_along_axis(start, sorted_e, axis=1)

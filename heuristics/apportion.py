@@ -53,6 +53,32 @@ def _greedy_counts(
     return counts
 
 
+def _few_spares(w: np.ndarray, extra: int, cap: int) -> np.ndarray:
+    """Greedy counts when there are few spare replicas, in closed form.
+
+    Only the ``extra`` heaviest experts of a row can receive a spare (a lighter one is
+    picked only after ``extra`` heavier ones got one each, or reached the cap, which is
+    at least 2).  Among them the greedy hands out exactly the ``extra`` largest of the
+    values ``w_e / j`` (``j = 1 .. cap - 1``), so one partial sort over
+    ``extra x extra`` candidates per row gives the same counts as ``extra`` steps.
+    """
+    rows, num_experts = w.shape
+    counts = np.ones((rows, num_experts), dtype=np.int64)
+    ar = np.arange(rows)[:, None]
+    m = min(extra, num_experts)
+    top = np.argpartition(-w, m - 1, axis=1)[:, :m] if m < num_experts else np.broadcast_to(
+        np.arange(num_experts), (rows, num_experts)
+    )
+    j = np.arange(1, extra + 1)
+    cand = w[ar, top][:, :, None] / j                              # [rows, m, extra]
+    cand[:, :, j >= cap] = -np.inf
+    flat = cand.reshape(rows, -1)
+    pick = np.argpartition(-flat, extra - 1, axis=1)[:, :extra] // extra
+    add = np.bincount((np.arange(rows)[:, None] * m + pick).ravel(), minlength=rows * m).reshape(rows, m)
+    counts[ar, top] += add
+    return counts
+
+
 def replica_counts(weight: np.ndarray, num_replicas: int, max_count: int | None = None) -> np.ndarray:
     """Optimal replica counts for every row.
 
@@ -98,17 +124,7 @@ def replica_counts(weight: np.ndarray, num_replicas: int, max_count: int | None 
         row_max = row_max[live]
 
     if extra <= _GREEDY_STEPS:
-        # Only the `extra` heaviest experts of a row can receive a spare replica (a
-        # lighter one is picked only after `extra` heavier ones got one each), so the
-        # greedy runs on those columns alone.
-        if extra < num_experts:
-            top = np.argpartition(-w, extra - 1, axis=1)[:, :extra]
-            rows_live = np.arange(w.shape[0])[:, None]
-            sub = np.ones_like(counts[live])
-            sub[rows_live, top] = _greedy_counts(w[rows_live, top], extra, cap)
-            counts[live] = sub
-        else:
-            counts[live] = _greedy_counts(w, extra, cap)
+        counts[live] = _few_spares(w, extra, cap)
         return counts
 
     # Scale each row to max 1: counts are scale invariant, and this keeps tiny or huge

@@ -51,7 +51,7 @@ _PARTNERS = 8
 # Default cap on refinement rounds in the pipeline.  Each round improves every active
 # row's heaviest pack; measured on the model-shaped presets, the first rounds take
 # nearly all of the gain (benchmarks/RESULTS.md).
-DEFAULT_REFINE_ROUNDS = 8
+DEFAULT_REFINE_ROUNDS = 3
 
 
 def _check(values: np.ndarray, num_packs: int) -> tuple[int, int, int]:
@@ -182,26 +182,33 @@ def _unsplit_at(
     return cross[fits & ~enough]
 
 
-def _rotated_snake(sorted_labels: np.ndarray, num_packs: int) -> np.ndarray:
+def _rotated_snake(sorted_labels: np.ndarray, num_packs: int) -> tuple[np.ndarray, np.ndarray]:
     """Snake over sorted items (each label's items adjacent) as a layout of positions.
+
     Where a run of one label crosses into block ``b``, block ``b`` is dealt rotated so
     its share of the run comes last: the plain snake would deal both parts of the run
-    onto the same packs.  (A run following another split run can still meet itself.)"""
+    onto the same packs.  Returns ``(layout, rotated)``; ``rotated [rows]`` marks rows
+    with a crossing run (only those can still hold a duplicate, where a run follows
+    another split run).
+    """
     rows, n = sorted_labels.shape
     P = num_packs
     k = n // P
-    pos = np.broadcast_to(np.arange(n).reshape(1, k, P), (rows, k, P))
+    lay = np.broadcast_to(np.arange(n).reshape(1, k, P), (rows, k, P)).copy()
+    rotated = np.zeros(rows, dtype=bool)
     if k > 1:
         lab = sorted_labels.reshape(rows, k, P)
         cont = lab[:, 1:, :] == lab[:, :-1, -1:]                      # [rows, k-1, P]
-        lead = np.where(cont.all(axis=2), 0, (~cont).argmax(axis=2))  # continuation length
-        if lead.any():
-            shift = np.zeros((rows, k, 1), dtype=np.int64)
+        rotated = cont[:, :, 0].any(axis=1)
+        rr = np.flatnonzero(rotated)
+        if rr.size:
+            c = cont[rr]
+            lead = np.where(c.all(axis=2), 0, (~c).argmax(axis=2))    # continuation length
+            shift = np.zeros((rr.size, k, 1), dtype=np.int64)
             shift[:, 1:, 0] = lead
-            pos = np.take_along_axis(pos, (np.arange(P) + shift) % P, axis=2)
-    lay = pos.copy()
+            lay[rr] = np.take_along_axis(lay[rr], (np.arange(P) + shift) % P, axis=2)
     lay[:, 1::2, :] = lay[:, 1::2, ::-1]
-    return np.ascontiguousarray(lay.transpose(0, 2, 1))
+    return np.ascontiguousarray(lay.transpose(0, 2, 1)), rotated
 
 
 def lpt_rounds_layout(values: np.ndarray, num_packs: int, order: np.ndarray | None = None) -> np.ndarray:
@@ -648,24 +655,32 @@ def pack_sorted(
     # Seeds cascade.  Every row starts from the snake (rotated where a run crosses a
     # block, to keep an expert's replicas apart); rows at or below their target are done,
     # since no plan of their segment can do better.
-    layout = _rotated_snake(labels, num_packs)
-    best_max = pack_loads(values, layout).max(axis=1)
+    layout, check = _rotated_snake(labels, num_packs)
+    snake_v = values.reshape(rows, k, num_packs).copy()
+    snake_v[:, 1::2, :] = snake_v[:, 1::2, ::-1]
+    best_max = snake_v.sum(axis=1).max(axis=1)
+    if check.any():
+        best_max[check] = pack_loads(values[check], layout[check]).max(axis=1)
     todo = np.arange(rows)
     if target is not None:
         todo = todo[best_max > target * (1 + _REL_EPS)]
     if todo.size:
         # The rest get largest differencing on an order that keeps every expert's
         # replicas inside one block of P (so they land on different packs).
-        perm, _ = unsplit_runs(labels[todo], num_packs)
+        perm, split = unsplit_runs(labels[todo], num_packs)
         kk = _gather(perm, _kk_sorted(_gather(values[todo], perm), num_packs))
         kk_max = pack_loads(values[todo], kk).max(axis=1)
         better = kk_max <= best_max[todo]
         layout[todo[better]] = kk[better]
         best_max[todo[better]] = kk_max[better]
+        check[todo[better]] = split[better]
 
-    # Separate replicas of one expert sharing a GPU, letting any pack go up to the
-    # segment's current maximum (the objective), then refine without creating new ones.
-    dup = np.flatnonzero(_has_duplicates(labels, layout))
+    # Separate replicas of one expert sharing a GPU (possible only in the rows flagged
+    # above), letting any pack go up to the segment's current maximum (the objective);
+    # refinement below never creates one.
+    dup = np.flatnonzero(check)
+    if dup.size:
+        dup = dup[_has_duplicates(labels[dup], layout[dup])]
     if dup.size:
         seg_cap = np.repeat(best_max.reshape(-1, segment_size).max(axis=1), segment_size)
         sub = _Layout(values[dup], labels[dup], layout[dup])
