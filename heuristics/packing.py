@@ -44,6 +44,10 @@ __all__ = [
 # improvement; it stops the search cycling on float noise.
 _REL_EPS = 1e-12
 
+# Rows with a dominant item whose seeds stay more than this fraction above their
+# target also get the item-by-item LPT seed.
+_FAR = 0.01
+
 # Partners tried per round: the heaviest pack against this many lightest packs, and
 # this many (heaviest, lightest) pairs.
 _PARTNERS = 8
@@ -237,6 +241,31 @@ def lpt_rounds_layout(values: np.ndarray, num_packs: int, order: np.ndarray | No
     return lay
 
 
+def _lpt_items(sorted_values: np.ndarray, num_packs: int) -> np.ndarray:
+    """LPT with exact cardinality, one item at a time (every row at once): each item,
+    heaviest first, goes to the lightest pack that still has a free slot.  Returns a
+    layout of sorted positions.
+
+    Costs one step per item, so it is kept for rows where the block-structured seeds
+    are far off: they give every pack one item of each block of ``P``, which is poor
+    when an item dominates (its pack should get only the smallest items), while this
+    rule fills the other packs first and gives the dominant pack the smallest items.
+    """
+    rows, n = sorted_values.shape
+    P = num_packs
+    k = n // P
+    loads = np.zeros((rows, P))
+    filled = np.zeros((rows, P), dtype=np.int64)
+    lay = np.empty((rows, P, k), dtype=np.int64)
+    ar = np.arange(rows)
+    for i in range(n):
+        pick = np.where(filled < k, loads, np.inf).argmin(axis=1)
+        lay[ar, pick, filled[ar, pick]] = i
+        filled[ar, pick] += 1
+        loads[ar, pick] += sorted_values[:, i]
+    return lay
+
+
 def _kk_sorted(sorted_values: np.ndarray, num_packs: int) -> np.ndarray:
     """Largest differencing over items sorted by decreasing load (blocks of ``P``
     consecutive items); returns a layout of sorted positions."""
@@ -360,16 +389,16 @@ class _Layout:
 
     def swap(self, r: np.ndarray, p: np.ndarray, s: np.ndarray, q: np.ndarray, t: np.ndarray) -> None:
         """Swap slot (p, s) with slot (q, t) of row r, elementwise over equal-length
-        arrays.  A row may appear several times as long as no pack appears twice in it
-        (and p != q), so that no two updates touch one cell."""
+        arrays.  A row and a pack may appear several times as long as no slot does
+        (and p != q); load and occupancy updates accumulate."""
         va, vb = self.v[r, p, s], self.v[r, q, t]
         la, lb = self.lab[r, p, s], self.lab[r, q, t]
         ia, ib = self.layout[r, p, s], self.layout[r, q, t]
         self.v[r, p, s], self.v[r, q, t] = vb, va
         self.lab[r, p, s], self.lab[r, q, t] = lb, la
         self.layout[r, p, s], self.layout[r, q, t] = ib, ia
-        self.loads[r, p] += vb - va
-        self.loads[r, q] += va - vb
+        np.add.at(self.loads, (r, p), vb - va)
+        np.add.at(self.loads, (r, q), va - vb)
         # Surplus bookkeeping: a copy leaving a pack where it was doubled removes one
         # surplus; a copy arriving where the label already sits adds one.
         # (np.add.at: a row may appear several times.)
@@ -378,10 +407,10 @@ class _Layout:
         delta = (occ[cp + lb] > 0).astype(np.int64) + (occ[cq + la] > 0) - (occ[cp + la] > 1) - (occ[cq + lb] > 1)
         if delta.any():
             np.add.at(self.surplus, r, delta)
-        occ[cp + la] -= 1
-        occ[cq + lb] -= 1
-        occ[cp + lb] += 1
-        occ[cq + la] += 1
+        np.add.at(occ, cp + la, -1)
+        np.add.at(occ, cq + lb, -1)
+        np.add.at(occ, cp + lb, 1)
+        np.add.at(occ, cq + la, 1)
         occ[cp + self.cold] = 0
         occ[cq + self.cold] = 0
 
@@ -427,6 +456,78 @@ def _best_pair_swaps(
 
 
 # ------------------------------------------------------------------- refinement
+
+
+def _item_swaps(
+    st: _Layout, rows: np.ndarray, h: np.ndarray, a_slot: np.ndarray, part: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Best swap of a given item of pack ``h`` (slot ``a_slot [a, q]``) with any item of
+    pack ``part [a, q]``.  Returns ``(new pair max, b slot, d)``, ``inf`` where no
+    duplicate-free swap lowers ``h``."""
+    r2 = rows[:, None]
+    va = st.v[r2, h[:, None], a_slot]                                 # [a, q]
+    vb = st.v[r2, part]                                               # [a, q, k]
+    d = va[..., None] - vb
+    lh = st.loads[rows, h][:, None, None]
+    lp = st.loads[r2, part][..., None]
+    new_max = np.maximum(lh - d, lp + d)
+    base_h = ((rows * st.num_packs + h) * st.num_labels)[:, None, None]
+    base_p = ((r2 * st.num_packs + part) * st.num_labels)[..., None]
+    bad = d <= 0
+    bad |= st.occ_flat[base_h + st.lab[r2, part]] > 0                 # b's label on h
+    bad |= (st.occ_flat[base_p[..., 0] + st.lab[r2, h[:, None], a_slot]] > 0)[..., None]
+    np.copyto(new_max, np.inf, where=bad)
+    b = new_max.argmin(axis=2)
+    val = np.take_along_axis(new_max, b[..., None], axis=2)[..., 0]
+    dd = np.take_along_axis(d, b[..., None], axis=2)[..., 0]
+    val[val >= lh[..., 0] * (1 - _REL_EPS)] = np.inf
+    return val, b, dd
+
+
+def _heavy_multi_swaps(
+    st: _Layout, rows: np.ndarray, h: np.ndarray, order: np.ndarray, best: tuple[np.ndarray, ...]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Several swaps of each row's heaviest pack ``h`` in one round.
+
+    Candidate 0 is the best single swap (``best = (val, a slot, partner, b slot)``, each
+    ``[a]``); then the i-th heaviest item of ``h`` is offered to the i-th lightest pack
+    (best item there).  Candidates that reuse an item or partner of candidate 0, or bring
+    a label with several items onto ``h`` twice, are dropped; the rest are accepted as a
+    prefix while ``h`` stays heavier than every new partner load, so the heaviest load
+    only falls.  A pack far above the rest (one dominant expert) thus sheds many items
+    per round instead of one.
+
+    Returns ``(accepted, a slot, partner, b slot)``, each ``[a, 1 + q]``.
+    """
+    a_n = rows.size
+    k = st.v.shape[2]
+    q = min(k, order.shape[1] - 1)
+    ar = np.arange(a_n)
+    val0, a0, p0, b0 = best
+    items = np.argsort(-st.v[rows, h], axis=1)[:, :q]                 # heaviest first
+    part = order[:, :q]                                               # lightest first
+    val, b, d = _item_swaps(st, rows, h, items, part)
+    # Candidate 0 first.
+    d0 = st.v[rows, h, a0] - st.v[rows, p0, b0]
+    A = np.concatenate([a0[:, None], items], axis=1)
+    Pt = np.concatenate([p0[:, None], part], axis=1)
+    B = np.concatenate([b0[:, None], b], axis=1)
+    D = np.concatenate([d0[:, None], d], axis=1)
+    V = np.concatenate([val0[:, None], val], axis=1)
+    ok = np.isfinite(V)
+    ok[:, 1:] &= (items != a0[:, None]) & (part != p0[:, None])
+    lab_b = st.lab[rows[:, None], Pt, B]
+    hot = (lab_b != st.cold) & ok
+    dup_lab = (lab_b[:, :, None] == lab_b[:, None, :]) & hot[:, :, None] & hot[:, None, :]
+    ok &= ~(dup_lab & np.tri(q + 1, q + 1, -1, dtype=bool)).any(axis=2)
+    new_part = np.where(ok, st.loads[rows[:, None], Pt] + D, -np.inf)
+    shed = np.cumsum(np.where(ok, D, 0.0), axis=1)
+    load_before = st.loads[rows, h][:, None] - (shed - np.where(ok, D, 0.0))
+    top = np.maximum.accumulate(new_part, axis=1)
+    good = (load_before > top) | ~ok
+    accepted = ok & np.logical_and.accumulate(good, axis=1)
+    accepted[:, 0] = ok[:, 0]
+    return accepted, A, Pt, B
 
 
 def _refine(
@@ -486,18 +587,24 @@ def _refine(
         light[:, near:] = order[:, :pairs]
         val, ai, bi = _best_pair_swaps(st, active, heavy, light)
         g_col = val[:, :near].argmin(axis=1)
-        g = light[ar, g_col]
-        ok = np.isfinite(val[ar, g_col])
-        # Apply the best swap of the heaviest pack, then every paired swap touching
-        # neither of its two packs (they were evaluated on the loads before it).
+        best = (val[ar, g_col], ai[ar, g_col], light[ar, g_col], bi[ar, g_col])
+        acc, hai, hpart, hbi = _heavy_multi_swaps(st, active, h, order, best)
+        ok = acc[:, 0]
         if ok.any():
-            st.swap(active[ok], h[ok], ai[ar, g_col][ok], g[ok], bi[ar, g_col][ok])
+            rr = np.broadcast_to(active[:, None], acc.shape)[acc]
+            hh = np.broadcast_to(h[:, None], acc.shape)[acc]
+            st.swap(rr, hh, hai[acc], hpart[acc], hbi[acc])
         if pairs:
+            # Paired swaps touching no pack changed above (they were evaluated on the
+            # loads before it).
             pv = val[:, near:]
             ph = heavy[:, near:]
             pl = light[:, near:]
-            hit = (ph == h[:, None]) | (ph == g[:, None]) | (pl == h[:, None]) | (pl == g[:, None])
-            pok = np.isfinite(pv) & ~(hit & ok[:, None])
+            touched = np.zeros((a_n, num_packs), dtype=bool)
+            touched[ar, h] = ok
+            touched[np.broadcast_to(ar[:, None], acc.shape)[acc], hpart[acc]] = True
+            hit = touched[ar[:, None], ph] | touched[ar[:, None], pl]
+            pok = np.isfinite(pv) & ~hit
             if pok.any():
                 r = np.broadcast_to(active[:, None], pok.shape)[pok]
                 st.swap(r, ph[pok], ai[:, near:][pok], pl[pok], bi[:, near:][pok])
@@ -674,6 +781,20 @@ def pack_sorted(
         layout[todo[better]] = kk[better]
         best_max[todo[better]] = kk_max[better]
         check[todo[better]] = split[better]
+
+    # Rows still far above target where one item dominates (more than half a pack's
+    # average load, typically without redundancy) also try item-by-item LPT.
+    if target is not None:
+        dominant = values[:, 0] > values.sum(axis=1) / (2 * num_packs)
+        far = np.flatnonzero(dominant & (best_max > target * (1 + _FAR)))
+        if far.size:
+            perm, split = unsplit_runs(labels[far], num_packs)
+            lpt = _gather(perm, _lpt_items(_gather(values[far], perm), num_packs))
+            lpt_max = pack_loads(values[far], lpt).max(axis=1)
+            better = lpt_max < best_max[far]
+            layout[far[better]] = lpt[better]
+            best_max[far[better]] = lpt_max[better]
+            check[far[better]] = True
 
     # Separate replicas of one expert sharing a GPU (possible only in the rows flagged
     # above), letting any pack go up to the segment's current maximum (the objective);
