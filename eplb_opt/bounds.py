@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from functools import lru_cache
 from itertools import combinations
 from math import comb
 
@@ -83,40 +84,71 @@ def _max_replica_load(w: np.ndarray, replicas: int) -> np.ndarray:
 
 
 def node_replica_bound(
-    weight: np.ndarray, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int
+    weight: np.ndarray,
+    num_replicas: int,
+    num_groups: int,
+    num_nodes: int,
+    num_gpus: int,
+    floor: np.ndarray | None = None,
 ) -> tuple[np.ndarray, bool]:
     """The ``node_replica`` component (see module docs): ``([L] bound, exact)``.
 
     ``exact`` means the min-max over assignments was taken exactly (the score of each
     node content is itself a relaxation of that node's packing).
+
+    ``floor`` (``[L]``, optional) is a bound already known (the ``node`` component):
+    the per-replica part of a node content is computed only where its spare slots cannot
+    bring every expert's per-replica load down to ``floor`` (elsewhere it cannot lift
+    the content's score above ``floor``); the result is then valid once combined with
+    ``floor`` by ``max``.
     """
     w = np.asarray(weight, dtype=np.float64)
     L, E = w.shape
     gs, m = E // num_groups, num_groups // num_nodes
     rn, gpn = num_replicas // num_nodes, num_gpus // num_nodes
     group_load = w.reshape(L, num_groups, gs).sum(axis=2)
+    # Spare replicas a group's experts need to get every per-replica load down to
+    # `floor`; a node content whose groups need no more spares than the node has cannot
+    # have a per-replica optimum above `floor`, so it is skipped.
+    if floor is not None and (floor > 0).all():
+        need = np.maximum(np.ceil(w / floor[:, None]) - 1, 0).reshape(L, num_groups, gs).sum(axis=2)
+    else:
+        need = np.full((L, num_groups), np.inf)
     if comb(num_groups, m) > SUBSET_LIMIT:
         # Each group alone, with every spare slot of its node.
-        t = _max_replica_load(
-            w.reshape(L * num_groups, gs), gs + rn - E // num_nodes
-        ).reshape(L, num_groups)
+        t = np.zeros((L, num_groups))
+        li, gi = np.nonzero(need > rn - E // num_nodes)
+        if li.size:
+            t[li, gi] = _max_replica_load(w.reshape(L, num_groups, gs)[li, gi], gs + rn - E // num_nodes)
         return np.maximum(t, group_load / gpn).max(axis=1), False
     subsets = np.array(list(combinations(range(num_groups), m)), dtype=np.int64)   # [C, m]
     experts = (subsets[:, :, None] * gs + np.arange(gs)).reshape(len(subsets), -1)  # [C, m*gs]
-    sub_w = w[:, experts].reshape(L * len(subsets), -1)
-    t = _max_replica_load(sub_w, rn).reshape(L, len(subsets))
+    t = np.zeros((L, len(subsets)))
+    li, ci = np.nonzero(need[:, subsets].sum(axis=2) > rn - m * gs)
+    if li.size:
+        t[li, ci] = _max_replica_load(w[li[:, None], experts[ci]], rn)
     score = np.maximum(t, group_load[:, subsets].sum(axis=2) / gpn)                  # [L, C]
     if num_partitions(num_groups, num_nodes) <= ENUMERATION_LIMIT:
-        parts = equal_partitions(num_groups, num_nodes)                              # [P, Gr]
-        index = {tuple(s): i for i, s in enumerate(subsets.tolist())}
-        blocks = np.array(
-            [[index[tuple(np.flatnonzero(row == b).tolist())] for b in range(num_nodes)] for row in parts]
-        )                                                                             # [P, N]
-        return score[:, blocks].max(axis=2).min(axis=1), True
+        return score[:, _partition_blocks(num_groups, num_nodes)].max(axis=2).min(axis=1), True
     # Every group sits in some node content: the best content containing it bounds it.
     member = (subsets[:, :, None] == np.arange(num_groups)).any(axis=1)               # [C, Gr]
     per_group = np.where(member[None, :, :], score[:, :, None], np.inf).min(axis=1)   # [L, Gr]
     return per_group.max(axis=1), False
+
+
+@lru_cache(maxsize=16)
+def _partition_blocks(num_groups: int, num_nodes: int) -> np.ndarray:
+    """``[P, N]``: for every equal partition, the index (in lexicographic combination
+    order) of each block's group set."""
+    m = num_groups // num_nodes
+    index = {c: i for i, c in enumerate(combinations(range(num_groups), m))}
+    parts = equal_partitions(num_groups, num_nodes)
+    blocks = np.array(
+        [[index[tuple(np.flatnonzero(row == b).tolist())] for b in range(num_nodes)] for row in parts],
+        dtype=np.int64,
+    )
+    blocks.setflags(write=False)
+    return blocks
 
 
 def _shave(x: np.ndarray, terms: int) -> np.ndarray:
@@ -159,9 +191,12 @@ def lower_bounds(
     if hierarchical and num_nodes > 1:
         group_load = w.reshape(L, num_groups, E // num_groups).sum(axis=2)
         node_bound, node_exact = node_load_lower_bound(group_load, num_nodes)
-        comps["node"] = _shave(node_bound / (num_gpus // num_nodes), E)
-        nr, nr_exact = node_replica_bound(w, num_replicas, num_groups, num_nodes, num_gpus)
-        comps["node_replica"] = _shave(nr, E)
+        node_per_gpu = node_bound / (num_gpus // num_nodes)
+        comps["node"] = _shave(node_per_gpu, E)
+        nr, nr_exact = node_replica_bound(
+            w, num_replicas, num_groups, num_nodes, num_gpus, floor=node_per_gpu
+        )
+        comps["node_replica"] = _shave(np.maximum(nr, node_per_gpu), E)
         node_exact = node_exact and nr_exact
     bound = np.max(np.stack(list(comps.values())), axis=0)
     return Bounds(lower_bound=bound, components=comps, node_exact=node_exact, global_bound=global_bound)
