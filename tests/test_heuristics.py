@@ -158,3 +158,51 @@ def test_heuristics_imports_neither_torch_nor_ortools():
     code = "import sys, heuristics; print('torch' in sys.modules, 'ortools' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False False"
+
+
+def runs(rng, rows, n, P, hot):
+    """Sorted items with `hot` multi-replica labels among single ones."""
+    counts = np.ones((rows, n), dtype=np.int64)
+    labs, vals = [], []
+    for r in range(rows):
+        c = [int(rng.integers(2, min(P, n // (2 * hot)) + 1)) for _ in range(hot)]
+        c += [1] * (n - sum(c))
+        v = np.sort(rng.random(len(c)))[::-1] / np.array(c)
+        order = np.argsort(-v, kind="stable")
+        labs.append(np.repeat(order, np.array(c)[order]))
+        vals.append(np.repeat(v[order], np.array(c)[order]))
+    return np.array(vals), np.array(labs)
+
+
+@pytest.mark.parametrize("P, k, hot", [(8, 9, 3), (8, 5, 6), (4, 10, 5), (16, 4, 8)])
+def test_unsplit_runs_keeps_runs_whole_and_in_one_block(P, k, hot):
+    rng = np.random.default_rng(P * k + hot)
+    v, lab = runs(rng, 40, P * k, P, hot)
+    perm, split = H.unsplit_runs(lab, P)
+    assert (np.sort(perm, axis=1) == np.arange(P * k)).all()
+    moved = np.take_along_axis(lab, perm, axis=1)
+    for r in np.flatnonzero(~split):
+        block = np.arange(P * k) // P
+        for e in np.unique(moved[r]):
+            assert len(set(block[moved[r] == e])) == 1
+    assert split.mean() < 0.2
+
+
+@pytest.mark.parametrize("P, k, hot", [(8, 9, 3), (8, 5, 6), (16, 4, 8)])
+def test_pipeline_puts_replicas_of_an_expert_on_different_gpus(P, k, hot):
+    rng = np.random.default_rng(7 + P + k)
+    v, lab = runs(rng, 40, P * k, P, hot)
+    lay = H.pack_sorted(v, lab, P, refine_rounds=3)
+    got = np.take_along_axis(lab, lay.reshape(40, -1), axis=1).reshape(lay.shape)
+    got.sort(axis=-1)
+    assert not (got[..., 1:] == got[..., :-1]).any()
+
+
+def test_dominant_item_gets_the_smallest_items():
+    # One item nearly fills a pack: the best plan gives its pack the k-1 smallest items.
+    P, k = 4, 4
+    v = np.array([[100.0] + [30.0] * 3 + [20.0] * 4 + [10.0] * 4 + [1.0] * 4])
+    lab = np.arange(16)[None, :]
+    target = np.array([v.sum() / P])
+    lay = H.pack_sorted(v, lab, P, target=target, refine_rounds=3)
+    assert H.pack_loads(v, lay).max() == 103.0
