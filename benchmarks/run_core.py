@@ -37,7 +37,24 @@ from .peers import deepseek_rebalance
 SUITE = ["deepseek-v3-prefill", "deepseek-v3-decode", "qwen3-235b", "kimi-k2", "no-redundancy"]
 SEEDS = [0, 1, 2, 3, 4]
 SPEED_PRESET = "deepseek-v3-prefill"
-SCALE = eplb_opt.workloads.Preset("scale-1024", 60, 1024, 2048, 16, 8, 256)
+SCALE = PRESETS["scale-1024"]
+
+NOTES = [
+    "Heuristic mode runs the numpy pipeline with 3 refinement rounds "
+    "(heuristics.packing.DEFAULT_REFINE_ROUNDS).  On the prefill preset the time is spent in "
+    "about 400 small numpy calls (58 layers x 4 nodes = 232 rows of 72 replicas on 8 GPUs): "
+    "per-call overhead, not arithmetic, dominates, and each refinement round costs ~0.4-0.6 ms.",
+    "The prefill >= 10x target (<= ~1.9 ms here) is not met; the round-cap table shows the "
+    "trade-off: without refinement the pipeline is faster but falls below DeepSeek on some "
+    "workloads.  Validation, replica counts, group placement, the DeepSeek-shaped outputs "
+    "(log2phy alone is a 3.9 MB fill) and the independent verifier take ~0.9 ms before any "
+    "packing (stage timings in a warm process).",
+    "`rebalance_experts` must return `log2phy` padded to `R - E + 1` (DESIGN.md section 5); "
+    "DeepSeek's copy in SGLang pads only to the largest replica count, so its map is "
+    "9x (prefill) to 250x (scale) smaller.",
+    "Workloads come from `eplb_opt.workloads.generate` (heavy-tailed Student-t popularity, "
+    "group offsets, 1% dead experts, drift 0.15 per window); real traces are not reachable here.",
+]
 
 
 def _bal(weight: np.ndarray, phy2log, gpus: int) -> float:
@@ -141,6 +158,81 @@ def speed(preset: eplb_opt.workloads.Preset, repeats: int) -> dict:
     }
 
 
+def plot(out: Path, data: dict) -> str | None:
+    """Bar chart of mean balancedness per preset (ours vs DeepSeek, in-window and next
+    window, with the certified ceiling); returns the file name, or None without
+    matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # pragma: no cover
+        return None
+    q = data["quality"]
+    names = SUITE
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(10, 4.6))
+    series = [
+        ("ours_in", "eplb-opt, in-window", "#1f77b4", 0.0),
+        ("ds_in", "DeepSeek, in-window", "#ff7f0e", 0.0),
+        ("ours_next", "eplb-opt, next window", "#aec7e8", 0.0),
+        ("ds_next", "DeepSeek, next window", "#ffbb78", 0.0),
+    ]
+    width = 0.2
+    for i, (key, label, color, _) in enumerate(series):
+        vals = [np.mean([r[key] for r in q if r["preset"] == n]) for n in names]
+        ax.bar(x + (i - 1.5) * width, vals, width, label=label, color=color)
+    ceil = [np.mean([r["ceiling"] for r in q if r["preset"] == n]) for n in names]
+    ax.scatter(x - 1.5 * width, ceil, marker="_", s=400, color="k", label="certified ceiling (in-window)", zorder=3)
+    ax.set_xticks(x, names, rotation=0, fontsize=8)
+    ax.set_ylabel("balancedness (mean over seeds)")
+    ax.set_ylim(0.4, 1.01)
+    ax.legend(fontsize=7, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.1))
+    ax.set_title("Balancedness per preset: eplb-opt heuristic mode vs DeepSeek EPLB")
+    fig.tight_layout()
+    name = "balancedness.png"
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+    return name
+
+
+def frontier(rounds: list[int], repeats: int) -> list[dict]:
+    """Speed/quality trade-off of the refinement-round cap: for each cap, how many suite
+    workloads are at least as balanced as DeepSeek in-window, and the prefill speed-up."""
+    import heuristics.packing as hp
+
+    ds = deepseek_rebalance()
+    saved = hp.DEFAULT_REFINE_ROUNDS
+    out = []
+    try:
+        for r in rounds:
+            hp.DEFAULT_REFINE_ROUNDS = r
+            diffs = []
+            for name in SUITE:
+                p = PRESETS[name]
+                topo = (p.num_replicas, p.num_groups, p.num_nodes, p.num_gpus)
+                for seed in SEEDS:
+                    w = generate(name, windows=1, seed=seed)[0]
+                    ours = eplb_opt.rebalance_experts(w, *topo)[0].numpy()
+                    theirs = ds(torch.from_numpy(w), *topo)[0].numpy()
+                    diffs.append(_bal(w, ours, p.num_gpus) - _bal(w, theirs, p.num_gpus))
+            sp = speed(PRESETS[SPEED_PRESET], repeats)
+            out.append({
+                "rounds": r,
+                "wins": int(sum(d >= -1e-12 for d in diffs)),
+                "workloads": len(diffs),
+                "worst_diff": float(min(diffs)),
+                "speedup_rebalance": sp["speedup_rebalance"],
+                "median_rebalance_s": sp["median_s"]["rebalance_experts"],
+            })
+            print(f"  rounds {r}: {out[-1]['wins']}/{len(diffs)} >= DeepSeek, "
+                  f"prefill {sp['speedup_rebalance']:.1f}x", file=sys.stderr)
+    finally:
+        hp.DEFAULT_REFINE_ROUNDS = saved
+    return out
+
+
 def write_report(out: Path, data: dict) -> None:
     q = data["quality"]
     lines = [
@@ -197,6 +289,36 @@ def write_report(out: Path, data: dict) -> None:
             f"| {s['repeats']} | {med['deepseek']:.4f} | {med['rebalance_experts']:.4f} | {med['solve']:.4f} "
             f"| {s['speedup_rebalance']:.1f}x | {s['speedup_solve']:.1f}x | {s['ours_balancedness']:.5f} | {s['ds_balancedness']:.5f} |"
         )
+    prefill = data["speed"][0]
+    lines += [
+        "",
+        f"Prefill-preset target (>= 10x DeepSeek for the whole public call): "
+        f"`rebalance_experts` {prefill['speedup_rebalance']:.1f}x, `solve` {prefill['speedup_solve']:.1f}x "
+        "(see the note below).",
+    ]
+    if len(data["speed"]) > 1:
+        sc = data["speed"][1]
+        lines.append(
+            f"Scale target (60 x 1024, valid and >= 10x): plan verified; `solve` {sc['speedup_solve']:.1f}x, "
+            f"`rebalance_experts` {sc['speedup_rebalance']:.1f}x (its `log2phy` alone is "
+            f"{sc['preset']['num_layers'] * sc['preset']['num_experts'] * (sc['preset']['num_replicas'] - sc['preset']['num_experts'] + 1) * 8 / 2**20:.0f} MiB of -1 padding)."
+        )
+    if data.get("frontier"):
+        lines += [
+            "",
+            "Refinement-round cap (heuristic mode) against quality and prefill speed, same suite and process:",
+            "",
+            "| rounds | workloads >= DeepSeek in-window | worst difference | prefill `rebalance_experts` | speed-up |",
+            "|---|---|---|---|---|",
+        ]
+        for f in data["frontier"]:
+            lines.append(
+                f"| {f['rounds']} | {f['wins']} of {f['workloads']} | {f['worst_diff']:+.5f} | "
+                f"{f['median_rebalance_s'] * 1e3:.2f} ms | {f['speedup_rebalance']:.1f}x |"
+            )
+    if data.get("plot"):
+        lines += ["", f"![balancedness per preset]({data['plot']})"]
+    lines += ["", "## Notes", ""] + [f"* {n}" for n in data.get("notes", [])]
     lines.append("")
     (out / "RESULTS.md").write_text("\n".join(lines))
 
@@ -206,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
     ap.add_argument("--repeats", type=int, default=15, help="timing repeats (>= 5)")
     ap.add_argument("--skip-scale", action="store_true", help="skip the 60 x 1024 scale case")
+    ap.add_argument("--skip-frontier", action="store_true", help="skip the refinement-round sweep")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     print("quality suite ...", file=sys.stderr)
@@ -214,13 +337,17 @@ def main(argv: list[str] | None = None) -> int:
     sp = [speed(PRESETS[SPEED_PRESET], args.repeats)]
     if not args.skip_scale:
         sp.append(speed(SCALE, max(5, args.repeats // 3)))
+    fr = [] if args.skip_frontier else frontier([0, 1, 3, 8], args.repeats)
     data = {
+        "frontier": fr,
         "date": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
         "command": "python -m benchmarks.run_core " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": _machine(),
         "quality": q,
         "speed": sp,
     }
+    data["plot"] = plot(args.out, data)
+    data["notes"] = NOTES
     (args.out / "results.json").write_text(json.dumps(data, indent=1))
     write_report(args.out, data)
     print((args.out / "RESULTS.md").read_text())

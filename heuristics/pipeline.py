@@ -19,7 +19,8 @@ import numpy as np
 
 from .apportion import replica_counts
 from .grouping import groups_to_nodes
-from .packing import DEFAULT_REFINE_ROUNDS, pack_sorted
+from . import packing as _packing
+from .packing import pack_sorted
 
 __all__ = ["Placement", "place"]
 
@@ -48,7 +49,7 @@ def place(
     num_groups: int,
     num_nodes: int,
     num_gpus: int,
-    refine_rounds: int = DEFAULT_REFINE_ROUNDS,
+    refine_rounds: int | None = None,
 ) -> Placement:
     """Heuristic placement under the hierarchical policy (pass ``num_groups =
     num_nodes = 1`` for the global policy).
@@ -60,12 +61,15 @@ def place(
         num_groups: expert groups (``E`` divisible by it, divisible by ``num_nodes``).
         num_nodes: nodes (``num_gpus`` divisible by it).
         num_gpus: GPUs.
-        refine_rounds: cap on swap-refinement rounds (0: seeds only).
+        refine_rounds: cap on swap-refinement rounds (0: seeds only; ``None``: the
+            module default ``heuristics.packing.DEFAULT_REFINE_ROUNDS``, read at call time).
 
     Returns:
         :class:`Placement`.  Only the shape rules above are checked here; callers
         validate user input.
     """
+    if refine_rounds is None:
+        refine_rounds = _packing.DEFAULT_REFINE_ROUNDS
     w = np.asarray(weight, dtype=np.float64)
     if w.ndim != 2:
         raise ValueError(f"weight must be [L, E], got shape {w.shape}")
