@@ -16,7 +16,6 @@ from .errors import (
     InvalidPlanError,
     InvalidProblemError,
     InvalidTypeError,
-    ModeNotAvailableError,
 )
 from .metrics import balancedness, gpu_loads, slot_loads
 from .plan import Plan, derive_maps, plan_violations, verify
@@ -31,7 +30,6 @@ __all__ = [
     "InvalidPlanError",
     "InvalidProblemError",
     "InvalidTypeError",
-    "ModeNotAvailableError",
     "Plan",
     "Problem",
     "SolveResult",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,18 +109,19 @@ def _ratio(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if tb <= 0 else float(np.sum(a) / tb)
 
 
-def _plan_numpy(problem: Problem) -> np.ndarray:
+def _plan_numpy(problem: Problem, allow_duplicates: bool = True) -> np.ndarray:
     placement = heuristics.place(
         problem.weight,
         problem.num_replicas,
         problem.plan_groups,
         problem.plan_nodes,
         problem.num_gpus,
+        allow_duplicates=allow_duplicates,
     )
     return placement.phy2log
 
 
-def _verify(problem: Problem, phy2log: np.ndarray, **maps: Any) -> None:
+def _verify(problem: Problem, phy2log: np.ndarray, allow_duplicates: bool = True, **maps: Any) -> None:
     verify(
         phy2log,
         problem.num_experts,
@@ -128,6 +131,7 @@ def _verify(problem: Problem, phy2log: np.ndarray, **maps: Any) -> None:
         num_nodes=problem.num_nodes,
         hierarchical=problem.hierarchical,
         num_layers=problem.num_layers,
+        allow_duplicates=allow_duplicates,
         **maps,
     )
 
@@ -141,6 +145,32 @@ def _tolerance(value: Any) -> float:
     return tol
 
 
+def _options(deterministic: Any, workers: Any, allow_duplicates: Any, problem: Problem) -> tuple[bool, int, bool]:
+    for name, val in (("deterministic", deterministic), ("allow_duplicates", allow_duplicates)):
+        if not isinstance(val, (bool, np.bool_)):
+            raise InvalidTypeError(f"{name} must be True or False, got {type(val).__name__} {val!r}")
+    if workers is None:
+        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    else:
+        if isinstance(workers, (bool, np.bool_)) or not isinstance(workers, (int, np.integer)):
+            raise InvalidTypeError(f"workers must be a positive integer or None, got {type(workers).__name__} {workers!r}")
+        n = int(workers)
+        if n < 1:
+            raise InvalidProblemError(f"workers must be a positive integer or None, got {workers!r}")
+    if not allow_duplicates:
+        per_node = problem.num_experts // problem.plan_nodes
+        if problem.slots_per_gpu > per_node:
+            raise InvalidProblemError(
+                f"allow_duplicates=False needs at most {per_node} slots per GPU (the experts a GPU can "
+                f"choose from), got num_replicas / num_gpus = {problem.slots_per_gpu}"
+            )
+    return bool(deterministic), n, bool(allow_duplicates)
+
+
+# Time kept back from the refinement budget for the final verification and figures.
+_FINISH_RESERVE = 0.004
+
+
 def solve(
     weight: Any,
     *,
@@ -152,7 +182,10 @@ def solve(
     time_limit: float | None = None,
     seed: int = 0,
     policy: str = "auto",
+    deterministic: bool = False,
+    workers: int | None = None,
     tolerance: float = 1e-4,
+    allow_duplicates: bool = True,
 ) -> SolveResult:
     """Plan expert placement for every layer and certify how good it is.
 
@@ -165,22 +198,32 @@ def solve(
         num_groups: expert groups (hierarchical policy: whole groups go to nodes).
         num_nodes: server nodes.
         num_gpus: GPUs in total.
-        mode: ``"heuristic"`` (batched numpy pipeline, no solver).  ``"exact"`` (CP-SAT
-            refinement) arrives with the exact-mode release and raises
-            :class:`~eplb_opt.errors.ModeNotAvailableError` here.
-        time_limit: seconds for the whole call; ``None`` means no limit in heuristic mode.
-        seed: fixes every random choice; the heuristic is deterministic for a given input.
+        mode: ``"heuristic"`` (batched numpy pipeline, no solver, no OR-Tools import) or
+            ``"exact"`` (the heuristic plan refined by exact pair re-splits and CP-SAT
+            under the time limit; see :mod:`eplb_opt.exact`).
+        time_limit: seconds of wall clock for the whole call.  ``None``: 10 s in exact
+            mode, no limit in heuristic mode; ``0``: no refinement time.  The call returns
+            within ``max(time_limit, heuristic time)`` plus a few milliseconds.
+        seed: fixes every random choice.  Heuristic mode is deterministic; exact mode is
+            too with ``deterministic=True``.
         policy: ``"auto"`` (hierarchical when ``num_groups % num_nodes == 0``, else
             global), ``"hierarchical"`` or ``"global"``.
-        tolerance: a layer is ``"optimal"`` when its gap is at most this.
+        deterministic: exact mode budgets work in iterations and CP-SAT deterministic
+            time instead of wall clock, so the plan depends only on the input and seed
+            (the wall-clock time then only approximates ``time_limit``).
+        workers: threads for CP-SAT (default: the cores available to this process).
+            No process is forked.
+        tolerance: a layer is ``"optimal"`` when its certified gap is at most this, and
+            exact mode does not work on such layers.
+        allow_duplicates: when False, no GPU holds two replicas of one expert (both
+            modes; needs at most ``E / N`` slots per GPU).
 
     Returns:
         :class:`SolveResult` with the verified plan, per-layer max loads, certified
-        lower bounds and gaps.
+        lower bounds, gaps, statuses and events.
 
     Raises:
         InvalidProblemError / InvalidTypeError: bad input (the message names it).
-        ModeNotAvailableError: ``mode="exact"`` before exact mode is available.
     """
     start = time.perf_counter()
     tol = _tolerance(tolerance)
@@ -188,26 +231,71 @@ def solve(
         weight, num_replicas, num_groups, num_nodes, num_gpus,
         mode=mode, time_limit=time_limit, seed=seed, policy=policy,
     )
-    phy2log = _plan_numpy(problem)
-    _verify(problem, phy2log)
-    plan = Plan.from_numpy(phy2log, problem.num_experts)
-
+    deterministic, n_workers, allow_dup = _options(deterministic, workers, allow_duplicates, problem)
     w = problem.weight
-    slots = slot_loads(w, phy2log)
-    gpus = slots.reshape(problem.num_layers, problem.num_gpus, -1).sum(axis=2)
-    top = gpus.max(axis=1)
+    L, G = problem.num_layers, problem.num_gpus
+    phy2log = _plan_numpy(problem, allow_dup)
+    _verify(problem, phy2log, allow_dup)
     bounds = lower_bounds(
-        w, problem.num_replicas, problem.num_gpus,
+        w, problem.num_replicas, G,
         hierarchical=problem.hierarchical, num_groups=problem.num_groups, num_nodes=problem.num_nodes,
     )
-    lb = bounds.lower_bound
+    lb = bounds.lower_bound.copy()
+    events: list[str] = []
+    attempted = np.zeros(L, dtype=bool)
+
+    if problem.mode == "exact":
+        budget = 10.0 if problem.time_limit is None else problem.time_limit
+        deadline = start + budget - _FINISH_RESERVE
+        warm = phy2log
+        if budget <= 0 or (not deterministic and time.perf_counter() >= deadline):
+            events.append("solver skipped: no time left after the heuristic plan (time_limit)")
+        else:
+            from . import exact  # imports OR-Tools
+
+            outcome = exact.refine(
+                w, phy2log, num_gpus=G, num_nodes=problem.plan_nodes, lower_bound=lb,
+                num_groups=problem.plan_groups,
+                deadline=deadline, tolerance=tol, workers=n_workers, deterministic=deterministic,
+                seed=problem.seed, allow_duplicates=allow_dup, budget=budget,
+            )
+            events.extend(outcome.events)
+            attempted = outcome.attempted
+            candidate = outcome.phy2log
+            try:
+                _verify(problem, candidate, allow_dup)
+            except EplbOptError as exc:  # pragma: no cover - a refinement bug, reported
+                msg = f"exact refinement returned an invalid plan ({exc}); fell back to the heuristic plan"
+                events.append(msg)
+                warnings.warn(msg, RuntimeWarning, stacklevel=2)
+                candidate = warm
+                attempted[:] = False
+            # Never worse than the warm start on any layer (checked, not assumed).
+            old = gpu_loads(w, warm, G).max(axis=1)
+            new = gpu_loads(w, candidate, G).max(axis=1)
+            worse = np.flatnonzero(new > old * (1 + 1e-12))
+            if worse.size:  # pragma: no cover - defensive
+                candidate = candidate.copy()
+                candidate[worse] = warm[worse]
+                events.append(f"kept the heuristic plan on {worse.size} layer(s) the refinement made worse")
+            phy2log = candidate
+            proven = outcome.proven
+            better = np.isfinite(proven) & (proven > lb)
+            lb[better] = proven[better]
+
+    plan = Plan.from_numpy(phy2log, problem.num_experts)
+    slots = slot_loads(w, phy2log)
+    gpus = slots.reshape(L, G, -1).sum(axis=2)
+    top = gpus.max(axis=1)
     if (lb > top * (1 + 1e-9) + 1e-300).any():  # pragma: no cover - a bound bug, never a user error
         l = int(np.argmax(lb - top))
         raise EplbOptError(
             f"internal error: lower bound {lb[l]!r} exceeds the achieved max load {top[l]!r} at layer {l}"
         )
     gap = np.where(top > 0, 1.0 - np.minimum(lb, top) / np.where(top > 0, top, 1.0), 0.0)
-    status = tuple("optimal" if g <= tol else "heuristic" for g in gap)
+    status = tuple(
+        "optimal" if g <= tol else ("feasible" if a else "heuristic") for g, a in zip(gap, attempted)
+    )
     return SolveResult(
         plan=plan,
         max_load=top,
@@ -218,7 +306,7 @@ def solve(
         balancedness=balancedness(gpus),
         slot_balancedness=balancedness(slots),
         runtime=time.perf_counter() - start,
-        events=(),
+        events=tuple(events),
         policy=problem.policy,
         bounds=bounds,
         tolerance=tol,
@@ -252,6 +340,15 @@ def rebalance_experts(
         CPU: the expert of each physical slot, the slots of each expert padded with -1,
         and the replica count of each expert.  The plan is verified before it is returned.
     """
+    if mode == "exact":
+        result = solve(
+            weight, num_replicas=num_replicas, num_groups=num_groups, num_nodes=num_nodes,
+            num_gpus=num_gpus, mode=mode, time_limit=time_limit, seed=seed, policy=policy,
+        )
+        phy2log = result.plan.to_numpy()[0]
+        problem_E = result.plan.num_experts
+        log2phy, logcnt = derive_maps(phy2log, problem_E)
+        return torch.from_numpy(phy2log), torch.from_numpy(log2phy), torch.from_numpy(logcnt)
     problem = make_problem(
         weight, num_replicas, num_groups, num_nodes, num_gpus,
         mode=mode, time_limit=time_limit, seed=seed, policy=policy,

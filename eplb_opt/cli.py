@@ -45,7 +45,9 @@ def _table(result: SolveResult) -> str:
 def _cmd_example(args: argparse.Namespace) -> int:
     preset = PRESETS[args.preset]
     weight = example_weight(args.preset, seed=args.seed)
-    result = solve(weight, **preset.topology(), mode=args.mode, seed=args.seed, policy=args.policy)
+    result = solve(
+        weight, **preset.topology(), mode=args.mode, time_limit=args.time_limit, seed=args.seed, policy=args.policy
+    )
     if args.json:
         out = {
             "preset": preset.as_dict(),
@@ -92,6 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--preset", default="deepseek-v3-prefill", choices=sorted(PRESETS))
     ex.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")
     ex.add_argument("--mode", default="heuristic", choices=["heuristic", "exact"])
+    ex.add_argument("--time-limit", type=float, default=None, help="seconds for the whole call (exact mode: default 10)")
     ex.add_argument("--policy", default="auto", choices=["auto", "hierarchical", "global"])
     ex.add_argument("--json", action="store_true", help="machine-readable output")
     ex.add_argument("--quiet", action="store_true", help="overall figures only, no per-layer table")

@@ -9,7 +9,6 @@ __all__ = [
     "InvalidProblemError",
     "InvalidTypeError",
     "InvalidPlanError",
-    "ModeNotAvailableError",
 ]
 
 
@@ -27,7 +26,3 @@ class InvalidTypeError(EplbOptError, TypeError):
 
 class InvalidPlanError(EplbOptError, ValueError):
     """A placement breaks an invariant (raised by :func:`eplb_opt.verify`)."""
-
-
-class ModeNotAvailableError(EplbOptError, NotImplementedError):
-    """The requested mode is known but not available in this version."""

@@ -126,6 +126,7 @@ def plan_violations(
     log2phy: Any = None,
     logcnt: Any = None,
     num_layers: int | None = None,
+    allow_duplicates: bool = True,
     limit: int = 10,
 ) -> list[str]:
     """Every broken invariant of a placement, as short messages (empty when valid).
@@ -135,7 +136,8 @@ def plan_violations(
     (exactly ``k = R / G`` slots per GPU); under the hierarchical policy, all replicas
     of a group on one node and exactly ``num_groups / num_nodes`` groups per node (so
     each node holds ``R / N`` replicas of its own experts); and, when given, that
-    ``logcnt`` and ``log2phy`` agree with ``phy2log``.
+    ``logcnt`` and ``log2phy`` agree with ``phy2log``; with ``allow_duplicates=False``,
+    that no GPU holds two replicas of one expert.
     """
     out: list[str] = []
     try:
@@ -159,6 +161,11 @@ def plan_violations(
     missing = np.argwhere(cnt == 0)
     for l, e in missing[:limit]:
         out.append(f"layer {l}: expert {e} has no replica")
+    if not allow_duplicates and not out and G > 0 and R % G == 0:
+        per_gpu = np.sort(p.reshape(L, G, R // G), axis=2)
+        twice = np.argwhere((per_gpu[:, :, 1:] == per_gpu[:, :, :-1]).any(axis=2))
+        for l, g in twice[:limit]:
+            out.append(f"layer {l}: GPU {g} holds two replicas of one expert (duplicates not allowed)")
     if hierarchical and not out:
         ng, nn = int(num_groups), int(num_nodes)
         if ng <= 0 or nn <= 0 or E % ng or ng % nn or R % nn or G % nn:
@@ -225,6 +232,7 @@ def verify(
     log2phy: Any = None,
     logcnt: Any = None,
     num_layers: int | None = None,
+    allow_duplicates: bool = True,
 ) -> None:
     """Raise :class:`InvalidPlanError` listing the broken invariants of a placement
     (see :func:`plan_violations`); return ``None`` when it is valid."""
@@ -239,6 +247,7 @@ def verify(
         log2phy=log2phy,
         logcnt=logcnt,
         num_layers=num_layers,
+        allow_duplicates=allow_duplicates,
     )
     if problems:
         raise InvalidPlanError("invalid placement: " + "; ".join(problems))

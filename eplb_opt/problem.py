@@ -14,13 +14,12 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InvalidProblemError, InvalidTypeError, ModeNotAvailableError
+from .errors import InvalidProblemError, InvalidTypeError
 
 __all__ = ["Problem", "make_problem", "as_weight", "MODES", "POLICIES"]
 
 MODES = ("heuristic", "exact")
 POLICIES = ("auto", "hierarchical", "global")
-_EXACT_MODE_AVAILABLE = False
 
 
 @dataclass(frozen=True)
@@ -202,7 +201,6 @@ def make_problem(
     Raises:
         InvalidTypeError: an argument has the wrong type.
         InvalidProblemError: an argument has a bad value or the sizes do not fit.
-        ModeNotAvailableError: ``mode="exact"`` in a build without exact mode.
     """
     mode = _choice("mode", mode, MODES)
     policy = _choice("policy", policy, POLICIES)
@@ -242,10 +240,6 @@ def make_problem(
             raise InvalidProblemError(
                 f"the hierarchical policy needs num_gpus={gpus} to be a multiple of num_nodes={nodes}"
             )
-    if mode == "exact" and not _EXACT_MODE_AVAILABLE:
-        raise ModeNotAvailableError(
-            "mode='exact' (CP-SAT refinement) is not available in this version yet; use mode='heuristic'"
-        )
     return Problem(
         weight=w,
         num_replicas=R,

@@ -20,7 +20,7 @@ from .packing import (
     separate_duplicates,
     snake_layout,
 )
-from .pipeline import Placement, place
+from .pipeline import Placement, pack_rows, place
 
 __all__ = [
     "ENUMERATION_LIMIT",
@@ -34,6 +34,7 @@ __all__ = [
     "num_partitions",
     "pack_items",
     "pack_loads",
+    "pack_rows",
     "pack_sorted",
     "runs_order",
     "unsplit_runs",

@@ -735,6 +735,7 @@ def pack_sorted(
     target: np.ndarray | None = None,
     refine_rounds: int = DEFAULT_REFINE_ROUNDS,
     segment_size: int = 1,
+    allow_duplicates: bool = True,
 ) -> np.ndarray:
     """The packing pipeline on items sorted by decreasing load with each label's items
     adjacent (see :func:`runs_order`); returns a layout of sorted positions.
@@ -748,6 +749,10 @@ def pack_sorted(
         segment_size: consecutive rows form segments of this size whose objective is the
             heaviest pack over the whole segment (the nodes of one layer); only rows
             attaining their segment's maximum are refined.  ``rows`` must be a multiple.
+        allow_duplicates: when False, no pack may hold two items of one label: a row
+            where the steps above leave one falls back to dealing positions round-robin
+            (distinct packs for any run of at most ``P`` items) before refinement.
+            Needs every label to have at most ``P`` items.
 
     Returns:
         ``[rows, P, k]`` int64 layout of positions ``0..n-1``.
@@ -808,6 +813,12 @@ def pack_sorted(
         _separate(sub, np.arange(dup.size), 64, cap=seg_cap[dup])
         layout[dup] = sub.layout
         best_max[dup] = sub.loads.max(axis=1)
+        if not allow_duplicates:
+            left = dup[sub.has_duplicates()]
+            if left.size:
+                layout[left] = np.arange(n).reshape(1, k, num_packs).transpose(0, 2, 1)
+                best_max[left] = pack_loads(values[left], layout[left]).max(axis=1)
+                todo = np.union1d(todo, left)
     if target is not None:
         todo = todo[best_max[todo] > target[todo] * (1 + _REL_EPS)]
     if refine_rounds > 0 and todo.size:
@@ -825,6 +836,7 @@ def pack_items(
     target: np.ndarray | None = None,
     refine_rounds: int = DEFAULT_REFINE_ROUNDS,
     segment_size: int = 1,
+    allow_duplicates: bool = True,
 ) -> np.ndarray:
     """Full packing pipeline (module docs) on items in any order.
 
@@ -834,7 +846,7 @@ def pack_items(
             replicas of one expert and are kept on different packs where that costs
             nothing.
         num_packs: ``P``; ``n`` must be a multiple of it.
-        target, refine_rounds, segment_size: as in :func:`pack_sorted`.
+        target, refine_rounds, segment_size, allow_duplicates: as in :func:`pack_sorted`.
 
     Returns:
         ``[rows, P, k]`` int64 layout of item indices.
@@ -845,5 +857,6 @@ def pack_items(
     pos = pack_sorted(
         _gather(values, order), _gather(labels, order), num_packs,
         target=target, refine_rounds=refine_rounds, segment_size=segment_size,
+        allow_duplicates=allow_duplicates,
     )
     return _gather(order, pos)

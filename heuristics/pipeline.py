@@ -22,7 +22,7 @@ from .grouping import groups_to_nodes
 from . import packing as _packing
 from .packing import pack_sorted
 
-__all__ = ["Placement", "place"]
+__all__ = ["Placement", "place", "pack_rows"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,7 @@ def place(
     num_nodes: int,
     num_gpus: int,
     refine_rounds: int | None = None,
+    allow_duplicates: bool = True,
 ) -> Placement:
     """Heuristic placement under the hierarchical policy (pass ``num_groups =
     num_nodes = 1`` for the global policy).
@@ -63,6 +64,8 @@ def place(
         num_gpus: GPUs.
         refine_rounds: cap on swap-refinement rounds (0: seeds only; ``None``: the
             module default ``heuristics.packing.DEFAULT_REFINE_ROUNDS``, read at call time).
+        allow_duplicates: when False no GPU holds two replicas of one expert (needs at
+            most ``E / N`` slots per GPU).
 
     Returns:
         :class:`Placement`.  Only the shape rules above are checked here; callers
@@ -84,6 +87,11 @@ def place(
             raise ValueError(f"{name}={val} is not a multiple of {div}")
     if num_replicas < num_experts:
         raise ValueError(f"num_replicas={num_replicas} < num_experts={num_experts}")
+    if not allow_duplicates and num_replicas // num_gpus > num_experts // num_nodes:
+        raise ValueError(
+            f"{num_replicas // num_gpus} slots per GPU cannot hold distinct experts of a node's "
+            f"{num_experts // num_nodes}"
+        )
 
     group_size = num_experts // num_groups
     experts_per_node = num_experts // num_nodes
@@ -103,24 +111,64 @@ def place(
 
     # 2. Replica counts per node.
     counts = replica_counts(node_w, replicas_per_node, max_count=gpus_per_node)  # [rows, En]
-    per_replica = node_w / counts
-    # Replicas by decreasing load, an expert's replicas adjacent: order the experts, then
-    # expand each into its replicas (no sort over replicas needed).
-    ar = np.arange(rows)[:, None]
-    expert_order = np.argsort(-per_replica, axis=1)
-    labels = np.repeat(expert_order.ravel(), counts[ar, expert_order].ravel()).reshape(rows, replicas_per_node)
-    values = per_replica[ar, labels]
 
     # 3. Replicas to GPUs.  A row need not be refined below the heaviest bound of its
     # layer: the layer's step time cannot drop under it anyway.
-    row_bound = np.maximum(values.sum(axis=1) / gpus_per_node, values[:, 0])
-    target = np.repeat(row_bound.reshape(num_layers, num_nodes).max(axis=1), num_nodes)
-    layout = pack_sorted(
-        values, labels, gpus_per_node, target=target, refine_rounds=refine_rounds, segment_size=num_nodes
-    )
-    local = labels[ar, layout.reshape(rows, -1)]
+    local = pack_rows(
+        node_w, counts, gpus_per_node, refine_rounds=refine_rounds,
+        segment_size=num_nodes, allow_duplicates=allow_duplicates,
+    ).reshape(rows, -1)
+    ar = np.arange(rows)[:, None]
     phy2log = node_experts[ar, local].reshape(num_layers, num_replicas)
 
     logcnt = np.empty((num_layers, num_experts), dtype=np.int64)
     np.put_along_axis(logcnt, node_experts.reshape(num_layers, -1), counts.reshape(num_layers, -1), axis=1)
     return Placement(phy2log=phy2log, logcnt=logcnt, node_of_group=node_of_group, groups_exact=exact)
+
+
+def pack_rows(
+    weight: np.ndarray,
+    counts: np.ndarray,
+    num_packs: int,
+    refine_rounds: int | None = None,
+    segment_size: int = 1,
+    allow_duplicates: bool = True,
+    target: np.ndarray | None = None,
+) -> np.ndarray:
+    """Place given replica counts: the packing half of :func:`place`, for any rows.
+
+    Args:
+        weight: ``[rows, n]`` expert loads of each row (a layer, or a layer's node).
+        counts: ``[rows, n]`` replica counts, ``>= 1``, each row summing to a multiple
+            of ``num_packs``.
+        num_packs: GPUs per row.
+        refine_rounds: as in :func:`place`.
+        segment_size: consecutive rows forming one objective (a layer's nodes).
+        allow_duplicates: as in :func:`place`.
+        target: optional ``[rows]`` lower bounds (default: the average and largest
+            replica load, maximised over each segment).
+
+    Returns:
+        ``[rows, P, k]`` int64: the (row-local) expert held by each slot.
+    """
+    if refine_rounds is None:
+        refine_rounds = _packing.DEFAULT_REFINE_ROUNDS
+    w = np.asarray(weight, dtype=np.float64)
+    c = np.asarray(counts, dtype=np.int64)
+    rows = w.shape[0]
+    n = int(c[0].sum()) if rows else 0
+    per_replica = w / c
+    # Replicas by decreasing load, an expert's replicas adjacent: order the experts, then
+    # expand each into its replicas (no sort over replicas needed).
+    ar = np.arange(rows)[:, None]
+    expert_order = np.argsort(-per_replica, axis=1)
+    labels = np.repeat(expert_order.ravel(), c[ar, expert_order].ravel()).reshape(rows, n)
+    values = per_replica[ar, labels]
+    if target is None:
+        row_bound = np.maximum(values.sum(axis=1) / num_packs, values[:, 0])
+        target = np.repeat(row_bound.reshape(-1, segment_size).max(axis=1), segment_size)
+    layout = pack_sorted(
+        values, labels, num_packs, target=target, refine_rounds=refine_rounds,
+        segment_size=segment_size, allow_duplicates=allow_duplicates,
+    )
+    return labels[np.arange(rows)[:, None, None], layout]

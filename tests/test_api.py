@@ -73,11 +73,6 @@ def test_policy_auto_global_and_explicit():
     verify(r.plan.phy2log, 12, 16, 4, num_groups=4, num_nodes=2, hierarchical=True)
 
 
-def test_exact_mode_not_available_yet_is_a_clear_error(readme_weight):
-    with pytest.raises(eplb_opt.ModeNotAvailableError, match="exact"):
-        eplb_opt.solve(readme_weight, num_replicas=16, num_groups=4, num_nodes=2, num_gpus=8, mode="exact")
-
-
 def test_heuristic_mode_does_not_import_ortools():
     import subprocess
     import sys

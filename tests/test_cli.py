@@ -24,9 +24,9 @@ def test_example_json(capsys):
         assert row["lower_bound"] <= row["max_load"] * (1 + 1e-12)
 
 
-def test_exact_mode_error_exit_code(capsys):
-    assert main(["example", "--mode", "exact"]) == 2
-    assert "exact" in capsys.readouterr().err
+def test_exact_mode_runs_from_the_cli(capsys):
+    assert main(["example", "--preset", "deepseek-v2-lite", "--mode", "exact", "--time-limit", "2", "--quiet"]) == 0
+    assert "balancedness" in capsys.readouterr().out
 
 
 def test_console_script_module_entry():

@@ -1,0 +1,280 @@
+"""CP-SAT models (OR-Tools), imported only when exact mode is used.
+
+Two models, each built in fixed sections (data, variables, constraints, objective,
+solve, read-out):
+
+* :func:`solve_neighbourhood`: re-place the items of a few GPUs of one sub-problem
+  (a layer, or a layer's node), exactly ``k`` per GPU, minimising the heaviest of them;
+  the large-neighbourhood step of exact mode.
+* :func:`solve_complete`: a whole sub-problem with replica counts free (a menu of counts
+  per expert) and integer replica numbers ``n[e, g]`` per GPU; used where it is small
+  enough to be proved optimal.  Its proven bound is valid with counts free.
+
+Loads are scaled to integers: exactly (by a common multiple of the counts) when the
+loads are integers and the sums fit comfortably in int64, otherwise rounded, in which
+case bounds read from the model are corrected outward by the worst-case rounding error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import gcd
+from typing import Sequence
+
+import numpy as np
+from ortools.sat.python import cp_model
+
+__all__ = ["Scaling", "scale_loads", "solve_neighbourhood", "solve_complete", "CompleteResult"]
+
+# Largest scaled sum we allow (well inside int64 and CP-SAT's domain limits).
+_MAX_SUM = 2**50
+
+
+@dataclass(frozen=True)
+class Scaling:
+    """Integer loads ``ints ~= values * factor``; ``exact`` when no rounding happened;
+    ``error`` is the largest ``|ints / factor - values|`` per item."""
+
+    ints: np.ndarray
+    factor: float
+    exact: bool
+    error: float
+
+
+def _lcm(values: Sequence[int]) -> int:
+    out = 1
+    for v in values:
+        out = out * int(v) // gcd(out, int(v))
+    return out
+
+
+def scale_loads(weights: np.ndarray, counts: np.ndarray, slots_per_pack: int) -> Scaling:
+    """Integer per-replica loads for ``weights / counts`` (elementwise arrays).
+
+    Exact when every weight is an integer and ``lcm(counts) * max weight * k`` stays
+    below ``2**50``; otherwise the loads are rounded at a power-of-two scale that keeps
+    the sum of ``k`` items below ``2**50``.
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    c = np.asarray(counts, dtype=np.int64)
+    top = float(w.max(initial=0.0))
+    if top <= 0:
+        return Scaling(np.zeros(w.shape, dtype=np.int64), 1.0, True, 0.0)
+    if np.all(w == np.round(w)):
+        m = _lcm(np.unique(c).tolist())
+        if m * top * slots_per_pack < _MAX_SUM:
+            ints = (np.round(w).astype(np.int64) * (m // c)).astype(np.int64)
+            return Scaling(ints, float(m), True, 0.0)
+    vals = w / c
+    factor = 2.0 ** np.floor(np.log2(_MAX_SUM / (float(vals.max()) * slots_per_pack)))
+    ints = np.round(vals * factor).astype(np.int64)
+    return Scaling(ints, factor, False, float(np.abs(ints / factor - vals).max()))
+
+
+def solve_neighbourhood(
+    ints: np.ndarray,
+    labels: np.ndarray,
+    upper: int,
+    time_limit: float,
+    seed: int = 0,
+    deterministic: bool = False,
+    forbid_duplicates: bool = True,
+) -> np.ndarray | None:
+    """Best re-placement of the items of ``m`` GPUs (``k`` slots each).
+
+    Args:
+        ints: ``[m, k]`` integer item loads, current placement (GPU, slot).
+        labels: ``[m, k]`` expert ids; two items of one expert never share a GPU
+            (where the neighbourhood allows it) when ``forbid_duplicates``.
+        upper: only placements whose heaviest GPU is below this are wanted.
+        time_limit: seconds (wall clock, or deterministic units when ``deterministic``).
+        seed: CP-SAT random seed.
+
+    Returns:
+        ``[m, k]`` indices into the flattened items giving the new placement, or
+        ``None`` when no better placement was found in time (or none exists).
+    """
+    # Data.
+    m, k = ints.shape
+    v = ints.ravel()
+    lab = labels.ravel()
+    n = v.size
+    order = np.argsort(-v, kind="stable")
+    total = int(v.sum())
+    lower = -(-total // m)
+    if upper <= lower:
+        return None
+    # Variables.
+    model = cp_model.CpModel()
+    x = [[model.NewBoolVar("") for _ in range(m)] for _ in range(n)]
+    top = model.NewIntVar(lower, upper - 1, "top")
+    # Constraints.
+    for i in range(n):
+        model.AddExactlyOne(x[i])
+    for g in range(m):
+        model.Add(sum(x[i][g] for i in range(n)) == k)
+        model.Add(sum(int(v[i]) * x[i][g] for i in range(n)) <= top)
+    # GPUs are interchangeable: the j-th heaviest item may only use GPUs 0..j.
+    for j, i in enumerate(order[: m - 1]):
+        for g in range(j + 1, m):
+            model.Add(x[i][g] == 0)
+    if forbid_duplicates:
+        uniq, inv, cnt = np.unique(lab, return_inverse=True, return_counts=True)
+        for u in np.flatnonzero(cnt > 1):
+            members = np.flatnonzero(inv == u)
+            cap = -(-len(members) // m)
+            for g in range(m):
+                model.Add(sum(x[i][g] for i in members) <= cap)
+    # Objective.
+    model.Minimize(top)
+    # Solve.
+    solver = cp_model.CpSolver()
+    solver.parameters.num_workers = 1
+    solver.parameters.random_seed = int(seed)
+    if deterministic:
+        solver.parameters.max_deterministic_time = max(time_limit, 1e-3)
+    else:
+        solver.parameters.max_time_in_seconds = max(time_limit, 1e-3)
+    status = solver.Solve(model)
+    # Read-out.
+    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        return None
+    out = np.empty((m, k), dtype=np.int64)
+    fill = [0] * m
+    for i in range(n):
+        for g in range(m):
+            if solver.BooleanValue(x[i][g]):
+                out[g, fill[g]] = i
+                fill[g] += 1
+                break
+    return out
+
+
+@dataclass(frozen=True)
+class CompleteResult:
+    """Outcome of :func:`solve_complete`.
+
+    Attributes:
+        counts: ``[E]`` replica counts chosen (or ``None`` when no solution was found).
+        placement: ``[G, k]`` expert of each slot (or ``None``).
+        objective: heaviest GPU load of the solution, in input units (recomputed).
+        bound: proven lower bound in input units, valid with counts free (corrected
+            outward for rounding), or ``None``.
+        optimal: the solver proved optimality.
+    """
+
+    counts: np.ndarray | None
+    placement: np.ndarray | None
+    objective: float | None
+    bound: float | None
+    optimal: bool
+
+
+def complete_size(num_experts: int, num_replicas: int, num_gpus: int) -> int:
+    """Variables of the complete model (used to decide whether to build it)."""
+    menu = num_replicas - num_experts + 1
+    return num_experts * menu * (num_gpus + 1)
+
+
+def solve_complete(
+    weights: np.ndarray,
+    num_replicas: int,
+    num_gpus: int,
+    time_limit: float,
+    hint: tuple[np.ndarray, np.ndarray] | None = None,
+    seed: int = 0,
+    workers: int = 1,
+    deterministic: bool = False,
+    forbid_duplicates: bool = False,
+) -> CompleteResult:
+    """A whole sub-problem with replica counts free.
+
+    Args:
+        weights: ``[E]`` expert loads of the sub-problem.
+        num_replicas: slots of the sub-problem (``>= E``, a multiple of ``num_gpus``).
+        num_gpus: GPUs of the sub-problem.
+        time_limit: seconds (deterministic units when ``deterministic``).
+        hint: optional ``(counts [E], placement [G, k])`` warm start.
+        forbid_duplicates: no two replicas of one expert on one GPU.
+
+    Returns:
+        :class:`CompleteResult`.
+    """
+    # Data.
+    w = np.asarray(weights, dtype=np.float64)
+    E = w.size
+    G = num_gpus
+    k = num_replicas // G
+    menu = np.arange(1, num_replicas - E + 2)
+    if forbid_duplicates:
+        menu = menu[menu <= G]
+    # Per-replica load of expert e with c replicas, scaled to integers.
+    ee, cc = np.meshgrid(np.arange(E), menu, indexing="ij")
+    sc = scale_loads(w[ee], cc, k)
+    unit = sc.ints                                               # [E, len(menu)]
+    # Variables: y[e][j] "expert e has menu[j] replicas"; n[e][j][g] replicas on GPU g.
+    model = cp_model.CpModel()
+    y = [[model.NewBoolVar("") for _ in menu] for _ in range(E)]
+    nvar = [
+        [[model.NewIntVar(0, int(min(c, 1 if forbid_duplicates else c)), "") for _ in range(G)] for c in menu]
+        for _ in range(E)
+    ]
+    hi = int(unit.max()) * k
+    top = model.NewIntVar(0, hi, "top")
+    # Constraints.
+    for e in range(E):
+        model.AddExactlyOne(y[e])
+        for j, c in enumerate(menu):
+            model.Add(sum(nvar[e][j]) == int(c) * y[e][j])
+    model.Add(sum(int(c) * y[e][j] for e in range(E) for j, c in enumerate(menu)) == num_replicas)
+    for g in range(G):
+        model.Add(sum(nvar[e][j][g] for e in range(E) for j in range(len(menu))) == k)
+        model.Add(sum(int(unit[e, j]) * nvar[e][j][g] for e in range(E) for j in range(len(menu))) <= top)
+    # GPUs are interchangeable: order them by load (non-increasing).
+    loads = [sum(int(unit[e, j]) * nvar[e][j][g] for e in range(E) for j in range(len(menu))) for g in range(G)]
+    for g in range(G - 1):
+        model.Add(loads[g] >= loads[g + 1])
+    if hint is not None and int(np.max(hint[0])) <= int(menu[-1]):
+        h_counts, h_place = hint
+        per_gpu = np.array([int(unit[h_place[g], h_counts[h_place[g]] - 1].sum()) for g in range(G)])
+        for e in range(E):
+            for j, c in enumerate(menu):
+                model.AddHint(y[e][j], int(h_counts[e] == c))
+        # Relabel the hint's GPUs heaviest first, as the symmetry breaking demands.
+        for new_g, old_g in enumerate(np.argsort(-per_gpu, kind="stable")):
+            on_gpu = np.bincount(h_place[old_g], minlength=E)
+            for e in range(E):
+                for j, c in enumerate(menu):
+                    model.AddHint(nvar[e][j][new_g], int(on_gpu[e]) if h_counts[e] == c else 0)
+        model.AddHint(top, int(per_gpu.max()))
+    # Objective.
+    model.Minimize(top)
+    # Solve.
+    solver = cp_model.CpSolver()
+    solver.parameters.num_workers = max(1, int(workers))
+    solver.parameters.random_seed = int(seed)
+    if deterministic:
+        solver.parameters.interleave_search = True
+        solver.parameters.max_deterministic_time = max(time_limit, 1e-3)
+    else:
+        solver.parameters.max_time_in_seconds = max(time_limit, 1e-3)
+    status = solver.Solve(model)
+    # Read-out.
+    bound = None
+    if status in (cp_model.OPTIMAL, cp_model.FEASIBLE, cp_model.UNKNOWN):
+        raw = float(solver.BestObjectiveBound())
+        # Each GPU sums k scaled items, each off by at most `error`: correct outward.
+        bound = max(0.0, raw / sc.factor - (0.0 if sc.exact else k * sc.error))
+    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        return CompleteResult(None, None, None, bound, False)
+    counts = np.array([int(menu[[solver.BooleanValue(b) for b in y[e]].index(True)]) for e in range(E)])
+    place = np.empty((G, k), dtype=np.int64)
+    fill = [0] * G
+    for e in range(E):
+        j = int(np.flatnonzero(menu == counts[e])[0])
+        for g in range(G):
+            for _ in range(int(solver.Value(nvar[e][j][g]))):
+                place[g, fill[g]] = e
+                fill[g] += 1
+    gpu = np.array([sum(w[e] / counts[e] for e in place[g]) for g in range(G)])
+    return CompleteResult(counts, place, float(gpu.max()), bound, status == cp_model.OPTIMAL)

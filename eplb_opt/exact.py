@@ -1,0 +1,486 @@
+"""Exact mode: refine a heuristic plan under a deadline, with certified figures.
+
+Sub-problems are layers (global policy) or a layer's nodes (hierarchical policy; a
+layer's step time is its heaviest node, so work goes to the node that sets it).
+Phases, all sharing one deadline:
+
+1. *Complete models* for small sub-problems: CP-SAT over replica counts and placement
+   together (:func:`eplb_opt.cpsat.solve_complete`); a proof there is a bound valid with
+   counts free, and it joins the certified bound.
+2. *Exact pair re-splits* (:mod:`heuristics.resplit`), batched over every layer still
+   above its bound: fast, and on model-shaped loads it closes most of the gap.
+3. *CP-SAT large-neighbourhood search*: for the layers still above tolerance, largest
+   gap first, the heaviest GPU and a few others are re-placed exactly
+   (:func:`eplb_opt.cpsat.solve_neighbourhood`), in worker threads.
+
+Replica counts and the group-to-node assignment stay as the heuristic chose them except
+in phase 1.  Every change only ever lowers a layer's heaviest GPU; the caller checks
+that again on the final plan.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from heuristics.pipeline import pack_rows
+from heuristics.resplit import resplit_rounds
+
+__all__ = ["ExactOutcome", "refine"]
+
+# Sub-problems whose complete model has at most this many variables get phase 1.
+COMPLETE_LIMIT = 4000
+# CP-SAT time per neighbourhood (seconds, or deterministic units).
+NEIGHBOURHOOD_TIME = 0.05
+# Share of the time left after the pair re-splits given to replica-count moves.
+COUNT_SHARE = 0.7
+# No CP-SAT call starts with less time than this left.
+MIN_SOLVE = 0.005
+# Wall time to load OR-Tools the first time (measured here: ~0.4 s).
+IMPORT_SECONDS = 0.6
+
+
+@dataclass
+class ExactOutcome:
+    """What exact mode did.
+
+    Attributes:
+        phy2log: ``[L, R]`` refined placement.
+        counts_changed: layers whose replica counts phase 1 changed.
+        attempted: ``[L]`` bool, layers some exact phase worked on.
+        proven: ``[L]`` float, bounds proved by complete models (valid with counts and
+            placement free; NaN where none), in input units.
+        events: short notes (skips, timeouts, failures).
+    """
+
+    phy2log: np.ndarray
+    attempted: np.ndarray
+    proven: np.ndarray
+    events: list[str] = field(default_factory=list)
+
+
+def _complete_size(num_experts: int, num_replicas: int, num_gpus: int) -> int:
+    """Variables of the complete model (as :func:`eplb_opt.cpsat.complete_size`)."""
+    return num_experts * (num_replicas - num_experts + 1) * (num_gpus + 1)
+
+
+def _hier_complete_ok(E: int, R: int, G: int, N: int, num_groups: int) -> bool:
+    """Small enough to solve every node content completely and enumerate assignments."""
+    from itertools import combinations  # noqa: F401 - documents the enumeration below
+    from math import comb
+
+    from heuristics import ENUMERATION_LIMIT, num_partitions
+
+    m = num_groups // N
+    contents = comb(num_groups, m)
+    size = _complete_size(E // N, R // N, G // N)
+    return (
+        num_partitions(num_groups, N) <= ENUMERATION_LIMIT
+        and contents * size <= COMPLETE_LIMIT * 4
+        and size <= COMPLETE_LIMIT
+    )
+
+
+def _complete_hierarchical(
+    w: np.ndarray,
+    p: np.ndarray,
+    layers: np.ndarray,
+    *,
+    R: int,
+    G: int,
+    N: int,
+    num_groups: int,
+    deadline: float,
+    budget: float,
+    deterministic: bool,
+    seed: int,
+    workers: int,
+    allow_duplicates: bool,
+    attempted: np.ndarray,
+    proven: np.ndarray,
+    events: list[str],
+) -> np.ndarray:
+    """Hierarchical policy, small problems: every node content (a set of groups) is solved
+    completely, and the best group-to-node assignment is read off by enumeration.  The
+    min-max of the contents' proven bounds is certified with counts and group placement
+    free."""
+    from itertools import combinations
+
+    from heuristics import equal_partitions
+
+    from . import cpsat
+
+    L, E = w.shape
+    gs, m = E // num_groups, num_groups // N
+    rn, gpn = R // N, G // N
+    k = R // G
+    contents = list(combinations(range(num_groups), m))
+    parts = equal_partitions(num_groups, N)
+    index = {c: i for i, c in enumerate(contents)}
+    blocks = [[index[tuple(np.flatnonzero(row == b).tolist())] for b in range(N)] for row in parts]
+    p = p.copy()
+    n_solves = len(layers) * len(contents)
+    done = 0
+    for l in layers:
+        attempted[l] = True
+        obj = np.full(len(contents), np.inf)
+        bnd = np.zeros(len(contents))
+        place: list[np.ndarray | None] = [None] * len(contents)
+        complete = True
+        for ci, c in enumerate(contents):
+            if not deterministic and time.perf_counter() >= deadline:
+                complete = False
+                break
+            experts = np.concatenate([np.arange(g * gs, (g + 1) * gs) for g in c])
+            share = max(0.0, deadline - time.perf_counter()) / max(n_solves - done, 1)
+            done += 1
+            try:
+                res = cpsat.solve_complete(
+                    w[l, experts], rn, gpn,
+                    time_limit=(budget / n_solves) if deterministic else max(share, 0.01),
+                    seed=seed, workers=workers, deterministic=deterministic,
+                    forbid_duplicates=not allow_duplicates,
+                )
+            except Exception as exc:  # noqa: BLE001 - a solver failure keeps the plan
+                msg = f"layer {l}: complete CP-SAT model failed ({type(exc).__name__}: {exc}); kept the plan"
+                events.append(msg)
+                warnings.warn(msg, RuntimeWarning, stacklevel=3)
+                complete = False
+                break
+            bnd[ci] = res.bound if res.bound is not None else 0.0
+            if res.placement is not None:
+                obj[ci] = res.objective
+                place[ci] = experts[res.placement]
+            if not res.optimal:
+                complete = False
+        if not complete:
+            events.append(f"layer {l}: complete models timed out (kept the best plan found)")
+        if (bnd > 0).all() or complete:
+            proven[l] = min(max(bnd[b] for b in blk) for blk in blocks)
+        best = min(range(len(blocks)), key=lambda i: max(obj[b] for b in blocks[i]))
+        best_obj = max(obj[b] for b in blocks[best])
+        cur = _gpu_loads(w[l : l + 1], p[l : l + 1], G).max()
+        if np.isfinite(best_obj) and best_obj < cur * (1 - 1e-12):
+            p[l] = np.concatenate([place[b].ravel() for b in blocks[best]])
+    return p
+
+
+def _gpu_loads(w: np.ndarray, p: np.ndarray, gpus: int) -> np.ndarray:
+    L, E = w.shape
+    cnt = np.bincount((p + (np.arange(L) * E)[:, None]).ravel(), minlength=L * E).reshape(L, E)
+    per = np.take_along_axis(w / np.maximum(cnt, 1), p, axis=1)
+    return per.reshape(L, gpus, -1).sum(axis=2)
+
+
+def refine(
+    weight: np.ndarray,
+    phy2log: np.ndarray,
+    *,
+    num_gpus: int,
+    num_nodes: int,
+    lower_bound: np.ndarray,
+    num_groups: int = 1,
+    deadline: float,
+    tolerance: float,
+    workers: int | None = None,
+    deterministic: bool = False,
+    seed: int = 0,
+    allow_duplicates: bool = True,
+    budget: float = 1.0,
+) -> ExactOutcome:
+    """Refine ``phy2log`` (see module docs).
+
+    Args:
+        weight: ``[L, E]`` float64 loads.
+        phy2log: ``[L, R]`` warm-start placement (hierarchical: node ``n`` holds slots
+            ``n * R / N ..``; global: pass ``num_nodes=1``).
+        num_gpus, num_nodes: topology of the plan (``num_nodes=1`` for the global policy).
+        num_groups: expert groups (hierarchical policy; used by the complete models).
+        lower_bound: ``[L]`` certified bounds (a layer within ``tolerance`` is skipped).
+        deadline: ``time.perf_counter()`` value by which to stop.
+        workers: threads for CP-SAT (default: available cores).
+        deterministic: iteration and deterministic-time budgets instead of wall clock
+            (``budget`` seconds' worth), so the result depends only on the input and seed.
+        seed: seeds CP-SAT and the neighbourhood choice.
+        allow_duplicates: let CP-SAT put two replicas of one expert on a GPU.
+        budget: the time budget (seconds), used to size deterministic budgets.
+
+    Returns:
+        :class:`ExactOutcome`.
+    """
+    w = np.asarray(weight, dtype=np.float64)
+    p = np.array(phy2log, dtype=np.int64, copy=True)
+    L, E = w.shape
+    R = p.shape[1]
+    G, N = num_gpus, num_nodes
+    P, k = G // N, R // G
+    workers = max(1, int(workers or os.cpu_count() or 1))
+    events: list[str] = []
+    attempted = np.zeros(L, dtype=bool)
+    proven = np.full(L, np.nan)
+    tol = tolerance
+
+    def out_of_time() -> bool:
+        return (not deterministic) and time.perf_counter() >= deadline
+
+    def layer_gap(loads: np.ndarray) -> np.ndarray:
+        top = loads.max(axis=1)
+        return np.where(top > 0, 1 - lower_bound / np.where(top > 0, top, 1), 0.0)
+
+    loads = _gpu_loads(w, p, G)
+    open_layers = np.flatnonzero(layer_gap(loads) > tol)
+    skipped = L - open_layers.size
+    if skipped:
+        events.append(f"solver skipped on {skipped} layer(s): certified gap already within tolerance {tol:g}")
+    if open_layers.size == 0:
+        return ExactOutcome(p, attempted, proven, events)
+
+    # Phase 1: complete models where the whole problem is small.
+    if N == 1 and _complete_size(E, R, G) <= COMPLETE_LIMIT:
+        from . import cpsat  # OR-Tools is imported only when a model is built
+
+        share = max(0.0, deadline - time.perf_counter()) / max(open_layers.size, 1)
+        for l in open_layers:
+            if out_of_time():
+                events.append(f"layer {l}: time ran out before the complete model")
+                continue
+            attempted[l] = True
+            cnt = np.bincount(p[l], minlength=E)
+            try:
+                res = cpsat.solve_complete(
+                    w[l], R, G,
+                    time_limit=(budget / L) if deterministic else max(share, 0.01),
+                    hint=(cnt, p[l].reshape(G, k)), seed=seed, workers=workers,
+                    deterministic=deterministic, forbid_duplicates=not allow_duplicates,
+                )
+            except Exception as exc:  # noqa: BLE001 - a solver failure keeps the plan
+                msg = f"layer {l}: complete CP-SAT model failed ({type(exc).__name__}: {exc}); kept the plan"
+                events.append(msg)
+                warnings.warn(msg, RuntimeWarning, stacklevel=3)
+                continue
+            if res.bound is not None:
+                proven[l] = res.bound
+            if res.placement is not None and res.objective < loads[l].max() * (1 - 1e-12):
+                p[l] = res.placement.ravel()
+            if not res.optimal:
+                events.append(f"layer {l}: complete model timed out (kept the best plan found)")
+        return ExactOutcome(p, attempted, proven, events)
+    if N > 1 and _hier_complete_ok(E, R, G, N, num_groups):
+        p = _complete_hierarchical(
+            w, p, open_layers, R=R, G=G, N=N, num_groups=num_groups, deadline=deadline,
+            budget=budget, deterministic=deterministic, seed=seed, workers=workers,
+            allow_duplicates=allow_duplicates, attempted=attempted, proven=proven, events=events,
+        )
+        return ExactOutcome(p, attempted, proven, events)
+
+    # Phase 2: exact pair re-splits, all open layers at once.
+    rows = L * N
+    slots = p.reshape(rows, P * k)
+    cnt = np.bincount((p + (np.arange(L) * E)[:, None]).ravel(), minlength=L * E).reshape(L, E)
+    per = w / np.maximum(cnt, 1)
+    row_layer = np.repeat(np.arange(L), N)
+    values = per[row_layer[:, None], slots]
+    layout = np.broadcast_to(np.arange(P * k).reshape(1, P, k), (rows, P, k))
+    open_rows = np.flatnonzero(np.isin(row_layer, open_layers))
+    attempted[open_layers] = True
+    if P >= 2 and not out_of_time():
+        lay, _ = resplit_rounds(
+            values[open_rows], slots[open_rows], layout[open_rows],
+            target=np.repeat(lower_bound, N)[open_rows],
+            max_rounds=200 if deterministic else 10_000,
+            segment_size=N, partners=P - 1,
+            deadline=None if deterministic else deadline,
+        )
+        slots = slots.copy()
+        slots[open_rows] = np.take_along_axis(slots[open_rows], lay.reshape(open_rows.size, -1), axis=1)
+        p = slots.reshape(L, R)
+        loads = _gpu_loads(w, p, G)
+
+    # Phase 3: replica-count moves where the counts' granularity is what blocks the
+    # layer (one replica moved from one expert to another, re-packed and re-split; the
+    # best of all such moves is kept while it lowers the layer's heaviest GPU).
+    gaps = layer_gap(loads)
+    todo = [int(l) for l in np.argsort(-gaps) if gaps[l] > tol]
+    if todo and not out_of_time():
+        # Most of what is left, shared by the open layers, largest gap first; CP-SAT
+        # gets the rest.
+        phase_end = time.perf_counter() + COUNT_SHARE * max(0.0, deadline - time.perf_counter())
+        p, moved = _count_moves(
+            w, p, todo, G=G, N=N, lower_bound=lower_bound, tol=tol, deadline=phase_end,
+            deterministic=deterministic, max_steps=max(2, int(4 * budget)) if deterministic else 1000,
+            allow_duplicates=allow_duplicates,
+        )
+        if moved:
+            events.append(f"replica counts revisited on {moved} layer(s)")
+        loads = _gpu_loads(w, p, G)
+        cnt = np.bincount((p + (np.arange(L) * E)[:, None]).ravel(), minlength=L * E).reshape(L, E)
+        per = w / np.maximum(cnt, 1)
+
+    # Phase 4: CP-SAT neighbourhoods, largest gap first.
+    gaps = layer_gap(loads)
+    todo = [int(l) for l in np.argsort(-gaps) if gaps[l] > tol]
+    if not todo or P < 3:
+        return ExactOutcome(p, attempted, proven, events)
+    if out_of_time():
+        events.append(f"time ran out before CP-SAT on {len(todo)} layer(s) above tolerance")
+        return ExactOutcome(p, attempted, proven, events)
+
+    if not deterministic and "ortools.sat.python.cp_model" not in sys.modules and (
+        deadline - time.perf_counter() < IMPORT_SECONDS
+    ):
+        events.append(
+            f"CP-SAT skipped on {len(todo)} layer(s) above tolerance: loading OR-Tools "
+            "would overrun the deadline (it loads once per process)"
+        )
+        return ExactOutcome(p, attempted, proven, events)
+    from . import cpsat  # OR-Tools is imported only when a model is built
+
+    iters_per_layer = max(4, int(40 * budget / max(len(todo), 1))) if deterministic else None
+    nb_time = NEIGHBOURHOOD_TIME
+
+    def work(l: int) -> tuple[int, np.ndarray, list[str]]:
+        notes: list[str] = []
+        rng = np.random.default_rng([seed, l])
+        sl = p[l].reshape(N, P, k).copy()
+        v = per[l][sl]                                           # [N, P, k]
+        fails = 0
+        it = 0
+        while True:
+            if deterministic:
+                if it >= iters_per_layer:
+                    break
+            elif deadline - time.perf_counter() < MIN_SOLVE:
+                notes.append(f"layer {l}: timed out in CP-SAT search (kept the best plan found)")
+                break
+            it += 1
+            node_loads = v.sum(axis=2)
+            n = int(np.unravel_index(node_loads.argmax(), node_loads.shape)[0])
+            top = node_loads[n].max()
+            if top <= lower_bound[l] * (1 + tol):
+                break
+            m = min(P, 3 + min(fails // 4, 3))                    # grow after failures
+            h = int(node_loads[n].argmax())
+            order = np.argsort(node_loads[n])
+            others = [g for g in order[: max(1, (m - 1) // 2)] if g != h]
+            rest = [g for g in range(P) if g != h and g not in others]
+            others += list(rng.choice(rest, size=min(m - 1 - len(others), len(rest)), replace=False))
+            gpus = [h] + [int(g) for g in others]
+            items_e = sl[n, gpus]                                # [m, k] expert ids
+            sc = cpsat.scale_loads(w[l][items_e], cnt[l][items_e], k)
+            upper = int(sc.ints.sum(axis=1).max())
+            try:
+                limit = nb_time if deterministic else min(nb_time, deadline - time.perf_counter())
+                new = cpsat.solve_neighbourhood(
+                    sc.ints, items_e, upper, limit, seed=seed + it,
+                    deterministic=deterministic, forbid_duplicates=True,
+                )
+            except Exception as exc:  # noqa: BLE001 - a solver failure keeps the plan
+                notes.append(f"layer {l} node {n}: CP-SAT failed ({type(exc).__name__}: {exc}); kept the plan")
+                break
+            if new is None:
+                fails += 1
+                if fails >= 24:
+                    break
+                continue
+            flat_e = items_e.ravel()[new]                        # [m, k]
+            new_loads = (w[l][flat_e] / cnt[l][flat_e]).sum(axis=1)
+            if new_loads.max() < node_loads[n, gpus].max() * (1 - 1e-12):
+                sl[n, gpus] = flat_e
+                v[n, gpus] = w[l][flat_e] / cnt[l][flat_e]
+                fails = 0
+            else:
+                fails += 1
+        return l, sl.reshape(R), notes
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for l, new_row, notes in pool.map(work, todo):
+            p[l] = new_row
+            events.extend(notes)
+    return ExactOutcome(p, attempted, proven, events)
+
+
+def _count_moves(
+    w: np.ndarray,
+    p: np.ndarray,
+    layers: list[int],
+    *,
+    G: int,
+    N: int,
+    lower_bound: np.ndarray,
+    tol: float,
+    deadline: float,
+    deterministic: bool,
+    max_steps: int,
+    allow_duplicates: bool,
+    singles: int = 4,
+) -> tuple[np.ndarray, int]:
+    """Improve stuck layers by moving one replica between experts of the node that sets
+    the layer's maximum (see :func:`refine`); returns ``(phy2log, layers changed)``."""
+    L, E = w.shape
+    R = p.shape[1]
+    P, k = G // N, R // G
+    rn = R // N
+    p = p.copy()
+    changed = 0
+    for i, l in enumerate(layers):
+        improved_layer = False
+        # This layer's share of the time left.
+        layer_end = time.perf_counter() + max(0.0, deadline - time.perf_counter()) / (len(layers) - i)
+        last = 0.0
+        for _ in range(max_steps):
+            # Do not start a step the previous one says would end after the deadline.
+            if not deterministic and time.perf_counter() + last >= min(layer_end + last / 2, deadline):
+                break
+            t_step = time.perf_counter()
+            nodes = p[l].reshape(N, rn)
+            cnt = np.bincount(p[l], minlength=E)
+            node_loads = (w[l] / np.maximum(cnt, 1))[nodes].reshape(N, P, k).sum(axis=2)
+            n = int(node_loads.max(axis=1).argmax())
+            current = node_loads[n].max()
+            if current <= lower_bound[l] * (1 + tol):
+                break
+            # A node's own experts (every one has a replica there).
+            ex = np.unique(nodes[n])
+            wr, cr = w[l, ex], cnt[ex]
+            multi = np.flatnonzero(cr >= 2)
+            if multi.size == 0:
+                break
+            cap = P if not allow_duplicates else max(P, -(-rn // ex.size))
+            heavy_single = np.flatnonzero(cr == 1)
+            heavy_single = heavy_single[np.argsort(-wr[heavy_single])[:singles]]
+            recv = np.concatenate([multi, heavy_single])
+            d, r = np.meshgrid(multi, recv, indexing="ij")
+            keep = (d != r) & (cr[r] < cap)
+            d, r = d[keep], r[keep]
+            if d.size == 0:
+                break
+            cand = np.repeat(cr[None, :], d.size, axis=0)
+            cand[np.arange(d.size), d] -= 1
+            cand[np.arange(d.size), r] += 1
+            wrow = np.repeat(wr[None, :], d.size, axis=0)
+            lb_row = np.full(d.size, lower_bound[l])
+            local = pack_rows(wrow, cand, P, refine_rounds=8, allow_duplicates=allow_duplicates, target=lb_row)
+            vals = (wrow / cand)[np.arange(d.size)[:, None, None], local]
+            lay, _ = resplit_rounds(
+                vals.reshape(d.size, -1), local.reshape(d.size, -1),
+                np.broadcast_to(np.arange(P * k).reshape(1, P, k), (d.size, P, k)),
+                target=lb_row, max_rounds=60, partners=min(P - 1, 8),
+                deadline=None if deterministic else layer_end,
+            )
+            flat = np.take_along_axis(local.reshape(d.size, -1), lay.reshape(d.size, -1), axis=1)
+            tops = (wrow / cand)[np.arange(d.size)[:, None], flat].reshape(d.size, P, k).sum(axis=2).max(axis=1)
+            best = int(tops.argmin())
+            last = time.perf_counter() - t_step
+            if tops[best] >= current * (1 - 1e-12):
+                break
+            p[l, n * rn : (n + 1) * rn] = ex[flat[best]]
+            improved_layer = True
+            last = time.perf_counter() - t_step
+        changed += improved_layer
+    return p, changed

@@ -1,0 +1,268 @@
+"""Exact re-split of GPU pairs (meet in the middle), batched over many pairs.
+
+Two packs with ``k`` items each hold ``2k`` items; the best re-split puts ``k`` of them
+on each pack so that the heavier pack is as light as possible.  Items sharing a label
+(replicas of one expert, equal loads) are kept apart: two of them go one to each pack,
+so they are taken out of the search and their loads added to both sides.  The remaining
+``2k'`` free items are split into halves ``A`` and ``B``; every subset of ``A`` is
+matched with the subset of ``B`` of complementary size whose sum is closest to what
+is needed, by one sort and one binary search over all pairs at once.  This is exact:
+the returned split is optimal among splits that keep equal labels apart.
+
+:func:`resplit_rounds` uses it as a local search over a layout: each round re-splits
+the disjoint pairs (i-th heaviest pack, i-th lightest pack) of every active row, then
+the heaviest pack with each of the lightest few, keeping every change that lowers the
+pair's heavier load.
+"""
+
+from __future__ import annotations
+
+import time
+from functools import lru_cache
+
+import numpy as np
+
+__all__ = ["MAX_FREE", "split_pairs", "resplit_rounds"]
+
+# Largest number of free items per side searched exactly (2**MAX_FREE subsets per half).
+MAX_FREE = 12
+
+
+@lru_cache(maxsize=32)
+def _subsets(k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(bits [2**k, k] float, popcount [2**k])`` for all subsets of ``k`` items."""
+    m = np.arange(2**k)
+    bits = ((m[:, None] >> np.arange(k)) & 1).astype(np.float64)
+    bits.setflags(write=False)
+    pc = bits.sum(axis=1).astype(np.int64)
+    pc.setflags(write=False)
+    return bits, pc
+
+
+def _mitm(free: np.ndarray, need: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Choose exactly ``k`` of the ``2k`` free items of each pair with sum closest to
+    ``need`` (``[pairs]``).  Returns ``(take [pairs, 2k] bool, achieved sum [pairs])``."""
+    pairs, n2 = free.shape
+    k = n2 // 2
+    bits, pc = _subsets(k)
+    scale = np.maximum(free.sum(axis=1), 1e-300)
+    a = free[:, :k] / scale[:, None]
+    b = free[:, k:] / scale[:, None]
+    target = need / scale
+    sa = a @ bits.T                                     # [pairs, 2**k]
+    sb = b @ bits.T
+    # Sort B subsets by (pair, size, sum); query each A subset with the complementary
+    # size.  Sums lie in [0, 1]; size classes are 4 apart, pairs 4 (k + 2) apart.
+    span = 4.0 * (k + 2)
+    base = (np.arange(pairs) * span)[:, None]
+    kb = base + 4.0 * pc[None, :] + sb
+    order = np.argsort(kb, axis=None)
+    flat = kb.ravel()[order]
+    q = base + 4.0 * (k - pc)[None, :] + (target[:, None] - sa)
+    pos = np.searchsorted(flat, q.ravel())
+    n_sub = 2**k
+    pair_of = np.repeat(np.arange(pairs), n_sub)
+    want = np.tile(k - pc, pairs)
+    sa_flat = sa.ravel()
+    sb_flat = sb.ravel()
+    tgt = np.repeat(target, n_sub)
+    best_err = np.full(q.size, np.inf)
+    best_b = np.zeros(q.size, dtype=np.int64)
+    for cand in (pos - 1, pos):
+        c = np.clip(cand, 0, flat.size - 1)
+        idx = order[c]                                   # flat index into [pairs, 2**k]
+        mask_b = idx % n_sub
+        same = (idx // n_sub == pair_of) & (pc[mask_b] == want) & (cand >= 0) & (cand < flat.size)
+        err = np.where(same, np.abs(sa_flat + sb_flat[idx] - tgt), np.inf)
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best_b = np.where(better, mask_b, best_b)
+    best_err = best_err.reshape(pairs, 2**k)
+    best_b = best_b.reshape(pairs, 2**k)
+    ma = best_err.argmin(axis=1)
+    mb = best_b[np.arange(pairs), ma]
+    take = np.concatenate([bits[ma], bits[mb]], axis=1).astype(bool)
+    return take, (free * take).sum(axis=1)
+
+
+def split_pairs(values: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Best split of each pair's ``2k`` items into two packs of ``k``.
+
+    Args:
+        values: ``[pairs, 2k]`` item loads (items of one label carry equal loads).
+        labels: ``[pairs, 2k]`` int labels; items sharing a label are kept on different
+            packs (a label with three or more items in a pair must share a pack once).
+
+    Returns:
+        ``(side [pairs, 2k] bool, heavier [pairs])``: ``side`` marks the ``k`` items of
+        the first pack; ``heavier`` is the larger pack load of the split.  Pairs with
+        more than ``MAX_FREE`` free items per side are returned unchanged (first ``k``
+        items on the first pack).
+    """
+    pairs, n2 = values.shape
+    k = n2 // 2
+    side = np.zeros((pairs, n2), dtype=bool)
+    side[:, :k] = True
+    if pairs == 0 or k == 0:
+        return side, np.zeros(pairs)
+    # Match items of one label two by two (sort labels, pair neighbours within a run).
+    order = np.argsort(labels, axis=1, kind="stable")
+    sl = np.take_along_axis(labels, order, axis=1)
+    start = np.ones((pairs, n2), dtype=bool)
+    start[:, 1:] = sl[:, 1:] != sl[:, :-1]
+    run_start = np.maximum.accumulate(np.where(start, np.arange(n2), 0), axis=1)
+    offset = np.arange(n2) - run_start
+    nxt_same = np.zeros((pairs, n2), dtype=bool)
+    nxt_same[:, :-1] = ~start[:, 1:]
+    first = (offset % 2 == 0) & nxt_same                 # first item of a matched couple
+    second = np.zeros_like(first)
+    second[:, 1:] = first[:, :-1]
+    matched_first = np.zeros((pairs, n2), dtype=bool)
+    matched_second = np.zeros((pairs, n2), dtype=bool)
+    np.put_along_axis(matched_first, order, first, axis=1)
+    np.put_along_axis(matched_second, order, second, axis=1)
+    free_mask = ~(matched_first | matched_second)
+    couples = matched_first.sum(axis=1)
+    fixed_a = (values * matched_first).sum(axis=1)
+    fixed_b = (values * matched_second).sum(axis=1)
+    total_free = (values * free_mask).sum(axis=1)
+    kfree = k - couples
+    heavier = np.full(pairs, np.nan)
+    for kf in np.unique(kfree):
+        rows = np.flatnonzero(kfree == kf)
+        if kf > MAX_FREE:
+            cur = (values[rows] * side[rows]).sum(axis=1)
+            heavier[rows] = np.maximum(cur, values[rows].sum(axis=1) - cur)
+            continue
+        fm = free_mask[rows]
+        free_idx = np.argsort(~fm, axis=1, kind="stable")[:, : 2 * kf]   # free items first
+        s = np.zeros((rows.size, n2), dtype=bool)
+        s[matched_first[rows]] = True
+        if kf > 0:
+            free_vals = np.take_along_axis(values[rows], free_idx, axis=1)
+            # First pack gets fixed_a + S, second fixed_b + (F - S): aim S at the middle.
+            need = (fixed_b[rows] + total_free[rows] - fixed_a[rows]) / 2.0
+            take, got = _mitm(free_vals, need)
+            np.put_along_axis(s, free_idx, take, axis=1)
+        else:
+            got = np.zeros(rows.size)
+        side[rows] = s
+        heavier[rows] = np.maximum(fixed_a[rows] + got, fixed_b[rows] + total_free[rows] - got)
+    return side, heavier
+
+
+def resplit_rounds(
+    values: np.ndarray,
+    labels: np.ndarray,
+    layout: np.ndarray,
+    target: np.ndarray | None = None,
+    max_rounds: int = 1000,
+    segment_size: int = 1,
+    partners: int = 3,
+    deadline: float | None = None,
+) -> tuple[np.ndarray, int]:
+    """Local search by exact pair re-splits (see module docs).
+
+    Args:
+        values: ``[rows, n]`` item loads; labels: ``[rows, n]`` int labels.
+        layout: ``[rows, P, k]`` layout of item indices (not modified).
+        target: optional ``[rows]`` lower bounds: a row at its bound is done.
+        max_rounds: cap on rounds.
+        segment_size: consecutive rows forming one objective (the nodes of a layer);
+            only rows attaining their segment's maximum are worked on.
+        partners: how many of the lightest packs the heaviest pack tries each round.
+        deadline: ``time.perf_counter()`` value; no round starts that the previous
+            round's duration says would end after it.
+
+    Returns:
+        ``(layout, rounds run)``; no row's heaviest pack is ever heavier than before.
+    """
+    rows, P, k = layout.shape
+    layout = layout.copy()
+    if P < 2 or k < 1 or rows == 0:
+        return layout, 0
+    ar_all = np.arange(rows)
+    v = values[ar_all[:, None, None], layout]
+    lab = labels[ar_all[:, None, None], layout]
+    loads = v.sum(axis=2)
+    stuck = np.zeros(rows, dtype=bool)
+    thresh = None if target is None else target * (1 + 1e-12)
+    half = P // 2
+    done_rounds = 0
+    last = 0.0
+    for _ in range(max_rounds):
+        # Do not start a round that would likely end after the deadline.
+        if deadline is not None and time.perf_counter() + last > deadline:
+            break
+        t_round = time.perf_counter()
+        row_max = loads.max(axis=1)
+        ok = ~stuck
+        if thresh is not None:
+            ok &= row_max > thresh
+        if segment_size > 1:
+            seg_max = np.repeat(row_max.reshape(-1, segment_size).max(axis=1), segment_size)
+            ok &= row_max >= seg_max * (1 - 1e-12)
+        active = np.flatnonzero(ok)
+        if active.size == 0:
+            break
+        done_rounds += 1
+        a_n = active.size
+        order = np.argsort(loads[active], axis=1)
+        heavy_first = order[:, ::-1]
+        # Pairs: (i-th heaviest, i-th lightest) for all i, then heaviest with the
+        # 2nd..partners-th lightest (the lightest is already its pair).
+        extra = min(partners, P - 1) - 1
+        ph = np.concatenate([heavy_first[:, :half], np.repeat(heavy_first[:, :1], max(extra, 0), axis=1)], axis=1)
+        pl = np.concatenate([order[:, :half], order[:, 1 : 1 + max(extra, 0)]], axis=1)
+        m = ph.shape[1]
+        r2 = active[:, None]
+        items_v = np.concatenate([v[r2, ph], v[r2, pl]], axis=2).reshape(a_n * m, 2 * k)
+        items_l = np.concatenate([lab[r2, ph], lab[r2, pl]], axis=2).reshape(a_n * m, 2 * k)
+        side, heavier = split_pairs(items_v, items_l)
+        side = side.reshape(a_n, m, 2 * k)
+        heavier = heavier.reshape(a_n, m)
+        old = np.maximum(loads[r2, ph], loads[r2, pl])
+        gain = np.where(heavier < old * (1 - 1e-12), old - heavier, 0.0)
+        # Disjoint pairs are all applied; of the heaviest pack's extra pairs the best
+        # one replaces its own pair when that one gains less.
+        apply = gain[:, :half] > 0
+        h_best = half + gain[:, half:].argmax(axis=1) if extra > 0 else np.zeros(a_n, dtype=np.int64)
+        if extra > 0:
+            swap_in = gain[np.arange(a_n), h_best] > gain[:, 0]
+            # Using an extra pair for the heaviest pack means its own pair (column 0) and
+            # the pair of that partner are not applied.
+            partner = pl[np.arange(a_n), h_best]
+            clash = (pl[:, :half] == partner[:, None]) | (ph[:, :half] == partner[:, None])
+            apply = np.where(swap_in[:, None], apply & ~clash, apply)
+            apply[:, 0] = np.where(swap_in, False, apply[:, 0])
+        changed = np.zeros(a_n, dtype=bool)
+        for use_extra in (False, True):
+            if use_extra:
+                if extra <= 0:
+                    break
+                sel = np.flatnonzero(swap_in)
+                col = h_best[sel]
+            else:
+                sel_r, col = np.nonzero(apply)
+                sel = sel_r
+            if sel.size == 0:
+                continue
+            rr = active[sel]
+            hp, lp = ph[sel, col], pl[sel, col]
+            sv = np.concatenate([v[rr, hp], v[rr, lp]], axis=1)
+            sl_ = np.concatenate([lab[rr, hp], lab[rr, lp]], axis=1)
+            sl_idx = np.concatenate([layout[rr, hp], layout[rr, lp]], axis=1)
+            sd = side[sel, col]
+            o = np.argsort(~sd, axis=1, kind="stable")            # first pack's items first
+            sv, sl_, sl_idx = (np.take_along_axis(x, o, axis=1) for x in (sv, sl_, sl_idx))
+            v[rr, hp], v[rr, lp] = sv[:, :k], sv[:, k:]
+            lab[rr, hp], lab[rr, lp] = sl_[:, :k], sl_[:, k:]
+            layout[rr, hp], layout[rr, lp] = sl_idx[:, :k], sl_idx[:, k:]
+            loads[rr, hp] = v[rr, hp].sum(axis=1)
+            loads[rr, lp] = v[rr, lp].sum(axis=1)
+            changed[sel] = True
+        # A row where no pair could be improved is stuck (a local optimum for pair
+        # re-splits); otherwise its heaviest pack may find a partner next round.
+        stuck[active[~changed]] = True
+        last = time.perf_counter() - t_round
+    return layout, done_rounds
