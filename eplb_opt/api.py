@@ -44,6 +44,9 @@ class SolveResult:
         policy: the policy applied, ``"hierarchical"`` or ``"global"``.
         bounds: the bound components (see :mod:`eplb_opt.bounds`).
         tolerance: the gap tolerance used for ``status``.
+        conditional_bound: ``[L]`` float, exact mode only: bounds a CP-SAT model proved
+            for the plan's replica counts and group placement (NaN where none).  They
+            hold only for those choices and are never merged into ``lower_bound``.
     """
 
     plan: Plan
@@ -59,6 +62,7 @@ class SolveResult:
     policy: str
     bounds: Bounds = field(repr=False)
     tolerance: float = 1e-4
+    conditional_bound: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def balancedness_ceiling(self) -> float:
@@ -243,6 +247,7 @@ def solve(
     lb = bounds.lower_bound.copy()
     events: list[str] = []
     attempted = np.zeros(L, dtype=bool)
+    conditional = None
 
     if problem.mode == "exact":
         budget = 10.0 if problem.time_limit is None else problem.time_limit
@@ -282,6 +287,7 @@ def solve(
             proven = outcome.proven
             better = np.isfinite(proven) & (proven > lb)
             lb[better] = proven[better]
+            conditional = outcome.conditional
 
     plan = Plan.from_numpy(phy2log, problem.num_experts)
     slots = slot_loads(w, phy2log)
@@ -310,6 +316,7 @@ def solve(
         policy=problem.policy,
         bounds=bounds,
         tolerance=tol,
+        conditional_bound=conditional,
     )
 
 

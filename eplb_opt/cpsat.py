@@ -6,9 +6,14 @@ solve, read-out):
 * :func:`solve_neighbourhood`: re-place the items of a few GPUs of one sub-problem
   (a layer, or a layer's node), exactly ``k`` per GPU, minimising the heaviest of them;
   the large-neighbourhood step of exact mode.
+* :func:`solve_fixed_counts`: a whole sub-problem for its current replica counts, with
+  integer replica numbers ``n[e, g]`` per GPU, warm-started from the current plan; its
+  proven bound holds only for those counts (a *conditional* bound).
 * :func:`solve_complete`: a whole sub-problem with replica counts free (a menu of counts
   per expert) and integer replica numbers ``n[e, g]`` per GPU; used where it is small
   enough to be proved optimal.  Its proven bound is valid with counts free.
+* :func:`solve_groups`: groups to nodes, exactly ``num_groups / N`` per node, minimising
+  the heaviest node (where enumeration is too big).
 
 Loads are scaled to integers: exactly (by a common multiple of the counts) when the
 loads are integers and the sums fit comfortably in int64, otherwise rounded, in which
@@ -24,7 +29,16 @@ from typing import Sequence
 import numpy as np
 from ortools.sat.python import cp_model
 
-__all__ = ["Scaling", "scale_loads", "solve_neighbourhood", "solve_complete", "CompleteResult"]
+__all__ = [
+    "CompleteResult",
+    "FixedResult",
+    "Scaling",
+    "scale_loads",
+    "solve_complete",
+    "solve_fixed_counts",
+    "solve_groups",
+    "solve_neighbourhood",
+]
 
 # Largest scaled sum we allow (well inside int64 and CP-SAT's domain limits).
 _MAX_SUM = 2**50
@@ -278,3 +292,186 @@ def solve_complete(
                 fill[g] += 1
     gpu = np.array([sum(w[e] / counts[e] for e in place[g]) for g in range(G)])
     return CompleteResult(counts, place, float(gpu.max()), bound, status == cp_model.OPTIMAL)
+
+
+@dataclass(frozen=True)
+class FixedResult:
+    """Outcome of :func:`solve_fixed_counts`: ``placement`` ``[G, k]`` expert indices (or
+    ``None`` when nothing better than the hint was found), and ``bound``, a proven lower
+    bound (input units, corrected outward for rounding) valid only for these counts."""
+
+    placement: np.ndarray | None
+    bound: float | None
+    optimal: bool
+
+
+def _relabel(place: np.ndarray, weights: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """GPU order of a placement that satisfies the symmetry breaking of
+    :func:`solve_fixed_counts`: the j-th heaviest single-replica expert sits on GPU <= j."""
+    G = place.shape[0]
+    singles = np.flatnonzero(counts == 1)
+    singles = singles[np.argsort(-weights[singles], kind="stable")]
+    gpu_of = {}
+    for g in range(G):
+        for e in place[g]:
+            gpu_of.setdefault(int(e), g)
+    order: list[int] = []
+    for e in singles:
+        g = gpu_of[int(e)]
+        if g not in order:
+            order.append(g)
+    order += [g for g in range(G) if g not in order]
+    return place[order]
+
+
+def solve_fixed_counts(
+    weights: np.ndarray,
+    counts: np.ndarray,
+    num_gpus: int,
+    hint: np.ndarray,
+    lower: float,
+    time_limit: float,
+    relative_gap: float,
+    seed: int = 0,
+    workers: int = 1,
+    deterministic: bool = False,
+    forbid_duplicates: bool = True,
+) -> FixedResult:
+    """A whole sub-problem for fixed replica counts.
+
+    Variables ``n[e, g]`` (replicas of expert ``e`` on GPU ``g``, ``0..c_e``, at most 1
+    when duplicates are forbidden and ``c_e <= G``), exactly ``k`` per GPU, objective the
+    heaviest GPU ``T`` with domain ``[lower, hint's max]``.  GPUs are interchangeable; the
+    j-th heaviest single-replica expert may only use GPUs ``0..j``, and the complete hint
+    is relabelled to match.
+
+    Args:
+        weights, counts: ``[E]`` loads and replica counts of the sub-problem.
+        num_gpus: ``G``.
+        hint: ``[G, k]`` current placement (expert indices).
+        lower: a certified lower bound (input units), the start of ``T``'s domain.
+        time_limit: seconds (deterministic units when ``deterministic``).
+        relative_gap: stop when within this relative gap.
+    """
+    # Data.
+    w = np.asarray(weights, dtype=np.float64)
+    c = np.asarray(counts, dtype=np.int64)
+    E, G = w.size, num_gpus
+    k = int(c.sum()) // G
+    sc = scale_loads(w, c, k)
+    unit = sc.ints
+    hint = _relabel(np.asarray(hint), w, c)
+    hint_loads = np.array([int(unit[hint[g]].sum()) for g in range(G)])
+    lo = int(np.floor(lower * sc.factor)) - (0 if sc.exact else k)
+    lo = max(0, min(lo, int(hint_loads.max())))
+    # Variables.
+    model = cp_model.CpModel()
+    n = [
+        [model.NewIntVar(0, int(1 if (forbid_duplicates and c[e] <= G) else c[e]), "") for _ in range(G)]
+        for e in range(E)
+    ]
+    top = model.NewIntVar(lo, int(hint_loads.max()), "top")
+    # Constraints.
+    for e in range(E):
+        model.Add(sum(n[e]) == int(c[e]))
+    for g in range(G):
+        model.Add(sum(n[e][g] for e in range(E)) == k)
+        model.Add(sum(int(unit[e]) * n[e][g] for e in range(E)) <= top)
+    singles = np.flatnonzero(c == 1)
+    singles = singles[np.argsort(-w[singles], kind="stable")]
+    for j, e in enumerate(singles[: G - 1]):
+        for g in range(j + 1, G):
+            model.Add(n[e][g] == 0)
+    # Complete hint, relabelled above.
+    for g in range(G):
+        on = np.bincount(hint[g], minlength=E)
+        for e in range(E):
+            model.AddHint(n[e][g], int(on[e]))
+    model.AddHint(top, int(hint_loads.max()))
+    # Objective.
+    model.Minimize(top)
+    # Solve.
+    solver = cp_model.CpSolver()
+    solver.parameters.num_workers = max(1, int(workers))
+    solver.parameters.random_seed = int(seed)
+    solver.parameters.relative_gap_limit = float(relative_gap)
+    if deterministic:
+        solver.parameters.interleave_search = True
+        solver.parameters.max_deterministic_time = max(time_limit, 1e-3)
+    else:
+        solver.parameters.max_time_in_seconds = max(time_limit, 1e-3)
+    status = solver.Solve(model)
+    # Read-out.
+    bound = None
+    if status in (cp_model.OPTIMAL, cp_model.FEASIBLE, cp_model.UNKNOWN):
+        bound = max(0.0, float(solver.BestObjectiveBound()) / sc.factor - (0.0 if sc.exact else k * sc.error))
+    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        return FixedResult(None, bound, False)
+    place = np.empty((G, k), dtype=np.int64)
+    fill = [0] * G
+    for e in range(E):
+        for g in range(G):
+            for _ in range(int(solver.Value(n[e][g]))):
+                place[g, fill[g]] = e
+                fill[g] += 1
+    return FixedResult(place, bound, status == cp_model.OPTIMAL)
+
+
+def solve_groups(
+    group_loads: np.ndarray,
+    num_nodes: int,
+    hint: np.ndarray,
+    time_limit: float,
+    seed: int = 0,
+    deterministic: bool = False,
+) -> tuple[np.ndarray | None, float | None, bool]:
+    """Groups to nodes, ``num_groups / N`` per node, minimising the heaviest node.
+
+    Args:
+        group_loads: ``[num_groups]`` loads.
+        hint: ``[num_groups]`` current node of each group.
+
+    Returns:
+        ``(node_of_group or None, proven lower bound on the heaviest node or None,
+        optimal)``; the bound is valid over all assignments (rounding corrected).
+    """
+    gl = np.asarray(group_loads, dtype=np.float64)
+    Gr, N = gl.size, num_nodes
+    m = Gr // N
+    sc = scale_loads(gl, np.ones(Gr, dtype=np.int64), m)
+    v = sc.ints
+    model = cp_model.CpModel()
+    x = [[model.NewBoolVar("") for _ in range(N)] for _ in range(Gr)]
+    top = model.NewIntVar(0, int(v.sum()), "top")
+    for g in range(Gr):
+        model.AddExactlyOne(x[g])
+    for n in range(N):
+        model.Add(sum(x[g][n] for g in range(Gr)) == m)
+        model.Add(sum(int(v[g]) * x[g][n] for g in range(Gr)) <= top)
+    # Nodes are interchangeable: group 0 on node 0; the j-th group on nodes <= j.
+    for g in range(min(Gr, N)):
+        for n in range(g + 1, N):
+            model.Add(x[g][n] == 0)
+    # Relabel the hint: nodes in order of their lowest group.
+    first = {}
+    for g in range(Gr):
+        first.setdefault(int(hint[g]), len(first))
+    for g in range(Gr):
+        for n in range(N):
+            model.AddHint(x[g][n], int(first[int(hint[g])] == n))
+    model.Minimize(top)
+    solver = cp_model.CpSolver()
+    solver.parameters.num_workers = 1
+    solver.parameters.random_seed = int(seed)
+    if deterministic:
+        solver.parameters.max_deterministic_time = max(time_limit, 1e-3)
+    else:
+        solver.parameters.max_time_in_seconds = max(time_limit, 1e-3)
+    status = solver.Solve(model)
+    bound = None
+    if status in (cp_model.OPTIMAL, cp_model.FEASIBLE, cp_model.UNKNOWN):
+        bound = max(0.0, float(solver.BestObjectiveBound()) / sc.factor - (0.0 if sc.exact else m * sc.error))
+    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        return None, bound, False
+    node = np.array([[solver.BooleanValue(b) for b in x[g]].index(True) for g in range(Gr)])
+    return node, bound, status == cp_model.OPTIMAL

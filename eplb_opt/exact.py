@@ -44,6 +44,13 @@ COUNT_SHARE = 0.7
 MIN_SOLVE = 0.005
 # Wall time to load OR-Tools the first time (measured here: ~0.4 s).
 IMPORT_SECONDS = 0.6
+# Deterministic mode: wall seconds one candidate-item of a count move takes here
+# (measured: a 40-candidate step on 320 items, 20 re-split rounds, ~3 s).
+SECONDS_PER_CANDIDATE_ITEM = 2.3e-4
+# Whole-sub-problem models (fixed counts) are built up to this many n[e, g] variables,
+# with this share of the time left before the neighbourhood search.
+FIXED_LIMIT = 2500
+FIXED_SHARE = 0.5
 
 
 @dataclass
@@ -54,8 +61,10 @@ class ExactOutcome:
         phy2log: ``[L, R]`` refined placement.
         counts_changed: layers whose replica counts phase 1 changed.
         attempted: ``[L]`` bool, layers some exact phase worked on.
-        proven: ``[L]`` float, bounds proved by complete models (valid with counts and
-            placement free; NaN where none), in input units.
+        proven: ``[L]`` float, bounds proved by complete models or the group model
+            (valid with counts and placement free; NaN where none), in input units.
+        conditional: ``[L]`` float, bounds proved for the plan's replica counts and group
+            placement only (NaN where none); never merged into the certified bound.
         events: short notes (skips, timeouts, failures).
     """
 
@@ -63,6 +72,111 @@ class ExactOutcome:
     attempted: np.ndarray
     proven: np.ndarray
     events: list[str] = field(default_factory=list)
+    conditional: np.ndarray | None = None
+
+
+def _fixed_size(experts: int, gpus: int) -> int:
+    return experts * gpus
+
+
+def _groups_exact(num_groups: int, num_nodes: int) -> bool:
+    """Whether the heuristic group step is already exact (as heuristics.grouping)."""
+    from heuristics import ENUMERATION_LIMIT, num_partitions
+
+    m = num_groups // num_nodes
+    return num_nodes == 1 or m <= 2 or num_partitions(num_groups, num_nodes) <= ENUMERATION_LIMIT
+
+
+def _groups_by_cpsat(
+    w: np.ndarray,
+    p: np.ndarray,
+    layers: np.ndarray,
+    *,
+    R: int,
+    G: int,
+    N: int,
+    num_groups: int,
+    deadline: float,
+    budget: float,
+    deterministic: bool,
+    seed: int,
+    proven: np.ndarray,
+    events: list[str],
+    allow_duplicates: bool,
+    cpsat,
+) -> np.ndarray:
+    """Groups to nodes exactly by CP-SAT where enumeration is too big; re-plans a layer
+    whose heaviest node gets lighter.  A proven optimum of the heaviest node, over its GPUs,
+    bounds every plan (certified)."""
+    from heuristics import place
+
+    L, E = w.shape
+    gs = E // num_groups
+    gpn = G // N
+    p = p.copy()
+    share_end = time.perf_counter() + 0.2 * max(0.0, deadline - time.perf_counter())
+    improved = 0
+    for i, l in enumerate(layers):
+        if not deterministic and time.perf_counter() >= share_end:
+            events.append("group placement: time share ran out before every layer was solved")
+            break
+        gl = w[l].reshape(num_groups, gs).sum(axis=1)
+        hint = np.empty(num_groups, dtype=np.int64)
+        for n in range(N):
+            for g in np.unique(p[l].reshape(N, R // N)[n] // gs):
+                hint[g] = n
+        limit = (budget / max(len(layers), 1) / 10) if deterministic else max(
+            0.01, (share_end - time.perf_counter()) / (len(layers) - i)
+        )
+        try:
+            node, bound, optimal = cpsat.solve_groups(gl, N, hint, limit, seed=seed, deterministic=deterministic)
+        except Exception as exc:  # noqa: BLE001 - a solver failure keeps the plan
+            msg = f"layer {l}: CP-SAT group placement failed ({type(exc).__name__}: {exc}); kept the plan"
+            events.append(msg)
+            warnings.warn(msg, RuntimeWarning, stacklevel=3)
+            continue
+        if bound is not None and optimal:
+            proven[l] = np.fmax(proven[l], bound / gpn * (1 - 1e-12))
+        if node is None:
+            continue
+        cur_node = np.array([gl[hint == n].sum() for n in range(N)]).max()
+        new_node = np.array([gl[node == n].sum() for n in range(N)]).max()
+        if new_node < cur_node * (1 - 1e-12):
+            alt = place(w[l : l + 1], R, num_groups, N, G, node_of_group=node[None, :],
+                        allow_duplicates=allow_duplicates).phy2log[0]
+            if _gpu_loads(w[l : l + 1], alt[None], G).max() < _gpu_loads(w[l : l + 1], p[l : l + 1], G).max():
+                p[l] = alt
+                improved += 1
+    if improved:
+        events.append(f"group placement improved by CP-SAT on {improved} layer(s)")
+    return p
+
+
+def _jumps(w: np.ndarray, c: np.ndarray, multi: np.ndarray, cap: int, max_jump: int) -> np.ndarray:
+    """Count vectors where one expert of ``multi`` gives away (or takes) ``t`` replicas,
+    ``t = 2..max_jump``, the others following the greedy rule; ``[n, len(w)]``."""
+    out = []
+    for e in multi:
+        for t in range(2, max_jump + 1):
+            if c[e] - t >= 1:                                  # give t away
+                nc = c.copy()
+                nc[e] -= t
+                for _ in range(t):
+                    ratio = np.where((nc < cap) & (np.arange(len(w)) != e), w / nc, -np.inf)
+                    nc[int(ratio.argmax())] += 1
+                out.append(nc)
+            if c[e] + t <= cap:                                # take t
+                nc = c.copy()
+                nc[e] += t
+                for _ in range(t):
+                    ratio = np.where((nc > 1) & (np.arange(len(w)) != e), w / np.maximum(nc - 1, 1), np.inf)
+                    j = int(ratio.argmin())
+                    if not np.isfinite(ratio[j]):
+                        break
+                    nc[j] -= 1
+                if nc.sum() == c.sum():
+                    out.append(nc)
+    return np.array(out, dtype=np.int64).reshape(-1, len(w))
 
 
 def _complete_size(num_experts: int, num_replicas: int, num_gpus: int) -> int:
@@ -224,6 +338,7 @@ def refine(
     events: list[str] = []
     attempted = np.zeros(L, dtype=bool)
     proven = np.full(L, np.nan)
+    conditional = np.full(L, np.nan)
     tol = tolerance
 
     def out_of_time() -> bool:
@@ -239,7 +354,7 @@ def refine(
     if skipped:
         events.append(f"solver skipped on {skipped} layer(s): certified gap already within tolerance {tol:g}")
     if open_layers.size == 0:
-        return ExactOutcome(p, attempted, proven, events)
+        return ExactOutcome(p, attempted, proven, events, conditional)
 
     # Phase 1: complete models where the whole problem is small.
     if N == 1 and _complete_size(E, R, G) <= COMPLETE_LIMIT:
@@ -270,14 +385,27 @@ def refine(
                 p[l] = res.placement.ravel()
             if not res.optimal:
                 events.append(f"layer {l}: complete model timed out (kept the best plan found)")
-        return ExactOutcome(p, attempted, proven, events)
+        return ExactOutcome(p, attempted, proven, events, conditional)
     if N > 1 and _hier_complete_ok(E, R, G, N, num_groups):
         p = _complete_hierarchical(
             w, p, open_layers, R=R, G=G, N=N, num_groups=num_groups, deadline=deadline,
             budget=budget, deterministic=deterministic, seed=seed, workers=workers,
             allow_duplicates=allow_duplicates, attempted=attempted, proven=proven, events=events,
         )
-        return ExactOutcome(p, attempted, proven, events)
+        return ExactOutcome(p, attempted, proven, events, conditional)
+
+    # Phase 0 (hierarchical, groups too many to enumerate): groups to nodes by CP-SAT.
+    if N > 1 and not _groups_exact(num_groups, N) and not out_of_time():
+        if "ortools.sat.python.cp_model" in sys.modules or deadline - time.perf_counter() > IMPORT_SECONDS:
+            from . import cpsat
+
+            p = _groups_by_cpsat(
+                w, p, open_layers, R=R, G=G, N=N, num_groups=num_groups, deadline=deadline,
+                budget=budget, deterministic=deterministic, seed=seed, proven=proven,
+                events=events, allow_duplicates=allow_duplicates, cpsat=cpsat,
+            )
+            loads = _gpu_loads(w, p, G)
+            open_layers = np.flatnonzero(layer_gap(loads) > tol)
 
     # Phase 2: exact pair re-splits, all open layers at once.
     rows = L * N
@@ -293,7 +421,7 @@ def refine(
         lay, _ = resplit_rounds(
             values[open_rows], slots[open_rows], layout[open_rows],
             target=np.repeat(lower_bound, N)[open_rows],
-            max_rounds=200 if deterministic else 10_000,
+            max_rounds=int(5 + 5 * budget) if deterministic else 10_000,
             segment_size=N, partners=P - 1,
             deadline=None if deterministic else deadline,
         )
@@ -313,7 +441,8 @@ def refine(
         phase_end = time.perf_counter() + COUNT_SHARE * max(0.0, deadline - time.perf_counter())
         p, moved = _count_moves(
             w, p, todo, G=G, N=N, lower_bound=lower_bound, tol=tol, deadline=phase_end,
-            deterministic=deterministic, max_steps=max(2, int(4 * budget)) if deterministic else 1000,
+            deterministic=deterministic, max_steps=1000,
+            work=(COUNT_SHARE * budget / SECONDS_PER_CANDIDATE_ITEM) if deterministic else None,
             allow_duplicates=allow_duplicates,
         )
         if moved:
@@ -326,10 +455,10 @@ def refine(
     gaps = layer_gap(loads)
     todo = [int(l) for l in np.argsort(-gaps) if gaps[l] > tol]
     if not todo or P < 3:
-        return ExactOutcome(p, attempted, proven, events)
+        return ExactOutcome(p, attempted, proven, events, conditional)
     if out_of_time():
         events.append(f"time ran out before CP-SAT on {len(todo)} layer(s) above tolerance")
-        return ExactOutcome(p, attempted, proven, events)
+        return ExactOutcome(p, attempted, proven, events, conditional)
 
     if not deterministic and "ortools.sat.python.cp_model" not in sys.modules and (
         deadline - time.perf_counter() < IMPORT_SECONDS
@@ -338,13 +467,63 @@ def refine(
             f"CP-SAT skipped on {len(todo)} layer(s) above tolerance: loading OR-Tools "
             "would overrun the deadline (it loads once per process)"
         )
-        return ExactOutcome(p, attempted, proven, events)
+        return ExactOutcome(p, attempted, proven, events, conditional)
     from . import cpsat  # OR-Tools is imported only when a model is built
 
-    iters_per_layer = max(4, int(40 * budget / max(len(todo), 1))) if deterministic else None
+    # Phase 3b: the whole sub-problem for its counts (n[e, g] model, warm-started), where
+    # it is small enough to build quickly; its bound is conditional on the counts.
+    phase_end = time.perf_counter() + FIXED_SHARE * max(0.0, deadline - time.perf_counter())
+    for i, l in enumerate(list(todo)):
+        if _fixed_size(E // N, P) > FIXED_LIMIT:
+            break
+        if not deterministic and time.perf_counter() >= phase_end:
+            break
+        share = max(0.0, phase_end - time.perf_counter()) / (len(todo) - i)
+        cnt_l = np.bincount(p[l], minlength=E)
+        nodes = p[l].reshape(N, R // N)
+        node_loads = (w[l] / np.maximum(cnt_l, 1))[nodes].reshape(N, P, k).sum(axis=2)
+        n = int(node_loads.max(axis=1).argmax())
+        ex = np.unique(nodes[n])
+        local = np.searchsorted(ex, nodes[n]).reshape(P, k)
+        try:
+            res = cpsat.solve_fixed_counts(
+                w[l, ex], cnt_l[ex], P, local, lower_bound[l],
+                time_limit=(budget / max(len(todo), 1) / 4) if deterministic else share,
+                relative_gap=tol, seed=seed, workers=workers, deterministic=deterministic,
+                forbid_duplicates=not allow_duplicates,
+            )
+        except Exception as exc:  # noqa: BLE001 - a solver failure keeps the plan
+            msg = f"layer {l} node {n}: CP-SAT (fixed counts) failed ({type(exc).__name__}: {exc}); kept the plan"
+            events.append(msg)
+            warnings.warn(msg, RuntimeWarning, stacklevel=3)
+            continue
+        if res.bound is not None:
+            conditional[l] = max(res.bound, lower_bound[l])
+        if res.placement is not None:
+            new_loads = (w[l, ex] / cnt_l[ex])[res.placement].sum(axis=1)
+            if new_loads.max() < node_loads[n].max() * (1 - 1e-12):
+                p[l, n * (R // N) : (n + 1) * (R // N)] = ex[res.placement].ravel()
+    loads = _gpu_loads(w, p, G)
+    cnt = np.bincount((p + (np.arange(L) * E)[:, None]).ravel(), minlength=L * E).reshape(L, E)
+    per = w / np.maximum(cnt, 1)
+    gaps = layer_gap(loads)
+    todo = [int(l) for l in np.argsort(-gaps) if gaps[l] > tol]
+    if not todo or out_of_time():
+        return ExactOutcome(p, attempted, proven, events, conditional)
+
+    iters_per_layer = max(2, int(10 * budget / max(len(todo), 1))) if deterministic else None
     nb_time = NEIGHBOURHOOD_TIME
 
     def work(l: int) -> tuple[int, np.ndarray, list[str]]:
+        # A crash in one layer's search keeps that layer's plan and loses no other work.
+        try:
+            return _work(l)
+        except Exception as exc:  # noqa: BLE001
+            msg = f"layer {l}: CP-SAT search crashed ({type(exc).__name__}: {exc}); kept the plan"
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+            return l, p[l].copy(), [msg]
+
+    def _work(l: int) -> tuple[int, np.ndarray, list[str]]:
         notes: list[str] = []
         rng = np.random.default_rng([seed, l])
         sl = p[l].reshape(N, P, k).copy()
@@ -402,7 +581,7 @@ def refine(
         for l, new_row, notes in pool.map(work, todo):
             p[l] = new_row
             events.extend(notes)
-    return ExactOutcome(p, attempted, proven, events)
+    return ExactOutcome(p, attempted, proven, events, conditional)
 
 
 def _count_moves(
@@ -419,6 +598,7 @@ def _count_moves(
     max_steps: int,
     allow_duplicates: bool,
     singles: int = 4,
+    work: float | None = None,
 ) -> tuple[np.ndarray, int]:
     """Improve stuck layers by moving one replica between experts of the node that sets
     the layer's maximum (see :func:`refine`); returns ``(phy2log, layers changed)``."""
@@ -428,14 +608,22 @@ def _count_moves(
     rn = R // N
     p = p.copy()
     changed = 0
+    # Deterministic budget: `work` candidate-items in all, shared by the layers (largest
+    # gap first); every layer gets at least one step while any work is left.
+    left = work
     for i, l in enumerate(layers):
         improved_layer = False
+        if left is not None and left <= 0:
+            break
+        allowance = None if left is None else left / (len(layers) - i)
         # This layer's share of the time left.
         layer_end = time.perf_counter() + max(0.0, deadline - time.perf_counter()) / (len(layers) - i)
         last = 0.0
         for _ in range(max_steps):
             # Do not start a step the previous one says would end after the deadline.
             if not deterministic and time.perf_counter() + last >= min(layer_end + last / 2, deadline):
+                break
+            if allowance is not None and allowance <= 0:
                 break
             t_step = time.perf_counter()
             nodes = p[l].reshape(N, rn)
@@ -458,11 +646,19 @@ def _count_moves(
             d, r = np.meshgrid(multi, recv, indexing="ij")
             keep = (d != r) & (cr[r] < cap)
             d, r = d[keep], r[keep]
-            if d.size == 0:
-                break
             cand = np.repeat(cr[None, :], d.size, axis=0)
             cand[np.arange(d.size), d] -= 1
             cand[np.arange(d.size), r] += 1
+            # Bigger moves: an expert with several replicas gives t of them (t = 2..4)
+            # to the experts the greedy rule would pick, or takes t from those it would
+            # give up first; a count's granularity can need a jump to clear a layer.
+            cand = np.concatenate([cand, _jumps(wr, cr, multi, cap, max_jump=4)], axis=0)
+            if cand.shape[0] == 0:
+                break
+            if allowance is not None:
+                allowance -= cand.shape[0] * rn
+                left -= cand.shape[0] * rn
+            d = np.arange(cand.shape[0])  # candidate index (sizes below)
             wrow = np.repeat(wr[None, :], d.size, axis=0)
             lb_row = np.full(d.size, lower_bound[l])
             local = pack_rows(wrow, cand, P, refine_rounds=8, allow_duplicates=allow_duplicates, target=lb_row)
@@ -470,7 +666,7 @@ def _count_moves(
             lay, _ = resplit_rounds(
                 vals.reshape(d.size, -1), local.reshape(d.size, -1),
                 np.broadcast_to(np.arange(P * k).reshape(1, P, k), (d.size, P, k)),
-                target=lb_row, max_rounds=60, partners=min(P - 1, 8),
+                target=lb_row, max_rounds=20 if deterministic else 60, partners=min(P - 1, 8),
                 deadline=None if deterministic else layer_end,
             )
             flat = np.take_along_axis(local.reshape(d.size, -1), lay.reshape(d.size, -1), axis=1)

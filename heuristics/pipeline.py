@@ -51,6 +51,7 @@ def place(
     num_gpus: int,
     refine_rounds: int | None = None,
     allow_duplicates: bool = True,
+    node_of_group: np.ndarray | None = None,
 ) -> Placement:
     """Heuristic placement under the hierarchical policy (pass ``num_groups =
     num_nodes = 1`` for the global policy).
@@ -66,6 +67,8 @@ def place(
             module default ``heuristics.packing.DEFAULT_REFINE_ROUNDS``, read at call time).
         allow_duplicates: when False no GPU holds two replicas of one expert (needs at
             most ``E / N`` slots per GPU).
+        node_of_group: optional ``[L, num_groups]`` group-to-node assignment to use
+            (``num_groups / N`` groups per node) instead of computing one.
 
     Returns:
         :class:`Placement`.  Only the shape rules above are checked here; callers
@@ -100,7 +103,14 @@ def place(
 
     # 1. Groups to nodes.
     group_load = w.reshape(num_layers, num_groups, group_size).sum(axis=2)
-    node_of_group, _, exact = groups_to_nodes(group_load, num_nodes)
+    if node_of_group is None:
+        node_of_group, _, exact = groups_to_nodes(group_load, num_nodes)
+    else:
+        node_of_group = np.asarray(node_of_group, dtype=np.int64)
+        per_node = np.stack([(node_of_group == n).sum(axis=1) for n in range(num_nodes)], axis=1)
+        if node_of_group.shape != group_load.shape or (per_node != num_groups // num_nodes).any():
+            raise ValueError("node_of_group must give every node num_groups / num_nodes groups per layer")
+        exact = False
     group_order = np.argsort(node_of_group, axis=1, kind="stable")           # groups by node
     node_experts = (group_order[:, :, None] * group_size + np.arange(group_size)).reshape(
         num_layers * num_nodes, experts_per_node
