@@ -51,42 +51,6 @@ def plot(out: Path, data: dict) -> str | None:
     return name
 
 
-def frontier(rounds: list[int], repeats: int) -> list[dict]:
-    """Speed/quality trade-off of the refinement-round cap: for each cap, how many suite
-    workloads are at least as balanced as DeepSeek in-window, and the prefill speed-up."""
-    import heuristics.packing as hp
-
-    ds = deepseek_rebalance()
-    saved = hp.DEFAULT_REFINE_ROUNDS
-    out = []
-    try:
-        for r in rounds:
-            hp.DEFAULT_REFINE_ROUNDS = r
-            diffs = []
-            for name in SUITE:
-                p = PRESETS[name]
-                topo = (p.num_replicas, p.num_groups, p.num_nodes, p.num_gpus)
-                for seed in SEEDS:
-                    w = generate(name, windows=1, seed=seed)[0]
-                    ours = eplb_opt.rebalance_experts(w, *topo)[0].numpy()
-                    theirs = ds(torch.from_numpy(w), *topo)[0].numpy()
-                    diffs.append(_bal(w, ours, p.num_gpus) - _bal(w, theirs, p.num_gpus))
-            sp = speed(PRESETS[SPEED_PRESET], repeats)
-            out.append({
-                "rounds": r,
-                "wins": int(sum(d >= -1e-12 for d in diffs)),
-                "workloads": len(diffs),
-                "worst_diff": float(min(diffs)),
-                "speedup_rebalance": sp["speedup_rebalance"],
-                "median_rebalance_s": sp["median_s"]["rebalance_experts"],
-            })
-            print(f"  rounds {r}: {out[-1]['wins']}/{len(diffs)} >= DeepSeek, "
-                  f"prefill {sp['speedup_rebalance']:.1f}x", file=sys.stderr)
-    finally:
-        hp.DEFAULT_REFINE_ROUNDS = saved
-    return out
-
-
 def _core_section(out: Path, data: dict) -> list[str]:
     data["plot"] = plot(out, data)
     q = data["quality"]

@@ -186,7 +186,6 @@ def _complete_size(num_experts: int, num_replicas: int, num_gpus: int) -> int:
 
 def _hier_complete_ok(E: int, R: int, G: int, N: int, num_groups: int) -> bool:
     """Small enough to solve every node content completely and enumerate assignments."""
-    from itertools import combinations  # noqa: F401 - documents the enumeration below
     from math import comb
 
     from heuristics import ENUMERATION_LIMIT, num_partitions
@@ -233,7 +232,6 @@ def _complete_hierarchical(
     L, E = w.shape
     gs, m = E // num_groups, num_groups // N
     rn, gpn = R // N, G // N
-    k = R // G
     contents = list(combinations(range(num_groups), m))
     parts = equal_partitions(num_groups, N)
     index = {c: i for i, c in enumerate(contents)}

@@ -15,7 +15,7 @@ so ``max_node_load / gpus_per_node`` caps the whole layer.  This step therefore 
 from __future__ import annotations
 
 from functools import lru_cache
-from math import comb, factorial
+from math import factorial
 
 import numpy as np
 

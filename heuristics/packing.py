@@ -499,10 +499,8 @@ def _heavy_multi_swaps(
 
     Returns ``(accepted, a slot, partner, b slot)``, each ``[a, 1 + q]``.
     """
-    a_n = rows.size
     k = st.v.shape[2]
     q = min(k, order.shape[1] - 1)
-    ar = np.arange(a_n)
     val0, a0, p0, b0 = best
     items = np.argsort(-st.v[rows, h], axis=1)[:, :q]                 # heaviest first
     part = order[:, :q]                                               # lightest first

@@ -144,3 +144,27 @@ def test_rebalance_experts_exact_mode():
     eplb_opt.verify(p, 12, 16, 8, num_groups=4, num_nodes=2, hierarchical=True, log2phy=m, logcnt=c)
     loads = eplb_opt.gpu_loads(w.numpy(), p.numpy(), 8).max(axis=1)
     assert np.allclose(loads, [151.0, 179.5])
+
+
+def test_group_placement_beyond_enumeration_is_solved_and_valid():
+    # 24 groups on 6 nodes (4 per node): far too many partitions to enumerate.
+    from heuristics import ENUMERATION_LIMIT, num_partitions
+
+    assert num_partitions(24, 6) > ENUMERATION_LIMIT
+    rng = np.random.default_rng(9)
+    w = np.round(rng.pareto(1.5, size=(2, 48)) * 30 + 1)
+    kw = dict(num_replicas=60, num_groups=24, num_nodes=6, num_gpus=12)
+    h = eplb_opt.solve(w, **kw)
+    e = eplb_opt.solve(w, **kw, mode="exact", time_limit=3)
+    assert plan_violations(e.plan.phy2log, 48, 60, 12, num_groups=24, num_nodes=6, hierarchical=True) == []
+    assert (e.max_load <= h.max_load * (1 + 1e-12)).all()
+    assert (e.lower_bound >= h.lower_bound).all() and (e.lower_bound <= e.max_load * (1 + 1e-12)).all()
+
+
+def test_conditional_bounds_are_reported_apart():
+    w = moderate(4, L=2)
+    e = eplb_opt.solve(w, num_replicas=80, num_gpus=16, mode="exact", time_limit=2, tolerance=0.0)
+    assert e.conditional_bound is not None and e.conditional_bound.shape == (2,)
+    finite = np.isfinite(e.conditional_bound)
+    # Conditional bounds hold for the plan's counts: never above its max load.
+    assert (e.conditional_bound[finite] <= e.max_load[finite] * (1 + 1e-9)).all()

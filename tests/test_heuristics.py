@@ -1,7 +1,5 @@
 """The numpy heuristics on their own: counts, group placement, packing."""
 
-from itertools import combinations
-
 import numpy as np
 import pytest
 
@@ -42,7 +40,6 @@ def test_replica_counts_rejects_bad_shapes():
 
 
 def brute_min_max_partition(loads, nodes):
-    m = len(loads) // nodes
     best = np.inf
     for part in H.equal_partitions(len(loads), nodes):
         best = min(best, max(loads[part == b].sum() for b in range(nodes)))
@@ -162,7 +159,6 @@ def test_heuristics_imports_neither_torch_nor_ortools():
 
 def runs(rng, rows, n, P, hot):
     """Sorted items with `hot` multi-replica labels among single ones."""
-    counts = np.ones((rows, n), dtype=np.int64)
     labs, vals = [], []
     for r in range(rows):
         c = [int(rng.integers(2, min(P, n // (2 * hot)) + 1)) for _ in range(hot)]
@@ -200,7 +196,7 @@ def test_pipeline_puts_replicas_of_an_expert_on_different_gpus(P, k, hot):
 
 def test_dominant_item_gets_the_smallest_items():
     # One item nearly fills a pack: the best plan gives its pack the k-1 smallest items.
-    P, k = 4, 4
+    P = 4
     v = np.array([[100.0] + [30.0] * 3 + [20.0] * 4 + [10.0] * 4 + [1.0] * 4])
     lab = np.arange(16)[None, :]
     target = np.array([v.sum() / P])

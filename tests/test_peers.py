@@ -9,7 +9,7 @@ import eplb_opt
 from eplb_opt.workloads import PRESETS, generate
 
 try:
-    from benchmarks.peers import PeerUnavailable, deepseek_rebalance
+    from benchmarks.peers import deepseek_rebalance
 
     DS = deepseek_rebalance()
 except Exception as exc:  # noqa: BLE001 - reported in the skip reason
