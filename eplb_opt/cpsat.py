@@ -46,13 +46,22 @@ _MAX_SUM = 2**50
 
 @dataclass(frozen=True)
 class Scaling:
-    """Integer loads ``ints ~= values * factor``; ``exact`` when no rounding happened;
-    ``error`` is the largest ``|ints / factor - values|`` per item."""
+    """Integer loads: ``values ~= ints * unit`` (``unit`` in input load units per integer
+    step); ``exact`` when no rounding happened; ``error`` is the largest
+    ``|ints * unit - values|`` per item."""
 
     ints: np.ndarray
-    factor: float
+    unit: float
     exact: bool
     error: float
+
+    def to_input(self, scaled: float) -> float:
+        """A scaled quantity in input units."""
+        return float(scaled) * self.unit
+
+    def to_scaled(self, value: float) -> float:
+        """An input-unit quantity in scaled units."""
+        return float(value) / self.unit
 
 
 def _lcm(values: Sequence[int]) -> int:
@@ -78,11 +87,41 @@ def scale_loads(weights: np.ndarray, counts: np.ndarray, slots_per_pack: int) ->
         m = _lcm(np.unique(c).tolist())
         if m * top * slots_per_pack < _MAX_SUM:
             ints = (np.round(w).astype(np.int64) * (m // c)).astype(np.int64)
-            return Scaling(ints, float(m), True, 0.0)
+            return Scaling(ints, 1.0 / m, True, 0.0)
+    # Rounded: scale the largest item to 2**50 / k integer steps (values normalised first,
+    # so tiny or huge magnitudes neither underflow nor overflow).
     vals = w / c
-    factor = 2.0 ** np.floor(np.log2(_MAX_SUM / (float(vals.max()) * slots_per_pack)))
-    ints = np.round(vals * factor).astype(np.int64)
-    return Scaling(ints, factor, False, float(np.abs(ints / factor - vals).max()))
+    vmax = float(vals.max())
+    steps = 2.0 ** np.floor(np.log2(_MAX_SUM / slots_per_pack))
+    ints = np.round(vals / vmax * steps).astype(np.int64)
+    unit = vmax / steps
+    return Scaling(ints, unit, False, float(np.abs(ints * unit - vals).max()))
+
+
+def _solver(time_limit: float, seed: int, deterministic: bool, workers: int = 1,
+            relative_gap: float | None = None) -> cp_model.CpSolver:
+    """A CP-SAT solver with our parameters: a wall-clock limit, or (deterministic) a
+    deterministic-time limit with interleaved search so several workers repeat."""
+    solver = cp_model.CpSolver()
+    solver.parameters.num_workers = max(1, int(workers))
+    solver.parameters.random_seed = int(seed)
+    if relative_gap is not None:
+        solver.parameters.relative_gap_limit = float(relative_gap)
+    if deterministic:
+        if workers > 1:
+            solver.parameters.interleave_search = True
+        solver.parameters.max_deterministic_time = max(time_limit, 1e-3)
+    else:
+        solver.parameters.max_time_in_seconds = max(time_limit, 1e-3)
+    return solver
+
+
+def _proven_bound(solver: cp_model.CpSolver, status: int, sc: Scaling, terms: int) -> float | None:
+    """The solver's proven objective bound in input units, lowered by the worst-case
+    rounding of ``terms`` scaled items; ``None`` when the solve proved nothing."""
+    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE, cp_model.UNKNOWN):
+        return None
+    return max(0.0, sc.to_input(solver.BestObjectiveBound()) - (0.0 if sc.exact else terms * sc.error))
 
 
 def solve_neighbourhood(
@@ -142,13 +181,7 @@ def solve_neighbourhood(
     # Objective.
     model.Minimize(top)
     # Solve.
-    solver = cp_model.CpSolver()
-    solver.parameters.num_workers = 1
-    solver.parameters.random_seed = int(seed)
-    if deterministic:
-        solver.parameters.max_deterministic_time = max(time_limit, 1e-3)
-    else:
-        solver.parameters.max_time_in_seconds = max(time_limit, 1e-3)
+    solver = _solver(time_limit, seed, deterministic)
     status = solver.Solve(model)
     # Read-out.
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
@@ -264,21 +297,10 @@ def solve_complete(
     # Objective.
     model.Minimize(top)
     # Solve.
-    solver = cp_model.CpSolver()
-    solver.parameters.num_workers = max(1, int(workers))
-    solver.parameters.random_seed = int(seed)
-    if deterministic:
-        solver.parameters.interleave_search = True
-        solver.parameters.max_deterministic_time = max(time_limit, 1e-3)
-    else:
-        solver.parameters.max_time_in_seconds = max(time_limit, 1e-3)
+    solver = _solver(time_limit, seed, deterministic, workers)
     status = solver.Solve(model)
-    # Read-out.
-    bound = None
-    if status in (cp_model.OPTIMAL, cp_model.FEASIBLE, cp_model.UNKNOWN):
-        raw = float(solver.BestObjectiveBound())
-        # Each GPU sums k scaled items, each off by at most `error`: correct outward.
-        bound = max(0.0, raw / sc.factor - (0.0 if sc.exact else k * sc.error))
+    # Read-out.  Each GPU sums k scaled items, each off by at most `error`.
+    bound = _proven_bound(solver, status, sc, k)
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         return CompleteResult(None, None, None, bound, False)
     counts = np.array([int(menu[[solver.BooleanValue(b) for b in y[e]].index(True)]) for e in range(E)])
@@ -362,7 +384,7 @@ def solve_fixed_counts(
     unit = sc.ints
     hint = _relabel(np.asarray(hint), w, c)
     hint_loads = np.array([int(unit[hint[g]].sum()) for g in range(G)])
-    lo = int(np.floor(lower * sc.factor)) - (0 if sc.exact else k)
+    lo = int(np.floor(sc.to_scaled(lower))) - (0 if sc.exact else k)
     lo = max(0, min(lo, int(hint_loads.max())))
     # Variables.
     model = cp_model.CpModel()
@@ -391,20 +413,10 @@ def solve_fixed_counts(
     # Objective.
     model.Minimize(top)
     # Solve.
-    solver = cp_model.CpSolver()
-    solver.parameters.num_workers = max(1, int(workers))
-    solver.parameters.random_seed = int(seed)
-    solver.parameters.relative_gap_limit = float(relative_gap)
-    if deterministic:
-        solver.parameters.interleave_search = True
-        solver.parameters.max_deterministic_time = max(time_limit, 1e-3)
-    else:
-        solver.parameters.max_time_in_seconds = max(time_limit, 1e-3)
+    solver = _solver(time_limit, seed, deterministic, workers, relative_gap=relative_gap)
     status = solver.Solve(model)
     # Read-out.
-    bound = None
-    if status in (cp_model.OPTIMAL, cp_model.FEASIBLE, cp_model.UNKNOWN):
-        bound = max(0.0, float(solver.BestObjectiveBound()) / sc.factor - (0.0 if sc.exact else k * sc.error))
+    bound = _proven_bound(solver, status, sc, k)
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         return FixedResult(None, bound, False)
     place = np.empty((G, k), dtype=np.int64)
@@ -460,17 +472,9 @@ def solve_groups(
         for n in range(N):
             model.AddHint(x[g][n], int(first[int(hint[g])] == n))
     model.Minimize(top)
-    solver = cp_model.CpSolver()
-    solver.parameters.num_workers = 1
-    solver.parameters.random_seed = int(seed)
-    if deterministic:
-        solver.parameters.max_deterministic_time = max(time_limit, 1e-3)
-    else:
-        solver.parameters.max_time_in_seconds = max(time_limit, 1e-3)
+    solver = _solver(time_limit, seed, deterministic)
     status = solver.Solve(model)
-    bound = None
-    if status in (cp_model.OPTIMAL, cp_model.FEASIBLE, cp_model.UNKNOWN):
-        bound = max(0.0, float(solver.BestObjectiveBound()) / sc.factor - (0.0 if sc.exact else m * sc.error))
+    bound = _proven_bound(solver, status, sc, m)
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         return None, bound, False
     node = np.array([[solver.BooleanValue(b) for b in x[g]].index(True) for g in range(Gr)])

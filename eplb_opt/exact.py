@@ -75,6 +75,14 @@ class ExactOutcome:
     conditional: np.ndarray | None = None
 
 
+def _failed(events: list[str], where: str, exc: BaseException) -> None:
+    """Record a solver failure (the plan of that sub-problem is kept) as an event and a
+    warning."""
+    msg = f"{where} failed ({type(exc).__name__}: {exc}); kept the plan"
+    events.append(msg)
+    warnings.warn(msg, RuntimeWarning, stacklevel=4)
+
+
 def _fixed_size(experts: int, gpus: int) -> int:
     return experts * gpus
 
@@ -131,9 +139,7 @@ def _groups_by_cpsat(
         try:
             node, bound, optimal = cpsat.solve_groups(gl, N, hint, limit, seed=seed, deterministic=deterministic)
         except Exception as exc:  # noqa: BLE001 - a solver failure keeps the plan
-            msg = f"layer {l}: CP-SAT group placement failed ({type(exc).__name__}: {exc}); kept the plan"
-            events.append(msg)
-            warnings.warn(msg, RuntimeWarning, stacklevel=3)
+            _failed(events, f"layer {l}: CP-SAT group placement", exc)
             continue
         if bound is not None and optimal:
             proven[l] = np.fmax(proven[l], bound / gpn * (1 - 1e-12))
@@ -260,9 +266,7 @@ def _complete_hierarchical(
                     forbid_duplicates=not allow_duplicates,
                 )
             except Exception as exc:  # noqa: BLE001 - a solver failure keeps the plan
-                msg = f"layer {l}: complete CP-SAT model failed ({type(exc).__name__}: {exc}); kept the plan"
-                events.append(msg)
-                warnings.warn(msg, RuntimeWarning, stacklevel=3)
+                _failed(events, f"layer {l}: complete CP-SAT model", exc)
                 complete = False
                 break
             bnd[ci] = res.bound if res.bound is not None else 0.0
@@ -373,9 +377,7 @@ def refine(
                     deterministic=deterministic, forbid_duplicates=not allow_duplicates,
                 )
             except Exception as exc:  # noqa: BLE001 - a solver failure keeps the plan
-                msg = f"layer {l}: complete CP-SAT model failed ({type(exc).__name__}: {exc}); kept the plan"
-                events.append(msg)
-                warnings.warn(msg, RuntimeWarning, stacklevel=3)
+                _failed(events, f"layer {l}: complete CP-SAT model", exc)
                 continue
             if res.bound is not None:
                 proven[l] = res.bound
@@ -491,9 +493,7 @@ def refine(
                 forbid_duplicates=not allow_duplicates,
             )
         except Exception as exc:  # noqa: BLE001 - a solver failure keeps the plan
-            msg = f"layer {l} node {n}: CP-SAT (fixed counts) failed ({type(exc).__name__}: {exc}); kept the plan"
-            events.append(msg)
-            warnings.warn(msg, RuntimeWarning, stacklevel=3)
+            _failed(events, f"layer {l} node {n}: CP-SAT (fixed counts)", exc)
             continue
         if res.bound is not None:
             conditional[l] = max(res.bound, lower_bound[l])

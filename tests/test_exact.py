@@ -168,3 +168,17 @@ def test_conditional_bounds_are_reported_apart():
     finite = np.isfinite(e.conditional_bound)
     # Conditional bounds hold for the plan's counts: never above its max load.
     assert (e.conditional_bound[finite] <= e.max_load[finite] * (1 + 1e-9)).all()
+
+
+@pytest.mark.parametrize("scale", [1e-300, 1e-12, 1.0, 2.0**45, 1e300])
+def test_integer_scaling_any_magnitude(scale):
+    from eplb_opt.cpsat import scale_loads
+
+    rng = np.random.default_rng(1)
+    w = rng.random(20) * scale
+    c = rng.integers(1, 5, size=20)
+    sc = scale_loads(w, c, 9)
+    assert sc.ints.dtype == np.int64 and (sc.ints >= 0).all() and sc.ints.max() * 9 < 2**51
+    assert np.allclose(sc.ints * sc.unit, w / c, rtol=1e-12, atol=sc.error * 1.0001)
+    exact = scale_loads(np.array([3.0, 7.0, 10.0]), np.array([1, 2, 3]), 2)
+    assert exact.exact and np.allclose(exact.ints * exact.unit, [3.0, 3.5, 10 / 3])
