@@ -7,6 +7,14 @@ no peer package (and none of its dependency tree) is installed.
 
 * ``deepseek``: DeepSeek's EPLB, as copied verbatim into SGLang
   (``sglang==0.5.23``: ``sglang/srt/eplb/eplb_algorithms/deepseek.py``; imports only torch).
+* ``deepseek_vec``: SGLang's vectorised variant beside it (``deepseek_vec.py``; takes
+  per-step loads ``[steps, L, E]`` and the GPU count as slots per GPU).
+* ``vllm_default``: vLLM 0.33's ``DefaultEplbPolicy`` (``vllm==0.33.0``:
+  ``vllm/distributed/eplb/policy/abstract.py`` and ``default.py``), loaded as a small
+  package of its own so the rest of vLLM (whose ``policy/__init__.py`` imports vLLM's
+  config) is never imported.
+* ``seed``: the heuristic this project grew from (``../shared/reference/seed_heuristic.py``),
+  when that folder is present; benchmarks only, the packages never import it.
 """
 
 from __future__ import annotations
@@ -23,10 +31,25 @@ from typing import Callable
 
 import torch
 
-__all__ = ["CACHE", "PeerUnavailable", "fetch_wheel", "load_deepseek", "deepseek_rebalance"]
+__all__ = [
+    "CACHE",
+    "PeerUnavailable",
+    "available_peers",
+    "deepseek_rebalance",
+    "deepseek_vec_rebalance",
+    "fetch_wheel",
+    "load_deepseek",
+    "load_deepseek_vec",
+    "load_seed",
+    "load_vllm_default",
+    "seed_rebalance",
+    "vllm_default_rebalance",
+]
 
 CACHE = Path(os.environ.get("EPLB_OPT_PEER_CACHE", "~/.cache/eplb-opt/peers")).expanduser()
 SGLANG = "sglang==0.5.23"
+VLLM = "vllm==0.33.0"
+SEED = Path(__file__).resolve().parents[2] / "shared" / "reference" / "seed_heuristic.py"
 
 
 class PeerUnavailable(RuntimeError):
@@ -95,3 +118,101 @@ def deepseek_rebalance(policy: str = "auto") -> Callable[..., tuple[torch.Tensor
         return ds.rebalance_experts(w, num_replicas, num_groups, num_nodes, num_gpus, hier)
 
     return run
+
+
+@lru_cache(maxsize=None)
+def load_deepseek_vec() -> ModuleType:
+    """SGLang's vectorised DeepSeek variant (``rebalance_experts(tokens_per_expert
+    [steps, L, E], num_physical_experts, num_local_physical_experts, num_groups,
+    num_nodes, enable_hierarchical)``)."""
+    path = _extract(SGLANG, "sglang/srt/eplb/eplb_algorithms/deepseek_vec.py")
+    return _import_file(path, "eplb_peer_deepseek_vec")
+
+
+def deepseek_vec_rebalance(policy: str = "auto") -> Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``deepseek_vec`` behind the 5-argument signature (one step of loads; a
+    ``[steps, L, E]`` weight is passed through as steps)."""
+    mod = load_deepseek_vec()
+
+    def run(weight, num_replicas, num_groups, num_nodes, num_gpus):
+        hier = (num_groups % num_nodes == 0) if policy == "auto" else policy == "hierarchical"
+        w = weight if isinstance(weight, torch.Tensor) else torch.as_tensor(weight)
+        if w.dim() == 2:
+            w = w.unsqueeze(0)
+        return mod.rebalance_experts(
+            tokens_per_expert=w, num_physical_experts=num_replicas,
+            num_local_physical_experts=num_replicas // num_gpus, num_groups=num_groups,
+            num_nodes=num_nodes, enable_hierarchical=hier,
+        )
+
+    return run
+
+
+@lru_cache(maxsize=None)
+def load_vllm_default() -> type:
+    """vLLM 0.33's ``DefaultEplbPolicy`` class, from its two files only."""
+    abstract = _extract(VLLM, "vllm/distributed/eplb/policy/abstract.py")
+    default = _extract(VLLM, "vllm/distributed/eplb/policy/default.py")
+    pkg_dir = abstract.parent
+    init = pkg_dir / "_eplb_peer_init.py"
+    if not init.exists():
+        init.write_text("# package stub: vLLM's own __init__ imports vllm.config\n")
+    import importlib.machinery
+
+    name = "eplb_peer_vllm_policy"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[str(pkg_dir)])
+        pkg = importlib.util.module_from_spec(spec)
+        sys.modules[name] = pkg
+        spec.loader.exec_module(pkg)
+    mod = importlib.import_module(f"{name}.default")
+    del default
+    return mod.DefaultEplbPolicy
+
+
+def vllm_default_rebalance() -> Callable[..., torch.Tensor]:
+    """vLLM's default policy behind the 5-argument signature (returns ``phy2log``)."""
+    cls = load_vllm_default()
+
+    def run(weight, num_replicas, num_groups, num_nodes, num_gpus):
+        w = weight if isinstance(weight, torch.Tensor) else torch.as_tensor(weight)
+        return cls.rebalance_experts(w, num_replicas, num_groups, num_nodes, num_gpus)
+
+    return run
+
+
+@lru_cache(maxsize=None)
+def load_seed() -> ModuleType:
+    """The seed heuristic (``../shared/reference/seed_heuristic.py``)."""
+    if not SEED.exists():
+        raise PeerUnavailable(f"seed heuristic not found at {SEED}")
+    return _import_file(SEED, "eplb_peer_seed")
+
+
+def seed_rebalance() -> Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    mod = load_seed()
+
+    def run(weight, num_replicas, num_groups, num_nodes, num_gpus):
+        w = weight if isinstance(weight, torch.Tensor) else torch.as_tensor(weight)
+        return mod.rebalance_experts(w, num_replicas, num_groups, num_nodes, num_gpus)
+
+    return run
+
+
+def available_peers() -> dict[str, Callable[..., object]]:
+    """Every peer that loads here, by display name; a peer that cannot be fetched is
+    left out (and named in the returned ``"_missing"`` entry's list)."""
+    peers: dict[str, Callable[..., object]] = {}
+    missing: list[str] = []
+    for label, factory in (
+        ("DeepSeek EPLB (sglang 0.5.23)", deepseek_rebalance),
+        ("SGLang deepseek_vec (0.5.23)", deepseek_vec_rebalance),
+        ("vLLM 0.33 default", vllm_default_rebalance),
+        ("seed heuristic", seed_rebalance),
+    ):
+        try:
+            peers[label] = factory()
+        except Exception as exc:  # noqa: BLE001 - a peer that cannot load is reported
+            missing.append(f"{label}: {type(exc).__name__}: {exc}")
+    peers["_missing"] = missing  # type: ignore[assignment]
+    return peers

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -203,4 +204,10 @@ def write(here: Path) -> None:
     exact = here / "exact.json"
     if exact.exists():
         lines += _exact_section(json.loads(exact.read_text()))
+    bench = here / "bench-full" / "REPORT.md"
+    if bench.exists():
+        text = bench.read_text().replace("# eplb-opt bench: full suite", "## Every policy and peer (full suite)")
+        text = re.sub(r"!\[([^\]]*)\]\(([^)/]+)\)", r"![\1](bench-full/\2)", text)
+        text = text.replace("\n## Scaling", "\n### Scaling")
+        lines += [text]
     (here / "RESULTS.md").write_text("\n".join(lines))

@@ -387,46 +387,58 @@ class _Layout:
         """``occ[rows, packs, labels]`` (broadcast), without copying whole rows."""
         return self.occ_flat[(rows * self.num_packs + packs) * self.num_labels + labels]
 
-    def swap(self, r: np.ndarray, p: np.ndarray, s: np.ndarray, q: np.ndarray, t: np.ndarray) -> None:
+    def swap(
+        self, r: np.ndarray, p: np.ndarray, s: np.ndarray, q: np.ndarray, t: np.ndarray, distinct: bool = True
+    ) -> None:
         """Swap slot (p, s) with slot (q, t) of row r, elementwise over equal-length
-        arrays.  A row and a pack may appear several times as long as no slot does
-        (and p != q); load and occupancy updates accumulate."""
+        arrays.  No slot may appear twice (and p != q).  With ``distinct`` no (row, pack)
+        appears twice either, so plain fancy-index updates are used; otherwise (several
+        swaps of one pack) load and occupancy updates accumulate with ``np.add.at``."""
         va, vb = self.v[r, p, s], self.v[r, q, t]
         la, lb = self.lab[r, p, s], self.lab[r, q, t]
         ia, ib = self.layout[r, p, s], self.layout[r, q, t]
         self.v[r, p, s], self.v[r, q, t] = vb, va
         self.lab[r, p, s], self.lab[r, q, t] = lb, la
         self.layout[r, p, s], self.layout[r, q, t] = ib, ia
-        np.add.at(self.loads, (r, p), vb - va)
-        np.add.at(self.loads, (r, q), va - vb)
-        # Surplus bookkeeping: a copy leaving a pack where it was doubled removes one
-        # surplus; a copy arriving where the label already sits adds one.
-        # (np.add.at: a row may appear several times.)
         cp, cq = (r * self.num_packs + p) * self.num_labels, (r * self.num_packs + q) * self.num_labels
         occ = self.occ_flat
+        # Surplus bookkeeping: a copy leaving a pack where it was doubled removes one
+        # surplus; a copy arriving where the label already sits adds one.
         delta = (occ[cp + lb] > 0).astype(np.int64) + (occ[cq + la] > 0) - (occ[cp + la] > 1) - (occ[cq + lb] > 1)
-        if delta.any():
-            np.add.at(self.surplus, r, delta)
-        np.add.at(occ, cp + la, -1)
-        np.add.at(occ, cq + lb, -1)
-        np.add.at(occ, cp + lb, 1)
-        np.add.at(occ, cq + la, 1)
+        if distinct:
+            self.loads[r, p] += vb - va
+            self.loads[r, q] += va - vb
+            occ[cp + la] -= 1
+            occ[cq + lb] -= 1
+            occ[cp + lb] += 1
+            occ[cq + la] += 1
+        else:
+            np.add.at(self.loads, (r, p), vb - va)
+            np.add.at(self.loads, (r, q), va - vb)
+            np.add.at(occ, cp + la, -1)
+            np.add.at(occ, cq + lb, -1)
+            np.add.at(occ, cp + lb, 1)
+            np.add.at(occ, cq + la, 1)
         occ[cp + self.cold] = 0
         occ[cq + self.cold] = 0
+        if delta.any():
+            np.add.at(self.surplus, r, delta)
 
 
 def _best_pair_swaps(
     st: _Layout, rows: np.ndarray, heavy: np.ndarray, light: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """For each row and each (heavy[:, j], light[:, j]) pack pair, the best 1-for-1 swap.
 
     Args:
         rows: ``[a]`` row ids; heavy, light: ``[a, m]`` pack ids (heavy != light).
 
     Returns:
-        ``(new_max [a, m], ai [a, m], bi [a, m])``: the best swap moves slot ``ai`` of
-        the heavy pack against slot ``bi`` of the light pack and leaves the pair's larger
-        load at ``new_max`` (``inf`` where no duplicate-free swap lowers the heavy pack).
+        ``(new_max [a, m], ai [a, m], bi [a, m], item_max [a, m, k], item_b [a, m, k])``:
+        the best swap moves slot ``ai`` of the heavy pack against slot ``bi`` of the
+        light pack and leaves the pair's larger load at ``new_max`` (``inf`` where no
+        duplicate-free swap lowers the heavy pack); ``item_max`` / ``item_b`` are the same
+        for each fixed slot of the heavy pack.
     """
     k = st.v.shape[2]
     r2 = rows[:, None]
@@ -449,49 +461,35 @@ def _best_pair_swaps(
     bad |= np.tile(b_on_h, (1, 1, k))
     bad |= np.repeat(a_on_l, k, axis=2)
     np.copyto(new_max, np.inf, where=bad)
-    best = new_max.argmin(axis=2)
-    val = np.take_along_axis(new_max, best[..., None], axis=2)[..., 0]
-    val[val >= lh * (1 - _REL_EPS)] = np.inf
-    return val, best // k, best % k
+    new_max[new_max >= (lh * (1 - _REL_EPS))[..., None]] = np.inf
+    per_item = new_max.reshape(*new_max.shape[:2], k, k)
+    item_b = per_item.argmin(axis=3)
+    item_max = np.take_along_axis(per_item, item_b[..., None], axis=3)[..., 0]
+    best_a = item_max.argmin(axis=2)
+    val = np.take_along_axis(item_max, best_a[..., None], axis=2)[..., 0]
+    bi = np.take_along_axis(item_b, best_a[..., None], axis=2)[..., 0]
+    return val, best_a, bi, item_max, item_b
 
 
 # ------------------------------------------------------------------- refinement
 
 
-def _item_swaps(
-    st: _Layout, rows: np.ndarray, h: np.ndarray, a_slot: np.ndarray, part: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Best swap of a given item of pack ``h`` (slot ``a_slot [a, q]``) with any item of
-    pack ``part [a, q]``.  Returns ``(new pair max, b slot, d)``, ``inf`` where no
-    duplicate-free swap lowers ``h``."""
-    r2 = rows[:, None]
-    va = st.v[r2, h[:, None], a_slot]                                 # [a, q]
-    vb = st.v[r2, part]                                               # [a, q, k]
-    d = va[..., None] - vb
-    lh = st.loads[rows, h][:, None, None]
-    lp = st.loads[r2, part][..., None]
-    new_max = np.maximum(lh - d, lp + d)
-    base_h = ((rows * st.num_packs + h) * st.num_labels)[:, None, None]
-    base_p = ((r2 * st.num_packs + part) * st.num_labels)[..., None]
-    bad = d <= 0
-    bad |= st.occ_flat[base_h + st.lab[r2, part]] > 0                 # b's label on h
-    bad |= (st.occ_flat[base_p[..., 0] + st.lab[r2, h[:, None], a_slot]] > 0)[..., None]
-    np.copyto(new_max, np.inf, where=bad)
-    b = new_max.argmin(axis=2)
-    val = np.take_along_axis(new_max, b[..., None], axis=2)[..., 0]
-    dd = np.take_along_axis(d, b[..., None], axis=2)[..., 0]
-    val[val >= lh[..., 0] * (1 - _REL_EPS)] = np.inf
-    return val, b, dd
-
-
 def _heavy_multi_swaps(
-    st: _Layout, rows: np.ndarray, h: np.ndarray, order: np.ndarray, best: tuple[np.ndarray, ...]
+    st: _Layout,
+    rows: np.ndarray,
+    h: np.ndarray,
+    order: np.ndarray,
+    best: tuple[np.ndarray, ...],
+    item_max: np.ndarray,
+    item_b: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Several swaps of each row's heaviest pack ``h`` in one round.
 
     Candidate 0 is the best single swap (``best = (val, a slot, partner, b slot)``, each
     ``[a]``); then the i-th heaviest item of ``h`` is offered to the i-th lightest pack
-    (best item there).  Candidates that reuse an item or partner of candidate 0, or bring
+    (best item there, from ``item_max`` / ``item_b`` of :func:`_best_pair_swaps`, whose
+    partner ``j`` is the j-th lightest pack).  Candidates that reuse an item or partner of
+    candidate 0, or bring
     a label with several items onto ``h`` twice, are dropped; the rest are accepted as a
     prefix while ``h`` stays heavier than every new partner load, so the heaviest load
     only falls.  A pack far above the rest (one dominant expert) thus sheds many items
@@ -500,11 +498,14 @@ def _heavy_multi_swaps(
     Returns ``(accepted, a slot, partner, b slot)``, each ``[a, 1 + q]``.
     """
     k = st.v.shape[2]
-    q = min(k, order.shape[1] - 1)
+    q = min(k, item_max.shape[1])
     val0, a0, p0, b0 = best
     items = np.argsort(-st.v[rows, h], axis=1)[:, :q]                 # heaviest first
     part = order[:, :q]                                               # lightest first
-    val, b, d = _item_swaps(st, rows, h, items, part)
+    jj = np.arange(q)[None, :]
+    val = item_max[:, :q][np.arange(rows.size)[:, None], jj, items]
+    b = item_b[:, :q][np.arange(rows.size)[:, None], jj, items]
+    d = st.v[rows[:, None], h[:, None], items] - st.v[rows[:, None], part, b]
     # Candidate 0 first.
     d0 = st.v[rows, h, a0] - st.v[rows, p0, b0]
     A = np.concatenate([a0[:, None], items], axis=1)
@@ -583,15 +584,17 @@ def _refine(
         light = np.empty_like(heavy)
         light[:, :near] = order[:, :near]
         light[:, near:] = order[:, :pairs]
-        val, ai, bi = _best_pair_swaps(st, active, heavy, light)
+        val, ai, bi, item_max, item_b = _best_pair_swaps(st, active, heavy, light)
         g_col = val[:, :near].argmin(axis=1)
         best = (val[ar, g_col], ai[ar, g_col], light[ar, g_col], bi[ar, g_col])
-        acc, hai, hpart, hbi = _heavy_multi_swaps(st, active, h, order, best)
+        acc, hai, hpart, hbi = _heavy_multi_swaps(
+            st, active, h, order, best, item_max[:, :near], item_b[:, :near]
+        )
         ok = acc[:, 0]
         if ok.any():
             rr = np.broadcast_to(active[:, None], acc.shape)[acc]
             hh = np.broadcast_to(h[:, None], acc.shape)[acc]
-            st.swap(rr, hh, hai[acc], hpart[acc], hbi[acc])
+            st.swap(rr, hh, hai[acc], hpart[acc], hbi[acc], distinct=False)
         if pairs:
             # Paired swaps touching no pack changed above (they were evaluated on the
             # loads before it).

@@ -32,3 +32,27 @@ def test_exact_mode_runs_from_the_cli(capsys):
 def test_console_script_module_entry():
     out = subprocess.run([sys.executable, "-m", "eplb_opt", "example", "--quiet"], capture_output=True, text=True)
     assert out.returncode == 0 and "balancedness" in out.stdout
+
+
+def test_score_exit_codes(tmp_path, capsys):
+    mod = tmp_path / "cand.py"
+    mod.write_text(
+        "import eplb_opt\n"
+        "def good(w, r, g, n, p):\n    return eplb_opt.rebalance_experts(w, r, g, n, p)\n"
+        "def bad(w, *a):\n    raise ValueError('nope')\n"
+    )
+    assert main(["score", f"{mod}:good", "--no-exact", "--suite", "quick"]) == 0
+    out = capsys.readouterr()
+    assert "valid" in out.out
+    assert main(["score", f"{mod}:bad", "--no-ours", "--suite", "quick"]) == 1
+    out = capsys.readouterr()
+    assert "crashed: ValueError: nope" in out.out and "crashed or broke" in out.err
+
+
+def test_score_bad_target():
+    import pytest
+
+    with pytest.raises(SystemExit, match="MODULE:FUNCTION"):
+        main(["score", "nocolon"])
+    with pytest.raises(SystemExit, match="cannot import"):
+        main(["score", "no_such_module_xyz:f"])
