@@ -55,7 +55,7 @@ _PARTNERS = 8
 # Default cap on refinement rounds in the pipeline.  Each round improves every active
 # row's heaviest pack; measured on the model-shaped presets, the first rounds take
 # nearly all of the gain (benchmarks/RESULTS.md).
-DEFAULT_REFINE_ROUNDS = 3
+DEFAULT_REFINE_ROUNDS = 2
 
 
 def _check(values: np.ndarray, num_packs: int) -> tuple[int, int, int]:
