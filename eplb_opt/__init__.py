@@ -19,10 +19,13 @@ from .errors import (
 )
 from .metrics import balancedness, gpu_loads, slot_loads
 from .plan import Plan, derive_maps, plan_violations, verify
+from .planfile import PlanFileError, export_tensorrt_llm
+from .traces import TraceError, read_trace
+from .evaluate import evaluate
 from .problem import Problem, make_problem
 from .api import SolveResult, rebalance_experts, solve
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "Bounds",
@@ -31,15 +34,20 @@ __all__ = [
     "InvalidProblemError",
     "InvalidTypeError",
     "Plan",
+    "PlanFileError",
+    "TraceError",
     "Problem",
     "SolveResult",
     "__version__",
     "balancedness",
     "derive_maps",
+    "evaluate",
+    "export_tensorrt_llm",
     "gpu_loads",
     "lower_bounds",
     "make_problem",
     "plan_violations",
+    "read_trace",
     "rebalance_experts",
     "slot_loads",
     "solve",

@@ -171,6 +171,32 @@ def _options(deterministic: Any, workers: Any, allow_duplicates: Any, problem: P
     return bool(deterministic), n, bool(allow_duplicates)
 
 
+def _metadata(
+    problem: Problem, tol: float, deterministic: bool, allow_dup: bool, top: np.ndarray, lb: np.ndarray,
+    gap: np.ndarray, status: tuple[str, ...], events: list[str],
+) -> dict[str, Any]:
+    """What a plan file records about the call that made the plan."""
+    import datetime
+
+    from . import __version__
+    from .planfile import input_sha256
+
+    return {
+        "library_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "input_sha256": input_sha256(problem.weight),
+        "parameters": {
+            "num_layers": problem.num_layers, "num_experts": problem.num_experts,
+            "num_replicas": problem.num_replicas, "num_groups": problem.num_groups,
+            "num_nodes": problem.num_nodes, "num_gpus": problem.num_gpus, "policy": problem.policy,
+            "mode": problem.mode, "time_limit": problem.time_limit, "seed": problem.seed,
+            "tolerance": tol, "deterministic": deterministic, "allow_duplicates": allow_dup,
+        },
+        "max_load": top.tolist(), "lower_bound": lb.tolist(), "gap": gap.tolist(), "status": list(status),
+        "events": list(events),
+    }
+
+
 # Time kept back from the refinement budget for the final verification and figures.
 _FINISH_RESERVE = 0.004
 
@@ -289,7 +315,6 @@ def solve(
             lb[better] = proven[better]
             conditional = outcome.conditional
 
-    plan = Plan.from_numpy(phy2log, problem.num_experts)
     slots = slot_loads(w, phy2log)
     gpus = slots.reshape(L, G, -1).sum(axis=2)
     top = gpus.max(axis=1)
@@ -302,6 +327,9 @@ def solve(
     status = tuple(
         "optimal" if g <= tol else ("feasible" if a else "heuristic") for g, a in zip(gap, attempted)
     )
+    plan = Plan.from_numpy(phy2log, problem.num_experts, metadata=_metadata(
+        problem, tol, deterministic, allow_dup, top, lb, gap, status, events,
+    ))
     return SolveResult(
         plan=plan,
         max_load=top,

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -66,12 +68,36 @@ class Plan:
     phy2log: torch.Tensor
     num_experts: int
     _np: np.ndarray = field(repr=False, compare=False)
+    metadata: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
-    def from_numpy(cls, phy2log: np.ndarray, num_experts: int) -> Plan:
+    def from_numpy(cls, phy2log: np.ndarray, num_experts: int, metadata: Mapping[str, Any] | None = None) -> Plan:
+        """A plan from a ``[L, R]`` placement; ``metadata`` (JSON-able) travels with it
+        into plan files (see :meth:`save`)."""
         arr = np.ascontiguousarray(phy2log, dtype=np.int64)
         arr.setflags(write=False)
-        return cls(phy2log=torch.from_numpy(arr.copy()), num_experts=int(num_experts), _np=arr)
+        return cls(
+            phy2log=torch.from_numpy(arr.copy()), num_experts=int(num_experts), _np=arr,
+            metadata=MappingProxyType(dict(metadata or {})),
+        )
+
+    def save(self, path: str | Path, *, overwrite: bool = True) -> Path:
+        """Write the plan to ``path`` (``.json``, ``.pt`` or ``.npz``, by suffix) in the
+        versioned plan-file schema (:mod:`eplb_opt.planfile`): ``phy2log``, ``log2phy``,
+        ``logcnt`` and the metadata.  The write is atomic: a failure never leaves a
+        partial file and never replaces an existing one."""
+        from .planfile import save_plan
+
+        return save_plan(self, path, overwrite=overwrite)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        """Read a plan file written by :meth:`save`; the maps are checked against
+        ``phy2log``.  Raises :class:`~eplb_opt.planfile.PlanFileError` on an unknown
+        schema version, a corrupt file or inconsistent maps."""
+        from .planfile import load_plan
+
+        return load_plan(path)
 
     @cached_property
     def _maps(self) -> tuple[np.ndarray, np.ndarray]:

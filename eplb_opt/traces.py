@@ -6,8 +6,9 @@ Every reader returns float64 token counts ``[W, L, E]``: ``W`` windows of summed
 * ``.json``: the ADRS / OpenEvolve ``expert-load.json`` layout,
   ``{"load_history": [{"logical_expert_load": [[...E...] per layer]}, ...]}``, one entry
   per recorded step.
-* ``.npy`` / ``.npz``: an array ``[T, L, E]`` of per-step counts (or ``[L, E]``, one
-  step); in ``.npz`` the array named ``loads``, else the only array.
+* ``.npy`` / ``.npz`` / ``.safetensors``: an array ``[T, L, E]`` of per-step counts (or
+  ``[L, E]``, one step); in ``.npz`` and ``.safetensors`` the array named ``loads``, else
+  the only array.
 * ``.pt``: a torch tensor ``[T, L, E]`` / ``[L, E]``, or an SGLang expert-distribution
   dump (``sglang/srt/eplb/expert_distribution.py``): ``stat`` mode writes
   ``{"logical_count": [steps, L, E], ...}``; ``per_pass`` mode writes
@@ -113,6 +114,23 @@ def _numpy(path: Path) -> np.ndarray:
     return _check_counts(arr, path)
 
 
+def _safetensors(path: Path) -> np.ndarray:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    try:
+        arrays = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise TraceError(f"{path}: not a readable safetensors file ({exc})") from None
+    if "loads" in arrays:
+        arr = arrays["loads"]
+    elif len(arrays) == 1:
+        arr = next(iter(arrays.values()))
+    else:
+        raise TraceError(f"{path}: several tensors {sorted(arrays)}; name the loads tensor 'loads'")
+    return _check_counts(arr, path)
+
+
 def _sglang_physical(records: list, phy2log: Any, path: Path) -> np.ndarray:
     import torch
 
@@ -204,8 +222,11 @@ def read_trace(path: str | Path, *, window: int | None = None) -> np.ndarray:
         steps = _directory(p)
     else:
         suffix = p.suffix.lower()
-        readers = {".json": _adrs_json, ".npy": _numpy, ".npz": _numpy, ".pt": _torch, ".pth": _torch}
+        readers = {".json": _adrs_json, ".npy": _numpy, ".npz": _numpy, ".pt": _torch, ".pth": _torch,
+                   ".safetensors": _safetensors}
         if suffix not in readers:
-            raise TraceError(f"{p}: unknown trace kind {suffix!r}; expected .json, .npy, .npz, .pt or a directory")
+            raise TraceError(
+                f"{p}: unknown trace kind {suffix!r}; expected .json, .npy, .npz, .pt, .safetensors or a directory"
+            )
         steps = readers[suffix](p)
     return windows(steps, window)
