@@ -1,0 +1,113 @@
+"""Keep expert weights where they are when a new plan replaces an old one.
+
+Relabelling GPUs (and, under the hierarchical policy, whole nodes) or reordering the
+slots of one GPU never changes any GPU's load, so a new plan can be matched to the
+placement currently deployed before it is applied: each new GPU is given the identity of
+the old GPU it shares the most replicas with (maximum-weight matching, nodes first), and
+a replica that stays on its GPU keeps its old slot.  Weights then only move for replicas
+that really change GPU.
+
+A *move* is a replica on a GPU that did not hold that expert before (counted as a
+multiset, per layer).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["align_to_previous", "count_moves"]
+
+
+def _per_gpu_counts(p: np.ndarray, num_gpus: int, num_experts: int) -> np.ndarray:
+    """``[G, E]`` replica counts of one layer's placement ``[R]``."""
+    k = p.size // num_gpus
+    key = (np.arange(num_gpus)[:, None] * num_experts + p.reshape(num_gpus, k)).ravel()
+    return np.bincount(key, minlength=num_gpus * num_experts).reshape(num_gpus, num_experts)
+
+
+def count_moves(old: np.ndarray, new: np.ndarray, num_gpus: int) -> np.ndarray:
+    """``[L]`` replicas of ``new`` placed on a GPU that did not hold that expert in ``old``
+    (multiset difference per GPU)."""
+    o, n = np.asarray(old, dtype=np.int64), np.asarray(new, dtype=np.int64)
+    E = int(max(o.max(initial=0), n.max(initial=0))) + 1
+    out = np.empty(o.shape[0], dtype=np.int64)
+    for l in range(o.shape[0]):
+        co, cn = _per_gpu_counts(o[l], num_gpus, E), _per_gpu_counts(n[l], num_gpus, E)
+        out[l] = int(np.maximum(cn - co, 0).sum())
+    return out
+
+
+def _match(score: np.ndarray) -> np.ndarray:
+    """Maximum-weight perfect matching of a square integer score matrix: ``perm[i]`` is
+    the column matched to row ``i``."""
+    from ortools.graph.python import linear_sum_assignment as lsa
+
+    n = score.shape[0]
+    solver = lsa.SimpleLinearSumAssignment()
+    rows, cols = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    cost = (score.max(initial=0) - score).astype(np.int64)          # minimise the shortfall
+    solver.add_arcs_with_cost(rows.ravel().astype(np.int32), cols.ravel().astype(np.int32), cost.ravel())
+    if solver.solve() != solver.OPTIMAL:  # pragma: no cover - a complete bipartite graph always matches
+        return np.arange(n)
+    return np.array([solver.right_mate(i) for i in range(n)], dtype=np.int64)
+
+
+def _keep_slots(new_gpu: np.ndarray, old_gpu: np.ndarray) -> np.ndarray:
+    """Reorder one GPU's new experts so each one that was on the GPU keeps an old slot."""
+    k = new_gpu.size
+    out = np.full(k, -1, dtype=np.int64)
+    pending = list(new_gpu)
+    for s, e in enumerate(old_gpu):
+        if e in pending:
+            out[s] = e
+            pending.remove(e)
+    free = np.flatnonzero(out < 0)
+    out[free] = pending
+    return out
+
+
+def align_to_previous(new: np.ndarray, old: np.ndarray, num_gpus: int, num_nodes: int = 1) -> np.ndarray:
+    """Relabel ``new`` (``[L, R]``) to keep as many replicas of ``old`` in place as
+    possible (see module docs).
+
+    Args:
+        new: the plan to deploy.
+        old: the placement deployed now (same shape).
+        num_gpus: GPUs.
+        num_nodes: nodes; with several, whole nodes are matched first and GPUs only within
+            matched nodes, so a hierarchical plan stays hierarchical.  Pass 1 for a
+            global plan (any GPU may take any GPU's place).
+
+    Returns:
+        ``[L, R]`` the relabelled plan: same per-GPU loads as ``new``, fewest moves the
+        relabelling allows.
+    """
+    n, o = np.asarray(new, dtype=np.int64), np.asarray(old, dtype=np.int64)
+    if n.shape != o.shape:
+        raise ValueError(f"new plan {n.shape} and old plan {o.shape} differ in shape")
+    L, R = n.shape
+    G, N = num_gpus, num_nodes
+    k, P = R // G, G // N
+    E = int(max(n.max(initial=0), o.max(initial=0))) + 1
+    out = np.empty_like(n)
+    for l in range(L):
+        cn = _per_gpu_counts(n[l], G, E)
+        co = _per_gpu_counts(o[l], G, E)
+        gpu_of = np.empty(G, dtype=np.int64)                    # new GPU -> old GPU
+        if N > 1:
+            nn, no = cn.reshape(N, P, E).sum(axis=1), co.reshape(N, P, E).sum(axis=1)
+            node_of = _match(np.minimum(nn[:, None, :], no[None, :, :]).sum(axis=2))
+            for a in range(N):
+                b = node_of[a]
+                sub = np.minimum(cn[a * P:(a + 1) * P, None, :], co[None, b * P:(b + 1) * P, :]).sum(axis=2)
+                gpu_of[a * P:(a + 1) * P] = b * P + _match(sub)
+        else:
+            gpu_of = _match(cn @ co.T if E * G * G > 2**26 else np.minimum(cn[:, None, :], co[None, :, :]).sum(axis=2))
+        slots_new = n[l].reshape(G, k)
+        slots_old = o[l].reshape(G, k)
+        row = np.empty((G, k), dtype=np.int64)
+        for g in range(G):
+            h = gpu_of[g]
+            row[h] = _keep_slots(slots_new[g], slots_old[h])
+        out[l] = row.ravel()
+    return out
