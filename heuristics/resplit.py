@@ -39,46 +39,58 @@ def _subsets(k: int) -> tuple[np.ndarray, np.ndarray]:
     return bits, pc
 
 
+def _subset_sums(x: np.ndarray) -> np.ndarray:
+    """``[rows, 2**k]`` sums of every subset of each row's ``k`` items, subset ``m``
+    holding item ``i`` when bit ``i`` of ``m`` is set (as :func:`_subsets` orders them).
+    Built by doubling with elementwise additions, so a row's sums do not depend on the
+    other rows (a matrix product's blocking could)."""
+    rows, k = x.shape
+    out = np.zeros((rows, 2**k))
+    for i in range(k):
+        h = 1 << i
+        out[:, h : 2 * h] = out[:, :h] + x[:, i : i + 1]
+    return out
+
+
 def _mitm(free: np.ndarray, need: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Choose exactly ``k`` of the ``2k`` free items of each pair with sum closest to
-    ``need`` (``[pairs]``).  Returns ``(take [pairs, 2k] bool, achieved sum [pairs])``."""
+    ``need`` (``[pairs]``).  Returns ``(take [pairs, 2k] bool, achieved sum [pairs])``.
+
+    Every step works row by row (per-row sorts, elementwise arithmetic), so a pair's
+    answer is the same whatever else is in the batch."""
     pairs, n2 = free.shape
     k = n2 // 2
     bits, pc = _subsets(k)
-    scale = np.maximum(free.sum(axis=1), 1e-300)
-    a = free[:, :k] / scale[:, None]
-    b = free[:, k:] / scale[:, None]
-    target = need / scale
-    sa = a @ bits.T                                     # [pairs, 2**k]
-    sb = b @ bits.T
-    # Sort B subsets by (pair, size, sum); query each A subset with the complementary
-    # size.  Sums lie in [0, 1]; size classes are 4 apart, pairs 4 (k + 2) apart.
-    span = 4.0 * (k + 2)
-    base = (np.arange(pairs) * span)[:, None]
-    kb = base + 4.0 * pc[None, :] + sb
-    order = np.argsort(kb, axis=None)
-    flat = kb.ravel()[order]
-    q = base + 4.0 * (k - pc)[None, :] + (target[:, None] - sa)
-    pos = np.searchsorted(flat, q.ravel())
     n_sub = 2**k
-    pair_of = np.repeat(np.arange(pairs), n_sub)
-    want = np.tile(k - pc, pairs)
-    sa_flat = sa.ravel()
-    sb_flat = sb.ravel()
-    tgt = np.repeat(target, n_sub)
-    best_err = np.full(q.size, np.inf)
-    best_b = np.zeros(q.size, dtype=np.int64)
+    scale = np.maximum(free.sum(axis=1), 1e-300)
+    target = need / scale
+    sa = _subset_sums(free[:, :k] / scale[:, None])      # [pairs, 2**k]
+    sb = _subset_sums(free[:, k:] / scale[:, None])
+    # Per pair, B subsets sorted by (size, sum) -- sums lie in [0, 1], size classes 4
+    # apart -- and each A subset's query (complementary size, the sum still needed)
+    # located among them by one merged per-row sort (queries first on ties: the
+    # position is the number of keys strictly below the query).
+    kb = 4.0 * pc[None, :] + sb
+    korder = np.argsort(kb, axis=1, kind="stable")
+    q = 4.0 * (k - pc)[None, :] + (target[:, None] - sa)
+    merged = np.concatenate([q, np.take_along_axis(kb, korder, axis=1)], axis=1)
+    morder = np.argsort(merged, axis=1, kind="stable")
+    is_key = morder >= n_sub
+    keys_before = np.cumsum(is_key, axis=1) - is_key
+    rr, jj = np.nonzero(~is_key)
+    pos = np.empty((pairs, n_sub), dtype=np.int64)
+    pos[rr, morder[rr, jj]] = keys_before[rr, jj]
+    want = (k - pc)[None, :]
+    best_err = np.full((pairs, n_sub), np.inf)
+    best_b = np.zeros((pairs, n_sub), dtype=np.int64)
     for cand in (pos - 1, pos):
-        c = np.clip(cand, 0, flat.size - 1)
-        idx = order[c]                                   # flat index into [pairs, 2**k]
-        mask_b = idx % n_sub
-        same = (idx // n_sub == pair_of) & (pc[mask_b] == want) & (cand >= 0) & (cand < flat.size)
-        err = np.where(same, np.abs(sa_flat + sb_flat[idx] - tgt), np.inf)
+        ok = (cand >= 0) & (cand < n_sub)
+        idx = np.take_along_axis(korder, np.clip(cand, 0, n_sub - 1), axis=1)
+        ok &= pc[idx] == want
+        err = np.where(ok, np.abs(sa + np.take_along_axis(sb, idx, axis=1) - target[:, None]), np.inf)
         better = err < best_err
         best_err = np.where(better, err, best_err)
-        best_b = np.where(better, mask_b, best_b)
-    best_err = best_err.reshape(pairs, 2**k)
-    best_b = best_b.reshape(pairs, 2**k)
+        best_b = np.where(better, idx, best_b)
     ma = best_err.argmin(axis=1)
     mb = best_b[np.arange(pairs), ma]
     take = np.concatenate([bits[ma], bits[mb]], axis=1).astype(bool)
