@@ -44,9 +44,10 @@ COUNT_SHARE = 0.7
 MIN_SOLVE = 0.005
 # Wall time to load OR-Tools the first time (measured here: ~0.4 s).
 IMPORT_SECONDS = 0.6
-# Deterministic mode: wall seconds one candidate-item of a count move takes here
-# (measured: a 40-candidate step on 320 items, 20 re-split rounds, ~3 s).
-SECONDS_PER_CANDIDATE_ITEM = 2.3e-4
+# Deterministic mode: wall seconds one candidate-item of a count move takes on this
+# project's 2-core machine (58x256 prefill-shaped loads, 320 and 160 replicas: a 16 s
+# deterministic budget then runs ~15.5 s; measured 2026-11-27).
+SECONDS_PER_CANDIDATE_ITEM = 6e-6
 # Whole-sub-problem models (fixed counts) are built up to this many n[e, g] variables,
 # with this share of the time left before the neighbourhood search.
 FIXED_LIMIT = 2500
@@ -59,7 +60,6 @@ class ExactOutcome:
 
     Attributes:
         phy2log: ``[L, R]`` refined placement.
-        counts_changed: layers whose replica counts phase 1 changed.
         attempted: ``[L]`` bool, layers some exact phase worked on.
         proven: ``[L]`` float, bounds proved by complete models or the group model
             (valid with counts and placement free; NaN where none), in input units.
@@ -112,6 +112,7 @@ def _groups_by_cpsat(
     events: list[str],
     allow_duplicates: bool,
     cpsat,
+    ids: np.ndarray,
 ) -> np.ndarray:
     """Groups to nodes exactly by CP-SAT where enumeration is too big; re-plans a layer
     whose heaviest node gets lighter.  A proven optimum of the heaviest node, over its GPUs,
@@ -133,13 +134,13 @@ def _groups_by_cpsat(
         for n in range(N):
             for g in np.unique(p[l].reshape(N, R // N)[n] // gs):
                 hint[g] = n
-        limit = (budget / max(len(layers), 1) / 10) if deterministic else max(
+        limit = (budget / 10) if deterministic else max(
             0.01, (share_end - time.perf_counter()) / (len(layers) - i)
         )
         try:
             node, bound, optimal = cpsat.solve_groups(gl, N, hint, limit, seed=seed, deterministic=deterministic)
         except Exception as exc:  # noqa: BLE001 - a solver failure keeps the plan
-            _failed(events, f"layer {l}: CP-SAT group placement", exc)
+            _failed(events, f"layer {ids[l]}: CP-SAT group placement", exc)
             continue
         if bound is not None and optimal:
             proven[l] = np.fmax(proven[l], bound / gpn * (1 - 1e-12))
@@ -224,6 +225,7 @@ def _complete_hierarchical(
     attempted: np.ndarray,
     proven: np.ndarray,
     events: list[str],
+    ids: np.ndarray,
 ) -> np.ndarray:
     """Hierarchical policy, small problems: every node content (a set of groups) is solved
     completely, and the best group-to-node assignment is read off by enumeration.  The
@@ -261,12 +263,12 @@ def _complete_hierarchical(
             try:
                 res = cpsat.solve_complete(
                     w[l, experts], rn, gpn,
-                    time_limit=(budget / n_solves) if deterministic else max(share, 0.01),
+                    time_limit=(budget / len(contents)) if deterministic else max(share, 0.01),
                     seed=seed, workers=workers, deterministic=deterministic,
                     forbid_duplicates=not allow_duplicates,
                 )
             except Exception as exc:  # noqa: BLE001 - a solver failure keeps the plan
-                _failed(events, f"layer {l}: complete CP-SAT model", exc)
+                _failed(events, f"layer {ids[l]}: complete CP-SAT model", exc)
                 complete = False
                 break
             bnd[ci] = res.bound if res.bound is not None else 0.0
@@ -276,7 +278,7 @@ def _complete_hierarchical(
             if not res.optimal:
                 complete = False
         if not complete:
-            events.append(f"layer {l}: complete models timed out (kept the best plan found)")
+            events.append(f"layer {ids[l]}: complete models timed out (kept the best plan found)")
         if (bnd > 0).all() or complete:
             proven[l] = min(max(bnd[b] for b in blk) for blk in blocks)
         best = min(range(len(blocks)), key=lambda i: max(obj[b] for b in blocks[i]))
@@ -309,6 +311,8 @@ def refine(
     seed: int = 0,
     allow_duplicates: bool = True,
     budget: float = 1.0,
+    total_layers: int | None = None,
+    layer_ids: np.ndarray | None = None,
 ) -> ExactOutcome:
     """Refine ``phy2log`` (see module docs).
 
@@ -322,10 +326,18 @@ def refine(
         deadline: ``time.perf_counter()`` value by which to stop.
         workers: threads for CP-SAT (default: available cores).
         deterministic: iteration and deterministic-time budgets instead of wall clock
-            (``budget`` seconds' worth), so the result depends only on the input and seed.
+            (``budget / total_layers`` seconds' worth per layer, never shared between
+            layers), so each layer's result depends only on its own loads, the seed, the
+            workers and ``budget / total_layers``: any split of the layers into calls
+            (see :mod:`eplb_opt.distributed`) gives the same plan.
         seed: seeds CP-SAT and the neighbourhood choice.
         allow_duplicates: let CP-SAT put two replicas of one expert on a GPU.
-        budget: the time budget (seconds), used to size deterministic budgets.
+        budget: the time budget (seconds) of the whole problem, used to size
+            deterministic budgets.
+        total_layers: layers of the whole problem when this call refines a part of it
+            (default: ``L``).
+        layer_ids: ``[L]`` the layers' indices in the whole problem (seeds and messages;
+            default ``0..L-1``).
 
     Returns:
         :class:`ExactOutcome`.
@@ -337,6 +349,8 @@ def refine(
     G, N = num_gpus, num_nodes
     P, k = G // N, R // G
     workers = max(1, int(workers or os.cpu_count() or 1))
+    ids = np.arange(L) if layer_ids is None else np.asarray(layer_ids, dtype=np.int64)
+    layer_budget = budget / max(1, int(total_layers or L))
     events: list[str] = []
     attempted = np.zeros(L, dtype=bool)
     proven = np.full(L, np.nan)
@@ -365,32 +379,32 @@ def refine(
         share = max(0.0, deadline - time.perf_counter()) / max(open_layers.size, 1)
         for l in open_layers:
             if out_of_time():
-                events.append(f"layer {l}: time ran out before the complete model")
+                events.append(f"layer {ids[l]}: time ran out before the complete model")
                 continue
             attempted[l] = True
             cnt = np.bincount(p[l], minlength=E)
             try:
                 res = cpsat.solve_complete(
                     w[l], R, G,
-                    time_limit=(budget / L) if deterministic else max(share, 0.01),
+                    time_limit=layer_budget if deterministic else max(share, 0.01),
                     hint=(cnt, p[l].reshape(G, k)), seed=seed, workers=workers,
                     deterministic=deterministic, forbid_duplicates=not allow_duplicates,
                 )
             except Exception as exc:  # noqa: BLE001 - a solver failure keeps the plan
-                _failed(events, f"layer {l}: complete CP-SAT model", exc)
+                _failed(events, f"layer {ids[l]}: complete CP-SAT model", exc)
                 continue
             if res.bound is not None:
                 proven[l] = res.bound
             if res.placement is not None and res.objective < loads[l].max() * (1 - 1e-12):
                 p[l] = res.placement.ravel()
             if not res.optimal:
-                events.append(f"layer {l}: complete model timed out (kept the best plan found)")
+                events.append(f"layer {ids[l]}: complete model timed out (kept the best plan found)")
         return ExactOutcome(p, attempted, proven, events, conditional)
     if N > 1 and _hier_complete_ok(E, R, G, N, num_groups):
         p = _complete_hierarchical(
             w, p, open_layers, R=R, G=G, N=N, num_groups=num_groups, deadline=deadline,
-            budget=budget, deterministic=deterministic, seed=seed, workers=workers,
-            allow_duplicates=allow_duplicates, attempted=attempted, proven=proven, events=events,
+            budget=layer_budget, deterministic=deterministic, seed=seed, workers=workers,
+            allow_duplicates=allow_duplicates, attempted=attempted, proven=proven, events=events, ids=ids,
         )
         return ExactOutcome(p, attempted, proven, events, conditional)
 
@@ -401,8 +415,8 @@ def refine(
 
             p = _groups_by_cpsat(
                 w, p, open_layers, R=R, G=G, N=N, num_groups=num_groups, deadline=deadline,
-                budget=budget, deterministic=deterministic, seed=seed, proven=proven,
-                events=events, allow_duplicates=allow_duplicates, cpsat=cpsat,
+                budget=layer_budget, deterministic=deterministic, seed=seed, proven=proven,
+                events=events, allow_duplicates=allow_duplicates, cpsat=cpsat, ids=ids,
             )
             loads = _gpu_loads(w, p, G)
             open_layers = np.flatnonzero(layer_gap(loads) > tol)
@@ -442,7 +456,7 @@ def refine(
         p, moved = _count_moves(
             w, p, todo, G=G, N=N, lower_bound=lower_bound, tol=tol, deadline=phase_end,
             deterministic=deterministic, max_steps=1000,
-            work=(COUNT_SHARE * budget / SECONDS_PER_CANDIDATE_ITEM) if deterministic else None,
+            work=(COUNT_SHARE * layer_budget / SECONDS_PER_CANDIDATE_ITEM) if deterministic else None,
             allow_duplicates=allow_duplicates,
         )
         if moved:
@@ -488,12 +502,12 @@ def refine(
         try:
             res = cpsat.solve_fixed_counts(
                 w[l, ex], cnt_l[ex], P, local, lower_bound[l],
-                time_limit=(budget / max(len(todo), 1) / 4) if deterministic else share,
+                time_limit=(layer_budget / 4) if deterministic else share,
                 relative_gap=tol, seed=seed, workers=workers, deterministic=deterministic,
                 forbid_duplicates=not allow_duplicates,
             )
         except Exception as exc:  # noqa: BLE001 - a solver failure keeps the plan
-            _failed(events, f"layer {l} node {n}: CP-SAT (fixed counts)", exc)
+            _failed(events, f"layer {ids[l]} node {n}: CP-SAT (fixed counts)", exc)
             continue
         if res.bound is not None:
             conditional[l] = max(res.bound, lower_bound[l])
@@ -509,7 +523,7 @@ def refine(
     if not todo or out_of_time():
         return ExactOutcome(p, attempted, proven, events, conditional)
 
-    iters_per_layer = max(2, int(10 * budget / max(len(todo), 1))) if deterministic else None
+    iters_per_layer = max(2, int(10 * layer_budget)) if deterministic else None
     nb_time = NEIGHBOURHOOD_TIME
 
     def work(l: int) -> tuple[int, np.ndarray, list[str]]:
@@ -517,13 +531,13 @@ def refine(
         try:
             return _work(l)
         except Exception as exc:  # noqa: BLE001
-            msg = f"layer {l}: CP-SAT search crashed ({type(exc).__name__}: {exc}); kept the plan"
+            msg = f"layer {ids[l]}: CP-SAT search crashed ({type(exc).__name__}: {exc}); kept the plan"
             warnings.warn(msg, RuntimeWarning, stacklevel=2)
             return l, p[l].copy(), [msg]
 
     def _work(l: int) -> tuple[int, np.ndarray, list[str]]:
         notes: list[str] = []
-        rng = np.random.default_rng([seed, l])
+        rng = np.random.default_rng([seed, int(ids[l])])
         sl = p[l].reshape(N, P, k).copy()
         v = per[l][sl]                                           # [N, P, k]
         fails = 0
@@ -533,7 +547,7 @@ def refine(
                 if it >= iters_per_layer:
                     break
             elif deadline - time.perf_counter() < MIN_SOLVE:
-                notes.append(f"layer {l}: timed out in CP-SAT search (kept the best plan found)")
+                notes.append(f"layer {ids[l]}: timed out in CP-SAT search (kept the best plan found)")
                 break
             it += 1
             node_loads = v.sum(axis=2)
@@ -558,7 +572,7 @@ def refine(
                     deterministic=deterministic, forbid_duplicates=True,
                 )
             except Exception as exc:  # noqa: BLE001 - a solver failure keeps the plan
-                notes.append(f"layer {l} node {n}: CP-SAT failed ({type(exc).__name__}: {exc}); kept the plan")
+                notes.append(f"layer {ids[l]} node {n}: CP-SAT failed ({type(exc).__name__}: {exc}); kept the plan")
                 break
             if new is None:
                 fails += 1
@@ -606,14 +620,11 @@ def _count_moves(
     rn = R // N
     p = p.copy()
     changed = 0
-    # Deterministic budget: `work` candidate-items in all, shared by the layers (largest
-    # gap first); every layer gets at least one step while any work is left.
-    left = work
+    # Deterministic budget: `work` candidate-items per layer (never shared, so a layer's
+    # result does not depend on the others); every layer gets at least one step.
     for i, l in enumerate(layers):
         improved_layer = False
-        if left is not None and left <= 0:
-            break
-        allowance = None if left is None else left / (len(layers) - i)
+        allowance = work
         # This layer's share of the time left.
         layer_end = time.perf_counter() + max(0.0, deadline - time.perf_counter()) / (len(layers) - i)
         last = 0.0
@@ -654,8 +665,13 @@ def _count_moves(
             if cand.shape[0] == 0:
                 break
             if allowance is not None:
+                # Only as many candidates as the layer's work allowance pays for (at
+                # least one), those whose heaviest replica is lightest first.
+                fit = max(1, int(allowance // rn))
+                if cand.shape[0] > fit:
+                    heaviest = (wr[None, :] / cand).max(axis=1)
+                    cand = cand[np.argsort(heaviest, kind="stable")[:fit]]
                 allowance -= cand.shape[0] * rn
-                left -= cand.shape[0] * rn
             d = np.arange(cand.shape[0])  # candidate index (sizes below)
             wrow = np.repeat(wr[None, :], d.size, axis=0)
             lb_row = np.full(d.size, lower_bound[l])
