@@ -171,9 +171,22 @@ def _options(deterministic: Any, workers: Any, allow_duplicates: Any, problem: P
     return bool(deterministic), n, bool(allow_duplicates)
 
 
+def _executor(executor: Any, ray_address: Any) -> bool:
+    if not isinstance(executor, str) or executor not in ("local", "ray"):
+        raise InvalidProblemError(f"executor must be 'local' or 'ray', got {executor!r}")
+    if ray_address is not None:
+        if executor != "ray":
+            raise InvalidProblemError(f"ray_address={ray_address!r} needs executor='ray'")
+        if not isinstance(ray_address, str) or not ray_address.strip():
+            raise InvalidTypeError(
+                f"ray_address must be a non-empty string or None, got {type(ray_address).__name__} {ray_address!r}"
+            )
+    return executor == "ray"
+
+
 def _metadata(
     problem: Problem, tol: float, deterministic: bool, allow_dup: bool, top: np.ndarray, lb: np.ndarray,
-    gap: np.ndarray, status: tuple[str, ...], events: list[str],
+    gap: np.ndarray, status: tuple[str, ...], events: list[str], workers: int, executor: str,
 ) -> dict[str, Any]:
     """What a plan file records about the call that made the plan."""
     import datetime
@@ -191,6 +204,7 @@ def _metadata(
             "num_nodes": problem.num_nodes, "num_gpus": problem.num_gpus, "policy": problem.policy,
             "mode": problem.mode, "time_limit": problem.time_limit, "seed": problem.seed,
             "tolerance": tol, "deterministic": deterministic, "allow_duplicates": allow_dup,
+            "workers": workers, "executor": executor,
         },
         "max_load": top.tolist(), "lower_bound": lb.tolist(), "gap": gap.tolist(), "status": list(status),
         "events": list(events),
@@ -216,6 +230,8 @@ def solve(
     workers: int | None = None,
     tolerance: float = 1e-4,
     allow_duplicates: bool = True,
+    executor: str = "local",
+    ray_address: str | None = None,
 ) -> SolveResult:
     """Plan expert placement for every layer and certify how good it is.
 
@@ -239,14 +255,24 @@ def solve(
         policy: ``"auto"`` (hierarchical when ``num_groups % num_nodes == 0``, else
             global), ``"hierarchical"`` or ``"global"``.
         deterministic: exact mode budgets work in iterations and CP-SAT deterministic
-            time instead of wall clock, so the plan depends only on the input and seed
-            (the wall-clock time then only approximates ``time_limit``).
-        workers: threads for CP-SAT (default: the cores available to this process).
-            No process is forked.
+            time instead of wall clock (``time_limit / L`` worth per layer), so the plan
+            depends only on the input, ``seed``, ``time_limit`` and ``workers`` -- not on
+            the machine, its load or the executor.  The wall-clock time then only
+            approximates ``time_limit`` (often less).
+        workers: CP-SAT threads (per Ray task with ``executor="ray"``).  Default: the
+            cores available to this process, or 1 with ``deterministic=True`` or
+            ``executor="ray"`` (so a plan does not depend on the machine).  No process is
+            forked.
         tolerance: a layer is ``"optimal"`` when its certified gap is at most this, and
             exact mode does not work on such layers.
         allow_duplicates: when False, no GPU holds two replicas of one expert (both
             modes; needs at most ``E / N`` slots per GPU).
+        executor: ``"local"`` (this process) or ``"ray"``: exact mode fans the layers
+            above tolerance out as Ray tasks (see :mod:`eplb_opt.distributed`); each task
+            gets the whole remaining ``time_limit``.  Needs ``pip install 'eplb-opt[ray]'``.
+        ray_address: with ``executor="ray"``: ``None`` starts a local Ray instance (or
+            uses the one already initialised in this process); ``"auto"`` or
+            ``"ray://HOST:PORT"`` joins a cluster.
 
     Returns:
         :class:`SolveResult` with the verified plan, per-layer max loads, certified
@@ -262,6 +288,9 @@ def solve(
         mode=mode, time_limit=time_limit, seed=seed, policy=policy,
     )
     deterministic, n_workers, allow_dup = _options(deterministic, workers, allow_duplicates, problem)
+    use_ray = _executor(executor, ray_address)
+    if workers is None and (deterministic or use_ray):
+        n_workers = 1
     w = problem.weight
     L, G = problem.num_layers, problem.num_gpus
     phy2log = _plan_numpy(problem, allow_dup)
@@ -275,6 +304,8 @@ def solve(
     attempted = np.zeros(L, dtype=bool)
     conditional = None
 
+    if use_ray and problem.mode != "exact":
+        events.append("executor='ray' fans out exact refinement only; heuristic mode ran in this process")
     if problem.mode == "exact":
         budget = 10.0 if problem.time_limit is None else problem.time_limit
         deadline = start + budget - _FINISH_RESERVE
@@ -282,14 +313,22 @@ def solve(
         if budget <= 0 or (not deterministic and time.perf_counter() >= deadline):
             events.append("solver skipped: no time left after the heuristic plan (time_limit)")
         else:
-            from . import exact  # imports OR-Tools
-
-            outcome = exact.refine(
-                w, phy2log, num_gpus=G, num_nodes=problem.plan_nodes, lower_bound=lb,
-                num_groups=problem.plan_groups,
-                deadline=deadline, tolerance=tol, workers=n_workers, deterministic=deterministic,
+            common = dict(
+                num_gpus=G, num_nodes=problem.plan_nodes, num_groups=problem.plan_groups,
+                tolerance=tol, workers=n_workers, deterministic=deterministic,
                 seed=problem.seed, allow_duplicates=allow_dup, budget=budget,
             )
+            if use_ray:
+                from . import distributed
+
+                outcome, _ = distributed.refine(
+                    w, phy2log, lower_bound=lb, seconds=deadline - time.perf_counter(),
+                    ray_address=ray_address, **common,
+                )
+            else:
+                from . import exact  # imports OR-Tools
+
+                outcome = exact.refine(w, phy2log, lower_bound=lb, deadline=deadline, **common)
             events.extend(outcome.events)
             attempted = outcome.attempted
             candidate = outcome.phy2log
@@ -328,7 +367,7 @@ def solve(
         "optimal" if g <= tol else ("feasible" if a else "heuristic") for g, a in zip(gap, attempted)
     )
     plan = Plan.from_numpy(phy2log, problem.num_experts, metadata=_metadata(
-        problem, tol, deterministic, allow_dup, top, lb, gap, status, events,
+        problem, tol, deterministic, allow_dup, top, lb, gap, status, events, n_workers, executor,
     ))
     return SolveResult(
         plan=plan,

@@ -1,6 +1,5 @@
 """The scoring harness: valid candidates scored, crashes and broken rules reported."""
 
-import numpy as np
 import pytest
 import torch
 
