@@ -13,6 +13,7 @@ See :func:`solve` for shapes and units.
 from .bounds import Bounds, lower_bounds
 from .errors import (
     EplbOptError,
+    ExecutorError,
     InvalidPlanError,
     InvalidProblemError,
     InvalidTypeError,
@@ -24,12 +25,14 @@ from .traces import TraceError, read_trace
 from .evaluate import evaluate
 from .problem import Problem, make_problem
 from .api import SolveResult, rebalance_experts, solve
+from .align import align_to_previous, count_moves
 
 __version__ = "0.2.0"
 
 __all__ = [
     "Bounds",
     "EplbOptError",
+    "ExecutorError",
     "InvalidPlanError",
     "InvalidProblemError",
     "InvalidTypeError",
@@ -39,6 +42,8 @@ __all__ = [
     "Problem",
     "SolveResult",
     "__version__",
+    "align_to_previous",
+    "count_moves",
     "balancedness",
     "derive_maps",
     "evaluate",

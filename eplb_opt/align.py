@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .errors import InvalidProblemError, InvalidTypeError
+
 __all__ = ["align_to_previous", "count_moves"]
 
 
@@ -25,10 +27,40 @@ def _per_gpu_counts(p: np.ndarray, num_gpus: int, num_experts: int) -> np.ndarra
     return np.bincount(key, minlength=num_gpus * num_experts).reshape(num_gpus, num_experts)
 
 
+def _as_plan(x: object, name: str) -> np.ndarray:
+    try:
+        import torch
+
+        if isinstance(x, torch.Tensor):
+            x = x.detach().cpu().numpy()
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+    a = np.asarray(x)
+    if a.dtype.kind not in "iu":
+        raise InvalidTypeError(f"{name} must be an integer [L, R] placement, got dtype {a.dtype}")
+    if a.ndim != 2 or a.size == 0:
+        raise InvalidProblemError(f"{name} must be a non-empty [L, R] placement, got shape {a.shape}")
+    if a.min() < 0:
+        raise InvalidProblemError(f"{name} holds a negative expert id {int(a.min())}")
+    return a.astype(np.int64)
+
+
+def _size(v: object, name: str) -> int:
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+        raise InvalidTypeError(f"{name} must be a positive integer, got {type(v).__name__} {v!r}")
+    if v < 1:
+        raise InvalidProblemError(f"{name} must be a positive integer, got {v!r}")
+    return int(v)
+
+
 def count_moves(old: np.ndarray, new: np.ndarray, num_gpus: int) -> np.ndarray:
     """``[L]`` replicas of ``new`` placed on a GPU that did not hold that expert in ``old``
     (multiset difference per GPU)."""
-    o, n = np.asarray(old, dtype=np.int64), np.asarray(new, dtype=np.int64)
+    o, n = _as_plan(old, "old"), _as_plan(new, "new")
+    if n.shape != o.shape:
+        raise InvalidProblemError(f"new plan {n.shape} and old plan {o.shape} differ in shape")
+    if n.shape[1] % _size(num_gpus, "num_gpus"):
+        raise InvalidProblemError(f"num_gpus={num_gpus} must divide the {n.shape[1]} slots per layer")
     E = int(max(o.max(initial=0), n.max(initial=0))) + 1
     out = np.empty(o.shape[0], dtype=np.int64)
     for l in range(o.shape[0]):
@@ -82,11 +114,15 @@ def align_to_previous(new: np.ndarray, old: np.ndarray, num_gpus: int, num_nodes
         ``[L, R]`` the relabelled plan: same per-GPU loads as ``new``, fewest moves the
         relabelling allows.
     """
-    n, o = np.asarray(new, dtype=np.int64), np.asarray(old, dtype=np.int64)
+    n, o = _as_plan(new, "new"), _as_plan(old, "old")
     if n.shape != o.shape:
-        raise ValueError(f"new plan {n.shape} and old plan {o.shape} differ in shape")
+        raise InvalidProblemError(f"new plan {n.shape} and old plan {o.shape} differ in shape")
     L, R = n.shape
-    G, N = num_gpus, num_nodes
+    G, N = _size(num_gpus, "num_gpus"), _size(num_nodes, "num_nodes")
+    if R % G or G % N:
+        raise InvalidProblemError(
+            f"num_gpus={num_gpus} must divide the {R} slots per layer and num_nodes={num_nodes} must divide num_gpus"
+        )
     k, P = R // G, G // N
     E = int(max(n.max(initial=0), o.max(initial=0))) + 1
     out = np.empty_like(n)
@@ -102,7 +138,7 @@ def align_to_previous(new: np.ndarray, old: np.ndarray, num_gpus: int, num_nodes
                 sub = np.minimum(cn[a * P:(a + 1) * P, None, :], co[None, b * P:(b + 1) * P, :]).sum(axis=2)
                 gpu_of[a * P:(a + 1) * P] = b * P + _match(sub)
         else:
-            gpu_of = _match(cn @ co.T if E * G * G > 2**26 else np.minimum(cn[:, None, :], co[None, :, :]).sum(axis=2))
+            gpu_of = _match(np.stack([np.minimum(cn[g], co).sum(axis=1) for g in range(G)]))
         slots_new = n[l].reshape(G, k)
         slots_old = o[l].reshape(G, k)
         row = np.empty((G, k), dtype=np.int64)

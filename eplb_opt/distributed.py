@@ -23,16 +23,12 @@ from typing import Any
 
 import numpy as np
 
-from .errors import EplbOptError, InvalidProblemError
+from .errors import ExecutorError, InvalidProblemError
 
 # Seconds kept back from a non-deterministic chunk's budget for shipping its result home.
 RETURN_RESERVE = 0.25
 # Extra seconds the driver waits past the deadline before giving up on a task.
 WAIT_GRACE = 5.0
-
-
-class ExecutorError(EplbOptError, RuntimeError):
-    """Ray could not be imported or started / joined."""
 
 
 @dataclass

@@ -9,6 +9,7 @@ __all__ = [
     "InvalidProblemError",
     "InvalidTypeError",
     "InvalidPlanError",
+    "ExecutorError",
 ]
 
 
@@ -26,3 +27,7 @@ class InvalidTypeError(EplbOptError, TypeError):
 
 class InvalidPlanError(EplbOptError, ValueError):
     """A placement breaks an invariant (raised by :func:`eplb_opt.verify`)."""
+
+
+class ExecutorError(EplbOptError, RuntimeError):
+    """``executor="ray"``: Ray could not be imported, started or joined."""

@@ -29,9 +29,11 @@ real ``AbstractEplbPolicy``.
 from __future__ import annotations
 
 import os
+import warnings
 from abc import ABC, abstractmethod
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..errors import InvalidProblemError
@@ -116,8 +118,10 @@ class EplbOptPolicy(_Base):
         """New physical-to-logical map ``[L, R]`` (int64, CPU) for ``weight`` ``[L, E]``.
 
         ``num_ranks`` is the number of GPUs.  With ``old_global_expert_indices`` (the
-        deployed ``[L, R]`` map) the result is relabelled to move as few weights as
-        possible."""
+        deployed ``[L, R]`` physical-to-logical map, which is what vLLM 0.33 passes; its
+        docstring says ``[layers, num_logical_experts]``) the result is relabelled to move
+        as few weights as possible; ``-1`` entries are empty slots.  An old map of another
+        shape (the slot count changed) cannot be matched: a warning says so."""
         from ..align import align_to_previous
         from ..api import solve
 
@@ -129,10 +133,18 @@ class EplbOptPolicy(_Base):
         )
         p2l = result.plan.to_numpy()[0]
         if old_global_expert_indices is not None:
-            old = torch.as_tensor(old_global_expert_indices).detach().cpu().numpy()
+            old = torch.as_tensor(old_global_expert_indices).detach().cpu().numpy().astype(np.int64)
             if old.shape == p2l.shape:
+                # Empty slots (-1, elastic scaling) match no expert.
+                old = np.where(old < 0, p2l.max() + 1, old)
                 nodes = num_nodes if result.policy == "hierarchical" else 1
                 p2l = align_to_previous(p2l, old, num_ranks, nodes)
+            else:
+                warnings.warn(
+                    f"eplb-opt: old_global_expert_indices has shape {tuple(old.shape)}, the new plan "
+                    f"{tuple(p2l.shape)} (the number of slots changed); every replica is placed afresh",
+                    RuntimeWarning, stacklevel=2,
+                )
         return torch.from_numpy(p2l).to(torch.int64)
 
 

@@ -1,0 +1,229 @@
+"""Serving-engine integrations: vLLM 0.33's policy contract (checked against the real
+``abstract.py`` and registry ``__init__.py`` from the ``vllm==0.33.0`` wheel, fetched once
+into the peer cache), SGLang's shapes, and aligning a new plan to the deployed one."""
+
+import os
+import subprocess
+import sys
+import textwrap
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import eplb_opt
+from eplb_opt import InvalidProblemError, InvalidTypeError, align_to_previous, count_moves
+from eplb_opt.integrations import sglang as eplb_sglang
+from eplb_opt.integrations import vllm as eplb_vllm
+from eplb_opt.workloads import generate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The real files from the wheel; everything above them in vLLM's package tree is a stub
+# (vLLM's own package __init__ files import its whole runtime).
+REAL = [
+    "vllm/distributed/eplb/__init__.py",
+    "vllm/distributed/eplb/policy/__init__.py",
+    "vllm/distributed/eplb/policy/abstract.py",
+    "vllm/distributed/eplb/policy/default.py",
+]
+
+
+@pytest.fixture(scope="module")
+def vllm_tree(tmp_path_factory):
+    try:
+        from benchmarks.peers import VLLM, fetch_wheel
+
+        wheel = fetch_wheel(VLLM)
+    except Exception as exc:  # noqa: BLE001 - no network and no cached wheel
+        pytest.skip(f"vllm==0.33.0 wheel unavailable: {exc}")
+    root = tmp_path_factory.mktemp("vllm_site")
+    with zipfile.ZipFile(wheel) as zf:
+        for member in REAL:
+            (root / member).parent.mkdir(parents=True, exist_ok=True)
+            (root / member).write_bytes(zf.read(member))
+        parallel = zf.read("vllm/config/parallel.py").decode()
+    assert 'EPLBPolicyOption = Literal["default"]' in parallel   # what the stub reproduces
+    for stub in ("vllm/__init__.py", "vllm/distributed/__init__.py", "vllm/config/__init__.py"):
+        (root / stub).parent.mkdir(parents=True, exist_ok=True)
+        (root / stub).write_text("")
+    (root / "vllm/config/parallel.py").write_text(
+        'from typing import Literal\nEPLBPolicyOption = Literal["default"]\n'
+    )
+    return root
+
+
+def _run(tree: Path, code: str) -> str:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tree), str(ROOT)]))
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def test_vllm_policy_conforms_to_the_real_abstract_base(vllm_tree):
+    out = _run(vllm_tree, """
+        import inspect
+        import vllm.distributed.eplb.policy as registry
+        from vllm.distributed.eplb.policy.abstract import AbstractEplbPolicy
+        from eplb_opt.integrations import vllm as ev
+
+        P = ev.EplbOptPolicy
+        assert issubclass(P, AbstractEplbPolicy), P.__mro__
+        assert not getattr(P, "__abstractmethods__", None), P.__abstractmethods__
+        base = inspect.signature(AbstractEplbPolicy.rebalance_experts)
+        ours = inspect.signature(P.rebalance_experts)
+        assert list(base.parameters) == list(ours.parameters), (base, ours)
+        assert all(base.parameters[n].default == ours.parameters[n].default for n in base.parameters)
+        assert isinstance(inspect.getattr_static(P, "rebalance_experts"), classmethod)
+
+        default = registry.EPLB_POLICIES["default"]
+        assert default.__name__ == "DefaultEplbPolicy"
+        got = ev.install(mode="heuristic", seed=1)
+        assert registry.EPLB_POLICIES["default"] is got is P
+        assert set(registry.EPLB_POLICIES) == {"default"}
+        print("ok")
+    """)
+    assert out.strip() == "ok"
+
+
+def test_vllm_registry_policy_moves_nothing_on_an_unchanged_load(vllm_tree):
+    out = _run(vllm_tree, """
+        import numpy as np, torch
+        import vllm.distributed.eplb.policy as registry
+        from eplb_opt.integrations import vllm as ev
+        from eplb_opt import count_moves
+        from eplb_opt.workloads import generate
+
+        ev.install()
+        policy = registry.EPLB_POLICIES["default"]
+        w = torch.from_numpy(generate("deepseek-v3-prefill", seed=0, windows=1)[0][:6])
+        for groups, nodes in ((8, 4), (1, 1)):
+            first = policy.rebalance_experts(w, 288, groups, nodes, 32)
+            assert first.dtype == torch.int64 and first.device.type == "cpu" and first.shape == (6, 288)
+            # vLLM passes the deployed physical_to_logical_map as old_global_expert_indices.
+            again = policy.rebalance_experts(w, 288, groups, nodes, 32, first.clone())
+            assert count_moves(first.numpy(), again.numpy(), 32).sum() == 0
+            assert torch.equal(again, first)          # every replica keeps its slot
+        print("ok")
+    """)
+    assert out.strip() == "ok"
+
+
+def test_vllm_policy_without_vllm_uses_the_local_contract():
+    P = eplb_vllm.EplbOptPolicy
+    assert P.rebalance_experts.__func__.__code__.co_varnames[:7] == (
+        "cls", "weight", "num_replicas", "num_groups", "num_nodes", "num_ranks", "old_global_expert_indices")
+
+
+def test_vllm_policy_aligns_to_a_relabelled_old_plan():
+    w = torch.from_numpy(generate("deepseek-v3-prefill", seed=1, windows=1)[0][:4])
+    P = eplb_vllm.EplbOptPolicy.configure(mode="heuristic")
+    new = P.rebalance_experts(w, 288, 8, 4, 32).numpy()
+    # The deployed placement: the same plan with nodes swapped, GPUs within nodes
+    # permuted and slots shuffled -- every GPU's content is unchanged.
+    rng = np.random.default_rng(0)
+    g = new.reshape(4, 4, 8, 9, order="C")[:, ::-1][:, :, rng.permutation(8)]  # [L, node, gpu, slot]
+    old = np.take_along_axis(g, rng.permuted(np.broadcast_to(np.arange(9), g.shape), axis=-1), axis=-1)
+    old = old.reshape(4, 288)
+    got = P.rebalance_experts(w, 288, 8, 4, 32, torch.from_numpy(old)).numpy()
+    assert count_moves(old, got, 32).sum() == 0
+    assert np.array_equal(got, old)
+    # A naive diff of the raw plan would have moved most replicas.
+    assert count_moves(old, new, 32).sum() > 0
+
+
+def test_vllm_policy_warns_when_the_slot_count_changed():
+    w = torch.from_numpy(generate("deepseek-v3-prefill", seed=1, windows=1)[0][:2])
+    old = eplb_vllm.EplbOptPolicy.rebalance_experts(w, 256, 8, 4, 32)
+    with pytest.warns(RuntimeWarning, match="number of slots changed"):
+        new = eplb_vllm.EplbOptPolicy.rebalance_experts(w, 288, 8, 4, 32, old)
+    assert new.shape == (2, 288)
+
+
+def test_vllm_policy_treats_minus_one_as_an_empty_slot():
+    w = torch.from_numpy(generate("deepseek-v3-prefill", seed=2, windows=1)[0][:2])
+    first = eplb_vllm.EplbOptPolicy.rebalance_experts(w, 288, 8, 4, 32)
+    old = first.clone()
+    old[:, :9] = -1                                   # one GPU's slots empty
+    again = eplb_vllm.EplbOptPolicy.rebalance_experts(w, 288, 8, 4, 32, old).numpy()
+    assert count_moves(first.numpy(), again, 32).sum() == 0
+
+
+def test_vllm_settings_from_environment_and_configure(monkeypatch):
+    monkeypatch.setenv("EPLB_OPT_MODE", "exact")
+    monkeypatch.setenv("EPLB_OPT_TIME_LIMIT", "0.5")
+    monkeypatch.setenv("EPLB_OPT_DETERMINISTIC", "1")
+    s = eplb_vllm.settings()
+    assert s["mode"] == "exact" and s["time_limit"] == 0.5 and s["deterministic"] is True
+    assert eplb_vllm.settings({"mode": "heuristic"})["mode"] == "heuristic"   # explicit wins
+    with pytest.raises(InvalidProblemError, match="unknown setting 'budget'"):
+        eplb_vllm.EplbOptPolicy.configure(budget=3)
+    monkeypatch.setenv("EPLB_OPT_TIME_LIMIT", "soon")
+    with pytest.raises(InvalidProblemError, match="EPLB_OPT_TIME_LIMIT='soon'"):
+        eplb_vllm.settings()
+
+
+def test_vllm_install_without_vllm_raises_import_error():
+    if "vllm" in sys.modules or any(Path(p, "vllm").exists() for p in sys.path if p):
+        pytest.skip("vLLM importable here")
+    with pytest.raises(ImportError):
+        eplb_vllm.install()
+
+
+def test_sglang_shapes_and_step_axis():
+    steps = torch.from_numpy(generate("deepseek-v3-prefill", seed=3, windows=3)[:, :5])    # [3, 5, 256]
+    p2l, l2p, cnt = eplb_sglang.rebalance_experts(steps, 288, 9, 8, 4)
+    assert p2l.shape == (5, 288) and l2p.shape == (5, 256, 288 - 256 + 1) and cnt.shape == (5, 256)
+    assert p2l.dtype == l2p.dtype == cnt.dtype == torch.int64
+    # Same as planning the summed loads directly.
+    ref = eplb_opt.solve(steps.sum(dim=0), num_replicas=288, num_groups=8, num_nodes=4, num_gpus=32)
+    assert torch.equal(p2l, ref.plan.phy2log)
+    # Maps agree with each other.
+    for l in range(5):
+        for e in range(256):
+            slots = l2p[l, e][l2p[l, e] >= 0]
+            assert slots.numel() == cnt[l, e] and bool((p2l[l, slots] == e).all())
+
+
+def test_sglang_algorithm_choice():
+    class Algo:  # stands in for SGLang's EplbAlgorithm enum members
+        def __init__(self, name):
+            self.name = name
+
+    w = torch.from_numpy(generate("deepseek-v3-prefill", seed=3, windows=1)[0][:2])
+    hier = eplb_sglang.rebalance_experts(w, 288, 9, 8, 4, Algo("deepseek_hierarchical"))[0]
+    glob = eplb_sglang.rebalance_experts(w, 288, 9, 8, 4, Algo("deepseek"))[0]
+    assert torch.equal(hier, eplb_opt.solve(w, num_replicas=288, num_groups=8, num_nodes=4, num_gpus=32,
+                                            policy="hierarchical").plan.phy2log)
+    assert torch.equal(glob, eplb_opt.solve(w, num_replicas=288, num_gpus=32, policy="global").plan.phy2log)
+    with pytest.raises(InvalidProblemError, match="num_local_physical_experts=7"):
+        eplb_sglang.rebalance_experts(w, 288, 7, 8, 4)
+    with pytest.raises(InvalidTypeError, match="num_local_physical_experts"):
+        eplb_sglang.rebalance_experts(w, 288, 9.0, 8, 4)
+
+
+def test_align_keeps_loads_and_reduces_moves():
+    w = generate("deepseek-v3-prefill", seed=4, windows=2)
+    old = eplb_opt.solve(w[0], num_replicas=288, num_gpus=32, policy="global").plan.phy2log.numpy()
+    new = eplb_opt.solve(w[1], num_replicas=288, num_gpus=32, policy="global").plan.phy2log.numpy()
+    aligned = align_to_previous(new, old, 32)
+    a = eplb_opt.gpu_loads(w[1], new, 32)
+    b = eplb_opt.gpu_loads(w[1], aligned, 32)
+    assert np.allclose(np.sort(a, axis=1), np.sort(b, axis=1))      # same GPU contents, relabelled
+    assert count_moves(old, aligned, 32).sum() < count_moves(old, new, 32).sum()
+    assert not eplb_opt.plan_violations(aligned, 256, 288, 32)
+
+
+@pytest.mark.parametrize("args, err, match", [
+    ((np.zeros((2, 8), dtype=np.int64), np.zeros((2, 6), dtype=np.int64), 2), InvalidProblemError, "differ in shape"),
+    ((np.zeros((2, 8)), np.zeros((2, 8)), 2), InvalidTypeError, "new must be an integer"),
+    ((np.zeros((2, 8), dtype=np.int64), np.zeros((2, 8), dtype=np.int64), 3), InvalidProblemError, "num_gpus=3"),
+    ((np.zeros((2, 8), dtype=np.int64), np.zeros((2, 8), dtype=np.int64), 0), InvalidProblemError, "num_gpus"),
+    ((np.zeros((2, 8), dtype=np.int64), -np.ones((2, 8), dtype=np.int64), 2), InvalidProblemError, "negative"),
+])
+def test_align_validates(args, err, match):
+    with pytest.raises(err, match=match):
+        align_to_previous(*args)
