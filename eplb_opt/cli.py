@@ -2,8 +2,15 @@
 
 Commands:
     example   plan a bundled synthetic workload and print per-layer and overall figures.
+    plan      plan recorded loads and write a plan file.
+    evaluate  check a plan file and score it on load files.
+    report    draw a plan's per-GPU loads, balancedness, gaps and replica counts.
     score     grade any rebalance_experts-shaped function against certified bounds.
     bench     every policy and peer on a benchmark suite (needs a source checkout).
+
+Exit status: 0 success; 1 an evaluated plan is invalid (or a scored function crashed or
+broke a rule); 2 bad input or usage; 3 Ray could not be started or joined; 130
+interrupted (no plan file written or replaced).
 """
 
 from __future__ import annotations
@@ -11,12 +18,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import threading
+import time
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from . import __version__
-from .errors import EplbOptError
+from .errors import EplbOptError, ExecutorError, InvalidProblemError
 from .api import SolveResult, solve
 from .workloads import PRESETS, example_weight
 
@@ -44,7 +54,33 @@ def _table(result: SolveResult) -> str:
     return "\n".join(rows)
 
 
+def _write_example_loads(args: argparse.Namespace) -> int:
+    """The example workload as load files: window 0 (to plan) and window 1 (the next)."""
+    from .planfile import atomic_write
+    from .workloads import generate
+
+    folder = Path(args.write_loads)
+    folder.mkdir(parents=True, exist_ok=True)
+    w = generate(args.preset, windows=2, seed=args.seed)
+    def saver(arr: np.ndarray):
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as fh:        # a file object: np.save would add ".npy" to a name
+                np.save(fh, arr)
+        return write
+
+    for i in range(2):
+        path = folder / f"window{i}.npy"
+        atomic_write(path, saver(w[i]))
+        print(f"wrote {path}  ({args.preset}, seed {args.seed}, window {i}: {w.shape[1]} layers x {w.shape[2]} experts)")
+    t = PRESETS[args.preset].topology()
+    print(f"plan it with: eplb-opt plan {folder / 'window0.npy'} --replicas {t['num_replicas']} "
+          f"--groups {t['num_groups']} --nodes {t['num_nodes']} --gpus {t['num_gpus']} -o plan.json")
+    return 0
+
+
 def _cmd_example(args: argparse.Namespace) -> int:
+    if args.write_loads:
+        return _write_example_loads(args)
     preset = PRESETS[args.preset]
     weight = example_weight(args.preset, seed=args.seed)
     result = solve(
@@ -85,6 +121,152 @@ def _cmd_example(args: argparse.Namespace) -> int:
         print(_table(result))
         print()
     print(result.summary())
+    return 0
+
+
+class _Progress:
+    """A progress bar on stderr for calls expected to run more than a couple of seconds
+    (only on a terminal, or when forced)."""
+
+    def __init__(self, seconds: float | None, label: str, enabled: bool) -> None:
+        self.seconds, self.label, self.enabled = seconds, label, enabled
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> "_Progress":
+        if self.enabled:
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        start = time.perf_counter()
+        if self._stop.wait(2.0):
+            return
+        while not self._stop.wait(0.25):
+            t = time.perf_counter() - start
+            if self.seconds:
+                frac = min(1.0, t / self.seconds)
+                bar = "#" * int(30 * frac) + "." * (30 - int(30 * frac))
+                sys.stderr.write(f"\r{self.label} [{bar}] {t:5.1f} / {self.seconds:g} s")
+            else:
+                sys.stderr.write(f"\r{self.label} {t:5.1f} s")
+            sys.stderr.flush()
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            sys.stderr.write("\r" + " " * 70 + "\r")
+            sys.stderr.flush()
+
+
+def _read_loads(path: str, window: int | None = None) -> "np.ndarray":
+    from .traces import read_trace
+
+    return read_trace(path, window=window).sum(axis=0)
+
+
+def _topology_from(plan_meta: dict, path: str) -> dict:
+    params = plan_meta.get("parameters") if isinstance(plan_meta, dict) else None
+    if not params:
+        raise InvalidProblemError(f"plan file {path} records no parameters (not written by eplb-opt plan?)")
+    return params
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from .traces import read_trace
+
+    loads = read_trace(args.loads).sum(axis=0)
+    if args.output and Path(args.output).exists() and not args.overwrite:
+        print(f"eplb-opt: {args.output} exists (pass --overwrite to replace it)", file=sys.stderr)
+        return 2
+    budget = args.time_limit if args.time_limit is not None else (10.0 if args.mode == "exact" else None)
+    show = args.progress or (sys.stderr.isatty() and not args.json)
+    kw = dict(
+        num_replicas=args.replicas, num_groups=args.groups, num_nodes=args.nodes, num_gpus=args.gpus,
+        mode=args.mode, time_limit=args.time_limit, seed=args.seed, policy=args.policy,
+        deterministic=args.deterministic, workers=args.workers,
+    )
+    if args.ray is not None:
+        kw["executor"] = "ray"
+        kw["ray_address"] = args.ray or None
+    with _Progress(budget, f"planning ({args.mode})", show):
+        result = solve(loads, **kw)
+    path = result.plan.save(args.output, overwrite=True)
+    if args.json:
+        json.dump({"plan": str(path), "policy": result.policy, "balancedness": result.balancedness,
+                   "gap_max": float(result.gap.max()), "gap_mean": float(result.gap.mean()),
+                   "status": list(result.status), "events": list(result.events), "runtime_s": result.runtime},
+                  sys.stdout, indent=1)
+        print()
+    else:
+        print(result.summary())
+        print(f"wrote {path}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .bounds import lower_bounds
+    from .metrics import balancedness, gpu_loads, slot_loads
+    from .plan import Plan, plan_violations
+
+    plan = Plan.load(args.plan)
+    prm = _topology_from(dict(plan.metadata), args.plan)
+    p2l = plan.to_numpy()[0]
+    hier = prm.get("policy") == "hierarchical"
+    problems = plan_violations(
+        p2l, plan.num_experts, plan.num_replicas, prm["num_gpus"], num_groups=prm["num_groups"],
+        num_nodes=prm["num_nodes"], hierarchical=hier, allow_duplicates=prm.get("allow_duplicates", True),
+    )
+    out = {"plan": args.plan, "valid": not problems, "problems": problems, "policy": prm.get("policy"), "loads": []}
+    for path in args.loads:
+        w = _read_loads(path)
+        if w.shape != (plan.num_layers, plan.num_experts):
+            raise InvalidProblemError(f"loads file {path} holds loads {w.shape}, the plan is for "
+                                      f"{(plan.num_layers, plan.num_experts)}")
+        if problems:
+            break
+        g = gpu_loads(w, p2l, prm["num_gpus"])
+        lb = lower_bounds(w, plan.num_replicas, prm["num_gpus"], hierarchical=hier,
+                          num_groups=prm["num_groups"], num_nodes=prm["num_nodes"]).lower_bound
+        top = g.max(axis=1)
+        gap = np.where(top > 0, 1 - np.minimum(lb, top) / np.where(top > 0, top, 1), 0.0)
+        out["loads"].append({"file": path, "balancedness": balancedness(g),
+                             "slot_balancedness": balancedness(slot_loads(w, p2l)),
+                             "gap_max": float(gap.max()), "gap_mean": float(gap.mean()),
+                             "ceiling": float(min(1.0, g.mean(axis=1).sum() / max(lb.sum(), 1e-300)))})
+    if args.json:
+        json.dump(out, sys.stdout, indent=1)
+        print()
+    else:
+        print(f"{args.plan}: {'valid' if not problems else 'INVALID'} plan, {plan.num_layers} layers x "
+              f"{plan.num_experts} experts, {plan.num_replicas} replicas, policy {prm.get('policy')}")
+        for prob in problems:
+            print(f"  broken: {prob}")
+        for r in out["loads"]:
+            print(f"  {r['file']}: balancedness {r['balancedness']:.6f} (certified ceiling {r['ceiling']:.6f}), "
+                  f"slot-level {r['slot_balancedness']:.6f}, gap max {r['gap_max']:.4%} mean {r['gap_mean']:.4%}")
+    return 1 if problems else 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .plan import Plan
+    from .report import write_report
+
+    plan = Plan.load(args.plan)
+    prm = _topology_from(dict(plan.metadata), args.plan)
+    w = _read_loads(args.loads)
+    if w.shape != (plan.num_layers, plan.num_experts):
+        raise InvalidProblemError(f"loads file {args.loads} holds loads {w.shape}, the plan is for "
+                                  f"{(plan.num_layers, plan.num_experts)}")
+    title = (f"{Path(args.plan).name} on {Path(args.loads).name}: {plan.num_layers} layers x {plan.num_experts} "
+             f"experts, {plan.num_replicas} replicas on {prm['num_gpus']} GPUs ({prm.get('policy')} policy, "
+             f"{prm.get('mode')} mode)")
+    path = write_report(args.output, w, plan.to_numpy()[0], num_gpus=prm["num_gpus"],
+                        hierarchical=prm.get("policy") == "hierarchical", num_groups=prm["num_groups"],
+                        num_nodes=prm["num_nodes"], title=title)
+    print(f"wrote {path}")
     return 0
 
 
@@ -170,7 +352,43 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--policy", default="auto", choices=["auto", "hierarchical", "global"])
     ex.add_argument("--json", action="store_true", help="machine-readable output")
     ex.add_argument("--quiet", action="store_true", help="overall figures only, no per-layer table")
+    ex.add_argument("--write-loads", metavar="DIR", default=None,
+                    help="instead of planning, write the workload's window0.npy (to plan) and window1.npy "
+                         "(the next window) into DIR, for plan / evaluate / report")
     ex.set_defaults(func=_cmd_example)
+
+    pl = sub.add_parser("plan", help="plan recorded loads and write a plan file")
+    pl.add_argument("loads", help="loads: .npy/.npz/.pt/.safetensors [steps, L, E] or [L, E], ADRS .json, SGLang dumps")
+    pl.add_argument("--replicas", type=int, required=True, help="physical expert slots per layer (R)")
+    pl.add_argument("--groups", type=int, default=1)
+    pl.add_argument("--nodes", type=int, default=1)
+    pl.add_argument("--gpus", type=int, required=True)
+    pl.add_argument("--policy", default="auto", choices=["auto", "hierarchical", "global"])
+    pl.add_argument("--mode", default="heuristic", choices=["heuristic", "exact"])
+    pl.add_argument("--time-limit", type=float, default=None, help="seconds (exact mode default 10)")
+    pl.add_argument("--seed", type=int, default=0)
+    pl.add_argument("--deterministic", action="store_true", help="repeatable exact mode (for a seed)")
+    pl.add_argument("--workers", type=int, default=None, help="CP-SAT threads (per Ray task with --ray); default: available cores, "
+                    "or 1 with --deterministic or --ray")
+    pl.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                    help="fan sub-problems out on Ray (start a local one, or join ADDRESS)")
+    pl.add_argument("-o", "--output", required=True, help="plan file: .json, .pt or .npz")
+    pl.add_argument("--overwrite", action="store_true", help="replace an existing plan file")
+    pl.add_argument("--progress", action="store_true", help="show a progress bar even off a terminal")
+    pl.add_argument("--json", action="store_true", help="machine-readable output")
+    pl.set_defaults(func=_cmd_plan)
+
+    ev = sub.add_parser("evaluate", help="check a plan file and score it on load files")
+    ev.add_argument("plan")
+    ev.add_argument("loads", nargs="+", help="one or more load files (the first is usually the planning window)")
+    ev.add_argument("--json", action="store_true")
+    ev.set_defaults(func=_cmd_evaluate)
+
+    rp = sub.add_parser("report", help="draw a plan's loads, balancedness, gaps and replica counts")
+    rp.add_argument("plan")
+    rp.add_argument("loads")
+    rp.add_argument("-o", "--output", required=True, help="FILE.png or FILE.html")
+    rp.set_defaults(func=_cmd_report)
 
     sc = sub.add_parser("score", help="grade a rebalance_experts-shaped function against certified bounds")
     sc.add_argument("target", help="MODULE:FUNCTION or path/to/file.py:FUNCTION")
@@ -195,12 +413,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return int(args.func(args))
+    except ExecutorError as exc:
+        print(f"eplb-opt: error: {exc}", file=sys.stderr)
+        return 3
     except EplbOptError as exc:
         print(f"eplb-opt: error: {exc}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stderr.close()
         return 0
+    except KeyboardInterrupt:
+        print("\neplb-opt: interrupted; no plan file was written or replaced", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover
