@@ -18,4 +18,4 @@ if ! $VPY -c "import torch" >/dev/null 2>&1; then
   # shellcheck disable=SC2086
   $VPY -m pip install --quiet ${EPLB_OPT_TORCH:-torch==2.13.0}
 fi
-$VPY -m pip install --quiet -e '.[test,bench]'
+$VPY -m pip install --quiet -e '.[test,ray]'
