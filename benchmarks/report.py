@@ -194,6 +194,40 @@ def _exact_section(data: dict) -> list[str]:
     return lines
 
 
+def _ray_section(data: dict) -> list[str]:
+    d, f = data["deterministic"], data["default"]
+    t = data["topology"]
+    lines = [
+        "## Ray scale-out",
+        "",
+        f"Generated {data['date']} by `{data['command']}` (machine as above; a local Ray instance "
+        f"with {data['ray_cpus']} CPUs, started in {data['ray_startup_s']:.1f} s).",
+        "",
+        f"DeepSeek-V3 prefill-shaped loads ({data['layers']} layers, seed 0), {t['policy']} policy, "
+        f"{t['num_replicas']} replicas on {t['num_gpus']} GPUs, `mode=\"exact\", time_limit={data['time_limit']:g}`:",
+        "",
+        "| run | local wall | Ray wall | local worst / mean gap | Ray worst / mean gap | same plan |",
+        "|---|---|---|---|---|---|",
+        f"| `deterministic=True` | {d['local_s']:.1f} s | {d['ray_s']:.1f} s | "
+        f"{d['local']['gap_max']:.4%} / {d['local']['gap_mean']:.4%} | {d['ray']['gap_max']:.4%} / "
+        f"{d['ray']['gap_mean']:.4%} | {'yes' if d['identical'] else 'NO'} |",
+        f"| default (wall clock) | {f['local_s']:.1f} s | {f['ray_s']:.1f} s | "
+        f"{f['local']['gap_max']:.4%} / {f['local']['gap_mean']:.4%} | {f['ray']['gap_max']:.4%} / "
+        f"{f['ray']['gap_mean']:.4%} | (not expected) |",
+        "",
+        "Overhead per sub-problem (one Ray task per layer, all queued at once; `(wall x CPUs - time "
+        "inside the tasks) / tasks`: what the pool spends per sub-problem on anything but the work):",
+        "",
+        "| task | tasks | wall | inside a task (median) | overhead per sub-problem |",
+        "|---|---|---|---|---|",
+    ]
+    for name, o in data["overhead"].items():
+        lines.append(f"| {name} | {o['tasks']} | {o['wall_s']:.2f} s | {o['compute_median_ms']:.0f} ms | "
+                     f"{o['overhead_ms']:.1f} ms |")
+    lines.append("")
+    return lines
+
+
 def write(here: Path) -> None:
     """Regenerate ``here / RESULTS.md`` from the JSON files present."""
     lines = ["# eplb-opt benchmark results", ""]
@@ -204,6 +238,9 @@ def write(here: Path) -> None:
     exact = here / "exact.json"
     if exact.exists():
         lines += _exact_section(json.loads(exact.read_text()))
+    ray_json = here / "ray.json"
+    if ray_json.exists():
+        lines += _ray_section(json.loads(ray_json.read_text()))
     bench = here / "bench-full" / "REPORT.md"
     if bench.exists():
         text = bench.read_text().replace("# eplb-opt bench: full suite", "## Every policy and peer (full suite)")

@@ -41,6 +41,7 @@ class ChunkTiming:
 
     @property
     def overhead(self) -> float:
+        """Seconds the round trip took beyond the work (shipping, scheduling, queueing)."""
         return max(0.0, self.round_trip - self.compute)
 
 
@@ -53,6 +54,7 @@ class DistributedStats:
     startup: float = 0.0   # seconds spent starting / joining Ray in this call
 
     def median_overhead(self) -> float:
+        """Median :attr:`ChunkTiming.overhead` over the tasks (0 when none ran)."""
         return float(np.median([t.overhead for t in self.tasks])) if self.tasks else 0.0
 
 
@@ -109,14 +111,17 @@ def refine(
     seconds: float,
     workers: int,
     ray_address: str | None = None,
+    layers_per_task: int | None = None,
     **kw: Any,
 ) -> tuple[Any, DistributedStats]:
     """Refine ``phy2log`` like :func:`eplb_opt.exact.refine`, one Ray task per chunk of
-    open layers; returns ``(ExactOutcome, DistributedStats)``.
+    open layers; returns ``(eplb_opt.exact.ExactOutcome, DistributedStats)``.
 
     ``seconds`` is the wall-clock budget left (ignored with ``deterministic=True``, where
     ``kw["budget"]`` sizes the work); ``workers`` is the CP-SAT threads (and Ray CPUs) per
-    task.  A failed or late task keeps the heuristic plan on its layers and says so.
+    task; ``layers_per_task`` (default: as many tasks as the cluster runs at once) sets
+    the chunk size.  A failed or late task keeps the heuristic plan on its layers and
+    says so.
     """
     from .exact import ExactOutcome, _gpu_loads
 
@@ -148,7 +153,8 @@ def refine(
             f"workers={workers} CP-SAT threads per Ray task exceed the cluster's {stats.cluster_cpus:g} CPUs"
         )
     slots = max(1, int(stats.cluster_cpus // workers))
-    chunks = np.array_split(open_layers, min(slots, open_layers.size))
+    n_tasks = slots if layers_per_task is None else -(-open_layers.size // max(1, int(layers_per_task)))
+    chunks = np.array_split(open_layers, min(n_tasks, open_layers.size))
     left = seconds - (time.perf_counter() - t_start)
     task_seconds = max(0.0, left - RETURN_RESERVE)
     remote = ray.remote(num_cpus=workers, max_retries=0)(_refine_chunk)
