@@ -115,10 +115,12 @@ class Plan:
 
     @property
     def num_layers(self) -> int:
+        """``L``, layers in the plan."""
         return int(self._np.shape[0])
 
     @property
     def num_replicas(self) -> int:
+        """``R``, physical expert slots per layer."""
         return int(self._np.shape[1])
 
     def to_numpy(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -48,18 +48,22 @@ class Problem:
 
     @property
     def num_layers(self) -> int:
+        """``L``, layers."""
         return int(self.weight.shape[0])
 
     @property
     def num_experts(self) -> int:
+        """``E``, logical experts per layer."""
         return int(self.weight.shape[1])
 
     @property
     def slots_per_gpu(self) -> int:
+        """``k = R / G``."""
         return self.num_replicas // self.num_gpus
 
     @property
     def hierarchical(self) -> bool:
+        """Whether the resolved policy is the hierarchical one."""
         return self.policy == "hierarchical"
 
     @property

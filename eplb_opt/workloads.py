@@ -47,6 +47,7 @@ class Preset:
         }
 
     def as_dict(self) -> dict[str, object]:
+        """The preset's fields as a plain dict (JSON-able)."""
         return asdict(self)
 
 
