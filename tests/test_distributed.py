@@ -82,6 +82,14 @@ def test_more_workers_than_cluster_cpus_is_an_error(local_ray):
                        executor="ray", workers=8)
 
 
+def test_executor_default_is_local():
+    w = _loads(layers=2)
+    a = eplb_opt.solve(w, num_replicas=288, num_gpus=32)
+    b = eplb_opt.solve(w, num_replicas=288, num_gpus=32, executor="local")
+    assert a.plan.metadata["parameters"]["executor"] == b.plan.metadata["parameters"]["executor"] == "local"
+    assert not any("Ray" in e for e in a.events)
+
+
 def test_heuristic_mode_on_ray_says_it_ran_locally():
     r = eplb_opt.solve(_loads(layers=2), num_replicas=288, num_gpus=32, executor="ray")
     assert any("heuristic mode ran in this process" in e for e in r.events)
@@ -89,7 +97,7 @@ def test_heuristic_mode_on_ray_says_it_ran_locally():
 
 @pytest.mark.parametrize("kw, err", [
     (dict(executor="dask"), InvalidProblemError),
-    (dict(executor=None), InvalidProblemError),
+    (dict(executor="processes"), InvalidProblemError),
     (dict(ray_address="auto"), InvalidProblemError),                  # needs executor="ray"
     (dict(executor="ray", ray_address=5), InvalidTypeError),
     (dict(executor="ray", ray_address=" "), InvalidTypeError),
