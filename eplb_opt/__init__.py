@@ -26,6 +26,7 @@ from .evaluate import evaluate
 from .problem import Problem, make_problem
 from .api import SolveResult, rebalance_experts, solve
 from .align import align_to_previous, count_moves
+from .migrate import Migration
 
 __version__ = "0.2.0"
 
@@ -36,6 +37,7 @@ __all__ = [
     "InvalidPlanError",
     "InvalidProblemError",
     "InvalidTypeError",
+    "Migration",
     "Plan",
     "PlanFileError",
     "TraceError",

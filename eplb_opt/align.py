@@ -7,8 +7,8 @@ the old GPU it shares the most replicas with (maximum-weight matching, nodes fir
 a replica that stays on its GPU keeps its old slot.  Weights then only move for replicas
 that really change GPU.
 
-A *move* is a replica on a GPU that did not hold that expert before (counted as a
-multiset, per layer).
+A *move* is a replica on a GPU that did not hold that expert before (per layer; a further
+replica of an expert the GPU already held is a copy within the GPU, not a move).
 """
 
 from __future__ import annotations
@@ -54,8 +54,7 @@ def _size(v: object, name: str) -> int:
 
 
 def count_moves(old: np.ndarray, new: np.ndarray, num_gpus: int) -> np.ndarray:
-    """``[L]`` replicas of ``new`` placed on a GPU that did not hold that expert in ``old``
-    (multiset difference per GPU)."""
+    """``[L]`` replicas of ``new`` placed on a GPU that did not hold that expert in ``old``."""
     o, n = _as_plan(old, "old"), _as_plan(new, "new")
     if n.shape != o.shape:
         raise InvalidProblemError(f"new plan {n.shape} and old plan {o.shape} differ in shape")
@@ -65,7 +64,7 @@ def count_moves(old: np.ndarray, new: np.ndarray, num_gpus: int) -> np.ndarray:
     out = np.empty(o.shape[0], dtype=np.int64)
     for l in range(o.shape[0]):
         co, cn = _per_gpu_counts(o[l], num_gpus, E), _per_gpu_counts(n[l], num_gpus, E)
-        out[l] = int(np.maximum(cn - co, 0).sum())
+        out[l] = int(cn[co == 0].sum())
     return out
 
 

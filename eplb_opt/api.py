@@ -16,6 +16,7 @@ import heuristics
 from .bounds import Bounds, lower_bounds
 from .errors import EplbOptError, InvalidProblemError, InvalidTypeError
 from .metrics import balancedness, gpu_loads, slot_loads
+from .migrate import Migration
 from .plan import Plan, derive_maps, verify
 from .problem import Problem, make_problem
 
@@ -63,6 +64,17 @@ class SolveResult:
     bounds: Bounds = field(repr=False)
     tolerance: float = 1e-4
     conditional_bound: np.ndarray | None = field(default=None, repr=False)
+    migration: Migration | None = field(default=None, repr=False)
+
+    @property
+    def moves(self) -> np.ndarray | None:
+        """``[L]`` replicas moved from ``previous`` (None when no ``previous`` was given)."""
+        return None if self.migration is None else self.migration.moves
+
+    @property
+    def transfers(self) -> np.ndarray | None:
+        """The weight copies from ``previous`` (see :class:`eplb_opt.migrate.Migration`)."""
+        return None if self.migration is None else self.migration.transfers
 
     @property
     def balancedness_ceiling(self) -> float:
@@ -95,6 +107,8 @@ class SolveResult:
                 f"{capped} layer(s) are capped by the hierarchical policy: their bound is above "
                 "the global policy's (try policy='global' where cross-node traffic allows)"
             )
+        if self.migration is not None:
+            lines.append(self.migration.summary())
         for ev in self.events:
             lines.append(f"event: {ev}")
         if per_layer:
@@ -184,6 +198,66 @@ def _executor(executor: Any, ray_address: Any) -> bool:
     return executor == "ray"
 
 
+def _number(name: str, value: Any, low: float, *, open_low: bool = False) -> float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise InvalidTypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    v = float(value)
+    if not np.isfinite(v) or v < low or (open_low and v == low):
+        bound = f"> {low:g}" if open_low else f">= {low:g}"
+        raise InvalidProblemError(f"{name} must be a finite number {bound}, got {value!r}")
+    return v
+
+
+def _migration_options(problem: Problem, previous: Any, max_balance_loss: Any, node_move_cost: Any,
+                       bytes_per_expert: Any) -> tuple[np.ndarray | None, float, float, int | None]:
+    from .migrate import as_previous
+
+    if previous is None:
+        for name, val in (("max_balance_loss", max_balance_loss), ("bytes_per_expert", bytes_per_expert)):
+            if val is not None:
+                raise InvalidProblemError(f"{name}={val!r} needs previous (the placement deployed now)")
+        return None, 0.0, 4.0, None
+    old = as_previous(previous, problem.num_layers, problem.num_experts, problem.num_replicas, problem.num_gpus)
+    mbl = 0.0 if max_balance_loss is None else _number("max_balance_loss", max_balance_loss, 0.0)
+    nmc = _number("node_move_cost", node_move_cost, 0.0, open_low=True)
+    bpe = None
+    if bytes_per_expert is not None:
+        if isinstance(bytes_per_expert, (bool, np.bool_)) or not isinstance(bytes_per_expert, (int, np.integer)):
+            raise InvalidTypeError(f"bytes_per_expert must be a positive integer, got {bytes_per_expert!r}")
+        if bytes_per_expert <= 0:
+            raise InvalidProblemError(f"bytes_per_expert must be a positive integer, got {bytes_per_expert!r}")
+        bpe = int(bytes_per_expert)
+    return old, mbl, nmc, bpe
+
+
+def _migrate(problem: Problem, fresh: np.ndarray, old: np.ndarray, mbl: float, nmc: float, bpe: int | None,
+             allow_dup: bool, events: list[str], exact_time: tuple[float, float] | None,
+             deterministic: bool, workers: int) -> tuple[np.ndarray, Migration]:
+    """The plan within ``mbl`` of ``fresh`` that moves least from ``old``; with
+    ``exact_time = (deadline, budget)`` the CP-SAT move model refines it."""
+    from . import migrate
+
+    G = problem.num_gpus
+    nodes = problem.num_nodes if G % problem.num_nodes == 0 else 1   # physical nodes, for move costs
+    mp = migrate.replan(
+        problem.weight, old, fresh, num_gpus=G, num_nodes=nodes,
+        hierarchical=problem.hierarchical, max_balance_loss=mbl, num_groups=problem.num_groups,
+        node_move_cost=nmc, allow_duplicates=allow_dup, exact=exact_time is not None,
+        exact_deadline=None if exact_time is None else exact_time[0],
+        exact_budget=0.0 if exact_time is None else exact_time[1],
+        deterministic=deterministic, seed=problem.seed, workers=workers,
+    )
+    events.extend(mp.events)
+    transfers = migrate.transfer_list(old, mp.phy2log, G, nodes)
+    moved = int(mp.moves.sum())
+    base_bal = balancedness(gpu_loads(problem.weight, fresh, problem.num_gpus))
+    return mp.phy2log, Migration(
+        moves=mp.moves, cost=mp.cost, transfers=transfers, bytes=None if bpe is None else moved * bpe,
+        baseline_moves=mp.baseline_moves, baseline_cost=mp.baseline_cost, baseline_balancedness=base_bal,
+        cap=mp.cap, source=tuple(mp.source),
+    )
+
+
 def _metadata(
     problem: Problem, tol: float, deterministic: bool, allow_dup: bool, top: np.ndarray, lb: np.ndarray,
     gap: np.ndarray, status: tuple[str, ...], events: list[str], workers: int, executor: str,
@@ -232,6 +306,10 @@ def solve(
     allow_duplicates: bool = True,
     executor: str | None = None,
     ray_address: str | None = None,
+    previous: Any = None,
+    max_balance_loss: float | None = None,
+    node_move_cost: float = 4.0,
+    bytes_per_expert: int | None = None,
 ) -> SolveResult:
     """Plan expert placement for every layer and certify how good it is.
 
@@ -274,6 +352,18 @@ def solve(
         ray_address: with ``executor="ray"``: ``None`` starts a local Ray instance (or
             uses the one already initialised in this process); ``"auto"`` or
             ``"ray://HOST:PORT"`` joins a cluster.
+        previous: ``[L, R]`` the placement deployed now (``phy2log``).  The plan returned
+            then keeps every layer's max load within ``max_balance_loss`` of the best
+            plan found without it and, among those, moves the fewest expert weights
+            (see :mod:`eplb_opt.migrate`; ``result.migration``, ``result.moves``,
+            ``result.transfers``).  Exact mode spends part of ``time_limit`` on a CP-SAT
+            model of the moves.
+        max_balance_loss: with ``previous``: the fraction of max load a layer may give up
+            to move less (default 0: only moves that cost no balance are saved).
+        node_move_cost: with ``previous``: cost of a weight copy across nodes, in units
+            of a copy within a node.
+        bytes_per_expert: with ``previous``: bytes of one expert's weights, to report the
+            bytes copied.
 
     Returns:
         :class:`SolveResult` with the verified plan, per-layer max loads, certified
@@ -294,6 +384,7 @@ def solve(
         n_workers = 1
     w = problem.weight
     L, G = problem.num_layers, problem.num_gpus
+    prev, mbl, nmc, bpe = _migration_options(problem, previous, max_balance_loss, node_move_cost, bytes_per_expert)
     phy2log = _plan_numpy(problem, allow_dup)
     _verify(problem, phy2log, allow_dup)
     bounds = lower_bounds(
@@ -308,7 +399,9 @@ def solve(
     if use_ray and problem.mode != "exact":
         events.append("executor='ray' fans out exact refinement only; heuristic mode ran in this process")
     if problem.mode == "exact":
-        budget = 10.0 if problem.time_limit is None else problem.time_limit
+        total = 10.0 if problem.time_limit is None else problem.time_limit
+        # With `previous`, half the budget refines the fresh plan, half the move model.
+        budget = total * (0.5 if prev is not None else 1.0)
         deadline = start + budget - _FINISH_RESERVE
         warm = phy2log
         if budget <= 0 or (not deterministic and time.perf_counter() >= deadline):
@@ -355,6 +448,16 @@ def solve(
             lb[better] = proven[better]
             conditional = outcome.conditional
 
+    migration = None
+    if prev is not None:
+        exact_time = None
+        if problem.mode == "exact":
+            total = 10.0 if problem.time_limit is None else problem.time_limit
+            exact_time = (start + total - _FINISH_RESERVE, total * 0.5) if total > 0 else None
+        phy2log, migration = _migrate(problem, phy2log, prev, mbl, nmc, bpe, allow_dup, events,
+                                      exact_time, deterministic, n_workers)
+        _verify(problem, phy2log, allow_dup)
+
     slots = slot_loads(w, phy2log)
     gpus = slots.reshape(L, G, -1).sum(axis=2)
     top = gpus.max(axis=1)
@@ -367,9 +470,14 @@ def solve(
     status = tuple(
         "optimal" if g <= tol else ("feasible" if a else "heuristic") for g, a in zip(gap, attempted)
     )
-    plan = Plan.from_numpy(phy2log, problem.num_experts, metadata=_metadata(
-        problem, tol, deterministic, allow_dup, top, lb, gap, status, events, n_workers, executor,
-    ))
+    meta = _metadata(problem, tol, deterministic, allow_dup, top, lb, gap, status, events, n_workers, executor)
+    if migration is not None:
+        meta["migration"] = {
+            "max_balance_loss": mbl, "node_move_cost": nmc, "moves": migration.moves.tolist(),
+            "cost": migration.cost.tolist(), "baseline_moves": migration.baseline_moves.tolist(),
+            "bytes": migration.bytes, "source": list(migration.source),
+        }
+    plan = Plan.from_numpy(phy2log, problem.num_experts, metadata=meta)
     return SolveResult(
         plan=plan,
         max_load=top,
@@ -385,6 +493,7 @@ def solve(
         bounds=bounds,
         tolerance=tol,
         conditional_bound=conditional,
+        migration=migration,
     )
 
 

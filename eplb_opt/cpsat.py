@@ -32,11 +32,13 @@ from ortools.sat.python import cp_model
 __all__ = [
     "CompleteResult",
     "FixedResult",
+    "MovesResult",
     "Scaling",
     "scale_loads",
     "solve_complete",
     "solve_fixed_counts",
     "solve_groups",
+    "solve_min_moves",
     "solve_neighbourhood",
 ]
 
@@ -479,3 +481,88 @@ def solve_groups(
         return None, bound, False
     node = np.array([[solver.BooleanValue(b) for b in x[g]].index(True) for g in range(Gr)])
     return node, bound, status == cp_model.OPTIMAL
+
+
+@dataclass(frozen=True)
+class MovesResult:
+    """:func:`solve_min_moves` outcome: ``x`` ``[n, P]`` replicas of each expert on each
+    GPU (None when no plan was found), its integer objective, and whether CP-SAT proved
+    it the cheapest."""
+
+    x: np.ndarray | None
+    objective: int | None
+    optimal: bool
+
+
+def solve_min_moves(
+    options: list[list[tuple[int, float]]],
+    arrival_cost: np.ndarray,
+    cap: float,
+    slots_per_gpu: int,
+    hint: np.ndarray,
+    time_limit: float,
+    *,
+    max_per_gpu: int | None = None,
+    seed: int = 0,
+    workers: int = 1,
+    deterministic: bool = False,
+) -> MovesResult:
+    """Fewest weighted moves for one block of GPUs (a node) under a load cap.
+
+    Data: ``n`` experts; expert ``i`` picks one of ``options[i]``, pairs ``(t, v)``:
+    ``t`` replicas in this block, each carrying load ``v``; ``arrival_cost[i, g]`` is the
+    cost of each replica of expert ``i`` on GPU ``g`` (0 where the GPU held the expert).
+    Variables: ``b[i, j]`` option chosen, ``y[i, g, j]`` replicas on GPU ``g`` under it.
+    Constraints: ``sum_g y[i, g, j] = t_j b[i, j]``; exactly ``slots_per_gpu`` replicas
+    per GPU; every GPU's load at most ``cap``, with loads rounded *up* to integers so a
+    plan feasible for the model is feasible in float64.  Objective: minimise
+    ``sum arrival_cost * y`` (costs rounded to hundredths).  ``hint`` ``[n, P]`` is a
+    feasible placement (option = its row sums).
+    """
+    n, P = arrival_cost.shape
+    vmax = max(v for opts in options for _, v in opts)
+    if vmax <= 0 or cap <= 0:
+        return MovesResult(None, None, False)
+    scale = (2.0**40 / slots_per_gpu) / max(cap, vmax)
+    cap_int = int(np.floor(cap * scale))
+    cost_int = np.round(np.asarray(arrival_cost, dtype=np.float64) * 100).astype(np.int64)
+    per_gpu = slots_per_gpu if max_per_gpu is None else max_per_gpu
+
+    m = cp_model.CpModel()
+    y: dict[tuple[int, int, int], cp_model.IntVar] = {}
+    load_terms: list[list[tuple[cp_model.IntVar, int]]] = [[] for _ in range(P)]
+    slot_terms: list[list[cp_model.IntVar]] = [[] for _ in range(P)]
+    obj = []
+    for i, opts in enumerate(options):
+        bs = [m.NewBoolVar(f"b{i}_{j}") for j in range(len(opts))]
+        m.AddExactlyOne(bs)
+        h_total = int(hint[i].sum())
+        for j, (t, v) in enumerate(opts):
+            q = int(np.ceil(v * scale))
+            ys = []
+            for g in range(P):
+                var = m.NewIntVar(0, min(t, per_gpu), f"y{i}_{g}_{j}")
+                y[i, g, j] = var
+                ys.append(var)
+                load_terms[g].append((var, q))
+                slot_terms[g].append(var)
+                if cost_int[i, g]:
+                    obj.append((var, int(cost_int[i, g])))
+            m.Add(sum(ys) == t * bs[j])
+            chosen = t == h_total and all(t2 != h_total for t2, _ in opts[:j])
+            m.AddHint(bs[j], 1 if chosen else 0)
+            for g in range(P):
+                m.AddHint(y[i, g, j], int(hint[i, g]) if chosen else 0)
+    for g in range(P):
+        m.Add(sum(slot_terms[g]) == slots_per_gpu)
+        m.Add(sum(var * q for var, q in load_terms[g]) <= cap_int)
+    m.Minimize(sum(var * c for var, c in obj))
+
+    solver = _solver(time_limit, seed, deterministic, workers)
+    status = solver.Solve(m)
+    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        return MovesResult(None, None, False)
+    x = np.zeros((n, P), dtype=np.int64)
+    for (i, g, j), var in y.items():
+        x[i, g] += solver.Value(var)
+    return MovesResult(x, int(solver.ObjectiveValue()), status == cp_model.OPTIMAL)

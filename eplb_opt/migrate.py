@@ -1,0 +1,647 @@
+"""Migration-aware replanning: a plan within a balance budget that moves the fewest
+expert weights from the placement deployed now.
+
+A *move* is a replica on a GPU that did not hold that expert before (per layer; a
+further replica of an expert the GPU already held is a copy within the GPU, not a
+move).  Its weight is copied from a GPU that holds the expert in the old placement: from
+the same node when one does (cost 1), else across nodes (cost ``node_move_cost``).
+
+Given the best plan found without the old placement (per-layer max load ``B``), every
+layer gets the cap ``T = B * (1 + max_balance_loss)``, and the plan chosen per layer is
+the cheaper of
+
+* **repair**: start from the old placement (no move at all) and, while a GPU is above
+  ``T``, apply the operation with the most excess removed per unit of move cost: swap
+  two replicas between GPUs, or give a slot of an expert with several replicas to
+  another expert (its count changes).  Operations that undo earlier moves cost nothing
+  or less.  Under the hierarchical policy experts stay in the old plan's nodes.  Then
+  moves that are no longer needed are undone where every GPU stays under ``T``;
+* **relabelled replan** (the fair baseline): the fresh plan with its nodes and GPUs
+  matched to the old ones (:func:`eplb_opt.align.align_to_previous`).
+
+Exact mode then runs a CP-SAT model per node (per layer for the global policy where
+small enough): integer replica counts per (expert, GPU), each expert's total chosen
+from a small menu around the repair's counts, every GPU under ``T``, minimising the move
+cost, warm-started from the heuristic answer; it keeps a solution only when it is
+cheaper.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from heuristics import place
+
+from .align import _keep_slots, align_to_previous
+
+__all__ = ["Migration", "MigrationPlan", "TRANSFER_DTYPE", "as_previous", "move_counts", "transfer_list", "replan"]
+
+# Fields of a transfer list (one row per replica whose weights are copied).
+TRANSFER_DTYPE = np.dtype([
+    ("layer", np.int64), ("expert", np.int64), ("src_gpu", np.int64), ("dst_gpu", np.int64), ("dst_slot", np.int64),
+])
+
+
+def _gpu_counts(p: np.ndarray, G: int, E: int) -> np.ndarray:
+    """``[G, E]`` replica counts of one layer's placement ``[R]``."""
+    k = p.size // G
+    return np.bincount((np.arange(G)[:, None] * E + p.reshape(G, k)).ravel(), minlength=G * E).reshape(G, E)
+
+
+def _arrival_cost(O: np.ndarray, N: int, node_move_cost: float) -> np.ndarray:
+    """``[G, E]`` cost of one replica of ``e`` arriving on GPU ``g``: 1 when the old
+    placement has ``e`` on ``g``'s node, else ``node_move_cost``."""
+    G, E = O.shape
+    on_node = O.reshape(N, G // N, E).sum(axis=1) > 0                     # [N, E]
+    return np.where(np.repeat(on_node, G // N, axis=0), 1.0, float(node_move_cost))
+
+
+def move_counts(old: np.ndarray, new: np.ndarray, num_gpus: int, num_nodes: int = 1,
+                node_move_cost: float = 4.0) -> tuple[np.ndarray, np.ndarray]:
+    """``(moves [L] int64, cost [L] float64)``: replicas of ``new`` on a GPU that did not
+    hold them in ``old``, and the same weighted by ``node_move_cost`` where the nearest
+    copy is on another node."""
+    L, R = new.shape
+    E = int(max(old.max(), new.max())) + 1
+    moves = np.zeros(L, dtype=np.int64)
+    cost = np.zeros(L)
+    for l in range(L):
+        O = _gpu_counts(old[l], num_gpus, E)
+        extra = np.where(O == 0, _gpu_counts(new[l], num_gpus, E), 0)
+        moves[l] = extra.sum()
+        cost[l] = (extra * _arrival_cost(O, num_nodes, node_move_cost)).sum()
+    return moves, cost
+
+
+def transfer_list(old: np.ndarray, new: np.ndarray, num_gpus: int, num_nodes: int = 1) -> np.ndarray:
+    """Every weight copy ``new`` needs from ``old``: a structured array of
+    :data:`TRANSFER_DTYPE` rows ``(layer, expert, src_gpu, dst_gpu, dst_slot)``.
+
+    ``dst_slot`` is the global slot index (``dst_gpu * k + position``) that receives the
+    expert.  A slot that keeps its expert is not listed.  A slot whose expert the GPU
+    already held in another slot is a copy within the GPU (``src_gpu == dst_gpu``, not a
+    move); otherwise ``src_gpu`` holds the expert in ``old``, on the destination's node
+    where one does (lowest index first).
+    """
+    L, R = new.shape
+    G, N = num_gpus, num_nodes
+    k, P = R // G, G // N
+    rows = []
+    for l in range(L):
+        o = old[l].reshape(G, k)
+        n = new[l].reshape(G, k)
+        holders: dict[int, np.ndarray] = {}
+        for g in range(G):
+            for s in np.flatnonzero(n[g] != o[g]):
+                e = int(n[g, s])
+                if (o[g] == e).any():
+                    rows.append((l, e, g, g, g * k + s))
+                    continue
+                if e not in holders:
+                    holders[e] = np.flatnonzero((o == e).any(axis=1))
+                h = holders[e]
+                same = h[h // P == g // P]
+                rows.append((l, e, int(same[0]) if same.size else int(h[0]), g, g * k + s))
+    return np.array(rows, dtype=TRANSFER_DTYPE)
+
+
+def as_previous(previous: object, num_layers: int, num_experts: int, num_replicas: int, num_gpus: int) -> np.ndarray:
+    """Validate the deployed placement passed as ``previous``: ``[L, R]`` integer expert
+    ids in ``[0, E)``, every expert with a replica in every layer.  Returns int64."""
+    from .errors import InvalidProblemError, InvalidTypeError
+    from .plan import plan_violations
+
+    try:
+        import torch
+
+        if isinstance(previous, torch.Tensor):
+            previous = previous.detach().cpu().numpy()
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+    if isinstance(previous, (str, bytes)) or not hasattr(previous, "__len__") and not isinstance(previous, np.ndarray):
+        raise InvalidTypeError(f"previous must be an [L, R] integer array or tensor, got {type(previous).__name__}")
+    try:
+        p = np.asarray(previous)
+    except Exception as exc:  # noqa: BLE001 - ragged lists and the like
+        raise InvalidTypeError(f"previous could not be read as an array: {exc}") from None
+    if p.dtype.kind not in "iu":
+        raise InvalidTypeError(f"previous must hold integer expert ids, got dtype {p.dtype}")
+    if p.shape != (num_layers, num_replicas):
+        raise InvalidProblemError(
+            f"previous has shape {tuple(p.shape)}, expected [num_layers, num_replicas] = [{num_layers}, {num_replicas}]"
+        )
+    problems = plan_violations(p, num_experts, num_replicas, num_gpus, limit=3)
+    if problems:
+        raise InvalidProblemError("previous is not a valid placement: " + "; ".join(problems))
+    return p.astype(np.int64)
+
+
+@dataclass(frozen=True)
+class Migration:
+    """How a plan made with ``previous`` moves expert weights (see :mod:`eplb_opt.migrate`).
+
+    Attributes:
+        moves: ``[L]`` replicas placed on a GPU that did not hold them before.
+        cost: ``[L]`` moves weighted by ``node_move_cost`` where the copy crosses nodes.
+        transfers: structured array of :data:`TRANSFER_DTYPE` rows
+            ``(layer, expert, src_gpu, dst_gpu, dst_slot)``, one per weight copy.
+        bytes: total bytes copied (``moves.sum() * bytes_per_expert``), or None when
+            ``bytes_per_expert`` was not given.
+        baseline_moves, baseline_cost: the same for the fair baseline, the full replan
+            with its nodes and GPUs relabelled to match ``previous``.
+        baseline_balancedness: that baseline's balancedness (the best plan found
+            without ``previous``).
+        cap: ``[L]`` the max-load cap every layer was held to.
+        source: per layer ``"old"`` (nothing moved), ``"repair"`` (old placement
+            repaired), ``"exact"`` (CP-SAT) or ``"replan"`` (the relabelled replan).
+    """
+
+    moves: np.ndarray
+    cost: np.ndarray
+    transfers: np.ndarray
+    bytes: int | None
+    baseline_moves: np.ndarray
+    baseline_cost: np.ndarray
+    baseline_balancedness: float
+    cap: np.ndarray
+    source: tuple[str, ...]
+
+    def summary(self) -> str:
+        """One line: moves against the relabelled replan."""
+        m, b = int(self.moves.sum()), int(self.baseline_moves.sum())
+        ratio = f" ({m / b:.1%} of it)" if b else ""
+        extra = f", {self.bytes / 2**30:.2f} GiB" if self.bytes is not None else ""
+        return (f"migration: {m} replica moves (cost {self.cost.sum():g}{extra}) against {b} for the "
+                f"relabelled full replan{ratio}")
+
+
+@dataclass
+class MigrationPlan:
+    """What :func:`replan` chose, per layer."""
+
+    phy2log: np.ndarray            # [L, R]
+    moves: np.ndarray              # [L] replicas moved
+    cost: np.ndarray               # [L] moves weighted by node_move_cost
+    baseline_moves: np.ndarray     # [L] of the relabelled full replan
+    baseline_cost: np.ndarray      # [L]
+    cap: np.ndarray                # [L] max-load cap T
+    source: list[str]              # per layer: "old", "repair", "exact" or "replan"
+    events: list[str] = field(default_factory=list)
+
+
+class _Layer:
+    """Mutable state of one layer during repair."""
+
+    def __init__(self, w: np.ndarray, start: np.ndarray, O: np.ndarray, cin: np.ndarray,
+                 allowed: np.ndarray, G: int, allow_duplicates: bool) -> None:
+        self.w = w
+        self.G = G
+        self.k = start.size // G
+        self.S = start.reshape(G, self.k).copy()
+        self.E = w.size
+        self.M = _gpu_counts(start, G, self.E)
+        self.O = O
+        self.new = O == 0
+        self.cin = cin
+        self.allowed = allowed
+        self.dup = allow_duplicates
+        self.c = self.M.sum(axis=0)
+        self.v = w / np.maximum(self.c, 1)
+        self.loads = self.v[self.S].sum(axis=1)
+
+    # A replica of e on g is a move when g held no e before (self.new marks those).
+    def inc(self, g, e):
+        return np.where(self.new[g, e], self.cin[g, e], 0.0)
+
+    def dec(self, g, e):
+        return np.where(self.new[g, e], -self.cin[g, e], 0.0)
+
+    def cost(self) -> float:
+        return float((self.M * self.new * self.cin).sum())
+
+    def moves(self) -> int:
+        return int((self.M * self.new).sum())
+
+    # -- candidate operations on GPU g ---------------------------------------------
+    def swaps(self, g: int, partners: np.ndarray, T: float):
+        """Swap slot i of g with slot j of h for h in partners: (dphi, cost, i, h, j)."""
+        S, v = self.S, self.v
+        a = S[g][:, None, None]                                  # [k, 1, 1]
+        b = S[partners][None, :, :]                              # [1, H, k]
+        H = partners[None, :, None]
+        d = v[b] - v[a]                                          # load change on g
+        lg = self.loads[g] + d
+        lh = self.loads[partners][None, :, None] - d
+        phi0 = max(0.0, self.loads[g] - T) + np.maximum(self.loads[partners] - T, 0)[None, :, None]
+        dphi = phi0 - np.maximum(lg - T, 0) - np.maximum(lh - T, 0)
+        ok = (a != b) & self.allowed[H, a] & self.allowed[g, b]
+        if not self.dup:
+            ok &= (self.M[H, a] == 0) & (self.M[g, b] == 0)
+        cost = self.inc(H, a) + self.inc(g, b) + self.dec(g, a) + self.dec(H, b)
+        return dphi, cost, ok, lg, lh
+
+    def retargets(self, g: int, T: float, slots: np.ndarray | None = None, experts: np.ndarray | None = None):
+        """Give slot ``i`` of ``g`` (expert ``a``, count >= 2) to expert ``b``, for ``i`` in
+        ``slots`` (default all) and ``b`` in ``experts`` (default those allowed on
+        ``g``): ``(dphi, cost, ok, new loads [i, b, G], slots, experts)``."""
+        w, c, v, M = self.w, self.c, self.v, self.M
+        if slots is None:
+            slots = np.arange(self.k)
+        if experts is None:
+            experts = np.flatnonzero(self.allowed[g])
+        a = self.S[g, slots]
+        b = experts
+        ca = c[a]
+        va2 = w[a] / np.maximum(ca - 1, 1)                       # ca == 1 is masked below
+        vb2 = w[b] / (c[b] + 1)
+        new = (self.loads[None, None, :]
+               + (M[:, a].T * (va2 - v[a])[:, None])[:, None, :]
+               + (M[:, b].T * (vb2 - v[b])[:, None])[None, :, :])
+        new[:, :, g] += (vb2[None, :] - va2[:, None])
+        phi0 = np.maximum(self.loads - T, 0).sum()
+        dphi = phi0 - np.maximum(new - T, 0).sum(axis=2)
+        ok = (ca >= 2)[:, None] & (a[:, None] != b[None, :]) & self.allowed[g, b][None, :]
+        if not self.dup:
+            ok &= (M[g, b] == 0)[None, :]
+        cost = self.inc(g, b)[None, :] + self.dec(g, a)[:, None]
+        return dphi, cost, ok, new, slots, experts
+
+    # -- applying them -------------------------------------------------------------
+    def do_swap(self, g: int, i: int, h: int, j: int) -> None:
+        a, b = self.S[g, i], self.S[h, j]
+        self.S[g, i], self.S[h, j] = b, a
+        self.M[g, a] -= 1
+        self.M[g, b] += 1
+        self.M[h, b] -= 1
+        self.M[h, a] += 1
+        d = self.v[b] - self.v[a]
+        self.loads[g] += d
+        self.loads[h] -= d
+
+    def do_retarget(self, g: int, i: int, b: int) -> None:
+        a = self.S[g, i]
+        self.S[g, i] = b
+        self.M[g, a] -= 1
+        self.M[g, b] += 1
+        self.c[a] -= 1
+        self.c[b] += 1
+        self.v = self.w / np.maximum(self.c, 1)
+        self.loads = self.v[self.S].sum(axis=1)
+
+
+def _pick(dphi: np.ndarray, cost: np.ndarray, ok: np.ndarray, eps: float):
+    """Index of the best candidate: the largest excess removed at no cost, else the
+    most excess removed per unit of cost; None if nothing removes excess."""
+    good = ok & (dphi > eps)
+    if not good.any():
+        return None
+    free = good & (cost <= 0)
+    if free.any():
+        score = np.where(free, dphi - 1e-9 * cost, -np.inf)
+        return np.unravel_index(int(np.argmax(score)), dphi.shape), float(dphi[np.unravel_index(int(np.argmax(score)), dphi.shape)])
+    ratio = np.where(good, dphi / np.maximum(cost, 1e-9), -np.inf)
+    idx = np.unravel_index(int(np.argmax(ratio)), dphi.shape)
+    return idx, float(ratio[idx])
+
+
+def _repair_layer(st: _Layer, T: float, partners_of, max_steps: int) -> bool:
+    """Drive every GPU under ``T``; returns whether it got there."""
+    eps = 1e-12 * max(T, 1e-300)
+    for _ in range(max_steps):
+        over = np.flatnonzero(st.loads > T + eps)
+        if over.size == 0:
+            return True
+        best = None
+        for g in over[np.argsort(-st.loads[over])][:4]:
+            g = int(g)
+            partners = partners_of(g)
+            cands = []
+            if partners.size:
+                dphi, cost, ok, _, _ = st.swaps(g, partners, T)
+                r = _pick(dphi, cost, ok, eps)
+                if r is not None:
+                    cands.append((r[1], r[0], "swap", g, partners, cost[r[0]]))
+            dphi, cost, ok, _, slots, experts = st.retargets(g, T)
+            r = _pick(dphi, cost, ok, eps)
+            if r is not None:
+                i, j = r[0]
+                cands.append((r[1], (int(slots[i]), int(experts[j])), "retarget", g, None, cost[r[0]]))
+            for cand in cands:
+                # free operations first, then the best ratio
+                key = (cand[5] > 0, -cand[0])
+                if best is None or key < best[0]:
+                    best = (key, cand)
+            if best is not None:
+                break
+        if best is None:
+            return False
+        _, (_, idx, kind, g, partners, _) = best
+        if kind == "swap":
+            i, hh, j = (int(x) for x in idx)
+            st.do_swap(g, i, int(partners[hh]), j)
+        else:
+            i, b = (int(x) for x in idx)
+            st.do_retarget(g, i, b)
+    return bool((st.loads <= T + eps).all())
+
+
+def _undo_moves(st: _Layer, T: float, partners_of, max_steps: int) -> None:
+    """Swaps and retargets that lower the move cost and keep every GPU under ``T``."""
+    eps = 1e-12 * max(T, 1e-300)
+    for _ in range(max_steps):
+        moved = np.flatnonzero((st.M * st.new).any(axis=1))
+        done = False
+        for g in moved:
+            g = int(g)
+            partners = partners_of(g)
+            if partners.size:
+                _, cost, ok, lg, lh = st.swaps(g, partners, T)
+                good = ok & (cost < 0) & (lg <= T + eps) & (lh <= T + eps)
+                if good.any():
+                    idx = np.unravel_index(int(np.argmin(np.where(good, cost, np.inf))), cost.shape)
+                    st.do_swap(g, int(idx[0]), int(partners[idx[1]]), int(idx[2]))
+                    done = True
+                    break
+            # Only a moved-in replica given back to an expert the GPU lost lowers the cost.
+            slots = np.flatnonzero(st.new[g, st.S[g]])
+            experts = np.flatnonzero(~st.new[g] & st.allowed[g])
+            if slots.size and experts.size:
+                _, cost, ok, new, slots, experts = st.retargets(g, T, slots, experts)
+                good = ok & (cost < 0) & (new <= T + eps).all(axis=2)
+                if good.any():
+                    idx = np.unravel_index(int(np.argmin(np.where(good, cost, np.inf))), cost.shape)
+                    st.do_retarget(g, int(slots[idx[0]]), int(experts[idx[1]]))
+                    done = True
+                    break
+        if not done:
+            return
+
+
+def replan(
+    weight: np.ndarray,
+    old: np.ndarray,
+    fresh: np.ndarray,
+    *,
+    num_gpus: int,
+    num_nodes: int,
+    hierarchical: bool,
+    max_balance_loss: float,
+    num_groups: int = 1,
+    node_move_cost: float = 4.0,
+    allow_duplicates: bool = True,
+    deadline: float | None = None,
+    exact: bool = False,
+    exact_deadline: float | None = None,
+    exact_budget: float = 0.0,
+    deterministic: bool = False,
+    seed: int = 0,
+    workers: int = 1,
+) -> MigrationPlan:
+    """Per layer, the cheapest plan (in move cost) whose max GPU load is at most
+    ``(1 + max_balance_loss)`` times ``fresh``'s (see module docs).
+
+    Args:
+        weight: ``[L, E]`` float64 loads.
+        old: ``[L, R]`` the placement deployed now (a valid plan; hierarchical: each node
+            holds whole groups when ``hierarchical``).
+        fresh: ``[L, R]`` the best plan found without ``old``.
+        num_gpus, num_nodes: the cluster (moves across nodes cost ``node_move_cost``).
+        hierarchical: keep experts in the old plan's nodes while repairing.
+        deadline: ``time.perf_counter()`` value after which layers not yet repaired
+            take the relabelled replan.
+        exact: then refine the costliest layers block by block (a node at a time) with
+            :func:`eplb_opt.cpsat.solve_min_moves` until ``exact_deadline``; with
+            ``deterministic``, ``exact_budget / blocks`` of CP-SAT deterministic time per
+            block instead.
+        seed, workers: for CP-SAT.
+    """
+    w = np.asarray(weight, dtype=np.float64)
+    L, E = w.shape
+    R = old.shape[1]
+    G, N = num_gpus, num_nodes
+    P = G // N
+    aligned = align_to_previous(fresh, old, G, N)
+    base_moves, base_cost = move_counts(old, aligned, G, N, node_move_cost)
+    fresh_top = _layer_max(w, fresh, G)
+    cap = fresh_top * (1.0 + max_balance_loss)
+    out = aligned.copy()
+    moves, cost = base_moves.copy(), base_cost.copy()
+    source = ["replan"] * L
+    events: list[str] = []
+    late = 0
+    for l in range(L):
+        if deadline is not None and time.perf_counter() >= deadline:
+            late += 1
+            continue
+        O = _gpu_counts(old[l], G, E)
+        cin = _arrival_cost(O, N, node_move_cost)
+        starts = []
+        if not hierarchical:
+            starts.append(old[l])
+        else:
+            gs = E // num_groups
+            old_node = _node_of_group(old[l], G, N, num_groups, gs)
+            if old_node is not None:
+                starts.append(old[l])
+                # Partitions a few group swaps away from the old one, where the old one
+                # cannot meet the cap (its heaviest node is above it on average).
+                gl = w[l].reshape(num_groups, gs).sum(axis=1)
+                for node in _nearby_partitions(gl, old_node, N, P, cap[l]):
+                    alt = place(w[l:l + 1], R, num_groups, N, G, node_of_group=node[None, :],
+                                allow_duplicates=allow_duplicates).phy2log
+                    alt = align_to_previous(alt, old[l:l + 1], G, N)[0]
+                    # Nodes that kept their groups start from their old content.
+                    rn = R // N
+                    for n in range(N):
+                        if set(np.flatnonzero(node == n)) == set(np.flatnonzero(old_node == n)):
+                            alt[n * rn:(n + 1) * rn] = old[l, n * rn:(n + 1) * rn]
+                    starts.append(alt)
+        for start in starts:
+            got = _attempt(w[l], start, O, cin, cap[l], G, N, hierarchical, allow_duplicates, R)
+            if got is None:
+                continue
+            c, row, m = got
+            if c < cost[l] or (c == cost[l] and source[l] == "replan"):
+                o = old[l].reshape(G, -1)
+                out[l] = np.concatenate([_keep_slots(row.reshape(G, -1)[g], o[g]) for g in range(G)])
+                moves[l], cost[l] = m, c
+                source[l] = "old" if m == 0 else "repair"
+    if late:
+        events.append(f"migration: time ran out before {late} layer(s) were repaired (relabelled replan kept)")
+    if exact:
+        _exact_blocks(w, old, out, moves, cost, cap, source, events, G=G, N=N, hierarchical=hierarchical,
+                      node_move_cost=node_move_cost, allow_duplicates=allow_duplicates,
+                      deadline=exact_deadline, budget=exact_budget, deterministic=deterministic,
+                      seed=seed, workers=workers)
+    return MigrationPlan(out, moves, cost, base_moves, base_cost, cap, source, events)
+
+
+def _exact_blocks(w, old, out, moves, cost, cap, source, events, *, G, N, hierarchical, node_move_cost,
+                  allow_duplicates, deadline, budget, deterministic, seed, workers) -> None:
+    """CP-SAT per node (see :func:`replan`), costliest layers first; updates in place."""
+    from . import cpsat
+
+    L, E = w.shape
+    R = out.shape[1]
+    P, k = G // N, R // G
+    todo = [int(l) for l in np.argsort(-cost) if cost[l] > 0]
+    improved = solved = failed = 0
+    blocks = [(l, n) for l in todo for n in range(N)]
+    for bi, (l, n) in enumerate(blocks):
+        left = (deadline - time.perf_counter()) if deadline is not None else 1.0
+        if not deterministic and left <= 0.01:
+            events.append(f"migration: CP-SAT time ran out with {len(blocks) - bi} node block(s) left")
+            break
+        O = _gpu_counts(old[l], G, E)
+        cin = _arrival_cost(O, N, node_move_cost)
+        row = out[l]
+        M = _gpu_counts(row, G, E)
+        gs = slice(n * P, (n + 1) * P)
+        cur_cost = float((M[gs] * (O[gs] == 0) * cin[gs]).sum())
+        if cur_cost <= 0:
+            continue
+        c_now = M.sum(axis=0)
+        X = np.flatnonzero(M[gs].sum(axis=0) > 0)
+        hint = M[gs][:, X].T                                       # [n, P]
+        options = []
+        for e in X:
+            in_block = int(M[gs, e].sum())
+            if hierarchical:
+                c_old = int(O[:, e].sum())
+                menu = sorted({t for t in (in_block - 1, in_block, in_block + 1, c_old) if 1 <= t <= P * k})
+                if not allow_duplicates:
+                    menu = [t for t in menu if t <= P]
+                options.append([(t, float(w[l, e]) / t) for t in menu])
+            else:
+                options.append([(in_block, float(w[l, e]) / c_now[e])])
+        arrival = (cin[gs][:, X] * (O[gs][:, X] == 0)).T          # [n, P]
+        if deterministic:
+            share = max(0.01, budget / max(1, len(blocks)))
+        else:
+            share = max(0.01, left / max(1, len(blocks) - bi))
+        try:
+            res = cpsat.solve_min_moves(options, arrival, float(cap[l]), k, hint, share,
+                                        max_per_gpu=None if allow_duplicates else 1, seed=seed, workers=workers,
+                                        deterministic=deterministic)
+        except Exception as exc:  # noqa: BLE001 - a solver failure keeps the heuristic answer
+            failed += 1
+            events.append(f"layer {l} node {n}: CP-SAT move model failed ({type(exc).__name__}: {exc}); kept the repair")
+            continue
+        solved += 1
+        if res.x is None:
+            continue
+        # Read out and check in float64 before accepting.
+        cnt = c_now.copy()
+        if hierarchical:
+            cnt[X] = res.x.sum(axis=1)
+        per = w[l] / np.maximum(cnt, 1)
+        loads = (res.x * per[X][:, None]).sum(axis=0)
+        new_cost = float((res.x.T * (O[gs][:, X] == 0) * cin[gs][:, X]).sum())
+        if (loads > cap[l] * (1 + 1e-12)).any() or (res.x.sum(axis=0) != k).any() or new_cost >= cur_cost - 1e-9:
+            continue
+        new_row = row.copy()
+        o = old[l].reshape(G, k)
+        for j, g in enumerate(range(n * P, (n + 1) * P)):
+            content = np.repeat(X, res.x[:, j])
+            new_row[g * k:(g + 1) * k] = _keep_slots(content, o[g])
+        # Other blocks are untouched; the whole layer stays within the cap.
+        full = _layer_max(w[l:l + 1], new_row[None], G)[0]
+        if full > cap[l] * (1 + 1e-12):
+            continue
+        out[l] = new_row
+        Mn = _gpu_counts(new_row, G, E)
+        moves[l] = int((Mn * (O == 0)).sum())
+        cost[l] = float((Mn * (O == 0) * cin).sum())
+        source[l] = "exact"
+        improved += 1
+    if solved or failed:
+        events.append(f"migration: CP-SAT move model on {solved} node block(s), cheaper on {improved}"
+                      + (f", failed on {failed}" if failed else ""))
+
+
+def _attempt(w, start, O, cin, T, G, N, hierarchical, allow_duplicates, R):
+    """Repair ``start`` under cap ``T``; ``(cost, row, moves)`` or None."""
+    E = w.size
+    P = G // N
+    M0 = _gpu_counts(start, G, E)
+    if not allow_duplicates and (M0 > 1).any():
+        return None
+    if hierarchical:
+        node_has = M0.reshape(N, P, E).sum(axis=1) > 0
+        allowed = np.repeat(node_has, P, axis=0)
+        groups = [np.array([h for h in range((g // P) * P, (g // P + 1) * P) if h != g]) for g in range(G)]
+    else:
+        allowed = np.ones((G, E), dtype=bool)
+        groups = [np.array([h for h in range(G) if h != g]) for g in range(G)]
+
+    def partners_of(g: int) -> np.ndarray:
+        return groups[g]
+
+    st = _Layer(w, start, O, cin, allowed, G, allow_duplicates)
+    if not (st.loads <= T * (1 + 1e-12)).all() and not _repair_layer(st, T, partners_of, max_steps=4 * R):
+        return None
+    _undo_moves(st, T, partners_of, max_steps=R)
+    return st.cost(), st.S.reshape(-1).copy(), st.moves()
+
+
+def _node_of_group(p: np.ndarray, G: int, N: int, num_groups: int, gs: int) -> np.ndarray | None:
+    """Node of every group in a hierarchical placement ``p`` ``[R]``; None when some
+    group is split across nodes or a node holds a group's experts without all of them."""
+    rn = p.size // N
+    node = np.full(num_groups, -1, dtype=np.int64)
+    for n in range(N):
+        for g in np.unique(p[n * rn:(n + 1) * rn] // gs):
+            if node[g] >= 0:
+                return None
+            node[g] = n
+    if (node < 0).any() or len(set(np.bincount(node, minlength=N))) != 1:
+        return None
+    return node
+
+
+def _nearby_partitions(gl: np.ndarray, old_node: np.ndarray, N: int, P: int, T: float,
+                       limit: int = 3) -> list[np.ndarray]:
+    """Group-to-node assignments one or two group swaps from ``old_node`` whose
+    heaviest node averages under ``T`` per GPU (with a little room for packing), fewest
+    swaps first, then lightest; empty when the old one already fits."""
+    def heaviest(node: np.ndarray) -> float:
+        return float(np.bincount(node, weights=gl, minlength=N).max()) / P
+
+    room = T / (1 + 2e-4)
+    if heaviest(old_node) <= room:
+        return []
+    ng = gl.size
+    pairs = [(a, b) for a in range(ng) for b in range(a + 1, ng) if old_node[a] != old_node[b]]
+
+    def swapped(node: np.ndarray, a: int, b: int) -> np.ndarray:
+        out = node.copy()
+        out[a], out[b] = node[b], node[a]
+        return out
+
+    for depth in (1, 2):
+        found = []
+        if depth == 1:
+            cands = [swapped(old_node, a, b) for a, b in pairs]
+        else:
+            if len(pairs) ** 2 > 20000:
+                break
+            cands = [swapped(swapped(old_node, a, b), c, d) for i, (a, b) in enumerate(pairs)
+                     for (c, d) in pairs[i + 1:] if len({a, b, c, d}) == 4]
+        for node in cands:
+            h = heaviest(node)
+            if h <= room:
+                found.append((h, node))
+        if found:
+            found.sort(key=lambda x: x[0])
+            return [n for _, n in found[:limit]]
+    return []
+
+
+def _layer_max(w: np.ndarray, p: np.ndarray, G: int) -> np.ndarray:
+    L, E = w.shape
+    cnt = np.bincount((p + (np.arange(L) * E)[:, None]).ravel(), minlength=L * E).reshape(L, E)
+    per = np.take_along_axis(w / np.maximum(cnt, 1), p, axis=1)
+    return per.reshape(L, G, -1).sum(axis=2).max(axis=1)
