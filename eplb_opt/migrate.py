@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from heuristics import place
+from heuristics.local import LayerState, gpu_counts as _gpu_counts
 
 from .align import _keep_slots, align_to_previous
 
@@ -43,12 +44,6 @@ __all__ = ["Migration", "MigrationPlan", "TRANSFER_DTYPE", "as_previous", "move_
 TRANSFER_DTYPE = np.dtype([
     ("layer", np.int64), ("expert", np.int64), ("src_gpu", np.int64), ("dst_gpu", np.int64), ("dst_slot", np.int64),
 ])
-
-
-def _gpu_counts(p: np.ndarray, G: int, E: int) -> np.ndarray:
-    """``[G, E]`` replica counts of one layer's placement ``[R]``."""
-    k = p.size // G
-    return np.bincount((np.arange(G)[:, None] * E + p.reshape(G, k)).ravel(), minlength=G * E).reshape(G, E)
 
 
 def _arrival_cost(O: np.ndarray, N: int, node_move_cost: float) -> np.ndarray:
@@ -192,25 +187,21 @@ class MigrationPlan:
     events: list[str] = field(default_factory=list)
 
 
-class _Layer:
-    """Mutable state of one layer during repair."""
+class _Layer(LayerState):
+    """One layer during repair (one window): :class:`heuristics.local.LayerState` plus
+    the old counts ``O`` and the arrival costs ``cin``."""
 
     def __init__(self, w: np.ndarray, start: np.ndarray, O: np.ndarray, cin: np.ndarray,
                  allowed: np.ndarray, G: int, allow_duplicates: bool) -> None:
-        self.w = w
-        self.G = G
-        self.k = start.size // G
-        self.S = start.reshape(G, self.k).copy()
-        self.E = w.size
-        self.M = _gpu_counts(start, G, self.E)
+        super().__init__(w, start, G, allowed, allow_duplicates)
         self.O = O
         self.new = O == 0
         self.cin = cin
-        self.allowed = allowed
-        self.dup = allow_duplicates
-        self.c = self.M.sum(axis=0)
-        self.v = w / np.maximum(self.c, 1)
-        self.loads = self.v[self.S].sum(axis=1)
+
+    @property
+    def load(self) -> np.ndarray:
+        """``[G]`` loads (the one window)."""
+        return self.loads[0]
 
     # A replica of e on g is a move when g held no e before (self.new marks those).
     def inc(self, g, e):
@@ -225,71 +216,24 @@ class _Layer:
     def moves(self) -> int:
         return int((self.M * self.new).sum())
 
-    # -- candidate operations on GPU g ---------------------------------------------
     def swaps(self, g: int, partners: np.ndarray, T: float):
-        """Swap slot i of g with slot j of h for h in partners: (dphi, cost, i, h, j)."""
-        S, v = self.S, self.v
-        a = S[g][:, None, None]                                  # [k, 1, 1]
-        b = S[partners][None, :, :]                              # [1, H, k]
+        """Swaps of ``g`` with ``partners``: ``(dphi, cost, ok, lg, lh)``, ``[k, H, k]``
+        each; ``dphi`` is the excess over ``T`` removed."""
+        lg, lh, ok, a, b = self.swap_loads(g, partners)
+        lg, lh = lg[0], lh[0]
         H = partners[None, :, None]
-        d = v[b] - v[a]                                          # load change on g
-        lg = self.loads[g] + d
-        lh = self.loads[partners][None, :, None] - d
-        phi0 = max(0.0, self.loads[g] - T) + np.maximum(self.loads[partners] - T, 0)[None, :, None]
+        phi0 = max(0.0, self.load[g] - T) + np.maximum(self.load[partners] - T, 0)[None, :, None]
         dphi = phi0 - np.maximum(lg - T, 0) - np.maximum(lh - T, 0)
-        ok = (a != b) & self.allowed[H, a] & self.allowed[g, b]
-        if not self.dup:
-            ok &= (self.M[H, a] == 0) & (self.M[g, b] == 0)
         cost = self.inc(H, a) + self.inc(g, b) + self.dec(g, a) + self.dec(H, b)
         return dphi, cost, ok, lg, lh
 
     def retargets(self, g: int, T: float, slots: np.ndarray | None = None, experts: np.ndarray | None = None):
-        """Give slot ``i`` of ``g`` (expert ``a``, count >= 2) to expert ``b``, for ``i`` in
-        ``slots`` (default all) and ``b`` in ``experts`` (default those allowed on
-        ``g``): ``(dphi, cost, ok, new loads [i, b, G], slots, experts)``."""
-        w, c, v, M = self.w, self.c, self.v, self.M
-        if slots is None:
-            slots = np.arange(self.k)
-        if experts is None:
-            experts = np.flatnonzero(self.allowed[g])
-        a = self.S[g, slots]
-        b = experts
-        ca = c[a]
-        va2 = w[a] / np.maximum(ca - 1, 1)                       # ca == 1 is masked below
-        vb2 = w[b] / (c[b] + 1)
-        new = (self.loads[None, None, :]
-               + (M[:, a].T * (va2 - v[a])[:, None])[:, None, :]
-               + (M[:, b].T * (vb2 - v[b])[:, None])[None, :, :])
-        new[:, :, g] += (vb2[None, :] - va2[:, None])
-        phi0 = np.maximum(self.loads - T, 0).sum()
-        dphi = phi0 - np.maximum(new - T, 0).sum(axis=2)
-        ok = (ca >= 2)[:, None] & (a[:, None] != b[None, :]) & self.allowed[g, b][None, :]
-        if not self.dup:
-            ok &= (M[g, b] == 0)[None, :]
-        cost = self.inc(g, b)[None, :] + self.dec(g, a)[:, None]
+        """Retargets on ``g``: ``(dphi, cost, ok, new loads [s, x, G], slots, experts)``."""
+        new, ok, slots, experts = self.retarget_loads(g, slots, experts)
+        new = new[0]
+        dphi = np.maximum(self.load - T, 0).sum() - np.maximum(new - T, 0).sum(axis=2)
+        cost = self.inc(g, experts)[None, :] + self.dec(g, self.S[g, slots])[:, None]
         return dphi, cost, ok, new, slots, experts
-
-    # -- applying them -------------------------------------------------------------
-    def do_swap(self, g: int, i: int, h: int, j: int) -> None:
-        a, b = self.S[g, i], self.S[h, j]
-        self.S[g, i], self.S[h, j] = b, a
-        self.M[g, a] -= 1
-        self.M[g, b] += 1
-        self.M[h, b] -= 1
-        self.M[h, a] += 1
-        d = self.v[b] - self.v[a]
-        self.loads[g] += d
-        self.loads[h] -= d
-
-    def do_retarget(self, g: int, i: int, b: int) -> None:
-        a = self.S[g, i]
-        self.S[g, i] = b
-        self.M[g, a] -= 1
-        self.M[g, b] += 1
-        self.c[a] -= 1
-        self.c[b] += 1
-        self.v = self.w / np.maximum(self.c, 1)
-        self.loads = self.v[self.S].sum(axis=1)
 
 
 def _pick(dphi: np.ndarray, cost: np.ndarray, ok: np.ndarray, eps: float):
@@ -311,11 +255,11 @@ def _repair_layer(st: _Layer, T: float, partners_of, max_steps: int) -> bool:
     """Drive every GPU under ``T``; returns whether it got there."""
     eps = 1e-12 * max(T, 1e-300)
     for _ in range(max_steps):
-        over = np.flatnonzero(st.loads > T + eps)
+        over = np.flatnonzero(st.load > T + eps)
         if over.size == 0:
             return True
         best = None
-        for g in over[np.argsort(-st.loads[over])][:4]:
+        for g in over[np.argsort(-st.load[over])][:4]:
             g = int(g)
             partners = partners_of(g)
             cands = []
@@ -345,7 +289,7 @@ def _repair_layer(st: _Layer, T: float, partners_of, max_steps: int) -> bool:
         else:
             i, b = (int(x) for x in idx)
             st.do_retarget(g, i, b)
-    return bool((st.loads <= T + eps).all())
+    return bool((st.load <= T + eps).all())
 
 
 def _undo_moves(st: _Layer, T: float, partners_of, max_steps: int) -> None:
@@ -581,7 +525,7 @@ def _attempt(w, start, O, cin, T, G, N, hierarchical, allow_duplicates, R):
         return groups[g]
 
     st = _Layer(w, start, O, cin, allowed, G, allow_duplicates)
-    if not (st.loads <= T * (1 + 1e-12)).all() and not _repair_layer(st, T, partners_of, max_steps=4 * R):
+    if not (st.load <= T * (1 + 1e-12)).all() and not _repair_layer(st, T, partners_of, max_steps=4 * R):
         return None
     _undo_moves(st, T, partners_of, max_steps=R)
     return st.cost(), st.S.reshape(-1).copy(), st.moves()
