@@ -18,7 +18,7 @@ from .errors import EplbOptError, InvalidProblemError, InvalidTypeError
 from .metrics import balancedness, gpu_loads, slot_loads
 from .migrate import Migration
 from .plan import Plan, derive_maps, verify
-from .problem import Problem, make_problem
+from .problem import Problem, _choice, as_weight, make_problem
 
 __all__ = ["SolveResult", "solve", "rebalance_experts"]
 
@@ -48,6 +48,14 @@ class SolveResult:
         conditional_bound: ``[L]`` float, exact mode only: bounds a CP-SAT model proved
             for the plan's replica counts and group placement (NaN where none).  They
             hold only for those choices and are never merged into ``lower_bound``.
+        migration: with ``previous``: moves, transfers and the baseline
+            (:class:`eplb_opt.migrate.Migration`).
+        objective: ``"sum"``, ``"worst"`` or ``"mean"``.  With ``[W, L, E]`` windows and
+            ``"worst"`` / ``"mean"``, ``max_load``, ``lower_bound``, ``gap`` and
+            ``status`` are per layer the worst (mean) window's busiest GPU and the
+            largest (mean) of the windows' certified bounds; ``mean_load``,
+            ``balancedness`` and ``slot_balancedness`` always describe the summed load.
+        window_balancedness: with windows, the plan's balancedness on each window.
     """
 
     plan: Plan
@@ -65,6 +73,8 @@ class SolveResult:
     tolerance: float = 1e-4
     conditional_bound: np.ndarray | None = field(default=None, repr=False)
     migration: Migration | None = field(default=None, repr=False)
+    objective: str = "sum"
+    window_balancedness: tuple[float, ...] | None = None
 
     @property
     def moves(self) -> np.ndarray | None:
@@ -107,6 +117,9 @@ class SolveResult:
                 f"{capped} layer(s) are capped by the hierarchical policy: their bound is above "
                 "the global policy's (try policy='global' where cross-node traffic allows)"
             )
+        if self.window_balancedness is not None:
+            lines.append(f"objective {self.objective!r} over {len(self.window_balancedness)} windows; balancedness "
+                         "per window " + ", ".join(f"{b:.4f}" for b in self.window_balancedness))
         if self.migration is not None:
             lines.append(self.migration.summary())
         for ev in self.events:
@@ -196,6 +209,55 @@ def _executor(executor: Any, ray_address: Any) -> bool:
                 f"ray_address must be a non-empty string or None, got {type(ray_address).__name__} {ray_address!r}"
             )
     return executor == "ray"
+
+
+OBJECTIVES = ("sum", "worst", "mean")
+
+# Improving steps per layer of the search over windows (heuristic mode; exact mode runs
+# until its share of the budget is spent, deterministic mode this many times 4).
+ROBUST_STEPS = 64
+
+
+def _robust(problem: Problem, windows: np.ndarray, phy2log: np.ndarray, objective: str, allow_dup: bool,
+            deterministic: bool, start: float, events: list[str]) -> np.ndarray:
+    """The worst / mean window search (see :func:`solve`, ``objective``)."""
+    from heuristics.robust import robust_refine
+
+    kw = dict(num_gpus=problem.num_gpus, num_nodes=problem.plan_nodes, objective=objective,
+              allow_duplicates=allow_dup)
+    deadline = None
+    if problem.mode == "exact" and not deterministic:
+        total = 10.0 if problem.time_limit is None else problem.time_limit
+        deadline = start + total - _FINISH_RESERVE
+    out, converged = robust_refine(windows, phy2log, max_steps=ROBUST_STEPS, deadline=deadline, **kw)
+    if problem.mode == "exact":
+        # Exact mode: the layers the step cap cut carry on (deterministic: 4x the steps;
+        # otherwise until the deadline).
+        more = np.flatnonzero(~converged)
+        steps = 4 * ROBUST_STEPS if deterministic else 1_000_000
+        out, again = robust_refine(windows, out, max_steps=steps, deadline=deadline, layers=more, **kw)
+        converged[more] = again[more]
+        events.append(f"objective={objective!r}: CP-SAT is not used for this objective; the search over "
+                      "windows had the whole time_limit")
+    if deadline is not None and time.perf_counter() >= deadline and not converged.all():
+        events.append(f"objective={objective!r}: time ran out with {int((~converged).sum())} layer(s) "
+                      "still improving")
+    return out
+
+
+def _robust_figures(problem: Problem, windows: np.ndarray, per_window: np.ndarray,
+                    objective: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per layer: the objective (worst or mean window's busiest GPU) and its certified
+    bound (largest or mean of the windows' own bounds)."""
+    from heuristics.robust import robust_objective
+
+    bounds = np.stack([lower_bounds(
+        x, problem.num_replicas, problem.num_gpus, hierarchical=problem.hierarchical,
+        num_groups=problem.num_groups, num_nodes=problem.num_nodes,
+    ).lower_bound for x in windows])                                                  # [W, L]
+    top = robust_objective(np.moveaxis(per_window, 0, 1), objective)                  # [L]
+    lb = bounds.max(axis=0) if objective == "worst" else bounds.mean(axis=0)
+    return top, lb
 
 
 def _number(name: str, value: Any, low: float, *, open_low: bool = False) -> float:
@@ -310,13 +372,15 @@ def solve(
     max_balance_loss: float | None = None,
     node_move_cost: float = 4.0,
     bytes_per_expert: int | None = None,
+    objective: str = "sum",
 ) -> SolveResult:
     """Plan expert placement for every layer and certify how good it is.
 
     Args:
         weight: ``[L, E]`` per-expert load of each layer (tokens routed to the expert in
             the recording window; any real dtype, torch tensor on any device or numpy
-            array).  Non-negative and finite.
+            array), or ``[W, L, E]`` for ``W`` windows (see ``objective``).
+            Non-negative and finite.
         num_replicas: ``R``, physical expert slots per layer; ``>= E`` and a multiple of
             ``num_gpus``.
         num_groups: expert groups (hierarchical policy: whole groups go to nodes).
@@ -364,6 +428,13 @@ def solve(
             of a copy within a node.
         bytes_per_expert: with ``previous``: bytes of one expert's weights, to report the
             bytes copied.
+        objective: with ``weight`` ``[W, L, E]`` (``W`` windows): ``"sum"`` plans for the
+            windows' total (what summing a step axis means everywhere else);
+            ``"worst"`` then lowers the worst window's busiest GPU of every layer and
+            ``"mean"`` the mean over windows of the busiest GPU (local search from the
+            plan for the total, :mod:`heuristics.robust`; exact mode lets it run until
+            ``time_limit`` instead of a fixed number of steps, CP-SAT is not used for
+            these objectives).  Not combined with ``previous``.
 
     Returns:
         :class:`SolveResult` with the verified plan, per-layer max loads, certified
@@ -374,10 +445,15 @@ def solve(
     """
     start = time.perf_counter()
     tol = _tolerance(tolerance)
+    objective = _choice("objective", objective, OBJECTIVES)
+    windows = as_weight(weight, windows=True)
+    if windows.ndim == 2:
+        windows = windows[None]
     problem = make_problem(
-        weight, num_replicas, num_groups, num_nodes, num_gpus,
-        mode=mode, time_limit=time_limit, seed=seed, policy=policy,
+        windows.sum(axis=0) if windows.shape[0] > 1 else windows[0], num_replicas, num_groups, num_nodes,
+        num_gpus, mode=mode, time_limit=time_limit, seed=seed, policy=policy, weight_checked=True,
     )
+    robust = objective != "sum" and windows.shape[0] > 1
     deterministic, n_workers, allow_dup = _options(deterministic, workers, allow_duplicates, problem)
     use_ray = _executor(executor, ray_address)
     if workers is None and (deterministic or use_ray):
@@ -385,6 +461,11 @@ def solve(
     w = problem.weight
     L, G = problem.num_layers, problem.num_gpus
     prev, mbl, nmc, bpe = _migration_options(problem, previous, max_balance_loss, node_move_cost, bytes_per_expert)
+    if prev is not None and robust:
+        raise InvalidProblemError(
+            f"previous with objective={objective!r} is not supported: migration plans for the summed "
+            "load (objective='sum')"
+        )
     phy2log = _plan_numpy(problem, allow_dup)
     _verify(problem, phy2log, allow_dup)
     bounds = lower_bounds(
@@ -398,7 +479,7 @@ def solve(
 
     if use_ray and problem.mode != "exact":
         events.append("executor='ray' fans out exact refinement only; heuristic mode ran in this process")
-    if problem.mode == "exact":
+    if problem.mode == "exact" and not robust:
         total = 10.0 if problem.time_limit is None else problem.time_limit
         # With `previous`, half the budget refines the fresh plan, half the move model.
         budget = total * (0.5 if prev is not None else 1.0)
@@ -448,6 +529,10 @@ def solve(
             lb[better] = proven[better]
             conditional = outcome.conditional
 
+    if robust:
+        phy2log = _robust(problem, windows, phy2log, objective, allow_dup, deterministic, start, events)
+        _verify(problem, phy2log, allow_dup)
+
     migration = None
     if prev is not None:
         exact_time = None
@@ -461,6 +546,12 @@ def solve(
     slots = slot_loads(w, phy2log)
     gpus = slots.reshape(L, G, -1).sum(axis=2)
     top = gpus.max(axis=1)
+    window_bal = None
+    if windows.shape[0] > 1:
+        per_window = np.stack([gpu_loads(x, phy2log, G) for x in windows])          # [W, L, G]
+        window_bal = tuple(balancedness(x) for x in per_window)
+        if robust:
+            top, lb = _robust_figures(problem, windows, per_window, objective)
     if (lb > top * (1 + 1e-9) + 1e-300).any():  # pragma: no cover - a bound bug, never a user error
         l = int(np.argmax(lb - top))
         raise EplbOptError(
@@ -494,6 +585,8 @@ def solve(
         tolerance=tol,
         conditional_bound=conditional,
         migration=migration,
+        objective=objective,
+        window_balancedness=window_bal,
     )
 
 

@@ -75,6 +75,9 @@ class ExactOutcome:
     conditional: np.ndarray | None = None
 
 
+_TIMED_OUT = "timed out in CP-SAT search (kept the best plan found)"
+
+
 def _failed(events: list[str], where: str, exc: BaseException) -> None:
     """Record a solver failure (the plan of that sub-problem is kept) as an event and a
     warning."""
@@ -547,7 +550,7 @@ def refine(
                 if it >= iters_per_layer:
                     break
             elif deadline - time.perf_counter() < MIN_SOLVE:
-                notes.append(f"layer {ids[l]}: timed out in CP-SAT search (kept the best plan found)")
+                notes.append(f"layer {ids[l]}: {_TIMED_OUT}")
                 break
             it += 1
             node_loads = v.sum(axis=2)
@@ -589,10 +592,19 @@ def refine(
                 fails += 1
         return l, sl.reshape(R), notes
 
+    timed_out: list[int] = []
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for l, new_row, notes in pool.map(work, todo):
             p[l] = new_row
-            events.extend(notes)
+            for note in notes:
+                if note.endswith(_TIMED_OUT):
+                    timed_out.append(int(ids[l]))
+                else:
+                    events.append(note)
+    if timed_out:
+        shown = ", ".join(str(x) for x in sorted(timed_out)[:12]) + (", ..." if len(timed_out) > 12 else "")
+        events.append(f"CP-SAT search timed out on {len(timed_out)} layer(s) (kept the best plan found): "
+                      f"layers {shown}")
     return ExactOutcome(p, attempted, proven, events, conditional)
 
 

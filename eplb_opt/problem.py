@@ -111,8 +111,9 @@ def _torch_to_numpy(value: Any) -> np.ndarray:
     return t.numpy()
 
 
-def as_weight(weight: Any, name: str = "weight") -> np.ndarray:
-    """Validate loads and return them as a read-only float64 ``[L, E]`` array.
+def as_weight(weight: Any, name: str = "weight", windows: bool = False) -> np.ndarray:
+    """Validate loads and return them as a read-only float64 ``[L, E]`` array (with
+    ``windows=True``, ``[L, E]`` or ``[W, L, E]``).
 
     Accepts a torch tensor (any real dtype, any device) or a numpy array / nested
     sequence of real numbers.  Integer loads above 2**53 are rounded to the nearest
@@ -134,37 +135,37 @@ def as_weight(weight: Any, name: str = "weight") -> np.ndarray:
         raise InvalidTypeError(f"{name} must hold numeric loads, got dtype {arr.dtype}")
     if kind not in "iuf":
         raise InvalidTypeError(f"{name} must hold numeric loads, got dtype {arr.dtype}")
-    if arr.ndim != 2:
-        hint = (
-            " (a leading window/step axis [W, L, E] is not accepted yet: sum it first)"
-            if arr.ndim == 3
-            else ""
-        )
-        raise InvalidProblemError(
-            f"{name} must be 2-D [layers, experts], got shape {tuple(arr.shape)}{hint}"
-        )
-    if arr.shape[0] == 0:
+    if arr.ndim != 2 and not (windows and arr.ndim == 3):
+        want = "2-D [layers, experts] or 3-D [windows, layers, experts]" if windows else "2-D [layers, experts]"
+        hint = " (sum the leading step axis first)" if arr.ndim == 3 else ""
+        raise InvalidProblemError(f"{name} must be {want}, got shape {tuple(arr.shape)}{hint}")
+    if arr.ndim == 3 and arr.shape[0] == 0:
+        raise InvalidProblemError(f"{name} has no windows: shape {tuple(arr.shape)}")
+    if arr.shape[-2] == 0:
         raise InvalidProblemError(f"{name} has no layers: shape {tuple(arr.shape)}")
-    if arr.shape[1] == 0:
+    if arr.shape[-1] == 0:
         raise InvalidProblemError(f"{name} has no experts: shape {tuple(arr.shape)}")
     out = np.array(arr, dtype=np.float64, order="C", copy=True)
     finite = np.isfinite(out)
     if not finite.all():
         bad = np.argwhere(~finite)
-        l, e = (int(x) for x in bad[0])
         raise InvalidProblemError(
             f"{name} must be finite: {len(bad)} NaN/inf value(s), first at "
-            f"[layer {l}, expert {e}] = {float(out[l, e])!r}"
+            f"{_where(bad[0])} = {float(out[tuple(bad[0])])!r}"
         )
     if (out < 0).any():
         bad = np.argwhere(out < 0)
-        l, e = (int(x) for x in bad[0])
         raise InvalidProblemError(
             f"{name} must be non-negative: {len(bad)} negative value(s), first at "
-            f"[layer {l}, expert {e}] = {float(out[l, e])!r}"
+            f"{_where(bad[0])} = {float(out[tuple(bad[0])])!r}"
         )
     out.setflags(write=False)
     return out
+
+
+def _where(index: np.ndarray) -> str:
+    names = ("layer", "expert") if len(index) == 2 else ("window", "layer", "expert")
+    return "[" + ", ".join(f"{n} {int(i)}" for n, i in zip(names, index)) + "]"
 
 
 def _time_limit(value: Any) -> float | None:
@@ -199,8 +200,10 @@ def make_problem(
     time_limit: Any = None,
     seed: Any = 0,
     policy: Any = "auto",
+    weight_checked: bool = False,
 ) -> Problem:
-    """Validate every argument of a planning call and build a :class:`Problem`.
+    """Validate every argument of a planning call and build a :class:`Problem`
+    (``weight_checked``: ``weight`` already came from :func:`as_weight`).
 
     Raises:
         InvalidTypeError: an argument has the wrong type.
@@ -217,7 +220,7 @@ def make_problem(
         raise InvalidTypeError(f"seed must be a non-negative integer, got {type(seed).__name__} {seed!r}")
     if int(seed) < 0:
         raise InvalidProblemError(f"seed must be a non-negative integer, got {seed!r}")
-    w = as_weight(weight)
+    w = weight if weight_checked else as_weight(weight)
     E = w.shape[1]
 
     if R < E:

@@ -76,6 +76,7 @@ def generate(
     drift: float = 0.15,
     mix_shift: float = 0.0,
     df: float = 8.0,
+    mix_period: int = 0,
 ) -> np.ndarray:
     """Token counts ``[windows, L, E]`` (float64) for a preset.
 
@@ -87,9 +88,12 @@ def generate(
         group_sigma: spread of the per-group offset.
         dead_fraction: share of experts that receive no tokens.
         drift: per-window random-walk step of log-popularity.
-        mix_shift: extra one-off shift (same scale as ``skew``) applied from the middle
-            window on, as when the traffic mix changes.
+        mix_shift: extra shift of log-popularity (same scale as ``skew``), as when the
+            traffic mix changes: applied from the middle window on, or (``mix_period``)
+            switched on and off every ``mix_period`` windows.
         df: degrees of freedom of the Student-t (lower: heavier tails).
+        mix_period: with ``mix_shift``, alternate the two traffic mixes every this many
+            windows (0: one change at the middle window).
 
     The defaults put DeepSeek's reference near the figures quoted for DeepSeek-V3
     prefill-shaped loads (about 0.84 in-window under the hierarchical policy).
@@ -109,7 +113,13 @@ def generate(
     for w in range(windows):
         if w:
             log_pop = log_pop + drift * rng.standard_normal((L, E))
-        lp = log_pop + shift if (shift is not None and w >= windows // 2 and windows > 1) else log_pop
+        if shift is None:
+            on = False
+        elif mix_period > 0:
+            on = (w // mix_period) % 2 == 1
+        else:
+            on = w >= windows // 2 and windows > 1
+        lp = log_pop + shift if on else log_pop
         prob = np.exp(lp - lp.max(axis=1, keepdims=True))
         prob[dead] = 0.0
         prob /= prob.sum(axis=1, keepdims=True)

@@ -1,0 +1,108 @@
+"""Plans over several load windows: objective "sum", "worst" and "mean"."""
+
+import numpy as np
+import pytest
+import torch
+
+import eplb_opt
+from eplb_opt import InvalidProblemError, InvalidTypeError, plan_violations
+from eplb_opt.workloads import generate
+from heuristics.robust import robust_objective, robust_refine
+
+HIER = dict(num_replicas=288, num_groups=8, num_nodes=4, num_gpus=32)
+GLOB = dict(num_replicas=160, num_gpus=32)
+
+
+@pytest.fixture(scope="module")
+def alternating():
+    # Two traffic mixes taking turns, window by window: one plan must serve both.
+    return generate("deepseek-v3-prefill", windows=3, seed=2, mix_shift=0.5, mix_period=1, drift=0.05)[:, :6]
+
+
+def _worst(windows, p, G):
+    return np.stack([eplb_opt.gpu_loads(x, p, G) for x in windows]).max(axis=2).max(axis=0)
+
+
+def test_sum_objective_is_planning_the_total(alternating):
+    a = eplb_opt.solve(alternating, **HIER)
+    b = eplb_opt.solve(alternating.sum(axis=0), **HIER)
+    assert torch.equal(a.plan.phy2log, b.plan.phy2log)
+    assert np.allclose(a.max_load, b.max_load)
+    assert len(a.window_balancedness) == 3 and a.objective == "sum"
+
+
+@pytest.mark.parametrize("objective", ["worst", "mean"])
+@pytest.mark.parametrize("topo", [HIER, GLOB])
+def test_robust_objectives_never_worse_than_the_total_plan(alternating, objective, topo):
+    w = alternating if topo is HIER else alternating[:, :, :128]
+    base = eplb_opt.solve(w, **topo)
+    r = eplb_opt.solve(w, **topo, objective=objective)
+    G = topo["num_gpus"]
+    p = r.plan.phy2log.numpy()
+    hier = r.policy == "hierarchical"
+    assert not plan_violations(p, w.shape[2], topo["num_replicas"], G, num_groups=topo.get("num_groups", 1),
+                               num_nodes=topo.get("num_nodes", 1), hierarchical=hier)
+    per = np.stack([eplb_opt.gpu_loads(x, p, G) for x in w])                      # [W, L, G]
+    mine = robust_objective(np.moveaxis(per, 0, 1), objective)
+    theirs = robust_objective(np.moveaxis(np.stack([eplb_opt.gpu_loads(x, base.plan.phy2log.numpy(), G)
+                                                    for x in w]), 0, 1), objective)
+    assert (mine <= theirs * (1 + 1e-12)).all() and (mine < theirs * (1 - 1e-6)).any()
+    assert np.allclose(r.max_load, mine)
+    assert (r.lower_bound <= r.max_load * (1 + 1e-12)).all()
+    assert r.objective == objective and len(r.window_balancedness) == 3
+
+
+def test_exact_mode_worst_is_at_least_as_good(alternating):
+    h = eplb_opt.solve(alternating, **HIER, objective="worst")
+    e = eplb_opt.solve(alternating, **HIER, objective="worst", mode="exact", time_limit=3)
+    assert (e.max_load <= h.max_load * (1 + 1e-12)).all()
+    assert any("CP-SAT is not used" in x for x in e.events)
+
+
+def test_deterministic_robust_repeats(alternating):
+    kw = dict(HIER, objective="mean", mode="exact", time_limit=1, deterministic=True)
+    a = eplb_opt.solve(alternating, **kw)
+    b = eplb_opt.solve(alternating, **kw)
+    assert torch.equal(a.plan.phy2log, b.plan.phy2log)
+
+
+def test_two_d_input_with_robust_objective_is_the_plain_plan(alternating):
+    a = eplb_opt.solve(alternating[0], **HIER, objective="worst")
+    b = eplb_opt.solve(alternating[0], **HIER)
+    assert torch.equal(a.plan.phy2log, b.plan.phy2log) and a.window_balancedness is None
+
+
+def test_robust_refine_on_a_hand_made_case():
+    # Two windows, two GPUs of two slots, one replica each of four experts.  The plan for
+    # the total ({0,1},{2,3}: 10/10) puts both of window 0's heavy experts on GPU 0.
+    windows = np.array([[[4.0, 4.0, 1.0, 1.0]], [[1.0, 1.0, 4.0, 4.0]]])   # [W=2, L=1, E=4]
+    start = np.array([[0, 1, 2, 3]])
+    assert _worst(windows, start, 2)[0] == 8.0
+    out, converged = robust_refine(windows, start, 2, 1, "worst")
+    assert _worst(windows, out, 2)[0] == 5.0 and converged.all()
+
+
+@pytest.mark.parametrize("kw, err, match", [
+    (dict(objective="max"), InvalidProblemError, "objective"),
+    (dict(objective=3), InvalidTypeError, "objective"),
+])
+def test_bad_objective(alternating, kw, err, match):
+    with pytest.raises(err, match=match):
+        eplb_opt.solve(alternating, **HIER, **kw)
+
+
+def test_previous_with_robust_objective_is_refused(alternating):
+    old = eplb_opt.solve(alternating[0], **HIER).plan.phy2log
+    with pytest.raises(InvalidProblemError, match="previous with objective='worst'"):
+        eplb_opt.solve(alternating, **HIER, objective="worst", previous=old)
+
+
+def test_bad_windows_are_named():
+    w = np.ones((3, 2, 8))
+    w[1, 0, 5] = np.nan
+    with pytest.raises(InvalidProblemError, match=r"\[window 1, layer 0, expert 5\]"):
+        eplb_opt.solve(w, num_replicas=8, num_gpus=2)
+    with pytest.raises(InvalidProblemError, match="no windows"):
+        eplb_opt.solve(np.ones((0, 2, 8)), num_replicas=8, num_gpus=2)
+    with pytest.raises(InvalidProblemError, match="3-D"):
+        eplb_opt.solve(np.ones((2, 2, 2, 8)), num_replicas=8, num_gpus=2)
