@@ -228,6 +228,37 @@ def _ray_section(data: dict) -> list[str]:
     return lines
 
 
+def _beyond_section(data: dict) -> list[str]:
+    lines = ["## Beyond balance", ""]
+    mig = data.get("migration")
+    if mig:
+        lines += [
+            "### Migration-aware replanning",
+            "",
+            f"Generated {mig['date']} by `{mig['command']}` (machine as above).",
+            "",
+            f"{mig['preset']}-shaped loads, {mig['windows']} consecutive windows per seed: the plan of "
+            "window 0 is deployed, each later window is planned with `previous=` the deployed plan and "
+            f"`max_balance_loss={mig['max_balance_loss']}`, then deployed.  Baseline: a full replan of the "
+            "same window with nodes and GPUs relabelled to match the deployed plan (an assignment problem).  "
+            "A move is a replica on a GPU that did not hold that expert; cost weighs cross-node copies "
+            f"{mig['node_move_cost']:g}x.  Exact mode: `time_limit={mig['exact_time_limit']:g}` (its cap "
+            "comes from the exact fresh plan, so it is tighter).",
+            "",
+            "| policy / mode | steps | moves / baseline moves (median, worst) | worst cost ratio | "
+            "balancedness lost vs baseline (median, worst) | time per call (median) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for key, s in mig["summary"].items():
+            lines.append(
+                f"| {key} | {s['steps']} | {s['moves_ratio_median']:.1%}, {s['moves_ratio_max']:.1%} | "
+                f"{s['cost_ratio_max']:.1%} | {s['balance_loss_median']:.3%}, {s['balance_loss_max']:.3%} | "
+                f"{s['time_median_s']:.2f} s |"
+            )
+        lines.append("")
+    return lines
+
+
 def write(here: Path) -> None:
     """Regenerate ``here / RESULTS.md`` from the JSON files present."""
     lines = ["# eplb-opt benchmark results", ""]
@@ -238,6 +269,9 @@ def write(here: Path) -> None:
     exact = here / "exact.json"
     if exact.exists():
         lines += _exact_section(json.loads(exact.read_text()))
+    beyond = here / "beyond.json"
+    if beyond.exists():
+        lines += _beyond_section(json.loads(beyond.read_text()))
     ray_json = here / "ray.json"
     if ray_json.exists():
         lines += _ray_section(json.loads(ray_json.read_text()))
