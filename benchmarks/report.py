@@ -256,6 +256,28 @@ def _beyond_section(data: dict) -> list[str]:
                 f"{s['time_median_s']:.2f} s |"
             )
         lines.append("")
+    rob = data.get("robust")
+    if rob:
+        methods = rob["methods"]
+        lines += [
+            "### Robust plans over windows",
+            "",
+            f"Generated {rob['date']} by `{rob['command']}` (machine as above).",
+            "",
+            f"Plans made from the last {rob['history']} windows (heuristic mode: their total, the worst window, the "
+            "mean window), from the latest window alone, and by SGLang's `deepseek_vec` (sglang 0.5.23) given "
+            "the same windows as steps; every plan scored on the **next** window (balancedness, mean over seeds).  "
+            "Scenarios: `drift` is the default generator (random-walk drift 0.15 per window); `alternating "
+            "mixes` switches between two traffic mixes every window (`mix_shift=0.5, mix_period=1, drift=0.05`).",
+            "",
+            "| scenario / preset | " + " | ".join(methods) + " | best | time worst / mean |",
+            "|---|" + "---|" * (len(methods) + 2),
+        ]
+        for key, s in rob["summary"].items():
+            best = max(methods, key=lambda m: s[m])
+            lines.append(f"| {key} | " + " | ".join(f"{s[m]:.4f}" for m in methods)
+                         + f" | {best} | {s['time worst']:.2f} / {s['time mean']:.2f} s |")
+        lines.append("")
     return lines
 
 

@@ -13,6 +13,10 @@ Writes ``beyond.json`` next to this file and regenerates ``RESULTS.md``.
   ``max_balance_loss=0.005``, and deployed.  Against the fair baseline, a full replan of
   the same window with its nodes and GPUs relabelled to match the deployed plan: replica
   moves, weighted cost (``node_move_cost=4``) and balancedness, per step.
+* ``robust``: plans made from the last 3 windows (their total, the worst window, the
+  mean window) and from the latest window alone, and SGLang's ``deepseek_vec`` given
+  the 3 windows as steps, scored on the next window; two scenarios: random-walk drift
+  (the default generator) and two traffic mixes taking turns window by window.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
 
 import eplb_opt
 from eplb_opt.workloads import PRESETS, generate
@@ -76,7 +82,60 @@ def migration(seeds: list[int], windows: int = 4, exact_seeds: int = 1, exact_li
             "exact_time_limit": exact_limit, "rows": rows, "summary": summary}
 
 
-SECTIONS = {"migration": migration}
+SCENARIOS = {
+    "drift": {},                                                        # random-walk drift only
+    "alternating mixes": {"mix_shift": 0.5, "mix_period": 1, "drift": 0.05},
+}
+ROBUST_PRESETS = ["deepseek-v3-prefill", "deepseek-v3-decode", "qwen3-235b"]
+
+
+def robust(seeds: list[int], history: int = 3) -> dict:
+    """Next-window balancedness of plans made from the last ``history`` windows."""
+    from .peers import deepseek_vec_rebalance
+
+    vec = deepseek_vec_rebalance()
+    rows = []
+    for scenario, kw in SCENARIOS.items():
+        for preset in ROBUST_PRESETS:
+            topo = PRESETS[preset].topology()
+            G = topo["num_gpus"]
+            for seed in seeds:
+                w = generate(preset, windows=history + 2, seed=seed, **kw)
+                hist, nxt = w[1:history + 1], w[history + 1]
+
+                def score(p) -> float:
+                    return eplb_opt.balancedness(eplb_opt.gpu_loads(nxt, np.asarray(p), G))
+
+                row = {"scenario": scenario, "preset": preset, "seed": seed}
+                row["latest window"] = score(eplb_opt.solve(hist[-1], **topo).plan.phy2log)
+                for objective in ("sum", "worst", "mean"):
+                    t0 = time.perf_counter()
+                    r = eplb_opt.solve(hist, **topo, objective=objective)
+                    row[f"objective={objective}"] = score(r.plan.phy2log)
+                    row[f"time {objective}"] = time.perf_counter() - t0
+                row["SGLang deepseek_vec"] = score(vec(torch.from_numpy(hist), **_vec_args(topo))[0])
+                rows.append(row)
+                print(f"  robust {scenario} {preset} seed {seed}: " + ", ".join(
+                    f"{k} {v:.4f}" for k, v in row.items() if k not in ("scenario", "preset", "seed")
+                    and not k.startswith("time")), file=sys.stderr)
+    methods = ["latest window", "objective=sum", "objective=worst", "objective=mean", "SGLang deepseek_vec"]
+    summary = {}
+    for scenario in SCENARIOS:
+        for preset in ROBUST_PRESETS:
+            sel = [r for r in rows if r["scenario"] == scenario and r["preset"] == preset]
+            summary[f"{scenario} / {preset}"] = {m: float(np.mean([r[m] for r in sel])) for m in methods} | {
+                "time worst": float(np.median([r["time worst"] for r in sel])),
+                "time mean": float(np.median([r["time mean"] for r in sel])),
+            }
+    return {"history": history, "scenarios": SCENARIOS, "methods": methods, "rows": rows, "summary": summary}
+
+
+def _vec_args(topo: dict) -> dict:
+    return dict(num_replicas=topo["num_replicas"], num_groups=topo["num_groups"], num_nodes=topo["num_nodes"],
+                num_gpus=topo["num_gpus"])
+
+
+SECTIONS = {"migration": migration, "robust": robust}
 
 
 def main(argv: list[str] | None = None) -> int:
