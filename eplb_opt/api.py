@@ -14,7 +14,7 @@ import torch
 import heuristics
 
 from .bounds import Bounds, lower_bounds
-from .errors import EplbOptError, InvalidProblemError, InvalidTypeError
+from .errors import EplbOptError, InvalidPlanError, InvalidProblemError, InvalidTypeError
 from .metrics import balancedness, gpu_loads, slot_loads
 from .migrate import Migration
 from .plan import Plan, derive_maps, verify
@@ -56,6 +56,8 @@ class SolveResult:
             largest (mean) of the windows' certified bounds; ``mean_load``,
             ``balancedness`` and ``slot_balancedness`` always describe the summed load.
         window_balancedness: with windows, the plan's balancedness on each window.
+        off_node_share: ``policy="spill"``: share of the load served by replicas outside
+            their expert's home node.
     """
 
     plan: Plan
@@ -75,6 +77,7 @@ class SolveResult:
     migration: Migration | None = field(default=None, repr=False)
     objective: str = "sum"
     window_balancedness: tuple[float, ...] | None = None
+    off_node_share: float | None = None
 
     @property
     def moves(self) -> np.ndarray | None:
@@ -152,7 +155,10 @@ def _plan_numpy(problem: Problem, allow_duplicates: bool = True) -> np.ndarray:
     return placement.phy2log
 
 
-def _verify(problem: Problem, phy2log: np.ndarray, allow_duplicates: bool = True, **maps: Any) -> None:
+def _verify(problem: Problem, phy2log: np.ndarray, allow_duplicates: bool = True, home: np.ndarray | None = None,
+            **maps: Any) -> None:
+    if home is not None:
+        _verify_primaries(problem, phy2log, home)
     verify(
         phy2log,
         problem.num_experts,
@@ -320,6 +326,52 @@ def _migrate(problem: Problem, fresh: np.ndarray, old: np.ndarray, mbl: float, n
     )
 
 
+def _spill_cost(value: Any, spill: bool, robust: bool, previous: Any) -> float:
+    if isinstance(value, (float, np.floating)) and value == float("inf"):
+        lam = float("inf")
+    else:
+        lam = _number("cross_node_cost", value, 0.0)
+    if spill and robust:
+        raise InvalidProblemError("policy='spill' with a worst/mean objective is not supported")
+    if spill and previous is not None:
+        raise InvalidProblemError("policy='spill' with previous is not supported")
+    return lam
+
+
+def _spill(problem: Problem, lam: float, allow_dup: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The spill policy's plan and every expert's home node ``[L, E]``."""
+    from heuristics.spill import spill_refine
+
+    w, R, G, N = problem.weight, problem.num_replicas, problem.num_gpus, problem.num_nodes
+    hier = heuristics.place(w, R, problem.num_groups, N, G, allow_duplicates=allow_dup)
+    home = np.repeat(hier.node_of_group, problem.num_experts // problem.num_groups, axis=1)
+    glob = heuristics.place(w, R, 1, 1, G, allow_duplicates=allow_dup).phy2log if lam < float("inf") else None
+    out = spill_refine(w, hier.phy2log, home, G, N, lam, allow_duplicates=allow_dup, global_plan=glob)
+    return out, home
+
+
+def _verify_primaries(problem: Problem, phy2log: np.ndarray, home: np.ndarray) -> None:
+    """The spill policy's rule: every expert has a replica on its home node."""
+    R, N = problem.num_replicas, problem.num_nodes
+    node = np.arange(R) // (R // N)
+    L, E = home.shape
+    present = np.zeros((L, E, N), dtype=bool)
+    present[np.arange(L)[:, None], phy2log, node[None, :]] = True
+    ok = np.take_along_axis(present, home[:, :, None], axis=2)[:, :, 0]
+    if not ok.all():  # pragma: no cover - a spill search bug, never a user error
+        l, e = (int(x) for x in np.argwhere(~ok)[0])
+        raise InvalidPlanError(f"spill plan: expert {e} of layer {l} has no replica on its home node {home[l, e]}")
+
+
+def _off_share(problem: Problem, phy2log: np.ndarray, home: np.ndarray | None) -> float | None:
+    if home is None:
+        return None
+    from heuristics.spill import off_node_load
+
+    total = float(problem.weight.sum())
+    return float(off_node_load(problem.weight, phy2log, problem.num_nodes, home).sum() / total) if total > 0 else 0.0
+
+
 def _metadata(
     problem: Problem, tol: float, deterministic: bool, allow_dup: bool, top: np.ndarray, lb: np.ndarray,
     gap: np.ndarray, status: tuple[str, ...], events: list[str], workers: int, executor: str,
@@ -373,6 +425,7 @@ def solve(
     node_move_cost: float = 4.0,
     bytes_per_expert: int | None = None,
     objective: str = "sum",
+    cross_node_cost: float = 1.0,
 ) -> SolveResult:
     """Plan expert placement for every layer and certify how good it is.
 
@@ -395,7 +448,12 @@ def solve(
         seed: fixes every random choice.  Heuristic mode is deterministic; exact mode is
             too with ``deterministic=True``.
         policy: ``"auto"`` (hierarchical when ``num_groups % num_nodes == 0``, else
-            global), ``"hierarchical"`` or ``"global"``.
+            global), ``"hierarchical"``, ``"global"`` or ``"spill"``: every expert keeps
+            one replica on its group's home node (the hierarchical grouping), the others
+            may go to any node at ``cross_node_cost`` per unit of load served off-node
+            (:mod:`heuristics.spill`; the same search in both modes, CP-SAT is not used;
+            bounds and gaps are the global policy's, valid for it).  Not combined with
+            ``previous`` or a worst/mean ``objective``.
         deterministic: exact mode budgets work in iterations and CP-SAT deterministic
             time instead of wall clock (``time_limit / L`` worth per layer), so the plan
             depends only on the input, ``seed``, ``time_limit`` and ``workers`` -- not on
@@ -435,6 +493,10 @@ def solve(
             plan for the total, :mod:`heuristics.robust`; exact mode lets it run until
             ``time_limit`` instead of a fixed number of steps, CP-SAT is not used for
             these objectives).  Not combined with ``previous``.
+        cross_node_cost: with ``policy="spill"``: cost per unit of load served outside
+            an expert's home node, against the busiest GPU's load (the objective is
+            ``max GPU load + cross_node_cost * off-node load / num_gpus``); ``inf`` gives
+            the hierarchical plan, ``0`` trades locality away freely.
 
     Returns:
         :class:`SolveResult` with the verified plan, per-layer max loads, certified
@@ -454,6 +516,8 @@ def solve(
         num_gpus, mode=mode, time_limit=time_limit, seed=seed, policy=policy, weight_checked=True,
     )
     robust = objective != "sum" and windows.shape[0] > 1
+    spill = problem.policy == "spill"
+    lam = _spill_cost(cross_node_cost, spill, robust, previous)
     deterministic, n_workers, allow_dup = _options(deterministic, workers, allow_duplicates, problem)
     use_ray = _executor(executor, ray_address)
     if workers is None and (deterministic or use_ray):
@@ -466,20 +530,26 @@ def solve(
             f"previous with objective={objective!r} is not supported: migration plans for the summed "
             "load (objective='sum')"
         )
-    phy2log = _plan_numpy(problem, allow_dup)
-    _verify(problem, phy2log, allow_dup)
+    events: list[str] = []
+    home = None
+    if spill:
+        phy2log, home = _spill(problem, lam, allow_dup)
+    else:
+        phy2log = _plan_numpy(problem, allow_dup)
+    _verify(problem, phy2log, allow_dup, home=home)
     bounds = lower_bounds(
         w, problem.num_replicas, G,
         hierarchical=problem.hierarchical, num_groups=problem.num_groups, num_nodes=problem.num_nodes,
     )
     lb = bounds.lower_bound.copy()
-    events: list[str] = []
     attempted = np.zeros(L, dtype=bool)
     conditional = None
 
     if use_ray and problem.mode != "exact":
         events.append("executor='ray' fans out exact refinement only; heuristic mode ran in this process")
-    if problem.mode == "exact" and not robust:
+    if problem.mode == "exact" and spill:
+        events.append("policy='spill': CP-SAT is not used for this policy; the spill search ran as in heuristic mode")
+    if problem.mode == "exact" and not robust and not spill:
         total = 10.0 if problem.time_limit is None else problem.time_limit
         # With `previous`, half the budget refines the fresh plan, half the move model.
         budget = total * (0.5 if prev is not None else 1.0)
@@ -587,6 +657,7 @@ def solve(
         migration=migration,
         objective=objective,
         window_balancedness=window_bal,
+        off_node_share=_off_share(problem, phy2log, home),
     )
 
 
@@ -617,7 +688,7 @@ def rebalance_experts(
         CPU: the expert of each physical slot, the slots of each expert padded with -1,
         and the replica count of each expert.  The plan is verified before it is returned.
     """
-    if mode == "exact":
+    if mode == "exact" or policy == "spill":
         result = solve(
             weight, num_replicas=num_replicas, num_groups=num_groups, num_nodes=num_nodes,
             num_gpus=num_gpus, mode=mode, time_limit=time_limit, seed=seed, policy=policy,

@@ -19,7 +19,7 @@ from .errors import InvalidProblemError, InvalidTypeError
 __all__ = ["Problem", "make_problem", "as_weight", "MODES", "POLICIES"]
 
 MODES = ("heuristic", "exact")
-POLICIES = ("auto", "hierarchical", "global")
+POLICIES = ("auto", "hierarchical", "global", "spill")
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class Problem:
         weight: ``[L, E]`` float64 loads (read-only), in the caller's units.
         num_replicas: ``R``, physical expert slots per layer.
         num_groups, num_nodes, num_gpus: topology as given by the caller.
-        policy: resolved policy, ``"hierarchical"`` or ``"global"``.
+        policy: resolved policy, ``"hierarchical"``, ``"global"`` or ``"spill"``.
         mode: ``"heuristic"`` or ``"exact"``.
         time_limit: seconds, or ``None``.
         seed: non-negative int.
@@ -234,18 +234,18 @@ def make_problem(
     divisible = groups % nodes == 0
     if policy == "auto":
         policy = "hierarchical" if divisible else "global"
-    if policy == "hierarchical":
+    if policy in ("hierarchical", "spill"):
         if not divisible:
             raise InvalidProblemError(
-                f"policy='hierarchical' needs num_groups={groups} to be a multiple of num_nodes={nodes}"
+                f"policy={policy!r} needs num_groups={groups} to be a multiple of num_nodes={nodes}"
             )
         if E % groups:
             raise InvalidProblemError(
-                f"the hierarchical policy needs the expert count {E} to be a multiple of num_groups={groups}"
+                f"the {policy} policy needs the expert count {E} to be a multiple of num_groups={groups}"
             )
         if gpus % nodes:
             raise InvalidProblemError(
-                f"the hierarchical policy needs num_gpus={gpus} to be a multiple of num_nodes={nodes}"
+                f"the {policy} policy needs num_gpus={gpus} to be a multiple of num_nodes={nodes}"
             )
     return Problem(
         weight=w,
