@@ -322,7 +322,87 @@ def _migrate(problem: Problem, fresh: np.ndarray, old: np.ndarray, mbl: float, n
     return mp.phy2log, Migration(
         moves=mp.moves, cost=mp.cost, transfers=transfers, bytes=None if bpe is None else moved * bpe,
         baseline_moves=mp.baseline_moves, baseline_cost=mp.baseline_cost, baseline_balancedness=base_bal,
-        cap=mp.cap, source=tuple(mp.source),
+        cap=mp.cap, source=tuple(mp.source), baseline_phy2log=mp.baseline,
+    )
+
+
+def _solve_masked(windows: np.ndarray, problem: Problem, mask: np.ndarray, *, start: float, tolerance: float,
+                  deterministic: bool, workers: int | None, allow_dup: bool, executor: Any, ray_address: Any,
+                  prev: np.ndarray | None, mbl: float, nmc: float, bpe: int | None, objective: str) -> SolveResult:
+    """``solve`` with masked GPUs: one global-policy sub-problem per active-GPU count,
+    embedded back into the full map (see :mod:`eplb_opt.masked`)."""
+    from . import masked as mk
+    from .migrate import move_counts, transfer_list
+
+    w = problem.weight
+    L, G, R, E = problem.num_layers, problem.num_gpus, problem.num_replicas, problem.num_experts
+    k = problem.slots_per_gpu
+    events: list[str] = []
+    if problem.policy == "hierarchical":
+        events.append("masked GPUs: nodes no longer have equal GPUs, so the layers were planned with the "
+                      "global policy over the active GPUs (as SGLang's elasticity-aware algorithm does)")
+    full = np.full((L, R), -1, dtype=np.int64)
+    base_full = np.full((L, R), -1, dtype=np.int64) if prev is not None else None
+    top, lb = np.zeros(L), np.zeros(L)
+    status = [""] * L
+    cap, source = np.zeros(L), [""] * L
+    comps: dict[str, np.ndarray] = {}
+    glob_b = np.zeros(L)
+    budget = (10.0 if problem.time_limit is None else problem.time_limit) if problem.mode == "exact" else None
+    for idx in mk.groups_by_active(mask):
+        a = int(G - mask[idx[0]].sum())
+        share = None if budget is None else max(0.0, budget * len(idx) / L - (time.perf_counter() - start) / 2)
+        sub_w = windows[:, idx] if windows.shape[0] > 1 else windows[0][idx]
+        r = solve(
+            sub_w, num_replicas=k * a, num_gpus=a, mode=problem.mode, time_limit=share, seed=problem.seed,
+            policy="global", deterministic=deterministic, workers=workers, tolerance=tolerance,
+            allow_duplicates=allow_dup, executor=executor, ray_address=ray_address,
+            previous=None if prev is None else mk.compact_previous(prev[idx], mask[idx], w[idx]),
+            max_balance_loss=None if prev is None else mbl, node_move_cost=nmc, objective=objective,
+        )
+        full[idx] = mk.embed(r.plan.phy2log.numpy(), mask[idx], k)
+        top[idx], lb[idx] = r.max_load, r.lower_bound
+        for i, l in enumerate(idx):
+            status[l] = r.status[i]
+        for name, arr in r.bounds.components.items():
+            comps.setdefault(name, np.zeros(L))[idx] = arr
+        glob_b[idx] = r.bounds.global_bound
+        events.extend(f"{len(idx)} layer(s) with {a} active GPUs: {e}" for e in r.events)
+        if prev is not None:
+            base_full[idx] = mk.embed(r.migration.baseline_phy2log, mask[idx], k)
+            cap[idx] = r.migration.cap
+            for i, l in enumerate(idx):
+                source[l] = r.migration.source[i]
+    verify(full, E, R, G, allow_duplicates=allow_dup, masked=mask)
+    slots = slot_loads(w, full)
+    gpus = slots.reshape(L, G, -1).sum(axis=2)
+    gap = np.where(top > 0, 1.0 - np.minimum(lb, top) / np.where(top > 0, top, 1.0), 0.0)
+    migration = None
+    if prev is not None:
+        nodes = problem.num_nodes if G % problem.num_nodes == 0 else 1
+        old = prev.copy()
+        old[np.repeat(mask, k, axis=1)] = -1                    # masked GPUs' copies are gone
+        moves, cost = move_counts(old, full, G, nodes, nmc)
+        bmoves, bcost = move_counts(old, base_full, G, nodes, nmc)
+        migration = Migration(
+            moves=moves, cost=cost, transfers=transfer_list(old, full, G, nodes),
+            bytes=None if bpe is None else int(moves.sum()) * bpe, baseline_moves=bmoves, baseline_cost=bcost,
+            baseline_balancedness=balancedness(gpu_loads(w, base_full, G)), cap=cap, source=tuple(source),
+            baseline_phy2log=base_full,
+        )
+    window_bal = None
+    if windows.shape[0] > 1:
+        window_bal = tuple(balancedness(gpu_loads(x, full, G)) for x in windows)
+    meta = _metadata(problem, tolerance, deterministic, allow_dup, top, lb, gap, tuple(status), events,
+                     workers or 1, executor)
+    meta["parameters"]["masked_gpus"] = mask.tolist()
+    meta["parameters"]["policy"] = "global"
+    return SolveResult(
+        plan=Plan.from_numpy(full, E, metadata=meta), max_load=top, mean_load=gpus.mean(axis=1), lower_bound=lb,
+        gap=gap, status=tuple(status), balancedness=balancedness(gpus), slot_balancedness=balancedness(slots),
+        runtime=time.perf_counter() - start, events=tuple(events), policy="global",
+        bounds=Bounds(lower_bound=lb, components=comps, node_exact=False, global_bound=glob_b),
+        tolerance=tolerance, migration=migration, objective=objective, window_balancedness=window_bal,
     )
 
 
@@ -426,6 +506,7 @@ def solve(
     bytes_per_expert: int | None = None,
     objective: str = "sum",
     cross_node_cost: float = 1.0,
+    masked_gpus: Any = None,
 ) -> SolveResult:
     """Plan expert placement for every layer and certify how good it is.
 
@@ -493,6 +574,12 @@ def solve(
             plan for the total, :mod:`heuristics.robust`; exact mode lets it run until
             ``time_limit`` instead of a fixed number of steps, CP-SAT is not used for
             these objectives).  Not combined with ``previous``.
+        masked_gpus: failed or drained GPUs that must hold nothing: GPU ids (every
+            layer), a ``[G]`` or ``[L, G]`` bool mask, or one id list per layer.  The
+            other GPUs keep ``k`` slots each (``k * active`` replicas per layer) under the
+            global policy; masked slots are ``-1`` in the plan (see
+            :mod:`eplb_opt.masked`).  With ``previous``, moves are counted against it
+            with the masked GPUs emptied.
         cross_node_cost: with ``policy="spill"``: cost per unit of load served outside
             an expert's home node, against the busiest GPU's load (the objective is
             ``max GPU load + cross_node_cost * off-node load / num_gpus``); ``inf`` gives
@@ -525,6 +612,18 @@ def solve(
     w = problem.weight
     L, G = problem.num_layers, problem.num_gpus
     prev, mbl, nmc, bpe = _migration_options(problem, previous, max_balance_loss, node_move_cost, bytes_per_expert)
+    if masked_gpus is not None:
+        from .masked import as_mask
+
+        mask = as_mask(masked_gpus, L, G, problem.slots_per_gpu, problem.num_experts)
+        if mask.any():
+            if spill:
+                raise InvalidProblemError("policy='spill' with masked_gpus is not supported")
+            return _solve_masked(
+                windows, problem, mask, start=start, tolerance=tol, deterministic=deterministic,
+                workers=workers, allow_dup=allow_dup, executor=executor, ray_address=ray_address, prev=prev,
+                mbl=mbl, nmc=nmc, bpe=bpe, objective=objective,
+            )
     if prev is not None and robust:
         raise InvalidProblemError(
             f"previous with objective={objective!r} is not supported: migration plans for the summed "

@@ -3,6 +3,7 @@
 A replica of expert ``e`` carries ``w[l, e] / c[l, e]`` (tokens are split evenly over an
 expert's replicas).  A GPU's load is the sum over its ``k`` slots; the step time of a
 layer is set by its busiest GPU.  All loads are float64 in the units of ``weight``.
+An empty slot (``-1``, a masked GPU's) carries nothing.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ def replica_counts_of(phy2log: np.ndarray, num_experts: int) -> np.ndarray:
     """``[L, E]`` int64 replica counts of a ``[L, R]`` placement."""
     p = np.asarray(phy2log, dtype=np.int64)
     L = p.shape[0]
-    return np.bincount((p + (np.arange(L) * num_experts)[:, None]).ravel(), minlength=L * num_experts).reshape(
-        L, num_experts
-    )
+    keys = (p + (np.arange(L) * num_experts)[:, None]).ravel()
+    if (p < 0).any():
+        keys = keys[p.ravel() >= 0]
+    return np.bincount(keys, minlength=L * num_experts).reshape(L, num_experts)
 
 
 def slot_loads(weight: np.ndarray, phy2log: np.ndarray) -> np.ndarray:
@@ -32,7 +34,10 @@ def slot_loads(weight: np.ndarray, phy2log: np.ndarray) -> np.ndarray:
     p = np.asarray(phy2log, dtype=np.int64)
     counts = replica_counts_of(p, w.shape[1])
     per_replica = w / np.maximum(counts, 1)
-    return np.take_along_axis(per_replica, p, axis=1)
+    out = np.take_along_axis(per_replica, np.maximum(p, 0), axis=1)
+    if (p < 0).any():
+        out[p < 0] = 0.0
+    return out
 
 
 def gpu_loads(weight: np.ndarray, phy2log: np.ndarray, num_gpus: int) -> np.ndarray:

@@ -79,7 +79,9 @@ def transfer_list(old: np.ndarray, new: np.ndarray, num_gpus: int, num_nodes: in
     expert.  A slot that keeps its expert is not listed.  A slot whose expert the GPU
     already held in another slot is a copy within the GPU (``src_gpu == dst_gpu``, not a
     move); otherwise ``src_gpu`` holds the expert in ``old``, on the destination's node
-    where one does (lowest index first).
+    where one does (lowest index first), or ``-1`` where no GPU of ``old`` holds it
+    (its only copies were on masked GPUs: load it from host memory or storage).  Empty
+    slots (``-1``) in either plan are neither sources nor destinations.
     """
     L, R = new.shape
     G, N = num_gpus, num_nodes
@@ -90,7 +92,7 @@ def transfer_list(old: np.ndarray, new: np.ndarray, num_gpus: int, num_nodes: in
         n = new[l].reshape(G, k)
         holders: dict[int, np.ndarray] = {}
         for g in range(G):
-            for s in np.flatnonzero(n[g] != o[g]):
+            for s in np.flatnonzero((n[g] != o[g]) & (n[g] >= 0)):
                 e = int(n[g, s])
                 if (o[g] == e).any():
                     rows.append((l, e, g, g, g * k + s))
@@ -99,7 +101,8 @@ def transfer_list(old: np.ndarray, new: np.ndarray, num_gpus: int, num_nodes: in
                     holders[e] = np.flatnonzero((o == e).any(axis=1))
                 h = holders[e]
                 same = h[h // P == g // P]
-                rows.append((l, e, int(same[0]) if same.size else int(h[0]), g, g * k + s))
+                src = int(same[0]) if same.size else (int(h[0]) if h.size else -1)
+                rows.append((l, e, src, g, g * k + s))
     return np.array(rows, dtype=TRANSFER_DTYPE)
 
 
@@ -150,6 +153,7 @@ class Migration:
         baseline_balancedness: that baseline's balancedness (the best plan found
             without ``previous``).
         cap: ``[L]`` the max-load cap every layer was held to.
+        baseline_phy2log: ``[L, R]`` the relabelled full replan itself.
         source: per layer ``"old"`` (nothing moved), ``"repair"`` (old placement
             repaired), ``"exact"`` (CP-SAT) or ``"replan"`` (the relabelled replan).
     """
@@ -162,6 +166,7 @@ class Migration:
     baseline_cost: np.ndarray
     baseline_balancedness: float
     cap: np.ndarray
+    baseline_phy2log: np.ndarray
     source: tuple[str, ...]
 
     def summary(self) -> str:
@@ -184,6 +189,7 @@ class MigrationPlan:
     baseline_cost: np.ndarray      # [L]
     cap: np.ndarray                # [L] max-load cap T
     source: list[str]              # per layer: "old", "repair", "exact" or "replan"
+    baseline: np.ndarray           # [L, R] the relabelled replan
     events: list[str] = field(default_factory=list)
 
 
@@ -420,7 +426,7 @@ def replan(
                       node_move_cost=node_move_cost, allow_duplicates=allow_duplicates,
                       deadline=exact_deadline, budget=exact_budget, deterministic=deterministic,
                       seed=seed, workers=workers)
-    return MigrationPlan(out, moves, cost, base_moves, base_cost, cap, source, events)
+    return MigrationPlan(out, moves, cost, base_moves, base_cost, cap, source, aligned, events)
 
 
 def _exact_blocks(w, old, out, moves, cost, cap, source, events, *, G, N, hierarchical, node_move_cost,

@@ -31,11 +31,16 @@ def derive_maps(phy2log: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.n
     """``(log2phy [L, E, R - E + 1], logcnt [L, E])`` int64 from ``phy2log [L, R]``.
 
     ``log2phy[l, e, :logcnt[l, e]]`` lists the slots holding expert ``e`` in increasing
-    order; the rest of the row is ``-1``.  Requires ``0 <= phy2log < E``.
+    order; the rest of the row is ``-1``.  Requires ``phy2log < E``; ``-1`` marks an
+    empty slot (a masked GPU's), listed nowhere.
     """
     p = np.asarray(phy2log, dtype=np.int64)
     L, R = p.shape
     E = int(num_experts)
+    if (p < 0).any():
+        # Empty slots become a sentinel expert E, dropped from the maps.
+        log2phy, logcnt = derive_maps(np.where(p < 0, E, p), E + 1)
+        return log2phy[:, :E, : R - E + 1], logcnt[:, :E]
     width = R - E + 1
     offs = (np.arange(L) * E)[:, None]
     logcnt = np.bincount((p + offs).ravel(), minlength=L * E).reshape(L, E)
@@ -156,6 +161,7 @@ def plan_violations(
     num_layers: int | None = None,
     allow_duplicates: bool = True,
     limit: int = 10,
+    masked: Any = None,
 ) -> list[str]:
     """Every broken invariant of a placement, as short messages (empty when valid).
 
@@ -165,7 +171,9 @@ def plan_violations(
     of a group on one node and exactly ``num_groups / num_nodes`` groups per node (so
     each node holds ``R / N`` replicas of its own experts); and, when given, that
     ``logcnt`` and ``log2phy`` agree with ``phy2log``; with ``allow_duplicates=False``,
-    that no GPU holds two replicas of one expert.
+    that no GPU holds two replicas of one expert.  With ``masked`` (``[L, G]`` bool),
+    exactly the masked GPUs' slots are empty (``-1``) and the others hold experts
+    (hierarchical rules are not checked then: masked plans use the global policy).
     """
     out: list[str] = []
     try:
@@ -179,19 +187,35 @@ def plan_violations(
     L = p.shape[0]
     if G <= 0 or R % G:
         out.append(f"{R} slots cannot give every one of {G} GPUs the same slot count")
-    lo, hi = (int(p.min()), int(p.max())) if p.size else (0, 0)
+    empty = np.zeros(p.shape, dtype=bool)
+    if masked is not None:
+        mk = np.asarray(masked, dtype=bool)
+        if mk.shape != (L, G) or R % G:
+            return out + [f"masked has shape {tuple(mk.shape)}, expected {(L, G)}"]
+        empty = np.repeat(mk, R // G, axis=1)
+        wrong = np.argwhere(empty != (p == -1))
+        for l, s in wrong[:limit]:
+            what = "is empty but its GPU is not masked" if p[l, s] == -1 else "holds an expert on a masked GPU"
+            out.append(f"layer {l}: slot {s} {what}")
+        if wrong.size:
+            return out
+        hierarchical = False
+    real = p[~empty]
+    lo, hi = (int(real.min()), int(real.max())) if real.size else (0, 0)
     if lo < 0 or hi >= E:
-        bad = np.argwhere((p < 0) | (p >= E))[0]
+        bad = np.argwhere(((p < 0) | (p >= E)) & ~empty)[0]
         return out + [
             f"phy2log[{bad[0]}, {bad[1]}] = {p[bad[0], bad[1]]} is not an expert id in [0, {E})"
         ]
-    cnt = np.bincount((p + (np.arange(L) * E)[:, None]).ravel(), minlength=L * E).reshape(L, E)
+    keys = (p + (np.arange(L) * E)[:, None])[~empty]
+    cnt = np.bincount(keys, minlength=L * E).reshape(L, E)
     missing = np.argwhere(cnt == 0)
     for l, e in missing[:limit]:
         out.append(f"layer {l}: expert {e} has no replica")
     if not allow_duplicates and not out and G > 0 and R % G == 0:
         per_gpu = np.sort(p.reshape(L, G, R // G), axis=2)
-        twice = np.argwhere((per_gpu[:, :, 1:] == per_gpu[:, :, :-1]).any(axis=2))
+        twice = np.argwhere((per_gpu[:, :, 1:] == per_gpu[:, :, :-1]).any(axis=2)
+                            & ~empty.reshape(L, G, R // G)[:, :, 0])
         for l, g in twice[:limit]:
             out.append(f"layer {l}: GPU {g} holds two replicas of one expert (duplicates not allowed)")
     if hierarchical and not out:
@@ -243,7 +267,7 @@ def plan_violations(
                         out.append(f"log2phy holds a slot id >= {R}")
                     elif not np.array_equal(p[layer, slots], expert):
                         out.append("log2phy points at a slot that holds another expert")
-                    elif (np.bincount(layer * R + slots, minlength=L * R) != 1).any():
+                    elif (np.bincount(layer * R + slots, minlength=L * R) != (~empty).ravel()).any():
                         out.append("log2phy does not list every slot exactly once")
     return out
 
@@ -261,6 +285,7 @@ def verify(
     logcnt: Any = None,
     num_layers: int | None = None,
     allow_duplicates: bool = True,
+    masked: Any = None,
 ) -> None:
     """Raise :class:`InvalidPlanError` listing the broken invariants of a placement
     (see :func:`plan_violations`); return ``None`` when it is valid."""
@@ -276,6 +301,7 @@ def verify(
         logcnt=logcnt,
         num_layers=num_layers,
         allow_duplicates=allow_duplicates,
+        masked=masked,
     )
     if problems:
         raise InvalidPlanError("invalid placement: " + "; ".join(problems))

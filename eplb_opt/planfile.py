@@ -181,7 +181,14 @@ def load_plan(path: str | Path) -> Any:
     meta = header.get("metadata") or {}
     params = meta.get("parameters", {}) if isinstance(meta, dict) else {}
     gpus = params.get("num_gpus") or 1
-    problems = plan_violations(p2l, E, R, gpus if R % gpus == 0 else 1, log2phy=l2p, logcnt=cnt)
+    masked = params.get("masked_gpus")
+    if masked is not None:
+        masked = np.asarray(masked, dtype=bool)
+        if masked.shape != (p2l.shape[0], gpus):
+            raise PlanFileError(f"{p}: corrupt plan file (masked_gpus shape {masked.shape})")
+    elif (p2l < 0).any():
+        raise PlanFileError(f"{p}: corrupt plan file (empty slots but no masked_gpus recorded)")
+    problems = plan_violations(p2l, E, R, gpus if R % gpus == 0 else 1, log2phy=l2p, logcnt=cnt, masked=masked)
     if problems:
         raise PlanFileError(f"{p}: corrupt plan file: " + "; ".join(problems[:3]))
     return Plan.from_numpy(p2l, E, metadata=meta)

@@ -19,9 +19,11 @@ __all__ = ["LayerState", "gpu_counts"]
 
 
 def gpu_counts(p: np.ndarray, num_gpus: int, num_experts: int) -> np.ndarray:
-    """``[G, E]`` replica counts of one layer's placement ``p`` ``[R]``."""
+    """``[G, E]`` replica counts of one layer's placement ``p`` ``[R]`` (``-1``: empty)."""
     k = p.size // num_gpus
     key = (np.arange(num_gpus)[:, None] * num_experts + p.reshape(num_gpus, k)).ravel()
+    if (p < 0).any():                                   # empty slots (-1) count for nothing
+        key = key[p.ravel() >= 0]
     return np.bincount(key, minlength=num_gpus * num_experts).reshape(num_gpus, num_experts)
 
 
