@@ -278,6 +278,26 @@ def _beyond_section(data: dict) -> list[str]:
             lines.append(f"| {key} | " + " | ".join(f"{s[m]:.4f}" for m in methods)
                          + f" | {best} | {s['time worst']:.2f} / {s['time mean']:.2f} s |")
         lines.append("")
+    sp = data.get("spill")
+    if sp:
+        lines += [
+            "### Locality-aware spill",
+            "",
+            f"Generated {sp['date']} by `{sp['command']}` (machine as above).",
+            "",
+            f"`policy=\"spill\"` on {sp['preset']}-shaped loads: every expert keeps a replica on its group's "
+            "home node; the others go anywhere at `cross_node_cost` per unit of load served off-node.  The "
+            "off-node share of the hierarchical and global policies is measured against the same home nodes.",
+            "",
+            "| seed | policy | cross_node_cost | balancedness | off-node share | time |",
+            "|---|---|---|---|---|---|",
+        ]
+        for x in sp["rows"]:
+            lam = "" if x["cross_node_cost"] is None else (x["cross_node_cost"] if isinstance(x["cross_node_cost"], str)
+                                                          else f"{x['cross_node_cost']:g}")
+            lines.append(f"| {x['seed']} | {x['policy']} | {lam} | {x['balancedness']:.5f} | "
+                         f"{x['off_node_share']:.2%} | {x['time_s']:.1f} s |")
+        lines += ["", f"![spill curve]({sp['plot']})", ""]
     return lines
 
 

@@ -17,6 +17,9 @@ Writes ``beyond.json`` next to this file and regenerates ``RESULTS.md``.
   mean window) and from the latest window alone, and SGLang's ``deepseek_vec`` given
   the 3 windows as steps, scored on the next window; two scenarios: random-walk drift
   (the default generator) and two traffic mixes taking turns window by window.
+* ``spill``: ``policy="spill"`` on prefill-shaped loads as ``cross_node_cost`` falls from
+  ``inf`` to 0, beside the hierarchical and global policies: balancedness against the
+  share of load served off-node (``spill_curve.png``).
 """
 
 from __future__ import annotations
@@ -135,7 +138,72 @@ def _vec_args(topo: dict) -> dict:
                 num_gpus=topo["num_gpus"])
 
 
-SECTIONS = {"migration": migration, "robust": robust}
+SPILL_COSTS = [float("inf"), 8.0, 4.0, 2.0, 1.0, 0.5, 0.25, 0.0]
+
+
+def spill(seeds: list[int]) -> dict:
+    """Balancedness against the share of load served off-node, as cross_node_cost falls."""
+    from heuristics import place
+    from heuristics.spill import off_node_load
+
+    topo = PRESETS[PRESET].topology()
+    G, N, R = topo["num_gpus"], topo["num_nodes"], topo["num_replicas"]
+    rows = []
+    for seed in seeds[:2]:
+        w = generate(PRESET, windows=1, seed=seed)[0]
+        home = np.repeat(place(w, R, topo["num_groups"], N, G).node_of_group,
+                         w.shape[1] // topo["num_groups"], axis=1)
+
+        def share(p) -> float:
+            return float(off_node_load(w, np.asarray(p), N, home).sum() / w.sum())
+
+        for policy in ("hierarchical", "global"):
+            t0 = time.perf_counter()
+            r = eplb_opt.solve(w, **topo, policy=policy)
+            rows.append({"seed": seed, "policy": policy, "cross_node_cost": None, "balancedness": r.balancedness,
+                         "off_node_share": share(r.plan.phy2log), "time_s": time.perf_counter() - t0})
+        for lam in SPILL_COSTS:
+            t0 = time.perf_counter()
+            r = eplb_opt.solve(w, **topo, policy="spill", cross_node_cost=lam)
+            rows.append({"seed": seed, "policy": "spill", "cross_node_cost": lam, "balancedness": r.balancedness,
+                         "off_node_share": r.off_node_share, "time_s": time.perf_counter() - t0})
+            print(f"  spill seed {seed} cost {lam:g}: bal {r.balancedness:.5f}, off-node {r.off_node_share:.2%}",
+                  file=sys.stderr)
+    _spill_plot(rows, Path(__file__).resolve().parent / "spill_curve.png")
+    for r in rows:
+        if r["cross_node_cost"] is not None and not np.isfinite(r["cross_node_cost"]):
+            r["cross_node_cost"] = "inf"
+    return {"preset": PRESET, "rows": rows, "plot": "spill_curve.png"}
+
+
+def _spill_plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for seed in sorted({r["seed"] for r in rows}):
+        sel = [r for r in rows if r["seed"] == seed and r["policy"] == "spill"]
+        ax.plot([r["off_node_share"] for r in sel], [r["balancedness"] for r in sel], "o-", label=f"spill, seed {seed}")
+        for r in sel:
+            lam = r["cross_node_cost"]
+            ax.annotate("inf" if not np.isfinite(lam) else f"{lam:g}", (r["off_node_share"], r["balancedness"]),
+                        textcoords="offset points", xytext=(4, -10), fontsize=7)
+        for policy, marker in (("hierarchical", "s"), ("global", "^")):
+            r = next(x for x in rows if x["seed"] == seed and x["policy"] == policy)
+            ax.plot(r["off_node_share"], r["balancedness"], marker, color="k", ms=8,
+                    label=policy if seed == min(x["seed"] for x in rows) else None)
+    ax.set_xlabel("share of load served off the expert's home node")
+    ax.set_ylabel("balancedness (mean / max GPU load)")
+    ax.set_title("policy='spill' as cross_node_cost falls (labels), DeepSeek-V3 prefill-shaped", fontsize=9)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+SECTIONS = {"migration": migration, "robust": robust, "spill": spill}
 
 
 def main(argv: list[str] | None = None) -> int:
