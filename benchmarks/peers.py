@@ -9,6 +9,8 @@ no peer package (and none of its dependency tree) is installed.
   (``sglang==0.5.23``: ``sglang/srt/eplb/eplb_algorithms/deepseek.py``; imports only torch).
 * ``deepseek_vec``: SGLang's vectorised variant beside it (``deepseek_vec.py``; takes
   per-step loads ``[steps, L, E]`` and the GPU count as slots per GPU).
+* ``elasticity_aware``: SGLang's elasticity-aware variant for inactive ranks
+  (``elasticity_aware.py``, same wheel), the peer for masked GPUs.
 * ``vllm_default``: vLLM 0.33's ``DefaultEplbPolicy`` (``vllm==0.33.0``:
   ``vllm/distributed/eplb/policy/abstract.py`` and ``default.py``), loaded as a small
   package of its own so the rest of vLLM (whose ``policy/__init__.py`` imports vLLM's
@@ -37,9 +39,11 @@ __all__ = [
     "available_peers",
     "deepseek_rebalance",
     "deepseek_vec_rebalance",
+    "elasticity_rebalance",
     "fetch_wheel",
     "load_deepseek",
     "load_deepseek_vec",
+    "load_elasticity_aware",
     "load_seed",
     "load_vllm_default",
     "seed_rebalance",
@@ -144,6 +148,40 @@ def deepseek_vec_rebalance(policy: str = "auto") -> Callable[..., tuple[torch.Te
             num_local_physical_experts=num_replicas // num_gpus, num_groups=num_groups,
             num_nodes=num_nodes, enable_hierarchical=hier,
         )
+
+    return run
+
+
+@lru_cache(maxsize=None)
+def load_elasticity_aware() -> ModuleType:
+    """SGLang's elasticity-aware algorithm (``elasticity_aware.py``: plans with
+    ``num_local_experts * active`` replicas under the global policy when ranks are
+    inactive, then inserts placeholder slots for them).  It imports DeepSeek's module by
+    its package path, so that path is registered first, pointing at the same wheel file."""
+    import types
+
+    ds = load_deepseek()
+    for name in ("sglang", "sglang.srt", "sglang.srt.eplb", "sglang.srt.eplb.eplb_algorithms"):
+        if name not in sys.modules:
+            pkg = types.ModuleType(name)
+            pkg.__path__ = []                       # a namespace stub: nothing else of sglang loads
+            sys.modules[name] = pkg
+    sys.modules.setdefault("sglang.srt.eplb.eplb_algorithms.deepseek", ds)
+    path = _extract(SGLANG, "sglang/srt/eplb/eplb_algorithms/elasticity_aware.py")
+    return _import_file(path, "eplb_peer_elasticity_aware")
+
+
+def elasticity_rebalance() -> Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``rebalance_experts(weight, num_replicas, num_groups, num_nodes, num_gpus,
+    active_ranks)`` of SGLang's elasticity-aware algorithm (hierarchical when every rank
+    is active and ``num_groups % num_nodes == 0``)."""
+    mod = load_elasticity_aware()
+
+    def run(weight, num_replicas, num_groups, num_nodes, num_gpus, active_ranks):
+        w = weight if isinstance(weight, torch.Tensor) else torch.as_tensor(weight)
+        active = torch.as_tensor(active_ranks, dtype=torch.bool).to(torch.int64)
+        return mod.rebalance_experts(w, num_replicas, num_groups, num_nodes, num_gpus,
+                                     num_groups % num_nodes == 0, active)
 
     return run
 

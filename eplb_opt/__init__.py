@@ -27,6 +27,7 @@ from .problem import Problem, make_problem
 from .api import SolveResult, rebalance_experts, solve
 from .align import align_to_previous, count_moves
 from .migrate import Migration
+from .trigger import RebalanceDecision, should_rebalance
 
 __version__ = "0.2.0"
 
@@ -40,6 +41,7 @@ __all__ = [
     "Migration",
     "Plan",
     "PlanFileError",
+    "RebalanceDecision",
     "TraceError",
     "Problem",
     "SolveResult",
@@ -56,6 +58,7 @@ __all__ = [
     "plan_violations",
     "read_trace",
     "rebalance_experts",
+    "should_rebalance",
     "slot_loads",
     "solve",
     "verify",
