@@ -174,10 +174,22 @@ def _topology_from(plan_meta: dict, path: str) -> dict:
     return params
 
 
+def _gpu_list(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InvalidProblemError(f"--masked-gpus must be comma-separated GPU ids, got {text!r}") from None
+
+
 def _cmd_plan(args: argparse.Namespace) -> int:
+    from .plan import Plan
     from .traces import read_trace
 
-    loads = read_trace(args.loads).sum(axis=0)
+    windows = read_trace(args.loads, window=args.window)
+    # The objective decides how windows count; "sum" plans for their total.
+    loads = windows.sum(axis=0) if args.objective == "sum" else windows
     if args.output and Path(args.output).exists() and not args.overwrite:
         print(f"eplb-opt: {args.output} exists (pass --overwrite to replace it)", file=sys.stderr)
         return 2
@@ -186,8 +198,14 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     kw = dict(
         num_replicas=args.replicas, num_groups=args.groups, num_nodes=args.nodes, num_gpus=args.gpus,
         mode=args.mode, time_limit=args.time_limit, seed=args.seed, policy=args.policy,
-        deterministic=args.deterministic, workers=args.workers,
+        deterministic=args.deterministic, workers=args.workers, objective=args.objective,
+        masked_gpus=_gpu_list(args.masked_gpus), cross_node_cost=args.cross_node_cost,
     )
+    if args.previous is not None:
+        kw.update(previous=Plan.load(args.previous).phy2log, max_balance_loss=args.max_balance_loss,
+                  node_move_cost=args.node_move_cost, bytes_per_expert=args.bytes_per_expert)
+    elif args.max_balance_loss is not None or args.bytes_per_expert is not None:
+        raise InvalidProblemError("--max-balance-loss and --bytes-per-expert need --previous PLAN")
     if args.ray is not None:
         kw["executor"] = "ray"
         kw["ray_address"] = args.ray or None
@@ -195,10 +213,20 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         result = solve(loads, **kw)
     path = result.plan.save(args.output, overwrite=True)
     if args.json:
-        json.dump({"plan": str(path), "policy": result.policy, "balancedness": result.balancedness,
-                   "gap_max": float(result.gap.max()), "gap_mean": float(result.gap.mean()),
-                   "status": list(result.status), "events": list(result.events), "runtime_s": result.runtime},
-                  sys.stdout, indent=1)
+        out = {"plan": str(path), "policy": result.policy, "balancedness": result.balancedness,
+               "gap_max": float(result.gap.max()), "gap_mean": float(result.gap.mean()),
+               "status": list(result.status), "events": list(result.events), "runtime_s": result.runtime,
+               "objective": result.objective}
+        if result.window_balancedness is not None:
+            out["window_balancedness"] = list(result.window_balancedness)
+        if result.off_node_share is not None:
+            out["off_node_share"] = result.off_node_share
+        if result.migration is not None:
+            m = result.migration
+            out["migration"] = {"moves": int(m.moves.sum()), "cost": float(m.cost.sum()), "bytes": m.bytes,
+                                "baseline_moves": int(m.baseline_moves.sum()),
+                                "transfers": len(m.transfers)}
+        json.dump(out, sys.stdout, indent=1)
         print()
     else:
         print(result.summary())
@@ -215,9 +243,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     prm = _topology_from(dict(plan.metadata), args.plan)
     p2l = plan.to_numpy()[0]
     hier = prm.get("policy") == "hierarchical"
+    mask = None if prm.get("masked_gpus") is None else np.asarray(prm["masked_gpus"], dtype=bool)
     problems = plan_violations(
         p2l, plan.num_experts, plan.num_replicas, prm["num_gpus"], num_groups=prm["num_groups"],
         num_nodes=prm["num_nodes"], hierarchical=hier, allow_duplicates=prm.get("allow_duplicates", True),
+        masked=mask,
     )
     out = {"plan": args.plan, "valid": not problems, "problems": problems, "policy": prm.get("policy"), "loads": []}
     for path in args.loads:
@@ -228,8 +258,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         if problems:
             break
         g = gpu_loads(w, p2l, prm["num_gpus"])
-        lb = lower_bounds(w, plan.num_replicas, prm["num_gpus"], hierarchical=hier,
-                          num_groups=prm["num_groups"], num_nodes=prm["num_nodes"]).lower_bound
+        if mask is None:
+            lb = lower_bounds(w, plan.num_replicas, prm["num_gpus"], hierarchical=hier,
+                              num_groups=prm["num_groups"], num_nodes=prm["num_nodes"]).lower_bound
+        else:
+            from .masked import lower_bound
+
+            lb = lower_bound(w, plan.num_replicas, mask)     # each layer's active GPUs
         top = g.max(axis=1)
         gap = np.where(top > 0, 1 - np.minimum(lb, top) / np.where(top > 0, top, 1), 0.0)
         out["loads"].append({"file": path, "balancedness": balancedness(g),
@@ -263,9 +298,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
     title = (f"{Path(args.plan).name} on {Path(args.loads).name}: {plan.num_layers} layers x {plan.num_experts} "
              f"experts, {plan.num_replicas} replicas on {prm['num_gpus']} GPUs ({prm.get('policy')} policy, "
              f"{prm.get('mode')} mode)")
+    mask = None if prm.get("masked_gpus") is None else np.asarray(prm["masked_gpus"], dtype=bool)
     path = write_report(args.output, w, plan.to_numpy()[0], num_gpus=prm["num_gpus"],
                         hierarchical=prm.get("policy") == "hierarchical", num_groups=prm["num_groups"],
-                        num_nodes=prm["num_nodes"], title=title)
+                        num_nodes=prm["num_nodes"], title=title, masked=mask)
     print(f"wrote {path}")
     return 0
 
@@ -363,13 +399,27 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--groups", type=int, default=1)
     pl.add_argument("--nodes", type=int, default=1)
     pl.add_argument("--gpus", type=int, required=True)
-    pl.add_argument("--policy", default="auto", choices=["auto", "hierarchical", "global"])
+    pl.add_argument("--policy", default="auto", choices=["auto", "hierarchical", "global", "spill"])
     pl.add_argument("--mode", default="heuristic", choices=["heuristic", "exact"])
     pl.add_argument("--time-limit", type=float, default=None, help="seconds (exact mode default 10)")
     pl.add_argument("--seed", type=int, default=0)
     pl.add_argument("--deterministic", action="store_true", help="repeatable exact mode (for a seed)")
     pl.add_argument("--workers", type=int, default=None, help="CP-SAT threads (per Ray task with --ray); default: available cores, "
                     "or 1 with --deterministic or --ray")
+    pl.add_argument("--window", type=int, default=None, metavar="STEPS",
+                    help="sum the trace's steps into windows of STEPS (default: one window of all steps)")
+    pl.add_argument("--objective", default="sum", choices=["sum", "worst", "mean"],
+                    help="how windows count: their total (default), the worst one, or their mean")
+    pl.add_argument("--previous", metavar="PLAN", default=None,
+                    help="the plan deployed now: move as few expert weights from it as the balance allows")
+    pl.add_argument("--max-balance-loss", type=float, default=None,
+                    help="with --previous: max-load fraction a layer may give up to move less (default 0)")
+    pl.add_argument("--node-move-cost", type=float, default=4.0, help="with --previous: cost of a cross-node copy")
+    pl.add_argument("--bytes-per-expert", type=int, default=None, help="with --previous: to report bytes copied")
+    pl.add_argument("--masked-gpus", metavar="IDS", default=None,
+                    help="comma-separated GPUs that must hold nothing (failed or drained)")
+    pl.add_argument("--cross-node-cost", type=float, default=1.0,
+                    help="--policy spill: cost per unit of load served off an expert's home node")
     pl.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                     help="fan sub-problems out on Ray (start a local one, or join ADDRESS)")
     pl.add_argument("-o", "--output", required=True, help="plan file: .json, .pt or .npz")

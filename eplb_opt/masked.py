@@ -18,13 +18,13 @@ holds has ``src_gpu = -1`` (host memory or storage).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from .errors import InvalidProblemError, InvalidTypeError
 
-__all__ = ["as_mask", "compact_previous", "embed"]
+__all__ = ["as_mask", "compact_previous", "embed", "groups_by_active", "lower_bound"]
 
 
 def as_mask(masked_gpus: Any, num_layers: int, num_gpus: int, slots_per_gpu: int, num_experts: int) -> np.ndarray:
@@ -118,4 +118,15 @@ def groups_by_active(mask: np.ndarray) -> list[np.ndarray]:
     return [np.flatnonzero(active == a) for a in np.unique(active)]
 
 
-SolveFn = Callable[..., Any]
+def lower_bound(weight: np.ndarray, num_replicas: int, mask: np.ndarray) -> np.ndarray:
+    """``[L]`` certified bound of masked plans: each layer's active GPUs and their
+    ``k`` slots each, under the global policy."""
+    from .bounds import lower_bounds
+
+    L, G = mask.shape
+    k = num_replicas // G
+    out = np.zeros(L)
+    for idx in groups_by_active(mask):
+        a = int((~mask[idx[0]]).sum())
+        out[idx] = lower_bounds(weight[idx], k * a, a).lower_bound
+    return out

@@ -33,7 +33,7 @@ def static_placement(num_layers: int, num_experts: int, num_replicas: int) -> np
 
 def plan_figures(
     weight: np.ndarray, phy2log: np.ndarray, *, num_gpus: int, hierarchical: bool, num_groups: int,
-    num_nodes: int, title: str = "",
+    num_nodes: int, title: str = "", masked: np.ndarray | None = None,
 ) -> tuple[Any, dict[str, np.ndarray]]:
     """Build the report figure; returns ``(matplotlib figure, per-layer figures)``."""
     try:
@@ -49,8 +49,13 @@ def plan_figures(
     before = gpu_loads(w, static_placement(L, E, R), num_gpus)
     after = gpu_loads(w, phy2log, num_gpus)
     mean = np.maximum(after.mean(axis=1, keepdims=True), 1e-300)
-    bound = lower_bounds(w, R, num_gpus, hierarchical=hierarchical, num_groups=num_groups,
-                         num_nodes=num_nodes).lower_bound
+    if masked is None:
+        bound = lower_bounds(w, R, num_gpus, hierarchical=hierarchical, num_groups=num_groups,
+                             num_nodes=num_nodes).lower_bound
+    else:
+        from .masked import lower_bound
+
+        bound = lower_bound(w, R, masked)
     top = after.max(axis=1)
     gap = np.where(top > 0, 1 - np.minimum(bound, top) / np.where(top > 0, top, 1), 0.0)
     bal_before = before.mean(axis=1) / np.maximum(before.max(axis=1), 1e-300)
@@ -100,7 +105,7 @@ def plan_figures(
 
 def write_report(
     path: str | Path, weight: np.ndarray, phy2log: np.ndarray, *, num_gpus: int, hierarchical: bool,
-    num_groups: int, num_nodes: int, title: str = "",
+    num_groups: int, num_nodes: int, title: str = "", masked: np.ndarray | None = None,
 ) -> Path:
     """Write the report to ``path`` (``.png`` or ``.html``), atomically."""
     dest = Path(path)
@@ -108,7 +113,7 @@ def write_report(
     if kind not in (".png", ".html"):
         raise PlanFileError(f"{dest}: reports are .png or .html, got {kind!r}")
     fig, per_layer = plan_figures(weight, phy2log, num_gpus=num_gpus, hierarchical=hierarchical,
-                                  num_groups=num_groups, num_nodes=num_nodes, title=title)
+                                  num_groups=num_groups, num_nodes=num_nodes, title=title, masked=masked)
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()

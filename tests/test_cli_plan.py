@@ -178,3 +178,38 @@ def test_bundled_example_end_to_end(tmp_path, capsys):
     assert main(["plan", str(ex / "window0.npy"), *topo, "-o", str(plan)]) == 0
     assert main(["evaluate", str(plan), str(ex / "window0.npy"), str(ex / "window1.npy")]) == 0
     assert main(["report", str(plan), str(ex / "window1.npy"), "-o", str(tmp_path / "r.png")]) == 0
+
+
+def test_plan_beyond_balance_options(tmp_path, traces, capsys):
+    d, w = traces
+    p0 = tmp_path / "p0.json"
+    assert main(["plan", str(d / "steps.npy"), *TOPO, "-o", str(p0)]) == 0
+    np.save(tmp_path / "w1.npy", w[1])
+    capsys.readouterr()
+    p1 = tmp_path / "p1.json"
+    assert main(["plan", str(tmp_path / "w1.npy"), *TOPO, "--previous", str(p0), "--max-balance-loss", "0.005",
+                 "--bytes-per-expert", "100", "--json", "-o", str(p1)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["migration"]["moves"] < info["migration"]["baseline_moves"]
+    assert info["migration"]["bytes"] == 100 * info["migration"]["moves"]
+    # windows: the two steps as windows, worst objective
+    assert main(["plan", str(d / "steps.npy"), *TOPO, "--window", "1", "--objective", "worst", "--json",
+                 "-o", str(tmp_path / "pw.json")]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["objective"] == "worst" and len(info["window_balancedness"]) == 2
+    # a failed GPU, then evaluate and report it
+    pm = tmp_path / "pm.json"
+    assert main(["plan", str(d / "steps.npy"), *TOPO, "--masked-gpus", "4,5", "-o", str(pm)]) == 0
+    assert (Plan.load(pm).phy2log.numpy()[:, 36:54] == -1).all()
+    capsys.readouterr()
+    assert main(["evaluate", str(pm), str(d / "w1.npy"), "--json"]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert ev["valid"] and ev["loads"][0]["ceiling"] <= 30 / 32 + 1e-9
+    assert main(["report", str(pm), str(d / "w1.npy"), "-o", str(tmp_path / "pm.png")]) == 0
+    capsys.readouterr()
+    # the spill policy
+    assert main(["plan", str(d / "steps.npy"), *TOPO, "--policy", "spill", "--cross-node-cost", "0.5", "--json",
+                 "-o", str(tmp_path / "ps.json")]) == 0
+    assert json.loads(capsys.readouterr().out)["off_node_share"] > 0
+    assert main(["plan", str(d / "steps.npy"), *TOPO, "--max-balance-loss", "0.1", "-o", str(tmp_path / "x.json")]) == 2
+    assert main(["plan", str(d / "steps.npy"), *TOPO, "--masked-gpus", "a,b", "-o", str(tmp_path / "x.json")]) == 2

@@ -227,3 +227,34 @@ def test_align_keeps_loads_and_reduces_moves():
 def test_align_validates(args, err, match):
     with pytest.raises(err, match=match):
         align_to_previous(*args)
+
+
+def test_vllm_migration_aware_setting_moves_less():
+    w = generate("deepseek-v3-prefill", seed=5, windows=2)[:, :6]
+    P = eplb_vllm.EplbOptPolicy
+    try:
+        P.configure(mode="heuristic")
+        old = P.rebalance_experts(torch.from_numpy(w[0]), 288, 8, 4, 32)
+        aligned = P.rebalance_experts(torch.from_numpy(w[1]), 288, 8, 4, 32, old).numpy()
+        P.configure(mode="heuristic", max_balance_loss=0.005)
+        mig = P.rebalance_experts(torch.from_numpy(w[1]), 288, 8, 4, 32, old).numpy()
+    finally:
+        P.configure()
+    assert count_moves(old.numpy(), mig, 32).sum() < count_moves(old.numpy(), aligned, 32).sum()
+    fresh = eplb_opt.gpu_loads(w[1], aligned, 32).max(axis=1)
+    assert (eplb_opt.gpu_loads(w[1], mig, 32).max(axis=1) <= fresh * 1.005 * (1 + 1e-9)).all()
+
+
+def test_sglang_beyond_balance_options():
+    steps = torch.from_numpy(generate("deepseek-v3-prefill", seed=6, windows=3, mix_shift=0.5, mix_period=1)[:, :4])
+    worst = eplb_sglang.rebalance_experts(steps, 288, 9, 8, 4, objective="worst")[0].numpy()
+    total = eplb_sglang.rebalance_experts(steps, 288, 9, 8, 4)[0].numpy()
+    per = lambda p: np.stack([eplb_opt.gpu_loads(x, p, 32) for x in steps.numpy()]).max(axis=2).max(axis=0)
+    assert (per(worst) <= per(total) * (1 + 1e-12)).all()
+    active = np.ones(32, dtype=bool)
+    active[0] = False
+    p, l2p, cnt = eplb_sglang.rebalance_experts(steps, 288, 9, 8, 4, active_ranks=active)
+    assert (p[:, :9] == -1).all() and int(cnt.sum()) == 4 * 279
+    assert not np.isin(l2p.numpy(), np.arange(9)).any()
+    moved = eplb_sglang.rebalance_experts(steps[:2], 288, 9, 8, 4, previous=total, max_balance_loss=0.005)[0]
+    assert count_moves(total, moved.numpy(), 32).sum() < 288 * 4

@@ -1,6 +1,5 @@
 """should_rebalance: a replan is worth its moves only when it gains enough."""
 
-import numpy as np
 import pytest
 
 import eplb_opt

@@ -35,6 +35,12 @@ def rebalance_experts(
     seed: int = 0,
     policy: str | None = None,
     enable_hierarchical: bool | None = None,
+    objective: str = "sum",
+    previous: Any = None,
+    max_balance_loss: float | None = None,
+    node_move_cost: float = 4.0,
+    active_ranks: Any = None,
+    cross_node_cost: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Plan with SGLang's shapes.
 
@@ -49,6 +55,13 @@ def rebalance_experts(
         mode, time_limit, seed: as in :func:`eplb_opt.solve`.
         policy: ``"auto"``, ``"hierarchical"`` or ``"global"`` (overrides ``algorithm``).
         enable_hierarchical: SGLang's flag (overrides ``algorithm``).
+        objective: ``"sum"`` sums the step axis; ``"worst"`` / ``"mean"`` plan for the
+            worst or mean step (the steps are the windows of :func:`eplb_opt.solve`).
+        previous, max_balance_loss, node_move_cost: migration-aware replanning from the
+            deployed ``physical_to_logical_map`` (as in :func:`eplb_opt.solve`).
+        active_ranks: ``[G]`` bool/0-1 (SGLang's elastic EP): inactive ranks hold nothing
+            (their slots are ``-1``; :mod:`eplb_opt.masked`).
+        cross_node_cost: with ``policy="spill"``.
     """
     from ..api import solve
     from ..plan import derive_maps
@@ -61,8 +74,11 @@ def rebalance_experts(
             f"num_local_physical_experts={num_local_physical_experts}"
         )
     t = tokens_per_expert if isinstance(tokens_per_expert, torch.Tensor) else torch.as_tensor(tokens_per_expert)
-    if t.dim() == 3:
+    if t.dim() == 3 and objective == "sum":
         t = t.to(torch.float64).sum(dim=0)
+    masked = None
+    if active_ranks is not None:
+        masked = ~torch.as_tensor(active_ranks).detach().cpu().to(torch.bool).numpy()
     if policy is None:
         if enable_hierarchical is not None:
             policy = "hierarchical" if enable_hierarchical else "global"
@@ -75,7 +91,8 @@ def rebalance_experts(
     result = solve(
         t, num_replicas=num_physical_experts, num_groups=groups, num_nodes=num_nodes,
         num_gpus=num_physical_experts // num_local_physical_experts, mode=mode, time_limit=time_limit,
-        seed=seed, policy=policy,
+        seed=seed, policy=policy, objective=objective, previous=previous, max_balance_loss=max_balance_loss,
+        node_move_cost=node_move_cost, masked_gpus=masked, cross_node_cost=cross_node_cost,
     )
     p2l = result.plan.to_numpy()[0]
     l2p, cnt = derive_maps(p2l, result.plan.num_experts)

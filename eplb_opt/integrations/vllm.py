@@ -20,7 +20,10 @@ move weights; on an unchanged load nothing moves.
 Settings come from :meth:`EplbOptPolicy.configure` or, where not set there, from the
 environment: ``EPLB_OPT_MODE`` (``heuristic``/``exact``), ``EPLB_OPT_TIME_LIMIT``
 (seconds), ``EPLB_OPT_SEED``, ``EPLB_OPT_POLICY`` (``auto``/``hierarchical``/``global``),
-``EPLB_OPT_DETERMINISTIC`` (``1``/``0``), ``EPLB_OPT_WORKERS``.
+``EPLB_OPT_DETERMINISTIC`` (``1``/``0``), ``EPLB_OPT_WORKERS``, ``EPLB_OPT_MAX_BALANCE_LOSS``
+and ``EPLB_OPT_NODE_MOVE_COST``.  With ``max_balance_loss`` set, a rebalance plans
+migration-aware from the deployed placement (:func:`eplb_opt.solve` with ``previous``):
+each layer may give up that fraction of max load to move fewer expert weights.
 
 The module imports without vLLM; where vLLM is importable the class subclasses vLLM's
 real ``AbstractEplbPolicy``.
@@ -68,9 +71,12 @@ _ENV = {
     "policy": ("EPLB_OPT_POLICY", str),
     "deterministic": ("EPLB_OPT_DETERMINISTIC", lambda v: v.strip().lower() in ("1", "true", "yes", "on")),
     "workers": ("EPLB_OPT_WORKERS", int),
+    "max_balance_loss": ("EPLB_OPT_MAX_BALANCE_LOSS", float),
+    "node_move_cost": ("EPLB_OPT_NODE_MOVE_COST", float),
 }
 _DEFAULTS: dict[str, Any] = {"mode": "heuristic", "time_limit": None, "seed": 0, "policy": "auto",
-                             "deterministic": False, "workers": None}
+                             "deterministic": False, "workers": None, "max_balance_loss": None,
+                             "node_move_cost": 4.0}
 
 
 def settings(explicit: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -98,9 +104,9 @@ class EplbOptPolicy(_Base):
 
     @classmethod
     def configure(cls, **config: Any) -> type["EplbOptPolicy"]:
-        """Set ``mode``, ``time_limit``, ``seed``, ``policy``, ``deterministic`` or
-        ``workers`` (unset ones fall back to the environment, then the defaults);
-        returns the class."""
+        """Set ``mode``, ``time_limit``, ``seed``, ``policy``, ``deterministic``,
+        ``workers``, ``max_balance_loss`` or ``node_move_cost`` (unset ones fall back to
+        the environment, then the defaults); returns the class."""
         settings(config)  # validates the names and the environment
         cls._config = {k: v for k, v in config.items() if v is not None}
         return cls
@@ -126,14 +132,23 @@ class EplbOptPolicy(_Base):
         from ..api import solve
 
         cfg = settings(cls._config)
-        result = solve(
-            weight, num_replicas=num_replicas, num_groups=num_groups, num_nodes=num_nodes, num_gpus=num_ranks,
+        kw = dict(
+            num_replicas=num_replicas, num_groups=num_groups, num_nodes=num_nodes, num_gpus=num_ranks,
             mode=cfg["mode"], time_limit=cfg["time_limit"], seed=cfg["seed"], policy=cfg["policy"],
             deterministic=cfg["deterministic"], workers=cfg["workers"],
         )
-        p2l = result.plan.to_numpy()[0]
+        old = None
         if old_global_expert_indices is not None:
             old = torch.as_tensor(old_global_expert_indices).detach().cpu().numpy().astype(np.int64)
+        migrate = (cfg["max_balance_loss"] is not None and old is not None and old.ndim == 2
+                   and old.shape[1] == num_replicas and (old >= 0).all())
+        if migrate:
+            result = solve(weight, **kw, previous=old, max_balance_loss=cfg["max_balance_loss"],
+                           node_move_cost=cfg["node_move_cost"])
+            return torch.from_numpy(result.plan.to_numpy()[0]).to(torch.int64)
+        result = solve(weight, **kw)
+        p2l = result.plan.to_numpy()[0]
+        if old is not None:
             if old.shape == p2l.shape:
                 # Empty slots (-1, elastic scaling) match no expert.
                 old = np.where(old < 0, p2l.max() + 1, old)
