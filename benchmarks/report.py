@@ -298,6 +298,30 @@ def _beyond_section(data: dict) -> list[str]:
             lines.append(f"| {x['seed']} | {x['policy']} | {lam} | {x['balancedness']:.5f} | "
                          f"{x['off_node_share']:.2%} | {x['time_s']:.1f} s |")
         lines += ["", f"![spill curve]({sp['plot']})", ""]
+    mk = data.get("masked")
+    if mk:
+        lines += [
+            "### Failed GPUs (`masked_gpus`)",
+            "",
+            f"Generated {mk['date']} by `{mk['command']}` (machine as above).",
+            "",
+            f"{mk['preset']}-shaped loads, GPU {mk['dead_gpu']} of 32 masked (both policies plan globally over "
+            "the 31 active GPUs, 279 replicas; balancedness counts all 32 GPUs, the masked one at zero).  "
+            "`capacity bound` is the unmasked plan's balancedness x 31/32.  Moves: from the previous window's "
+            "deployed plan (the masked GPU's copies lost), `max_balance_loss=0.005`, against our relabelled "
+            "full replan and SGLang's elasticity-aware plan relabelled the same way.",
+            "",
+            "| seed | policy | unmasked | capacity bound | ours masked | SGLang elasticity-aware | "
+            "ours - bound | moves ours / replan / SGLang |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for x in mk["rows"]:
+            lines.append(
+                f"| {x['seed']} | {x['policy']} | {x['unmasked']:.5f} | {x['capacity_bound']:.5f} | {x['ours']:.5f} | "
+                f"{x['sglang_elasticity']:.5f} | {x['ours'] - x['capacity_bound']:+.4f} | "
+                f"{x['moves_ours']} / {x['moves_baseline']} / {x['moves_sglang_relabelled']} |"
+            )
+        lines.append("")
     return lines
 
 

@@ -20,6 +20,9 @@ Writes ``beyond.json`` next to this file and regenerates ``RESULTS.md``.
 * ``spill``: ``policy="spill"`` on prefill-shaped loads as ``cross_node_cost`` falls from
   ``inf`` to 0, beside the hierarchical and global policies: balancedness against the
   share of load served off-node (``spill_curve.png``).
+* ``masked``: GPU 5 of 32 fails: balancedness against the unmasked plan times 31/32
+  (the capacity lost), and moves from the deployed plan of the previous window, beside
+  SGLang's elasticity-aware algorithm (its plan relabelled to the deployed one).
 """
 
 from __future__ import annotations
@@ -203,7 +206,56 @@ def _spill_plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-SECTIONS = {"migration": migration, "robust": robust, "spill": spill}
+def masked(seeds: list[int], dead: int = 5) -> dict:
+    """One of 32 GPUs fails: balancedness against the capacity lost, and moves from the
+    deployed plan, beside SGLang's elasticity-aware algorithm."""
+    from eplb_opt.migrate import move_counts
+
+    from .peers import elasticity_rebalance
+
+    peer = elasticity_rebalance()
+    topo = PRESETS[PRESET].topology()
+    G, k = topo["num_gpus"], topo["num_replicas"] // topo["num_gpus"]
+    rows = []
+    for seed in seeds:
+        w = generate(PRESET, windows=2, seed=seed)
+        for policy in ("hierarchical", "global"):
+            full = eplb_opt.solve(w[1], **topo, policy=policy)
+            deployed = eplb_opt.solve(w[0], **topo, policy=policy).plan.phy2log.numpy()
+            t0 = time.perf_counter()
+            ours = eplb_opt.solve(w[1], **topo, policy=policy, masked_gpus=[dead])
+            t_ours = time.perf_counter() - t0
+            mig = eplb_opt.solve(w[1], **topo, policy=policy, masked_gpus=[dead], previous=deployed,
+                                 max_balance_loss=0.005)
+            active = np.ones(G, dtype=bool)
+            active[dead] = False
+            t0 = time.perf_counter()
+            pp = peer(torch.from_numpy(w[1]), topo["num_replicas"], topo["num_groups"], topo["num_nodes"], G,
+                      active)[0].numpy().copy()
+            t_peer = time.perf_counter() - t0
+            pp[:, dead * k:(dead + 1) * k] = -1                  # its placeholder slots hold nothing
+            old = deployed.copy()
+            old[:, dead * k:(dead + 1) * k] = -1
+            peer_aligned = eplb_opt.align_to_previous(np.where(pp < 0, w.shape[2], pp),
+                                                      np.where(old < 0, w.shape[2] + 1, old), G, 1)
+            peer_aligned[peer_aligned == w.shape[2]] = -1
+            rows.append({
+                "seed": seed, "policy": policy, "unmasked": full.balancedness,
+                "capacity_bound": full.balancedness * (G - 1) / G, "ours": ours.balancedness,
+                "sglang_elasticity": eplb_opt.balancedness(eplb_opt.gpu_loads(w[1], pp, G)),
+                "ours_time_s": t_ours, "sglang_time_s": t_peer,
+                "moves_ours": int(mig.moves.sum()), "moves_baseline": int(mig.migration.baseline_moves.sum()),
+                "moves_sglang_relabelled": int(move_counts(old, peer_aligned, G, topo["num_nodes"])[0].sum()),
+                "balancedness_with_previous": mig.balancedness,
+            })
+            r = rows[-1]
+            print(f"  masked {policy} seed {seed}: ours {r['ours']:.5f} (unmasked x31/32 {r['capacity_bound']:.5f}), "
+                  f"SGLang {r['sglang_elasticity']:.5f}; moves {r['moves_ours']} vs {r['moves_baseline']} "
+                  f"(SGLang relabelled {r['moves_sglang_relabelled']})", file=sys.stderr)
+    return {"preset": PRESET, "dead_gpu": dead, "rows": rows}
+
+
+SECTIONS = {"migration": migration, "robust": robust, "spill": spill, "masked": masked}
 
 
 def main(argv: list[str] | None = None) -> int:
