@@ -29,7 +29,7 @@ from .align import align_to_previous, count_moves
 from .migrate import Migration
 from .trigger import RebalanceDecision, should_rebalance
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "Bounds",
