@@ -349,9 +349,15 @@ def _solve_masked(windows: np.ndarray, problem: Problem, mask: np.ndarray, *, st
     comps: dict[str, np.ndarray] = {}
     glob_b = np.zeros(L)
     budget = (10.0 if problem.time_limit is None else problem.time_limit) if problem.mode == "exact" else None
-    for idx in mk.groups_by_active(mask):
+    groups = mk.groups_by_active(mask)
+    left_layers = L
+    for idx in groups:
         a = int(G - mask[idx[0]].sum())
-        share = None if budget is None else max(0.0, budget * len(idx) / L - (time.perf_counter() - start) / 2)
+        # Each sub-problem gets its layers' share of the time still left.
+        share = None
+        if budget is not None:
+            share = max(0.0, (start + budget - time.perf_counter()) * len(idx) / left_layers)
+        left_layers -= len(idx)
         sub_w = windows[:, idx] if windows.shape[0] > 1 else windows[0][idx]
         r = solve(
             sub_w, num_replicas=k * a, num_gpus=a, mode=problem.mode, time_limit=share, seed=problem.seed,

@@ -676,13 +676,21 @@ def _count_moves(
             cand = np.concatenate([cand, _jumps(wr, cr, multi, cap, max_jump=4)], axis=0)
             if cand.shape[0] == 0:
                 break
+            # Only as many candidates as the work allowance (deterministic) or the
+            # time left (wall clock, at SECONDS_PER_CANDIDATE_ITEM) pays for, those
+            # whose heaviest replica is lightest first.  Wall clock: stop when not even
+            # one fits; a step's cost grows with its candidates, so this bounds it.
             if allowance is not None:
-                # Only as many candidates as the layer's work allowance pays for (at
-                # least one), those whose heaviest replica is lightest first.
                 fit = max(1, int(allowance // rn))
-                if cand.shape[0] > fit:
-                    heaviest = (wr[None, :] / cand).max(axis=1)
-                    cand = cand[np.argsort(heaviest, kind="stable")[:fit]]
+            else:
+                room = min(layer_end, deadline) - time.perf_counter()
+                fit = int(room / (SECONDS_PER_CANDIDATE_ITEM * rn))
+                if fit < 1:
+                    break
+            if cand.shape[0] > fit:
+                heaviest = (wr[None, :] / cand).max(axis=1)
+                cand = cand[np.argsort(heaviest, kind="stable")[:fit]]
+            if allowance is not None:
                 allowance -= cand.shape[0] * rn
             d = np.arange(cand.shape[0])  # candidate index (sizes below)
             wrow = np.repeat(wr[None, :], d.size, axis=0)
