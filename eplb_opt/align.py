@@ -15,16 +15,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from heuristics.local import gpu_counts as _gpu_counts
+
 from .errors import InvalidProblemError, InvalidTypeError
 
 __all__ = ["align_to_previous", "count_moves"]
-
-
-def _per_gpu_counts(p: np.ndarray, num_gpus: int, num_experts: int) -> np.ndarray:
-    """``[G, E]`` replica counts of one layer's placement ``[R]``."""
-    k = p.size // num_gpus
-    key = (np.arange(num_gpus)[:, None] * num_experts + p.reshape(num_gpus, k)).ravel()
-    return np.bincount(key, minlength=num_gpus * num_experts).reshape(num_gpus, num_experts)
 
 
 def _as_plan(x: object, name: str) -> np.ndarray:
@@ -63,7 +58,7 @@ def count_moves(old: np.ndarray, new: np.ndarray, num_gpus: int) -> np.ndarray:
     E = int(max(o.max(initial=0), n.max(initial=0))) + 1
     out = np.empty(o.shape[0], dtype=np.int64)
     for l in range(o.shape[0]):
-        co, cn = _per_gpu_counts(o[l], num_gpus, E), _per_gpu_counts(n[l], num_gpus, E)
+        co, cn = _gpu_counts(o[l], num_gpus, E), _gpu_counts(n[l], num_gpus, E)
         out[l] = int(cn[co == 0].sum())
     return out
 
@@ -126,8 +121,8 @@ def align_to_previous(new: np.ndarray, old: np.ndarray, num_gpus: int, num_nodes
     E = int(max(n.max(initial=0), o.max(initial=0))) + 1
     out = np.empty_like(n)
     for l in range(L):
-        cn = _per_gpu_counts(n[l], G, E)
-        co = _per_gpu_counts(o[l], G, E)
+        cn = _gpu_counts(n[l], G, E)
+        co = _gpu_counts(o[l], G, E)
         gpu_of = np.empty(G, dtype=np.int64)                    # new GPU -> old GPU
         if N > 1:
             nn, no = cn.reshape(N, P, E).sum(axis=1), co.reshape(N, P, E).sum(axis=1)

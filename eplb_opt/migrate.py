@@ -37,6 +37,7 @@ from heuristics import place
 from heuristics.local import LayerState, gpu_counts as _gpu_counts
 
 from .align import _keep_slots, align_to_previous
+from .metrics import gpu_loads
 
 __all__ = ["Migration", "MigrationPlan", "TRANSFER_DTYPE", "as_previous", "move_counts", "transfer_list", "replan"]
 
@@ -375,7 +376,7 @@ def replan(
     P = G // N
     aligned = align_to_previous(fresh, old, G, N)
     base_moves, base_cost = move_counts(old, aligned, G, N, node_move_cost)
-    fresh_top = _layer_max(w, fresh, G)
+    fresh_top = gpu_loads(w, fresh, G).max(axis=1)
     cap = fresh_top * (1.0 + max_balance_loss)
     out = aligned.copy()
     moves, cost = base_moves.copy(), base_cost.copy()
@@ -498,7 +499,7 @@ def _exact_blocks(w, old, out, moves, cost, cap, source, events, *, G, N, hierar
             content = np.repeat(X, res.x[:, j])
             new_row[g * k:(g + 1) * k] = _keep_slots(content, o[g])
         # Other blocks are untouched; the whole layer stays within the cap.
-        full = _layer_max(w[l:l + 1], new_row[None], G)[0]
+        full = gpu_loads(w[l:l + 1], new_row[None], G).max()
         if full > cap[l] * (1 + 1e-12):
             continue
         out[l] = new_row
@@ -588,10 +589,3 @@ def _nearby_partitions(gl: np.ndarray, old_node: np.ndarray, N: int, P: int, T: 
             found.sort(key=lambda x: x[0])
             return [n for _, n in found[:limit]]
     return []
-
-
-def _layer_max(w: np.ndarray, p: np.ndarray, G: int) -> np.ndarray:
-    L, E = w.shape
-    cnt = np.bincount((p + (np.arange(L) * E)[:, None]).ravel(), minlength=L * E).reshape(L, E)
-    per = np.take_along_axis(w / np.maximum(cnt, 1), p, axis=1)
-    return per.reshape(L, G, -1).sum(axis=2).max(axis=1)
