@@ -17,6 +17,7 @@ from .errors import (
     InvalidPlanError,
     InvalidProblemError,
     InvalidTypeError,
+    SolveInterrupted,
 )
 from .metrics import balancedness, gpu_loads, slot_loads
 from .plan import Plan, derive_maps, plan_violations, verify
@@ -44,6 +45,7 @@ __all__ = [
     "RebalanceDecision",
     "TraceError",
     "Problem",
+    "SolveInterrupted",
     "SolveResult",
     "__version__",
     "align_to_previous",

@@ -14,7 +14,7 @@ import torch
 import heuristics
 
 from .bounds import Bounds, lower_bounds
-from .errors import EplbOptError, InvalidPlanError, InvalidProblemError, InvalidTypeError
+from .errors import EplbOptError, InvalidPlanError, InvalidProblemError, InvalidTypeError, SolveInterrupted
 from .metrics import balancedness, gpu_loads, slot_loads
 from .migrate import Migration
 from .plan import Plan, derive_maps, verify
@@ -650,120 +650,162 @@ def solve(
     attempted = np.zeros(L, dtype=bool)
     conditional = None
 
+    def finish(phy2log: np.ndarray, lb: np.ndarray, migration: Migration | None) -> SolveResult:
+        slots = slot_loads(w, phy2log)
+        gpus = slots.reshape(L, G, -1).sum(axis=2)
+        top = gpus.max(axis=1)
+        window_bal = None
+        if windows.shape[0] > 1:
+            per_window = np.stack([gpu_loads(x, phy2log, G) for x in windows])          # [W, L, G]
+            window_bal = tuple(balancedness(x) for x in per_window)
+            if robust:
+                top, lb = _robust_figures(problem, windows, per_window, objective)
+        if (lb > top * (1 + 1e-9) + 1e-300).any():  # pragma: no cover - a bound bug, never a user error
+            l = int(np.argmax(lb - top))
+            raise EplbOptError(
+                f"internal error: lower bound {lb[l]!r} exceeds the achieved max load {top[l]!r} at layer {l}"
+            )
+        gap = np.where(top > 0, 1.0 - np.minimum(lb, top) / np.where(top > 0, top, 1.0), 0.0)
+        status = tuple(
+            "optimal" if g <= tol else ("feasible" if a else "heuristic") for g, a in zip(gap, attempted)
+        )
+        meta = _metadata(problem, tol, deterministic, allow_dup, top, lb, gap, status, events, n_workers, executor)
+        if migration is not None:
+            meta["migration"] = {
+                "max_balance_loss": mbl, "node_move_cost": nmc, "moves": migration.moves.tolist(),
+                "cost": migration.cost.tolist(), "baseline_moves": migration.baseline_moves.tolist(),
+                "bytes": migration.bytes, "source": list(migration.source),
+            }
+        plan = Plan.from_numpy(phy2log, problem.num_experts, metadata=meta)
+        return SolveResult(
+            plan=plan,
+            max_load=top,
+            mean_load=gpus.mean(axis=1),
+            lower_bound=lb,
+            gap=gap,
+            status=status,
+            balancedness=balancedness(gpus),
+            slot_balancedness=balancedness(slots),
+            runtime=time.perf_counter() - start,
+            events=tuple(events),
+            policy=problem.policy,
+            bounds=bounds,
+            tolerance=tol,
+            conditional_bound=conditional,
+            migration=migration,
+            objective=objective,
+            window_balancedness=window_bal,
+            off_node_share=_off_share(problem, phy2log, home),
+        )
+
+    def accept(candidate: np.ndarray, warm: np.ndarray, what: str) -> np.ndarray:
+        """``candidate`` where it verifies and is nowhere worse than ``warm`` (checked,
+        not assumed), else ``warm``; events say which."""
+        nonlocal attempted
+        try:
+            _verify(problem, candidate, allow_dup)
+        except EplbOptError as exc:  # pragma: no cover - a refinement bug, reported
+            msg = f"{what} returned an invalid plan ({exc}); fell back to the heuristic plan"
+            events.append(msg)
+            warnings.warn(msg, RuntimeWarning, stacklevel=3)
+            attempted = np.zeros(L, dtype=bool)
+            return warm
+        old = gpu_loads(w, warm, G).max(axis=1)
+        new = gpu_loads(w, candidate, G).max(axis=1)
+        worse = np.flatnonzero(new > old * (1 + 1e-12))
+        if worse.size:  # pragma: no cover - defensive
+            candidate = candidate.copy()
+            candidate[worse] = warm[worse]
+            events.append(f"kept the heuristic plan on {worse.size} layer(s) the refinement made worse")
+        return candidate
+
     if use_ray and problem.mode != "exact":
         events.append("executor='ray' fans out exact refinement only; heuristic mode ran in this process")
     if problem.mode == "exact" and spill:
         events.append("policy='spill': CP-SAT is not used for this policy; the spill search ran as in heuristic mode")
-    if problem.mode == "exact" and not robust and not spill:
-        total = 10.0 if problem.time_limit is None else problem.time_limit
-        # With `previous`, half the budget refines the fresh plan, half the move model.
-        budget = total * (0.5 if prev is not None else 1.0)
-        deadline = start + budget - _FINISH_RESERVE
-        warm = phy2log
-        if budget <= 0 or (not deterministic and time.perf_counter() >= deadline):
-            events.append("solver skipped: no time left after the heuristic plan (time_limit)")
-        else:
-            common = dict(
-                num_gpus=G, num_nodes=problem.plan_nodes, num_groups=problem.plan_groups,
-                tolerance=tol, workers=n_workers, deterministic=deterministic,
-                seed=problem.seed, allow_duplicates=allow_dup, budget=budget,
-            )
-            if use_ray:
-                from . import distributed
-
-                outcome, _ = distributed.refine(
-                    w, phy2log, lower_bound=lb, seconds=deadline - time.perf_counter(),
-                    ray_address=ray_address, **common,
-                )
-            else:
-                from . import exact  # imports OR-Tools
-
-                outcome = exact.refine(w, phy2log, lower_bound=lb, deadline=deadline, **common)
-            events.extend(outcome.events)
-            attempted = outcome.attempted
-            candidate = outcome.phy2log
-            try:
-                _verify(problem, candidate, allow_dup)
-            except EplbOptError as exc:  # pragma: no cover - a refinement bug, reported
-                msg = f"exact refinement returned an invalid plan ({exc}); fell back to the heuristic plan"
-                events.append(msg)
-                warnings.warn(msg, RuntimeWarning, stacklevel=2)
-                candidate = warm
-                attempted[:] = False
-            # Never worse than the warm start on any layer (checked, not assumed).
-            old = gpu_loads(w, warm, G).max(axis=1)
-            new = gpu_loads(w, candidate, G).max(axis=1)
-            worse = np.flatnonzero(new > old * (1 + 1e-12))
-            if worse.size:  # pragma: no cover - defensive
-                candidate = candidate.copy()
-                candidate[worse] = warm[worse]
-                events.append(f"kept the heuristic plan on {worse.size} layer(s) the refinement made worse")
-            phy2log = candidate
-            proven = outcome.proven
-            better = np.isfinite(proven) & (proven > lb)
-            lb[better] = proven[better]
-            conditional = outcome.conditional
-
-    if robust:
-        phy2log = _robust(problem, windows, phy2log, objective, allow_dup, deterministic, start, events)
-        _verify(problem, phy2log, allow_dup)
-
-    migration = None
-    if prev is not None:
-        exact_time = None
-        if problem.mode == "exact":
+    stage = "exact refinement"
+    try:
+        if problem.mode == "exact" and not robust and not spill:
             total = 10.0 if problem.time_limit is None else problem.time_limit
-            exact_time = (start + total - _FINISH_RESERVE, total * 0.5) if total > 0 else None
-        phy2log, migration = _migrate(problem, phy2log, prev, mbl, nmc, bpe, allow_dup, events,
-                                      exact_time, deterministic, n_workers)
-        _verify(problem, phy2log, allow_dup)
+            # With `previous`, half the budget refines the fresh plan, half the move model.
+            budget = total * (0.5 if prev is not None else 1.0)
+            deadline = start + budget - _FINISH_RESERVE
+            warm = phy2log
+            if budget <= 0 or (not deterministic and time.perf_counter() >= deadline):
+                events.append("solver skipped: no time left after the heuristic plan (time_limit)")
+            else:
+                common = dict(
+                    num_gpus=G, num_nodes=problem.plan_nodes, num_groups=problem.plan_groups,
+                    tolerance=tol, workers=n_workers, deterministic=deterministic,
+                    seed=problem.seed, allow_duplicates=allow_dup, budget=budget,
+                )
+                from . import exact  # imports OR-Tools when a model is built
 
-    slots = slot_loads(w, phy2log)
-    gpus = slots.reshape(L, G, -1).sum(axis=2)
-    top = gpus.max(axis=1)
-    window_bal = None
-    if windows.shape[0] > 1:
-        per_window = np.stack([gpu_loads(x, phy2log, G) for x in windows])          # [W, L, G]
-        window_bal = tuple(balancedness(x) for x in per_window)
+                try:
+                    if use_ray:
+                        from . import distributed
+
+                        outcome, _ = distributed.refine(
+                            w, phy2log, lower_bound=lb, seconds=deadline - time.perf_counter(),
+                            ray_address=ray_address, **common,
+                        )
+                    else:
+                        outcome = exact.refine(w, phy2log, lower_bound=lb, deadline=deadline, **common)
+                except exact.RefineInterrupted as stop:
+                    # Keep what the refinement finished (verified) for the caller.
+                    out = stop.outcome
+                    events.extend(out.events)
+                    attempted = out.attempted
+                    phy2log = accept(out.phy2log, warm, "interrupted exact refinement")
+                    better = np.isfinite(out.proven) & (out.proven > lb)
+                    lb[better] = out.proven[better]
+                    conditional = out.conditional
+                    if prev is not None:
+                        raise
+                    improved = int((gpu_loads(w, phy2log, G).max(axis=1)
+                                    < gpu_loads(w, warm, G).max(axis=1) * (1 - 1e-12)).sum())
+                    events.append(f"interrupted (KeyboardInterrupt) during exact refinement; the plan is the "
+                                  f"heuristic plan improved on {improved} of {L} layer(s) before the interrupt")
+                    raise SolveInterrupted(
+                        "interrupted during exact refinement", stage=stage, partial=finish(phy2log, lb.copy(), None)
+                    ) from None
+                events.extend(outcome.events)
+                attempted = outcome.attempted
+                phy2log = accept(outcome.phy2log, warm, "exact refinement")
+                proven = outcome.proven
+                better = np.isfinite(proven) & (proven > lb)
+                lb[better] = proven[better]
+                conditional = outcome.conditional
+
         if robust:
-            top, lb = _robust_figures(problem, windows, per_window, objective)
-    if (lb > top * (1 + 1e-9) + 1e-300).any():  # pragma: no cover - a bound bug, never a user error
-        l = int(np.argmax(lb - top))
-        raise EplbOptError(
-            f"internal error: lower bound {lb[l]!r} exceeds the achieved max load {top[l]!r} at layer {l}"
-        )
-    gap = np.where(top > 0, 1.0 - np.minimum(lb, top) / np.where(top > 0, top, 1.0), 0.0)
-    status = tuple(
-        "optimal" if g <= tol else ("feasible" if a else "heuristic") for g, a in zip(gap, attempted)
-    )
-    meta = _metadata(problem, tol, deterministic, allow_dup, top, lb, gap, status, events, n_workers, executor)
-    if migration is not None:
-        meta["migration"] = {
-            "max_balance_loss": mbl, "node_move_cost": nmc, "moves": migration.moves.tolist(),
-            "cost": migration.cost.tolist(), "baseline_moves": migration.baseline_moves.tolist(),
-            "bytes": migration.bytes, "source": list(migration.source),
-        }
-    plan = Plan.from_numpy(phy2log, problem.num_experts, metadata=meta)
-    return SolveResult(
-        plan=plan,
-        max_load=top,
-        mean_load=gpus.mean(axis=1),
-        lower_bound=lb,
-        gap=gap,
-        status=status,
-        balancedness=balancedness(gpus),
-        slot_balancedness=balancedness(slots),
-        runtime=time.perf_counter() - start,
-        events=tuple(events),
-        policy=problem.policy,
-        bounds=bounds,
-        tolerance=tol,
-        conditional_bound=conditional,
-        migration=migration,
-        objective=objective,
-        window_balancedness=window_bal,
-        off_node_share=_off_share(problem, phy2log, home),
-    )
+            stage = "robust refinement"
+            phy2log = _robust(problem, windows, phy2log, objective, allow_dup, deterministic, start, events)
+            _verify(problem, phy2log, allow_dup)
+
+        migration = None
+        if prev is not None:
+            stage = "migration planning"
+            exact_time = None
+            if problem.mode == "exact":
+                total = 10.0 if problem.time_limit is None else problem.time_limit
+                exact_time = (start + total - _FINISH_RESERVE, total * 0.5) if total > 0 else None
+            phy2log, migration = _migrate(problem, phy2log, prev, mbl, nmc, bpe, allow_dup, events,
+                                          exact_time, deterministic, n_workers)
+            _verify(problem, phy2log, allow_dup)
+    except SolveInterrupted:
+        raise
+    except KeyboardInterrupt:
+        # With `previous` the caller asked for a plan near it: the fresh plan is not one.
+        if prev is not None:
+            raise SolveInterrupted(
+                f"interrupted during {stage}; no plan near `previous` was finished", stage=stage, partial=None
+            ) from None
+        events.append(f"interrupted (KeyboardInterrupt) during {stage}; the plan is the last one finished")
+        raise SolveInterrupted(
+            f"interrupted during {stage}", stage=stage, partial=finish(phy2log, lb.copy(), None)
+        ) from None
+
+    return finish(phy2log, lb, migration)
 
 
 def rebalance_experts(

@@ -26,7 +26,7 @@ from typing import Sequence
 import numpy as np
 
 from . import __version__
-from .errors import EplbOptError, ExecutorError, InvalidProblemError
+from .errors import EplbOptError, ExecutorError, InvalidProblemError, SolveInterrupted
 from .api import SolveResult, solve
 from .workloads import PRESETS, example_weight
 
@@ -190,9 +190,17 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     windows = read_trace(args.loads, window=args.window)
     # The objective decides how windows count; "sum" plans for their total.
     loads = windows.sum(axis=0) if args.objective == "sum" else windows
-    if args.output and Path(args.output).exists() and not args.overwrite:
+    from .planfile import check_destination
+
+    if args.output and Path(args.output).exists() and not Path(args.output).is_dir() and not args.overwrite:
         print(f"eplb-opt: {args.output} exists (pass --overwrite to replace it)", file=sys.stderr)
         return 2
+    # Refuse a destination we could not write before the solve, not after it.
+    check_destination(args.output)
+    if args.partial_output is not None:
+        if Path(args.partial_output).resolve() == Path(args.output).resolve():
+            raise InvalidProblemError("--partial-output must differ from --output (the plan file stays untouched)")
+        check_destination(args.partial_output, overwrite=args.overwrite)
     budget = args.time_limit if args.time_limit is not None else (10.0 if args.mode == "exact" else None)
     show = args.progress or (sys.stderr.isatty() and not args.json)
     kw = dict(
@@ -209,8 +217,24 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     if args.ray is not None:
         kw["executor"] = "ray"
         kw["ray_address"] = args.ray or None
-    with _Progress(budget, f"planning ({args.mode})", show):
-        result = solve(loads, **kw)
+    try:
+        with _Progress(budget, f"planning ({args.mode})", show):
+            result = solve(loads, **kw)
+    except SolveInterrupted as stop:
+        # The plan file (--output) is never written or replaced on an interrupt; the
+        # partial plan goes only where --partial-output says.
+        print(f"\neplb-opt: interrupted during {stop.stage}; {args.output} was not written or replaced",
+              file=sys.stderr)
+        if stop.partial is None:
+            print("eplb-opt: no finished plan to save (with --previous only a plan near it counts)", file=sys.stderr)
+        elif args.partial_output is None:
+            print("eplb-opt: pass --partial-output FILE to keep the plan finished so far", file=sys.stderr)
+        else:
+            path = stop.partial.plan.save(args.partial_output, overwrite=args.overwrite)
+            print(f"eplb-opt: saved the plan finished before the interrupt (verified; "
+                  f"balancedness {stop.partial.balancedness:.4f}, gap max {stop.partial.gap.max():.4%}) to {path}",
+                  file=sys.stderr)
+        return 130
     path = result.plan.save(args.output, overwrite=True)
     if args.json:
         out = {"plan": str(path), "policy": result.policy, "balancedness": result.balancedness,
@@ -424,6 +448,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="fan sub-problems out on Ray (start a local one, or join ADDRESS)")
     pl.add_argument("-o", "--output", required=True, help="plan file: .json, .pt or .npz")
     pl.add_argument("--overwrite", action="store_true", help="replace an existing plan file")
+    pl.add_argument("--partial-output", metavar="FILE", default=None,
+                    help="on Ctrl-C, save the verified plan finished so far here (the -o file is never "
+                         "touched by an interrupted run)")
     pl.add_argument("--progress", action="store_true", help="show a progress bar even off a terminal")
     pl.add_argument("--json", action="store_true", help="machine-readable output")
     pl.set_defaults(func=_cmd_plan)

@@ -22,12 +22,15 @@ case bounds read from the model are corrected outward by the worst-case rounding
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from math import gcd
 from typing import Sequence
 
 import numpy as np
 from ortools.sat.python import cp_model
+
+from .status import SolverFault, current_log
 
 __all__ = [
     "CompleteResult",
@@ -44,6 +47,66 @@ __all__ = [
 
 # Largest scaled sum we allow (well inside int64 and CP-SAT's domain limits).
 _MAX_SUM = 2**50
+
+
+_STATUS_NAMES = {
+    cp_model.OPTIMAL: "OPTIMAL", cp_model.FEASIBLE: "FEASIBLE", cp_model.INFEASIBLE: "INFEASIBLE",
+    cp_model.UNKNOWN: "UNKNOWN", cp_model.MODEL_INVALID: "MODEL_INVALID",
+}
+
+
+def _solve_interruptibly(solver: cp_model.CpSolver, model: cp_model.CpModel) -> int:
+    box: dict[str, object] = {}
+    done = threading.Event()
+
+    def target() -> None:
+        try:
+            box["status"] = solver.Solve(model)
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+            box["error"] = exc
+        finally:
+            done.set()
+
+    threading.Thread(target=target, name="eplb-opt-cpsat", daemon=True).start()
+    # Wait on an Event, not Thread.join: an interrupted join on Python 3.11 can mark a
+    # running thread finished (bpo-45274), and the solver would outlive the call.
+    try:
+        done.wait()
+    except KeyboardInterrupt:
+        solver.StopSearch()
+        done.wait()
+        raise
+    err = box.get("error")
+    if isinstance(err, (Exception, KeyboardInterrupt)):
+        raise err
+    if err is not None:  # the solver thread died (SystemExit and the like)
+        raise SolverFault(f"CP-SAT thread died ({type(err).__name__}: {err})") from err
+    return box["status"]  # type: ignore[return-value]
+
+
+def _run(solver: cp_model.CpSolver, model: cp_model.CpModel) -> int:
+    """``solver.Solve(model)``, checked: ``MODEL_INVALID`` and unknown status codes raise
+    :class:`SolverFault` naming them; every status is tallied in the thread's
+    :class:`StatusLog`.
+
+    On the main thread the solve runs on a helper thread while the main thread waits,
+    so Ctrl-C is heard at once: the search is stopped and ``KeyboardInterrupt`` raised
+    (a signal cannot reach Python code while the main thread sits inside the solver).
+    """
+    if threading.current_thread() is threading.main_thread():
+        status = _solve_interruptibly(solver, model)
+    else:
+        status = solver.Solve(model)
+    name = _STATUS_NAMES.get(status, f"status code {status!r}")
+    log = current_log()
+    if log is not None:
+        log.add(name)
+    if status == cp_model.MODEL_INVALID:
+        why = model.Validate() or "no reason given"
+        raise SolverFault(f"CP-SAT returned MODEL_INVALID ({why})")
+    if status not in _STATUS_NAMES:
+        raise SolverFault(f"CP-SAT returned an unknown {name}")
+    return status
 
 
 @dataclass(frozen=True)
@@ -105,6 +168,9 @@ def _solver(time_limit: float, seed: int, deterministic: bool, workers: int = 1,
     """A CP-SAT solver with our parameters: a wall-clock limit, or (deterministic) a
     deterministic-time limit with interleaved search so several workers repeat."""
     solver = cp_model.CpSolver()
+    # Ctrl-C belongs to the caller (KeyboardInterrupt), not to CP-SAT's own handler,
+    # which would end only the current solve and swallow the signal.
+    solver.parameters.catch_sigint_signal = False
     solver.parameters.num_workers = max(1, int(workers))
     solver.parameters.random_seed = int(seed)
     if relative_gap is not None:
@@ -184,7 +250,7 @@ def solve_neighbourhood(
     model.Minimize(top)
     # Solve.
     solver = _solver(time_limit, seed, deterministic)
-    status = solver.Solve(model)
+    status = _run(solver, model)
     # Read-out.
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         return None
@@ -300,7 +366,7 @@ def solve_complete(
     model.Minimize(top)
     # Solve.
     solver = _solver(time_limit, seed, deterministic, workers)
-    status = solver.Solve(model)
+    status = _run(solver, model)
     # Read-out.  Each GPU sums k scaled items, each off by at most `error`.
     bound = _proven_bound(solver, status, sc, k)
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
@@ -416,7 +482,7 @@ def solve_fixed_counts(
     model.Minimize(top)
     # Solve.
     solver = _solver(time_limit, seed, deterministic, workers, relative_gap=relative_gap)
-    status = solver.Solve(model)
+    status = _run(solver, model)
     # Read-out.
     bound = _proven_bound(solver, status, sc, k)
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
@@ -475,7 +541,7 @@ def solve_groups(
             model.AddHint(x[g][n], int(first[int(hint[g])] == n))
     model.Minimize(top)
     solver = _solver(time_limit, seed, deterministic)
-    status = solver.Solve(model)
+    status = _run(solver, model)
     bound = _proven_bound(solver, status, sc, m)
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         return None, bound, False
@@ -559,7 +625,7 @@ def solve_min_moves(
     m.Minimize(sum(var * c for var, c in obj))
 
     solver = _solver(time_limit, seed, deterministic, workers)
-    status = solver.Solve(m)
+    status = _run(solver, m)
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         return MovesResult(None, None, False)
     x = np.zeros((n, P), dtype=np.int64)

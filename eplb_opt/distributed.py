@@ -123,7 +123,7 @@ def refine(
     the chunk size.  A failed or late task keeps the heuristic plan on its layers and
     says so.
     """
-    from .exact import ExactOutcome, _gpu_loads
+    from .exact import ExactOutcome, RefineInterrupted, _gpu_loads
 
     w = np.asarray(weight, dtype=np.float64)
     p = np.array(phy2log, dtype=np.int64, copy=True)
@@ -168,7 +168,15 @@ def refine(
     wait_until = None if deterministic else time.perf_counter() + max(0.0, left) + WAIT_GRACE
     while pending:
         timeout = None if wait_until is None else max(0.0, wait_until - time.perf_counter())
-        done, pending = ray.wait(pending, num_returns=1, timeout=timeout)
+        try:
+            done, pending = ray.wait(pending, num_returns=1, timeout=timeout)
+        except KeyboardInterrupt:
+            # Ctrl-C: cancel what is still running; the chunks that came back are kept.
+            for ref in pending:
+                ray.cancel(ref, force=True)
+            events.append(f"interrupted with {len(pending)} of {len(chunks)} Ray task(s) still running; "
+                          "those layers keep the heuristic plan")
+            raise RefineInterrupted(ExactOutcome(p, attempted, proven, events, conditional)) from None
         if not done:
             break
         for ref in done:

@@ -10,6 +10,7 @@ __all__ = [
     "InvalidTypeError",
     "InvalidPlanError",
     "ExecutorError",
+    "SolveInterrupted",
 ]
 
 
@@ -31,3 +32,20 @@ class InvalidPlanError(EplbOptError, ValueError):
 
 class ExecutorError(EplbOptError, RuntimeError):
     """``executor="ray"``: Ray could not be imported, started or joined."""
+
+
+class SolveInterrupted(KeyboardInterrupt):
+    """Ctrl-C (``KeyboardInterrupt``) arrived during a call.  It stays a
+    ``KeyboardInterrupt`` (``except Exception`` does not swallow it).
+
+    Attributes:
+        stage: what was running (``"exact refinement"``, ``"robust refinement"``, ...).
+        partial: a verified :class:`~eplb_opt.api.SolveResult` with the plan as far as
+            the call got (its ``events`` say so), or ``None`` where no finished plan of
+            the requested kind existed yet.
+    """
+
+    def __init__(self, message: str, *, stage: str, partial: object | None = None) -> None:
+        super().__init__(message)
+        self.stage = stage
+        self.partial = partial

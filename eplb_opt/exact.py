@@ -22,17 +22,21 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from heuristics.pipeline import pack_rows
 from heuristics.resplit import resplit_rounds
 
-__all__ = ["ExactOutcome", "refine"]
+from .status import StatusLog, logging_statuses, status_events
+
+__all__ = ["ExactOutcome", "RefineInterrupted", "refine"]
 
 # Sub-problems whose complete model has at most this many variables get phase 1.
 COMPLETE_LIMIT = 4000
@@ -73,6 +77,28 @@ class ExactOutcome:
     proven: np.ndarray
     events: list[str] = field(default_factory=list)
     conditional: np.ndarray | None = None
+
+
+class RefineInterrupted(KeyboardInterrupt):
+    """Ctrl-C (``KeyboardInterrupt``) during :func:`refine`; ``outcome`` is the
+    :class:`ExactOutcome` as far as the refinement got (not yet verified)."""
+
+    def __init__(self, outcome: ExactOutcome) -> None:
+        super().__init__("interrupted during exact refinement")
+        self.outcome = outcome
+
+
+class _Partial:
+    """What :func:`refine` has so far (the arrays are shared, not copied), for an
+    interrupt; ``stop`` tells worker threads to finish."""
+
+    def __init__(self) -> None:
+        self.p: np.ndarray | None = None
+        self.stop = threading.Event()
+
+    def track(self, p: np.ndarray, attempted: np.ndarray, proven: np.ndarray, conditional: np.ndarray,
+              events: list[str]) -> None:
+        self.p, self.attempted, self.proven, self.conditional, self.events = p, attempted, proven, conditional, events
 
 
 _TIMED_OUT = "timed out in CP-SAT search (kept the best plan found)"
@@ -116,6 +142,7 @@ def _groups_by_cpsat(
     allow_duplicates: bool,
     cpsat,
     ids: np.ndarray,
+    box: "_Partial | None" = None,
 ) -> np.ndarray:
     """Groups to nodes exactly by CP-SAT where enumeration is too big; re-plans a layer
     whose heaviest node gets lighter.  A proven optimum of the heaviest node, over its GPUs,
@@ -126,6 +153,8 @@ def _groups_by_cpsat(
     gs = E // num_groups
     gpn = G // N
     p = p.copy()
+    if box is not None:
+        box.p = p
     share_end = time.perf_counter() + 0.2 * max(0.0, deadline - time.perf_counter())
     improved = 0
     for i, l in enumerate(layers):
@@ -229,6 +258,7 @@ def _complete_hierarchical(
     proven: np.ndarray,
     events: list[str],
     ids: np.ndarray,
+    box: "_Partial | None" = None,
 ) -> np.ndarray:
     """Hierarchical policy, small problems: every node content (a set of groups) is solved
     completely, and the best group-to-node assignment is read off by enumeration.  The
@@ -248,6 +278,8 @@ def _complete_hierarchical(
     index = {c: i for i, c in enumerate(contents)}
     blocks = [[index[tuple(np.flatnonzero(row == b).tolist())] for b in range(N)] for row in parts]
     p = p.copy()
+    if box is not None:
+        box.p = p
     n_solves = len(layers) * len(contents)
     done = 0
     for l in layers:
@@ -299,10 +331,41 @@ def _gpu_loads(w: np.ndarray, p: np.ndarray, gpus: int) -> np.ndarray:
     return per.reshape(L, gpus, -1).sum(axis=2)
 
 
-def refine(
+def refine(weight: np.ndarray, phy2log: np.ndarray, **kw: Any) -> ExactOutcome:
+    """Refine ``phy2log`` (see module docs and :func:`_refine` for the arguments).
+
+    Every CP-SAT status is tallied; ``UNKNOWN`` answers are reported in the events and
+    ``MODEL_INVALID`` or unknown status codes count as a failed solve (the sub-problem
+    keeps its plan, an event names the fault).  A ``KeyboardInterrupt`` stops the worker
+    threads and is re-raised as :class:`RefineInterrupted`, carrying the plan as far as
+    it got (every row a complete, consistent re-placement).
+
+    Returns:
+        :class:`ExactOutcome`.
+    """
+    box = _Partial()
+    log = StatusLog()
+    try:
+        with logging_statuses(log):
+            out = _refine(weight, phy2log, box=box, log=log, **kw)
+    except KeyboardInterrupt:
+        if box.p is None:
+            raise
+        box.stop.set()
+        events = list(box.events) + status_events(log)
+        raise RefineInterrupted(
+            ExactOutcome(box.p.copy(), box.attempted.copy(), box.proven.copy(), events, box.conditional.copy())
+        ) from None
+    out.events.extend(status_events(log))
+    return out
+
+
+def _refine(
     weight: np.ndarray,
     phy2log: np.ndarray,
     *,
+    box: "_Partial",
+    log: StatusLog,
     num_gpus: int,
     num_nodes: int,
     lower_bound: np.ndarray,
@@ -317,7 +380,8 @@ def refine(
     total_layers: int | None = None,
     layer_ids: np.ndarray | None = None,
 ) -> ExactOutcome:
-    """Refine ``phy2log`` (see module docs).
+    """The body of :func:`refine`; ``box`` tracks the plan so far for interrupts and
+    ``log`` is installed on the worker threads.
 
     Args:
         weight: ``[L, E]`` float64 loads.
@@ -359,6 +423,7 @@ def refine(
     proven = np.full(L, np.nan)
     conditional = np.full(L, np.nan)
     tol = tolerance
+    box.track(p, attempted, proven, conditional, events)
 
     def out_of_time() -> bool:
         return (not deterministic) and time.perf_counter() >= deadline
@@ -408,6 +473,7 @@ def refine(
             w, p, open_layers, R=R, G=G, N=N, num_groups=num_groups, deadline=deadline,
             budget=layer_budget, deterministic=deterministic, seed=seed, workers=workers,
             allow_duplicates=allow_duplicates, attempted=attempted, proven=proven, events=events, ids=ids,
+            box=box,
         )
         return ExactOutcome(p, attempted, proven, events, conditional)
 
@@ -419,8 +485,9 @@ def refine(
             p = _groups_by_cpsat(
                 w, p, open_layers, R=R, G=G, N=N, num_groups=num_groups, deadline=deadline,
                 budget=layer_budget, deterministic=deterministic, seed=seed, proven=proven,
-                events=events, allow_duplicates=allow_duplicates, cpsat=cpsat, ids=ids,
+                events=events, allow_duplicates=allow_duplicates, cpsat=cpsat, ids=ids, box=box,
             )
+            box.p = p
             loads = _gpu_loads(w, p, G)
             open_layers = np.flatnonzero(layer_gap(loads) > tol)
 
@@ -445,6 +512,7 @@ def refine(
         slots = slots.copy()
         slots[open_rows] = np.take_along_axis(slots[open_rows], lay.reshape(open_rows.size, -1), axis=1)
         p = slots.reshape(L, R)
+        box.p = p
         loads = _gpu_loads(w, p, G)
 
     # Phase 3: replica-count moves where the counts' granularity is what blocks the
@@ -460,8 +528,9 @@ def refine(
             w, p, todo, G=G, N=N, lower_bound=lower_bound, tol=tol, deadline=phase_end,
             deterministic=deterministic, max_steps=1000,
             work=(COUNT_SHARE * layer_budget / SECONDS_PER_CANDIDATE_ITEM) if deterministic else None,
-            allow_duplicates=allow_duplicates,
+            allow_duplicates=allow_duplicates, box=box,
         )
+        box.p = p
         if moved:
             events.append(f"replica counts revisited on {moved} layer(s)")
         loads = _gpu_loads(w, p, G)
@@ -530,11 +599,15 @@ def refine(
     nb_time = NEIGHBOURHOOD_TIME
 
     def work(l: int) -> tuple[int, np.ndarray, list[str]]:
-        # A crash in one layer's search keeps that layer's plan and loses no other work.
+        # A crash in one layer's search (even a worker thread told to exit) keeps that
+        # layer's plan and loses no other work; only an interrupt goes through.
         try:
-            return _work(l)
-        except Exception as exc:  # noqa: BLE001
-            msg = f"layer {ids[l]}: CP-SAT search crashed ({type(exc).__name__}: {exc}); kept the plan"
+            with logging_statuses(log):
+                return _work(l)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # noqa: BLE001
+            msg = f"layer {ids[l]}: CP-SAT search worker died ({type(exc).__name__}: {exc}); kept the plan"
             warnings.warn(msg, RuntimeWarning, stacklevel=2)
             return l, p[l].copy(), [msg]
 
@@ -546,6 +619,8 @@ def refine(
         fails = 0
         it = 0
         while True:
+            if box.stop.is_set():
+                break
             if deterministic:
                 if it >= iters_per_layer:
                     break
@@ -593,7 +668,8 @@ def refine(
         return l, sl.reshape(R), notes
 
     timed_out: list[int] = []
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
         for l, new_row, notes in pool.map(work, todo):
             p[l] = new_row
             for note in notes:
@@ -601,6 +677,11 @@ def refine(
                     timed_out.append(int(ids[l]))
                 else:
                     events.append(note)
+    finally:
+        # On an interrupt, running searches stop after their current neighbourhood
+        # (at most NEIGHBOURHOOD_TIME) and queued layers never start.
+        box.stop.set()
+        pool.shutdown(wait=True, cancel_futures=True)
     if timed_out:
         shown = ", ".join(str(x) for x in sorted(timed_out)[:12]) + (", ..." if len(timed_out) > 12 else "")
         events.append(f"CP-SAT search timed out on {len(timed_out)} layer(s) (kept the best plan found): "
@@ -623,6 +704,7 @@ def _count_moves(
     allow_duplicates: bool,
     singles: int = 4,
     work: float | None = None,
+    box: "_Partial | None" = None,
 ) -> tuple[np.ndarray, int]:
     """Improve stuck layers by moving one replica between experts of the node that sets
     the layer's maximum (see :func:`refine`); returns ``(phy2log, layers changed)``."""
@@ -631,6 +713,8 @@ def _count_moves(
     P, k = G // N, R // G
     rn = R // N
     p = p.copy()
+    if box is not None:
+        box.p = p
     changed = 0
     # Deterministic budget: `work` candidate-items per layer (never shared, so a layer's
     # result does not depend on the others); every layer gets at least one step.

@@ -67,9 +67,11 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], *, overwrite: 
     existing ``path`` untouched.  With ``overwrite=False`` an existing ``path`` is an error.
     """
     dest = Path(path)
+    if dest.is_dir():
+        raise PlanFileError(f"{dest} is a directory, not a file name")
     if dest.exists() and not overwrite:
         raise PlanFileError(f"{dest} exists (pass overwrite=True to replace it)")
-    if not dest.parent.exists():
+    if not dest.parent.is_dir():
         raise PlanFileError(f"{dest.parent}: no such directory")
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
     os.close(fd)
@@ -101,12 +103,27 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
-def save_plan(plan: Any, path: str | Path, *, overwrite: bool = True) -> Path:
-    """Write ``plan`` (an :class:`~eplb_opt.plan.Plan`) to ``path``; see module docs."""
+def check_destination(path: str | Path, *, overwrite: bool = True) -> Path:
+    """Raise :class:`PlanFileError` now if :func:`save_plan` could not write ``path``
+    (unknown suffix, a directory, no parent directory, or an existing file without
+    ``overwrite``), so a long solve does not end in that error."""
     dest = Path(path)
     suffix = dest.suffix.lower()
+    if dest.is_dir():
+        raise PlanFileError(f"{dest} is a directory, not a file name")
     if suffix not in _SUFFIXES:
         raise PlanFileError(f"{dest}: unknown plan file kind {suffix!r}; use one of {_SUFFIXES}")
+    if not dest.parent.is_dir():
+        raise PlanFileError(f"{dest.parent}: no such directory")
+    if dest.exists() and not overwrite:
+        raise PlanFileError(f"{dest} exists (pass overwrite=True to replace it)")
+    return dest
+
+
+def save_plan(plan: Any, path: str | Path, *, overwrite: bool = True) -> Path:
+    """Write ``plan`` (an :class:`~eplb_opt.plan.Plan`) to ``path``; see module docs."""
+    dest = check_destination(path, overwrite=overwrite)
+    suffix = dest.suffix.lower()
     p2l, l2p, cnt = plan.to_numpy()
     meta = _jsonable(dict(plan.metadata))
     header = {"schema": SCHEMA, "version": SCHEMA_VERSION, "num_experts": int(plan.num_experts)}
