@@ -105,3 +105,30 @@ def test_heuristic_mode_on_ray_says_it_ran_locally():
 def test_executor_arguments_are_validated(kw, err):
     with pytest.raises(err, match="executor|ray_address"):
         eplb_opt.solve(_loads(layers=2), num_replicas=288, num_gpus=32, **kw)
+
+
+def test_ray_worker_dying_mid_solve_keeps_the_heuristic_layers(local_ray, monkeypatch):
+    """A Ray worker process that dies (os._exit) loses only its chunk: those layers keep
+    the heuristic plan, the event names the crash, the rest is refined."""
+    from eplb_opt import distributed
+
+    real = distributed._refine_chunk
+
+    def dying_chunk(w, p, lb, ids, seconds, kw):   # pickled by value into the worker
+        import os
+
+        if int(ids[0]) == 0:
+            os._exit(1)
+        return real(w, p, lb, ids, seconds, kw)
+
+    monkeypatch.setattr(distributed, "_refine_chunk", dying_chunk)
+    w = _loads(layers=6, seed=2)
+    kw = dict(num_replicas=320, num_gpus=64)
+    h = eplb_opt.solve(w, **kw)
+    r = eplb_opt.solve(w, **kw, mode="exact", time_limit=3.0, executor="ray", workers=1)
+    crashed = [e for e in r.events if "failed" in e and "kept the heuristic plan" in e]
+    assert crashed and "layers 0.." in crashed[0], r.events
+    assert not plan_violations(r.plan.phy2log.numpy(), w.shape[1], 320, 64)
+    assert (r.max_load <= h.max_load * (1 + 1e-12)).all()
+    first = np.arange(3)                             # 2 tasks on 2 CPUs: layers 0-2 died
+    assert np.array_equal(r.plan.phy2log.numpy()[first], h.plan.phy2log.numpy()[first])
