@@ -113,6 +113,10 @@ def as_previous(previous: object, num_layers: int, num_experts: int, num_replica
     from .errors import InvalidProblemError, InvalidTypeError
     from .plan import plan_violations
 
+    from .plan import Plan
+
+    if isinstance(previous, Plan):
+        previous = previous.phy2log
     try:
         import torch
 

@@ -146,34 +146,66 @@ def save_plan(plan: Any, path: str | Path, *, overwrite: bool = True) -> Path:
     return atomic_write(dest, write, overwrite=overwrite)
 
 
+_NOT_A_PLAN = ("so it is not an eplb-opt plan file (a load trace? plan files are written by "
+               "`eplb-opt plan` or Plan.save; `eplb-opt evaluate` takes the plan first, then the loads)")
+
+
+def _arrays(doc: Any, path: Path, convert: Callable[[Any], np.ndarray]) -> list[np.ndarray]:
+    keys = ("phy2log", "log2phy", "logcnt")
+    if not hasattr(doc, "__contains__") or isinstance(doc, (str, bytes)):
+        raise PlanFileError(f"{path}: holds a {type(doc).__name__}, not the plan's arrays, {_NOT_A_PLAN}")
+    for k in keys:
+        if k not in doc:
+            raise PlanFileError(f"{path}: holds no {k!r} array, {_NOT_A_PLAN}")
+    try:
+        return [convert(doc[k]) for k in keys]
+    except (TypeError, ValueError, AttributeError, OverflowError, RuntimeError) as exc:
+        raise PlanFileError(f"{path}: corrupt plan arrays ({type(exc).__name__}: {exc})") from None
+
+
 def _read(path: Path) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
     suffix = path.suffix.lower()
     if suffix == ".json":
         try:
             doc = json.loads(path.read_text())
-            arrays = [np.asarray(doc[k], dtype=np.int64) for k in ("phy2log", "log2phy", "logcnt")]
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise PlanFileError(f"{path}: not a readable plan file ({type(exc).__name__}: {exc})") from None
+        arrays = _arrays(doc if isinstance(doc, dict) else [], path, lambda a: np.asarray(a, dtype=np.int64))
         header = {k: doc.get(k) for k in ("schema", "version", "num_experts", "metadata")}
     elif suffix == ".pt":
         import torch
 
         try:
             doc = torch.load(path, map_location="cpu", weights_only=True)
-            arrays = [doc[k].cpu().numpy().astype(np.int64) for k in ("phy2log", "log2phy", "logcnt")]
         except Exception as exc:  # noqa: BLE001 - any unreadable file
-            raise PlanFileError(f"{path}: not a readable plan file ({type(exc).__name__}: {exc})") from None
+            raise PlanFileError(f"{path}: not a readable plan file ({type(exc).__name__}: {_first_line(exc)})") from None
+        arrays = _arrays(doc if isinstance(doc, dict) else [], path, lambda a: a.cpu().numpy().astype(np.int64))
         header = {k: doc.get(k) for k in ("schema", "version", "num_experts", "metadata")}
     elif suffix == ".npz":
         try:
             with np.load(path, allow_pickle=False) as z:
+                for k in ("phy2log", "log2phy", "logcnt", "header"):
+                    if k not in z.files:
+                        raise PlanFileError(f"{path}: holds no {k!r} entry, {_NOT_A_PLAN}")
                 arrays = [z[k].astype(np.int64) for k in ("phy2log", "log2phy", "logcnt")]
                 header = json.loads(str(z["header"]))
-        except Exception as exc:  # noqa: BLE001 - any unreadable file
+        except PlanFileError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any unreadable file (truncated zip, bad zlib data, ...)
             raise PlanFileError(f"{path}: not a readable plan file ({type(exc).__name__}: {exc})") from None
+        if not isinstance(header, dict):
+            raise PlanFileError(f"{path}: corrupt plan header")
     else:
-        raise PlanFileError(f"{path}: unknown plan file kind {suffix!r}; expected one of {_SUFFIXES}")
+        hint = " (a load-trace kind: `eplb-opt evaluate` takes the plan first, then the loads)" if suffix in (
+            ".npy", ".safetensors") else ""
+        raise PlanFileError(f"{path}: unknown plan file kind {suffix!r}; expected one of {_SUFFIXES}{hint}")
     return header, *arrays
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of an exception message (torch's load errors run to a page)."""
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else ""
 
 
 def load_plan(path: str | Path) -> Any:

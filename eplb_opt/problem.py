@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 import operator
 from dataclasses import dataclass
 from typing import Any
@@ -111,6 +112,21 @@ def _torch_to_numpy(value: Any) -> np.ndarray:
     return t.numpy()
 
 
+def _object_numbers(arr: np.ndarray, name: str) -> np.ndarray:
+    """Python integers too big for int64 (numpy keeps them as objects) and other plain
+    real numbers become float64, rounded as float64 would round them."""
+    flat = arr.ravel()
+    if flat.size == 0 or not all(
+        isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_)) for x in flat
+    ):
+        return arr  # reported below as non-numeric
+    try:
+        return arr.astype(np.float64)
+    except OverflowError:
+        big = next(x for x in flat if abs(x) > sys.float_info.max)  # exact int/float comparison
+        raise InvalidProblemError(f"{name} holds a value beyond float64's range: {big!r:.40}") from None
+
+
 def as_weight(weight: Any, name: str = "weight", windows: bool = False) -> np.ndarray:
     """Validate loads and return them as a read-only float64 ``[L, E]`` array (with
     ``windows=True``, ``[L, E]`` or ``[W, L, E]``).
@@ -128,6 +144,8 @@ def as_weight(weight: Any, name: str = "weight", windows: bool = False) -> np.nd
             arr = np.asarray(weight)
         except (ValueError, TypeError) as exc:
             raise InvalidTypeError(f"{name} could not be read as a numeric array: {exc}") from None
+    if arr.dtype.kind == "O":
+        arr = _object_numbers(arr, name)
     kind = arr.dtype.kind
     if kind == "c":
         raise InvalidTypeError(f"{name} must hold real loads, got complex dtype {arr.dtype}")

@@ -73,11 +73,17 @@ def _check_counts(arr: np.ndarray, path: Path) -> np.ndarray:
     return a
 
 
+_A_PLAN = ("is an eplb-opt plan file, not a load trace (loads are per-step expert token counts; "
+           "`eplb-opt evaluate` takes the plan first, then the loads)")
+
+
 def _adrs_json(path: Path) -> np.ndarray:
     try:
         data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise TraceError(f"{path}: not a readable JSON file ({exc})") from None
+    if isinstance(data, dict) and "phy2log" in data:
+        raise TraceError(f"{path}: {_A_PLAN}")
     if not isinstance(data, dict) or not isinstance(data.get("load_history"), list):
         raise TraceError(f"{path}: expected an object with a 'load_history' list (ADRS expert-load.json layout)")
     steps = []
@@ -86,7 +92,7 @@ def _adrs_json(path: Path) -> np.ndarray:
             raise TraceError(f"{path}: load_history[{i}] has no 'logical_expert_load'")
         try:
             steps.append(np.asarray(entry["logical_expert_load"], dtype=np.float64))
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise TraceError(f"{path}: load_history[{i}].logical_expert_load is not a [layers, experts] table") from None
     if not steps:
         raise TraceError(f"{path}: load_history is empty")
@@ -99,18 +105,23 @@ def _adrs_json(path: Path) -> np.ndarray:
 def _numpy(path: Path) -> np.ndarray:
     try:
         obj = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise TraceError(f"{path}: not a readable numpy file ({exc})") from None
-    if isinstance(obj, np.lib.npyio.NpzFile):
-        names = obj.files
-        if "loads" in names:
-            arr = obj["loads"]
-        elif len(names) == 1:
-            arr = obj[names[0]]
+        if isinstance(obj, np.lib.npyio.NpzFile):
+            with obj:
+                names = obj.files
+                if "phy2log" in names:
+                    raise TraceError(f"{path}: {_A_PLAN}")
+                if "loads" in names:
+                    arr = obj["loads"]
+                elif len(names) == 1:
+                    arr = obj[names[0]]
+                else:
+                    raise TraceError(f"{path}: several arrays {names}; name the loads array 'loads'")
         else:
-            raise TraceError(f"{path}: several arrays {names}; name the loads array 'loads'")
-    else:
-        arr = obj
+            arr = obj
+    except TraceError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - truncated zip, bad zlib data, short .npy, pickled data, ...
+        raise TraceError(f"{path}: not a readable numpy file ({type(exc).__name__}: {exc})") from None
     return _check_counts(arr, path)
 
 
@@ -159,7 +170,10 @@ def _torch_file(path: Path) -> tuple[str, Any]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file
-        raise TraceError(f"{path}: not a readable torch file ({type(exc).__name__}: {exc})") from None
+        first = (str(exc).strip().splitlines() or [""])[0][:300]   # torch's messages run to a page
+        raise TraceError(f"{path}: not a readable torch file ({type(exc).__name__}: {first})") from None
+    if isinstance(obj, dict) and "phy2log" in obj:
+        raise TraceError(f"{path}: {_A_PLAN}")
     if isinstance(obj, torch.Tensor):
         return "tensor", obj
     if isinstance(obj, dict) and "logical_count" in obj:
@@ -219,7 +233,7 @@ def read_trace(path: str | Path, *, window: int | None = None) -> np.ndarray:
     if not p.exists():
         raise TraceError(f"{p}: no such file or directory")
     if p.is_dir():
-        steps = _directory(p)
+        steps = _guarded(_directory, p)
     else:
         suffix = p.suffix.lower()
         readers = {".json": _adrs_json, ".npy": _numpy, ".npz": _numpy, ".pt": _torch, ".pth": _torch,
@@ -228,5 +242,16 @@ def read_trace(path: str | Path, *, window: int | None = None) -> np.ndarray:
             raise TraceError(
                 f"{p}: unknown trace kind {suffix!r}; expected .json, .npy, .npz, .pt, .safetensors or a directory"
             )
-        steps = readers[suffix](p)
+        steps = _guarded(readers[suffix], p)
     return windows(steps, window)
+
+
+def _guarded(reader: Any, path: Path) -> np.ndarray:
+    """Run a reader; whatever a malformed file makes it trip over becomes a
+    :class:`TraceError` naming the file (never an IndexError from deep inside)."""
+    try:
+        return reader(path)
+    except TraceError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError, OverflowError) as exc:
+        raise TraceError(f"{path}: malformed trace ({type(exc).__name__}: {exc})") from None

@@ -139,7 +139,7 @@ class EplbOptPolicy(_Base):
         )
         old = None
         if old_global_expert_indices is not None:
-            old = torch.as_tensor(old_global_expert_indices).detach().cpu().numpy().astype(np.int64)
+            old = _old_map(old_global_expert_indices, weight)
         migrate = (cfg["max_balance_loss"] is not None and old is not None and old.ndim == 2
                    and old.shape[1] == num_replicas and (old >= 0).all())
         if migrate:
@@ -161,6 +161,27 @@ class EplbOptPolicy(_Base):
                     RuntimeWarning, stacklevel=2,
                 )
         return torch.from_numpy(p2l).to(torch.int64)
+
+
+def _old_map(old_global_expert_indices: Any, weight: Any) -> np.ndarray:
+    """The deployed map as int64, checked: integer ids in ``[-1, E)`` (``-1`` empty)."""
+    from ..errors import InvalidProblemError, InvalidTypeError
+
+    try:
+        old = torch.as_tensor(old_global_expert_indices).detach().cpu()
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise InvalidTypeError(f"old_global_expert_indices could not be read as a tensor: {exc}") from None
+    if old.dtype.is_floating_point or old.dtype.is_complex or old.dtype == torch.bool:
+        raise InvalidTypeError(f"old_global_expert_indices must hold integer expert ids, got {old.dtype}")
+    old = old.numpy().astype(np.int64)
+    num_experts = int(weight.shape[-1]) if hasattr(weight, "shape") and len(weight.shape) else None
+    if num_experts is not None and old.size and (old.min() < -1 or old.max() >= num_experts):
+        bad = old[(old < -1) | (old >= num_experts)].flat[0]
+        raise InvalidProblemError(
+            f"old_global_expert_indices holds expert id {int(bad)}, outside [-1, {num_experts}) "
+            "(-1 marks an empty slot)"
+        )
+    return old
 
 
 def install(**config: Any) -> type[EplbOptPolicy]:
