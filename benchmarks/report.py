@@ -1,4 +1,5 @@
-"""Builds ``benchmarks/RESULTS.md`` from the recorded ``core.json`` and ``exact.json``."""
+"""Builds ``benchmarks/RESULTS.md`` from the recorded JSON files (``core.json``, ``exact.json``,
+``beyond.json``, ``ray.json``, ``deadlines.json``, ``soak.json``; each section only where its file exists)."""
 
 from __future__ import annotations
 
@@ -325,6 +326,145 @@ def _beyond_section(data: dict) -> list[str]:
     return lines
 
 
+def _deadlines_section(data: dict) -> list[str]:
+    ld, ov = data["load"], data["overall"]
+    busy = ", ".join("?" if x is None else f"{x:.0%}" for x in ld["busy_cpu_fraction"]) or "-"
+    m = data["machine"]
+    target = data["target_ms"]
+    prev = data.get("previous", False)
+    lines = [
+        "## Deadlines under load" + (", replanning from a deployed plan (`previous=`)" if prev else ""),
+        "",
+        *(["Every exact call passes `previous=` (the heuristic plan of the window before) and "
+           "`max_balance_loss=0.005`; the heuristic time below is the fresh heuristic plan's.", ""] if prev else []),
+        f"Generated {data['date']} by `{data['command']}` on {m['cpu']}, {m['cpu_count']} cores "
+        f"({m['platform']}).",
+        "",
+        f"{data['preset']['name']} loads ({data['preset']['num_layers']} layers x {data['preset']['num_experts']} "
+        f"experts, {data['preset']['num_replicas']} / {data['preset']['num_groups']} / "
+        f"{data['preset']['num_nodes']} / {data['preset']['num_gpus']}), `mode=\"exact\"` in a warm process "
+        "(OR-Tools loaded) while every core runs a busy loop: "
+        f"{ld['busy_processes']} spinning subprocesses, CPU share of each {busy} over the "
+        f"{ld['measure_s']:.0f} s measured (load average {ld['loadavg_before'][0] if ld['loadavg_before'] else '?'} "
+        f"before, {ld['loadavg_after'][0] if ld['loadavg_after'] else '?'} after).  Each call's input is a "
+        "different window; right before it the heuristic-mode call on the same input is timed.  "
+        "Overhead = exact wall - max(time_limit, heuristic wall); negative: returned early (every layer "
+        "within tolerance of its bound).",
+        "",
+        "| time_limit | calls | heuristic (median) | overhead median | p90 | p99 | max | within "
+        f"{target:.0f} ms | calls with timeout events | all layers optimal |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    rows = list(data["per_budget"].items()) + [("**all**", ov)]
+    for name, s in rows:
+        label = name if name.startswith("*") else f"{name} s"
+        lines.append(
+            f"| {label} | {s['calls']} | {1e3 * s['heuristic_median_s']:.1f} ms | {s['overhead_median_ms']:+.1f} ms | "
+            f"{s['overhead_p90_ms']:+.1f} ms | {s['overhead_p99_ms']:+.1f} ms | {s['overhead_max_ms']:+.1f} ms | "
+            f"{s['within_target']:.0%} | {s['calls_with_timeout_events']} | {s['all_optimal']} |"
+        )
+    lines += [
+        "",
+        f"Target (overhead p99 <= {target:.0f} ms with every core busy): "
+        f"**{'met' if ov['meets_target'] else 'NOT met'}**, p99 over all {ov['calls']} calls "
+        f"{ov['overhead_p99_ms']:+.1f} ms (over the calls not finished early: "
+        f"{ov['overhead_p99_ms_not_all_optimal']:+.1f} ms); worst {ov['overhead_max_ms']:+.1f} ms.",
+    ]
+    if data.get("event_kinds"):
+        lines += ["", "Events seen (calls with each kind):", ""]
+        lines += [f"* {k}: {v}" for k, v in data["event_kinds"].items()]
+    if data.get("plot"):
+        lines += ["", f"![deadline overhead per budget]({data['plot']})"]
+    lines.append("")
+    return lines
+
+
+def _soak_section(data: dict) -> list[str]:
+    s = data["summary"]
+    m = data["machine"]
+    how = ("`eplb_opt.should_rebalance` (deploying its candidate when worth it)" if data["trigger"]
+           else f"`eplb_opt.solve(..., previous=deployed, max_balance_loss={data['max_balance_loss']:g})`")
+    lines = [
+        "## Soak: online replanning",
+        "",
+        f"Generated {data['date']} by `{data['command']}` on {m['cpu']}, {m['cpu_count']} cores "
+        f"({m['platform']}); {data['elapsed_s'] / 60:.1f} min.",
+        "",
+        f"{data['preset']['name']} loads, drifting: "
+        + (f"one random walk (drift {data['drift']:g} per window, seed {data['seed']})"
+           if not data.get("block") else
+           f"blocks of {data['block']} windows from consecutive seeds (from {data['seed']}), a random-walk step of "
+           f"{data['drift']:g} per window within a block and a new traffic mix at each block boundary (stationary "
+           "over the run, so time trends are the library's)")
+        + ".  One warm process: window 0 planned and deployed, then each of the next "
+        f"{data['windows']} windows replanned from the deployed placement with {how}, "
+        f"`mode=\"{data['mode']}\", time_limit={data['time_limit']:g}`, and deployed."
+        + (" Interrupted before the end." if data["interrupted"] else ""),
+        "",
+        "| measure | value |",
+        "|---|---|",
+        f"| windows replanned (deployed) | {s['calls']} ({s['deployed']}) |",
+        f"| per-call wall inside blocks, median of first / last {min(s.get('head', 100), s['within_block_calls'])} "
+        f"| {s['time_first_median_ms']:.1f} / {s['time_last_median_ms']:.1f} ms (ratio "
+        f"{s['time_ratio_last_first']:.3f}) |",
+        f"| per-call wall inside blocks, least-squares slope | {s['time_slope_ms_per_1000']:+.2f} ms per 1000 "
+        "windows |",
+        f"| per-call wall inside blocks, median | {s['time_median_ms']:.1f} ms ({s['within_block_calls']} calls) |",
+        f"| per-call wall at a new traffic mix (first window of a block), median / max | "
+        f"{s['boundary_median_ms']:.1f} / {s['boundary_max_ms']:.1f} ms ({s['boundary_calls']} calls) |",
+        f"| per-call wall, all calls, p99 / max | {s['time_p99_ms']:.1f} / {s['time_max_ms']:.1f} ms |",
+        f"| calls over time_limit | {s['calls_over_budget']} of {s['calls']} |",
+        f"| RSS at window {s['rss_ref_window']} / end (growth) | {s['rss_ref_mib']:.1f} / {s['rss_end_mib']:.1f} MiB "
+        f"({s['rss_growth_mib']:+.2f} MiB) |",
+        f"| RSS slope after window {s['rss_ref_window']} | {s['rss_slope_mib_per_1000_after_ref']:+.2f} MiB per "
+        "1000 windows |",
+        f"| RSS max over the run / process peak | {s['rss_max_mib']:.1f} / {data['peak_rss_mib']:.1f} MiB |",
+        f"| Python threads first / max; OS threads first / max | {s['threads_first']} / {s['threads_max']}; "
+        f"{s['os_threads_first']} / {s['os_threads_max']} |",
+        f"| open file descriptors first / last / max | {s['fds_first']} / {s['fds_last']} / {s['fds_max']} |",
+    ]
+    if "deadline_checks" in s:
+        lines.append(f"| same replan in heuristic mode (median, {s['deadline_checks']} windows); overhead past "
+                     f"max(time_limit, it) median / max | {s['heuristic_median_ms']:.1f} ms; "
+                     f"{s['overhead_median_ms']:+.1f} / {s['overhead_max_ms']:+.1f} ms |")
+    if "gc_objects_first" in s:
+        lines.append(f"| gc-tracked objects first / last sample | {s['gc_objects_first']} / {s['gc_objects_last']} |")
+    if "traced_first_mib" in s:
+        lines.append(f"| traced Python heap first / last sample | {s['traced_first_mib']:.2f} / "
+                     f"{s['traced_last_mib']:.2f} MiB |")
+    lines += [
+        f"| replica moves per call (median) | {s['moves_median']:.0f} |",
+        f"| balancedness median, in-window (next window) | {s['balancedness_median']:.5f} "
+        f"({s['next_balancedness_median']:.5f}) |",
+    ]
+    if data.get("event_kinds"):
+        lines += ["", "Events seen (calls with each kind):", ""]
+        lines += [f"* {k}: {v}" for k, v in data["event_kinds"].items()]
+    if data.get("plot"):
+        lines += ["", f"![soak: per-call time and RSS]({data['plot']})"]
+    lines.append("")
+    return lines
+
+
+def _fuzz_section(data: dict) -> list[str]:
+    lines = [
+        "## Long fuzz campaign (hypothesis, every entry point)",
+        "",
+        f"Command: `{data['command']}` ({data['date']}, {data['machine']}; {data['seconds']} s).  "
+        f"Runs `{data['pytest']}`.",
+        "",
+        f"**{data['examples']} examples, {data['failing']} failing** (pytest: {data['pytest_summary']}).",
+        "",
+        "| test | passing | failing | invalid (filtered) |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, c in sorted(data["tests"].items()):
+        lines.append(f"| `{name.split('::', 1)[1]}` ({name.split('::')[0].split('/')[-1]}) | "
+                     f"{c['passing']} | {c['failing']} | {c['invalid']} |")
+    lines.append("")
+    return lines
+
+
 def write(here: Path) -> None:
     """Regenerate ``here / RESULTS.md`` from the JSON files present."""
     lines = ["# eplb-opt benchmark results", ""]
@@ -341,6 +481,15 @@ def write(here: Path) -> None:
     ray_json = here / "ray.json"
     if ray_json.exists():
         lines += _ray_section(json.loads(ray_json.read_text()))
+    for name in ("deadlines.json", "deadlines-previous.json"):
+        if (here / name).exists():
+            lines += _deadlines_section(json.loads((here / name).read_text()))
+    soak = here / "soak.json"
+    if soak.exists():
+        lines += _soak_section(json.loads(soak.read_text()))
+    fuzz = here / "fuzz.json"
+    if fuzz.exists():
+        lines += _fuzz_section(json.loads(fuzz.read_text()))
     bench = here / "bench-full" / "REPORT.md"
     if bench.exists():
         text = bench.read_text().replace("# eplb-opt bench: full suite", "## Every policy and peer (full suite)")

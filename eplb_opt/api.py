@@ -300,9 +300,10 @@ def _migration_options(problem: Problem, previous: Any, max_balance_loss: Any, n
 
 def _migrate(problem: Problem, fresh: np.ndarray, old: np.ndarray, mbl: float, nmc: float, bpe: int | None,
              allow_dup: bool, events: list[str], exact_time: tuple[float, float] | None,
-             deterministic: bool, workers: int) -> tuple[np.ndarray, Migration]:
+             deterministic: bool, workers: int, repair_deadline: float | None = None) -> tuple[np.ndarray, Migration]:
     """The plan within ``mbl`` of ``fresh`` that moves least from ``old``; with
-    ``exact_time = (deadline, budget)`` the CP-SAT move model refines it."""
+    ``exact_time = (deadline, budget)`` the CP-SAT move model refines it; layers not
+    repaired by ``repair_deadline`` keep the relabelled fresh plan."""
     from . import migrate
 
     G = problem.num_gpus
@@ -310,7 +311,7 @@ def _migrate(problem: Problem, fresh: np.ndarray, old: np.ndarray, mbl: float, n
     mp = migrate.replan(
         problem.weight, old, fresh, num_gpus=G, num_nodes=nodes,
         hierarchical=problem.hierarchical, max_balance_loss=mbl, num_groups=problem.num_groups,
-        node_move_cost=nmc, allow_duplicates=allow_dup, exact=exact_time is not None,
+        node_move_cost=nmc, allow_duplicates=allow_dup, exact=exact_time is not None, deadline=repair_deadline,
         exact_deadline=None if exact_time is None else exact_time[0],
         exact_budget=0.0 if exact_time is None else exact_time[1],
         deterministic=deterministic, seed=problem.seed, workers=workers,
@@ -786,11 +787,18 @@ def solve(
         if prev is not None:
             stage = "migration planning"
             exact_time = None
+            repair_deadline = None
             if problem.mode == "exact":
                 total = 10.0 if problem.time_limit is None else problem.time_limit
                 exact_time = (start + total - _FINISH_RESERVE, total * 0.5) if total > 0 else None
+            elif problem.time_limit is not None:
+                total = problem.time_limit
+            if problem.time_limit is not None or problem.mode == "exact":
+                # The move search keeps the call's deadline (wall clock only): layers it
+                # has not reached by then keep the relabelled fresh plan, and say so.
+                repair_deadline = None if deterministic else start + total - _FINISH_RESERVE
             phy2log, migration = _migrate(problem, phy2log, prev, mbl, nmc, bpe, allow_dup, events,
-                                          exact_time, deterministic, n_workers)
+                                          exact_time, deterministic, n_workers, repair_deadline)
             _verify(problem, phy2log, allow_dup)
     except SolveInterrupted:
         raise

@@ -28,14 +28,17 @@ cheaper.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from heuristics import place
+from heuristics.apportion import unit_scale
 from heuristics.local import LayerState, gpu_counts as _gpu_counts
 
+from .exact import IMPORT_SECONDS
 from .align import _keep_slots, align_to_previous
 from .metrics import gpu_loads
 
@@ -87,24 +90,29 @@ def transfer_list(old: np.ndarray, new: np.ndarray, num_gpus: int, num_nodes: in
     L, R = new.shape
     G, N = num_gpus, num_nodes
     k, P = R // G, G // N
-    rows = []
+    E = int(max(old.max(initial=-1), new.max(initial=-1))) + 1
+    parts = []
     for l in range(L):
         o = old[l].reshape(G, k)
         n = new[l].reshape(G, k)
-        holders: dict[int, np.ndarray] = {}
-        for g in range(G):
-            for s in np.flatnonzero((n[g] != o[g]) & (n[g] >= 0)):
-                e = int(n[g, s])
-                if (o[g] == e).any():
-                    rows.append((l, e, g, g, g * k + s))
-                    continue
-                if e not in holders:
-                    holders[e] = np.flatnonzero((o == e).any(axis=1))
-                h = holders[e]
-                same = h[h // P == g // P]
-                src = int(same[0]) if same.size else (int(h[0]) if h.size else -1)
-                rows.append((l, e, src, g, g * k + s))
-    return np.array(rows, dtype=TRANSFER_DTYPE)
+        g, s = np.nonzero((n != o) & (n >= 0))                     # slots that receive an expert
+        if g.size == 0:
+            continue
+        e = n[g, s]
+        held = np.zeros((G, E + 1), dtype=bool)                     # column E: empty slots (-1)
+        held[np.repeat(np.arange(G), k), np.where(o.ravel() >= 0, o.ravel(), E)] = True
+        held = held[:, :E]
+        by_node = held.reshape(N, P, E)
+        in_node = by_node.any(axis=1)                                # [N, E]
+        first_in_node = by_node.argmax(axis=1) + np.arange(N)[:, None] * P
+        first_any = np.where(held.any(axis=0), held.argmax(axis=0), -1)
+        node = g // P
+        src = np.where(in_node[node, e], first_in_node[node, e], first_any[e])
+        src = np.where(held[g, e], g, src)                           # a copy within the GPU
+        rec = np.empty(g.size, dtype=TRANSFER_DTYPE)
+        rec["layer"], rec["expert"], rec["src_gpu"], rec["dst_gpu"], rec["dst_slot"] = l, e, src, g, g * k + s
+        parts.append(rec)
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=TRANSFER_DTYPE)
 
 
 def as_previous(previous: object, num_layers: int, num_experts: int, num_replicas: int, num_gpus: int) -> np.ndarray:
@@ -262,10 +270,12 @@ def _pick(dphi: np.ndarray, cost: np.ndarray, ok: np.ndarray, eps: float):
     return idx, float(ratio[idx])
 
 
-def _repair_layer(st: _Layer, T: float, partners_of, max_steps: int) -> bool:
-    """Drive every GPU under ``T``; returns whether it got there."""
+def _repair_layer(st: _Layer, T: float, partners_of, max_steps: int, deadline: float | None = None) -> bool:
+    """Drive every GPU under ``T``; returns whether it got there (by ``deadline``)."""
     eps = 1e-12 * max(T, 1e-300)
     for _ in range(max_steps):
+        if deadline is not None and time.perf_counter() >= deadline:
+            return False
         over = np.flatnonzero(st.load > T + eps)
         if over.size == 0:
             return True
@@ -303,10 +313,13 @@ def _repair_layer(st: _Layer, T: float, partners_of, max_steps: int) -> bool:
     return bool((st.load <= T + eps).all())
 
 
-def _undo_moves(st: _Layer, T: float, partners_of, max_steps: int) -> None:
-    """Swaps and retargets that lower the move cost and keep every GPU under ``T``."""
+def _undo_moves(st: _Layer, T: float, partners_of, max_steps: int, deadline: float | None = None) -> None:
+    """Swaps and retargets that lower the move cost and keep every GPU under ``T``
+    (each step keeps the layer valid, so stopping at ``deadline`` is safe)."""
     eps = 1e-12 * max(T, 1e-300)
     for _ in range(max_steps):
+        if deadline is not None and time.perf_counter() >= deadline:
+            return
         moved = np.flatnonzero((st.M * st.new).any(axis=1))
         done = False
         for g in moved:
@@ -373,7 +386,9 @@ def replan(
             block instead.
         seed, workers: for CP-SAT.
     """
-    w = np.asarray(weight, dtype=np.float64)
+    # Per-layer power-of-two scaling changes no decision (every test compares loads of
+    # one layer) and keeps the cost ratios of huge loads finite.
+    w = unit_scale(np.asarray(weight, dtype=np.float64))
     L, E = w.shape
     R = old.shape[1]
     G, N = num_gpus, num_nodes
@@ -414,8 +429,10 @@ def replan(
                         if set(np.flatnonzero(node == n)) == set(np.flatnonzero(old_node == n)):
                             alt[n * rn:(n + 1) * rn] = old[l, n * rn:(n + 1) * rn]
                     starts.append(alt)
-        for start in starts:
-            got = _attempt(w[l], start, O, cin, cap[l], G, N, hierarchical, allow_duplicates, R)
+        for i, start in enumerate(starts):
+            if i and deadline is not None and time.perf_counter() >= deadline:
+                break
+            got = _attempt(w[l], start, O, cin, cap[l], G, N, hierarchical, allow_duplicates, R, deadline)
             if got is None:
                 continue
             c, row, m = got
@@ -431,12 +448,22 @@ def replan(
                       node_move_cost=node_move_cost, allow_duplicates=allow_duplicates,
                       deadline=exact_deadline, budget=exact_budget, deterministic=deterministic,
                       seed=seed, workers=workers)
-    return MigrationPlan(out, moves, cost, base_moves, base_cost, cap, source, aligned, events)
+    cap_in_units = gpu_loads(np.asarray(weight, dtype=np.float64), fresh, G).max(axis=1) * (1.0 + max_balance_loss)
+    return MigrationPlan(out, moves, cost, base_moves, base_cost, cap_in_units, source, aligned, events)
 
 
 def _exact_blocks(w, old, out, moves, cost, cap, source, events, *, G, N, hierarchical, node_move_cost,
                   allow_duplicates, deadline, budget, deterministic, seed, workers) -> None:
     """CP-SAT per node (see :func:`replan`), costliest layers first; updates in place."""
+    if not deterministic and deadline is not None:
+        left = deadline - time.perf_counter()
+        if left <= 0.01:
+            events.append("migration: no time left for the CP-SAT move model")
+            return
+        if "ortools.sat.python.cp_model" not in sys.modules and left < IMPORT_SECONDS:
+            events.append("migration: CP-SAT move model skipped: loading OR-Tools would overrun the deadline "
+                          "(it loads once per process)")
+            return
     from . import cpsat
 
     L, E = w.shape
@@ -517,8 +544,9 @@ def _exact_blocks(w, old, out, moves, cost, cap, source, events, *, G, N, hierar
                       + (f", failed on {failed}" if failed else ""))
 
 
-def _attempt(w, start, O, cin, T, G, N, hierarchical, allow_duplicates, R):
-    """Repair ``start`` under cap ``T``; ``(cost, row, moves)`` or None."""
+def _attempt(w, start, O, cin, T, G, N, hierarchical, allow_duplicates, R, deadline=None):
+    """Repair ``start`` under cap ``T``; ``(cost, row, moves)`` or None (also when
+    ``deadline`` passes before the repair is done)."""
     E = w.size
     P = G // N
     M0 = _gpu_counts(start, G, E)
@@ -536,9 +564,9 @@ def _attempt(w, start, O, cin, T, G, N, hierarchical, allow_duplicates, R):
         return groups[g]
 
     st = _Layer(w, start, O, cin, allowed, G, allow_duplicates)
-    if not (st.load <= T * (1 + 1e-12)).all() and not _repair_layer(st, T, partners_of, max_steps=4 * R):
+    if not (st.load <= T * (1 + 1e-12)).all() and not _repair_layer(st, T, partners_of, 4 * R, deadline):
         return None
-    _undo_moves(st, T, partners_of, max_steps=R)
+    _undo_moves(st, T, partners_of, R, deadline)
     return st.cost(), st.S.reshape(-1).copy(), st.moves()
 
 

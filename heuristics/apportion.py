@@ -193,3 +193,20 @@ def max_replica_load(weight: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """Largest per-replica load ``max_e w / c`` per row, ``[rows]`` float64."""
     w = np.asarray(weight, dtype=np.float64)
     return (w / counts).max(axis=1)
+
+
+def unit_scale(values: np.ndarray) -> np.ndarray:
+    """``values`` with each row (last axis but one and before: each leading index)
+    multiplied by a power of two that puts its largest entry in ``[0.5, 1)``.
+
+    Exact (a power-of-two scale changes no ratio and rounds nothing unless an entry
+    falls below float64's normal range, i.e. under ~1e-308 of the row's largest), so a
+    placement chosen on the result is the one chosen on ``values``; sums of squares and
+    products used for tie-breaks then neither overflow nor underflow.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    top = v.reshape(v.shape[0], -1).max(axis=1) if v.ndim > 1 else v.max(keepdims=True)
+    _, exp = np.frexp(np.where(top > 0, top, 1.0))
+    shape = (-1,) + (1,) * (v.ndim - 1)
+    return np.ldexp(v, (-exp).reshape(shape))
+

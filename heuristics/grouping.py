@@ -19,6 +19,7 @@ from math import factorial
 
 import numpy as np
 
+from .apportion import unit_scale
 from .packing import pack_items
 
 __all__ = [
@@ -110,7 +111,8 @@ def groups_to_nodes(group_load: np.ndarray, num_nodes: int) -> tuple[np.ndarray,
         best_val = worst.min(axis=1)
         # Among the optimal partitions prefer the most even one (smallest sum of squares).
         tie = worst <= best_val[:, None]
-        spread = np.where(tie, (node_loads**2).sum(axis=2), np.inf)
+        even = unit_scale(node_loads)                                # no overflow in the squares
+        spread = np.where(tie, (even**2).sum(axis=2), np.inf)
         best = spread.argmin(axis=1)
         return parts[best].copy(), best_val, True
     layout = pack_items(gl, np.broadcast_to(np.arange(num_groups), gl.shape), num_nodes)

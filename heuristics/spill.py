@@ -29,6 +29,7 @@ import time
 
 import numpy as np
 
+from .apportion import unit_scale
 from .local import LayerState
 from .pipeline import pack_rows
 
@@ -54,8 +55,10 @@ def off_node_load(weight: np.ndarray, phy2log: np.ndarray, num_nodes: int, home:
 class _Nodes:
     """Node-level state of one layer: ``x [E, N]`` replicas of each expert per node."""
 
-    def __init__(self, w: np.ndarray, x: np.ndarray, home: np.ndarray, P: int, G: int, lam: float) -> None:
-        self.w, self.x, self.home, self.P, self.G, self.lam = w, x.copy(), home, P, G, lam
+    def __init__(self, w: np.ndarray, x: np.ndarray, home: np.ndarray, P: int, G: int, lam: float,
+                 cap: float = np.inf) -> None:
+        # cap: most replicas of one expert on one node (P when no GPU may hold two).
+        self.w, self.x, self.home, self.P, self.G, self.lam, self.cap = w, x.copy(), home, P, G, lam, cap
         self.E, self.N = x.shape
         self.away = np.arange(self.N)[None, :] != home[:, None]    # [E, N]
         self._refresh()
@@ -97,7 +100,8 @@ class _Nodes:
             d_off = (v[es] * (away[es, m].astype(float) - away[es, h]))[:, None] + \
                 (v[fs] * (away[fs, h].astype(float) - away[fs, m]))[None, :]
             val = self.objective(loads, self.off + d_off)
-            val = np.where(es[:, None] != fs[None, :], val, np.inf)
+            fits = (self.x[es, m] < self.cap)[:, None] & (self.x[fs, h] < self.cap)[None, :]
+            val = np.where((es[:, None] != fs[None, :]) & fits, val, np.inf)
             i, j = np.unravel_index(int(np.argmin(val)), val.shape)
             if val[i, j] < f0 - eps and (best is None or val[i, j] < best[0]):
                 best = (float(val[i, j]), "swap", (int(es[i]), h, int(fs[j]), m))
@@ -126,7 +130,8 @@ class _Nodes:
                              np.where((fs[:, None] != t1) & (es[None, :] != t1), v[t1], v[t2]))
             vmax = np.maximum(other, np.maximum(vf2[:, None], ve2[None, :]))
             val = self.objective(loads, self.off + d_off, vmax)
-            val = np.where(fs[:, None] != es[None, :], val, np.inf)
+            fits = (self.x[es, n] < self.cap)[None, :]
+            val = np.where((fs[:, None] != es[None, :]) & fits, val, np.inf)
             i, j = np.unravel_index(int(np.argmin(val)), val.shape)
             if val[i, j] < f0 - eps and (best is None or val[i, j] < best[0]):
                 best = (float(val[i, j]), "retarget", (int(fs[i]), int(es[j]), n))
@@ -294,6 +299,9 @@ def spill_refine(
     out = np.array(phy2log, dtype=np.int64, copy=True)
     if not np.isfinite(cross_node_cost):
         return out
+    # Per-layer power-of-two scaling: the objective is linear in the loads, so the
+    # search is unchanged, and its sums of squares cannot overflow.
+    weight = unit_scale(weight)
     L, E = weight.shape
     R = out.shape[1]
     N, G = num_nodes, num_gpus
@@ -303,7 +311,7 @@ def spill_refine(
             break
         x0 = np.zeros((E, N), dtype=np.int64)
         np.add.at(x0, (out[l], np.arange(R) // rn), 1)
-        st = _Nodes(weight[l], x0, home[l], P, G, float(cross_node_cost))
+        st = _Nodes(weight[l], x0, home[l], P, G, float(cross_node_cost), np.inf if allow_duplicates else P)
         for _ in range(max_steps):
             f0 = float(st.objective(st.loads, st.off))
             step = st.best_step(1e-12 * max(f0, 1e-300))
@@ -323,7 +331,9 @@ def spill_refine(
         starts = [row] + ([] if global_plan is None else [_primaries_home(global_plan[l], home[l], N)])
         results = [_polish(weight[l], start, G, N, home[l], float(cross_node_cost), allow_duplicates, max_steps)
                    for start in starts]
-        out[l] = min(results, key=lambda r: r[0])[1]
+        best = min(results, key=lambda r: r[0])
+        if np.isfinite(best[0]):           # else no start kept the rules: the start plan stays
+            out[l] = best[1]
     return out
 
 

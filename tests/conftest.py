@@ -14,7 +14,7 @@ try:
         "ci", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow]
     )
     settings.register_profile(
-        "long", max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+        "long", max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow]
     )
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 except ImportError:  # pragma: no cover
