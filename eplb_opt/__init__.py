@@ -29,8 +29,9 @@ from .api import SolveResult, rebalance_experts, solve
 from .align import align_to_previous, count_moves
 from .migrate import Migration
 from .trigger import RebalanceDecision, should_rebalance
+from .status import warm_up
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 __all__ = [
     "Bounds",
@@ -64,4 +65,5 @@ __all__ = [
     "slot_loads",
     "solve",
     "verify",
+    "warm_up",
 ]

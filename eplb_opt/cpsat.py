@@ -632,3 +632,7 @@ def solve_min_moves(
     for (i, g, j), var in y.items():
         x[i, g] += solver.Value(var)
     return MovesResult(x, int(solver.ObjectiveValue()), status == cp_model.OPTIMAL)
+
+
+# Set last: the module (and OR-Tools) is fully loaded (see eplb_opt.status.ortools_ready).
+READY = True

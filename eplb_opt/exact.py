@@ -21,7 +21,6 @@ that again on the final plan.
 from __future__ import annotations
 
 import os
-import sys
 import threading
 import time
 import warnings
@@ -34,7 +33,7 @@ import numpy as np
 from heuristics.pipeline import pack_rows
 from heuristics.resplit import resplit_rounds
 
-from .status import StatusLog, logging_statuses, status_events
+from .status import StatusLog, logging_statuses, ortools_ready, preload_in_background, status_events
 
 __all__ = ["ExactOutcome", "RefineInterrupted", "refine"]
 
@@ -479,7 +478,7 @@ def _refine(
 
     # Phase 0 (hierarchical, groups too many to enumerate): groups to nodes by CP-SAT.
     if N > 1 and not _groups_exact(num_groups, N) and not out_of_time():
-        if "ortools.sat.python.cp_model" in sys.modules or deadline - time.perf_counter() > IMPORT_SECONDS:
+        if ortools_ready() or deadline - time.perf_counter() > IMPORT_SECONDS:
             from . import cpsat
 
             p = _groups_by_cpsat(
@@ -546,12 +545,13 @@ def _refine(
         events.append(f"time ran out before CP-SAT on {len(todo)} layer(s) above tolerance")
         return ExactOutcome(p, attempted, proven, events, conditional)
 
-    if not deterministic and "ortools.sat.python.cp_model" not in sys.modules and (
-        deadline - time.perf_counter() < IMPORT_SECONDS
-    ):
+    if not deterministic and not ortools_ready() and (deadline - time.perf_counter() < IMPORT_SECONDS):
+        started = preload_in_background()
         events.append(
             f"CP-SAT skipped on {len(todo)} layer(s) above tolerance: loading OR-Tools "
-            "would overrun the deadline (it loads once per process)"
+            "would overrun the deadline (it loads once per process; "
+            + ("now loading in the background for later calls" if started else "still loading in the background")
+            + ", or call eplb_opt.warm_up() at start-up)"
         )
         return ExactOutcome(p, attempted, proven, events, conditional)
     from . import cpsat  # OR-Tools is imported only when a model is built

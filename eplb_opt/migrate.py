@@ -28,7 +28,6 @@ cheaper.
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -39,6 +38,7 @@ from heuristics.apportion import unit_scale
 from heuristics.local import LayerState, gpu_counts as _gpu_counts
 
 from .exact import IMPORT_SECONDS
+from .status import ortools_ready, preload_in_background
 from .align import _keep_slots, align_to_previous
 from .metrics import gpu_loads
 
@@ -460,9 +460,10 @@ def _exact_blocks(w, old, out, moves, cost, cap, source, events, *, G, N, hierar
         if left <= 0.01:
             events.append("migration: no time left for the CP-SAT move model")
             return
-        if "ortools.sat.python.cp_model" not in sys.modules and left < IMPORT_SECONDS:
+        if not ortools_ready() and left < IMPORT_SECONDS:
+            preload_in_background()
             events.append("migration: CP-SAT move model skipped: loading OR-Tools would overrun the deadline "
-                          "(it loads once per process)")
+                          "(it loads once per process; loading in the background for later calls)")
             return
     from . import cpsat
 

@@ -3,12 +3,15 @@ exact mode can set it up before deciding whether to load OR-Tools)."""
 
 from __future__ import annotations
 
+import importlib
+import sys
 import threading
 from collections import Counter
 from contextlib import contextmanager
 from typing import Iterator
 
-__all__ = ["SolverFault", "StatusLog", "current_log", "logging_statuses", "status_events"]
+__all__ = ["SolverFault", "StatusLog", "current_log", "logging_statuses", "ortools_ready",
+           "preload_in_background", "status_events", "warm_up"]
 
 
 class SolverFault(RuntimeError):
@@ -66,3 +69,45 @@ def status_events(log: StatusLog) -> list[str]:
             "solve(s); those sub-problems kept the plan they had"
         )
     return out
+
+
+_preload_lock = threading.Lock()
+_preload_thread: threading.Thread | None = None
+
+
+def ortools_ready() -> bool:
+    """Whether :mod:`eplb_opt.cpsat` (and so OR-Tools) is fully loaded in this process.
+    A module still being imported (by the background preload) does not count: importing
+    it again would wait for that import."""
+    mod = sys.modules.get("eplb_opt.cpsat")
+    return mod is not None and getattr(mod, "READY", False)
+
+
+def _load() -> None:
+    try:
+        importlib.import_module("eplb_opt.cpsat")
+    except Exception:  # noqa: BLE001 - the next call that needs it imports it and reports the failure
+        pass
+
+
+def preload_in_background() -> bool:
+    """Start loading OR-Tools on a daemon thread (once); ``True`` when started by this
+    call.  Exact-mode calls whose budget cannot pay for the import call this, so the
+    calls after them can use CP-SAT."""
+    global _preload_thread
+    with _preload_lock:
+        if ortools_ready() or (_preload_thread is not None and _preload_thread.is_alive()):
+            return False
+        _preload_thread = threading.Thread(target=_load, name="eplb-opt-preload", daemon=True)
+        _preload_thread.start()
+        return True
+
+
+def warm_up() -> None:
+    """Load OR-Tools now (about 0.5 s, once per process), so that exact mode with short
+    budgets can use CP-SAT from its first call.  Serving engines call this at start-up."""
+    with _preload_lock:
+        thread = _preload_thread
+    if thread is not None:
+        thread.join()
+    importlib.import_module("eplb_opt.cpsat")

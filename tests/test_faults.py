@@ -310,3 +310,25 @@ def test_partial_output_is_checked_before_solving(tmp_path, capsys):
     assert "must differ" in capsys.readouterr().err
     assert main(base + ["--partial-output", str(tmp_path / "nodir" / "q.json")]) == 2
     assert not (tmp_path / "p.json").exists()
+
+
+def test_short_budgets_load_ortools_in_the_background_for_later_calls():
+    """A fresh process whose exact calls cannot pay for loading OR-Tools starts loading
+    it in the background, so later calls can use CP-SAT; ``warm_up`` loads it up front."""
+    code = """
+import time, eplb_opt
+from eplb_opt.status import ortools_ready
+from eplb_opt.workloads import generate
+w = generate("deepseek-v3-prefill", seed=0, windows=1)[0]
+kw = dict(num_replicas=288, num_groups=8, num_nodes=4, num_gpus=32)
+r = eplb_opt.solve(w, **kw, mode="exact", time_limit=0.2, tolerance=0.0)
+assert any("now loading in the background" in e for e in r.events), r.events
+eplb_opt.warm_up()                      # waits for the background load
+assert ortools_ready()
+r = eplb_opt.solve(w, **kw, mode="exact", time_limit=0.2, tolerance=0.0)
+assert not any("OR-Tools" in e for e in r.events), r.events
+print("ok")
+"""
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
