@@ -75,15 +75,20 @@ def _alternate(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, 
     return times
 
 
-def _machine() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return cpu
+
+
+def _machine() -> str:
+    cpu = cpu_name()
     return (
         f"{cpu}, {os.cpu_count()} cores; Python {platform.python_version()}, numpy {np.__version__}, "
         f"torch {torch.__version__}"

@@ -51,6 +51,8 @@ import numpy as np
 import eplb_opt
 from eplb_opt.workloads import PRESETS, generate
 
+from .run_core import cpu_name
+
 PRESET = "deepseek-v3-prefill"
 BUDGETS = [0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0]
 TARGET_S = 0.050
@@ -69,14 +71,7 @@ _SPIN = (
 
 
 def _machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     aff = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(), "affinity": aff,
             "python": platform.python_version(), "numpy": np.__version__, "eplb_opt": eplb_opt.__version__}

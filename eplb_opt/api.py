@@ -360,13 +360,21 @@ def _solve_masked(windows: np.ndarray, problem: Problem, mask: np.ndarray, *, st
             share = max(0.0, (start + budget - time.perf_counter()) * len(idx) / left_layers)
         left_layers -= len(idx)
         sub_w = windows[:, idx] if windows.shape[0] > 1 else windows[0][idx]
-        r = solve(
-            sub_w, num_replicas=k * a, num_gpus=a, mode=problem.mode, time_limit=share, seed=problem.seed,
-            policy="global", deterministic=deterministic, workers=workers, tolerance=tolerance,
-            allow_duplicates=allow_dup, executor=executor, ray_address=ray_address,
-            previous=None if prev is None else mk.compact_previous(prev[idx], mask[idx], w[idx]),
-            max_balance_loss=None if prev is None else mbl, node_move_cost=nmc, objective=objective,
-        )
+        try:
+            r = solve(
+                sub_w, num_replicas=k * a, num_gpus=a, mode=problem.mode, time_limit=share, seed=problem.seed,
+                policy="global", deterministic=deterministic, workers=workers, tolerance=tolerance,
+                allow_duplicates=allow_dup, executor=executor, ray_address=ray_address,
+                previous=None if prev is None else mk.compact_previous(prev[idx], mask[idx], w[idx]),
+                max_balance_loss=None if prev is None else mbl, node_move_cost=nmc, objective=objective,
+            )
+        except KeyboardInterrupt:
+            # A sub-problem's partial plan covers some layers on fewer GPUs: not a plan
+            # for the caller's problem, so none is offered.
+            raise SolveInterrupted(
+                "interrupted while planning around the masked GPUs; no partial plan is offered with masked_gpus",
+                stage="masked sub-problems", partial=None,
+            ) from None
         full[idx] = mk.embed(r.plan.phy2log.numpy(), mask[idx], k)
         top[idx], lb[idx] = r.max_load, r.lower_bound
         for i, l in enumerate(idx):

@@ -206,6 +206,23 @@ def test_interrupt_with_previous_offers_no_partial_plan(monkeypatch):
     assert "previous" in str(info.value)
 
 
+def test_interrupt_with_masked_gpus_offers_no_partial_plan(monkeypatch):
+    kw, shape = CASES["global-neighbourhood"]
+    w = _weight(shape)
+
+    def interrupt(real, solver, model):
+        raise KeyboardInterrupt
+
+    _Injector(monkeypatch, interrupt)
+    import eplb_opt.exact as exact
+
+    monkeypatch.setattr(exact, "COUNT_SHARE", 0.0)
+    monkeypatch.setattr(exact, "FIXED_SHARE", 0.0)
+    with pytest.raises(SolveInterrupted) as info:
+        eplb_opt.solve(w, **kw, mode="exact", time_limit=5.0, masked_gpus=[3])
+    assert info.value.partial is None and "masked" in str(info.value)
+
+
 def test_worker_threads_stop_after_an_interrupt(monkeypatch):
     """An interrupt heard while the neighbourhood workers run stops every worker after
     its current neighbourhood; the call does not wait out its 30 s budget."""
