@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -176,7 +177,9 @@ def _read(path: Path) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
         import torch
 
         try:
-            doc = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # a corrupt file is our error, not torch's warnings
+                warnings.simplefilter("ignore", UserWarning)
+                doc = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any unreadable file
             raise PlanFileError(f"{path}: not a readable plan file ({type(exc).__name__}: {_first_line(exc)})") from None
         arrays = _arrays(doc if isinstance(doc, dict) else [], path, lambda a: a.cpu().numpy().astype(np.int64))

@@ -28,6 +28,7 @@ all steps); a trailing partial window is kept only when it is the only one.
 from __future__ import annotations
 
 import json
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -168,7 +169,9 @@ def _torch_file(path: Path) -> tuple[str, Any]:
     import torch
 
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a corrupt file is our error, not torch's warnings
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file
         first = (str(exc).strip().splitlines() or [""])[0][:300]   # torch's messages run to a page
         raise TraceError(f"{path}: not a readable torch file ({type(exc).__name__}: {first})") from None
