@@ -66,8 +66,12 @@ def _mitm(free: np.ndarray, need: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     k = n2 // 2
     bits, pc = _subsets(k)
     n_sub = 2**k
-    scale = np.maximum(free.sum(axis=1), 1e-300)
-    target = need / scale
+    scale = free.sum(axis=1)
+    scale = np.where(scale > 0, scale, 1.0)
+    # Subset sums lie in [0, 1]: a target outside [-1, 2] picks what the clipped one
+    # picks, and clipping keeps a tiny scale from overflowing it.
+    with np.errstate(over="ignore"):
+        target = np.clip(need / scale, -1.0, 2.0)
     sa = _subset_sums(free[:, :k] / scale[:, None])      # [pairs, 2**k]
     sb = _subset_sums(free[:, k:] / scale[:, None])
     # Per pair, B subsets sorted by (size, sum) -- sums lie in [0, 1], size classes 4
