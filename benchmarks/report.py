@@ -370,11 +370,17 @@ def _deadlines_section(data: dict) -> list[str]:
         f"{ov['overhead_p99_ms']:+.1f} ms (over the calls not finished early: "
         f"{ov['overhead_p99_ms_not_all_optimal']:+.1f} ms); worst {ov['overhead_max_ms']:+.1f} ms.",
     ]
+    return lines + _events_and_plot(data, "deadline overhead per budget")
+
+
+def _events_and_plot(data: dict, alt: str) -> list[str]:
+    """The closing part of the deadline and soak sections: event kinds, then the plot."""
+    lines: list[str] = []
     if data.get("event_kinds"):
         lines += ["", "Events seen (calls with each kind):", ""]
         lines += [f"* {k}: {v}" for k, v in data["event_kinds"].items()]
     if data.get("plot"):
-        lines += ["", f"![deadline overhead per budget]({data['plot']})"]
+        lines += ["", f"![{alt}]({data['plot']})"]
     lines.append("")
     return lines
 
@@ -437,13 +443,7 @@ def _soak_section(data: dict) -> list[str]:
         f"| balancedness median, in-window (next window) | {s['balancedness_median']:.5f} "
         f"({s['next_balancedness_median']:.5f}) |",
     ]
-    if data.get("event_kinds"):
-        lines += ["", "Events seen (calls with each kind):", ""]
-        lines += [f"* {k}: {v}" for k, v in data["event_kinds"].items()]
-    if data.get("plot"):
-        lines += ["", f"![soak: per-call time and RSS]({data['plot']})"]
-    lines.append("")
-    return lines
+    return lines + _events_and_plot(data, "soak: per-call time and RSS")
 
 
 def _fuzz_section(data: dict) -> list[str]:
