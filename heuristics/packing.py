@@ -210,7 +210,7 @@ def _rotated_snake(sorted_labels: np.ndarray, num_packs: int) -> tuple[np.ndarra
             lead = np.where(c.all(axis=2), 0, (~c).argmax(axis=2))    # continuation length
             shift = np.zeros((rr.size, k, 1), dtype=np.int64)
             shift[:, 1:, 0] = lead
-            lay[rr] = np.take_along_axis(lay[rr], (np.arange(P) + shift) % P, axis=2)
+            lay[rr] = np.arange(0, n, P)[:, None] + (np.arange(P) + shift) % P
     lay[:, 1::2, :] = lay[:, 1::2, ::-1]
     return np.ascontiguousarray(lay.transpose(0, 2, 1)), rotated
 
@@ -434,41 +434,44 @@ def _best_pair_swaps(
         rows: ``[a]`` row ids; heavy, light: ``[a, m]`` pack ids (heavy != light).
 
     Returns:
-        ``(new_max [a, m], ai [a, m], bi [a, m], item_max [a, m, k], item_b [a, m, k])``:
-        the best swap moves slot ``ai`` of the heavy pack against slot ``bi`` of the
-        light pack and leaves the pair's larger load at ``new_max`` (``inf`` where no
-        duplicate-free swap lowers the heavy pack); ``item_max`` / ``item_b`` are the same
-        for each fixed slot of the heavy pack.
+        ``(new_max [a, m], ai [a, m], bi [a, m], dev [k, k, a * m], mid [a, m])``: the best
+        swap moves slot ``ai`` of the heavy pack against slot ``bi`` of the light pack and
+        leaves the pair's larger load at ``new_max`` (``inf`` where no duplicate-free swap
+        lowers the heavy pack).  ``dev[i, j, c]`` is ``new_max - mid`` of swapping slot
+        ``i`` of pair ``c``'s heavy pack against its slot ``j`` (``inf`` where it would
+        make a duplicate), for :func:`_heavy_multi_swaps`.
     """
     k = st.v.shape[2]
+    a_n, m = heavy.shape
     r2 = rows[:, None]
-    # [a, m, k*k] arrays, slot of a major and slot of b minor.  (Gathering [a, m, k]
-    # blocks and expanding them with repeat/tile is several times faster than one
-    # three-index fancy gather, and flat k*k inner loops beat 4-D broadcasting.)
     vh = st.v[r2, heavy]                                   # [a, m, k]
     vl = st.v[r2, light]
-    d = np.repeat(vh, k, axis=2)
-    d -= np.tile(vl, (1, 1, k))
     lh = st.loads[r2, heavy]                               # [a, m]
     ll = st.loads[r2, light]
-    new_max = np.maximum(lh[..., None] - d, ll[..., None] + d)
-    # Duplicate checks: b's label already on the heavy pack, a's label on the light pack.
+    half = 0.5 * (lh - ll)
+    mid = lh - half
+    # Swapping a (heavy) with b (light) moves d = va - vb; the pair's larger load is then
+    # max(lh - d, ll + d) = mid + |d - half|.  A swap that would put a label twice on a
+    # pack gets an infinite deviation through its item value (-inf for a, +inf for b).
     base_h = ((r2 * st.num_packs + heavy) * st.num_labels)[..., None]
     base_l = ((r2 * st.num_packs + light) * st.num_labels)[..., None]
     b_on_h = st.occ_flat[base_h + st.lab[r2, light]] > 0  # [a, m, k] (slot of b)
     a_on_l = st.occ_flat[base_l + st.lab[r2, heavy]] > 0  # [a, m, k] (slot of a)
-    bad = d <= 0
-    bad |= np.tile(b_on_h, (1, 1, k))
-    bad |= np.repeat(a_on_l, k, axis=2)
-    np.copyto(new_max, np.inf, where=bad)
-    new_max[new_max >= (lh * (1 - _REL_EPS))[..., None]] = np.inf
-    per_item = new_max.reshape(*new_max.shape[:2], k, k)
-    item_b = per_item.argmin(axis=3)
-    item_max = np.take_along_axis(per_item, item_b[..., None], axis=3)[..., 0]
-    best_a = item_max.argmin(axis=2)
-    val = np.take_along_axis(item_max, best_a[..., None], axis=2)[..., 0]
-    bi = np.take_along_axis(item_b, best_a[..., None], axis=2)[..., 0]
-    return val, best_a, bi, item_max, item_b
+    xa = np.where(a_on_l, -np.inf, vh - half[..., None])
+    xb = np.where(b_on_h, np.inf, vl)
+    # [k, k, a * m] with the long axis innermost: broadcasting over short inner axes is
+    # several times slower in numpy.
+    xa = np.ascontiguousarray(xa.reshape(-1, k).T)
+    xb = np.ascontiguousarray(xb.reshape(-1, k).T)
+    dev = xa[:, None, :] - xb[None, :, :]
+    np.abs(dev, out=dev)
+    flat = dev.reshape(k * k, -1)
+    best = flat.argmin(axis=0)
+    low = flat[best, np.arange(flat.shape[1])].reshape(a_n, m)
+    # The swap must lower the heavy pack by more than float noise.
+    new_max = np.where(low < lh * (1 - _REL_EPS) - mid, mid + low, np.inf)
+    best = best.reshape(a_n, m)
+    return new_max, best // k, best % k, dev, mid
 
 
 # ------------------------------------------------------------------- refinement
@@ -480,31 +483,37 @@ def _heavy_multi_swaps(
     h: np.ndarray,
     order: np.ndarray,
     best: tuple[np.ndarray, ...],
-    item_max: np.ndarray,
-    item_b: np.ndarray,
+    dev: np.ndarray,
+    mid: np.ndarray,
+    num_pairs: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Several swaps of each row's heaviest pack ``h`` in one round.
 
     Candidate 0 is the best single swap (``best = (val, a slot, partner, b slot)``, each
     ``[a]``); then the i-th heaviest item of ``h`` is offered to the i-th lightest pack
-    (best item there, from ``item_max`` / ``item_b`` of :func:`_best_pair_swaps`, whose
-    partner ``j`` is the j-th lightest pack).  Candidates that reuse an item or partner of
-    candidate 0, or bring
-    a label with several items onto ``h`` twice, are dropped; the rest are accepted as a
-    prefix while ``h`` stays heavier than every new partner load, so the heaviest load
-    only falls.  A pack far above the rest (one dominant expert) thus sheds many items
-    per round instead of one.
+    (its best partner item there, from ``dev`` / ``mid`` of :func:`_best_pair_swaps`, whose
+    pair ``j`` of each row, of ``num_pairs``, is ``h`` against the j-th lightest pack).
+    Candidates that reuse an item or partner of candidate 0, or bring a label with several
+    items onto ``h`` twice, are dropped; the rest are accepted as a prefix while ``h``
+    stays heavier than every new partner load, so the heaviest load only falls.  A pack
+    far above the rest (one dominant expert) thus sheds many items per round instead of
+    one.
 
     Returns ``(accepted, a slot, partner, b slot)``, each ``[a, 1 + q]``.
     """
     k = st.v.shape[2]
-    q = min(k, item_max.shape[1])
+    a_n = rows.size
+    q = min(k, num_pairs)
     val0, a0, p0, b0 = best
     items = np.argsort(-st.v[rows, h], axis=1)[:, :q]                 # heaviest first
     part = order[:, :q]                                               # lightest first
     jj = np.arange(q)[None, :]
-    val = item_max[:, :q][np.arange(rows.size)[:, None], jj, items]
-    b = item_b[:, :q][np.arange(rows.size)[:, None], jj, items]
+    col = np.arange(a_n)[:, None] * mid.shape[1] + jj                 # pair index in dev
+    cand = dev[items, :, col]                                         # [a, q, k] over b slots
+    b = cand.argmin(axis=2)
+    low = np.take_along_axis(cand, b[..., None], axis=2)[..., 0]
+    lh = st.loads[rows, h]
+    val = np.where(low < (lh * (1 - _REL_EPS))[:, None] - mid[:, :q], low, np.inf)
     d = st.v[rows[:, None], h[:, None], items] - st.v[rows[:, None], part, b]
     # Candidate 0 first.
     d0 = st.v[rows, h, a0] - st.v[rows, p0, b0]
@@ -584,12 +593,10 @@ def _refine(
         light = np.empty_like(heavy)
         light[:, :near] = order[:, :near]
         light[:, near:] = order[:, :pairs]
-        val, ai, bi, item_max, item_b = _best_pair_swaps(st, active, heavy, light)
+        val, ai, bi, dev, mid = _best_pair_swaps(st, active, heavy, light)
         g_col = val[:, :near].argmin(axis=1)
         best = (val[ar, g_col], ai[ar, g_col], light[ar, g_col], bi[ar, g_col])
-        acc, hai, hpart, hbi = _heavy_multi_swaps(
-            st, active, h, order, best, item_max[:, :near], item_b[:, :near]
-        )
+        acc, hai, hpart, hbi = _heavy_multi_swaps(st, active, h, order, best, dev, mid, near)
         ok = acc[:, 0]
         if ok.any():
             rr = np.broadcast_to(active[:, None], acc.shape)[acc]
