@@ -42,20 +42,20 @@ def derive_maps(phy2log: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.n
         log2phy, logcnt = derive_maps(np.where(p < 0, E, p), E + 1)
         return log2phy[:, :E, : R - E + 1], logcnt[:, :E]
     width = R - E + 1
-    offs = (np.arange(L) * E)[:, None]
-    logcnt = np.bincount((p + offs).ravel(), minlength=L * E).reshape(L, E)
-    # Slots grouped by expert, increasing slot within an expert: a stable sort (radix
-    # sort for 16-bit keys, else unique keys for the fast unstable sort).
-    if E <= np.iinfo(np.int16).max:
-        order = np.argsort(p.astype(np.int16), axis=1, kind="stable")
+    # One flat pass over all layers: global expert ids, slots grouped by expert with a
+    # stable sort (radix sort for 16-bit keys), rank of each slot within its expert.
+    g = (p + (np.arange(L) * E)[:, None]).ravel()
+    cnt = np.bincount(g, minlength=L * E)
+    if L * E <= np.iinfo(np.int16).max:
+        order = np.argsort(g.astype(np.int16), kind="stable")
     else:
-        order = np.argsort(p * R + np.arange(R), axis=1)
-    sorted_e = np.take_along_axis(p, order, axis=1)
-    start = np.cumsum(logcnt, axis=1) - logcnt
-    rank = np.arange(R)[None, :] - np.take_along_axis(start, sorted_e, axis=1)
-    log2phy = np.full((L, E * width), -1, dtype=np.int64)
-    np.put_along_axis(log2phy, sorted_e * width + rank, order, axis=1)
-    return log2phy.reshape(L, E, width), logcnt
+        order = np.argsort(g, kind="stable")
+    sorted_g = g[order]
+    start = np.cumsum(cnt) - cnt
+    rank = np.arange(L * R) - start[sorted_g]
+    log2phy = np.full(L * E * width, -1, dtype=np.int64)
+    log2phy[sorted_g * width + rank] = order % R
+    return log2phy.reshape(L, E, width), cnt.reshape(L, E)
 
 
 @dataclass(frozen=True)
