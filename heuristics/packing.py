@@ -360,9 +360,9 @@ class _Layout:
 
     def __init__(self, values: np.ndarray, labels: np.ndarray, layout: np.ndarray) -> None:
         rows, num_packs, k = layout.shape
-        self.layout = layout.copy()
-        self.v = _gather(values, self.layout)
-        self.loads = self.v.sum(-1)
+        self.layout = np.array(layout, dtype=np.int64, order="C")
+        self.v = np.ascontiguousarray(_gather(values, self.layout))
+        self.loads = np.ascontiguousarray(self.v.sum(-1))
         self.num_packs = num_packs
         raw = int(labels.max()) + 1 if labels.size else 1
         cnt = np.bincount((np.arange(rows)[:, None] * raw + labels).ravel(), minlength=rows * raw)
@@ -372,7 +372,7 @@ class _Layout:
         table = np.where(hot, rank, cold)
         self.cold = cold
         self.num_labels = cold + 1
-        self.lab = _gather(table, _gather(labels, self.layout))
+        self.lab = np.ascontiguousarray(_gather(table, _gather(labels, self.layout)))
         key = (np.arange(rows * num_packs) * self.num_labels).reshape(rows, num_packs, 1) + self.lab
         self.occ_flat = np.bincount(key.ravel(), minlength=rows * num_packs * self.num_labels)
         self.occ = self.occ_flat.reshape(rows, num_packs, self.num_labels)
@@ -394,27 +394,34 @@ class _Layout:
         arrays.  No slot may appear twice (and p != q).  With ``distinct`` no (row, pack)
         appears twice either, so plain fancy-index updates are used; otherwise (several
         swaps of one pack) load and occupancy updates accumulate with ``np.add.at``."""
-        va, vb = self.v[r, p, s], self.v[r, q, t]
-        la, lb = self.lab[r, p, s], self.lab[r, q, t]
-        ia, ib = self.layout[r, p, s], self.layout[r, q, t]
-        self.v[r, p, s], self.v[r, q, t] = vb, va
-        self.lab[r, p, s], self.lab[r, q, t] = lb, la
-        self.layout[r, p, s], self.layout[r, q, t] = ib, ia
-        cp, cq = (r * self.num_packs + p) * self.num_labels, (r * self.num_packs + q) * self.num_labels
+        k = self.v.shape[2]
+        cell_p = r * self.num_packs + p
+        cell_q = r * self.num_packs + q
+        fa = cell_p * k + s
+        fb = cell_q * k + t
+        # Flat views (all four arrays are C-contiguous): 1-D fancy indexing is much
+        # cheaper than three index arrays.
+        v, lab, lay, loads = self.v.reshape(-1), self.lab.reshape(-1), self.layout.reshape(-1), self.loads.reshape(-1)
+        va, vb = v[fa], v[fb]
+        la, lb = lab[fa], lab[fb]
+        v[fa], v[fb] = vb, va
+        lab[fa], lab[fb] = lb, la
+        lay[fa], lay[fb] = lay[fb], lay[fa]
+        cp, cq = cell_p * self.num_labels, cell_q * self.num_labels
         occ = self.occ_flat
         # Surplus bookkeeping: a copy leaving a pack where it was doubled removes one
         # surplus; a copy arriving where the label already sits adds one.
         delta = (occ[cp + lb] > 0).astype(np.int64) + (occ[cq + la] > 0) - (occ[cp + la] > 1) - (occ[cq + lb] > 1)
         if distinct:
-            self.loads[r, p] += vb - va
-            self.loads[r, q] += va - vb
+            loads[cell_p] += vb - va
+            loads[cell_q] += va - vb
             occ[cp + la] -= 1
             occ[cq + lb] -= 1
             occ[cp + lb] += 1
             occ[cq + la] += 1
         else:
-            np.add.at(self.loads, (r, p), vb - va)
-            np.add.at(self.loads, (r, q), va - vb)
+            np.add.at(loads, cell_p, vb - va)
+            np.add.at(loads, cell_q, va - vb)
             np.add.at(occ, cp + la, -1)
             np.add.at(occ, cq + lb, -1)
             np.add.at(occ, cp + lb, 1)
@@ -556,15 +563,22 @@ def _refine(
         seg = np.arange(rows)
         nseg = rows
     else:
-        _, seg = np.unique(segment, return_inverse=True)
-        nseg = int(seg.max()) + 1 if rows else 0
+        segment = np.asarray(segment)
+        starts = None
+        if rows and bool((segment[1:] >= segment[:-1]).all()):
+            # Sorted segments (the pipeline's case): ids and starts by one pass.
+            change = segment[1:] != segment[:-1]
+            seg = np.concatenate(([0], np.cumsum(change)))
+            starts = np.flatnonzero(np.concatenate(([True], change)))
+        else:
+            _, seg = np.unique(segment, return_inverse=True)
+        nseg = int(seg[-1] if starts is not None else seg.max()) + 1 if rows else 0
     frozen = np.zeros(nseg, dtype=bool)
     # The heaviest pack tries the `near` lightest packs; the `pairs` heaviest packs
     # are paired with the `pairs` lightest.  Bounded so a round stays cheap on many GPUs.
     near = min(num_packs - 1, _PARTNERS)
     pairs = min(num_packs // 2, _PARTNERS)
     thresh = None if target is None else target * (1 + _REL_EPS)
-    seg_sorted = segment is None or bool((np.diff(seg) >= 0).all())
 
     for _ in range(max_rounds):
         row_max = st.loads.max(axis=1)
@@ -572,9 +586,8 @@ def _refine(
         if thresh is not None:
             ok &= row_max > thresh
         if segment is not None:
-            if seg_sorted:
-                starts = np.flatnonzero(np.r_[True, seg[1:] != seg[:-1]])
-                seg_max = np.maximum.reduceat(row_max, starts)[np.cumsum(np.r_[False, seg[1:] != seg[:-1]])]
+            if starts is not None:
+                seg_max = np.maximum.reduceat(row_max, starts)[seg]
             else:
                 seg_max_s = np.full(nseg, -np.inf)
                 np.maximum.at(seg_max_s, seg, row_max)
