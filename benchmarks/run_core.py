@@ -42,14 +42,14 @@ SCALE = PRESETS["scale-1024"]
 
 NOTES = [
     "Heuristic mode runs the numpy pipeline with 2 refinement rounds "
-    "(heuristics.packing.DEFAULT_REFINE_ROUNDS).  On the prefill preset the time is spent in "
-    "about 400 small numpy calls (58 layers x 4 nodes = 232 rows of 72 replicas on 8 GPUs): "
-    "per-call overhead, not arithmetic, dominates, and each refinement round costs ~0.4-0.6 ms.",
-    "The prefill >= 10x target (<= ~1.9 ms here) is not met; the round-cap table shows the "
-    "trade-off: without refinement the pipeline is faster but falls below DeepSeek on some "
-    "workloads.  Validation, replica counts, group placement, the DeepSeek-shaped outputs "
-    "(log2phy alone is a 3.9 MB fill) and the independent verifier take ~0.9 ms before any "
-    "packing (stage timings in a warm process).",
+    "(heuristics.packing.DEFAULT_REFINE_ROUNDS).  On the prefill preset a call is a few hundred "
+    "numpy operations on arrays of 58 layers x 4 nodes = 232 rows of 72 replicas on 8 GPUs; "
+    "each refinement round costs about 0.4 ms.",
+    "The prefill >= 10x target is not met.  The stage table shows why it cannot be under the "
+    "issue's numpy-only rule for the heuristics package: the stages other than refinement "
+    "already exceed the budget, and the round-cap table shows that without refinement the "
+    "plans fall below DeepSeek on some workloads (no-redundancy).  Closing the gap needs "
+    "compiled code for the packing loops.",
     "`rebalance_experts` must return `log2phy` padded to `R - E + 1` (DESIGN.md section 5); "
     "DeepSeek's copy in SGLang pads only to the largest replica count, so its map is "
     "9x (prefill) to 250x (scale) smaller.",
@@ -164,6 +164,38 @@ def speed(preset: eplb_opt.workloads.Preset, repeats: int) -> dict:
     }
 
 
+def stages(preset: eplb_opt.workloads.Preset, repeats: int) -> dict:
+    """Where the time of the prefill ``rebalance_experts`` call goes: its stages timed
+    one by one on the same input (alternating, medians), plus the same call on the first
+    layer alone (the fixed per-call cost of a numpy pipeline of small array operations)."""
+    import heuristics
+    from eplb_opt.api import _verify
+    from eplb_opt.plan import derive_maps
+    from eplb_opt.problem import make_problem
+
+    w = generate(preset, windows=1, seed=0)[0]
+    wt = torch.from_numpy(w)
+    one = torch.from_numpy(np.ascontiguousarray(w[:1]))
+    topo = (preset.num_replicas, preset.num_groups, preset.num_nodes, preset.num_gpus)
+    problem = make_problem(wt, *topo)
+    args = (problem.weight, problem.num_replicas, problem.plan_groups, problem.plan_nodes, problem.num_gpus)
+    phy2log = heuristics.place(*args).phy2log
+    _, logcnt = derive_maps(phy2log, problem.num_experts)
+    times = _alternate(
+        {
+            "call": lambda: eplb_opt.rebalance_experts(wt, *topo),
+            "validate": lambda: make_problem(wt, *topo),
+            "place_seeds": lambda: heuristics.place(*args, refine_rounds=0),
+            "place": lambda: heuristics.place(*args),
+            "maps": lambda: derive_maps(phy2log, problem.num_experts),
+            "verify": lambda: _verify(problem, phy2log, logcnt=logcnt),
+            "call_one_layer": lambda: eplb_opt.rebalance_experts(one, *topo),
+        },
+        repeats,
+    )
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def frontier(rounds: list[int], repeats: int) -> list[dict]:
     """Speed/quality trade-off of the refinement-round cap: for each cap, how many suite
     workloads are at least as balanced as DeepSeek in-window, and the prefill speed-up."""
@@ -214,8 +246,11 @@ def main(argv: list[str] | None = None) -> int:
     sp = [speed(PRESETS[SPEED_PRESET], args.repeats)]
     if not args.skip_scale:
         sp.append(speed(SCALE, max(5, args.repeats // 3)))
+    print("stages ...", file=sys.stderr)
+    st = stages(PRESETS[SPEED_PRESET], max(args.repeats, 40))
     fr = [] if args.skip_frontier else frontier([0, 1, 2, 3, 8], args.repeats)
     data = {
+        "stages": st,
         "frontier": fr,
         "date": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
         "command": "python -m benchmarks.run_core " + " ".join(argv if argv is not None else sys.argv[1:]),
