@@ -373,6 +373,8 @@ class _Layout:
         self.cold = cold
         self.num_labels = cold + 1
         self.lab = np.ascontiguousarray(_gather(table, _gather(labels, self.layout)))
+        # Flat views of the C-contiguous slot arrays, for cheap 1-D fancy indexing.
+        self._flat = tuple(a.reshape(-1) for a in (self.v, self.lab, self.layout, self.loads))
         key = (np.arange(rows * num_packs) * self.num_labels).reshape(rows, num_packs, 1) + self.lab
         self.occ_flat = np.bincount(key.ravel(), minlength=rows * num_packs * self.num_labels)
         self.occ = self.occ_flat.reshape(rows, num_packs, self.num_labels)
@@ -399,9 +401,8 @@ class _Layout:
         cell_q = r * self.num_packs + q
         fa = cell_p * k + s
         fb = cell_q * k + t
-        # Flat views (all four arrays are C-contiguous): 1-D fancy indexing is much
-        # cheaper than three index arrays.
-        v, lab, lay, loads = self.v.reshape(-1), self.lab.reshape(-1), self.layout.reshape(-1), self.loads.reshape(-1)
+        # Through the flat views: 1-D fancy indexing is much cheaper than three index arrays.
+        v, lab, lay, loads = self._flat
         va, vb = v[fa], v[fb]
         la, lb = lab[fa], lab[fb]
         v[fa], v[fb] = vb, va
