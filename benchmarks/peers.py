@@ -7,6 +7,12 @@ no peer package (and none of its dependency tree) is installed.
 
 * ``deepseek``: DeepSeek's EPLB, as copied verbatim into SGLang
   (``sglang==0.5.23``: ``sglang/srt/eplb/eplb_algorithms/deepseek.py``; imports only torch).
+* ``deepseek_original``: the same algorithm in DeepSeek's original form (its loops index
+  torch tensors element by element, as deepseek-ai/EPLB's ``eplb.py`` does), as SGLang
+  shipped it before 0.5 (``sglang==0.4.10``, same path); it gives the same plans as the
+  0.5.23 copy, which converts to Python lists first.  Its one SGLang import
+  (``sglang.srt.utils.get_bool_env_var``, unused) is served by a stand-in module while the
+  file loads.  Timing context only: the targets compare against ``deepseek``.
 * ``deepseek_vec``: SGLang's vectorised variant beside it (``deepseek_vec.py``; takes
   per-step loads ``[steps, L, E]`` and the GPU count as slots per GPU).
 * ``elasticity_aware``: SGLang's elasticity-aware variant for inactive ranks
@@ -37,11 +43,13 @@ __all__ = [
     "CACHE",
     "PeerUnavailable",
     "available_peers",
+    "deepseek_original_rebalance",
     "deepseek_rebalance",
     "deepseek_vec_rebalance",
     "elasticity_rebalance",
     "fetch_wheel",
     "load_deepseek",
+    "load_deepseek_original",
     "load_deepseek_vec",
     "load_elasticity_aware",
     "load_seed",
@@ -53,6 +61,7 @@ __all__ = [
 CACHE = Path(os.environ.get("EPLB_OPT_PEER_CACHE", "~/.cache/eplb-opt/peers")).expanduser()
 SGLANG = "sglang==0.5.23"
 VLLM = "vllm==0.33.0"
+SGLANG_ORIGINAL = "sglang==0.4.10"
 SEED = Path(__file__).resolve().parents[2] / "shared" / "reference" / "seed_heuristic.py"
 
 
@@ -120,6 +129,39 @@ def deepseek_rebalance(policy: str = "auto") -> Callable[..., tuple[torch.Tensor
             hier = policy == "hierarchical"
         w = weight if isinstance(weight, torch.Tensor) else torch.as_tensor(weight)
         return ds.rebalance_experts(w, num_replicas, num_groups, num_nodes, num_gpus, hier)
+
+    return run
+
+
+@lru_cache(maxsize=None)
+def load_deepseek_original() -> ModuleType:
+    """DeepSeek EPLB in its original tensor-indexing form, from the ``sglang==0.4.10``
+    wheel (``rebalance_experts(..., enable_hierarchical)``, as :func:`load_deepseek`)."""
+    import types
+
+    path = _extract(SGLANG_ORIGINAL, "sglang/srt/eplb/eplb_algorithms/deepseek.py")
+    names = ["sglang", "sglang.srt", "sglang.srt.utils"]
+    if any(n in sys.modules for n in names):  # pragma: no cover - a real SGLang is loaded
+        return _import_file(path, "eplb_peer_deepseek_original")
+    stub = types.ModuleType("sglang.srt.utils")
+    stub.get_bool_env_var = lambda name, default="false": False  # type: ignore[attr-defined]
+    sys.modules.update({"sglang": types.ModuleType("sglang"), "sglang.srt": types.ModuleType("sglang.srt"),
+                        "sglang.srt.utils": stub})
+    try:
+        return _import_file(path, "eplb_peer_deepseek_original")
+    finally:
+        for n in names:
+            sys.modules.pop(n, None)
+
+
+def deepseek_original_rebalance() -> Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """:func:`load_deepseek_original` behind the 5-argument signature (policy as
+    :func:`deepseek_rebalance` with ``"auto"``)."""
+    ds = load_deepseek_original()
+
+    def run(weight, num_replicas, num_groups, num_nodes, num_gpus):
+        w = weight if isinstance(weight, torch.Tensor) else torch.as_tensor(weight)
+        return ds.rebalance_experts(w, num_replicas, num_groups, num_nodes, num_gpus, num_groups % num_nodes == 0)
 
     return run
 

@@ -117,6 +117,15 @@ def _core_section(out: Path, data: dict) -> list[str]:
         f"`rebalance_experts` {prefill['speedup_rebalance']:.1f}x, `solve` {prefill['speedup_solve']:.1f}x "
         "(see the note below).",
     ]
+    orig = prefill["median_s"].get("deepseek_original")
+    if orig:
+        lines.append(
+            f"Context: DeepSeek's original form of the same algorithm (deepseek-ai/EPLB's loops over "
+            f"torch tensor elements, as shipped in `sglang==0.4.10`; same plans) took {orig * 1e3:.0f} ms "
+            f"in the same rotation, {orig / prefill['median_s']['deepseek']:.0f}x the 0.5.23 copy, which "
+            f"runs its loops over Python lists: `rebalance_experts` is "
+            f"{orig / prefill['median_s']['rebalance_experts']:.0f}x faster than the original form."
+        )
     if len(data["speed"]) > 1:
         sc = data["speed"][1]
         lines.append(

@@ -33,7 +33,7 @@ import torch
 import eplb_opt
 from eplb_opt.workloads import PRESETS, generate
 
-from .peers import deepseek_rebalance
+from .peers import PeerUnavailable, deepseek_original_rebalance, deepseek_rebalance
 
 SUITE = ["deepseek-v3-prefill", "deepseek-v3-decode", "qwen3-235b", "kimi-k2", "no-redundancy"]
 SEEDS = [0, 1, 2, 3, 4]
@@ -131,19 +131,29 @@ def quality(progress: bool = True) -> list[dict]:
     return rows
 
 
-def speed(preset: eplb_opt.workloads.Preset, repeats: int) -> dict:
+def speed(preset: eplb_opt.workloads.Preset, repeats: int, original: bool = False) -> dict:
+    """Median times of DeepSeek's reference, ``rebalance_experts`` and ``solve``, calls
+    alternating; with ``original``, DeepSeek's original tensor-indexing form joins the
+    rotation (context only, when its wheel can be fetched)."""
     ds = deepseek_rebalance()
     w = generate(preset, windows=1, seed=0)[0]
     wt = torch.from_numpy(w)
     topo = (preset.num_replicas, preset.num_groups, preset.num_nodes, preset.num_gpus)
-    times = _alternate(
-        {
-            "deepseek": lambda: ds(wt, *topo),
-            "rebalance_experts": lambda: eplb_opt.rebalance_experts(wt, *topo),
-            "solve": lambda: eplb_opt.solve(wt, **preset.topology()),
-        },
-        repeats,
-    )
+    fns = {
+        "deepseek": lambda: ds(wt, *topo),
+        "rebalance_experts": lambda: eplb_opt.rebalance_experts(wt, *topo),
+        "solve": lambda: eplb_opt.solve(wt, **preset.topology()),
+    }
+    if original:
+        try:
+            ds_orig = deepseek_original_rebalance()
+        except PeerUnavailable as exc:
+            print(f"  DeepSeek's original form skipped: {exc}", file=sys.stderr)
+        else:
+            if not torch.equal(ds_orig(wt, *topo)[0], ds(wt, *topo)[0]):
+                raise RuntimeError("DeepSeek's original form and the 0.5.23 copy disagree")
+            fns["deepseek_original"] = lambda: ds_orig(wt, *topo)
+    times = _alternate(fns, repeats)
     med = {k: statistics.median(v) for k, v in times.items()}
     ours = eplb_opt.rebalance_experts(wt, *topo)
     res = eplb_opt.solve(wt, **preset.topology())
@@ -243,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     print("quality suite ...", file=sys.stderr)
     q = quality()
     print("speed ...", file=sys.stderr)
-    sp = [speed(PRESETS[SPEED_PRESET], args.repeats)]
+    sp = [speed(PRESETS[SPEED_PRESET], args.repeats, original=True)]
     if not args.skip_scale:
         sp.append(speed(SCALE, max(5, args.repeats // 3)))
     print("stages ...", file=sys.stderr)

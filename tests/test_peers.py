@@ -42,3 +42,23 @@ def test_at_least_as_balanced_as_deepseek(ds, preset):
     theirs = ds(torch.tensor(w), p.num_replicas, p.num_groups, p.num_nodes, p.num_gpus)[0]
     ours = eplb_opt.rebalance_experts(w, p.num_replicas, p.num_groups, p.num_nodes, p.num_gpus)[0]
     assert bal(w, ours, p.num_gpus) >= bal(w, theirs, p.num_gpus) - 1e-12
+
+
+def test_original_form_matches_the_sglang_copy(ds, readme_weight):
+    """The tensor-indexing original (sglang 0.4.10) is the same algorithm: same three
+    tensors; loading it leaves no stand-in SGLang module behind."""
+    import sys
+
+    from benchmarks.peers import PeerUnavailable, deepseek_original_rebalance
+
+    try:
+        orig = deepseek_original_rebalance()
+    except PeerUnavailable as exc:
+        pytest.skip(str(exc))
+    assert "sglang" not in sys.modules
+    w = torch.as_tensor(readme_weight)
+    for a, b in zip(orig(w, 16, 4, 2, 8), ds(w, 16, 4, 2, 8)):
+        assert torch.equal(a, b)
+    p = PRESETS["deepseek-v3-decode"]
+    w = torch.from_numpy(generate(p, windows=1, seed=2)[0][:4])
+    assert torch.equal(orig(w, 320, 8, 8, 64)[0], ds(w, 320, 8, 8, 64)[0])
