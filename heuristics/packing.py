@@ -78,8 +78,11 @@ def runs_order(values: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 
 def _gather(a: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    """``a[r, idx[r, ...]]`` for 2-D ``a``."""
-    return a[np.arange(a.shape[0]).reshape((-1,) + (1,) * (idx.ndim - 1)), idx]
+    """``a[r, idx[r, ...]]`` for 2-D ``a`` (one flat ``take``: several times cheaper in
+    numpy than fancy indexing with a row index and a column index)."""
+    rows, n = a.shape
+    off = np.arange(0, rows * n, n).reshape((-1,) + (1,) * (idx.ndim - 1))
+    return np.take(a, idx + off)
 
 
 def pack_loads(values: np.ndarray, layout: np.ndarray) -> np.ndarray:

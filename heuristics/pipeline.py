@@ -20,7 +20,7 @@ import numpy as np
 from .apportion import replica_counts
 from .grouping import groups_to_nodes
 from . import packing as _packing
-from .packing import pack_sorted
+from .packing import _gather, pack_sorted
 
 __all__ = ["Placement", "place", "pack_rows"]
 
@@ -116,7 +116,10 @@ def place(
         num_layers * num_nodes, experts_per_node
     )                                                                        # global expert ids
     rows = num_layers * num_nodes
-    node_w = np.take_along_axis(w.reshape(num_layers, num_experts), node_experts.reshape(num_layers, -1), axis=1)
+    # Flat takes throughout: far cheaper in numpy than row-and-column fancy indexing.
+    layer_off = (np.arange(num_layers) * num_experts)[:, None]
+    node_ids = node_experts.reshape(num_layers, -1) + layer_off             # flat ids into w
+    node_w = np.take(w, node_ids)
     node_w = node_w.reshape(rows, experts_per_node)
 
     # 2. Replica counts per node.
@@ -128,11 +131,10 @@ def place(
         node_w, counts, gpus_per_node, refine_rounds=refine_rounds,
         segment_size=num_nodes, allow_duplicates=allow_duplicates,
     ).reshape(rows, -1)
-    ar = np.arange(rows)[:, None]
-    phy2log = node_experts[ar, local].reshape(num_layers, num_replicas)
+    phy2log = _gather(node_experts, local).reshape(num_layers, num_replicas)
 
     logcnt = np.empty((num_layers, num_experts), dtype=np.int64)
-    np.put_along_axis(logcnt, node_experts.reshape(num_layers, -1), counts.reshape(num_layers, -1), axis=1)
+    logcnt.reshape(-1)[node_ids.ravel()] = counts.ravel()
     return Placement(phy2log=phy2log, logcnt=logcnt, node_of_group=node_of_group, groups_exact=exact)
 
 
@@ -170,10 +172,9 @@ def pack_rows(
     per_replica = w / c
     # Replicas by decreasing load, an expert's replicas adjacent: order the experts, then
     # expand each into its replicas (no sort over replicas needed).
-    ar = np.arange(rows)[:, None]
     expert_order = np.argsort(-per_replica, axis=1)
-    labels = np.repeat(expert_order.ravel(), c[ar, expert_order].ravel()).reshape(rows, n)
-    values = per_replica[ar, labels]
+    labels = np.repeat(expert_order.ravel(), _gather(c, expert_order).ravel()).reshape(rows, n)
+    values = _gather(per_replica, labels)
     if target is None:
         row_bound = np.maximum(values.sum(axis=1) / num_packs, values[:, 0])
         target = np.repeat(row_bound.reshape(-1, segment_size).max(axis=1), segment_size)
@@ -181,4 +182,4 @@ def pack_rows(
         values, labels, num_packs, target=target, refine_rounds=refine_rounds,
         segment_size=segment_size, allow_duplicates=allow_duplicates,
     )
-    return labels[np.arange(rows)[:, None, None], layout]
+    return _gather(labels, layout)
