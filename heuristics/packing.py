@@ -305,9 +305,11 @@ def _kk_sorted(sorted_values: np.ndarray, num_packs: int) -> np.ndarray:
         final[ar, ia] = a_map
         final[ar, ib] = b_map
     pack_of = final[:, :, ::-1]                              # [rows, block, j] -> pack
-    lay = np.empty((rows, P, k), dtype=np.int64)
-    lay[ar[:, None, None], pack_of, np.arange(k)[None, :, None]] = np.arange(n).reshape(1, k, P)
-    return lay
+    # Scatter through flat slot ids (row, pack, block): cheaper than three index arrays.
+    lay = np.empty(rows * P * k, dtype=np.int64)
+    slot = (pack_of + (ar * P)[:, None, None]) * k + np.arange(k)[None, :, None]
+    lay[slot.ravel()] = np.broadcast_to(np.arange(n).reshape(1, k, P), (rows, k, P)).ravel()
+    return lay.reshape(rows, P, k)
 
 
 def kk_layout(
@@ -522,7 +524,7 @@ def _heavy_multi_swaps(
     col = np.arange(a_n)[:, None] * mid.shape[1] + jj                 # pair index in dev
     cand = dev[items, :, col]                                         # [a, q, k] over b slots
     b = cand.argmin(axis=2)
-    low = np.take_along_axis(cand, b[..., None], axis=2)[..., 0]
+    low = cand.min(axis=2)
     lh = st.loads[rows, h]
     val = np.where(low < (lh * (1 - _REL_EPS))[:, None] - mid[:, :q], low, np.inf)
     d = st.v[rows[:, None], h[:, None], items] - st.v[rows[:, None], part, b]
@@ -536,9 +538,10 @@ def _heavy_multi_swaps(
     ok = np.isfinite(V)
     ok[:, 1:] &= (items != a0[:, None]) & (part != p0[:, None])
     lab_b = st.lab[rows[:, None], Pt, B]
-    hot = (lab_b != st.cold) & ok
-    dup_lab = (lab_b[:, :, None] == lab_b[:, None, :]) & hot[:, :, None] & hot[:, None, :]
-    ok &= ~(dup_lab & np.tri(q + 1, q + 1, -1, dtype=bool)).any(axis=2)
+    # A candidate bringing a label that an earlier kept candidate also brings is dropped
+    # (only labels with several items count; the others get distinct stand-ins).
+    hot = np.where((lab_b != st.cold) & ok, lab_b, -1 - np.arange(q + 1))
+    ok &= ~((hot[:, :, None] == hot[:, None, :]) & np.tri(q + 1, q + 1, -1, dtype=bool)).any(axis=2)
     new_part = np.where(ok, st.loads[rows[:, None], Pt] + D, -np.inf)
     shed = np.cumsum(np.where(ok, D, 0.0), axis=1)
     load_before = st.loads[rows, h][:, None] - (shed - np.where(ok, D, 0.0))
