@@ -117,14 +117,16 @@ def _core_section(out: Path, data: dict) -> list[str]:
         f"`rebalance_experts` {prefill['speedup_rebalance']:.1f}x, `solve` {prefill['speedup_solve']:.1f}x "
         "(see the note below).",
     ]
-    orig = prefill["median_s"].get("deepseek_original")
+    orig = prefill.get("original_rotation_s")
     if orig:
+        ratio = orig["original"] / orig["deepseek"]
         lines.append(
             f"Context: DeepSeek's original form of the same algorithm (deepseek-ai/EPLB's loops over "
-            f"torch tensor elements, as shipped in `sglang==0.4.10`; same plans) took {orig * 1e3:.0f} ms "
-            f"in the same rotation, {orig / prefill['median_s']['deepseek']:.0f}x the 0.5.23 copy, which "
-            f"runs its loops over Python lists: `rebalance_experts` is "
-            f"{orig / prefill['median_s']['rebalance_experts']:.0f}x faster than the original form."
+            f"torch tensor elements, as shipped in `sglang==0.4.10`; same plans) took "
+            f"{orig['original'] * 1e3:.0f} ms against {orig['deepseek'] * 1e3:.1f} ms for the 0.5.23 copy "
+            f"(which runs its loops over Python lists) in a rotation of their own: {ratio:.0f}x slower, "
+            f"so `rebalance_experts` is about {ratio * prefill['speedup_rebalance']:.0f}x faster than "
+            "the original form."
         )
     if len(data["speed"]) > 1:
         sc = data["speed"][1]
@@ -157,8 +159,11 @@ def _core_section(out: Path, data: dict) -> list[str]:
         mandatory = st["validate"] + st["place_seeds"] + st["maps"] + st["verify"]
         lines += [
             "",
-            f"Everything but refinement takes {mandatory * 1e3:.2f} ms "
-            f"({ds_s / mandatory:.1f}x DeepSeek), already over the 10x budget, and the same call on "
+            f"Everything but refinement takes {mandatory * 1e3:.2f} ms here "
+            f"({ds_s / mandatory:.1f}x DeepSeek).  Our calls measure slower in the rotation with "
+            f"DeepSeek than among themselves (the whole call {prefill['median_s']['rebalance_experts'] * 1e3:.2f} ms "
+            f"there against {st['call'] * 1e3:.2f} ms here), and there the call without refinement "
+            "stays under 10x (round-cap table, 0 rounds).  The same call on "
             f"one layer (1/58 of the data) takes {st['call_one_layer'] * 1e3:.2f} ms "
             f"({st['call_one_layer'] / st['call']:.0%} of the full call): a numpy pipeline pays a "
             "fixed cost per operation, whatever the array size.",
