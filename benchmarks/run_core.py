@@ -133,8 +133,8 @@ def quality(progress: bool = True) -> list[dict]:
 
 def speed(preset: eplb_opt.workloads.Preset, repeats: int, original: bool = False) -> dict:
     """Median times of DeepSeek's reference, ``rebalance_experts`` and ``solve``, calls
-    alternating; with ``original``, DeepSeek's original tensor-indexing form joins the
-    rotation (context only, when its wheel can be fetched)."""
+    alternating; with ``original``, also DeepSeek's original tensor-indexing form against
+    the reference in a second rotation (context only, when its wheel can be fetched)."""
     ds = deepseek_rebalance()
     w = generate(preset, windows=1, seed=0)[0]
     wt = torch.from_numpy(w)
