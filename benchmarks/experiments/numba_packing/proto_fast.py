@@ -1,10 +1,38 @@
-"""Fast numba version of proto.py: one njit call for all rows, preallocated work arrays,
-linked-list KK seed with insertion sort, pruned swap refinement, duplicate separation."""
+"""Numba prototype of a simplified hierarchical EPLB pipeline, fixed to the DeepSeek-V3
+prefill topology (8 groups, 4 nodes, 32 GPUs, 288 replicas): groups to nodes by exhaustive
+pairing, greedy replica counts, Karmarkar-Karp seed (linked lists, insertion sort), single
+swap refinement and duplicate separation, in one njit call over all rows with preallocated
+work arrays.  Experiment only (see README.md here)."""
 
 import numpy as np
 import numba
 
-from proto import PAIRINGS, NG, NN, NGPU, R, MAXCNT, NSWAP
+NG, NN, NGPU, R = 8, 4, 32, 288
+MAXCNT = 8
+NSWAP = 64
+
+
+def _pairings():
+    """All 105 ways to split groups 0..7 into 4 unordered pairs -> [105, 8] node index per group."""
+    out = []
+
+    def rec(rem, cur):
+        if not rem:
+            a = np.empty(8, np.int64)
+            for n, (x, y) in enumerate(cur):
+                a[x] = n
+                a[y] = n
+            out.append(a)
+            return
+        f = rem[0]
+        for j in range(1, len(rem)):
+            rec(rem[1:j] + rem[j + 1:], cur + [(f, rem[j])])
+
+    rec(list(range(8)), [])
+    return np.array(out)
+
+
+PAIRINGS = _pairings()  # [105, 8]
 
 # stop codes for stage timing (run everything up to and including the stage)
 ST_GROUPS, ST_COUNTS, ST_ITEMS, ST_SEED, ST_REFINE, ST_SEP, ST_ALL = 1, 2, 3, 4, 5, 6, 7
