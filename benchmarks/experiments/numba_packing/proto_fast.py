@@ -99,6 +99,23 @@ def _kk_seed(ld, m, k, sums, head, tail, nxt, alive, tmps, th, tt, gi, gl):
 
 
 @numba.njit(cache=True, inline="always")
+def _apply_swap(gi, sl, gl, ex, cnt, g, s, o, t):
+    """Swap slot s of GPU g with slot t of GPU o: items, slot loads, GPU loads, counts."""
+    ia = gi[g, s]
+    ib = gi[o, t]
+    d = sl[g, s] - sl[o, t]
+    gi[g, s] = ib
+    gi[o, t] = ia
+    sl[g, s], sl[o, t] = sl[o, t], sl[g, s]
+    gl[g] -= d
+    gl[o] += d
+    cnt[g, ex[ia]] -= 1
+    cnt[g, ex[ib]] += 1
+    cnt[o, ex[ib]] -= 1
+    cnt[o, ex[ia]] += 1
+
+
+@numba.njit(cache=True, inline="always")
 def _swap_refine(gi, sl, gl, ex, cnt, nswap):
     """Same as proto.swap_refine. sl[g, s] = load of item gi[g, s] (kept in sync);
     cnt[m, nex] must be filled by the caller."""
@@ -144,21 +161,7 @@ def _swap_refine(gi, sl, gl, ex, cnt, nswap):
                     bs, bo, bt = s, o, t
         if bs < 0:
             break
-        ia = gi[h, bs]
-        ib = gi[bo, bt]
-        la = sl[h, bs]
-        lb = sl[bo, bt]
-        d = la - lb
-        gi[h, bs] = ib
-        gi[bo, bt] = ia
-        sl[h, bs] = lb
-        sl[bo, bt] = la
-        gl[h] -= d
-        gl[bo] += d
-        cnt[h, ex[ia]] -= 1
-        cnt[h, ex[ib]] += 1
-        cnt[bo, ex[ib]] -= 1
-        cnt[bo, ex[ia]] += 1
+        _apply_swap(gi, sl, gl, ex, cnt, h, bs, bo, bt)
 
 
 @numba.njit(cache=True, inline="always")
@@ -199,20 +202,7 @@ def _separate(gi, sl, gl, ex, cnt, cap):
                             bo = o
                             bt = t
                 if bo >= 0:
-                    ib = gi[bo, bt]
-                    eb = ex[ib]
-                    lb = sl[bo, bt]
-                    d = la - lb
-                    gi[g, s] = ib
-                    gi[bo, bt] = ia
-                    sl[g, s] = lb
-                    sl[bo, bt] = la
-                    gl[g] -= d
-                    gl[bo] += d
-                    cnt[g, ea] -= 1
-                    cnt[g, eb] += 1
-                    cnt[bo, eb] -= 1
-                    cnt[bo, ea] += 1
+                    _apply_swap(gi, sl, gl, ex, cnt, g, s, bo, bt)
                     nsw += 1
                     changed = True
     return nsw
