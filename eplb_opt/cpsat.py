@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from fractions import Fraction
 from math import gcd
 from typing import Sequence
 
@@ -45,8 +46,11 @@ __all__ = [
     "solve_neighbourhood",
 ]
 
-# Largest scaled sum we allow (well inside int64 and CP-SAT's domain limits).
-_MAX_SUM = 2**50
+# Largest integer load (per replica, per group) in any model: CP-SAT 9.15 was measured
+# to return wrong OPTIMAL answers on these models with coefficients from about 2**32
+# (benchmarks/experiments/cpsat_magnitude) and none below; 2**24 leaves a margin of
+# 256x while rounding costs at most 2**-23 of the heaviest item per item.
+MAX_COEFF_BITS = 24
 
 
 _STATUS_NAMES = {
@@ -111,22 +115,42 @@ def _run(solver: cp_model.CpSolver, model: cp_model.CpModel) -> int:
 
 @dataclass(frozen=True)
 class Scaling:
-    """Integer loads: ``values ~= ints * unit`` (``unit`` in input load units per integer
-    step); ``exact`` when no rounding happened; ``error`` is the largest
-    ``|ints * unit - values|`` per item."""
+    """Integer loads, never above the true ones: ``ints * unit <= values`` for every item
+    (exactly, not to a float tolerance), so any placement's load in the model is at most
+    its true load and a bound the model proves is a bound on the true problem.
+
+    Attributes:
+        ints: integer loads, each at most ``2**MAX_COEFF_BITS``.
+        unit: input load units per integer step (``Fraction``: ``1 / lcm`` when exact,
+            a power of two otherwise).
+        exact: ``ints * unit == values`` for every item.
+        error: the largest ``values - ints * unit`` (input units, ``>= 0``).
+    """
 
     ints: np.ndarray
-    unit: float
+    unit: Fraction
     exact: bool
     error: float
 
     def to_input(self, scaled: float) -> float:
-        """A scaled quantity in input units."""
-        return float(scaled) * self.unit
+        """A scaled quantity in input units (nearest float; see :meth:`bound_to_input`)."""
+        return float(int(scaled) * self.unit)
+
+    def bound_to_input(self, scaled: float) -> float:
+        """A proven lower bound in scaled units, in input units, rounded *down*."""
+        return float_down(Fraction(int(np.floor(scaled))) * self.unit)
 
     def to_scaled(self, value: float) -> float:
         """An input-unit quantity in scaled units."""
-        return float(value) / self.unit
+        return float(Fraction(value) / self.unit)
+
+
+def float_down(x: Fraction) -> float:
+    """The largest float64 not above ``x``."""
+    f = float(x)
+    if Fraction(f) > x:
+        f = float(np.nextafter(f, -np.inf))
+    return f
 
 
 def _lcm(values: Sequence[int]) -> int:
@@ -136,31 +160,42 @@ def _lcm(values: Sequence[int]) -> int:
     return out
 
 
-def scale_loads(weights: np.ndarray, counts: np.ndarray, slots_per_pack: int) -> Scaling:
-    """Integer per-replica loads for ``weights / counts`` (elementwise arrays).
+def scale_loads(weights: np.ndarray, counts: np.ndarray, slots_per_pack: int = 1) -> Scaling:
+    """Integer per-replica loads for ``weights / counts`` (elementwise arrays), rounded
+    down and no larger than ``2**MAX_COEFF_BITS`` (the magnitude at which CP-SAT was
+    measured reliable; see the module docs).
 
-    Exact when every weight is an integer and ``lcm(counts) * max weight * k`` stays
-    below ``2**50``; otherwise the loads are rounded at a power-of-two scale that keeps
-    the sum of ``k`` items below ``2**50``.
+    Exact (``unit = 1 / lcm(counts)``) when every weight is an integer and the scaled
+    loads fit; otherwise ``unit`` is the power of two that puts the largest per-replica
+    load just under ``2**MAX_COEFF_BITS``, and each load is rounded down exactly (checked
+    in float64 arithmetic that is exact at these magnitudes).  ``slots_per_pack`` is
+    kept for callers; a pack's sum is at most ``slots_per_pack * 2**MAX_COEFF_BITS``.
     """
+    del slots_per_pack
     w = np.asarray(weights, dtype=np.float64)
     c = np.asarray(counts, dtype=np.int64)
-    top = float(w.max(initial=0.0))
-    if top <= 0:
-        return Scaling(np.zeros(w.shape, dtype=np.int64), 1.0, True, 0.0)
-    if np.all(w == np.round(w)):
-        m = _lcm(np.unique(c).tolist())
-        if m * top * slots_per_pack < _MAX_SUM:
-            ints = (np.round(w).astype(np.int64) * (m // c)).astype(np.int64)
-            return Scaling(ints, 1.0 / m, True, 0.0)
-    # Rounded: scale the largest item to 2**50 / k integer steps (values normalised first,
-    # so tiny or huge magnitudes neither underflow nor overflow).
     vals = w / c
-    vmax = float(vals.max())
-    steps = 2.0 ** np.floor(np.log2(_MAX_SUM / slots_per_pack))
-    ints = np.round(vals / vmax * steps).astype(np.int64)
-    unit = vmax / steps
-    return Scaling(ints, unit, False, float(np.abs(ints * unit - vals).max()))
+    top = float(vals.max(initial=0.0))
+    if top <= 0:
+        return Scaling(np.zeros(w.shape, dtype=np.int64), Fraction(1), True, 0.0)
+    limit = 2**MAX_COEFF_BITS
+    if np.all(w == np.round(w)) and float(w.max()) < limit:
+        m = _lcm(np.unique(c).tolist())
+        if m * float(w.max()) <= limit:
+            ints = (np.round(w).astype(np.int64) * (m // c)).astype(np.int64)
+            return Scaling(ints, Fraction(1, m), True, 0.0)
+    # Rounded: unit = 2**e with top / unit in (2**(B-1), 2**B].
+    e = int(np.ceil(np.log2(top))) - MAX_COEFF_BITS
+    unit = 2.0**e
+    ints = np.floor(vals / unit)
+    # ints * unit * c is exact in float64 (< 2**(B + 1 + log2 c) << 2**53), so these
+    # comparisons with w are exact: step down where the division rounded up, up where
+    # it rounded down by a whole step.
+    ints = np.where(ints * unit * c > w, ints - 1, ints)
+    ints = np.where((ints + 1) * unit * c <= w, ints + 1, ints)
+    ints = np.maximum(ints, 0).astype(np.int64)
+    err = float((vals - ints * unit).max())
+    return Scaling(ints, Fraction(unit), False, max(err, 0.0))
 
 
 def _solver(time_limit: float, seed: int, deterministic: bool, workers: int = 1,
@@ -184,12 +219,25 @@ def _solver(time_limit: float, seed: int, deterministic: bool, workers: int = 1,
     return solver
 
 
-def _proven_bound(solver: cp_model.CpSolver, status: int, sc: Scaling, terms: int) -> float | None:
-    """The solver's proven objective bound in input units, lowered by the worst-case
-    rounding of ``terms`` scaled items; ``None`` when the solve proved nothing."""
+def _proven_bound(solver: cp_model.CpSolver, status: int, sc: Scaling) -> float | None:
+    """The solver's proven objective bound in input units, rounded down; ``None`` when
+    the solve proved nothing.  The model's loads are rounded down (:func:`scale_loads`),
+    so a bound on the model bounds the true problem too."""
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE, cp_model.UNKNOWN):
         return None
-    return max(0.0, sc.to_input(solver.BestObjectiveBound()) - (0.0 if sc.exact else terms * sc.error))
+    return max(0.0, sc.bound_to_input(solver.BestObjectiveBound()))
+
+
+def _check_bound(bound: float | None, achieved: float, terms: int, what: str) -> None:
+    """A model's proven bound can never exceed the true value of the solution the same
+    model returned (its loads are rounded down); if it does, the solver's answer is not
+    to be trusted at all: :class:`SolverFault` (the caller keeps its plan and bound and
+    names the event)."""
+    if bound is not None and bound > achieved * (1 + (terms + 2) * np.finfo(np.float64).eps):
+        raise SolverFault(
+            f"CP-SAT {what} proved a bound {bound!r} above the true load {achieved!r} of its own "
+            "solution (inconsistent answer; discarded)"
+        )
 
 
 def solve_neighbourhood(
@@ -345,30 +393,28 @@ def solve_complete(
     for g in range(G):
         model.Add(sum(nvar[e][j][g] for e in range(E) for j in range(len(menu))) == k)
         model.Add(sum(int(unit[e, j]) * nvar[e][j][g] for e in range(E) for j in range(len(menu))) <= top)
-    # GPUs are interchangeable: order them by load (non-increasing).
-    loads = [sum(int(unit[e, j]) * nvar[e][j][g] for e in range(E) for j in range(len(menu))) for g in range(G)]
-    for g in range(G - 1):
-        model.Add(loads[g] >= loads[g + 1])
+    # No symmetry breaking on GPU loads: with an ordering constraint on the loads,
+    # CP-SAT 9.15's presolve returned wrong OPTIMAL answers at large coefficients
+    # (benchmarks/experiments/cpsat_magnitude); these models are small enough without.
     if hint is not None and int(np.max(hint[0])) <= int(menu[-1]):
         h_counts, h_place = hint
         per_gpu = np.array([int(unit[h_place[g], h_counts[h_place[g]] - 1].sum()) for g in range(G)])
         for e in range(E):
             for j, c in enumerate(menu):
                 model.AddHint(y[e][j], int(h_counts[e] == c))
-        # Relabel the hint's GPUs heaviest first, as the symmetry breaking demands.
-        for new_g, old_g in enumerate(np.argsort(-per_gpu, kind="stable")):
-            on_gpu = np.bincount(h_place[old_g], minlength=E)
+        for g in range(G):
+            on_gpu = np.bincount(h_place[g], minlength=E)
             for e in range(E):
                 for j, c in enumerate(menu):
-                    model.AddHint(nvar[e][j][new_g], int(on_gpu[e]) if h_counts[e] == c else 0)
+                    model.AddHint(nvar[e][j][g], int(on_gpu[e]) if h_counts[e] == c else 0)
         model.AddHint(top, int(per_gpu.max()))
     # Objective.
     model.Minimize(top)
     # Solve.
     solver = _solver(time_limit, seed, deterministic, workers)
     status = _run(solver, model)
-    # Read-out.  Each GPU sums k scaled items, each off by at most `error`.
-    bound = _proven_bound(solver, status, sc, k)
+    # Read-out.
+    bound = _proven_bound(solver, status, sc)
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         return CompleteResult(None, None, None, bound, False)
     counts = np.array([int(menu[[solver.BooleanValue(b) for b in y[e]].index(True)]) for e in range(E)])
@@ -381,6 +427,7 @@ def solve_complete(
                 place[g, fill[g]] = e
                 fill[g] += 1
     gpu = np.array([sum(w[e] / counts[e] for e in place[g]) for g in range(G)])
+    _check_bound(bound, float(gpu.max()), k, "complete model")
     return CompleteResult(counts, place, float(gpu.max()), bound, status == cp_model.OPTIMAL)
 
 
@@ -484,7 +531,7 @@ def solve_fixed_counts(
     solver = _solver(time_limit, seed, deterministic, workers, relative_gap=relative_gap)
     status = _run(solver, model)
     # Read-out.
-    bound = _proven_bound(solver, status, sc, k)
+    bound = _proven_bound(solver, status, sc)
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         return FixedResult(None, bound, False)
     place = np.empty((G, k), dtype=np.int64)
@@ -494,6 +541,7 @@ def solve_fixed_counts(
             for _ in range(int(solver.Value(n[e][g]))):
                 place[g, fill[g]] = e
                 fill[g] += 1
+    _check_bound(bound, float((w / c)[place].sum(axis=1).max()), k, "fixed-count model")
     return FixedResult(place, bound, status == cp_model.OPTIMAL)
 
 
@@ -542,10 +590,11 @@ def solve_groups(
     model.Minimize(top)
     solver = _solver(time_limit, seed, deterministic)
     status = _run(solver, model)
-    bound = _proven_bound(solver, status, sc, m)
+    bound = _proven_bound(solver, status, sc)
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         return None, bound, False
     node = np.array([[solver.BooleanValue(b) for b in x[g]].index(True) for g in range(Gr)])
+    _check_bound(bound, float(max(gl[node == n].sum() for n in range(N))), m, "group model")
     return node, bound, status == cp_model.OPTIMAL
 
 
