@@ -25,7 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-MODULES = ["tests/test_fuzz.py", "tests/test_properties.py", "tests/test_exact_properties.py"]
+MODULES = ["tests/test_fuzz.py", "tests/test_properties.py", "tests/test_exact_properties.py",
+           "tests/test_certificates.py"]
 _TEST = re.compile(r"^(tests/\S+::\S+):\s*$")
 _COUNTS = re.compile(r"(\d+) passing, (\d+) failing, and (\d+) invalid")
 

@@ -33,11 +33,23 @@ class SolveResult:
         mean_load: ``[L]`` float64 mean GPU load per layer (``max_load`` can never go
             below it).
         lower_bound: ``[L]`` float64 certified lower bound on any plan's busiest GPU
-            under the policy (counts and group placement free).
-        gap: ``[L]`` float64 ``1 - lower_bound / max_load`` (0 where ``max_load == 0``).
-        status: per layer ``"optimal"`` (gap within ``tolerance`` of the certified
-            bound), ``"feasible"`` (a solver ran and the gap is above tolerance) or
-            ``"heuristic"`` (no solver ran, or it failed; see ``events``).
+            under the policy (counts and group placement free), for the float64 image
+            of the input (integer loads above 2**53 are read as float64), rounded down.
+            Scope: with ``allow_duplicates=False`` it bounds the no-duplicate problem
+            (no GPU holds two replicas of one expert), which can be higher than the
+            problem with duplicates; with ``masked_gpus`` it bounds the global policy
+            over the active GPUs; with ``policy="spill"`` it is the global policy's
+            bound (valid for spill plans too).  A bound from a CP-SAT model is only
+            taken from a model whose loads are rounded down to integers of at most
+            ``2**24`` (:mod:`eplb_opt.cpsat`), and a bound that contradicts the plan
+            is dropped (closed-form bound instead) and named in ``events``.
+        gap: ``[L]`` float64 ``1 - lower_bound / max_load`` (0 where ``max_load == 0``),
+            against that bound and so with the same scope.
+        status: per layer ``"optimal"`` (the plan's exact max load, float rounding
+            included, is within ``tolerance`` of the certified bound; a solver's own
+            "optimal" is never taken on trust), ``"feasible"`` (a solver ran and the gap
+            is above tolerance) or ``"heuristic"`` (no solver ran, or it failed; see
+            ``events``).
         balancedness: ``sum_l mean_g load / sum_l max_g load`` over the plan.
         slot_balancedness: the same over the ``R`` slots.
         runtime: wall-clock seconds of the call.

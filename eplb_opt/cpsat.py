@@ -1,6 +1,6 @@
 """CP-SAT models (OR-Tools), imported only when exact mode is used.
 
-Two models, each built in fixed sections (data, variables, constraints, objective,
+Five models, each built in fixed sections (data, variables, constraints, objective,
 solve, read-out):
 
 * :func:`solve_neighbourhood`: re-place the items of a few GPUs of one sub-problem
@@ -14,10 +14,25 @@ solve, read-out):
   enough to be proved optimal.  Its proven bound is valid with counts free.
 * :func:`solve_groups`: groups to nodes, exactly ``num_groups / N`` per node, minimising
   the heaviest node (where enumeration is too big).
+* :func:`solve_min_moves`: fewest weighted moves for one node under a load cap.
 
-Loads are scaled to integers: exactly (by a common multiple of the counts) when the
-loads are integers and the sums fit comfortably in int64, otherwise rounded, in which
-case bounds read from the model are corrected outward by the worst-case rounding error.
+Certificates (issue 12).  A bound read from a model holds for the true problem by
+construction:
+
+* loads are scaled to integers *rounded down* (:func:`scale_loads`; exactly, by a
+  common multiple of the counts, when the loads are integers and fit), so every
+  placement's load in the model is at most its true load, and a bound on the model is
+  a bound on the true problem; the bound is converted back rounded down;
+* every integer load is at most ``2**MAX_COEFF_BITS`` (``2**24``): OR-Tools 9.15's
+  presolve was measured to return wrong OPTIMAL answers on these models from
+  coefficients of about ``2**30`` (0 wrong answers at ``2**28`` and below in 1,500
+  checks; the fault needs a GPU-load ordering constraint written over the replica
+  variables, which no model here has any more) -- see
+  ``benchmarks/experiments/cpsat_magnitude``;
+* a bound above the true load of the model's own solution is a solver fault
+  (:class:`SolverFault`): the caller keeps its plan and bound and names the event.
+
+Plans read from a model are always re-evaluated in float64 by the caller.
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@ import torch
 import eplb_opt
 from eplb_opt import verify
 
+from .oracle import assert_consistent_certificate
+
 
 def check(weight, R, groups, nodes, gpus, **kw):
     r = eplb_opt.solve(weight, num_replicas=R, num_groups=groups, num_nodes=nodes, num_gpus=gpus, **kw)
@@ -14,7 +16,7 @@ def check(weight, R, groups, nodes, gpus, **kw):
     p, m, c = r.plan.to_numpy()
     verify(p, E, R, gpus, num_groups=groups, num_nodes=nodes, hierarchical=r.policy == "hierarchical",
            log2phy=m, logcnt=c)
-    assert (r.lower_bound <= r.max_load * (1 + 1e-12)).all()
+    assert_consistent_certificate(r)
     assert ((0 <= r.gap) & (r.gap <= 1)).all()
     assert np.isfinite(r.balancedness)
     return r

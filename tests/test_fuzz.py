@@ -31,6 +31,8 @@ import eplb_opt
 from eplb_opt import plan_violations
 from eplb_opt.errors import EplbOptError
 
+from .oracle import assert_consistent_certificate
+
 
 def share(fraction: float, least: int = 5) -> settings:
     """This test's example count: ``fraction`` of the active profile's."""
@@ -157,7 +159,7 @@ def check_result(r, t: dict, seen: np.ndarray, masked: np.ndarray | None = None)
         log2phy=m, logcnt=c, masked=masked,
     ) == []
     assert np.isfinite(r.max_load).all() and np.isfinite(r.lower_bound).all()
-    assert (r.lower_bound <= r.max_load * (1 + 1e-12) + 1e-300).all()
+    assert_consistent_certificate(r)
     assert ((r.gap >= 0) & (r.gap <= 1)).all()
     assert 0.0 <= r.balancedness <= 1.0 + 1e-12
     # The reported max load is the plan's, recomputed here from the loads.

@@ -7,6 +7,8 @@ from hypothesis import given, strategies as st
 import eplb_opt
 from eplb_opt import plan_violations
 
+from .oracle import assert_consistent_certificate
+
 
 @st.composite
 def problems(draw):
@@ -55,7 +57,7 @@ def test_every_plan_is_valid_and_bounded(args):
         p, w.shape[1], R, G, num_groups=groups, num_nodes=nodes,
         hierarchical=r.policy == "hierarchical", log2phy=m, logcnt=c,
     ) == []
-    assert (r.lower_bound <= r.max_load * (1 + 1e-12)).all()
+    assert_consistent_certificate(r)
     assert ((r.gap >= 0) & (r.gap <= 1)).all()
     assert r.balancedness <= r.balancedness_ceiling + 1e-12
     assert all(s == ("optimal" if g <= r.tolerance else "heuristic") for s, g in zip(r.status, r.gap))
