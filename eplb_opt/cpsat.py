@@ -501,7 +501,9 @@ def solve_fixed_counts(
         weights, counts: ``[E]`` loads and replica counts of the sub-problem.
         num_gpus: ``G``.
         hint: ``[G, k]`` current placement (expert indices).
-        lower: a certified lower bound (input units), the start of ``T``'s domain.
+        lower: the start of ``T``'s domain (input units): a bound on the caller's
+            objective (for a node, the layer's certified bound), so nothing below it is
+            searched for; the proven bound is then one on ``max(heaviest GPU, lower)``.
         time_limit: seconds (deterministic units when ``deterministic``).
         relative_gap: stop when within this relative gap.
     """
@@ -556,7 +558,9 @@ def solve_fixed_counts(
             for _ in range(int(solver.Value(n[e][g]))):
                 place[g, fill[g]] = e
                 fill[g] += 1
-    _check_bound(bound, float((w / c)[place].sum(axis=1).max()), k, "fixed-count model")
+    # T's domain starts at `lower` (nothing below it matters to the caller), so the
+    # proven bound is one on max(heaviest GPU, lower): checked against that.
+    _check_bound(bound, max(float((w / c)[place].sum(axis=1).max()), float(lower)), k, "fixed-count model")
     return FixedResult(place, bound, status == cp_model.OPTIMAL)
 
 

@@ -33,7 +33,7 @@ import numpy as np
 from heuristics.pipeline import pack_rows
 from heuristics.resplit import resplit_rounds
 
-from .status import StatusLog, logging_statuses, ortools_ready, preload_in_background, status_events
+from .status import StatusLog, logging_statuses, ortools_ready, status_events
 
 __all__ = ["ExactOutcome", "RefineInterrupted", "refine"]
 
@@ -323,6 +323,21 @@ def _complete_hierarchical(
     return p
 
 
+def _cpsat(deterministic: bool, deadline: float, events: list[str], what: str):
+    """:mod:`eplb_opt.cpsat`, importing OR-Tools if needed -- or ``None`` (and an event)
+    when that import (about 0.5 s, once per process) would overrun a wall-clock deadline.
+    Nothing is loaded in the background: an import running beside a call holds the GIL
+    for long stretches and was measured to slow the caller's own work by up to 0.1-0.2 s
+    (issue 12); ``eplb_opt.warm_up()`` loads it up front."""
+    if not deterministic and not ortools_ready() and deadline - time.perf_counter() < IMPORT_SECONDS:
+        events.append(f"{what} skipped: loading OR-Tools (about 0.5 s, once per process) would overrun the "
+                      "deadline; call eplb_opt.warm_up() at start-up")
+        return None
+    from . import cpsat  # OR-Tools is imported only when a model is built
+
+    return cpsat
+
+
 def _gpu_loads(w: np.ndarray, p: np.ndarray, gpus: int) -> np.ndarray:
     L, E = w.shape
     cnt = np.bincount((p + (np.arange(L) * E)[:, None]).ravel(), minlength=L * E).reshape(L, E)
@@ -440,8 +455,9 @@ def _refine(
         return ExactOutcome(p, attempted, proven, events, conditional)
 
     # Phase 1: complete models where the whole problem is small.
-    if N == 1 and _complete_size(E, R, G) <= COMPLETE_LIMIT:
-        from . import cpsat  # OR-Tools is imported only when a model is built
+    # (Where OR-Tools cannot be loaded in time, the phases below that need no solver run.)
+    if N == 1 and _complete_size(E, R, G) <= COMPLETE_LIMIT and (
+            cpsat := _cpsat(deterministic, deadline, events, f"complete models on {open_layers.size} layer(s)")):
 
         share = max(0.0, deadline - time.perf_counter()) / max(open_layers.size, 1)
         for l in open_layers:
@@ -467,7 +483,8 @@ def _refine(
             if not res.optimal:
                 events.append(f"layer {ids[l]}: complete model timed out (kept the best plan found)")
         return ExactOutcome(p, attempted, proven, events, conditional)
-    if N > 1 and _hier_complete_ok(E, R, G, N, num_groups):
+    if N > 1 and _hier_complete_ok(E, R, G, N, num_groups) and _cpsat(
+            deterministic, deadline, events, f"complete models on {open_layers.size} layer(s)"):
         p = _complete_hierarchical(
             w, p, open_layers, R=R, G=G, N=N, num_groups=num_groups, deadline=deadline,
             budget=layer_budget, deterministic=deterministic, seed=seed, workers=workers,
@@ -478,9 +495,8 @@ def _refine(
 
     # Phase 0 (hierarchical, groups too many to enumerate): groups to nodes by CP-SAT.
     if N > 1 and not _groups_exact(num_groups, N) and not out_of_time():
-        if ortools_ready() or deadline - time.perf_counter() > IMPORT_SECONDS:
-            from . import cpsat
-
+        cpsat = _cpsat(deterministic, deadline, events, "CP-SAT group placement")
+        if cpsat is not None:
             p = _groups_by_cpsat(
                 w, p, open_layers, R=R, G=G, N=N, num_groups=num_groups, deadline=deadline,
                 budget=layer_budget, deterministic=deterministic, seed=seed, proven=proven,
@@ -545,16 +561,9 @@ def _refine(
         events.append(f"time ran out before CP-SAT on {len(todo)} layer(s) above tolerance")
         return ExactOutcome(p, attempted, proven, events, conditional)
 
-    if not deterministic and not ortools_ready() and (deadline - time.perf_counter() < IMPORT_SECONDS):
-        started = preload_in_background()
-        events.append(
-            f"CP-SAT skipped on {len(todo)} layer(s) above tolerance: loading OR-Tools "
-            "would overrun the deadline (it loads once per process; "
-            + ("now loading in the background for later calls" if started else "still loading in the background")
-            + ", or call eplb_opt.warm_up() at start-up)"
-        )
+    cpsat = _cpsat(deterministic, deadline, events, f"CP-SAT on {len(todo)} layer(s) above tolerance")
+    if cpsat is None:
         return ExactOutcome(p, attempted, proven, events, conditional)
-    from . import cpsat  # OR-Tools is imported only when a model is built
 
     # Phase 3b: the whole sub-problem for its counts (n[e, g] model, warm-started), where
     # it is small enough to build quickly; its bound is conditional on the counts.

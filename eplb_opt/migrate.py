@@ -38,7 +38,7 @@ from heuristics.apportion import unit_scale
 from heuristics.local import LayerState, gpu_counts as _gpu_counts
 
 from .exact import IMPORT_SECONDS
-from .status import ortools_ready, preload_in_background
+from .status import ortools_ready
 from .align import _keep_slots, align_to_previous
 from .metrics import gpu_loads
 
@@ -461,9 +461,8 @@ def _exact_blocks(w, old, out, moves, cost, cap, source, events, *, G, N, hierar
             events.append("migration: no time left for the CP-SAT move model")
             return
         if not ortools_ready() and left < IMPORT_SECONDS:
-            preload_in_background()
-            events.append("migration: CP-SAT move model skipped: loading OR-Tools would overrun the deadline "
-                          "(it loads once per process; loading in the background for later calls)")
+            events.append("migration: CP-SAT move model skipped: loading OR-Tools (about 0.5 s, once per "
+                          "process) would overrun the deadline; call eplb_opt.warm_up() at start-up")
             return
     from . import cpsat
 

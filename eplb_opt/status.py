@@ -92,8 +92,8 @@ def _load() -> None:
 
 def preload_in_background() -> bool:
     """Start loading OR-Tools on a daemon thread (once); ``True`` when started by this
-    call.  Exact-mode calls whose budget cannot pay for the import call this, so the
-    calls after them can use CP-SAT."""
+    call.  Only :func:`warm_up` with ``background=True`` calls this: solve calls never
+    do, because an import running beside a call slows the call (see :func:`warm_up`)."""
     global _preload_thread
     with _preload_lock:
         if ortools_ready() or (_preload_thread is not None and _preload_thread.is_alive()):
@@ -103,9 +103,19 @@ def preload_in_background() -> bool:
         return True
 
 
-def warm_up() -> None:
+def warm_up(background: bool = False) -> None:
     """Load OR-Tools now (about 0.5 s, once per process), so that exact mode with short
-    budgets can use CP-SAT from its first call.  Serving engines call this at start-up."""
+    budgets can use CP-SAT from its first call.  Serving engines call this at start-up.
+
+    Exact-mode calls whose wall-clock budget cannot pay for the import skip CP-SAT (and
+    say so in ``events``) rather than load it: the import holds the GIL for long
+    stretches, and calls made while it ran in the background were measured 0.1-0.2 s
+    over their deadline.  ``background=True`` starts the import on a daemon thread and
+    returns at once, for a server that accepts slower calls during that half second.
+    """
+    if background:
+        preload_in_background()
+        return
     with _preload_lock:
         thread = _preload_thread
     if thread is not None:

@@ -212,6 +212,7 @@ def resplit_rounds(
     half = P // 2
     done_rounds = 0
     last = 0.0
+    measured = 0.0
     for _ in range(max_rounds):
         # Do not start a round that would likely end after the deadline.
         if deadline is not None and time.perf_counter() + last > deadline:
@@ -228,8 +229,13 @@ def resplit_rounds(
         if active.size == 0:
             break
         if deadline is not None:
+            # Rows the time left pays for, at the larger of the calibrated rate and the
+            # last round's measured one, for half the time left: a round sized to end
+            # exactly at the deadline overran it by 10-20 ms whenever the rate was off
+            # (issue 12's deadline study).
             per_row = (half + max(min(partners, P - 1) - 1, 0)) * 2.0 ** min(k, MAX_FREE) * SECONDS_PER_PAIR_SUBSET
-            fit = int((deadline - time.perf_counter()) / per_row)
+            per_row = max(per_row, measured)
+            fit = int(0.5 * (deadline - time.perf_counter()) / per_row)
             if fit < 1:
                 break
             if active.size > fit:
@@ -295,4 +301,5 @@ def resplit_rounds(
         # re-splits); otherwise its heaviest pack may find a partner next round.
         stuck[active[~changed]] = True
         last = time.perf_counter() - t_round
+        measured = last / a_n
     return layout, done_rounds
