@@ -1,5 +1,7 @@
 """Builds ``benchmarks/RESULTS.md`` from the recorded JSON files (``core.json``, ``exact.json``,
-``beyond.json``, ``ray.json``, ``deadlines.json``, ``soak.json``; each section only where its file exists)."""
+``beyond.json``, ``ray.json``, ``deadlines.json``, ``deadlines_p99.json``, ``gaps.json``,
+``experiments/cpsat_magnitude/results.json``, ``soak.json``, ``fuzz.json``; each section only where its file
+exists)."""
 
 from __future__ import annotations
 
@@ -509,6 +511,91 @@ def _fuzz_section(data: dict) -> list[str]:
     return lines
 
 
+def _magnitude_section(data: dict) -> list[str]:
+    """``experiments/cpsat_magnitude/results.json``: CP-SAT's wrong OPTIMALs by magnitude."""
+    lines = [
+        "## Certificates: CP-SAT's reliable magnitude (issue 12)",
+        "",
+        f"Command: `python benchmarks/experiments/cpsat_magnitude/repro.py --per-level {data['per_level']}` "
+        f"(OR-Tools {data['ortools']}, {data['seconds']} s).  A standalone model (no eplb-opt code) of the "
+        "complete EPLB model; each answer is checked against an exhaustive optimum of the same integer model.  "
+        "Wrong answers (all were OPTIMAL with a worse objective) per setting; see the folder's README for the "
+        "cause and what eplb-opt does about it (models round loads down at <= 2**24, no load ordering).",
+        "",
+    ]
+    settings = []
+    for r in data["rows"]:
+        key = (str(r["order"]), r["setting"])
+        if key not in settings:
+            settings.append(key)
+    names = {"True": "ordering", "vars": "ordering on load vars", "False": "no ordering"}
+    lines.append("| largest coefficient | " + " | ".join(f"{names[o]}, {s}" for o, s in settings) + " |")
+    lines.append("|---|" + "---:|" * len(settings))
+    by = {(r["bits"], str(r["order"]), r["setting"]): r for r in data["rows"]}
+    for bits in sorted({r["bits"] for r in data["rows"]}):
+        cells = [f"{by[(bits, o, s)]['wrong']} / {by[(bits, o, s)]['checked']}" if (bits, o, s) in by else ""
+                 for o, s in settings]
+        lines.append(f"| 2**{bits:g} | " + " | ".join(cells) + " |")
+    lines.append("")
+    return lines
+
+
+def _deadline_p99_section(data: dict) -> list[str]:
+    m = data["machine"]
+    lines = [
+        "## Deadlines: p99 overshoot, warm and fresh processes (issue 12)",
+        "",
+        f"Command: `{data['command']}` ({data['date']}, {m['cpu']}, {m['cpu_count']} cores; {data['seconds']} s).  "
+        "Overshoot = wall time - max(time_limit, heuristic wall time of the same input), prefill preset "
+        "(58 x 256, 288 / 8 / 4 / 32).  *warm*: `warm_up()` first; *fresh*: OR-Tools not loaded, no "
+        "`warm_up()` (budgets below the import cost never load it, so all their calls are fresh-process "
+        "calls); *fresh-first-call*: the first call of separate new processes, for budgets that can pay for "
+        "the import.  *busy*: one pure-Python spinner per core beside the process.  "
+        f"Targets: p99 <= {data['targets_ms']['idle']:g} ms idle, <= {data['targets_ms']['busy']:g} ms busy; "
+        f"met: {data['met']}.",
+        "",
+        "| policy | load | process | time_limit (s) | calls | median (ms) | p90 (ms) | p99 (ms) | max (ms) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in data["results"]:
+        s = r["summary"]
+        lines.append(f"| {r['policy']} | {r['load']} | {r['state']} | {r['time_limit']:g} | {s['calls']} | "
+                     f"{s['median_ms']:.1f} | {s['p90_ms']:.1f} | {s['p99_ms']:.1f} | {s['max_ms']:.1f} |")
+    lines.append("")
+    return lines
+
+
+def _gaps_section(data: dict) -> list[str]:
+    lines = [
+        "## Gap study: exact mode on the full suite (issue 12)",
+        "",
+        f"Command: `{data['command']}` ({data['date']}; {data['seconds']} s).  Every full-suite workload "
+        f"(window 0), `mode=\"exact\", time_limit=60, workers=2`, preset topology, `policy=\"auto\"`.  Target: "
+        f"every layer's gap <= {100 * data['target']:.2f}%.  **Worst gap {100 * data['worst_gap']:.4f}%; "
+        f"{data['layers_over_target']} of {data['layers']} layers over the target.**",
+        "",
+        "| workload | policy | worst gap | layer | bound that binds there | layers over target | heuristic worst gap |",
+        "|---|---|---:|---:|---|---:|---:|",
+    ]
+    for row in data["workloads"]:
+        worst = row["layers"][row["worst_layer"]]
+        lines.append(f"| {row['workload']} | {row['policy']} | {100 * row['worst_gap']:.4f}% | {row['worst_layer']} | "
+                     f"{worst['binding']} | {row['layers_over_target']} | {100 * row['heuristic_worst_gap']:.4f}% |")
+    if data.get("independent_checks"):
+        lines += ["", "Independent model on the worst layers (see `benchmarks/run_gaps.py`):", "",
+                  "| workload | layer | ours: bound | ours: plan | independent: bound | independent: best plan | "
+                  "node models proved optimal |",
+                  "|---|---:|---:|---:|---:|---:|---|"]
+        for c in data["independent_checks"]:
+            if "skipped" in c:
+                lines.append(f"| {c['workload']} | {c['layer']} | | | | | skipped: {c['skipped']} |")
+                continue
+            lines.append(f"| {c['workload']} | {c['layer']} | {c['ours_lower_bound']:.8g} | {c['ours_max_load']:.8g} | "
+                         f"{c['lower']:.8g} | {c['upper']:.8g} | {c['all_optimal']} |")
+    lines.append("")
+    return lines
+
+
 def write(here: Path) -> None:
     """Regenerate ``here / RESULTS.md`` from the JSON files present."""
     lines = ["# eplb-opt benchmark results", ""]
@@ -528,6 +615,15 @@ def write(here: Path) -> None:
     for name in ("deadlines.json", "deadlines-previous.json"):
         if (here / name).exists():
             lines += _deadlines_section(json.loads((here / name).read_text()))
+    p99 = here / "deadlines_p99.json"
+    if p99.exists():
+        lines += _deadline_p99_section(json.loads(p99.read_text()))
+    gaps = here / "gaps.json"
+    if gaps.exists():
+        lines += _gaps_section(json.loads(gaps.read_text()))
+    magnitude = here / "experiments" / "cpsat_magnitude" / "results.json"
+    if magnitude.exists():
+        lines += _magnitude_section(json.loads(magnitude.read_text()))
     soak = here / "soak.json"
     if soak.exists():
         lines += _soak_section(json.loads(soak.read_text()))

@@ -25,8 +25,8 @@ construction:
   a bound on the true problem; the bound is converted back rounded down;
 * every integer load is at most ``2**MAX_COEFF_BITS`` (``2**24``): OR-Tools 9.15's
   presolve was measured to return wrong OPTIMAL answers on these models from
-  coefficients of about ``2**30`` (0 wrong answers at ``2**28`` and below in 1,500
-  checks; the fault needs a GPU-load ordering constraint written over the replica
+  coefficients of about ``2**30`` (none at ``2**29`` and below in 1,200 checks per
+  setting; the fault needs a GPU-load ordering constraint written over the replica
   variables, which no model here has any more) -- see
   ``benchmarks/experiments/cpsat_magnitude``;
 * a bound above the true load of the model's own solution is a solver fault
@@ -62,9 +62,9 @@ __all__ = [
 ]
 
 # Largest integer load (per replica, per group) in any model: CP-SAT 9.15 was measured
-# to return wrong OPTIMAL answers on these models with coefficients from about 2**32
-# (benchmarks/experiments/cpsat_magnitude) and none below; 2**24 leaves a margin of
-# 256x while rounding costs at most 2**-23 of the heaviest item per item.
+# to return wrong OPTIMAL answers on these models from coefficients of 2**30-2**31 and
+# none at 2**29 or below (benchmarks/experiments/cpsat_magnitude); 2**24 leaves a margin
+# of 64x while rounding costs at most 2**-23 of the heaviest item per item.
 MAX_COEFF_BITS = 24
 
 
