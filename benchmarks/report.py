@@ -630,6 +630,11 @@ def write(here: Path) -> None:
     fuzz = here / "fuzz.json"
     if fuzz.exists():
         lines += _fuzz_section(json.loads(fuzz.read_text()))
+    fuzz_cert = here / "fuzz-certificates.json"
+    if fuzz_cert.exists():
+        section = _fuzz_section(json.loads(fuzz_cert.read_text()))
+        section[0] = "## Long fuzz campaign: certificates against the exact oracle (issue 12)"
+        lines += section
     bench = here / "bench-full" / "REPORT.md"
     if bench.exists():
         text = bench.read_text().replace("# eplb-opt bench: full suite", "## Every policy and peer (full suite)")

@@ -53,9 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=20261127, help="hypothesis seed (recorded)")
     ap.add_argument("--out", type=Path, default=here / "fuzz.json")
+    ap.add_argument("--modules", nargs="+", default=MODULES,
+                    help="test modules (default: every property-based module); e.g. "
+                         "--modules tests/test_certificates.py --out benchmarks/fuzz-certificates.json")
     args = ap.parse_args(argv)
     root = here.parent
-    cmd = [sys.executable, "-m", "pytest", "-q", *MODULES, "-p", "no:cacheprovider", "-W", "error::RuntimeWarning",
+    cmd = [sys.executable, "-m", "pytest", "-q", *args.modules, "-p", "no:cacheprovider", "-W", "error::RuntimeWarning",
            "--hypothesis-show-statistics", f"--hypothesis-seed={args.seed}"]
     env = dict(os.environ, HYPOTHESIS_PROFILE="long")
     print("running:", "HYPOTHESIS_PROFILE=long", " ".join(cmd[2:]), file=sys.stderr)
@@ -65,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     tests = parse(proc.stdout + proc.stderr)
     summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
     data = {
-        "command": f"python -m benchmarks.run_fuzz --seed {args.seed}",
+        "command": f"python -m benchmarks.run_fuzz --seed {args.seed}"
+                   + ("" if args.modules == MODULES else " --modules " + " ".join(args.modules)),
         "pytest": "HYPOTHESIS_PROFILE=long python " + " ".join(cmd[1:]),
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",

@@ -16,7 +16,8 @@ Components, each ``[L]`` float64 in the units of ``weight``:
   (exact when enumerable, a relaxation otherwise) spread over the node's GPUs.
 * ``node_replica`` (hierarchical only): a node holds exactly ``R / N`` replicas of its
   own experts, so a node's per-replica load cannot go below the best its ``R / N`` slots
-  allow.  Each possible node content (a set of ``num_groups / N`` groups) is scored by
+  allow; where a node has no spare slot (``R / N`` equals its experts), the pigeonhole
+  (cardinality) bound of the node's content over its GPUs instead (per-node cardinality).  Each possible node content (a set of ``num_groups / N`` groups) is scored by
   the larger of that and its load over its GPUs; the bound is the best assignment's
   worst node (exact min-max when the assignments can be enumerated; otherwise every
   group must share a node with some set of partners, and the best such set bounds it).
@@ -124,9 +125,16 @@ def node_replica_bound(
     subsets = np.array(list(combinations(range(num_groups), m)), dtype=np.int64)   # [C, m]
     experts = (subsets[:, :, None] * gs + np.arange(gs)).reshape(len(subsets), -1)  # [C, m*gs]
     t = np.zeros((L, len(subsets)))
-    li, ci = np.nonzero(need[:, subsets].sum(axis=2) > rn - m * gs)
-    if li.size:
-        t[li, ci] = _max_replica_load(w[li[:, None], experts[ci]], rn)
+    if rn == m * gs:
+        # No spare slot on a node: every expert of a content sits whole on one of its
+        # GPUs, exactly k per GPU, so the pigeonhole bound holds per content (the
+        # per-node cardinality bound; it includes the heaviest expert).
+        contents = w[:, experts].reshape(L * len(subsets), m * gs)
+        t = partition_cardinality_bound(contents, gpn).reshape(L, len(subsets))
+    else:
+        li, ci = np.nonzero(need[:, subsets].sum(axis=2) > rn - m * gs)
+        if li.size:
+            t[li, ci] = _max_replica_load(w[li[:, None], experts[ci]], rn)
     score = np.maximum(t, group_load[:, subsets].sum(axis=2) / gpn)                  # [L, C]
     if num_partitions(num_groups, num_nodes) <= ENUMERATION_LIMIT:
         return score[:, _partition_blocks(num_groups, num_nodes)].max(axis=2).min(axis=1), True

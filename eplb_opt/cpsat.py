@@ -38,6 +38,7 @@ Plans read from a model are always re-evaluated in float64 by the caller.
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 from fractions import Fraction
 from math import gcd
@@ -214,9 +215,14 @@ def scale_loads(weights: np.ndarray, counts: np.ndarray, slots_per_pack: int = 1
 
 
 def _solver(time_limit: float, seed: int, deterministic: bool, workers: int = 1,
-            relative_gap: float | None = None) -> cp_model.CpSolver:
+            relative_gap: float | None = None, started: float | None = None) -> cp_model.CpSolver:
     """A CP-SAT solver with our parameters: a wall-clock limit, or (deterministic) a
-    deterministic-time limit with interleaved search so several workers repeat."""
+    deterministic-time limit with interleaved search so several workers repeat.
+
+    ``started`` (``time.perf_counter()`` when the caller's model function began): the
+    wall-clock limit covers building the model too, so what the build took is taken off
+    the solver's limit (a 512-variable model takes ~10 ms to build in Python, which made
+    short calls overrun their deadline)."""
     solver = cp_model.CpSolver()
     # Ctrl-C belongs to the caller (KeyboardInterrupt), not to CP-SAT's own handler,
     # which would end only the current solve and swallow the signal.
@@ -230,7 +236,8 @@ def _solver(time_limit: float, seed: int, deterministic: bool, workers: int = 1,
             solver.parameters.interleave_search = True
         solver.parameters.max_deterministic_time = max(time_limit, 1e-3)
     else:
-        solver.parameters.max_time_in_seconds = max(time_limit, 1e-3)
+        spent = 0.0 if started is None else time.perf_counter() - started
+        solver.parameters.max_time_in_seconds = max(time_limit - spent, 1e-3)
     return solver
 
 
@@ -278,6 +285,7 @@ def solve_neighbourhood(
         ``[m, k]`` indices into the flattened items giving the new placement, or
         ``None`` when no better placement was found in time (or none exists).
     """
+    started = time.perf_counter()
     # Data.
     m, k = ints.shape
     v = ints.ravel()
@@ -312,7 +320,7 @@ def solve_neighbourhood(
     # Objective.
     model.Minimize(top)
     # Solve.
-    solver = _solver(time_limit, seed, deterministic)
+    solver = _solver(time_limit, seed, deterministic, started=started)
     status = _run(solver, model)
     # Read-out.
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
@@ -378,6 +386,7 @@ def solve_complete(
     Returns:
         :class:`CompleteResult`.
     """
+    started = time.perf_counter()
     # Data.
     w = np.asarray(weights, dtype=np.float64)
     E = w.size
@@ -426,7 +435,7 @@ def solve_complete(
     # Objective.
     model.Minimize(top)
     # Solve.
-    solver = _solver(time_limit, seed, deterministic, workers)
+    solver = _solver(time_limit, seed, deterministic, workers, started=started)
     status = _run(solver, model)
     # Read-out.
     bound = _proven_bound(solver, status, sc)
@@ -507,6 +516,7 @@ def solve_fixed_counts(
         time_limit: seconds (deterministic units when ``deterministic``).
         relative_gap: stop when within this relative gap.
     """
+    started = time.perf_counter()
     # Data.
     w = np.asarray(weights, dtype=np.float64)
     c = np.asarray(counts, dtype=np.int64)
@@ -545,7 +555,7 @@ def solve_fixed_counts(
     # Objective.
     model.Minimize(top)
     # Solve.
-    solver = _solver(time_limit, seed, deterministic, workers, relative_gap=relative_gap)
+    solver = _solver(time_limit, seed, deterministic, workers, relative_gap=relative_gap, started=started)
     status = _run(solver, model)
     # Read-out.
     bound = _proven_bound(solver, status, sc)
@@ -582,6 +592,7 @@ def solve_groups(
         ``(node_of_group or None, proven lower bound on the heaviest node or None,
         optimal)``; the bound is valid over all assignments (rounding corrected).
     """
+    started = time.perf_counter()
     gl = np.asarray(group_loads, dtype=np.float64)
     Gr, N = gl.size, num_nodes
     m = Gr // N
@@ -607,7 +618,7 @@ def solve_groups(
         for n in range(N):
             model.AddHint(x[g][n], int(first[int(hint[g])] == n))
     model.Minimize(top)
-    solver = _solver(time_limit, seed, deterministic)
+    solver = _solver(time_limit, seed, deterministic, started=started)
     status = _run(solver, model)
     bound = _proven_bound(solver, status, sc)
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
@@ -653,11 +664,12 @@ def solve_min_moves(
     ``sum arrival_cost * y`` (costs rounded to hundredths).  ``hint`` ``[n, P]`` is a
     feasible placement (option = its row sums).
     """
+    started = time.perf_counter()
     n, P = arrival_cost.shape
     vmax = max(v for opts in options for _, v in opts)
     if vmax <= 0 or cap <= 0:
         return MovesResult(None, None, False)
-    scale = (2.0**40 / slots_per_gpu) / max(cap, vmax)
+    scale = (2.0**MAX_COEFF_BITS / slots_per_gpu) / max(cap, vmax)   # reliable magnitude (module docs)
     cap_int = int(np.floor(cap * scale))
     cost_int = np.round(np.asarray(arrival_cost, dtype=np.float64) * 100).astype(np.int64)
     per_gpu = slots_per_gpu if max_per_gpu is None else max_per_gpu
@@ -692,7 +704,7 @@ def solve_min_moves(
         m.Add(sum(var * q for var, q in load_terms[g]) <= cap_int)
     m.Minimize(sum(var * c for var, c in obj))
 
-    solver = _solver(time_limit, seed, deterministic, workers)
+    solver = _solver(time_limit, seed, deterministic, workers, started=started)
     status = _run(solver, m)
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         return MovesResult(None, None, False)

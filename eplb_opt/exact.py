@@ -11,7 +11,9 @@ Phases, all sharing one deadline:
    above its bound: fast, and on model-shaped loads it closes most of the gap.
 3. *CP-SAT large-neighbourhood search*: for the layers still above tolerance, largest
    gap first, the heaviest GPU and a few others are re-placed exactly
-   (:func:`eplb_opt.cpsat.solve_neighbourhood`), in worker threads.
+   (:func:`eplb_opt.cpsat.solve_neighbourhood`), in worker threads.  Before it, under
+   the hierarchical policy with one group per node, the heaviest node of each open layer
+   gets a complete model (counts free), whose proven bound holds for the layer.
 
 Replica counts and the group-to-node assignment stay as the heuristic chose them except
 in phase 1.  Every change only ever lowers a layer's heaviest GPU; the caller checks
@@ -45,6 +47,9 @@ NEIGHBOURHOOD_TIME = 0.05
 COUNT_SHARE = 0.7
 # No CP-SAT call starts with less time than this left.
 MIN_SOLVE = 0.005
+# Wall seconds per variable to build a CP-SAT model in Python (a 512-variable fixed-count
+# model: ~10 ms on this project's machine); no model is built with less time than that.
+BUILD_SECONDS_PER_VAR = 2e-5
 # Wall time to load OR-Tools the first time (measured here: ~0.4 s).
 IMPORT_SECONDS = 0.6
 # Deterministic mode: wall seconds one candidate-item of a count move takes on this
@@ -55,6 +60,9 @@ SECONDS_PER_CANDIDATE_ITEM = 6e-6
 # with this share of the time left before the neighbourhood search.
 FIXED_LIMIT = 2500
 FIXED_SHARE = 0.5
+# Share of the time left before the neighbourhood search given to complete models of the
+# heaviest node (hierarchical policy with one group per node).
+NODE_SHARE = 0.5
 
 
 @dataclass
@@ -338,6 +346,68 @@ def _cpsat(deterministic: bool, deadline: float, events: list[str], what: str):
     return cpsat
 
 
+def _complete_heaviest_nodes(
+    w: np.ndarray,
+    p: np.ndarray,
+    layers: list[int],
+    *,
+    cpsat,
+    R: int,
+    N: int,
+    P: int,
+    deadline: float,
+    budget: float,
+    deterministic: bool,
+    seed: int,
+    workers: int,
+    allow_duplicates: bool,
+    proven: np.ndarray,
+    lower_bound: np.ndarray,
+    tol: float,
+    events: list[str],
+    ids: np.ndarray,
+) -> np.ndarray:
+    """Phase 3c of :func:`_refine` (one group per node): for each layer, largest gap
+    first, the complete model (replica counts free) of the node that sets the layer's
+    maximum.  Its proven bound holds for the layer (that group sits alone on some node in
+    every plan) and joins ``proven``; a better node placement replaces the node's."""
+    L, E = w.shape
+    rn, k = R // N, R // (N * P)
+    p = p.copy()
+    improved = 0
+    for i, l in enumerate(layers):
+        if not deterministic and time.perf_counter() >= deadline:
+            events.append(f"complete node models: time share ran out after {i} of {len(layers)} layer(s)")
+            break
+        cnt = np.bincount(p[l], minlength=E)
+        nodes = p[l].reshape(N, rn)
+        node_max = (w[l] / np.maximum(cnt, 1))[nodes].reshape(N, P, k).sum(axis=2).max(axis=1)
+        n = int(node_max.argmax())
+        ex = np.unique(nodes[n])
+        local = np.searchsorted(ex, nodes[n]).reshape(P, k)
+        share = max(0.0, deadline - time.perf_counter()) / (len(layers) - i)
+        if not deterministic and share < BUILD_SECONDS_PER_VAR * _complete_size(ex.size, rn, P) + MIN_SOLVE:
+            events.append(f"complete node models: time share too short after {i} of {len(layers)} layer(s)")
+            break
+        try:
+            res = cpsat.solve_complete(
+                w[l, ex], rn, P, time_limit=(budget / 4) if deterministic else max(share, 0.01),
+                hint=(cnt[ex], local), seed=seed, workers=workers, deterministic=deterministic,
+                forbid_duplicates=not allow_duplicates,
+            )
+        except Exception as exc:  # noqa: BLE001 - a solver failure keeps the plan
+            _failed(events, f"layer {ids[l]} node {n}: complete CP-SAT model", exc)
+            continue
+        if res.bound is not None:
+            proven[l] = np.fmax(proven[l], res.bound)
+        if res.placement is not None and res.objective < node_max[n] * (1 - 1e-12):
+            p[l, n * rn : (n + 1) * rn] = ex[res.placement].ravel()
+            improved += 1
+    if improved:
+        events.append(f"complete node models improved {improved} layer(s)")
+    return p
+
+
 def _gpu_loads(w: np.ndarray, p: np.ndarray, gpus: int) -> np.ndarray:
     L, E = w.shape
     cnt = np.bincount((p + (np.arange(L) * E)[:, None]).ravel(), minlength=L * E).reshape(L, E)
@@ -565,6 +635,27 @@ def _refine(
     if cpsat is None:
         return ExactOutcome(p, attempted, proven, events, conditional)
 
+    # Phase 3c (hierarchical, one group per node): every plan puts each group alone on
+    # some node, so a complete model (counts free) of the heaviest node's group proves a
+    # bound for the layer, and may improve that node.
+    if N > 1 and num_groups == N and _complete_size(E // N, R // N, P) <= COMPLETE_LIMIT:
+        p = _complete_heaviest_nodes(
+            w, p, todo, cpsat=cpsat, R=R, N=N, P=P, deadline=time.perf_counter()
+            + NODE_SHARE * max(0.0, deadline - time.perf_counter()), budget=layer_budget,
+            deterministic=deterministic, seed=seed, workers=workers, allow_duplicates=allow_duplicates,
+            proven=proven, lower_bound=lower_bound, tol=tol, events=events, ids=ids,
+        )
+        box.p = p
+        # The proven bounds hold for the layer: later phases stop at them.
+        lower_bound = np.fmax(lower_bound, np.nan_to_num(proven, nan=0.0))
+        loads = _gpu_loads(w, p, G)
+        cnt = np.bincount((p + (np.arange(L) * E)[:, None]).ravel(), minlength=L * E).reshape(L, E)
+        per = w / np.maximum(cnt, 1)
+        gaps = layer_gap(loads)
+        todo = [int(l) for l in np.argsort(-gaps) if gaps[l] > tol]
+        if not todo or out_of_time():
+            return ExactOutcome(p, attempted, proven, events, conditional)
+
     # Phase 3b: the whole sub-problem for its counts (n[e, g] model, warm-started), where
     # it is small enough to build quickly; its bound is conditional on the counts.
     phase_end = time.perf_counter() + FIXED_SHARE * max(0.0, deadline - time.perf_counter())
@@ -574,6 +665,8 @@ def _refine(
         if not deterministic and time.perf_counter() >= phase_end:
             break
         share = max(0.0, phase_end - time.perf_counter()) / (len(todo) - i)
+        if not deterministic and share < BUILD_SECONDS_PER_VAR * _fixed_size(E // N, P) + MIN_SOLVE:
+            break                                   # building the model alone would overrun
         cnt_l = np.bincount(p[l], minlength=E)
         nodes = p[l].reshape(N, R // N)
         node_loads = (w[l] / np.maximum(cnt_l, 1))[nodes].reshape(N, P, k).sum(axis=2)
@@ -733,6 +826,7 @@ def _count_moves(
         # This layer's share of the time left.
         layer_end = time.perf_counter() + max(0.0, deadline - time.perf_counter()) / (len(layers) - i)
         last = 0.0
+        rate = SECONDS_PER_CANDIDATE_ITEM          # raised to the measured rate after a step
         for _ in range(max_steps):
             # Do not start a step the previous one says would end after the deadline.
             if not deterministic and time.perf_counter() + last >= min(layer_end + last / 2, deadline):
@@ -776,8 +870,11 @@ def _count_moves(
             if allowance is not None:
                 fit = max(1, int(allowance // rn))
             else:
+                # Half the room, at the larger of the calibrated and the measured rate:
+                # sized to the whole room at the calibrated rate, a step overran the
+                # deadline by 0.1-0.3 s on a loaded machine (issue 12's deadline study).
                 room = min(layer_end, deadline) - time.perf_counter()
-                fit = int(room / (SECONDS_PER_CANDIDATE_ITEM * rn))
+                fit = int(0.5 * room / (rate * rn))
                 if fit < 1:
                     break
             if cand.shape[0] > fit:
@@ -800,6 +897,7 @@ def _count_moves(
             tops = (wrow / cand)[np.arange(d.size)[:, None], flat].reshape(d.size, P, k).sum(axis=2).max(axis=1)
             best = int(tops.argmin())
             last = time.perf_counter() - t_step
+            rate = max(rate, last / (cand.shape[0] * rn))
             if tops[best] >= current * (1 - 1e-12):
                 break
             p[l, n * rn : (n + 1) * rn] = ex[flat[best]]

@@ -24,6 +24,8 @@ CASES = [
     (6, 8, 4, 3, 1, True),
     (4, 4, 2, 4, 2, True),
     (6, 9, 3, 3, 3, True),
+    (8, 8, 4, 2, 2, True),    # no redundancy, hierarchical: per-node cardinality bound
+    (12, 12, 4, 4, 2, True),
 ]
 
 
@@ -58,3 +60,15 @@ def test_node_bound_counts_policy_cap():
     glob = lower_bounds(w, 8, 4)
     assert hier.lower_bound[0] >= 100.0 * (1 - 1e-12)   # 200 over the node's 2 GPUs
     assert glob.lower_bound[0] <= 202.0 / 4 * (1 + 1e-12)
+
+
+def test_per_node_cardinality_bound_is_tight_on_pigeonhole_case():
+    # Two nodes of one group each, no spare slot: node 0 holds {10, 10, 10, 1} on 2 GPUs
+    # with 2 slots each, so some GPU gets two 10s (20); the global pigeonhole bound over
+    # all 8 experts on 4 GPUs and the node averages (31 / 2) say less.
+    w = np.array([[10.0, 10.0, 10.0, 1.0, 1.0, 1.0, 1.0, 1.0]])
+    b = lower_bounds(w, 8, 4, hierarchical=True, num_groups=2, num_nodes=2)
+    assert b.lower_bound[0] >= 20.0 * (1 - 1e-12)
+    assert partition_cardinality_bound(w, 4)[0] < 20.0
+    r = eplb_opt.solve(w, num_replicas=8, num_groups=2, num_nodes=2, num_gpus=4)
+    assert r.status == ("optimal",) and r.max_load[0] == 20.0
