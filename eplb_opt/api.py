@@ -246,7 +246,10 @@ def _options(deterministic: Any, workers: Any, allow_duplicates: Any, problem: P
         if n < 1:
             raise InvalidProblemError(f"workers must be a positive integer or None, got {workers!r}")
     if not allow_duplicates:
-        per_node = problem.num_experts // problem.plan_nodes
+        # policy="spill" packs each node's home replicas first, so it needs the node bound
+        # too (found by the long certificate campaign: a raw ValueError escaped).
+        nodes = problem.num_nodes if problem.policy == "spill" else problem.plan_nodes
+        per_node = problem.num_experts // nodes
         if problem.slots_per_gpu > per_node:
             raise InvalidProblemError(
                 f"allow_duplicates=False needs at most {per_node} slots per GPU (the experts a GPU can "
