@@ -516,6 +516,14 @@ def _refine(
         top = loads.max(axis=1)
         return np.where(top > 0, 1 - lower_bound / np.where(top > 0, top, 1), 0.0)
 
+    def refresh(plan: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]:
+        """GPU loads, replica counts, per-replica loads and the layers above tolerance
+        (largest gap first) of ``plan``."""
+        gpu = _gpu_loads(w, plan, G)
+        counts = np.bincount((plan + (np.arange(L) * E)[:, None]).ravel(), minlength=L * E).reshape(L, E)
+        gaps = layer_gap(gpu)
+        return gpu, counts, w / np.maximum(counts, 1), [int(l) for l in np.argsort(-gaps) if gaps[l] > tol]
+
     loads = _gpu_loads(w, p, G)
     open_layers = np.flatnonzero(layer_gap(loads) > tol)
     skipped = L - open_layers.size
@@ -648,11 +656,7 @@ def _refine(
         box.p = p
         # The proven bounds hold for the layer: later phases stop at them.
         lower_bound = np.fmax(lower_bound, np.nan_to_num(proven, nan=0.0))
-        loads = _gpu_loads(w, p, G)
-        cnt = np.bincount((p + (np.arange(L) * E)[:, None]).ravel(), minlength=L * E).reshape(L, E)
-        per = w / np.maximum(cnt, 1)
-        gaps = layer_gap(loads)
-        todo = [int(l) for l in np.argsort(-gaps) if gaps[l] > tol]
+        loads, cnt, per, todo = refresh(p)
         if not todo or out_of_time():
             return ExactOutcome(p, attempted, proven, events, conditional)
 
@@ -689,11 +693,7 @@ def _refine(
             new_loads = (w[l, ex] / cnt_l[ex])[res.placement].sum(axis=1)
             if new_loads.max() < node_loads[n].max() * (1 - 1e-12):
                 p[l, n * (R // N) : (n + 1) * (R // N)] = ex[res.placement].ravel()
-    loads = _gpu_loads(w, p, G)
-    cnt = np.bincount((p + (np.arange(L) * E)[:, None]).ravel(), minlength=L * E).reshape(L, E)
-    per = w / np.maximum(cnt, 1)
-    gaps = layer_gap(loads)
-    todo = [int(l) for l in np.argsort(-gaps) if gaps[l] > tol]
+    loads, cnt, per, todo = refresh(p)
     if not todo or out_of_time():
         return ExactOutcome(p, attempted, proven, events, conditional)
 
