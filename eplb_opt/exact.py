@@ -47,6 +47,9 @@ NEIGHBOURHOOD_TIME = 0.05
 COUNT_SHARE = 0.7
 # No CP-SAT call starts with less time than this left.
 MIN_SOLVE = 0.005
+# Complete hierarchical models: share of a layer's time for the first pass over all node
+# contents (the rest goes to the contents that decide the layer).
+FIRST_SHARE = 0.15
 # Wall seconds per variable to build a CP-SAT model in Python (a 512-variable fixed-count
 # model: ~10 ms on this project's machine); no model is built with less time than that.
 BUILD_SECONDS_PER_VAR = 2e-5
@@ -261,6 +264,7 @@ def _complete_hierarchical(
     seed: int,
     workers: int,
     allow_duplicates: bool,
+    tolerance: float,
     attempted: np.ndarray,
     proven: np.ndarray,
     events: list[str],
@@ -270,7 +274,12 @@ def _complete_hierarchical(
     """Hierarchical policy, small problems: every node content (a set of groups) is solved
     completely, and the best group-to-node assignment is read off by enumeration.  The
     min-max of the contents' proven bounds is certified with counts and group placement
-    free."""
+    free.
+
+    Per layer, a first pass gives every content a short solve (warm-started from the
+    plan where the plan has that content on a node); the rest of the layer's time goes,
+    one doubled solve at a time, to the content that decides the layer: the unproven one
+    of largest load in the assignment with the lowest bound or in the best assignment."""
     from itertools import combinations
 
     from heuristics import equal_partitions
@@ -280,51 +289,91 @@ def _complete_hierarchical(
     L, E = w.shape
     gs, m = E // num_groups, num_groups // N
     rn, gpn = R // N, G // N
+    k = R // G
     contents = list(combinations(range(num_groups), m))
     parts = equal_partitions(num_groups, N)
     index = {c: i for i, c in enumerate(contents)}
-    blocks = [[index[tuple(np.flatnonzero(row == b).tolist())] for b in range(N)] for row in parts]
+    blocks = np.array([[index[tuple(np.flatnonzero(row == b).tolist())] for b in range(N)] for row in parts])
+    members = [np.concatenate([np.arange(g * gs, (g + 1) * gs) for g in c]) for c in contents]
     p = p.copy()
     if box is not None:
         box.p = p
-    n_solves = len(layers) * len(contents)
-    done = 0
-    for l in layers:
+    nc = len(contents)
+    for i, l in enumerate(layers):
         attempted[l] = True
-        obj = np.full(len(contents), np.inf)
-        bnd = np.zeros(len(contents))
-        place: list[np.ndarray | None] = [None] * len(contents)
-        complete = True
-        for ci, c in enumerate(contents):
-            if not deterministic and time.perf_counter() >= deadline:
-                complete = False
-                break
-            experts = np.concatenate([np.arange(g * gs, (g + 1) * gs) for g in c])
-            share = max(0.0, deadline - time.perf_counter()) / max(n_solves - done, 1)
-            done += 1
+        layer_end = time.perf_counter() + max(0.0, deadline - time.perf_counter()) / (len(layers) - i)
+        obj = np.full(nc, np.inf)
+        bnd = np.zeros(nc)
+        solved = np.zeros(nc, dtype=bool)
+        optimal = np.zeros(nc, dtype=bool)
+        limit = np.zeros(nc)
+        place: list[np.ndarray | None] = [None] * nc
+        # The plan's own node contents, as hints.
+        hints: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        for node in p[l].reshape(N, rn):
+            groups = tuple(np.unique(node // gs).tolist())
+            if groups in index:
+                local = np.searchsorted(members[index[groups]], node)
+                hints[index[groups]] = (np.bincount(local, minlength=m * gs), local.reshape(gpn, k))
+        spent = 0.0  # deterministic units handed out
+
+        def left() -> float:
+            return (budget - spent) if deterministic else layer_end - time.perf_counter()
+
+        def run(ci: int, t: float) -> bool:
+            nonlocal spent
+            spent += t
+            limit[ci] = t
             try:
                 res = cpsat.solve_complete(
-                    w[l, experts], rn, gpn,
-                    time_limit=(budget / len(contents)) if deterministic else max(share, 0.01),
+                    w[l, members[ci]], rn, gpn, time_limit=max(t, 0.01), hint=hints.get(ci),
                     seed=seed, workers=workers, deterministic=deterministic,
                     forbid_duplicates=not allow_duplicates,
                 )
             except Exception as exc:  # noqa: BLE001 - a solver failure keeps the plan
                 _failed(events, f"layer {ids[l]}: complete CP-SAT model", exc)
-                complete = False
-                break
-            bnd[ci] = res.bound if res.bound is not None else 0.0
-            if res.placement is not None:
+                return False
+            solved[ci] = True
+            if res.bound is not None:
+                bnd[ci] = max(bnd[ci], res.bound)
+            if res.placement is not None and res.objective < obj[ci]:
                 obj[ci] = res.objective
-                place[ci] = experts[res.placement]
-            if not res.optimal:
-                complete = False
+                place[ci] = members[ci][res.placement]
+                hints[ci] = (res.counts, res.placement)
+            optimal[ci] |= res.optimal
+            return True
+
+        failed = False
+        first = FIRST_SHARE * left() / nc
+        for ci in range(nc):
+            if not deterministic and time.perf_counter() >= layer_end:
+                break
+            if not run(ci, first if deterministic else max(first, FIRST_SHARE * left() / (nc - ci))):
+                failed = True
+                break
+        while not failed and solved.all():
+            lbs, ubs = bnd[blocks].max(axis=1), obj[blocks].max(axis=1)
+            lo, hi = int(np.argmin(lbs)), int(np.argmin(ubs))
+            if not np.isfinite(ubs[hi]) or ubs[hi] <= 0 or 1 - lbs[lo] / ubs[hi] <= tolerance:
+                break
+            # The unproven content that can move the layer's bound (largest load in the
+            # assignment with the lowest bound) or its plan (the best assignment's heaviest).
+            cands = [c for c in blocks[lo] if not optimal[c] and obj[c] > lbs[lo]]
+            cands += [c for c in blocks[hi] if not optimal[c] and obj[c] >= ubs[hi]]
+            if not cands:
+                break
+            ci = max(cands, key=lambda c: (obj[c] - bnd[c], -c))
+            t = min(2 * limit[ci], left())
+            if t < (0.01 if deterministic else MIN_SOLVE + BUILD_SECONDS_PER_VAR * _complete_size(m * gs, rn, gpn)):
+                break
+            failed = not run(ci, t)
+        complete = solved.all() and bool(optimal[blocks].all(axis=1).any())
+        if solved.all():
+            proven[l] = float(bnd[blocks].max(axis=1).min())
         if not complete:
             events.append(f"layer {ids[l]}: complete models timed out (kept the best plan found)")
-        if (bnd > 0).all() or complete:
-            proven[l] = min(max(bnd[b] for b in blk) for blk in blocks)
-        best = min(range(len(blocks)), key=lambda i: max(obj[b] for b in blocks[i]))
-        best_obj = max(obj[b] for b in blocks[best])
+        best = int(np.argmin(obj[blocks].max(axis=1)))
+        best_obj = float(obj[blocks[best]].max())
         cur = _gpu_loads(w[l : l + 1], p[l : l + 1], G).max()
         if np.isfinite(best_obj) and best_obj < cur * (1 - 1e-12):
             p[l] = np.concatenate([place[b].ravel() for b in blocks[best]])
@@ -566,8 +615,8 @@ def _refine(
         p = _complete_hierarchical(
             w, p, open_layers, R=R, G=G, N=N, num_groups=num_groups, deadline=deadline,
             budget=layer_budget, deterministic=deterministic, seed=seed, workers=workers,
-            allow_duplicates=allow_duplicates, attempted=attempted, proven=proven, events=events, ids=ids,
-            box=box,
+            allow_duplicates=allow_duplicates, tolerance=tol, attempted=attempted, proven=proven,
+            events=events, ids=ids, box=box,
         )
         return ExactOutcome(p, attempted, proven, events, conditional)
 
