@@ -411,7 +411,10 @@ def _solve_masked(windows: np.ndarray, problem: Problem, mask: np.ndarray, *, st
         a = int(G - mask[idx[0]].sum())
         # Each sub-problem gets its layers' share of the time still left.
         share = None
-        if budget is not None:
+        if budget is not None and deterministic:
+            # A deterministic budget is split by layer count alone: never by the clock.
+            share = budget * len(idx) / L
+        elif budget is not None:
             share = max(0.0, (start + budget - time.perf_counter()) * len(idx) / left_layers)
         left_layers -= len(idx)
         sub_w = windows[:, idx] if windows.shape[0] > 1 else windows[0][idx]

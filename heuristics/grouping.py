@@ -103,10 +103,13 @@ def groups_to_nodes(group_load: np.ndarray, num_nodes: int) -> tuple[np.ndarray,
         return node, pair.max(axis=1), True
     if num_partitions(num_groups, num_nodes) <= ENUMERATION_LIMIT:
         parts = equal_partitions(num_groups, num_nodes)            # [C, Gr]
-        onehot = np.zeros((num_groups, parts.shape[0] * num_nodes))
-        cols = np.arange(parts.shape[0])[:, None] * num_nodes + parts  # [C, Gr]
-        onehot[np.arange(num_groups)[None, :], cols] = 1.0
-        node_loads = (gl @ onehot).reshape(num_layers, parts.shape[0], num_nodes)
+        # Node loads of every partition, summed group by group in a fixed order (not a
+        # BLAS product, whose summation order depends on the thread count and the CPU:
+        # every rank of a server must compute the same plan).
+        C = parts.shape[0]
+        node_loads = np.zeros((num_layers, C, num_nodes))
+        for g in range(num_groups):
+            node_loads[:, np.arange(C), parts[:, g]] += gl[:, g : g + 1]
         worst = node_loads.max(axis=2)                              # [L, C]
         best_val = worst.min(axis=1)
         # Among the optimal partitions prefer the most even one (smallest sum of squares).

@@ -66,7 +66,8 @@ class _Nodes:
     def _refresh(self) -> None:
         self.c = self.x.sum(axis=1)
         self.v = self.w / np.maximum(self.c, 1)
-        self.loads = self.v @ self.x                                 # [N]
+        # Not a BLAS product (its summation order depends on threads and CPU).
+        self.loads = (self.v[:, None] * self.x).sum(axis=0)         # [N]
         self.off = float((self.v * (self.x * self.away).sum(axis=1)).sum())
 
     def objective(self, loads: np.ndarray, off, vmax=None) -> np.ndarray:
