@@ -185,18 +185,46 @@ def _gpu_list(text: str | None) -> list[int] | None:
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     from .plan import Plan
-    from .traces import read_trace
+    from .planfile import TENSORRT_LLM_SUFFIXES, export_tensorrt_llm
+    from .traces import read_trace, trace_layer_ids
 
+    # -o FILE.yaml / .yml: TensorRT-LLM's moe_load_balancer.yaml instead of a plan file.
+    trtllm = Path(args.output).suffix.lower() in TENSORRT_LLM_SUFFIXES
+    if args.first_layer is not None and not trtllm:
+        raise InvalidProblemError(f"--first-layer applies to a TensorRT-LLM output (-o FILE.yaml or .yml), "
+                                  f"got -o {args.output}")
+    if args.first_layer is not None and args.first_layer < 0:
+        raise InvalidProblemError(f"--first-layer must be >= 0, got {args.first_layer}")
+    if trtllm and args.masked_gpus is not None:
+        raise InvalidProblemError("--masked-gpus leaves empty slots, which TensorRT-LLM's load balancer cannot "
+                                  f"hold (every slot needs an expert); write a plan file instead of {args.output}")
     windows = read_trace(args.loads, window=args.window)
     # The objective decides how windows count; "sum" plans for their total.
     loads = windows.sum(axis=0) if args.objective == "sum" else windows
+    layer_ids = None
+    if trtllm:
+        layer_ids = trace_layer_ids(args.loads)     # a TensorRT-LLM dump knows its model layers
+        L = windows.shape[1]
+        if args.first_layer is not None:
+            wanted = list(range(args.first_layer, args.first_layer + L))
+            if layer_ids is not None and layer_ids != wanted:
+                raise InvalidProblemError(
+                    f"--first-layer {args.first_layer} gives model layers {wanted[0]}..{wanted[-1]}, but the "
+                    f"TensorRT-LLM dump {args.loads} recorded layers {layer_ids[0]}..{layer_ids[-1]} "
+                    f"({len(layer_ids)} layers); leave --first-layer out to use the dump's")
+            layer_ids = wanted
+        elif layer_ids is None:
+            layer_ids = list(range(L))
     from .planfile import check_destination
 
     if args.output and Path(args.output).exists() and not Path(args.output).is_dir() and not args.overwrite:
         print(f"eplb-opt: {args.output} exists (pass --overwrite to replace it)", file=sys.stderr)
         return 2
     # Refuse a destination we could not write before the solve, not after it.
-    check_destination(args.output)
+    if trtllm:
+        check_destination(args.output, suffixes=TENSORRT_LLM_SUFFIXES)
+    else:
+        check_destination(args.output)
     if args.partial_output is not None:
         if Path(args.partial_output).resolve() == Path(args.output).resolve():
             raise InvalidProblemError("--partial-output must differ from --output (the plan file stays untouched)")
@@ -235,12 +263,18 @@ def _cmd_plan(args: argparse.Namespace) -> int:
                   f"balancedness {stop.partial.balancedness:.4f}, gap max {stop.partial.gap.max():.4%}) to {path}",
                   file=sys.stderr)
         return 130
-    path = result.plan.save(args.output, overwrite=True)
+    if trtllm:
+        path = export_tensorrt_llm(result.plan, args.output, layer_ids=layer_ids, overwrite=True)
+    else:
+        path = result.plan.save(args.output, overwrite=True)
     if args.json:
         out = {"plan": str(path), "policy": result.policy, "balancedness": result.balancedness,
                "gap_max": float(result.gap.max()), "gap_mean": float(result.gap.mean()),
                "status": list(result.status), "events": list(result.events), "runtime_s": result.runtime,
                "objective": result.objective}
+        if trtllm:
+            out["format"] = "tensorrt-llm"
+            out["layer_ids"] = layer_ids
         if result.window_balancedness is not None:
             out["window_balancedness"] = list(result.window_balancedness)
         if result.off_node_share is not None:
@@ -254,7 +288,11 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         print()
     else:
         print(result.summary())
-        print(f"wrote {path}")
+        if trtllm:
+            print(f"wrote {path} (TensorRT-LLM load balancer: model layers {layer_ids[0]}..{layer_ids[-1]}, "
+                  f"num_slots {args.replicas}; serve with ep_size {args.gpus})")
+        else:
+            print(f"wrote {path}")
     return 0
 
 
@@ -418,7 +456,8 @@ def _parser() -> argparse.ArgumentParser:
     ex.set_defaults(func=_cmd_example)
 
     pl = sub.add_parser("plan", help="plan recorded loads and write a plan file")
-    pl.add_argument("loads", help="loads: .npy/.npz/.pt/.safetensors [steps, L, E] or [L, E], ADRS .json, SGLang dumps")
+    pl.add_argument("loads", help="loads: .npy/.npz/.pt/.safetensors [steps, L, E] or [L, E], ADRS .json, SGLang "
+                    "dumps, or a TensorRT-LLM expert-statistic dump directory (meta_info.json + rank*.safetensors)")
     pl.add_argument("--replicas", type=int, required=True, help="physical expert slots per layer (R)")
     pl.add_argument("--groups", type=int, default=1)
     pl.add_argument("--nodes", type=int, default=1)
@@ -446,7 +485,13 @@ def _parser() -> argparse.ArgumentParser:
                     help="--policy spill: cost per unit of load served off an expert's home node")
     pl.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                     help="fan sub-problems out on Ray (start a local one, or join ADDRESS)")
-    pl.add_argument("-o", "--output", required=True, help="plan file: .json, .pt or .npz")
+    pl.add_argument("-o", "--output", required=True,
+                    help="plan file: .json, .pt or .npz; or .yaml / .yml: TensorRT-LLM's offline EP "
+                         "load-balancer file (moe_load_balancer.yaml, for moe_config.load_balancer)")
+    pl.add_argument("--first-layer", type=int, default=None, metavar="N",
+                    help="with -o FILE.yaml: model index of the first MoE layer (e.g. 3 for DeepSeek-V3, whose "
+                         "first three layers are dense); plan layer l is model layer N + l (default 0, or the "
+                         "layers a TensorRT-LLM dump recorded)")
     pl.add_argument("--overwrite", action="store_true", help="replace an existing plan file")
     pl.add_argument("--partial-output", metavar="FILE", default=None,
                     help="on Ctrl-C, save the verified plan finished so far here (the -o file is never "

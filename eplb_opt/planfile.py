@@ -15,7 +15,8 @@ Writes go to a temporary file in the same folder and are renamed into place, so 
 or interrupted write never leaves a partial file and never replaces an existing one.
 TensorRT-LLM's offline EP load balancer reads a YAML file with ``num_slots``,
 ``layer_updates_per_iter`` and ``initial_global_assignments`` (per MoE layer index, the
-expert of every slot): :func:`export_tensorrt_llm` writes it.
+expert of every slot): :func:`export_tensorrt_llm` writes it (``eplb-opt plan -o
+moe_load_balancer.yaml`` too).
 """
 
 from __future__ import annotations
@@ -30,11 +31,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .errors import EplbOptError
+from .errors import EplbOptError, InvalidTypeError
 
 __all__ = [
     "SCHEMA",
     "SCHEMA_VERSION",
+    "TENSORRT_LLM_SUFFIXES",
     "PlanFileError",
     "atomic_write",
     "export_tensorrt_llm",
@@ -46,6 +48,7 @@ __all__ = [
 SCHEMA = "eplb-opt/plan"
 SCHEMA_VERSION = 1
 _SUFFIXES = (".json", ".pt", ".npz")
+TENSORRT_LLM_SUFFIXES = (".yaml", ".yml")
 
 
 class PlanFileError(EplbOptError, ValueError):
@@ -104,16 +107,19 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
-def check_destination(path: str | Path, *, overwrite: bool = True) -> Path:
-    """Raise :class:`PlanFileError` now if :func:`save_plan` could not write ``path``
-    (unknown suffix, a directory, no parent directory, or an existing file without
-    ``overwrite``), so a long solve does not end in that error."""
+def check_destination(path: str | Path, *, overwrite: bool = True, suffixes: tuple[str, ...] = _SUFFIXES) -> Path:
+    """Raise :class:`PlanFileError` now if :func:`save_plan` (or, with
+    ``suffixes=TENSORRT_LLM_SUFFIXES``, :func:`export_tensorrt_llm`) could not write
+    ``path`` (unknown suffix, a directory, no parent directory, or an existing file
+    without ``overwrite``), so a long solve does not end in that error."""
     dest = Path(path)
     suffix = dest.suffix.lower()
     if dest.is_dir():
         raise PlanFileError(f"{dest} is a directory, not a file name")
-    if suffix not in _SUFFIXES:
-        raise PlanFileError(f"{dest}: unknown plan file kind {suffix!r}; use one of {_SUFFIXES}")
+    if suffix not in suffixes:
+        hint = (" (or .yaml / .yml for TensorRT-LLM's moe_load_balancer.yaml: eplb-opt plan -o, "
+                "eplb_opt.export_tensorrt_llm)") if suffixes == _SUFFIXES else ""
+        raise PlanFileError(f"{dest}: unknown plan file kind {suffix!r}; use one of {suffixes}{hint}")
     if not dest.parent.is_dir():
         raise PlanFileError(f"{dest.parent}: no such directory")
     if dest.exists() and not overwrite:
@@ -246,11 +252,32 @@ def load_plan(path: str | Path) -> Any:
     return Plan.from_numpy(p2l, E, metadata=meta)
 
 
+def _as_index(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise InvalidTypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    if value < 0:
+        raise PlanFileError(f"{name} must be >= 0, got {value!r}")
+    return int(value)
+
+
+def _ids(xs: list[int]) -> str:
+    """Model layer ids for a message: ``3..60`` when contiguous."""
+    if xs and xs == list(range(xs[0], xs[0] + len(xs))):
+        return f"{xs[0]}..{xs[-1]}" if len(xs) > 1 else f"{xs[0]}"
+    return ", ".join(map(str, xs[:8])) + (" ..." if len(xs) > 8 else "")
+
+
 def export_tensorrt_llm(
     plan: Any, path: str | Path, *, first_layer: int = 0, layer_ids: list[int] | None = None,
     layer_updates_per_iter: int = 0, overwrite: bool = True,
 ) -> Path:
     """Write TensorRT-LLM's offline EP load-balancer file (``moe_load_balancer.yaml``).
+
+    The file holds ``initial_global_assignments`` (model layer index -> the expert of every
+    slot, ``num_slots`` long; GPU ``g`` holds slots ``g*k .. g*k+k-1``), ``num_slots`` and
+    ``layer_updates_per_iter``, the fields of TensorRT-LLM's ``MoeLoadBalancerConfig``;
+    point ``moe_config.load_balancer`` at it and serve with ``ep_size`` equal to the plan's
+    GPU count (written in a comment at the top).
 
     Args:
         plan: an :class:`~eplb_opt.plan.Plan`.
@@ -258,17 +285,77 @@ def export_tensorrt_llm(
         first_layer: model index of the plan's first MoE layer (e.g. 3 for DeepSeek-V3,
             whose first three layers are dense); layer ``l`` becomes ``first_layer + l``.
         layer_ids: explicit model layer index of every plan layer (overrides
-            ``first_layer``).
+            ``first_layer``); distinct, non-negative.
         layer_updates_per_iter: 0 for a static (offline) placement.
+
+    Raises:
+        PlanFileError: a plan with masked GPUs (empty slots, ``-1``): TensorRT-LLM
+            requires an expert in every slot (its ``setInitialWeightAssignments`` checks
+            ``0 <= expertId < expertCount``), so the error names the layer and GPU;
+            an expert with no slot; bad ``first_layer`` / ``layer_ids`` /
+            ``layer_updates_per_iter`` values; an unwritable ``path``.
+        InvalidTypeError: a non-integer ``first_layer``, layer id or
+            ``layer_updates_per_iter``.
     """
+    # TensorRT-LLM reads this file with yaml.safe_load into MoeLoadBalancerConfig(**doc)
+    # (tensorrt_llm/llmapi/llm_args.py, commit 0004396720054fd8e205cbf616f21f0b57c6b412:
+    # num_slots: int, initial_global_assignments: Dict[int, List[int]],
+    # layer_updates_per_iter: int, extra keys forbidden); get_layer_initial_global_assignments
+    # requires every MoE layer's index as a key and len == num_slots; setup() requires
+    # num_slots % ep_size == 0; and SingleLayerMoeLoadBalancer::setInitialWeightAssignments
+    # (cpp/tensorrt_llm/runtime/moeLoadBalancer/moeLoadBalancer.cpp, commit
+    # 0d919a4f8ddc94539e9f1c850898e9b3b5d0ca07) checks 0 <= expertId < expertCount per slot.
     p2l = plan.to_numpy()[0]
     L, R = p2l.shape
-    ids = list(range(first_layer, first_layer + L)) if layer_ids is None else [int(i) for i in layer_ids]
-    if len(ids) != L:
-        raise PlanFileError(f"layer_ids has {len(ids)} entries, the plan has {L} layers")
-    lines = ["initial_global_assignments:"]
+    E = int(plan.num_experts)
+    updates = _as_index(layer_updates_per_iter, "layer_updates_per_iter")
+    if layer_ids is None:
+        first = _as_index(first_layer, "first_layer")
+        ids = list(range(first, first + L))
+    else:
+        if isinstance(layer_ids, (str, bytes)) or not hasattr(layer_ids, "__len__"):
+            raise InvalidTypeError(f"layer_ids must be a list of integers, got {layer_ids!r}")
+        ids = [_as_index(i, f"layer_ids[{n}]") for n, i in enumerate(layer_ids)]
+        if len(ids) != L:
+            raise PlanFileError(f"layer_ids has {len(ids)} entries, the plan has {L} layers")
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        if dup:
+            raise PlanFileError(f"layer_ids must be distinct (they are the YAML's keys), {dup} repeat")
+    meta = dict(getattr(plan, "metadata", {}) or {})
+    params = meta.get("parameters") if isinstance(meta.get("parameters"), dict) else {}
+    gpus = params.get("num_gpus")
+    gpus = gpus if isinstance(gpus, int) and gpus > 0 and R % gpus == 0 else None
+    if (p2l < 0).any():
+        k = R // gpus if gpus else 1
+        where = []
+        for l in range(L):
+            empty = sorted({int(s) // k for s in np.flatnonzero(p2l[l] < 0)})
+            if empty:
+                unit = "GPU" if gpus else "slot"
+                where.append(f"layer {l} (model layer {ids[l]}): {unit}{'s' if len(empty) > 1 else ''} "
+                             + ", ".join(map(str, empty)))
+        raise PlanFileError(
+            f"{path}: the plan has masked GPUs (empty slots, -1) - " + "; ".join(where[:3])
+            + (f"; ... ({len(where)} layers)" if len(where) > 3 else "")
+            + ". TensorRT-LLM's load balancer needs an expert in every slot of every rank, so this plan "
+            "cannot be exported; plan for the GPUs that serve (without --masked-gpus / masked_gpus) instead"
+        )
+    if (p2l >= E).any():
+        l, s = map(int, np.argwhere(p2l >= E)[0])
+        raise PlanFileError(f"{path}: layer {l} slot {s} holds expert {int(p2l[l, s])}, the plan has {E} experts")
+    for l in range(L):
+        absent = np.setdiff1d(np.arange(E), p2l[l])
+        if absent.size:
+            raise PlanFileError(f"{path}: layer {l} (model layer {ids[l]}) gives no slot to expert "
+                                f"{int(absent[0])}; TensorRT-LLM would route its tokens nowhere")
+    head = f"# TensorRT-LLM offline EP load balancer (moe_config.load_balancer), written by eplb-opt"
+    version = meta.get("library_version")
+    lines = [head + (f" {version}" if version else ""),
+             f"# {L} MoE layers (model layers {_ids(ids)}), {E} experts, {R} slots"
+             + (f" = {gpus} GPUs x {R // gpus}: serve with ep_size {gpus}" if gpus else ""),
+             "initial_global_assignments:"]
     for lid, row in zip(ids, p2l):
         lines.append(f"  {lid}: [{', '.join(str(int(e)) for e in row)}]")
-    lines += [f"num_slots: {R}", f"layer_updates_per_iter: {int(layer_updates_per_iter)}", ""]
+    lines += [f"num_slots: {R}", f"layer_updates_per_iter: {updates}", ""]
     text = "\n".join(lines)
     return atomic_write(path, lambda tmp: tmp.write_text(text), overwrite=overwrite)
