@@ -133,7 +133,7 @@ def _cli_fails(argv, capsys, match):
 @pytest.mark.parametrize("argv, match", [
     (["plan", "{src}/plan.json", "--replicas", "32", "--gpus", "8", "-o", "{out}/p.json"], "plan file, not a load trace"),
     (["plan", "{src}/plan.npz", "--replicas", "32", "--gpus", "8", "-o", "{out}/p.json"], "plan file, not a load trace"),
-    (["plan", "{src}/loads.npy", "--replicas", "32", "--gpus", "8", "-o", "{out}/p.yaml"], "unknown plan file kind"),
+    (["plan", "{src}/loads.npy", "--replicas", "32", "--gpus", "8", "-o", "{out}/p.toml"], "unknown plan file kind"),
     (["plan", "{src}/loads.npy", "--replicas", "32", "--gpus", "8", "-o", "{out}"], "is a directory"),
     (["plan", "{src}/loads.npy", "--replicas", "32", "--gpus", "8", "-o", "{out}/no/p.json"], "no such directory"),
     (["plan", "{src}/loads.npy", "--replicas", "32", "--gpus", "8", "-o", "{out}/p.json",
