@@ -258,3 +258,78 @@ def test_sglang_beyond_balance_options():
     assert not np.isin(l2p.numpy(), np.arange(9)).any()
     moved = eplb_sglang.rebalance_experts(steps[:2], 288, 9, 8, 4, previous=total, max_balance_loss=0.005)[0]
     assert count_moves(total, moved.numpy(), 32).sum() < 288 * 4
+
+
+# -- same plan on every rank (issue 13): deterministic by default, exact mode refused without it
+
+@pytest.fixture
+def solve_calls(monkeypatch):
+    """Records the keyword arguments of every eplb_opt.solve call the integrations make."""
+    import eplb_opt.api
+
+    calls, real = [], eplb_opt.api.solve
+    monkeypatch.setattr(eplb_opt.api, "solve", lambda *a, **k: (calls.append(k), real(*a, **k))[1])
+    for var in [v for v in os.environ if v.startswith("EPLB_OPT_")]:
+        monkeypatch.delenv(var)
+    yield calls
+    eplb_vllm.EplbOptPolicy._config = {}          # not configure(): the environment may be bad here
+
+
+def test_vllm_defaults_to_deterministic_and_passes_workers(solve_calls, monkeypatch):
+    assert eplb_vllm.settings()["deterministic"] is True
+    w = torch.from_numpy(generate("deepseek-v3-prefill", seed=7, windows=1)[0][:2])
+    eplb_vllm.EplbOptPolicy.configure(mode="exact", time_limit=0.1).rebalance_experts(w, 288, 8, 4, 32)
+    monkeypatch.setenv("EPLB_OPT_WORKERS", "2")
+    eplb_vllm.EplbOptPolicy.configure().rebalance_experts(w, 288, 8, 4, 32)
+    assert [(c["mode"], c["time_limit"], c["deterministic"], c["workers"]) for c in solve_calls] == [
+        ("exact", 0.1, True, None), ("heuristic", None, True, 2)]
+
+
+def test_vllm_refuses_exact_mode_without_determinism(solve_calls, monkeypatch):
+    w = torch.from_numpy(generate("deepseek-v3-prefill", seed=7, windows=1)[0][:2])
+    with pytest.raises(InvalidProblemError, match=r"deterministic=False with mode='exact' would give each rank a "
+                                                  r"different plan \(set here by deterministic=False and mode='exact'\)"):
+        eplb_vllm.EplbOptPolicy.configure(mode="exact", deterministic=False)
+    monkeypatch.setenv("EPLB_OPT_MODE", "exact")
+    monkeypatch.setenv("EPLB_OPT_DETERMINISTIC", "0")
+    with pytest.raises(InvalidProblemError, match=r"set here by EPLB_OPT_DETERMINISTIC=0 and EPLB_OPT_MODE=exact\): "
+                                                  r"vLLM runs the EPLB algorithm on every EP rank"):
+        eplb_vllm.settings()
+    with pytest.raises(InvalidProblemError, match="EPLB_OPT_DETERMINISTIC=0"):
+        eplb_vllm.EplbOptPolicy.rebalance_experts(w, 288, 8, 4, 32)     # the environment changed later
+    assert solve_calls == []                                            # never silently changed
+    # Heuristic mode is deterministic anyway: deterministic=False is accepted and passed on.
+    eplb_vllm.EplbOptPolicy.configure(mode="heuristic").rebalance_experts(w, 288, 8, 4, 32)
+    assert solve_calls[-1]["deterministic"] is False and solve_calls[-1]["mode"] == "heuristic"
+    monkeypatch.setenv("EPLB_OPT_DETERMINISTIC", "perhaps")
+    with pytest.raises(InvalidProblemError, match="EPLB_OPT_DETERMINISTIC='perhaps' is not a valid deterministic"):
+        eplb_vllm.settings()
+
+
+def test_sglang_defaults_to_deterministic_and_passes_workers(solve_calls):
+    w = torch.from_numpy(generate("deepseek-v3-prefill", seed=7, windows=1)[0][:2])
+    eplb_sglang.rebalance_experts(w, 288, 9, 8, 4, mode="exact", time_limit=0.1)
+    eplb_sglang.rebalance_experts(w, 288, 9, 8, 4, workers=2)
+    assert [(c["mode"], c["deterministic"], c["workers"]) for c in solve_calls] == [
+        ("exact", True, None), ("heuristic", True, 2)]
+    assert eplb_sglang.settings()["deterministic"] is True
+
+
+def test_sglang_refuses_exact_mode_without_determinism(solve_calls, monkeypatch):
+    w = torch.from_numpy(generate("deepseek-v3-prefill", seed=7, windows=1)[0][:2])
+    with pytest.raises(InvalidProblemError, match=r"deterministic=False with mode='exact' would give each rank a "
+                                                  r"different plan .*SGLang runs the EPLB algorithm"):
+        eplb_sglang.rebalance_experts(w, 288, 9, 8, 4, mode="exact", deterministic=False)
+    eplb_sglang.rebalance_experts(w, 288, 9, 8, 4, deterministic=False)          # heuristic: fine
+    assert [c["deterministic"] for c in solve_calls] == [False]
+    # The plugin's dispatch reads EPLB_OPT_*.
+    monkeypatch.setenv("EPLB_OPT_MODE", "exact")
+    monkeypatch.setenv("EPLB_OPT_DETERMINISTIC", "false")
+    with pytest.raises(InvalidProblemError, match="EPLB_OPT_DETERMINISTIC=false and EPLB_OPT_MODE=exact"):
+        eplb_sglang.dispatch(w[None], 288, 9, 8, 4, None)
+    monkeypatch.setenv("EPLB_OPT_DETERMINISTIC", "1")
+    monkeypatch.setenv("EPLB_OPT_TIME_LIMIT", "0.1")
+    monkeypatch.setenv("EPLB_OPT_POLICY", "global")
+    eplb_sglang.dispatch(w[None], 288, 9, 8, 4, None)
+    assert [(c["mode"], c["time_limit"], c["deterministic"], c["policy"]) for c in solve_calls[1:]] == [
+        ("exact", 0.1, True, "global")]

@@ -1,4 +1,4 @@
-"""eplb-opt with SGLang's EPLB shapes.
+"""eplb-opt with SGLang's EPLB shapes, and behind SGLang's EPLB dispatch.
 
 SGLang's ``eplb_algorithms.rebalance_experts(tokens_per_expert, num_physical_experts,
 num_local_physical_experts, num_groups, num_nodes, algorithm)`` takes per-step loads
@@ -7,19 +7,56 @@ arguments (the algorithm becomes eplb-opt's options) and returns SGLang's triple
 ``(physical_to_logical_map [L, R], logical_to_physical_map [L, E, R - E + 1],
 logical_count [L, E])``, int64 on CPU, with the step axis summed first.
 
-To use it inside SGLang, point its algorithm dispatch at this function, for example by
-replacing ``sglang.srt.eplb.eplb_algorithms.rebalance_experts`` before the server starts.
+Inside SGLang (0.5.23), two explicit ways in, neither patching the server's code:
+
+* **Plugin**: installing eplb-opt registers the ``sglang.srt.plugins`` entry point
+  ``eplb_opt`` -> :func:`register`, which SGLang's ``load_plugins()`` calls in its engine,
+  scheduler and other processes.  It does nothing unless ``EPLB_OPT_SGLANG=1``; then it
+  registers a REPLACE hook (SGLang's ``HookRegistry``) on
+  ``sglang.srt.eplb.eplb_algorithms.rebalance_experts``, which ``load_plugins()`` applies
+  right after, and logs one line saying so.  SGLang's only caller,
+  ``ExpertLocationMetadata.init_by_eplb`` (used by the EPLB manager's rebalances and by
+  ``--init-expert-location`` with ``logical_count``), calls it through the module, so
+  every rebalance then runs :func:`dispatch`.  ``SGLANG_PLUGINS`` is SGLang's allow-list
+  of plugin names: when you set it, include ``eplb_opt``.
+* **In code**: :func:`install` replaces the same function directly, with explicit
+  settings, in the process that plans.
+
+:func:`dispatch` takes its settings from ``EPLB_OPT_MODE``, ``EPLB_OPT_TIME_LIMIT``,
+``EPLB_OPT_SEED``, ``EPLB_OPT_POLICY`` (default: from SGLang's algorithm, i.e.
+``--eplb-algorithm``: ``*_hierarchical`` -> hierarchical, others global),
+``EPLB_OPT_DETERMINISTIC`` and ``EPLB_OPT_WORKERS``; SGLang's elasticity-aware algorithms
+pass its inactive ranks on as ``active_ranks``.
+
+**Same plan on every rank.**  SGLang runs the algorithm on every rank separately and
+never broadcasts the result, so every path here defaults to ``deterministic=True``:
+``time_limit`` is then a deterministic budget (iterations and CP-SAT deterministic time
+units, roughly seconds, independent of the machine, its load and the clock) and
+``workers`` defaults to 1.  Exact mode with ``deterministic=False`` raises
+:class:`~eplb_opt.errors.InvalidProblemError`; heuristic mode is deterministic either way.
 """
 
 from __future__ import annotations
 
+import inspect
+import logging
 from typing import Any
 
 import torch
 
 from ..errors import InvalidProblemError, InvalidTypeError
+from . import _env
 
-__all__ = ["rebalance_experts"]
+__all__ = ["dispatch", "install", "rebalance_experts", "register", "settings"]
+
+TARGET = "sglang.srt.eplb.eplb_algorithms.rebalance_experts"
+_PARAMS = ("tokens_per_expert", "num_physical_experts", "num_local_physical_experts", "num_groups",
+           "num_nodes", "algorithm")
+_DEFAULTS: dict[str, Any] = {"mode": "heuristic", "time_limit": None, "seed": 0, "policy": None,
+                             "deterministic": True, "workers": None}
+_ENGINE = "SGLang"
+_log = logging.getLogger("eplb_opt.integrations.sglang")
+_config: dict[str, Any] = {}
 
 
 def rebalance_experts(
@@ -41,6 +78,8 @@ def rebalance_experts(
     node_move_cost: float = 4.0,
     active_ranks: Any = None,
     cross_node_cost: float = 1.0,
+    deterministic: bool = True,
+    workers: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Plan with SGLang's shapes.
 
@@ -62,10 +101,19 @@ def rebalance_experts(
         active_ranks: ``[G]`` bool/0-1 (SGLang's elastic EP): inactive ranks hold nothing
             (their slots are ``-1``; :mod:`eplb_opt.masked`).
         cross_node_cost: with ``policy="spill"``.
+        deterministic: as in :func:`eplb_opt.solve`; default True, so that every rank
+            computes the same plan (``time_limit`` is then a deterministic budget).
+        workers: CP-SAT threads (default 1 with ``deterministic``); the plan depends on
+            it, so use the same value on every rank.
+
+    Raises:
+        InvalidProblemError: ``mode="exact"`` with ``deterministic=False`` (each SGLang
+            rank would compute a different plan), or a bad argument.
     """
     from ..api import solve
     from ..plan import derive_maps
 
+    _env.check_same_plan(mode, deterministic, _ENGINE)
     if isinstance(num_local_physical_experts, bool) or not isinstance(num_local_physical_experts, int):
         raise InvalidTypeError(f"num_local_physical_experts must be an int, got {num_local_physical_experts!r}")
     if num_local_physical_experts <= 0 or num_physical_experts % num_local_physical_experts:
@@ -93,7 +141,158 @@ def rebalance_experts(
         num_gpus=num_physical_experts // num_local_physical_experts, mode=mode, time_limit=time_limit,
         seed=seed, policy=policy, objective=objective, previous=previous, max_balance_loss=max_balance_loss,
         node_move_cost=node_move_cost, masked_gpus=masked, cross_node_cost=cross_node_cost,
+        deterministic=deterministic, workers=workers,
     )
     p2l = result.plan.to_numpy()[0]
     l2p, cnt = derive_maps(p2l, result.plan.num_experts)
     return torch.from_numpy(p2l), torch.from_numpy(l2p), torch.from_numpy(cnt)
+
+
+def settings(explicit: dict[str, Any] | None = None) -> dict[str, Any]:
+    """:func:`dispatch`'s effective settings: explicit ones (:func:`install`), else
+    ``EPLB_OPT_*``, else the defaults (heuristic mode, ``deterministic=True``, the policy
+    from SGLang's algorithm).
+
+    Raises:
+        InvalidProblemError: an unknown setting, an environment value that does not
+            parse, or exact mode with ``deterministic=False``."""
+    return _env.resolve(explicit, _DEFAULTS, _ENGINE)[0]
+
+
+def dispatch(
+    tokens_per_expert: torch.Tensor,
+    num_physical_experts: int,
+    num_local_physical_experts: int,
+    num_groups: int | None,
+    num_nodes: int,
+    algorithm: Any = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What SGLang's ``eplb_algorithms.rebalance_experts`` runs once :func:`register` or
+    :func:`install` put eplb-opt behind it: the same signature, :func:`rebalance_experts`
+    with the settings of :func:`settings`.  SGLang's ``elasticity_aware*`` algorithms get
+    the inactive ranks of SGLang's ``ElasticEPStateManager`` masked, as SGLang does."""
+    cfg = settings(_config)
+    active = None
+    name = getattr(algorithm, "name", str(algorithm))
+    if name.startswith("elasticity_aware"):
+        from sglang.srt.elastic_ep.elastic_ep import ElasticEPStateManager  # noqa: PLC0415
+
+        state = ElasticEPStateManager.instance()
+        if state is not None:              # None: every rank healthy (SGLang's default)
+            ranks = torch.as_tensor(state.active_ranks).detach().cpu()
+            if not bool(ranks.to(torch.bool).all()):
+                active = ranks
+    return rebalance_experts(
+        tokens_per_expert, num_physical_experts, num_local_physical_experts, num_groups, num_nodes, algorithm,
+        mode=cfg["mode"], time_limit=cfg["time_limit"], seed=cfg["seed"], policy=cfg["policy"],
+        deterministic=cfg["deterministic"], workers=cfg["workers"], active_ranks=active,
+    )
+
+
+def _dispatch_module() -> Any:
+    """``sglang.srt.eplb.eplb_algorithms``, checked for the layout of SGLang 0.5.23."""
+    import sglang.srt.eplb.eplb_algorithms as module  # noqa: PLC0415 - only inside SGLang
+
+    fn = getattr(module, "rebalance_experts", None)
+    try:
+        params = tuple(inspect.signature(fn).parameters)[:len(_PARAMS)] if callable(fn) else None
+    except (TypeError, ValueError):
+        params = None
+    if params != _PARAMS:
+        raise RuntimeError(
+            f"SGLang's EPLB dispatch is not laid out as eplb-opt expects (SGLang 0.5.23: {TARGET}"
+            f"{_PARAMS}); found {fn!r} with parameters {params} in {getattr(module, '__file__', module)!r}"
+        )
+    return module
+
+
+def install(**config: Any) -> Any:
+    """Replace ``sglang.srt.eplb.eplb_algorithms.rebalance_experts`` with :func:`dispatch`
+    in this process, with ``config`` (``mode``, ``time_limit``, ``seed``, ``policy``,
+    ``deterministic``, ``workers``) over ``EPLB_OPT_*``; returns :func:`dispatch`.
+    Calling it again only updates the settings.
+
+    Raises:
+        ImportError: SGLang is not importable here.
+        RuntimeError: SGLang's dispatch differs from SGLang 0.5.23's.
+        InvalidProblemError: bad settings, or ``mode="exact"`` with ``deterministic=False``.
+    """
+    global _config
+    module = _dispatch_module()
+    cfg = settings(config)
+    _config = {k: v for k, v in config.items() if v is not None}
+    previous = module.rebalance_experts
+    if not _is_ours(previous):
+        module.rebalance_experts = dispatch
+        _env.announce(_log, "eplb-opt: %s is now eplb_opt.integrations.sglang.dispatch, was %s (%s)",
+                      TARGET, _qualname(previous), _env.describe(cfg))
+    return dispatch
+
+
+def _is_ours(fn: Any) -> bool:
+    """``fn`` is :func:`dispatch` or SGLang's hook wrapper around it."""
+    cells = getattr(fn, "__closure__", None) or ()
+    return fn is dispatch or any(_cell(c) is dispatch for c in cells)
+
+
+def _cell(cell: Any) -> Any:
+    try:
+        return cell.cell_contents
+    except ValueError:  # an empty cell
+        return None
+
+
+def _qualname(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
+
+
+def register() -> Any:
+    """The ``sglang.srt.plugins`` entry point (``eplb_opt``), which SGLang's
+    ``load_plugins()`` calls in its engine, scheduler and other processes.
+
+    Does nothing (returns None) unless ``EPLB_OPT_SGLANG=1``.  Then it registers
+    :func:`dispatch` as a REPLACE hook on ``sglang.srt.eplb.eplb_algorithms.rebalance_experts``
+    with SGLang's ``HookRegistry`` (``load_plugins()`` applies it right after the plugins
+    ran, and also rebinds any ``from ... import rebalance_experts`` copies), or, called
+    outside ``load_plugins()`` or where SGLang has no hook registry, replaces the function
+    directly (:func:`install`); and logs one line.  Settings
+    come from ``EPLB_OPT_*`` at each call.  Calling it again changes nothing.  Where
+    SGLang's dispatch is not laid out as in SGLang 0.5.23 it logs an error and leaves
+    SGLang's algorithms in place.  Returns :func:`dispatch` when eplb-opt is (or will be,
+    once the hooks are applied) behind the dispatch.
+
+    Raises:
+        InvalidProblemError: ``EPLB_OPT_SGLANG`` is neither on nor off, or the
+            ``EPLB_OPT_*`` settings are invalid (e.g. exact mode with
+            ``EPLB_OPT_DETERMINISTIC=0``).  SGLang's loader logs a plugin's exception
+            ("Failed to execute general plugin: eplb_opt") and keeps its own algorithms.
+    """
+    if not _env.flag("EPLB_OPT_SGLANG"):
+        _log.debug("eplb-opt: EPLB_OPT_SGLANG is not set; SGLang's EPLB algorithms are left alone")
+        return None
+    cfg = settings(_config)
+    try:
+        module = _dispatch_module()
+    except Exception as exc:  # noqa: BLE001 - report, never break SGLang's start
+        _log.error("eplb-opt: EPLB_OPT_SGLANG=1 but eplb-opt could NOT be put behind SGLang's EPLB dispatch, "
+                   "SGLang's own algorithms stay in use: %s: %s", type(exc).__name__, exc)
+        return None
+    if _is_ours(module.rebalance_experts):
+        return dispatch
+    try:
+        from sglang.srt.plugins import hook_registry  # noqa: PLC0415
+        HookRegistry, HookType = hook_registry.HookRegistry, hook_registry.HookType
+    except (ImportError, AttributeError):
+        return install()
+    hooks = getattr(HookRegistry, "_hooks", {})
+    if any(hook is dispatch for _type, hook, *_ in hooks.get(TARGET, ())):
+        return dispatch                    # registered already; load_plugins() applies it
+    loading = getattr(hook_registry, "_current_plugin_source", None)
+    if loading is None or loading.get() is None:
+        # Not called by load_plugins(), which applies the hooks: nothing would apply ours.
+        return install()
+    HookRegistry.register(TARGET, dispatch, HookType.REPLACE)
+    _env.announce(_log, "eplb-opt: EPLB_OPT_SGLANG=1: %s (%s) will run eplb_opt.integrations.sglang.dispatch "
+                  "(a REPLACE hook, applied by SGLang's load_plugins) (%s)", TARGET,
+                  _qualname(module.rebalance_experts), _env.describe(cfg))
+    return dispatch
