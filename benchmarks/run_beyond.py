@@ -146,8 +146,8 @@ SPILL_COSTS = [float("inf"), 8.0, 4.0, 2.0, 1.0, 0.5, 0.25, 0.0]
 
 def spill(seeds: list[int]) -> dict:
     """Balancedness against the share of load served off-node, as cross_node_cost falls."""
-    from heuristics import place
-    from heuristics.spill import off_node_load
+    from eplb_opt.heuristics import place
+    from eplb_opt.heuristics.spill import off_node_load
 
     topo = PRESETS[PRESET].topology()
     G, N, R = topo["num_gpus"], topo["num_nodes"], topo["num_replicas"]

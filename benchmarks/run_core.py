@@ -186,7 +186,7 @@ def stages(preset: eplb_opt.workloads.Preset, repeats: int) -> dict:
     """Where the time of the prefill ``rebalance_experts`` call goes: its stages timed
     one by one on the same input (alternating, medians), plus the same call on the first
     layer alone (the fixed per-call cost of a numpy pipeline of small array operations)."""
-    import heuristics
+    import eplb_opt.heuristics as heuristics
     from eplb_opt.api import _verify
     from eplb_opt.plan import derive_maps
     from eplb_opt.problem import make_problem
@@ -217,7 +217,7 @@ def stages(preset: eplb_opt.workloads.Preset, repeats: int) -> dict:
 def frontier(rounds: list[int], repeats: int) -> list[dict]:
     """Speed/quality trade-off of the refinement-round cap: for each cap, how many suite
     workloads are at least as balanced as DeepSeek in-window, and the prefill speed-up."""
-    import heuristics.packing as hp
+    import eplb_opt.heuristics.packing as hp
 
     ds = deepseek_rebalance()
     saved = hp.DEFAULT_REFINE_ROUNDS

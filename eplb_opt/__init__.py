@@ -10,6 +10,11 @@ Quick start::
 See :func:`solve` for shapes and units.
 """
 
+from typing import TYPE_CHECKING, Any
+
+# Light modules (numpy only) load with the package.  The rest (torch, OR-Tools) loads
+# on first use of a name below, so that ``import eplb_opt.heuristics`` and the CLI's
+# start stay light (torch is imported only where a torch tensor is met).
 from .bounds import Bounds, lower_bounds
 from .errors import (
     EplbOptError,
@@ -20,16 +25,40 @@ from .errors import (
     SolveInterrupted,
 )
 from .metrics import balancedness, gpu_loads, slot_loads
-from .plan import Plan, derive_maps, plan_violations, verify
 from .planfile import PlanFileError, export_tensorrt_llm
 from .traces import TraceError, read_trace
 from .evaluate import evaluate
 from .problem import Problem, make_problem
-from .api import SolveResult, rebalance_experts, solve
 from .align import align_to_previous, count_moves
-from .migrate import Migration
 from .trigger import RebalanceDecision, should_rebalance
 from .status import warm_up
+
+_LAZY = {
+    "Plan": ".plan", "derive_maps": ".plan", "plan_violations": ".plan", "verify": ".plan",
+    "SolveResult": ".api", "rebalance_experts": ".api", "solve": ".api",
+    "Migration": ".migrate",
+}
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
+    from .api import SolveResult, rebalance_experts, solve
+    from .migrate import Migration
+    from .plan import Plan, derive_maps, plan_violations, verify
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'eplb_opt' has no attribute {name!r}")
+    from importlib import import_module
+
+    value = getattr(import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __version__ = "0.4.0"
 

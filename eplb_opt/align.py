@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from heuristics.local import gpu_counts as _gpu_counts
+from .heuristics.local import gpu_counts as _gpu_counts
 
 from .errors import InvalidProblemError, InvalidTypeError
 

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-import heuristics
+from . import heuristics
 
 from .bounds import Bounds, lower_bounds
 from .errors import EplbOptError, InvalidPlanError, InvalidProblemError, InvalidTypeError, SolveInterrupted
@@ -281,7 +281,7 @@ ROBUST_STEPS = 64
 def _robust(problem: Problem, windows: np.ndarray, phy2log: np.ndarray, objective: str, allow_dup: bool,
             deterministic: bool, start: float, events: list[str]) -> np.ndarray:
     """The worst / mean window search (see :func:`solve`, ``objective``)."""
-    from heuristics.robust import robust_refine
+    from .heuristics.robust import robust_refine
 
     kw = dict(num_gpus=problem.num_gpus, num_nodes=problem.plan_nodes, objective=objective,
               allow_duplicates=allow_dup)
@@ -309,7 +309,7 @@ def _robust_figures(problem: Problem, windows: np.ndarray, per_window: np.ndarra
                     objective: str) -> tuple[np.ndarray, np.ndarray]:
     """Per layer: the objective (worst or mean window's busiest GPU) and its certified
     bound (largest or mean of the windows' own bounds)."""
-    from heuristics.robust import robust_objective
+    from .heuristics.robust import robust_objective
 
     bounds = np.stack([lower_bounds(
         x, problem.num_replicas, problem.num_gpus, hierarchical=problem.hierarchical,
@@ -493,7 +493,7 @@ def _spill_cost(value: Any, spill: bool, robust: bool, previous: Any) -> float:
 
 def _spill(problem: Problem, lam: float, allow_dup: bool) -> tuple[np.ndarray, np.ndarray]:
     """The spill policy's plan and every expert's home node ``[L, E]``."""
-    from heuristics.spill import spill_refine
+    from .heuristics.spill import spill_refine
 
     w, R, G, N = problem.weight, problem.num_replicas, problem.num_gpus, problem.num_nodes
     hier = heuristics.place(w, R, problem.num_groups, N, G, allow_duplicates=allow_dup)
@@ -519,7 +519,7 @@ def _verify_primaries(problem: Problem, phy2log: np.ndarray, home: np.ndarray) -
 def _off_share(problem: Problem, phy2log: np.ndarray, home: np.ndarray | None) -> float | None:
     if home is None:
         return None
-    from heuristics.spill import off_node_load
+    from .heuristics.spill import off_node_load
 
     total = float(problem.weight.sum())
     return float(off_node_load(problem.weight, phy2log, problem.num_nodes, home).sum() / total) if total > 0 else 0.0

@@ -36,7 +36,7 @@ from functools import lru_cache
 from itertools import combinations
 from math import comb
 
-from heuristics import ENUMERATION_LIMIT, equal_partitions, node_load_lower_bound, num_partitions, replica_counts
+from .heuristics import ENUMERATION_LIMIT, equal_partitions, node_load_lower_bound, num_partitions, replica_counts
 
 __all__ = ["Bounds", "lower_bounds", "partition_cardinality_bound", "node_replica_bound"]
 

@@ -23,13 +23,13 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable
 
+import sys
+
 import numpy as np
-import torch
 
 from .bounds import lower_bounds
 from .errors import InvalidProblemError, InvalidTypeError
 from .metrics import balancedness, gpu_loads, slot_loads
-from .plan import plan_violations
 from .suites import SUITES, Suite, Workload, workloads
 
 __all__ = ["Score", "Evaluation", "evaluate", "score_plan"]
@@ -107,7 +107,8 @@ def _phy2log(out: Any) -> np.ndarray:
         if not out:
             raise TypeError("returned an empty tuple")
         out = out[0]
-    if isinstance(out, torch.Tensor):
+    torch = sys.modules.get("torch")     # a tensor implies torch is loaded
+    if torch is not None and isinstance(out, torch.Tensor):
         out = out.detach().cpu().numpy()
     arr = np.asarray(out)
     if arr.dtype.kind not in "iu":
@@ -133,6 +134,8 @@ def score_plan(
 ) -> Score:
     """Check and score one plan of ``wl`` (window 0 in-window, window 1 next)."""
     p = wl.preset
+    from .plan import plan_violations  # (torch: imported only when plans are checked)
+
     problems = plan_violations(
         phy2log, p.num_experts, p.num_replicas, p.num_gpus, num_groups=p.num_groups,
         num_nodes=p.num_nodes, hierarchical=hierarchical, num_layers=wl.windows.shape[1], **(maps or {}),
@@ -211,6 +214,8 @@ def evaluate(
             wl.windows[0], p.num_replicas, p.num_gpus, hierarchical=hier,
             num_groups=p.num_groups, num_nodes=p.num_nodes,
         ).lower_bound
+        import torch
+
         weight = torch.from_numpy(np.ascontiguousarray(wl.windows[0]))
         out, secs, crash = _run(fn, (weight, p.num_replicas, groups, nodes, p.num_gpus), reps)
         if crash is not None:

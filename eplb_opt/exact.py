@@ -32,8 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from heuristics.pipeline import pack_rows
-from heuristics.resplit import resplit_rounds
+from .heuristics.pipeline import pack_rows
+from .heuristics.resplit import resplit_rounds
 
 from .status import StatusLog, logging_statuses, ortools_ready, status_events
 
@@ -128,7 +128,7 @@ def _fixed_size(experts: int, gpus: int) -> int:
 
 def _groups_exact(num_groups: int, num_nodes: int) -> bool:
     """Whether the heuristic group step is already exact (as heuristics.grouping)."""
-    from heuristics import ENUMERATION_LIMIT, num_partitions
+    from .heuristics import ENUMERATION_LIMIT, num_partitions
 
     m = num_groups // num_nodes
     return num_nodes == 1 or m <= 2 or num_partitions(num_groups, num_nodes) <= ENUMERATION_LIMIT
@@ -157,7 +157,7 @@ def _groups_by_cpsat(
     """Groups to nodes exactly by CP-SAT where enumeration is too big; re-plans a layer
     whose heaviest node gets lighter.  A proven optimum of the heaviest node, over its GPUs,
     bounds every plan (certified)."""
-    from heuristics import place
+    from .heuristics import place
 
     L, E = w.shape
     gs = E // num_groups
@@ -237,7 +237,7 @@ def _hier_complete_ok(E: int, R: int, G: int, N: int, num_groups: int) -> bool:
     """Small enough to solve every node content completely and enumerate assignments."""
     from math import comb
 
-    from heuristics import ENUMERATION_LIMIT, num_partitions
+    from .heuristics import ENUMERATION_LIMIT, num_partitions
 
     m = num_groups // N
     contents = comb(num_groups, m)
@@ -282,7 +282,7 @@ def _complete_hierarchical(
     of largest load in the assignment with the lowest bound or in the best assignment."""
     from itertools import combinations
 
-    from heuristics import equal_partitions
+    from .heuristics import equal_partitions
 
     from . import cpsat
 

@@ -33,9 +33,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from heuristics import place
-from heuristics.apportion import unit_scale
-from heuristics.local import LayerState, gpu_counts as _gpu_counts
+from .heuristics import place
+from .heuristics.apportion import unit_scale
+from .heuristics.local import LayerState, gpu_counts as _gpu_counts
 
 from .exact import IMPORT_SECONDS
 from .status import ortools_ready

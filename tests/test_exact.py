@@ -150,7 +150,7 @@ def test_rebalance_experts_exact_mode():
 
 def test_group_placement_beyond_enumeration_is_solved_and_valid():
     # 24 groups on 6 nodes (4 per node): far too many partitions to enumerate.
-    from heuristics import ENUMERATION_LIMIT, num_partitions
+    from eplb_opt.heuristics import ENUMERATION_LIMIT, num_partitions
 
     assert num_partitions(24, 6) > ENUMERATION_LIMIT
     rng = np.random.default_rng(9)

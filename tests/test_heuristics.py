@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-import heuristics as H
+import eplb_opt.heuristics as H
 
 
 def greedy_counts(w, R, cap=None):
@@ -152,9 +152,22 @@ def test_heuristics_imports_neither_torch_nor_ortools():
     import subprocess
     import sys
 
-    code = "import sys, heuristics; print('torch' in sys.modules, 'ortools' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    # Run from another directory: the installed package, not the checkout's folder.
+    code = ("import sys, eplb_opt.heuristics as h; h.place; "
+            "print('torch' in sys.modules, 'ortools' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/")
     assert out.stdout.strip() == "False False"
+
+
+def test_no_top_level_heuristics_module_is_installed():
+    """``heuristics`` installs as ``eplb_opt.heuristics``: a top-level module of that name
+    would clash with an unrelated PyPI project."""
+    import subprocess
+    import sys
+
+    code = "import importlib.util; print(importlib.util.find_spec('heuristics') is None)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/")
+    assert out.stdout.strip() == "True"
 
 
 def runs(rng, rows, n, P, hot):
@@ -208,7 +221,7 @@ def test_dominant_item_gets_the_smallest_items():
 def test_pair_swap_search_matches_brute_force(seed):
     """The vectorised best-swap search (deviation from the pair's mid load) against a
     plain loop over every slot pair of every (heavy, light) pack pair."""
-    from heuristics.packing import _REL_EPS, _Layout, _best_pair_swaps
+    from eplb_opt.heuristics.packing import _REL_EPS, _Layout, _best_pair_swaps
 
     rng = np.random.default_rng(seed)
     rows, P, k = 12, 5, 4

@@ -7,7 +7,7 @@ import torch
 import eplb_opt
 from eplb_opt import InvalidProblemError, InvalidTypeError, plan_violations
 from eplb_opt.workloads import generate
-from heuristics.robust import robust_objective, robust_refine
+from eplb_opt.heuristics.robust import robust_objective, robust_refine
 
 from .oracle import assert_consistent_certificate
 

@@ -7,7 +7,7 @@ import torch
 import eplb_opt
 from eplb_opt import InvalidProblemError, InvalidTypeError, plan_violations
 from eplb_opt.workloads import generate
-from heuristics.spill import off_node_load
+from eplb_opt.heuristics.spill import off_node_load
 
 from .oracle import assert_consistent_certificate
 
@@ -20,7 +20,7 @@ def loads():
 
 
 def _home(w):
-    from heuristics import place
+    from eplb_opt.heuristics import place
 
     return np.repeat(place(w, 288, 8, 4, 32).node_of_group, 32, axis=1)
 
