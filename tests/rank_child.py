@@ -33,6 +33,7 @@ def main() -> None:
     torch.set_num_threads(int(os.environ.get("RANK_TORCH_THREADS", "1")))
     import eplb_opt
 
+    eplb_opt.warm_up()   # as a server does at start-up (OR-Tools loaded before the first plan)
     weight = np.load(sys.argv[1])
     topo = json.loads(os.environ["RANK_TOPOLOGY"])
     limit = float(os.environ.get("RANK_TIME_LIMIT", "1"))
@@ -57,8 +58,11 @@ def main() -> None:
         elif path == "sglang":
             from eplb_opt.integrations.sglang import rebalance_experts
 
+            # SGLang hands over the step axis: [steps, L, E] (summed inside).
+            frac = np.random.default_rng(0).dirichlet(np.ones(16), size=weight.shape)   # [L, E, 16]
+            steps = np.moveaxis(weight[..., None] * frac, -1, 0)
             maps = rebalance_experts(
-                torch.from_numpy(weight), topo["num_replicas"], topo["num_replicas"] // topo["num_gpus"],
+                torch.from_numpy(steps), topo["num_replicas"], topo["num_replicas"] // topo["num_gpus"],
                 topo["num_groups"], topo["num_nodes"], mode="exact", time_limit=limit,
             )
             out["sglang"] = [digest(*(m.numpy() for m in maps))]

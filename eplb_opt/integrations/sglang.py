@@ -123,7 +123,9 @@ def rebalance_experts(
         )
     t = tokens_per_expert if isinstance(tokens_per_expert, torch.Tensor) else torch.as_tensor(tokens_per_expert)
     if t.dim() == 3 and objective == "sum":
-        t = t.to(torch.float64).sum(dim=0)
+        # Summed in numpy (a fixed order): torch's CPU reduction may split the step axis
+        # over threads, and ranks with other thread counts would see other last bits.
+        t = torch.from_numpy(t.detach().cpu().to(torch.float64).numpy().sum(axis=0))
     masked = None
     if active_ranks is not None:
         masked = ~torch.as_tensor(active_ranks).detach().cpu().to(torch.bool).numpy()
