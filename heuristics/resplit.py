@@ -30,6 +30,8 @@ MAX_FREE = 12
 # machine (58 rows x 23 pairs at k = 9: 0.165 s); with a deadline, a round works only on
 # as many rows as the time left pays for at this rate.
 SECONDS_PER_PAIR_SUBSET = 3e-7
+# With a deadline: estimated seconds of one round at most.
+ROUND_SECONDS = 0.02
 
 
 @lru_cache(maxsize=32)
@@ -235,7 +237,10 @@ def resplit_rounds(
             # (issue 12's deadline study).
             per_row = (half + max(min(partners, P - 1) - 1, 0)) * 2.0 ** min(k, MAX_FREE) * SECONDS_PER_PAIR_SUBSET
             per_row = max(per_row, measured)
-            fit = int(0.5 * (deadline - time.perf_counter()) / per_row)
+            # At most ROUND_SECONDS of work per round, so that a rate that is off (a
+            # loaded machine runs the first round 2-3x slower than calibrated) costs
+            # at most a short round past the deadline (issue 12's busy-machine p99).
+            fit = int(min(0.5 * (deadline - time.perf_counter()), max(ROUND_SECONDS, per_row)) / per_row)
             if fit < 1:
                 break
             if active.size > fit:
