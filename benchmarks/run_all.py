@@ -14,7 +14,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from . import bench, report, run_core, run_exact
+from eplb_opt.bench import runner as bench
+
+from . import report, run_core, run_exact
 
 
 def main() -> int:

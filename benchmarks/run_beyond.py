@@ -97,7 +97,7 @@ ROBUST_PRESETS = ["deepseek-v3-prefill", "deepseek-v3-decode", "qwen3-235b"]
 
 def robust(seeds: list[int], history: int = 3) -> dict:
     """Next-window balancedness of plans made from the last ``history`` windows."""
-    from .peers import deepseek_vec_rebalance
+    from eplb_opt.bench.peers import deepseek_vec_rebalance
 
     vec = deepseek_vec_rebalance()
     rows = []
@@ -211,7 +211,7 @@ def masked(seeds: list[int], dead: int = 5) -> dict:
     deployed plan, beside SGLang's elasticity-aware algorithm."""
     from eplb_opt.migrate import move_counts
 
-    from .peers import elasticity_rebalance
+    from eplb_opt.bench.peers import elasticity_rebalance
 
     peer = elasticity_rebalance()
     topo = PRESETS[PRESET].topology()

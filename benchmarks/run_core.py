@@ -7,7 +7,7 @@ Usage (from the repository root)::
 Suite (fixed): presets deepseek-v3-prefill, deepseek-v3-decode, qwen3-235b, kimi-k2,
 no-redundancy x workload seeds 0-4 x two windows.  A plan is made from window 0 and
 scored on window 0 (in-window) and window 1 (next window).  DeepSeek's reference is
-loaded from the sglang==0.5.23 wheel (benchmarks/peers.py).  Timing is the whole public
+loaded from the sglang==0.5.23 wheel (eplb_opt/bench/peers.py).  Timing is the whole public
 call in a warm process, our call and DeepSeek's alternating, median over repeats.
 
 Writes ``core.json`` into ``--out`` (default: benchmarks/) and regenerates
@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -31,9 +29,9 @@ import numpy as np
 import torch
 
 import eplb_opt
+from eplb_opt.bench.peers import PeerUnavailable, deepseek_original_rebalance, deepseek_rebalance
+from eplb_opt.bench.runner import cpu_name, machine as _machine  # noqa: F401 - cpu_name: run_deadlines
 from eplb_opt.workloads import PRESETS, generate
-
-from .peers import PeerUnavailable, deepseek_original_rebalance, deepseek_rebalance
 
 SUITE = ["deepseek-v3-prefill", "deepseek-v3-decode", "qwen3-235b", "kimi-k2", "no-redundancy"]
 SEEDS = [0, 1, 2, 3, 4]
@@ -75,26 +73,6 @@ def _alternate(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, 
             f()
             times[k].append(time.perf_counter() - t)
     return times
-
-
-def cpu_name() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return cpu
-
-
-def _machine() -> str:
-    cpu = cpu_name()
-    return (
-        f"{cpu}, {os.cpu_count()} cores; Python {platform.python_version()}, numpy {np.__version__}, "
-        f"torch {torch.__version__}"
-    )
 
 
 def quality(progress: bool = True) -> list[dict]:

@@ -35,7 +35,7 @@ import torch
 import eplb_opt
 from eplb_opt.workloads import PRESETS, generate
 
-from .peers import deepseek_rebalance
+from eplb_opt.bench.peers import deepseek_rebalance
 
 CONFIGS = [
     # name, replicas, groups, nodes, gpus, policy, target gap

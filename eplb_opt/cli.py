@@ -6,7 +6,7 @@ Commands:
     evaluate  check a plan file and score it on load files.
     report    draw a plan's per-GPU loads, balancedness, gaps and replica counts.
     score     grade any rebalance_experts-shaped function against certified bounds.
-    bench     every policy and peer on a benchmark suite (needs a source checkout).
+    bench     every policy and peer on a benchmark suite.
 
 Exit status: 0 success; 1 an evaluated plan is invalid (or a scored function crashed or
 broke a rule); 2 bad input or usage; 3 Ray could not be started or joined; 130
@@ -40,6 +40,70 @@ def _binding(result: SolveResult) -> list[str]:
     return [names[i] for i in stack.argmax(axis=0)]
 
 
+# What the printed figures mean (example, plan, evaluate, score print these).
+_TABLE_LEGEND = (
+    "loads are token counts per expert; 'balance' = mean / max GPU load of the layer (1.0 is perfect);\n"
+    "'lower bound' = a certified floor on the busiest GPU's load that no plan under the policy can go below;\n"
+    "'gap' = 1 - lower_bound / max_load (0% proves the layer's plan optimal);\n"
+    "'bound' = the part of the lower bound that sets it: average (total load / GPUs), replica (the\n"
+    "  heaviest single replica under the best replica counts), cardinality (whole experts per GPU when\n"
+    "  there is no spare slot), node / node_replica (hierarchical policy: the heaviest node's load or\n"
+    "  replicas under the best group-to-node assignment)"
+)
+_SLOT_LEGEND = (
+    "slot-level balancedness: the same mean / max ratio over single replica slots instead of GPUs, i.e. how "
+    "evenly the load is split between individual replicas (lower than the GPU figure: a GPU's several slots "
+    "even each other out)"
+)
+
+
+_SCORE_LEGEND = (
+    "bal: in-window balancedness (mean / max GPU load, summed over layers; 1.0 is perfect); next: the same plan "
+    "on the next window;\nslot: slot-level balancedness, the same ratio over single replica slots instead of "
+    "GPUs; gap: to eplb-opt's certified lower bound"
+)
+
+
+def _summary(result: SolveResult) -> str:
+    """``result.summary()`` with its hints in command-line terms (``--policy global``,
+    not Python's ``policy='global'``)."""
+    return (result.summary().replace("try policy='global'", "try --policy global")
+            .replace("call eplb_opt.warm_up() at start-up", "give a larger --time-limit"))
+
+
+def _warm_up(mode: str) -> None:
+    """Exact mode from the command line: load OR-Tools (about 0.5 s) before the clock
+    starts, so that ``--time-limit`` buys search time (a fresh process would otherwise
+    skip CP-SAT under short limits)."""
+    if mode != "exact":
+        return
+    from .status import warm_up
+
+    try:
+        warm_up()
+    except Exception:  # noqa: BLE001 - solve reports a missing or broken OR-Tools itself
+        pass
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def _auto_note(policy: str, groups: int, nodes: int, masked: bool) -> str | None:
+    """Which policy ``--policy auto`` resolves to, and why (None on one node, where the
+    choice changes nothing)."""
+    if policy != "auto" or nodes <= 1:
+        return None
+    if groups % nodes:
+        return (f"policy auto -> global: {_count(groups, 'group')} {'does' if groups == 1 else 'do'} not divide "
+                f"evenly over {nodes} nodes (the hierarchical policy puts whole groups on each node)")
+    if masked:
+        return (f"policy auto -> global: masked GPUs leave the {nodes} nodes with unequal GPU counts "
+                "(the hierarchical policy needs equal nodes)")
+    return (f"policy auto -> hierarchical: {groups} groups divide evenly over {nodes} nodes "
+            "(pass --policy global to let an expert's replicas cross nodes)")
+
+
 def _table(result: SolveResult) -> str:
     binding = _binding(result)
     head = f"{'layer':>5} {'max load':>12} {'mean load':>12} {'balance':>8} {'lower bound':>12} {'gap':>8}  bound"
@@ -52,6 +116,26 @@ def _table(result: SolveResult) -> str:
             f"{result.gap[l]:>8.3%}  {binding[l]}"
         )
     return "\n".join(rows)
+
+
+def _prog() -> str:
+    """How to call this command again from the current directory: ``eplb-opt`` when that
+    name on ``PATH`` is this script, else the path it was run by (e.g.
+    ``.venv/bin/eplb-opt`` in a shell where the virtual environment is not active)."""
+    import os
+    import shutil
+
+    script = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
+    if script is None or script.name != "eplb-opt" or not script.exists():
+        return "eplb-opt"
+    found = shutil.which("eplb-opt")
+    if found and Path(found).resolve() == script.resolve():
+        return "eplb-opt"
+    try:
+        rel = os.path.relpath(script.absolute())
+    except ValueError:                 # another drive (Windows)
+        rel = ".."
+    return str(script.absolute()) if rel.startswith("..") else rel
 
 
 def _write_example_loads(args: argparse.Namespace) -> int:
@@ -73,7 +157,7 @@ def _write_example_loads(args: argparse.Namespace) -> int:
         atomic_write(path, saver(w[i]))
         print(f"wrote {path}  ({args.preset}, seed {args.seed}, window {i}: {w.shape[1]} layers x {w.shape[2]} experts)")
     t = PRESETS[args.preset].topology()
-    print(f"plan it with: eplb-opt plan {folder / 'window0.npy'} --replicas {t['num_replicas']} "
+    print(f"plan it with: {_prog()} plan {folder / 'window0.npy'} --replicas {t['num_replicas']} "
           f"--groups {t['num_groups']} --nodes {t['num_nodes']} --gpus {t['num_gpus']} -o plan.json")
     return 0
 
@@ -83,6 +167,10 @@ def _cmd_example(args: argparse.Namespace) -> int:
         return _write_example_loads(args)
     preset = PRESETS[args.preset]
     weight = example_weight(args.preset, seed=args.seed)
+    note = _auto_note(args.policy, preset.num_groups, preset.num_nodes, masked=False)
+    if note:
+        print(f"eplb-opt: {note}", file=sys.stderr)
+    _warm_up(args.mode)
     result = solve(
         weight, **preset.topology(), mode=args.mode, time_limit=args.time_limit, seed=args.seed, policy=args.policy
     )
@@ -115,12 +203,12 @@ def _cmd_example(args: argparse.Namespace) -> int:
         f"{preset.num_layers} layers x {preset.num_experts} experts, {preset.num_replicas} replicas, "
         f"{preset.num_groups} groups, {preset.num_nodes} nodes, {preset.num_gpus} GPUs; mode {args.mode}"
     )
-    print("loads are token counts per expert; 'balance' is mean/max GPU load of the layer;")
-    print("'gap' is 1 - lower_bound/max_load against the certified bound; 'bound' names its binding part\n")
     if not args.quiet:
+        print(_TABLE_LEGEND + "\n")
         print(_table(result))
         print()
-    print(result.summary())
+    print(_summary(result))
+    print(_SLOT_LEGEND)
     return 0
 
 
@@ -195,6 +283,14 @@ def _cmd_plan(args: argparse.Namespace) -> int:
                                   f"got -o {args.output}")
     if args.first_layer is not None and args.first_layer < 0:
         raise InvalidProblemError(f"--first-layer must be >= 0, got {args.first_layer}")
+    masked = _gpu_list(args.masked_gpus)
+    if masked and args.policy in ("hierarchical", "spill"):
+        # An explicit choice is never quietly changed: solve would plan masked layers with
+        # the global policy.
+        raise InvalidProblemError(
+            f"--policy {args.policy} cannot be combined with --masked-gpus {args.masked_gpus}: masked GPUs leave "
+            f"the nodes with unequal GPU counts, and the {args.policy} policy needs equal nodes; pass "
+            "--policy global (or --policy auto, which plans around masked GPUs with the global policy)")
     if trtllm and args.masked_gpus is not None:
         raise InvalidProblemError("--masked-gpus leaves empty slots, which TensorRT-LLM's load balancer cannot "
                                   f"hold (every slot needs an expert); write a plan file instead of {args.output}")
@@ -235,8 +331,11 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         num_replicas=args.replicas, num_groups=args.groups, num_nodes=args.nodes, num_gpus=args.gpus,
         mode=args.mode, time_limit=args.time_limit, seed=args.seed, policy=args.policy,
         deterministic=args.deterministic, workers=args.workers, objective=args.objective,
-        masked_gpus=_gpu_list(args.masked_gpus), cross_node_cost=args.cross_node_cost,
+        masked_gpus=masked, cross_node_cost=args.cross_node_cost,
     )
+    note = _auto_note(args.policy, args.groups, args.nodes, masked=bool(masked))
+    if note:
+        print(f"eplb-opt: {note}", file=sys.stderr)
     if args.previous is not None:
         kw.update(previous=Plan.load(args.previous).phy2log, max_balance_loss=args.max_balance_loss,
                   node_move_cost=args.node_move_cost, bytes_per_expert=args.bytes_per_expert)
@@ -246,6 +345,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         kw["executor"] = "ray"
         kw["ray_address"] = args.ray or None
     try:
+        _warm_up(args.mode)
         with _Progress(budget, f"planning ({args.mode})", show):
             result = solve(loads, **kw)
     except SolveInterrupted as stop:
@@ -287,7 +387,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         json.dump(out, sys.stdout, indent=1)
         print()
     else:
-        print(result.summary())
+        print(_summary(result))
         if trtllm:
             print(f"wrote {path} (TensorRT-LLM load balancer: model layers {layer_ids[0]}..{layer_ids[-1]}, "
                   f"num_slots {args.replicas}; serve with ep_size {args.gpus})")
@@ -344,6 +444,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         for r in out["loads"]:
             print(f"  {r['file']}: balancedness {r['balancedness']:.6f} (certified ceiling {r['ceiling']:.6f}), "
                   f"slot-level {r['slot_balancedness']:.6f}, gap max {r['gap_max']:.4%} mean {r['gap_mean']:.4%}")
+        if out["loads"]:
+            print("balancedness: sum of mean GPU loads / sum of max GPU loads over the layers (1.0 is perfect); "
+                  "certified ceiling: no plan under the policy can do better; " + _SLOT_LEGEND)
     return 1 if problems else 0
 
 
@@ -368,33 +471,79 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+class _TargetError(EplbOptError):
+    """``eplb-opt score``: the target could not be found or loaded (exit status 2)."""
+
+
+_TARGET_FORMS = "MODULE:FUNCTION, MODULE:Class.method or path/to/file.py:FUNCTION (or :Class.method)"
+
+
 def _load_callable(spec: str):
-    """``package.module:function`` or ``path/to/file.py:function``."""
+    """The callable named by ``spec``: ``package.module:function``,
+    ``package.module:Class.method`` (e.g. a vLLM-style policy class's classmethod
+    ``rebalance_experts``), or ``path/to/file.py:`` with either.  A module name is looked
+    up in the current directory first, as ``python -m`` does.  An instance method is
+    bound to ``Class()``.  Raises :class:`_TargetError` naming what was not found."""
     import importlib
     import importlib.util
-    from pathlib import Path
+    import inspect
+    import os
 
     if ":" not in spec:
-        raise SystemExit(f"eplb-opt score: expected MODULE:FUNCTION, got {spec!r}")
-    mod_name, func = spec.rsplit(":", 1)
+        raise _TargetError(f"score: expected {_TARGET_FORMS}, got {spec!r}")
+    mod_name, attr_path = spec.rsplit(":", 1)
+    if not mod_name or not attr_path or not all(part.isidentifier() for part in attr_path.split(".")):
+        raise _TargetError(f"score: expected {_TARGET_FORMS}, got {spec!r}")
+    is_file = mod_name.endswith(".py") or "/" in mod_name or os.sep in mod_name
     try:
-        if mod_name.endswith(".py") or "/" in mod_name:
+        if is_file:
             path = Path(mod_name)
-            if not path.exists():
-                raise SystemExit(f"eplb-opt score: no such file {mod_name!r}")
-            sp = importlib.util.spec_from_file_location(path.stem, path)
+            if not path.is_file():
+                raise _TargetError(f"score: no such file {mod_name!r} (from {spec!r})")
+            folder = str(path.resolve().parent)
+            if folder not in sys.path:
+                sys.path.insert(0, folder)          # the file's own imports of its neighbours
+            sp = importlib.util.spec_from_file_location(f"_eplb_opt_target_{path.stem}", path)
+            if sp is None or sp.loader is None:
+                raise _TargetError(f"score: cannot load {mod_name!r} as a Python file")
             module = importlib.util.module_from_spec(sp)
             sp.loader.exec_module(module)
         else:
-            module = importlib.import_module(mod_name)
-    except SystemExit:
+            if os.getcwd() not in sys.path and "" not in sys.path:
+                sys.path.insert(0, os.getcwd())     # as `python -m` would find it
+            try:
+                module = importlib.import_module(mod_name)
+            except ModuleNotFoundError as exc:
+                if exc.name is not None and mod_name.startswith(exc.name) and (
+                        len(exc.name) == len(mod_name) or mod_name[len(exc.name)] == "."):
+                    raise _TargetError(
+                        f"score: no module named {exc.name!r} (from {spec!r}; looked in the current directory "
+                        "and on the Python path; for a file pass path/to/file.py:FUNCTION)") from None
+                raise
+    except _TargetError:
         raise
     except Exception as exc:  # noqa: BLE001 - the user's module failed to import
-        raise SystemExit(f"eplb-opt score: cannot import {mod_name!r}: {type(exc).__name__}: {exc}") from None
-    fn = getattr(module, func, None)
-    if not callable(fn):
-        raise SystemExit(f"eplb-opt score: {mod_name!r} has no callable {func!r}")
-    return fn
+        raise _TargetError(f"score: cannot import {mod_name!r}: {type(exc).__name__}: {exc}") from None
+    obj, owner, where = module, None, mod_name
+    for part in attr_path.split("."):
+        if not hasattr(obj, part):
+            raise _TargetError(f"score: {where!r} has no attribute {part!r} (looking for {attr_path!r} in {mod_name!r})")
+        owner, obj, where = obj, getattr(obj, part), f"{where}:{part}" if owner is None else f"{where}.{part}"
+    if inspect.isclass(owner) and inspect.isfunction(obj):
+        kind = inspect.getattr_static(owner, attr_path.rsplit(".", 1)[-1])
+        if not isinstance(kind, staticmethod):
+            # An instance method: call it on an instance made without arguments.
+            try:
+                obj = getattr(owner(), attr_path.rsplit(".", 1)[-1])
+            except Exception as exc:  # noqa: BLE001 - the class needs arguments
+                raise _TargetError(
+                    f"score: {attr_path!r} is an instance method and {owner.__name__}() failed "
+                    f"({type(exc).__name__}: {exc}); make it a classmethod or staticmethod, or pass a "
+                    "module-level function") from None
+    if inspect.isclass(obj) or not callable(obj):
+        raise _TargetError(f"score: {spec!r} is {'a class' if inspect.isclass(obj) else type(obj).__name__}, "
+                           "not a function or method (pass MODULE:Class.method)")
+    return obj
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
@@ -411,6 +560,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
         print()
     else:
         print(ev.table())
+        print(_SCORE_LEGEND)
         print()
         print(ev.summary())
     if ev.invalid:
@@ -421,20 +571,11 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    if not (root / "benchmarks" / "bench.py").exists():
-        print("eplb-opt bench: needs a source checkout (benchmarks/ is not installed with the package)",
-              file=sys.stderr)
-        return 2
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    from benchmarks.bench import main as bench_main
+    from .bench.runner import main as bench_main
 
     return bench_main(
         suite=args.suite, out=args.out, trace=args.trace, preset=args.preset, window=args.window,
-        command="eplb-opt " + " ".join(sys.argv[1:]),
+        command="eplb-opt " + " ".join(getattr(args, "argv", sys.argv[1:])),
     )
 
 
@@ -442,12 +583,20 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="eplb-opt", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"eplb-opt {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
-    ex = sub.add_parser("example", help="plan a bundled example workload and print its figures")
+    ex = sub.add_parser("example", help="plan a bundled example workload and print its figures",
+                        description="Plan a bundled synthetic workload (a preset's topology: replicas, groups, "
+                        "nodes, GPUs) and print each layer's max and mean GPU load, balance, certified lower "
+                        "bound, gap and the bound's binding part, then the overall figures.",
+                        epilog=_TABLE_LEGEND + "\n" + _SLOT_LEGEND,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     ex.add_argument("--preset", default="deepseek-v3-prefill", choices=sorted(PRESETS))
     ex.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")
     ex.add_argument("--mode", default="heuristic", choices=["heuristic", "exact"])
-    ex.add_argument("--time-limit", type=float, default=None, help="seconds for the whole call (exact mode: default 10)")
-    ex.add_argument("--policy", default="auto", choices=["auto", "hierarchical", "global"])
+    ex.add_argument("--time-limit", type=float, default=None, help="seconds for the planning call (exact mode: default 10; OR-Tools, about 0.5 s, "
+                    "loads before the clock starts)")
+    ex.add_argument("--policy", default="auto", choices=["auto", "hierarchical", "global"],
+                    help="auto (default): hierarchical when the preset's groups divide evenly over its nodes, "
+                         "else global (the choice is said on stderr)")
     ex.add_argument("--json", action="store_true", help="machine-readable output")
     ex.add_argument("--quiet", action="store_true", help="overall figures only, no per-layer table")
     ex.add_argument("--write-loads", metavar="DIR", default=None,
@@ -456,15 +605,26 @@ def _parser() -> argparse.ArgumentParser:
     ex.set_defaults(func=_cmd_example)
 
     pl = sub.add_parser("plan", help="plan recorded loads and write a plan file")
-    pl.add_argument("loads", help="loads: .npy/.npz/.pt/.safetensors [steps, L, E] or [L, E], ADRS .json, SGLang "
+    pl.add_argument("loads", help="loads: .npy/.npz/.pt/.safetensors [steps, L, E] or [L, E], ADRS "
+                    "expert-load.json (the layout of ADRS, AI-Driven Research for Systems: UC Berkeley's OpenEvolve "
+                    "EPLB study), SGLang "
                     "dumps, or a TensorRT-LLM expert-statistic dump directory (meta_info.json + rank*.safetensors)")
     pl.add_argument("--replicas", type=int, required=True, help="physical expert slots per layer (R)")
-    pl.add_argument("--groups", type=int, default=1)
-    pl.add_argument("--nodes", type=int, default=1)
-    pl.add_argument("--gpus", type=int, required=True)
-    pl.add_argument("--policy", default="auto", choices=["auto", "hierarchical", "global", "spill"])
+    pl.add_argument("--groups", type=int, default=1,
+                    help="expert groups (the model's n_group, e.g. 8 for DeepSeek-V3); the hierarchical policy keeps "
+                         "each group whole on one node (default 1: no groups)")
+    pl.add_argument("--nodes", type=int, default=1,
+                    help="server nodes the GPUs are spread over, equal GPUs each (default 1)")
+    pl.add_argument("--gpus", type=int, required=True,
+                    help="GPUs in total (the expert-parallel size); each holds replicas / gpus slots")
+    pl.add_argument("--policy", default="auto", choices=["auto", "hierarchical", "global", "spill"],
+                    help="auto (default): hierarchical when --groups divides evenly over --nodes (whole groups "
+                         "per node, the choice is said on stderr), else global (any replica on any GPU); spill: "
+                         "hierarchical with off-node replicas at --cross-node-cost")
     pl.add_argument("--mode", default="heuristic", choices=["heuristic", "exact"])
-    pl.add_argument("--time-limit", type=float, default=None, help="seconds (exact mode default 10)")
+    pl.add_argument("--time-limit", type=float, default=None,
+                    help="seconds for the planning call (exact mode: default 10; OR-Tools, about 0.5 s, loads "
+                         "before the clock starts)")
     pl.add_argument("--seed", type=int, default=0)
     pl.add_argument("--deterministic", action="store_true", help="repeatable exact mode (for a seed)")
     pl.add_argument("--workers", type=int, default=None, help="CP-SAT threads (per Ray task with --ray); default: available cores, "
@@ -480,7 +640,8 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--node-move-cost", type=float, default=4.0, help="with --previous: cost of a cross-node copy")
     pl.add_argument("--bytes-per-expert", type=int, default=None, help="with --previous: to report bytes copied")
     pl.add_argument("--masked-gpus", metavar="IDS", default=None,
-                    help="comma-separated GPUs that must hold nothing (failed or drained)")
+                    help="comma-separated GPUs that must hold nothing (failed or drained); planned with the "
+                         "global policy (an error with --policy hierarchical or spill)")
     pl.add_argument("--cross-node-cost", type=float, default=1.0,
                     help="--policy spill: cost per unit of load served off an expert's home node")
     pl.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
@@ -512,20 +673,36 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("-o", "--output", required=True, help="FILE.png or FILE.html")
     rp.set_defaults(func=_cmd_report)
 
-    sc = sub.add_parser("score", help="grade a rebalance_experts-shaped function against certified bounds")
-    sc.add_argument("target", help="MODULE:FUNCTION or path/to/file.py:FUNCTION")
+    sc = sub.add_parser("score", help="grade a rebalance_experts-shaped function against certified bounds",
+                        description="Grade any function with DeepSeek's signature fn(weight, num_replicas, "
+                        "num_groups, num_nodes, num_gpus) -> phy2log or (phy2log, log2phy, logcnt) on a fixed "
+                        "suite, beside eplb-opt's modes.  Exit status 1 when a plan crashed or broke a rule, 2 "
+                        "when the target cannot be found.",
+                        epilog=_SCORE_LEGEND, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sc.add_argument("target", help="MODULE:FUNCTION, MODULE:Class.method (e.g. a vLLM-style policy class's "
+                    "classmethod rebalance_experts), or path/to/file.py:FUNCTION (or :Class.method)")
     sc.add_argument("--suite", default="quick", choices=["quick", "full"])
-    sc.add_argument("--policy", default="auto", choices=["auto", "hierarchical", "global"])
+    sc.add_argument("--policy", default="auto", choices=["auto", "hierarchical", "global"],
+                    help="rules the plans are checked against: auto (default) hierarchical where a workload's "
+                         "groups divide over its nodes; global calls the target with 1 group and 1 node")
     sc.add_argument("--no-exact", action="store_true", help="score only eplb-opt's heuristic mode beside it")
     sc.add_argument("--no-ours", action="store_true", help="score only the target")
     sc.add_argument("--json", action="store_true", help="machine-readable output")
     sc.set_defaults(func=_cmd_score)
 
-    be = sub.add_parser("bench", help="every policy and peer on a benchmark suite (source checkout)")
+    be = sub.add_parser("bench", help="every policy and peer on a benchmark suite",
+                        description="Run eplb-opt's modes and the peers (DeepSeek EPLB and SGLang deepseek_vec "
+                        "from the sglang==0.5.23 wheel, vLLM 0.33's default policy from the vllm==0.33.0 wheel, "
+                        "fetched once into ~/.cache/eplb-opt/peers or $EPLB_OPT_PEER_CACHE) on a suite and write "
+                        "results.json, REPORT.md and plots.  A peer whose wheel cannot be had (no network, no "
+                        "cached copy) is left out, with a line on stderr and in the report.")
     be.add_argument("--suite", default="quick", choices=["quick", "full"])
     be.add_argument("--out", default="bench-out", help="directory for results.json, REPORT.md and plots")
-    be.add_argument("--trace", default=None, help="a recorded trace (.json ADRS, .npy, .npz, .pt, SGLang dump dir)")
-    be.add_argument("--preset", default=None, help="topology for --trace (a preset name)")
+    be.add_argument("--trace", default=None, help="a recorded trace: ADRS expert-load.json (the layout of "
+                    "ADRS, AI-Driven Research for Systems: UC Berkeley's OpenEvolve EPLB study), .npy, .npz, .pt, an SGLang dump or a "
+                    "TensorRT-LLM expert-statistic dump directory")
+    be.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                    help="topology for --trace (replicas, groups, nodes, GPUs of a preset)")
     be.add_argument("--window", type=int, default=None, help="steps per window for --trace")
     be.set_defaults(func=_cmd_bench)
     return p
@@ -533,6 +710,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return int(args.func(args))
     except ExecutorError as exc:

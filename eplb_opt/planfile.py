@@ -187,7 +187,9 @@ def _read(path: Path) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
                 warnings.simplefilter("ignore", UserWarning)
                 doc = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any unreadable file
-            raise PlanFileError(f"{path}: not a readable plan file ({type(exc).__name__}: {_first_line(exc)})") from None
+            why = torch_load_problem(exc, "write plan files with eplb-opt plan or eplb_opt.Plan.save (a .pt "
+                                          "plan holds only tensors and plain values)")
+            raise PlanFileError(f"{path}: not a readable plan file: {why}") from None
         arrays = _arrays(doc if isinstance(doc, dict) else [], path, lambda a: a.cpu().numpy().astype(np.int64))
         header = {k: doc.get(k) for k in ("schema", "version", "num_experts", "metadata")}
     elif suffix == ".npz":
@@ -212,9 +214,37 @@ def _read(path: Path) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _first_line(exc: BaseException) -> str:
-    """The first line of an exception message (torch's load errors run to a page)."""
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else ""
+    """The first line of an exception message (torch's load errors run to a page),
+    without terminal escape codes."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip().splitlines()
+    line = text[0].strip() if text else ""
+    if len(line) > 300:          # whole sentences, never a cut one
+        end = line.rfind(". ", 0, 300)
+        line = line[: end + 1] if end > 0 else line[:297].rstrip() + "..."
+    return line
+
+
+def torch_load_problem(exc: BaseException, remedy: str) -> str:
+    """Why ``torch.load(path, weights_only=True)`` failed, in whole sentences.
+
+    torch's "Weights only load failed" message runs to a page whose first line breaks off
+    mid-explanation; this names what the safe loader refused and, for a file holding
+    Python objects, ``remedy``.  Any other error gives its type and first line."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    refused = re.search(r"Unsupported global: GLOBAL (\S+?)(?: was not| |$)", text)
+    if refused:
+        return (f"it holds a Python object ({refused.group(1)}) that a safe load refuses: eplb-opt reads .pt files "
+                f"with torch.load(weights_only=True), which never runs code from the file; {remedy}")
+    if "Weights only load failed" in text or type(exc).__name__ == "UnpicklingError":
+        detail = text.split("WeightsUnpickler error:", 1)[1].strip().splitlines() if (
+            "WeightsUnpickler error:" in text) else []
+        what = f" (the safe loader stopped at: {detail[0].strip()[:200]})" if detail and detail[0].strip() else ""
+        return f"it is not a torch file or it is corrupt{what}"
+    return f"{type(exc).__name__}: {_first_line(exc)}"
 
 
 def load_plan(path: str | Path) -> Any:

@@ -3,7 +3,8 @@
 Every reader returns float64 token counts ``[W, L, E]``: ``W`` windows of summed steps,
 ``L`` MoE layers, ``E`` logical experts.  Formats (chosen by suffix, or a directory):
 
-* ``.json``: the ADRS / OpenEvolve ``expert-load.json`` layout,
+* ``.json``: the ``expert-load.json`` layout of ADRS (AI-Driven Research for Systems, UC
+  Berkeley's study that evolved EPLB algorithms with OpenEvolve),
   ``{"load_history": [{"logical_expert_load": [[...E...] per layer]}, ...]}``, one entry
   per recorded step.
 * ``.npy`` / ``.npz`` / ``.safetensors``: an array ``[T, L, E]`` of per-step counts (or
@@ -187,8 +188,11 @@ def _torch_file(path: Path) -> tuple[str, Any]:
             warnings.simplefilter("ignore", UserWarning)
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file
-        first = (str(exc).strip().splitlines() or [""])[0][:300]   # torch's messages run to a page
-        raise TraceError(f"{path}: not a readable torch file ({type(exc).__name__}: {first})") from None
+        from .planfile import torch_load_problem
+
+        why = torch_load_problem(exc, "save the loads as a plain tensor (torch.save(torch.as_tensor(loads), "
+                                      "path)) or as a .npy array (numpy.save)")
+        raise TraceError(f"{path}: not a readable torch file: {why}") from None
     if isinstance(obj, dict) and "phy2log" in obj:
         raise TraceError(f"{path}: {_A_PLAN}")
     if isinstance(obj, torch.Tensor):

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-# benchmarks/ is not installed; tests import its peer loaders from the checkout.
+# The checkout root on sys.path: the tests import each other as the package "tests".
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 try:

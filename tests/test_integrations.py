@@ -34,7 +34,7 @@ REAL = [
 @pytest.fixture(scope="module")
 def vllm_tree(tmp_path_factory):
     try:
-        from benchmarks.peers import VLLM, fetch_wheel
+        from eplb_opt.bench.peers import VLLM, fetch_wheel
 
         wheel = fetch_wheel(VLLM)
     except Exception as exc:  # noqa: BLE001 - no network and no cached wheel

@@ -9,7 +9,7 @@ import eplb_opt
 from eplb_opt.workloads import PRESETS, generate
 
 try:
-    from benchmarks.peers import deepseek_rebalance
+    from eplb_opt.bench.peers import deepseek_rebalance
 
     DS = deepseek_rebalance()
 except Exception as exc:  # noqa: BLE001 - reported in the skip reason
@@ -49,7 +49,7 @@ def test_original_form_matches_the_sglang_copy(ds, readme_weight):
     tensors; loading it leaves no stand-in SGLang module behind."""
     import sys
 
-    from benchmarks.peers import PeerUnavailable, deepseek_original_rebalance
+    from eplb_opt.bench.peers import PeerUnavailable, deepseek_original_rebalance
 
     try:
         orig = deepseek_original_rebalance()

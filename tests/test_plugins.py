@@ -1,7 +1,7 @@
 """Plugin entry points, exercised by the engines' real loaders (issue 13).
 
 The loaders come from the published wheels (fetched once into the peer cache by
-``benchmarks.peers.fetch_wheel``; the tests skip only when a wheel cannot be had):
+``eplb_opt.bench.peers.fetch_wheel``; the tests skip only when a wheel cannot be had):
 
 * vLLM 0.33 (``vllm==0.33.0``): ``vllm/plugins/__init__.py`` (``load_general_plugins``,
   ``load_plugins_by_group``, the ``VLLM_PLUGINS`` allow-list) and ``vllm/envs.py`` it reads
@@ -86,7 +86,7 @@ class ElasticEPStateManager:
 
 def _wheel(requirement: str) -> Path:
     try:
-        from benchmarks.peers import fetch_wheel
+        from eplb_opt.bench.peers import fetch_wheel
 
         return fetch_wheel(requirement)
     except Exception as exc:  # noqa: BLE001 - no network and no cached wheel

@@ -400,7 +400,7 @@ def test_cli_first_layer_is_documented():
 
 
 def test_bench_trace_reads_a_dump(tmp_path, monkeypatch, capsys):
-    bench = pytest.importorskip("benchmarks.bench")
+    from eplb_opt.bench import runner as bench
     monkeypatch.setattr(bench, "available_peers", lambda: {"_missing": []})
     d = tmp_path / "dump"
     write_dump(d, ranks=2, layers=[1, 2], num_experts=64, top_k=6, iters=range(10, 14))

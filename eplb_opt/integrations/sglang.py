@@ -99,7 +99,8 @@ def rebalance_experts(
         previous, max_balance_loss, node_move_cost: migration-aware replanning from the
             deployed ``physical_to_logical_map`` (as in :func:`eplb_opt.solve`).
         active_ranks: ``[G]`` bool/0-1 (SGLang's elastic EP): inactive ranks hold nothing
-            (their slots are ``-1``; :mod:`eplb_opt.masked`).
+            (their slots are ``-1``; :mod:`eplb_opt.masked`); with an inactive rank and
+            no ``policy``, the global policy, as SGLang's elasticity-aware algorithm.
         cross_node_cost: with ``policy="spill"``.
         deterministic: as in :func:`eplb_opt.solve`; default True, so that every rank
             computes the same plan (``time_limit`` is then a deterministic budget).
@@ -130,7 +131,11 @@ def rebalance_experts(
     if active_ranks is not None:
         masked = ~torch.as_tensor(active_ranks).detach().cpu().to(torch.bool).numpy()
     if policy is None:
-        if enable_hierarchical is not None:
+        if masked is not None and masked.any():
+            # SGLang's own elasticity-aware algorithm plans with the global policy while
+            # ranks are inactive (nodes no longer have equal GPUs), whatever it was asked.
+            policy = "global"
+        elif enable_hierarchical is not None:
             policy = "hierarchical" if enable_hierarchical else "global"
         elif algorithm is not None:
             name = getattr(algorithm, "name", str(algorithm))

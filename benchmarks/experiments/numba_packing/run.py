@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import eplb_opt  # noqa: E402
-from benchmarks.peers import deepseek_rebalance  # noqa: E402
+from eplb_opt.bench.peers import deepseek_rebalance  # noqa: E402
 from eplb_opt.workloads import PRESETS, generate  # noqa: E402
 
 import proto_fast  # noqa: E402

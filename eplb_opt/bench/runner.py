@@ -1,15 +1,16 @@
 """``eplb-opt bench``: every policy on every preset of a suite, against the real peers.
 
-Usage (from a source checkout)::
+Usage (installed or from a source checkout)::
 
-    .venv/bin/eplb-opt bench --suite quick --out bench-out
-    .venv/bin/eplb-opt bench --suite full --out benchmarks/bench-full   # recorded in RESULTS.md
-    .venv/bin/eplb-opt bench --trace loads.json --preset deepseek-v3-prefill --window 100
+    eplb-opt bench --suite quick --out bench-out
+    eplb-opt bench --suite full --out benchmarks/bench-full   # recorded in RESULTS.md
+    eplb-opt bench --trace loads.json --preset deepseek-v3-prefill --window 100
 
 Policies: eplb-opt heuristic, eplb-opt exact (the suite's time per workload), DeepSeek's
 EPLB and SGLang's ``deepseek_vec`` (``sglang==0.5.23``), vLLM 0.33's default policy
-(``vllm==0.33.0``) and the seed heuristic (``../shared/reference``, when present), all
-loaded by :mod:`benchmarks.peers`.  For each workload (plan from window 0): in-window,
+(``vllm==0.33.0``) and the seed heuristic (when present), all loaded by
+:mod:`eplb_opt.bench.peers`.  A peer that cannot be loaded (its wheel neither cached nor
+downloadable) is left out, with a line on stderr and in the report.  For each workload (plan from window 0): in-window,
 next-window and slot-level balancedness, every layer's gap to eplb-opt's certified bound,
 and time (median of the suite's repeats, policies alternating in one process); crashes
 and invalid plans are recorded.  The full suite adds a scaling study.
@@ -20,6 +21,8 @@ Writes ``OUT/results.json``, ``OUT/REPORT.md`` and plots ``OUT/*.png``.
 from __future__ import annotations
 
 import json
+import os
+import platform
 import statistics
 import sys
 import time
@@ -30,12 +33,17 @@ from typing import Callable
 import numpy as np
 import torch
 
-import eplb_opt
-from eplb_opt.evaluate import score_plan, _phy2log, _maps
-from eplb_opt.suites import SUITES, Suite, Workload, workloads
-from eplb_opt.workloads import PRESETS, Preset
-
+from .. import api as _api
+from .. import workloads as _workloads
+from ..bounds import lower_bounds
+from ..errors import InvalidProblemError
+from ..evaluate import score_plan, _phy2log, _maps
+from ..metrics import gpu_loads
+from ..suites import SUITES, Suite, Workload, workloads
+from ..workloads import PRESETS, Preset
 from .peers import available_peers
+
+__all__ = ["OURS_E", "OURS_H", "SCALING", "cpu_name", "machine", "main", "run_workload"]
 
 OURS_H = "eplb-opt heuristic"
 OURS_E = "eplb-opt exact"
@@ -62,12 +70,32 @@ def _ours(mode: str, time_limit: float | None) -> Callable[..., object]:
 
     def run(weight, num_replicas, num_groups, num_nodes, num_gpus):
         kw = {"time_limit": time_limit} if mode == "exact" else {}
-        return eplb_opt.solve(
+        return _api.solve(
             weight, num_replicas=num_replicas, num_groups=num_groups, num_nodes=num_nodes,
             num_gpus=num_gpus, mode=mode, **kw,
         ).plan.phy2log
 
     return run
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return cpu
+
+
+def machine() -> str:
+    """One line naming the CPU, core count and the numpy / torch versions."""
+    return (
+        f"{cpu_name()}, {os.cpu_count()} cores; Python {platform.python_version()}, numpy {np.__version__}, "
+        f"torch {torch.__version__}"
+    )
 
 
 def _say(msg: str) -> None:
@@ -95,7 +123,7 @@ def _time(fns: dict[str, Callable[[], object]], repeats: int) -> tuple[dict[str,
 def run_workload(wl: Workload, policies: dict[str, Callable[..., object]], repeats: int) -> list[dict]:
     p = wl.preset
     hier = p.num_groups % p.num_nodes == 0
-    bound = eplb_opt.lower_bounds(
+    bound = lower_bounds(
         wl.windows[0], p.num_replicas, p.num_gpus, hierarchical=hier,
         num_groups=p.num_groups, num_nodes=p.num_nodes,
     ).lower_bound
@@ -134,7 +162,7 @@ def scaling(repeats: int = 3) -> list[dict]:
     for axis, configs in SCALING.items():
         for L, E, R, Gr, N, G in configs:
             pre = Preset(f"scale-{L}x{E}-{R}-{G}", L, E, R, Gr, N, G)
-            wl = Workload(pre, 0, eplb_opt.workloads.generate(pre, windows=2, seed=0))
+            wl = Workload(pre, 0, _workloads.generate(pre, windows=2, seed=0))
             pol: dict[str, Callable[..., object]] = {OURS_H: _ours("heuristic", None)}
             if callable(ds):
                 pol["DeepSeek EPLB (sglang 0.5.23)"] = ds
@@ -233,12 +261,12 @@ def heatmap(wl: Workload, plans: dict[str, np.ndarray]) -> dict:
     # Static placement: expert e on GPU e * G / E, spare slots given to experts in order.
     static = np.concatenate([np.arange(E), np.arange(p.num_replicas - E) % E])
     static = np.broadcast_to(np.sort(static), (L, p.num_replicas))
-    before = eplb_opt.gpu_loads(w, static, p.num_gpus)
+    before = gpu_loads(w, static, p.num_gpus)
     layer = int((before.max(axis=1) / before.mean(axis=1)).argmax())
     rows, loads = ["static (no rebalancing)"], [before[layer].tolist()]
     for k, plan in plans.items():
         rows.append(k)
-        loads.append(eplb_opt.gpu_loads(w[layer : layer + 1], plan[layer : layer + 1], p.num_gpus)[0].tolist())
+        loads.append(gpu_loads(w[layer : layer + 1], plan[layer : layer + 1], p.num_gpus)[0].tolist())
     return {"workload": wl.name, "layer": layer, "rows": rows, "loads": loads, "mean": float(before[layer].mean())}
 
 
@@ -280,6 +308,10 @@ def report(out: Path, data: dict) -> str:
             cells.append(f"{max(r['gap_max'] for r in ok):.3%} / {statistics.median(r['time_s'] for r in ok) * 1e3:.1f} ms"
                          if ok else "-")
         lines.append(f"| {pr} | " + " | ".join(cells) + " |")
+    missing = data.get("missing_peers") or []
+    if missing:
+        lines += ["", f"Peers left out (could not be loaded here): {len(missing)}."]
+        lines += [f"* {m}" for m in missing]
     bad = [r for r in rows if not r["valid"]]
     lines += ["", f"Crashes and invalid plans: {len(bad)}."]
     for r in bad:
@@ -322,26 +354,38 @@ def report(out: Path, data: dict) -> str:
 
 def main(suite: str = "quick", out: str | Path = "bench-out", trace: str | None = None, preset: str | None = None,
          window: int | None = None, command: str = "") -> int:
-    from .run_core import _machine
+    """Run the suite (or a trace) and write ``OUT/results.json``, ``OUT/REPORT.md`` and
+    plots; print the report.  Returns 0.
 
+    Raises:
+        InvalidProblemError: bad ``suite``, ``--trace`` without ``--preset``, an unknown
+            preset, or a trace with fewer than two windows.
+    """
     t0 = time.perf_counter()
+    if suite not in SUITES:
+        raise InvalidProblemError(f"suite must be one of {sorted(SUITES)}, got {suite!r}")
+    s: Suite = SUITES[suite]
+    w = None
+    if trace is not None:
+        if preset is None:
+            raise InvalidProblemError("--trace needs --preset for the topology (replicas, groups, nodes, GPUs)")
+        if preset not in PRESETS:
+            raise InvalidProblemError(f"--preset must be one of {sorted(PRESETS)}, got {preset!r}")
+        from ..traces import read_trace
+
+        w = read_trace(trace, window=window)
+        if w.shape[0] < 2:
+            raise InvalidProblemError(f"{trace}: needs at least two windows (got {w.shape[0]}); "
+                                      "pass a smaller --window")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    s: Suite = SUITES[suite]
     peers = available_peers()
     missing = peers.pop("_missing")
     for m in missing:
         _say(f"peer unavailable, left out: {m}")
     policies: dict[str, Callable[..., object]] = {OURS_H: _ours("heuristic", None), OURS_E: _ours("exact", s.exact_time)}
     policies.update(peers)
-    if trace is not None:
-        if preset is None:
-            raise SystemExit("--trace needs --preset for the topology (replicas, groups, nodes, GPUs)")
-        from eplb_opt.traces import read_trace
-
-        w = read_trace(trace, window=window)
-        if w.shape[0] < 2:
-            raise SystemExit(f"{trace}: needs at least two windows (got {w.shape[0]}); pass a smaller --window")
+    if w is not None:
         base = PRESETS[preset]
         pre = replace(base, name=f"trace:{Path(trace).name}", num_layers=w.shape[1], num_experts=w.shape[2])
         wls = [Workload(pre, 0, w[:2])]
@@ -360,7 +404,7 @@ def main(suite: str = "quick", out: str | Path = "bench-out", trace: str | None 
         "suite": s.name if trace is None else f"trace {trace}",
         "seeds": list(s.seeds), "max_layers": s.max_layers, "repeats": s.repeats, "exact_time": s.exact_time,
         "command": command or f"eplb-opt bench --suite {suite} --out {out}",
-        "machine": _machine(), "date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows,
+        "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows,
         "missing_peers": missing,
     }
     if plans_for_heatmap is not None:

@@ -3,7 +3,9 @@
 Wheels are fetched once with ``pip download --no-deps`` into a cache outside the
 repository (``~/.cache/eplb-opt/peers``, or ``$EPLB_OPT_PEER_CACHE``); the one source
 file a peer needs is extracted next to the wheel and imported from there by path, so
-no peer package (and none of its dependency tree) is installed.
+no peer package (and none of its dependency tree) is installed.  A wheel that cannot be
+had (no network and no cached copy) raises :class:`PeerUnavailable`; ``eplb-opt bench``
+then runs without that peer and says so.
 
 * ``deepseek``: DeepSeek's EPLB, as copied verbatim into SGLang
   (``sglang==0.5.23``: ``sglang/srt/eplb/eplb_algorithms/deepseek.py``; imports only torch).
@@ -21,8 +23,9 @@ no peer package (and none of its dependency tree) is installed.
   ``vllm/distributed/eplb/policy/abstract.py`` and ``default.py``), loaded as a small
   package of its own so the rest of vLLM (whose ``policy/__init__.py`` imports vLLM's
   config) is never imported.
-* ``seed``: the heuristic this project grew from (``../shared/reference/seed_heuristic.py``),
-  when that folder is present; benchmarks only, the packages never import it.
+* ``seed``: the heuristic this project grew from, ``$EPLB_OPT_SEED_HEURISTIC`` or, in a
+  source checkout, ``../shared/reference/seed_heuristic.py`` beside the repository, when
+  present; benchmarks only, the planner never imports it.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ __all__ = [
     "CACHE",
     "PeerUnavailable",
     "available_peers",
+    "cache_dir",
     "deepseek_original_rebalance",
     "deepseek_rebalance",
     "deepseek_vec_rebalance",
@@ -58,36 +62,86 @@ __all__ = [
     "vllm_default_rebalance",
 ]
 
-CACHE = Path(os.environ.get("EPLB_OPT_PEER_CACHE", "~/.cache/eplb-opt/peers")).expanduser()
+def cache_dir() -> Path:
+    """The peer wheel cache: ``$EPLB_OPT_PEER_CACHE``, else ``~/.cache/eplb-opt/peers``
+    (read at each call)."""
+    return Path(os.environ.get("EPLB_OPT_PEER_CACHE") or "~/.cache/eplb-opt/peers").expanduser()
+
+
+CACHE = cache_dir()   # the cache at import time (kept for callers of the old constant)
 SGLANG = "sglang==0.5.23"
 VLLM = "vllm==0.33.0"
 SGLANG_ORIGINAL = "sglang==0.4.10"
-SEED = Path(__file__).resolve().parents[2] / "shared" / "reference" / "seed_heuristic.py"
+# How long one ``pip download`` may take before the peer counts as unavailable (a
+# network that drops packets would otherwise hold ``bench`` for pip's retries).
+DOWNLOAD_TIMEOUT_S = 300.0
+
+
+def _seed_path() -> Path | None:
+    """``$EPLB_OPT_SEED_HEURISTIC``, else ``../shared/reference/seed_heuristic.py`` beside
+    a source checkout (None in an installed package)."""
+    env = os.environ.get("EPLB_OPT_SEED_HEURISTIC")
+    if env:
+        return Path(env).expanduser()
+    root = Path(__file__).resolve().parents[2]          # the checkout holding eplb_opt/
+    if (root / "pyproject.toml").exists() and (root / "benchmarks").is_dir():
+        return root.parent / "shared" / "reference" / "seed_heuristic.py"
+    return None
+
+
+SEED = _seed_path()
 
 
 class PeerUnavailable(RuntimeError):
-    """A peer wheel could not be fetched (no network and no cached copy)."""
+    """A peer wheel could not be fetched (no network and no cached copy), or a peer's
+    file is absent."""
+
+
+# Requirements whose download already failed in this process: not retried (bench loads
+# two peers from the SGLang wheel, and an offline machine should pay for pip once).
+_FAILED: dict[tuple[str, str], str] = {}
 
 
 def fetch_wheel(requirement: str) -> Path:
     """Path of the cached wheel for ``requirement`` (``name==version``), downloading it
-    with ``pip download --no-deps`` on first use."""
+    with ``pip download --no-deps`` into :func:`cache_dir` on first use.
+
+    Raises:
+        PeerUnavailable: not cached and pip could not download it (no network, no pip,
+            no such release, or pip ran past ``DOWNLOAD_TIMEOUT_S``).
+    """
     name, version = requirement.split("==")
     pattern = f"{name.replace('-', '_')}-{version}-*.whl"
-    CACHE.mkdir(parents=True, exist_ok=True)
-    found = sorted(CACHE.glob(pattern))
-    if not found:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", requirement, "-d", str(CACHE)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        found = sorted(CACHE.glob(pattern))
-        if proc.returncode != 0 or not found:
-            raise PeerUnavailable(f"could not download {requirement}: {proc.stderr.strip()[-500:]}")
+    cache = cache_dir()
+    found = sorted(cache.glob(pattern)) if cache.is_dir() else []
+    if found:
+        return found[-1]
+    key = (str(cache), requirement)
+    if key in _FAILED:
+        raise PeerUnavailable(_FAILED[key])
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check",
+               "--retries", "2", requirement, "-d", str(cache)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=DOWNLOAD_TIMEOUT_S,
+                              stdin=subprocess.DEVNULL)
+        why = (proc.stderr.strip().splitlines() or [f"pip exited with status {proc.returncode}"])[-1][-300:]
+    except subprocess.TimeoutExpired:
+        proc, why = None, f"pip download ran past {DOWNLOAD_TIMEOUT_S:g} s"
+    except OSError as exc:
+        proc, why = None, f"{type(exc).__name__}: {exc}"
+    found = sorted(cache.glob(pattern)) if cache.is_dir() else []
+    if proc is None or proc.returncode != 0 or not found:
+        msg = (f"{requirement} is not in the peer cache {cache} and could not be downloaded "
+               f"(no network?): {why}")
+        _FAILED[key] = msg
+        raise PeerUnavailable(msg)
     return found[-1]
 
 
 def _extract(requirement: str, member: str) -> Path:
     wheel = fetch_wheel(requirement)
-    target = CACHE / wheel.stem / member
+    target = wheel.parent / wheel.stem / member
     if not target.exists():
         with zipfile.ZipFile(wheel) as zf:
             data = zf.read(member)
@@ -263,10 +317,14 @@ def vllm_default_rebalance() -> Callable[..., torch.Tensor]:
 
 @lru_cache(maxsize=None)
 def load_seed() -> ModuleType:
-    """The seed heuristic (``../shared/reference/seed_heuristic.py``)."""
-    if not SEED.exists():
-        raise PeerUnavailable(f"seed heuristic not found at {SEED}")
-    return _import_file(SEED, "eplb_peer_seed")
+    """The seed heuristic (``$EPLB_OPT_SEED_HEURISTIC``, else
+    ``../shared/reference/seed_heuristic.py`` beside a source checkout)."""
+    path = _seed_path()
+    if path is None:
+        raise PeerUnavailable("not part of the package (set EPLB_OPT_SEED_HEURISTIC to its seed_heuristic.py)")
+    if not path.exists():
+        raise PeerUnavailable(f"seed heuristic not found at {path}")
+    return _import_file(path, "eplb_peer_seed")
 
 
 def seed_rebalance() -> Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
