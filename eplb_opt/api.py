@@ -394,9 +394,9 @@ def _solve_masked(windows: np.ndarray, problem: Problem, mask: np.ndarray, *, st
     L, G, R, E = problem.num_layers, problem.num_gpus, problem.num_replicas, problem.num_experts
     k = problem.slots_per_gpu
     events: list[str] = []
-    if problem.policy == "hierarchical":
-        events.append("masked GPUs: nodes no longer have equal GPUs, so the layers were planned with the "
-                      "global policy over the active GPUs (as SGLang's elasticity-aware algorithm does)")
+    if problem.policy == "hierarchical":          # only from policy="auto": solve refuses an explicit one
+        events.append("masked GPUs: nodes no longer have equal GPUs, so policy 'auto' planned the layers with "
+                      "the global policy over the active GPUs (as SGLang's elasticity-aware algorithm does)")
     full = np.full((L, R), -1, dtype=np.int64)
     base_full = np.full((L, R), -1, dtype=np.int64) if prev is not None else None
     top, lb = np.zeros(L), np.zeros(L)
@@ -652,7 +652,9 @@ def solve(
             other GPUs keep ``k`` slots each (``k * active`` replicas per layer) under the
             global policy; masked slots are ``-1`` in the plan (see
             :mod:`eplb_opt.masked`).  With ``previous``, moves are counted against it
-            with the masked GPUs emptied.
+            with the masked GPUs emptied.  With ``policy="hierarchical"`` or ``"spill"``
+            an error (an explicit choice is never switched); ``"auto"`` plans the masked
+            layers with the global policy and says so in ``events``.
         cross_node_cost: with ``policy="spill"``: cost per unit of load served outside
             an expert's home node, against the busiest GPU's load (the objective is
             ``max GPU load + cross_node_cost * off-node load / num_gpus``); ``inf`` gives
@@ -692,6 +694,13 @@ def solve(
         if mask.any():
             if spill:
                 raise InvalidProblemError("policy='spill' with masked_gpus is not supported")
+            if policy == "hierarchical":
+                # An explicit choice is never switched; policy="auto" plans around the
+                # masked GPUs with the global policy (the event in _solve_masked says so).
+                raise InvalidProblemError(
+                    "policy='hierarchical' with masked_gpus: masked GPUs leave the nodes with unequal GPU "
+                    "counts, and the hierarchical policy needs equal nodes; pass policy='global' (or "
+                    "policy='auto', which plans around masked GPUs with the global policy)")
             return _solve_masked(
                 windows, problem, mask, start=start, tolerance=tol, deterministic=deterministic,
                 workers=workers, allow_dup=allow_dup, executor=executor, ray_address=ray_address, prev=prev,

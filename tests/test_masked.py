@@ -85,3 +85,20 @@ def test_empty_mask_is_the_plain_plan(loads):
     a = eplb_opt.solve(loads[0], **TOPO, masked_gpus=[])
     b = eplb_opt.solve(loads[0], **TOPO)
     assert np.array_equal(a.plan.phy2log.numpy(), b.plan.phy2log.numpy())
+
+
+def test_an_explicit_hierarchical_policy_with_masked_gpus_is_an_error():
+    """An explicit choice is never switched: policy='hierarchical' cannot plan around masked
+    GPUs (nodes lose their equal GPU counts); 'auto' plans them with the global policy and
+    says so."""
+    import eplb_opt
+    from eplb_opt.errors import InvalidProblemError
+
+    w = np.random.default_rng(0).random((2, 16)) * 10
+    topo = dict(num_replicas=32, num_groups=4, num_nodes=2, num_gpus=8)
+    mask = np.zeros(8, dtype=bool)
+    mask[3] = True
+    with pytest.raises(InvalidProblemError, match="policy='hierarchical' with masked_gpus"):
+        eplb_opt.solve(w, **topo, policy="hierarchical", masked_gpus=mask)
+    r = eplb_opt.solve(w, **topo, policy="auto", masked_gpus=mask)
+    assert r.policy == "global" and any("policy 'auto' planned" in e for e in r.events)
