@@ -577,6 +577,8 @@ def _gaps_section(data: dict) -> list[str]:
         "| workload | policy | worst gap | layer | bound that binds there | layers over target | heuristic worst gap |",
         "|---|---|---:|---:|---|---:|---:|",
     ]
+    if data.get("note"):
+        lines[3:3] = [f"Note: {data['note']}", ""]
     for row in data["workloads"]:
         worst = row["layers"][row["worst_layer"]]
         lines.append(f"| {row['workload']} | {row['policy']} | {100 * row['worst_gap']:.4f}% | {row['worst_layer']} | "
@@ -592,6 +594,28 @@ def _gaps_section(data: dict) -> list[str]:
                 continue
             lines.append(f"| {c['workload']} | {c['layer']} | {c['ours_lower_bound']:.8g} | {c['ours_max_load']:.8g} | "
                          f"{c['lower']:.8g} | {c['upper']:.8g} | {c['all_optimal']} |")
+    lines.append("")
+    return lines
+
+
+def _deterministic_wall_section(data: dict) -> list[str]:
+    m = data["machine"]
+    lines = [
+        "## Deterministic budgets: wall time (issue 13)",
+        "",
+        f"Command: `{data['command']}` ({data['date']}, {m['cpu_count']} cores).  "
+        "`solve(mode=\"exact\", deterministic=True, time_limit=T, workers=1)` after `warm_up()`, each "
+        "preset's seed-0 window and topology: a deterministic budget is work (iterations and CP-SAT "
+        "deterministic time), so its wall time depends on the layer count and the machine.  This is what "
+        "`time_limit` costs through the vLLM / SGLang integrations, where it is deterministic by default.",
+        "",
+        "| preset | layers x experts | time_limit T | median wall (s) | wall / T | worst gap | same plan every call |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
+    for r in data["rows"]:
+        lines.append(f"| {r['preset']} | {r['layers']} x {r['experts']} | {r['time_limit']:g} | "
+                     f"{r['median_wall_s']:.2f} | {r['median_wall_s'] / r['time_limit']:.1f} | "
+                     f"{100 * r['worst_gap']:.4f}% | {r['identical_plans']} |")
     lines.append("")
     return lines
 
@@ -616,7 +640,7 @@ def write(here: Path) -> None:
         if (here / name).exists():
             lines += _deadlines_section(json.loads((here / name).read_text()))
     for name, title in (("deadlines_p99.json", "full run, before the load fixes of 79a1288"),
-                        ("deadlines_p99_after.json", "rerun of the worst configurations after them")):
+                        ("deadlines_p99_after.json", "full rerun after those and the re-split round cap")):
         if (here / name).exists():
             section = _deadline_p99_section(json.loads((here / name).read_text()))
             section[0] += f": {title}"
@@ -624,6 +648,9 @@ def write(here: Path) -> None:
     gaps = here / "gaps.json"
     if gaps.exists():
         lines += _gaps_section(json.loads(gaps.read_text()))
+    det_wall = here / "deterministic_wall.json"
+    if det_wall.exists():
+        lines += _deterministic_wall_section(json.loads(det_wall.read_text()))
     magnitude = here / "experiments" / "cpsat_magnitude" / "results.json"
     if magnitude.exists():
         lines += _magnitude_section(json.loads(magnitude.read_text()))
