@@ -5,8 +5,9 @@ vLLM 0.33 calls its EPLB policy on every EP rank separately and never broadcasts
 result; SGLang 0.5.23 does the same with ``eplb_algorithms.rebalance_experts``.  Every
 rank must therefore compute the *same* plan from the same loads, so the integrations run
 :func:`eplb_opt.solve` with ``deterministic=True`` by default: ``time_limit`` is then a
-deterministic budget (iterations and CP-SAT deterministic time units, which approximate
-seconds but do not depend on the machine, its load or the clock).  Exact mode with
+deterministic budget (iterations and CP-SAT deterministic time units, which do not
+depend on the machine, its load or the clock; their wall time is not the budget's: every
+layer gets a minimum of search, see ``benchmarks/run_deterministic_wall.py``).  Exact mode with
 ``deterministic=False`` would make each rank's plan depend on its own clock, so it is
 refused with :class:`~eplb_opt.errors.InvalidProblemError` instead of being changed
 silently.  Heuristic mode is deterministic either way.
