@@ -43,7 +43,7 @@ def _input(tmp_path: Path) -> Path:
 
 def _ranks(weight: Path, *, deterministic: bool, paths: str, time_limit: float) -> list[dict]:
     cpus = sorted(os.sched_getaffinity(0))
-    first, last = str(cpus[0]), str(cpus[-1])
+    first, last = cpus[0], cpus[-1]
     taskset = shutil.which("taskset")
     settings = [
         dict(cpus=[first], threads=1, env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}),
@@ -63,7 +63,7 @@ def _ranks(weight: Path, *, deterministic: bool, paths: str, time_limit: float) 
                        RANK_TOPOLOGY=json.dumps(PRESETS[PRESET].topology()))
             cmd = [sys.executable, str(CHILD), str(weight)]
             if s["cpus"] is not None:
-                cpu_list = ",".join(s["cpus"] if isinstance(s["cpus"][0], str) else map(str, s["cpus"]))
+                cpu_list = ",".join(map(str, s["cpus"]))
                 if taskset:
                     cmd = [taskset, "-c", cpu_list, *cmd]
                 else:
@@ -71,7 +71,7 @@ def _ranks(weight: Path, *, deterministic: bool, paths: str, time_limit: float) 
             if s.get("busy"):
                 spin = [sys.executable, "-c", "while True: pass"]
                 if taskset and s["cpus"] is not None:
-                    spin = [taskset, "-c", ",".join(map(str, s["cpus"])), *spin]
+                    spin = [taskset, "-c", cpu_list, *spin]
                 busy.append(subprocess.Popen(spin))
             procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
         results = []
