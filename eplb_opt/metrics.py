@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["slot_loads", "gpu_loads", "max_load", "balancedness", "replica_counts_of"]
+__all__ = ["slot_loads", "gpu_loads", "max_load", "balancedness", "replica_counts_of", "gap"]
 
 
 def replica_counts_of(phy2log: np.ndarray, num_experts: int) -> np.ndarray:
@@ -60,3 +60,13 @@ def balancedness(loads: np.ndarray) -> float:
     if top <= 0:
         return 1.0
     return float(a.mean(axis=1).sum() / top)
+
+
+def gap(lower_bound: np.ndarray, max_load: np.ndarray) -> np.ndarray:
+    """``[L]`` float64 ``1 - lower_bound / max_load`` per layer: how far a plan's busiest
+    GPU is above a bound, as a share of it (0 where ``max_load`` is 0; a bound above the
+    max load counts as equal to it, so the gap is never negative).  The one gap formula
+    of the package."""
+    lb = np.asarray(lower_bound, dtype=np.float64)
+    top = np.asarray(max_load, dtype=np.float64)
+    return np.where(top > 0, 1.0 - np.minimum(lb, top) / np.where(top > 0, top, 1.0), 0.0)

@@ -29,7 +29,7 @@ cheaper.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -40,9 +40,10 @@ from .heuristics.local import LayerState, gpu_counts as _gpu_counts
 from .exact import IMPORT_SECONDS
 from .status import ortools_ready
 from .align import _keep_slots, align_to_previous
-from .metrics import gpu_loads
+from .metrics import balancedness, gpu_loads
+from .problem import as_previous  # noqa: F401 - validated with every other input, in problem.py
 
-__all__ = ["Migration", "MigrationPlan", "TRANSFER_DTYPE", "as_previous", "move_counts", "transfer_list", "replan"]
+__all__ = ["Migration", "TRANSFER_DTYPE", "as_previous", "move_counts", "transfer_list", "replan"]
 
 # Fields of a transfer list (one row per replica whose weights are copied).
 TRANSFER_DTYPE = np.dtype([
@@ -115,41 +116,6 @@ def transfer_list(old: np.ndarray, new: np.ndarray, num_gpus: int, num_nodes: in
     return np.concatenate(parts) if parts else np.zeros(0, dtype=TRANSFER_DTYPE)
 
 
-def as_previous(previous: object, num_layers: int, num_experts: int, num_replicas: int, num_gpus: int) -> np.ndarray:
-    """Validate the deployed placement passed as ``previous``: ``[L, R]`` integer expert
-    ids in ``[0, E)``, every expert with a replica in every layer.  Returns int64."""
-    from .errors import InvalidProblemError, InvalidTypeError
-    from .plan import plan_violations
-
-    from .plan import Plan
-
-    if isinstance(previous, Plan):
-        previous = previous.phy2log
-    try:
-        import torch
-
-        if isinstance(previous, torch.Tensor):
-            previous = previous.detach().cpu().numpy()
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
-    if isinstance(previous, (str, bytes)) or not hasattr(previous, "__len__") and not isinstance(previous, np.ndarray):
-        raise InvalidTypeError(f"previous must be an [L, R] integer array or tensor, got {type(previous).__name__}")
-    try:
-        p = np.asarray(previous)
-    except Exception as exc:  # noqa: BLE001 - ragged lists and the like
-        raise InvalidTypeError(f"previous could not be read as an array: {exc}") from None
-    if p.dtype.kind not in "iu":
-        raise InvalidTypeError(f"previous must hold integer expert ids, got dtype {p.dtype}")
-    if p.shape != (num_layers, num_replicas):
-        raise InvalidProblemError(
-            f"previous has shape {tuple(p.shape)}, expected [num_layers, num_replicas] = [{num_layers}, {num_replicas}]"
-        )
-    problems = plan_violations(p, num_experts, num_replicas, num_gpus, limit=3)
-    if problems:
-        raise InvalidProblemError("previous is not a valid placement: " + "; ".join(problems))
-    return p.astype(np.int64)
-
-
 @dataclass(frozen=True)
 class Migration:
     """How a plan made with ``previous`` moves expert weights (see :mod:`eplb_opt.migrate`).
@@ -189,21 +155,6 @@ class Migration:
         extra = f", {self.bytes / 2**30:.2f} GiB" if self.bytes is not None else ""
         return (f"migration: {m} replica moves (cost {self.cost.sum():g}{extra}) against {b} for the "
                 f"relabelled full replan{ratio}")
-
-
-@dataclass
-class MigrationPlan:
-    """What :func:`replan` chose, per layer."""
-
-    phy2log: np.ndarray            # [L, R]
-    moves: np.ndarray              # [L] replicas moved
-    cost: np.ndarray               # [L] moves weighted by node_move_cost
-    baseline_moves: np.ndarray     # [L] of the relabelled full replan
-    baseline_cost: np.ndarray      # [L]
-    cap: np.ndarray                # [L] max-load cap T
-    source: list[str]              # per layer: "old", "repair", "exact" or "replan"
-    baseline: np.ndarray           # [L, R] the relabelled replan
-    events: list[str] = field(default_factory=list)
 
 
 class _Layer(LayerState):
@@ -367,7 +318,8 @@ def replan(
     deterministic: bool = False,
     seed: int = 0,
     workers: int = 1,
-) -> MigrationPlan:
+    bytes_per_expert: int | None = None,
+) -> tuple[np.ndarray, Migration, list[str]]:
     """Per layer, the cheapest plan (in move cost) whose max GPU load is at most
     ``(1 + max_balance_loss)`` times ``fresh``'s (see module docs).
 
@@ -385,6 +337,11 @@ def replan(
             ``deterministic``, ``exact_budget / blocks`` of CP-SAT deterministic time per
             block instead.
         seed, workers: for CP-SAT.
+        bytes_per_expert: bytes of one expert's weights (``Migration.bytes``), or None.
+
+    Returns:
+        ``(phy2log [L, R], migration, events)``: the plan, its :class:`Migration`
+        figures (transfers, baseline) and notes on what happened.
     """
     # Per-layer power-of-two scaling changes no decision (every test compares loads of
     # one layer) and keeps the cost ratios of huge loads finite.
@@ -448,8 +405,14 @@ def replan(
                       node_move_cost=node_move_cost, allow_duplicates=allow_duplicates,
                       deadline=exact_deadline, budget=exact_budget, deterministic=deterministic,
                       seed=seed, workers=workers)
-    cap_in_units = gpu_loads(np.asarray(weight, dtype=np.float64), fresh, G).max(axis=1) * (1.0 + max_balance_loss)
-    return MigrationPlan(out, moves, cost, base_moves, base_cost, cap_in_units, source, aligned, events)
+    fresh_loads = gpu_loads(np.asarray(weight, dtype=np.float64), fresh, G)
+    migration = Migration(
+        moves=moves, cost=cost, transfers=transfer_list(old, out, G, N),
+        bytes=None if bytes_per_expert is None else int(moves.sum()) * bytes_per_expert,
+        baseline_moves=base_moves, baseline_cost=base_cost, baseline_balancedness=balancedness(fresh_loads),
+        cap=fresh_loads.max(axis=1) * (1.0 + max_balance_loss), source=tuple(source), baseline_phy2log=aligned,
+    )
+    return out, migration, events
 
 
 def _exact_blocks(w, old, out, moves, cost, cap, source, events, *, G, N, hierarchical, node_move_cost,

@@ -1,7 +1,14 @@
-"""Input validation and conversion.
+"""Input validation and conversion: every check of the public API, in one module.
 
-Everything a user passes is checked here, once, and turned into a :class:`Problem`
-holding float64 numpy loads and plain ints.  Errors name the argument and its value.
+Everything a user passes is checked here, once.  :func:`make_problem` turns the instance
+(loads and topology) into a frozen :class:`Problem` holding float64 numpy loads and
+plain ints; :func:`validate_solve` does the same for every other argument of
+:func:`eplb_opt.solve` and returns a frozen :class:`SolveOptions`.  Option combinations
+that are refused are listed in one table, :data:`CONFLICTS`.  Errors name the argument
+and its value (:class:`~eplb_opt.errors.InvalidTypeError` for a wrong type,
+:class:`~eplb_opt.errors.InvalidProblemError` for a wrong value).
+
+``heuristics`` keeps only the shape checks it needs to run on its own (DESIGN §5).
 """
 
 from __future__ import annotations
@@ -17,10 +24,12 @@ import numpy as np
 
 from .errors import InvalidProblemError, InvalidTypeError
 
-__all__ = ["Problem", "make_problem", "as_weight", "MODES", "POLICIES"]
+__all__ = ["Problem", "SolveOptions", "make_problem", "validate_solve", "as_weight", "as_previous", "as_mask",
+           "choice", "MODES", "POLICIES", "OBJECTIVES", "CONFLICTS"]
 
 MODES = ("heuristic", "exact")
 POLICIES = ("auto", "hierarchical", "global", "spill")
+OBJECTIVES = ("sum", "worst", "mean")
 
 
 @dataclass(frozen=True)
@@ -199,7 +208,8 @@ def _time_limit(value: Any) -> float | None:
     return out
 
 
-def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
+def choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
+    """``value`` when it is one of the strings ``allowed``, else an error naming ``name``."""
     if not isinstance(value, str):
         raise InvalidTypeError(f"{name} must be one of {allowed}, got {type(value).__name__} {value!r}")
     if value not in allowed:
@@ -227,8 +237,8 @@ def make_problem(
         InvalidTypeError: an argument has the wrong type.
         InvalidProblemError: an argument has a bad value or the sizes do not fit.
     """
-    mode = _choice("mode", mode, MODES)
-    policy = _choice("policy", policy, POLICIES)
+    mode = choice("mode", mode, MODES)
+    policy = choice("policy", policy, POLICIES)
     R = _size("num_replicas", num_replicas)
     groups = _size("num_groups", num_groups)
     nodes = _size("num_nodes", num_nodes)
@@ -276,3 +286,286 @@ def make_problem(
         time_limit=limit,
         seed=int(seed),
     )
+
+
+# ---------------------------------------------------------------------------------------
+# Every other argument of solve()
+
+
+@dataclass(frozen=True)
+class SolveOptions:
+    """The validated options of one :func:`eplb_opt.solve` call.
+
+    Attributes:
+        windows: ``[W, L, E]`` float64 loads as given (``W = 1`` for ``[L, E]`` input);
+            the problem's ``weight`` is their sum.
+        objective: ``"sum"``, ``"worst"`` or ``"mean"``.
+        tolerance: the gap below which a layer is ``"optimal"``, in ``[0, 1)``.
+        deterministic: budgets of work instead of wall clock.
+        workers: CP-SAT threads, resolved (1 when deterministic or with Ray and not given).
+        workers_given: ``workers`` as the caller passed it (``None`` or an int).
+        allow_duplicates: whether a GPU may hold two replicas of one expert.
+        executor: ``None``, ``"local"`` or ``"ray"``; ``ray_address`` goes with ``"ray"``.
+        previous: ``[L, R]`` int64 deployed placement, or ``None``.
+        max_balance_loss, node_move_cost, bytes_per_expert: migration settings
+            (defaults when ``previous`` is ``None``).
+        cross_node_cost: the spill policy's price of off-node load (``inf`` allowed).
+        mask: ``[L, G]`` bool masked GPUs, or ``None`` when no GPU is masked.
+        requested_policy: the ``policy`` argument as given (before ``"auto"`` is resolved).
+    """
+
+    windows: np.ndarray
+    objective: str
+    tolerance: float
+    deterministic: bool
+    workers: int
+    workers_given: int | None
+    allow_duplicates: bool
+    executor: str | None
+    ray_address: str | None
+    previous: np.ndarray | None
+    max_balance_loss: float
+    node_move_cost: float
+    bytes_per_expert: int | None
+    cross_node_cost: float
+    mask: np.ndarray | None
+    requested_policy: str
+
+    @property
+    def robust(self) -> bool:
+        """A worst / mean objective over several windows."""
+        return self.objective != "sum" and self.windows.shape[0] > 1
+
+    @property
+    def use_ray(self) -> bool:
+        """Exact refinement fans out as Ray tasks."""
+        return self.executor == "ray"
+
+
+# Option combinations solve() refuses, checked in this order once every argument is
+# valid on its own: (when, message), both functions of (problem, options).
+CONFLICTS: tuple[tuple[Any, Any], ...] = (
+    (lambda p, o: p.policy == "spill" and o.robust,
+     lambda p, o: "policy='spill' with a worst/mean objective is not supported"),
+    (lambda p, o: p.policy == "spill" and o.previous is not None,
+     lambda p, o: "policy='spill' with previous is not supported"),
+    (lambda p, o: p.policy == "spill" and o.mask is not None,
+     lambda p, o: "policy='spill' with masked_gpus is not supported"),
+    (lambda p, o: o.requested_policy == "hierarchical" and o.mask is not None,
+     # An explicit choice is never switched; policy="auto" plans around the masked GPUs
+     # with the global policy (an event says so).
+     lambda p, o: "policy='hierarchical' with masked_gpus: masked GPUs leave the nodes with unequal GPU "
+                  "counts, and the hierarchical policy needs equal nodes; pass policy='global' (or "
+                  "policy='auto', which plans around masked GPUs with the global policy)"),
+    (lambda p, o: o.previous is not None and o.robust,
+     lambda p, o: f"previous with objective={o.objective!r} is not supported: migration plans for the summed "
+                  "load (objective='sum')"),
+)
+
+
+def _tolerance(value: Any) -> float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise InvalidTypeError(f"tolerance must be a number, got {type(value).__name__} {value!r}")
+    tol = float(value)
+    if not (0.0 <= tol < 1.0):
+        raise InvalidProblemError(f"tolerance must be in [0, 1), got {value!r}")
+    return tol
+
+
+def _flag(name: str, value: Any) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise InvalidTypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
+def _workers(workers: Any, deterministic: bool, use_ray: bool) -> int:
+    if workers is None:
+        if deterministic or use_ray:
+            return 1                   # a plan that does not depend on the machine
+        import os
+
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if isinstance(workers, (bool, np.bool_)) or not isinstance(workers, (int, np.integer)):
+        raise InvalidTypeError(f"workers must be a positive integer or None, got {type(workers).__name__} {workers!r}")
+    if int(workers) < 1:
+        raise InvalidProblemError(f"workers must be a positive integer or None, got {workers!r}")
+    return int(workers)
+
+
+def _no_duplicates_fit(problem: Problem) -> None:
+    # policy="spill" packs each node's home replicas first, so it needs the node bound
+    # too (found by the long certificate campaign: a raw ValueError escaped).
+    nodes = problem.num_nodes if problem.policy == "spill" else problem.plan_nodes
+    per_node = problem.num_experts // nodes
+    if problem.slots_per_gpu > per_node:
+        raise InvalidProblemError(
+            f"allow_duplicates=False needs at most {per_node} slots per GPU (the experts a GPU can "
+            f"choose from), got num_replicas / num_gpus = {problem.slots_per_gpu}"
+        )
+
+
+def _executor(executor: Any, ray_address: Any) -> None:
+    if executor is not None and (not isinstance(executor, str) or executor not in ("local", "ray")):
+        raise InvalidProblemError(f"executor must be None, 'local' or 'ray', got {executor!r}")
+    if ray_address is not None:
+        if executor != "ray":
+            raise InvalidProblemError(f"ray_address={ray_address!r} needs executor='ray'")
+        if not isinstance(ray_address, str) or not ray_address.strip():
+            raise InvalidTypeError(
+                f"ray_address must be a non-empty string or None, got {type(ray_address).__name__} {ray_address!r}"
+            )
+
+
+def number(name: str, value: Any, low: float, *, open_low: bool = False) -> float:
+    """A finite real ``value >= low`` (``> low`` with ``open_low``), else an error naming ``name``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise InvalidTypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    v = float(value)
+    if not np.isfinite(v) or v < low or (open_low and v == low):
+        bound = f"> {low:g}" if open_low else f">= {low:g}"
+        raise InvalidProblemError(f"{name} must be a finite number {bound}, got {value!r}")
+    return v
+
+
+def _cross_node_cost(value: Any) -> float:
+    if isinstance(value, (float, np.floating)) and value == float("inf"):
+        return float("inf")
+    return number("cross_node_cost", value, 0.0)
+
+
+def _migration(problem: Problem, previous: Any, max_balance_loss: Any, node_move_cost: Any,
+               bytes_per_expert: Any) -> tuple[np.ndarray | None, float, float, int | None]:
+    if previous is None:
+        for name, val in (("max_balance_loss", max_balance_loss), ("bytes_per_expert", bytes_per_expert)):
+            if val is not None:
+                raise InvalidProblemError(f"{name}={val!r} needs previous (the placement deployed now)")
+        return None, 0.0, 4.0, None
+    old = as_previous(previous, problem.num_layers, problem.num_experts, problem.num_replicas, problem.num_gpus)
+    mbl = 0.0 if max_balance_loss is None else number("max_balance_loss", max_balance_loss, 0.0)
+    nmc = number("node_move_cost", node_move_cost, 0.0, open_low=True)
+    bpe = None
+    if bytes_per_expert is not None:
+        if isinstance(bytes_per_expert, (bool, np.bool_)) or not isinstance(bytes_per_expert, (int, np.integer)):
+            raise InvalidTypeError(f"bytes_per_expert must be a positive integer, got {bytes_per_expert!r}")
+        if bytes_per_expert <= 0:
+            raise InvalidProblemError(f"bytes_per_expert must be a positive integer, got {bytes_per_expert!r}")
+        bpe = int(bytes_per_expert)
+    return old, mbl, nmc, bpe
+
+
+def validate_solve(weight: Any, *, num_replicas: Any, num_groups: Any, num_nodes: Any, num_gpus: Any,
+                   mode: Any, time_limit: Any, seed: Any, policy: Any, deterministic: Any, workers: Any,
+                   tolerance: Any, allow_duplicates: Any, executor: Any, ray_address: Any, previous: Any,
+                   max_balance_loss: Any, node_move_cost: Any, bytes_per_expert: Any, objective: Any,
+                   cross_node_cost: Any, masked_gpus: Any) -> tuple[Problem, SolveOptions]:
+    """Check every argument of :func:`eplb_opt.solve` (same names and meanings) and the
+    :data:`CONFLICTS` between them.
+
+    Returns:
+        ``(problem, options)``: the instance for the summed load, and the rest.
+    """
+    tol = _tolerance(tolerance)
+    objective = choice("objective", objective, OBJECTIVES)
+    windows = as_weight(weight, windows=True)
+    if windows.ndim == 2:
+        windows = windows[None]
+    problem = make_problem(
+        windows.sum(axis=0) if windows.shape[0] > 1 else windows[0], num_replicas, num_groups, num_nodes,
+        num_gpus, mode=mode, time_limit=time_limit, seed=seed, policy=policy, weight_checked=True,
+    )
+    lam = _cross_node_cost(cross_node_cost)
+    det, allow_dup = _flag("deterministic", deterministic), _flag("allow_duplicates", allow_duplicates)
+    if not allow_dup:
+        _no_duplicates_fit(problem)
+    _executor(executor, ray_address)
+    n_workers = _workers(workers, det, executor == "ray")
+    prev, mbl, nmc, bpe = _migration(problem, previous, max_balance_loss, node_move_cost, bytes_per_expert)
+    mask = None
+    if masked_gpus is not None:
+        mask = as_mask(masked_gpus, problem.num_layers, problem.num_gpus, problem.slots_per_gpu,
+                       problem.num_experts)
+        mask = mask if mask.any() else None
+    options = SolveOptions(
+        windows=windows, objective=objective, tolerance=tol, deterministic=det, workers=n_workers,
+        workers_given=None if workers is None else int(workers), allow_duplicates=allow_dup, executor=executor,
+        ray_address=ray_address, previous=prev, max_balance_loss=mbl, node_move_cost=nmc,
+        bytes_per_expert=bpe, cross_node_cost=lam, mask=mask, requested_policy=policy,
+    )
+    for when, message in CONFLICTS:
+        if when(problem, options):
+            raise InvalidProblemError(message(problem, options))
+    return problem, options
+
+
+def as_previous(previous: object, num_layers: int, num_experts: int, num_replicas: int, num_gpus: int) -> np.ndarray:
+    """Validate the deployed placement passed as ``previous``: ``[L, R]`` integer expert
+    ids in ``[0, E)``, every expert with a replica in every layer.  Returns int64."""
+    from .plan import Plan, plan_violations
+
+    if isinstance(previous, Plan):
+        previous = previous.phy2log
+    if type(previous).__module__.startswith("torch"):
+        previous = previous.detach().cpu().numpy()
+    if isinstance(previous, (str, bytes)) or not hasattr(previous, "__len__") and not isinstance(previous, np.ndarray):
+        raise InvalidTypeError(f"previous must be an [L, R] integer array or tensor, got {type(previous).__name__}")
+    try:
+        p = np.asarray(previous)
+    except Exception as exc:  # noqa: BLE001 - ragged lists and the like
+        raise InvalidTypeError(f"previous could not be read as an array: {exc}") from None
+    if p.dtype.kind not in "iu":
+        raise InvalidTypeError(f"previous must hold integer expert ids, got dtype {p.dtype}")
+    if p.shape != (num_layers, num_replicas):
+        raise InvalidProblemError(
+            f"previous has shape {tuple(p.shape)}, expected [num_layers, num_replicas] = [{num_layers}, {num_replicas}]"
+        )
+    problems = plan_violations(p, num_experts, num_replicas, num_gpus, limit=3)
+    if problems:
+        raise InvalidProblemError("previous is not a valid placement: " + "; ".join(problems))
+    return p.astype(np.int64)
+
+
+def as_mask(masked_gpus: Any, num_layers: int, num_gpus: int, slots_per_gpu: int, num_experts: int) -> np.ndarray:
+    """``[L, G]`` bool from ``masked_gpus``: a list of GPU ids (all layers), a ``[G]`` or
+    ``[L, G]`` bool array, or a length-``L`` list of GPU-id lists.  Every layer must keep
+    enough active GPUs for one replica per expert."""
+    L, G = num_layers, num_gpus
+    if type(masked_gpus).__module__.startswith("torch"):
+        masked_gpus = masked_gpus.detach().cpu().numpy()
+    if isinstance(masked_gpus, (str, bytes)) or np.isscalar(masked_gpus):
+        raise InvalidTypeError(f"masked_gpus must be GPU ids or a bool mask, got {masked_gpus!r}")
+    arr = np.asarray(masked_gpus, dtype=object) if isinstance(masked_gpus, list) else np.asarray(masked_gpus)
+    mask = np.zeros((L, G), dtype=bool)
+    if arr.dtype == bool:
+        if arr.shape == (G,):
+            mask[:] = arr
+        elif arr.shape == (L, G):
+            mask = arr.copy()
+        else:
+            raise InvalidProblemError(f"masked_gpus bool mask has shape {arr.shape}, expected ({G},) or ({L}, {G})")
+    elif isinstance(masked_gpus, (list, tuple)) and len(masked_gpus) == L and L > 0 and all(
+            isinstance(x, (list, tuple, np.ndarray)) for x in masked_gpus):
+        for l, ids in enumerate(masked_gpus):
+            mask[l, _gpu_ids(ids, G)] = True
+    else:
+        mask[:, _gpu_ids(masked_gpus, G)] = True
+    active = G - mask.sum(axis=1)
+    bad = np.flatnonzero(active * slots_per_gpu < num_experts)
+    if bad.size:
+        l = int(bad[0])
+        raise InvalidProblemError(
+            f"masked_gpus leaves layer {l} {int(active[l])} active GPU(s) x {slots_per_gpu} slots, fewer than "
+            f"the {num_experts} experts"
+        )
+    return mask
+
+
+def _gpu_ids(ids: Any, G: int) -> np.ndarray:
+    a = np.asarray(ids)
+    if a.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if a.dtype.kind not in "iu" or a.ndim != 1:
+        raise InvalidTypeError(f"masked_gpus must list integer GPU ids, got {ids!r}")
+    if a.min() < 0 or a.max() >= G:
+        raise InvalidProblemError(f"masked_gpus holds GPU id {int(a.min() if a.min() < 0 else a.max())}, "
+                                  f"not in [0, {G})")
+    return a.astype(np.int64)

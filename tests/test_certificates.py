@@ -265,10 +265,10 @@ def test_oracle_check_catches_a_bound_rounded_up(monkeypatch):
                       known, r.status[0], r.tolerance, "rounded up, read-out check on")
     # ... and with that check and the result's consistency check both off, the oracle
     # catches the bound itself.
-    from eplb_opt import api
+    from eplb_opt import result as result_module
 
     monkeypatch.setattr(cpsat, "_check_bound", lambda *a, **k: None)
-    monkeypatch.setattr(api, "_consistent_bound", lambda lb, *a, **k: lb)
+    monkeypatch.setattr(result_module, "_consistent_bound", lambda lb, *a, **k: lb)
     r = eplb_opt.solve(np.array(weight), mode="exact", time_limit=2, allow_duplicates=False, **kw)
     with pytest.raises(AssertionError, match="above the optimum"):
         check_certificate(r.lower_bound[0], plan_max_load(w, r.plan.phy2log.numpy()[0], 2), r.max_load[0],

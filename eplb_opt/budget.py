@@ -1,0 +1,78 @@
+"""The time budget of one call: its default, its reserve, its shares and its
+deterministic units, in one place.
+
+A :class:`Budget` is the caller's ``time_limit`` (or :data:`DEFAULT_SECONDS` in exact
+mode) counted from the start of the call.  With ``deterministic=False`` it is wall
+clock: :attr:`Budget.deadline` is a ``time.perf_counter()`` value, kept
+:data:`FINISH_RESERVE` before the limit for the final verification and figures.  With
+``deterministic=True`` nothing reads the clock: the same number of seconds is a
+quantity of work, split into equal per-layer units (:meth:`Budget.per_layer`) that
+exact mode turns into CP-SAT deterministic time, search iterations and re-split rounds
+(:mod:`eplb_opt.exact`), so the plan depends only on the input.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+
+__all__ = ["Budget", "DEFAULT_SECONDS", "FINISH_RESERVE"]
+
+# Exact mode's budget when the caller gives no time_limit (seconds).
+DEFAULT_SECONDS = 10.0
+# Time kept back from the refinement budget for the final verification and figures.
+FINISH_RESERVE = 0.004
+
+
+@dataclass(frozen=True)
+class Budget:
+    """``seconds`` of budget from ``start`` (a ``time.perf_counter()`` value).
+
+    Attributes:
+        seconds: the budget, ``>= 0``.
+        start: when the call started.
+        deterministic: a budget of work, never of wall clock (see module docs).
+    """
+
+    seconds: float
+    start: float
+    deterministic: bool = False
+
+    @classmethod
+    def of_call(cls, time_limit: float | None, mode: str, start: float, deterministic: bool) -> "Budget | None":
+        """The budget of a ``solve`` call: ``time_limit``, or :data:`DEFAULT_SECONDS` in
+        exact mode; ``None`` in heuristic mode without a limit."""
+        if time_limit is None:
+            if mode != "exact":
+                return None
+            time_limit = DEFAULT_SECONDS
+        return cls(float(time_limit), start, deterministic)
+
+    @property
+    def deadline(self) -> float:
+        """The wall-clock end of the budget, less :data:`FINISH_RESERVE`."""
+        return self.start + self.seconds - FINISH_RESERVE
+
+    def part(self, fraction: float) -> "Budget":
+        """The first ``fraction`` of this budget (same start)."""
+        return replace(self, seconds=self.seconds * fraction)
+
+    def left(self) -> float:
+        """Wall seconds left until the end of the budget (no reserve), at least 0."""
+        return max(0.0, self.start + self.seconds - time.perf_counter())
+
+    def expired(self) -> bool:
+        """Whether the wall-clock deadline has passed (never, when deterministic)."""
+        return not self.deterministic and time.perf_counter() >= self.deadline
+
+    def per_layer(self, layers: int) -> float:
+        """Each layer's equal share of the budget (seconds, or deterministic units)."""
+        return self.seconds / max(1, int(layers))
+
+    def share(self, layers: int, of_layers: int, left_layers: int) -> float:
+        """Seconds for a part of ``layers`` of the call's ``of_layers``: by layer count
+        alone when deterministic, else that part's share of the time still left among
+        the ``left_layers`` layers not yet planned."""
+        if self.deterministic:
+            return self.seconds * layers / of_layers
+        return max(0.0, (self.start + self.seconds - time.perf_counter()) * layers / left_layers)
