@@ -9,6 +9,8 @@ that really change GPU.
 
 A *move* is a replica on a GPU that did not hold that expert before (per layer; a further
 replica of an expert the GPU already held is a copy within the GPU, not a move).
+:func:`count_moves` is the package's one move counter (also the node-weighted cost that
+:mod:`eplb_opt.migrate` minimises).
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ from .heuristics.local import gpu_counts as _gpu_counts
 
 from .errors import InvalidProblemError, InvalidTypeError
 
-__all__ = ["align_to_previous", "count_moves"]
+__all__ = ["align_to_previous", "arrival_cost", "count_moves", "keep_slots"]
 
 
-def _as_plan(x: object, name: str) -> np.ndarray:
+def _as_plan(x: object, name: str, empty_ok: bool = False) -> np.ndarray:
+    """``x`` as an int64 ``[L, R]`` placement; ``empty_ok``: ``-1`` (an empty slot) is allowed."""
     try:
         import torch
 
@@ -35,7 +38,7 @@ def _as_plan(x: object, name: str) -> np.ndarray:
         raise InvalidTypeError(f"{name} must be an integer [L, R] placement, got dtype {a.dtype}")
     if a.ndim != 2 or a.size == 0:
         raise InvalidProblemError(f"{name} must be a non-empty [L, R] placement, got shape {a.shape}")
-    if a.min() < 0:
+    if a.min() < (-1 if empty_ok else 0):
         raise InvalidProblemError(f"{name} holds a negative expert id {int(a.min())}")
     return a.astype(np.int64)
 
@@ -48,19 +51,51 @@ def _size(v: object, name: str) -> int:
     return int(v)
 
 
-def count_moves(old: np.ndarray, new: np.ndarray, num_gpus: int) -> np.ndarray:
-    """``[L]`` replicas of ``new`` placed on a GPU that did not hold that expert in ``old``."""
-    o, n = _as_plan(old, "old"), _as_plan(new, "new")
+def arrival_cost(old_counts: np.ndarray, num_nodes: int, node_move_cost: float) -> np.ndarray:
+    """``[G, E]`` cost of one replica of expert ``e`` arriving on GPU ``g``: 1 when the old
+    placement (``old_counts [G, E]``, replicas per GPU and expert) has ``e`` on ``g``'s
+    node, else ``node_move_cost``."""
+    G, E = old_counts.shape
+    on_node = old_counts.reshape(num_nodes, G // num_nodes, E).sum(axis=1) > 0    # [N, E]
+    return np.where(np.repeat(on_node, G // num_nodes, axis=0), 1.0, float(node_move_cost))
+
+
+def count_moves(old: np.ndarray, new: np.ndarray, num_gpus: int, num_nodes: int = 1, *,
+                node_move_cost: float | None = None) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Replicas of ``new`` placed on a GPU that did not hold that expert in ``old`` (see
+    module docs), per layer.
+
+    Args:
+        old, new: ``[L, R]`` integer placements of the same shape; ``-1`` marks an empty
+            slot (a masked GPU's), which holds nothing and receives nothing.
+        num_gpus: ``G``, dividing ``R``.
+        num_nodes: ``N``, dividing ``G``; only used for the cost.
+        node_move_cost: with it, also return the moves weighted by their copy cost: 1
+            when ``old`` holds the expert on the destination's node, else
+            ``node_move_cost`` (:func:`arrival_cost`).
+
+    Returns:
+        ``moves [L]`` int64; with ``node_move_cost``, ``(moves [L] int64, cost [L]
+        float64)``.
+    """
+    o, n = _as_plan(old, "old", empty_ok=True), _as_plan(new, "new", empty_ok=True)
     if n.shape != o.shape:
         raise InvalidProblemError(f"new plan {n.shape} and old plan {o.shape} differ in shape")
     if n.shape[1] % _size(num_gpus, "num_gpus"):
         raise InvalidProblemError(f"num_gpus={num_gpus} must divide the {n.shape[1]} slots per layer")
-    E = int(max(o.max(initial=0), n.max(initial=0))) + 1
-    out = np.empty(o.shape[0], dtype=np.int64)
-    for l in range(o.shape[0]):
-        co, cn = _gpu_counts(o[l], num_gpus, E), _gpu_counts(n[l], num_gpus, E)
-        out[l] = int(cn[co == 0].sum())
-    return out
+    if num_gpus % _size(num_nodes, "num_nodes"):
+        raise InvalidProblemError(f"num_nodes={num_nodes} must divide num_gpus={num_gpus}")
+    L = o.shape[0]
+    E = int(max(o.max(), n.max())) + 1
+    moves = np.zeros(L, dtype=np.int64)
+    cost = np.zeros(L)
+    for l in range(L):
+        O = _gpu_counts(o[l], num_gpus, E)                                  # [G, E]
+        extra = np.where(O == 0, _gpu_counts(n[l], num_gpus, E), 0)         # [G, E] arrivals
+        moves[l] = extra.sum()
+        if node_move_cost is not None:
+            cost[l] = (extra * arrival_cost(O, num_nodes, node_move_cost)).sum()
+    return moves if node_move_cost is None else (moves, cost)
 
 
 def _match(score: np.ndarray) -> np.ndarray:
@@ -78,8 +113,10 @@ def _match(score: np.ndarray) -> np.ndarray:
     return np.array([solver.right_mate(i) for i in range(n)], dtype=np.int64)
 
 
-def _keep_slots(new_gpu: np.ndarray, old_gpu: np.ndarray) -> np.ndarray:
-    """Reorder one GPU's new experts so each one that was on the GPU keeps an old slot."""
+def keep_slots(new_gpu: np.ndarray, old_gpu: np.ndarray) -> np.ndarray:
+    """One GPU's new experts (``new_gpu [k]``) reordered so that each one that the GPU held
+    before (``old_gpu [k]``) keeps one of its old slots; the others fill the remaining
+    slots in their order.  Returns ``[k]`` int64."""
     k = new_gpu.size
     out = np.full(k, -1, dtype=np.int64)
     pending = list(new_gpu)
@@ -90,6 +127,10 @@ def _keep_slots(new_gpu: np.ndarray, old_gpu: np.ndarray) -> np.ndarray:
     free = np.flatnonzero(out < 0)
     out[free] = pending
     return out
+
+
+# Old private name, still imported by eplb_opt.migrate: remove once it uses keep_slots.
+_keep_slots = keep_slots
 
 
 def align_to_previous(new: np.ndarray, old: np.ndarray, num_gpus: int, num_nodes: int = 1) -> np.ndarray:
@@ -138,6 +179,6 @@ def align_to_previous(new: np.ndarray, old: np.ndarray, num_gpus: int, num_nodes
         row = np.empty((G, k), dtype=np.int64)
         for g in range(G):
             h = gpu_of[g]
-            row[h] = _keep_slots(slots_new[g], slots_old[h])
+            row[h] = keep_slots(slots_new[g], slots_old[h])
         out[l] = row.ravel()
     return out

@@ -1,0 +1,73 @@
+"""align.count_moves is the package's one move counter: on random plans (with ``-1``
+masked slots) it gives exactly what eplb_opt.migrate.move_counts gives, moves and
+node-weighted cost alike, and keeps its own public behaviour (moves only, checked input).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from eplb_opt import InvalidProblemError, InvalidTypeError, count_moves
+from eplb_opt.align import keep_slots
+from eplb_opt.migrate import move_counts
+
+
+def _random_plan(rng: np.random.Generator, L: int, E: int, G: int, k: int, masked: bool) -> np.ndarray:
+    """``[L, G * k]``: every expert placed once, the other slots random, and with
+    ``masked`` a random set of GPUs per layer emptied (``-1``)."""
+    p = np.empty((L, G * k), dtype=np.int64)
+    for l in range(L):
+        row = np.concatenate([np.arange(E), rng.integers(0, E, G * k - E)])
+        p[l] = rng.permutation(row)
+        if masked:
+            for g in np.flatnonzero(rng.random(G) < 0.25):
+                p[l, g * k:(g + 1) * k] = -1
+    return p
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("seed", range(12))
+def test_count_moves_equals_migrate_move_counts(seed, masked):
+    rng = np.random.default_rng(seed)
+    N = int(rng.choice([1, 2, 4]))
+    G = N * int(rng.integers(1, 5))
+    k = int(rng.integers(2, 7))
+    E = int(rng.integers(1, G * k + 1))
+    L = int(rng.integers(1, 6))
+    old = _random_plan(rng, L, E, G, k, masked)
+    new = _random_plan(rng, L, E, G, k, masked)
+    if rng.random() < 0.3:                              # partly the same placement
+        new[: L // 2] = old[: L // 2]
+    for nmc in (4.0, 1.0, 2.5, 0.1):
+        want_moves, want_cost = move_counts(old, new, G, N, nmc)
+        moves, cost = count_moves(old, new, G, N, node_move_cost=nmc)
+        assert moves.dtype == want_moves.dtype == np.int64 and cost.dtype == want_cost.dtype
+        assert np.array_equal(moves, want_moves)
+        assert cost.tobytes() == want_cost.tobytes()            # bit for bit
+        assert np.array_equal(count_moves(old, new, G), want_moves)   # moves alone: no cost
+    assert np.array_equal(move_counts(old, new, G)[0], count_moves(old, new, G, N))
+
+
+def test_count_moves_keeps_its_public_behaviour():
+    old = np.array([[0, 1, 2, 3], [0, 1, 2, 3]])
+    new = np.array([[1, 0, 3, 2], [0, 2, 1, 3]])          # layer 0: GPUs swapped; layer 1: one swap
+    got = count_moves(old, new, 2)
+    assert isinstance(got, np.ndarray) and got.dtype == np.int64 and got.tolist() == [0, 2]
+    assert count_moves(old, new, 2, node_move_cost=3.0)[1].tolist() == [0.0, 2.0]   # one node: cost 1
+    assert count_moves(old, new, 2, 2, node_move_cost=3.0)[1].tolist() == [0.0, 6.0]
+    with pytest.raises(InvalidProblemError, match="differ in shape"):
+        count_moves(old, new[:, :2], 2)
+    with pytest.raises(InvalidProblemError, match="must divide the 4 slots"):
+        count_moves(old, new, 3)
+    with pytest.raises(InvalidProblemError, match="num_nodes=3 must divide num_gpus=2"):
+        count_moves(old, new, 2, 3)
+    with pytest.raises(InvalidProblemError, match="negative expert id -2"):
+        count_moves(old - 2, new, 2)
+    with pytest.raises(InvalidTypeError, match="integer"):
+        count_moves(old.astype(float), new, 2)
+
+
+def test_keep_slots_keeps_old_slots():
+    assert keep_slots(np.array([5, 1, 7]), np.array([7, 9, 5])).tolist() == [7, 1, 5]
+    assert keep_slots(np.array([2, 2]), np.array([3, 2])).tolist() == [2, 2]
