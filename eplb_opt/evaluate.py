@@ -32,7 +32,7 @@ from .errors import InvalidProblemError, InvalidTypeError
 from .metrics import balancedness, gpu_loads, slot_loads
 from .suites import SUITES, Suite, Workload, workloads
 
-__all__ = ["Score", "Evaluation", "evaluate", "score_plan"]
+__all__ = ["Score", "Evaluation", "candidate_maps", "candidate_phy2log", "evaluate", "score_plan"]
 
 
 @dataclass
@@ -102,7 +102,13 @@ class Evaluation:
                 "invalid": self.invalid, "scores": [asdict(s) for s in self.scores]}
 
 
-def _phy2log(out: Any) -> np.ndarray:
+def candidate_phy2log(out: Any) -> np.ndarray:
+    """The ``[L, R]`` int64 ``phy2log`` of a candidate's return value: ``phy2log`` itself
+    or the first of ``(phy2log, log2phy, logcnt)``, numpy or torch.
+
+    Raises:
+        TypeError: an empty tuple, or ``phy2log`` not of an integer dtype.
+    """
     if isinstance(out, (tuple, list)):
         if not out:
             raise TypeError("returned an empty tuple")
@@ -116,7 +122,10 @@ def _phy2log(out: Any) -> np.ndarray:
     return arr.astype(np.int64)
 
 
-def _maps(out: Any) -> dict[str, Any]:
+def candidate_maps(out: Any) -> dict[str, Any]:
+    """``{"log2phy": ..., "logcnt": ...}`` from a candidate's ``(phy2log, log2phy, logcnt)``
+    return value, for :func:`score_plan`'s ``maps``; ``{}`` when it returned ``phy2log``
+    alone."""
     if isinstance(out, (tuple, list)) and len(out) == 3:
         return {"log2phy": out[1], "logcnt": out[2]}
     return {}
@@ -222,9 +231,9 @@ def evaluate(
             ev.scores.append(Score(wl.name, label, False, problem=crash, time_s=secs))
         else:
             try:
-                p2l = _phy2log(out)
+                p2l = candidate_phy2log(out)
                 ev.scores.append(score_plan(p2l, wl, hierarchical=hier, bound=bound, contender=label,
-                                            time_s=secs, maps=_maps(out)))
+                                            time_s=secs, maps=candidate_maps(out)))
             except (TypeError, ValueError) as exc:
                 ev.scores.append(Score(wl.name, label, False, problem=f"bad output: {exc}", time_s=secs))
         for mode in modes:

@@ -37,7 +37,7 @@ from .. import api as _api
 from .. import workloads as _workloads
 from ..bounds import lower_bounds
 from ..errors import InvalidProblemError
-from ..evaluate import score_plan, _phy2log, _maps
+from ..evaluate import candidate_maps, candidate_phy2log, score_plan
 from ..metrics import gpu_loads
 from ..suites import SUITES, Suite, Workload, workloads
 from ..workloads import PRESETS, Preset
@@ -142,8 +142,8 @@ def run_workload(wl: Workload, policies: dict[str, Callable[..., object]], repea
                          "time_s": secs.get(k), "preset": p.name, "size": int(wl.windows.shape[1] * p.num_replicas)})
             continue
         try:
-            sc = score_plan(_phy2log(outs[k]), wl, hierarchical=hier, bound=bound, contender=k,
-                            time_s=secs[k], maps=_maps(outs[k]))
+            sc = score_plan(candidate_phy2log(outs[k]), wl, hierarchical=hier, bound=bound, contender=k,
+                            time_s=secs[k], maps=candidate_maps(outs[k]))
             row = asdict(sc)
             row["policy"] = row.pop("contender")
         except (TypeError, ValueError) as exc:
@@ -415,7 +415,7 @@ def main(suite: str = "quick", out: str | Path = "bench-out", trace: str | None 
         for k in (OURS_H, OURS_E, "DeepSeek EPLB (sglang 0.5.23)", "vLLM 0.33 default"):
             if k in policies:
                 try:
-                    plans[k] = _phy2log(policies[k](*args))
+                    plans[k] = candidate_phy2log(policies[k](*args))
                 except Exception:  # noqa: BLE001 - a crashing peer is simply not drawn
                     pass
         data["heatmap"] = heatmap(wl, plans)
