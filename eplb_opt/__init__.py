@@ -60,6 +60,8 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
 
 
+# The one place the version is written: pyproject.toml reads it from here (setuptools
+# ``attr:``, statically), so keep it a plain string literal.
 __version__ = "0.4.0"
 
 __all__ = [

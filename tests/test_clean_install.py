@@ -72,6 +72,25 @@ def test_wheel_layout(installed):
         assert member in names, member
 
 
+def test_version_written_once(installed):
+    """pyproject.toml takes the version from eplb_opt.__version__ (issue 14): the wheel's
+    name and metadata and the installed package all carry the source's one string."""
+    import re
+
+    target, wheel = installed
+    init = (ROOT / "eplb_opt" / "__init__.py").read_text()
+    (version,) = re.findall(r'^__version__ = "([^"]+)"$', init, flags=re.M)
+    assert "version =" not in (ROOT / "pyproject.toml").read_text().split("[tool.setuptools.dynamic]")[0]
+    assert wheel.name.startswith(f"eplb_opt-{version}-")
+    meta = zipfile.ZipFile(wheel).read(f"eplb_opt-{version}.dist-info/METADATA").decode()
+    assert f"\nVersion: {version}\n" in meta
+    got = subprocess.run([sys.executable, "-c", "import sys, eplb_opt; print(eplb_opt.__version__, "
+                          "'torch' in sys.modules)"], env=_env(target), cwd=target, capture_output=True,
+                         text=True, timeout=120)
+    assert got.returncode == 0, got.stderr
+    assert got.stdout.split() == [version, "False"]
+
+
 def test_bench_quick_from_the_wheel_without_peers(installed, tmp_path):
     target, _ = installed
     work = tmp_path / "elsewhere"
