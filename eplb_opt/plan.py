@@ -175,101 +175,147 @@ def plan_violations(
     exactly the masked GPUs' slots are empty (``-1``) and the others hold experts
     (hierarchical rules are not checked then: masked plans use the global policy).
     """
-    out: list[str] = []
+    # Steps, in order; a step whose failure makes the later ones meaningless returns early.
     try:
-        p = _to_np(phy2log, "phy2log")
+        p = _to_np(phy2log, "phy2log")                                   # [L, R]
     except InvalidPlanError as exc:
         return [str(exc)]
     E, R, G = int(num_experts), int(num_replicas), int(num_gpus)
     if p.ndim != 2 or p.shape[1] != R or (num_layers is not None and p.shape[0] != num_layers):
         want = f"[{num_layers if num_layers is not None else 'L'}, {R}]"
         return [f"phy2log has shape {tuple(p.shape)}, expected {want}"]
-    L = p.shape[0]
+    out: list[str] = []
     if G <= 0 or R % G:
         out.append(f"{R} slots cannot give every one of {G} GPUs the same slot count")
-    empty = np.zeros(p.shape, dtype=bool)
+    empty = np.zeros(p.shape, dtype=bool)                                # [L, R] masked slots
     if masked is not None:
-        mk = np.asarray(masked, dtype=bool)
-        if mk.shape != (L, G) or R % G:
-            return out + [f"masked has shape {tuple(mk.shape)}, expected {(L, G)}"]
-        empty = np.repeat(mk, R // G, axis=1)
-        wrong = np.argwhere(empty != (p == -1))
-        for l, s in wrong[:limit]:
-            what = "is empty but its GPU is not masked" if p[l, s] == -1 else "holds an expert on a masked GPU"
-            out.append(f"layer {l}: slot {s} {what}")
-        if wrong.size:
-            return out
+        empty, wrong = _masked_violations(p, masked, G, limit)
+        if empty is None:
+            return out + wrong
         hierarchical = False
+    bad_id = _expert_id_violation(p, empty, E)
+    if bad_id:
+        return out + [bad_id]
+    cnt = _replica_counts(p, empty, E)                                   # [L, E]
+    out += [f"layer {l}: expert {e} has no replica" for l, e in np.argwhere(cnt == 0)[:limit]]
+    if not allow_duplicates and not out and G > 0 and R % G == 0:
+        out += _duplicate_violations(p, empty, G, limit)
+    if hierarchical and not out:
+        out += _hierarchy_violations(p, E, G, int(num_groups), int(num_nodes), limit)
+    if logcnt is not None:
+        out += _logcnt_violations(logcnt, cnt)
+    if log2phy is not None:
+        out += _log2phy_violations(log2phy, p, cnt, empty)
+    return out
+
+
+def _masked_violations(p: np.ndarray, masked: Any, G: int, limit: int) -> tuple[np.ndarray | None, list[str]]:
+    """``(empty [L, R] bool, [])``: the slots of the GPUs that ``masked`` (``[L, G]``)
+    marks, when ``p`` (``[L, R]``) has exactly those empty (``-1``); else ``(None,
+    messages)``: where they disagree (up to ``limit``), or ``masked``'s wrong shape."""
+    L, R = p.shape
+    mk = np.asarray(masked, dtype=bool)
+    if mk.shape != (L, G) or R % G:
+        return None, [f"masked has shape {tuple(mk.shape)}, expected {(L, G)}"]
+    empty = np.repeat(mk, R // G, axis=1)
+    wrong = np.argwhere(empty != (p == -1))
+    out = []
+    for l, s in wrong[:limit]:
+        what = "is empty but its GPU is not masked" if p[l, s] == -1 else "holds an expert on a masked GPU"
+        out.append(f"layer {l}: slot {s} {what}")
+    return (None, out) if wrong.size else (empty, out)
+
+
+def _expert_id_violation(p: np.ndarray, empty: np.ndarray, E: int) -> str | None:
+    """The first slot of ``p`` (``[L, R]``, outside ``empty``) whose id is not in ``[0, E)``."""
     real = p[~empty]
     lo, hi = (int(real.min()), int(real.max())) if real.size else (0, 0)
     if lo < 0 or hi >= E:
         bad = np.argwhere(((p < 0) | (p >= E)) & ~empty)[0]
-        return out + [
-            f"phy2log[{bad[0]}, {bad[1]}] = {p[bad[0], bad[1]]} is not an expert id in [0, {E})"
-        ]
+        return f"phy2log[{bad[0]}, {bad[1]}] = {p[bad[0], bad[1]]} is not an expert id in [0, {E})"
+    return None
+
+
+def _replica_counts(p: np.ndarray, empty: np.ndarray, E: int) -> np.ndarray:
+    """``[L, E]`` replicas of every expert in ``p`` (``[L, R]``, ids in ``[0, E)`` outside
+    ``empty``)."""
+    L = p.shape[0]
     keys = (p + (np.arange(L) * E)[:, None])[~empty]
-    cnt = np.bincount(keys, minlength=L * E).reshape(L, E)
-    missing = np.argwhere(cnt == 0)
-    for l, e in missing[:limit]:
-        out.append(f"layer {l}: expert {e} has no replica")
-    if not allow_duplicates and not out and G > 0 and R % G == 0:
-        per_gpu = np.sort(p.reshape(L, G, R // G), axis=2)
-        twice = np.argwhere((per_gpu[:, :, 1:] == per_gpu[:, :, :-1]).any(axis=2)
-                            & ~empty.reshape(L, G, R // G)[:, :, 0])
-        for l, g in twice[:limit]:
-            out.append(f"layer {l}: GPU {g} holds two replicas of one expert (duplicates not allowed)")
-    if hierarchical and not out:
-        ng, nn = int(num_groups), int(num_nodes)
-        if ng <= 0 or nn <= 0 or E % ng or ng % nn or R % nn or G % nn:
-            out.append(f"hierarchical sizes do not divide: E={E}, groups={ng}, nodes={nn}, GPUs={G}, R={R}")
-        else:
-            node_of_slot = np.arange(R) // (R // nn)
-            group = p // (E // ng)
-            key = ((np.arange(L)[:, None] * ng + group) * nn + node_of_slot).ravel()
-            present = np.bincount(key, minlength=L * ng * nn).reshape(L, ng, nn) > 0
-            nodes_per_group = present.sum(axis=2)
-            for l, g in np.argwhere(nodes_per_group != 1)[:limit]:
-                out.append(
-                    f"layer {l}: group {g} is split across nodes {np.flatnonzero(present[l, g]).tolist()}"
-                )
-            groups_per_node = present.sum(axis=1)
-            for l, n in np.argwhere(groups_per_node != ng // nn)[:limit]:
-                out.append(f"layer {l}: node {n} holds {groups_per_node[l, n]} groups, expected {ng // nn}")
-    if logcnt is not None:
-        try:
-            c = _to_np(logcnt, "logcnt")
-        except InvalidPlanError as exc:
-            out.append(str(exc))
-        else:
-            if c.shape != (L, E):
-                out.append(f"logcnt has shape {tuple(c.shape)}, expected {(L, E)}")
-            elif not np.array_equal(c, cnt):
-                l, e = np.argwhere(c != cnt)[0]
-                out.append(f"logcnt[{l}, {e}] = {c[l, e]} but phy2log holds {cnt[l, e]} replicas")
-    if log2phy is not None:
-        try:
-            m = _to_np(log2phy, "log2phy")
-        except InvalidPlanError as exc:
-            out.append(str(exc))
-        else:
-            if m.ndim != 3 or m.shape[:2] != (L, E) or m.shape[2] < cnt.max(initial=0):
-                out.append(f"log2phy has shape {tuple(m.shape)}, expected ({L}, {E}, >= max count)")
-            else:
-                X = m.shape[2]
-                prefix = np.arange(X)[None, None, :] < cnt[:, :, None]
-                if not np.array_equal(m >= 0, prefix) or (~prefix & (m != -1)).any():
-                    out.append("log2phy: valid entries must be the first logcnt of each row, the rest -1")
-                else:
-                    slots = m[prefix]
-                    layer = np.broadcast_to(np.arange(L)[:, None, None], m.shape)[prefix]
-                    expert = np.broadcast_to(np.arange(E)[None, :, None], m.shape)[prefix]
-                    if (slots >= R).any():
-                        out.append(f"log2phy holds a slot id >= {R}")
-                    elif not np.array_equal(p[layer, slots], expert):
-                        out.append("log2phy points at a slot that holds another expert")
-                    elif (np.bincount(layer * R + slots, minlength=L * R) != (~empty).ravel()).any():
-                        out.append("log2phy does not list every slot exactly once")
+    return np.bincount(keys, minlength=L * E).reshape(L, E)
+
+
+def _duplicate_violations(p: np.ndarray, empty: np.ndarray, G: int, limit: int) -> list[str]:
+    """A message per (layer, unmasked GPU) of ``p`` (``[L, R]``, ``G`` dividing ``R``)
+    holding two replicas of one expert."""
+    L, R = p.shape
+    per_gpu = np.sort(p.reshape(L, G, R // G), axis=2)                  # [L, G, k]
+    twice = np.argwhere((per_gpu[:, :, 1:] == per_gpu[:, :, :-1]).any(axis=2)
+                        & ~empty.reshape(L, G, R // G)[:, :, 0])
+    return [f"layer {l}: GPU {g} holds two replicas of one expert (duplicates not allowed)"
+            for l, g in twice[:limit]]
+
+
+def _hierarchy_violations(p: np.ndarray, E: int, G: int, ng: int, nn: int, limit: int) -> list[str]:
+    """The hierarchical policy's rules on ``p`` (``[L, R]``, valid ids): the sizes divide,
+    every group of ``E / ng`` experts lies on one node and every node holds ``ng / nn``
+    groups."""
+    L, R = p.shape
+    if ng <= 0 or nn <= 0 or E % ng or ng % nn or R % nn or G % nn:
+        return [f"hierarchical sizes do not divide: E={E}, groups={ng}, nodes={nn}, GPUs={G}, R={R}"]
+    out = []
+    node_of_slot = np.arange(R) // (R // nn)                             # [R]
+    group = p // (E // ng)                                               # [L, R]
+    key = ((np.arange(L)[:, None] * ng + group) * nn + node_of_slot).ravel()
+    present = np.bincount(key, minlength=L * ng * nn).reshape(L, ng, nn) > 0    # [L, groups, nodes]
+    nodes_per_group = present.sum(axis=2)
+    for l, g in np.argwhere(nodes_per_group != 1)[:limit]:
+        out.append(f"layer {l}: group {g} is split across nodes {np.flatnonzero(present[l, g]).tolist()}")
+    groups_per_node = present.sum(axis=1)
+    for l, n in np.argwhere(groups_per_node != ng // nn)[:limit]:
+        out.append(f"layer {l}: node {n} holds {groups_per_node[l, n]} groups, expected {ng // nn}")
     return out
+
+
+def _logcnt_violations(logcnt: Any, cnt: np.ndarray) -> list[str]:
+    """Whether a given ``logcnt`` equals the counts ``cnt`` (``[L, E]``) of ``phy2log``."""
+    try:
+        c = _to_np(logcnt, "logcnt")
+    except InvalidPlanError as exc:
+        return [str(exc)]
+    L, E = cnt.shape
+    if c.shape != (L, E):
+        return [f"logcnt has shape {tuple(c.shape)}, expected {(L, E)}"]
+    if not np.array_equal(c, cnt):
+        l, e = np.argwhere(c != cnt)[0]
+        return [f"logcnt[{l}, {e}] = {c[l, e]} but phy2log holds {cnt[l, e]} replicas"]
+    return []
+
+
+def _log2phy_violations(log2phy: Any, p: np.ndarray, cnt: np.ndarray, empty: np.ndarray) -> list[str]:
+    """Whether a given ``log2phy`` (``[L, E, X]``) lists, for every expert, exactly the
+    slots of ``p`` (``[L, R]``) holding it first in each row (``cnt`` ``[L, E]`` of them)
+    and ``-1`` after, every non-``empty`` slot once."""
+    try:
+        m = _to_np(log2phy, "log2phy")
+    except InvalidPlanError as exc:
+        return [str(exc)]
+    (L, E), R = cnt.shape, p.shape[1]
+    if m.ndim != 3 or m.shape[:2] != (L, E) or m.shape[2] < cnt.max(initial=0):
+        return [f"log2phy has shape {tuple(m.shape)}, expected ({L}, {E}, >= max count)"]
+    X = m.shape[2]
+    prefix = np.arange(X)[None, None, :] < cnt[:, :, None]              # [L, E, X]
+    if not np.array_equal(m >= 0, prefix) or (~prefix & (m != -1)).any():
+        return ["log2phy: valid entries must be the first logcnt of each row, the rest -1"]
+    slots = m[prefix]
+    layer = np.broadcast_to(np.arange(L)[:, None, None], m.shape)[prefix]
+    expert = np.broadcast_to(np.arange(E)[None, :, None], m.shape)[prefix]
+    if (slots >= R).any():
+        return [f"log2phy holds a slot id >= {R}"]
+    if not np.array_equal(p[layer, slots], expert):
+        return ["log2phy points at a slot that holds another expert"]
+    if (np.bincount(layer * R + slots, minlength=L * R) != (~empty).ravel()).any():
+        return ["log2phy does not list every slot exactly once"]
+    return []
 
 
 def verify(
