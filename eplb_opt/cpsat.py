@@ -269,14 +269,14 @@ def solve_neighbourhood(
     time_limit: float,
     seed: int = 0,
     deterministic: bool = False,
-    forbid_duplicates: bool = True,
+    allow_duplicates: bool = False,
 ) -> np.ndarray | None:
     """Best re-placement of the items of ``m`` GPUs (``k`` slots each).
 
     Args:
         ints: ``[m, k]`` integer item loads, current placement (GPU, slot).
         labels: ``[m, k]`` expert ids; two items of one expert never share a GPU
-            (where the neighbourhood allows it) when ``forbid_duplicates``.
+            (where the neighbourhood allows it) unless ``allow_duplicates``.
         upper: only placements whose heaviest GPU is below this are wanted.
         time_limit: seconds (wall clock, or deterministic units when ``deterministic``).
         seed: CP-SAT random seed.
@@ -310,7 +310,7 @@ def solve_neighbourhood(
     for j, i in enumerate(order[: m - 1]):
         for g in range(j + 1, m):
             model.Add(x[i][g] == 0)
-    if forbid_duplicates:
+    if not allow_duplicates:
         uniq, inv, cnt = np.unique(lab, return_inverse=True, return_counts=True)
         for u in np.flatnonzero(cnt > 1):
             members = np.flatnonzero(inv == u)
@@ -356,12 +356,6 @@ class CompleteResult:
     optimal: bool
 
 
-def complete_size(num_experts: int, num_replicas: int, num_gpus: int) -> int:
-    """Variables of the complete model (used to decide whether to build it)."""
-    menu = num_replicas - num_experts + 1
-    return num_experts * menu * (num_gpus + 1)
-
-
 def solve_complete(
     weights: np.ndarray,
     num_replicas: int,
@@ -371,7 +365,7 @@ def solve_complete(
     seed: int = 0,
     workers: int = 1,
     deterministic: bool = False,
-    forbid_duplicates: bool = False,
+    allow_duplicates: bool = True,
 ) -> CompleteResult:
     """A whole sub-problem with replica counts free.
 
@@ -381,7 +375,7 @@ def solve_complete(
         num_gpus: GPUs of the sub-problem.
         time_limit: seconds (deterministic units when ``deterministic``).
         hint: optional ``(counts [E], placement [G, k])`` warm start.
-        forbid_duplicates: no two replicas of one expert on one GPU.
+        allow_duplicates: when False, no two replicas of one expert on one GPU.
 
     Returns:
         :class:`CompleteResult`.
@@ -393,7 +387,7 @@ def solve_complete(
     G = num_gpus
     k = num_replicas // G
     menu = np.arange(1, num_replicas - E + 2)
-    if forbid_duplicates:
+    if not allow_duplicates:
         menu = menu[menu <= G]
     # Per-replica load of expert e with c replicas, scaled to integers.
     ee, cc = np.meshgrid(np.arange(E), menu, indexing="ij")
@@ -403,7 +397,7 @@ def solve_complete(
     model = cp_model.CpModel()
     y = [[model.NewBoolVar("") for _ in menu] for _ in range(E)]
     nvar = [
-        [[model.NewIntVar(0, int(min(c, 1 if forbid_duplicates else c)), "") for _ in range(G)] for c in menu]
+        [[model.NewIntVar(0, int(min(c, 1 if not allow_duplicates else c)), "") for _ in range(G)] for c in menu]
         for _ in range(E)
     ]
     hi = int(unit.max()) * k
@@ -507,7 +501,7 @@ def solve_fixed_counts(
     seed: int = 0,
     workers: int = 1,
     deterministic: bool = False,
-    forbid_duplicates: bool = True,
+    allow_duplicates: bool = False,
 ) -> FixedResult:
     """A whole sub-problem for fixed replica counts.
 
@@ -542,7 +536,7 @@ def solve_fixed_counts(
     # Variables.
     model = cp_model.CpModel()
     n = [
-        [model.NewIntVar(0, int(1 if (forbid_duplicates and c[e] <= G) else c[e]), "") for _ in range(G)]
+        [model.NewIntVar(0, int(1 if (not allow_duplicates and c[e] <= G) else c[e]), "") for _ in range(G)]
         for e in range(E)
     ]
     top = model.NewIntVar(lo, int(hint_loads.max()), "top")

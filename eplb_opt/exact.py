@@ -2,22 +2,32 @@
 
 Sub-problems are layers (global policy) or a layer's nodes (hierarchical policy; a
 layer's step time is its heaviest node, so work goes to the node that sets it).
-Phases, all sharing one deadline:
+:func:`refine` runs the phases below in this order.  They share one
+:class:`_Refinement` state (plan, bounds, budget, events) and one deadline, and each
+works on the layers still above tolerance, largest gap first:
 
-1. *Complete models* for small sub-problems: CP-SAT over replica counts and placement
-   together (:func:`eplb_opt.cpsat.solve_complete`); a proof there is a bound valid with
-   counts free, and it joins the certified bound.
-2. *Exact pair re-splits* (:mod:`heuristics.resplit`), batched over every layer still
-   above its bound: fast, and on model-shaped loads it closes most of the gap.
-3. *CP-SAT large-neighbourhood search*: for the layers still above tolerance, largest
-   gap first, the heaviest GPU and a few others are re-placed exactly
-   (:func:`eplb_opt.cpsat.solve_neighbourhood`), in worker threads.  Before it, under
-   the hierarchical policy with one group per node, the heaviest node of each open layer
-   gets a complete model (counts free), whose proven bound holds for the layer.
+1. *Complete models*, where the whole problem is small (the refinement ends there).
+   Global policy: CP-SAT over replica counts and placement together
+   (:func:`eplb_opt.cpsat.solve_complete`).  Hierarchical: every node content (a set of
+   groups) solved completely, the best group-to-node assignment read off by enumeration.
+   A proof holds with counts and group placement free and joins the certified bound.
+2. *Group placement by CP-SAT* (hierarchical, groups too many to enumerate): may move
+   groups to other nodes; a proven optimum of the group step bounds every plan.
+3. *Exact pair re-splits* (:mod:`heuristics.resplit`), batched over every open layer:
+   fast, and on model-shaped loads it closes most of the gap.
+4. *Replica-count moves*: one replica (or a few) moved between experts of the node that
+   sets the layer's maximum, re-packed and re-split; changes the replica counts.
+5. *Complete models of the heaviest node* (hierarchical, one group per node): that
+   group sits alone on some node in every plan, so the proof bounds the layer.
+6. *Fixed-count models of the heaviest node* (the ``n[e, g]`` model, warm-started);
+   their bound holds for the plan's counts only (``conditional``).
+7. *CP-SAT large-neighbourhood search* in worker threads: the heaviest GPU and a few
+   others re-placed exactly (:func:`eplb_opt.cpsat.solve_neighbourhood`).
 
-Replica counts and the group-to-node assignment stay as the heuristic chose them except
-in phase 1.  Every change only ever lowers a layer's heaviest GPU; the caller checks
-that again on the final plan.
+Phases 2 and 4 change groups and replica counts; the others change placement only.
+Where OR-Tools cannot be loaded in time, phases 3 and 4 (no solver) still run.  Every
+change only ever lowers a layer's heaviest GPU; the caller checks that again on the final
+plan.
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ import numpy as np
 
 from .heuristics.pipeline import pack_rows
 from .heuristics.resplit import resplit_rounds
+from .metrics import gap as certified_gap, replica_counts_of
 
 from .status import StatusLog, logging_statuses, ortools_ready, status_events
 
@@ -98,20 +109,85 @@ class RefineInterrupted(KeyboardInterrupt):
         self.outcome = outcome
 
 
-class _Partial:
-    """What :func:`refine` has so far (the arrays are shared, not copied), for an
-    interrupt; ``stop`` tells worker threads to finish."""
-
-    def __init__(self) -> None:
-        self.p: np.ndarray | None = None
-        self.stop = threading.Event()
-
-    def track(self, p: np.ndarray, attempted: np.ndarray, proven: np.ndarray, conditional: np.ndarray,
-              events: list[str]) -> None:
-        self.p, self.attempted, self.proven, self.conditional, self.events = p, attempted, proven, conditional, events
-
-
 _TIMED_OUT = "timed out in CP-SAT search (kept the best plan found)"
+
+
+@dataclass
+class _Refinement:
+    """The state the phases of one :func:`refine` call share.
+
+    Arrays: ``w`` ``[L, E]`` loads; ``p`` ``[L, R]`` the plan so far (hierarchical:
+    node ``n`` holds slots ``n * R / N ..``); ``lower_bound`` ``[L]`` the certified bound
+    the phases aim at (raised by phase 5's proofs); ``attempted`` ``[L]`` bool,
+    ``proven`` and ``conditional`` ``[L]`` float (NaN where none) as in
+    :class:`ExactOutcome`.  ``layer_budget`` is each layer's share of ``budget`` (wall
+    seconds, or deterministic units); ``deadline`` a ``time.perf_counter()`` value.
+    ``stop`` tells worker threads to finish (an interrupt).
+    """
+
+    w: np.ndarray
+    p: np.ndarray
+    G: int
+    N: int
+    num_groups: int
+    lower_bound: np.ndarray
+    tol: float
+    deadline: float
+    budget: float
+    layer_budget: float
+    deterministic: bool
+    seed: int
+    workers: int
+    allow_duplicates: bool
+    ids: np.ndarray
+    log: StatusLog
+    attempted: np.ndarray
+    proven: np.ndarray
+    conditional: np.ndarray
+    events: list[str] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def L(self) -> int:
+        return self.w.shape[0]
+
+    @property
+    def E(self) -> int:
+        return self.w.shape[1]
+
+    @property
+    def R(self) -> int:
+        return self.p.shape[1]
+
+    @property
+    def P(self) -> int:
+        """GPUs per node."""
+        return self.G // self.N
+
+    @property
+    def k(self) -> int:
+        """Slots per GPU."""
+        return self.R // self.G
+
+    def out_of_time(self) -> bool:
+        return (not self.deterministic) and time.perf_counter() >= self.deadline
+
+    def loads(self) -> np.ndarray:
+        """``[L, G]`` GPU loads of the plan."""
+        return _gpu_loads(self.w, self.p, self.G)
+
+    def open_layers(self, loads: np.ndarray | None = None) -> list[int]:
+        """Layers above tolerance, largest gap first."""
+        gaps = certified_gap(self.lower_bound, (self.loads() if loads is None else loads).max(axis=1))
+        return [int(l) for l in np.argsort(-gaps) if gaps[l] > self.tol]
+
+    def per_replica(self) -> tuple[np.ndarray, np.ndarray]:
+        """``([L, E] replica counts, [L, E] per-replica loads)`` of the plan."""
+        cnt = replica_counts_of(self.p, self.E)
+        return cnt, self.w / np.maximum(cnt, 1)
+
+    def outcome(self) -> ExactOutcome:
+        return ExactOutcome(self.p, self.attempted, self.proven, self.events, self.conditional)
 
 
 def _failed(events: list[str], where: str, exc: BaseException) -> None:
@@ -122,8 +198,344 @@ def _failed(events: list[str], where: str, exc: BaseException) -> None:
     warnings.warn(msg, RuntimeWarning, stacklevel=4)
 
 
+def _gpu_loads(w: np.ndarray, p: np.ndarray, gpus: int) -> np.ndarray:
+    per = np.take_along_axis(w / np.maximum(replica_counts_of(p, w.shape[1]), 1), p, axis=1)
+    return per.reshape(w.shape[0], gpus, -1).sum(axis=2)
+
+
+def _complete_size(num_experts: int, num_replicas: int, num_gpus: int) -> int:
+    """Variables of the complete model (:func:`eplb_opt.cpsat.solve_complete`)."""
+    return num_experts * (num_replicas - num_experts + 1) * (num_gpus + 1)
+
+
 def _fixed_size(experts: int, gpus: int) -> int:
+    """Variables of the fixed-count model (:func:`eplb_opt.cpsat.solve_fixed_counts`)."""
     return experts * gpus
+
+
+def refine(
+    weight: np.ndarray,
+    phy2log: np.ndarray,
+    *,
+    num_gpus: int,
+    num_nodes: int,
+    lower_bound: np.ndarray,
+    deadline: float,
+    tolerance: float,
+    num_groups: int = 1,
+    workers: int | None = None,
+    deterministic: bool = False,
+    seed: int = 0,
+    allow_duplicates: bool = True,
+    budget: float = 1.0,
+    total_layers: int | None = None,
+    layer_ids: np.ndarray | None = None,
+) -> ExactOutcome:
+    """Refine ``phy2log`` by the phases of the module docs.
+
+    Args:
+        weight: ``[L, E]`` float64 loads.
+        phy2log: ``[L, R]`` warm-start placement (hierarchical: node ``n`` holds slots
+            ``n * R / N ..``; global: pass ``num_nodes=1``).
+        num_gpus, num_nodes: topology of the plan (``num_nodes=1`` for the global policy).
+        lower_bound: ``[L]`` certified bounds (a layer within ``tolerance`` is skipped).
+        deadline: ``time.perf_counter()`` value by which to stop.
+        tolerance: the gap at which a layer counts as solved.
+        num_groups: expert groups (hierarchical policy; used by the complete models).
+        workers: threads for CP-SAT (default: available cores).
+        deterministic: iteration and deterministic-time budgets instead of wall clock
+            (``budget / total_layers`` seconds' worth per layer, never shared between
+            layers), so each layer's result depends only on its own loads, the seed, the
+            workers and ``budget / total_layers``: any split of the layers into calls
+            (see :mod:`eplb_opt.distributed`) gives the same plan.
+        seed: seeds CP-SAT and the neighbourhood choice.
+        allow_duplicates: let CP-SAT put two replicas of one expert on a GPU.
+        budget: the time budget (seconds) of the whole problem, used to size
+            deterministic budgets.
+        total_layers: layers of the whole problem when this call refines a part of it
+            (default: ``L``).
+        layer_ids: ``[L]`` the layers' indices in the whole problem (seeds and messages;
+            default ``0..L-1``).
+
+    Every CP-SAT status is tallied; ``UNKNOWN`` answers are reported in the events and
+    ``MODEL_INVALID`` or unknown status codes count as a failed solve (the sub-problem
+    keeps its plan, an event names the fault).  A ``KeyboardInterrupt`` stops the worker
+    threads and is re-raised as :class:`RefineInterrupted`, carrying the plan as far as
+    it got (every row a complete, consistent re-placement).
+
+    Returns:
+        :class:`ExactOutcome`.
+    """
+    w = np.asarray(weight, dtype=np.float64)
+    L = w.shape[0]
+    s = _Refinement(
+        w=w, p=np.array(phy2log, dtype=np.int64, copy=True), G=num_gpus, N=num_nodes, num_groups=num_groups,
+        lower_bound=lower_bound, tol=tolerance, deadline=deadline, budget=budget,
+        layer_budget=budget / max(1, int(total_layers or L)), deterministic=deterministic, seed=seed,
+        workers=max(1, int(workers or os.cpu_count() or 1)), allow_duplicates=allow_duplicates,
+        ids=np.arange(L) if layer_ids is None else np.asarray(layer_ids, dtype=np.int64), log=StatusLog(),
+        attempted=np.zeros(L, dtype=bool), proven=np.full(L, np.nan), conditional=np.full(L, np.nan),
+    )
+    try:
+        with logging_statuses(s.log):
+            _run_phases(s)
+    except KeyboardInterrupt:
+        s.stop.set()
+        raise RefineInterrupted(ExactOutcome(
+            s.p.copy(), s.attempted.copy(), s.proven.copy(), list(s.events) + status_events(s.log),
+            s.conditional.copy(),
+        )) from None
+    s.events.extend(status_events(s.log))
+    return s.outcome()
+
+
+def _run_phases(s: _Refinement) -> None:
+    """The phases of the module docs, in order, until the layers are within tolerance
+    or the budget is spent."""
+    open_layers = s.open_layers()
+    skipped = s.L - len(open_layers)
+    if skipped:
+        s.events.append(f"solver skipped on {skipped} layer(s): certified gap already within tolerance {s.tol:g}")
+    if not open_layers:
+        return
+    open_layers = np.sort(np.asarray(open_layers, dtype=np.int64))
+    if _phase1_complete_models(s, open_layers):
+        return
+    open_layers = _phase2_groups_by_cpsat(s, open_layers)
+    _phase3_pair_resplits(s, open_layers)
+    _phase4_count_moves(s)
+    todo = s.open_layers()
+    if not todo or s.P < 3:
+        return
+    if s.out_of_time():
+        s.events.append(f"time ran out before CP-SAT on {len(todo)} layer(s) above tolerance")
+        return
+    cpsat = _cpsat(s.deterministic, s.deadline, s.events, f"CP-SAT on {len(todo)} layer(s) above tolerance")
+    if cpsat is None:
+        return
+    if s.N > 1 and s.num_groups == s.N and _complete_size(s.E // s.N, s.R // s.N, s.P) <= COMPLETE_LIMIT:
+        _phase5_heaviest_node_models(s, todo, cpsat)
+        todo = s.open_layers()
+        if not todo or s.out_of_time():
+            return
+    _phase6_fixed_count_models(s, todo, cpsat)
+    todo = s.open_layers()
+    if not todo or s.out_of_time():
+        return
+    _phase7_neighbourhoods(s, todo, cpsat)
+
+
+def _phase1_complete_models(s: _Refinement, open_layers: np.ndarray) -> bool:
+    """Phase 1: complete models where the whole problem is small; returns whether it ran
+    (the refinement then ends).  Where OR-Tools cannot be loaded in time it does not."""
+    what = f"complete models on {open_layers.size} layer(s)"
+    if s.N == 1 and _complete_size(s.E, s.R, s.G) <= COMPLETE_LIMIT:
+        cpsat = _cpsat(s.deterministic, s.deadline, s.events, what)
+        if cpsat is None:
+            return False
+        _complete_layers(s, open_layers, cpsat)
+        return True
+    if s.N > 1 and _hier_complete_ok(s.E, s.R, s.G, s.N, s.num_groups) and _cpsat(
+            s.deterministic, s.deadline, s.events, what):
+        _complete_hierarchical(s, open_layers)
+        return True
+    return False
+
+
+def _complete_layers(s: _Refinement, open_layers: np.ndarray, cpsat: Any) -> None:
+    """Phase 1, global policy: one complete model (counts and placement) per layer."""
+    share = max(0.0, s.deadline - time.perf_counter()) / max(open_layers.size, 1)
+    loads = s.loads()
+    for l in open_layers:
+        if s.out_of_time():
+            s.events.append(f"layer {s.ids[l]}: time ran out before the complete model")
+            continue
+        s.attempted[l] = True
+        cnt = np.bincount(s.p[l], minlength=s.E)
+        try:
+            res = cpsat.solve_complete(
+                s.w[l], s.R, s.G, time_limit=s.layer_budget if s.deterministic else max(share, 0.01),
+                hint=(cnt, s.p[l].reshape(s.G, s.k)), seed=s.seed, workers=s.workers,
+                deterministic=s.deterministic, allow_duplicates=s.allow_duplicates,
+            )
+        except Exception as exc:  # noqa: BLE001 - a solver failure keeps the plan
+            _failed(s.events, f"layer {s.ids[l]}: complete CP-SAT model", exc)
+            continue
+        if res.bound is not None:
+            s.proven[l] = res.bound
+        if res.placement is not None and res.objective < loads[l].max() * (1 - 1e-12):
+            s.p[l] = res.placement.ravel()
+        if not res.optimal:
+            s.events.append(f"layer {s.ids[l]}: complete model timed out (kept the best plan found)")
+
+
+def _hier_complete_ok(E: int, R: int, G: int, N: int, num_groups: int) -> bool:
+    """Small enough to solve every node content completely and enumerate assignments."""
+    from math import comb
+
+    from .heuristics import ENUMERATION_LIMIT, num_partitions
+
+    m = num_groups // N
+    contents = comb(num_groups, m)
+    size = _complete_size(E // N, R // N, G // N)
+    return (
+        num_partitions(num_groups, N) <= ENUMERATION_LIMIT
+        and contents * size <= COMPLETE_LIMIT * 4
+        and size <= COMPLETE_LIMIT
+    )
+
+
+@dataclass
+class _Contents:
+    """Phase 1, hierarchical policy: the node contents (sets of ``m`` groups) of a layer
+    and the assignments of groups to nodes, as indices into them.
+
+    Attributes:
+        members: per content, ``[m * group_size]`` its expert ids (ascending).
+        index: content (a sorted tuple of group ids) -> its index.
+        blocks: ``[assignments, N]`` the contents of each group-to-node assignment.
+    """
+
+    members: list[np.ndarray]
+    index: dict[tuple[int, ...], int]
+    blocks: np.ndarray
+
+    @classmethod
+    def of(cls, E: int, N: int, num_groups: int) -> "_Contents":
+        from itertools import combinations
+
+        from .heuristics import equal_partitions
+
+        gs, m = E // num_groups, num_groups // N
+        contents = list(combinations(range(num_groups), m))
+        index = {c: i for i, c in enumerate(contents)}
+        blocks = np.array([[index[tuple(np.flatnonzero(row == b).tolist())] for b in range(N)]
+                           for row in equal_partitions(num_groups, N)])
+        members = [np.concatenate([np.arange(g * gs, (g + 1) * gs) for g in c]) for c in contents]
+        return cls(members, index, blocks)
+
+
+def _complete_hierarchical(s: _Refinement, layers: np.ndarray) -> None:
+    """Phase 1, hierarchical policy: every node content solved completely, the best
+    group-to-node assignment read off by enumeration.  The min over assignments of the
+    max of their contents' proven bounds is certified with counts and group placement
+    free.  Per layer, a first pass gives every content a short solve (warm-started
+    from the plan where the plan has that content on a node); the rest of the layer's
+    time goes, one doubled solve at a time, to the content that decides the layer
+    (:class:`_LayerContents`)."""
+    from . import cpsat
+
+    contents = _Contents.of(s.E, s.N, s.num_groups)
+    s.p = s.p.copy()
+    for i, l in enumerate(layers):
+        s.attempted[l] = True
+        layer_end = time.perf_counter() + max(0.0, s.deadline - time.perf_counter()) / (len(layers) - i)
+        search = _LayerContents(s, int(l), contents, cpsat, layer_end)
+        search.run()
+        if search.solved.all():
+            s.proven[l] = float(search.bnd[contents.blocks].max(axis=1).min())
+        if not search.complete():
+            s.events.append(f"layer {s.ids[l]}: complete models timed out (kept the best plan found)")
+        best = int(np.argmin(search.obj[contents.blocks].max(axis=1)))
+        best_obj = float(search.obj[contents.blocks[best]].max())
+        cur = _gpu_loads(s.w[l : l + 1], s.p[l : l + 1], s.G).max()
+        if np.isfinite(best_obj) and best_obj < cur * (1 - 1e-12):
+            s.p[l] = np.concatenate([search.place[b].ravel() for b in contents.blocks[best]])
+
+
+class _LayerContents:
+    """The complete models of one layer's node contents (phase 1, hierarchical).
+
+    Per content ``c``: ``obj[c]`` the best placement's max GPU load (inf: none yet),
+    ``bnd[c]`` its proven bound, ``solved``/``optimal`` flags, ``limit[c]`` the last time
+    limit, ``place[c]`` ``[G/N, k]`` expert ids of the best placement and ``hints[c]``
+    the warm start ``(counts, local placement)``."""
+
+    def __init__(self, s: _Refinement, l: int, contents: _Contents, cpsat: Any, layer_end: float) -> None:
+        self.s, self.l, self.c, self.cpsat, self.layer_end = s, l, contents, cpsat, layer_end
+        nc = len(contents.members)
+        self.obj, self.bnd, self.limit = np.full(nc, np.inf), np.zeros(nc), np.zeros(nc)
+        self.solved, self.optimal = np.zeros(nc, dtype=bool), np.zeros(nc, dtype=bool)
+        self.place: list[np.ndarray | None] = [None] * nc
+        self.spent = 0.0  # deterministic units handed out
+        gs = s.E // s.num_groups
+        m = s.num_groups // s.N
+        # The plan's own node contents, as hints.
+        self.hints: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        for node in s.p[l].reshape(s.N, s.R // s.N):
+            groups = tuple(np.unique(node // gs).tolist())
+            if groups in contents.index:
+                ci = contents.index[groups]
+                local = np.searchsorted(contents.members[ci], node)
+                self.hints[ci] = (np.bincount(local, minlength=m * gs), local.reshape(s.P, s.k))
+
+    def left(self) -> float:
+        s = self.s
+        return (s.layer_budget - self.spent) if s.deterministic else self.layer_end - time.perf_counter()
+
+    def solve(self, ci: int, t: float) -> bool:
+        """One complete model of content ``ci`` with time limit ``t``; False if it failed."""
+        s, l = self.s, self.l
+        self.spent += t
+        self.limit[ci] = t
+        members = self.c.members[ci]
+        try:
+            res = self.cpsat.solve_complete(
+                s.w[l, members], s.R // s.N, s.P, time_limit=max(t, 0.01), hint=self.hints.get(ci),
+                seed=s.seed, workers=s.workers, deterministic=s.deterministic, allow_duplicates=s.allow_duplicates,
+            )
+        except Exception as exc:  # noqa: BLE001 - a solver failure keeps the plan
+            _failed(s.events, f"layer {s.ids[l]}: complete CP-SAT model", exc)
+            return False
+        self.solved[ci] = True
+        if res.bound is not None:
+            self.bnd[ci] = max(self.bnd[ci], res.bound)
+        if res.placement is not None and res.objective < self.obj[ci]:
+            self.obj[ci] = res.objective
+            self.place[ci] = members[res.placement]
+            self.hints[ci] = (res.counts, res.placement)
+        self.optimal[ci] |= res.optimal
+        return True
+
+    def run(self) -> None:
+        """A short first pass over every content, then doubled solves on the content
+        that decides the layer until the gap is within tolerance or time is spent."""
+        s, nc = self.s, len(self.c.members)
+        first = FIRST_SHARE * self.left() / nc
+        for ci in range(nc):
+            if not s.deterministic and time.perf_counter() >= self.layer_end:
+                break
+            if not self.solve(ci, first if s.deterministic else max(first, FIRST_SHARE * self.left() / (nc - ci))):
+                return
+        while self.solved.all():
+            ci = self._deciding()
+            if ci is None:
+                return
+            t = min(2 * self.limit[ci], self.left())
+            gs, m = s.E // s.num_groups, s.num_groups // s.N
+            floor = 0.01 if s.deterministic else MIN_SOLVE + BUILD_SECONDS_PER_VAR * _complete_size(
+                m * gs, s.R // s.N, s.P)
+            if t < floor or not self.solve(ci, t):
+                return
+
+    def _deciding(self) -> int | None:
+        """The unproven content that can move the layer's bound (largest load in the
+        assignment with the lowest bound) or its plan (the best assignment's heaviest);
+        None when the layer is within tolerance or no content can."""
+        blocks, obj, bnd, optimal = self.c.blocks, self.obj, self.bnd, self.optimal
+        lbs, ubs = bnd[blocks].max(axis=1), obj[blocks].max(axis=1)
+        lo, hi = int(np.argmin(lbs)), int(np.argmin(ubs))
+        if not np.isfinite(ubs[hi]) or ubs[hi] <= 0 or 1 - lbs[lo] / ubs[hi] <= self.s.tol:
+            return None
+        cands = [c for c in blocks[lo] if not optimal[c] and obj[c] > lbs[lo]]
+        cands += [c for c in blocks[hi] if not optimal[c] and obj[c] >= ubs[hi]]
+        if not cands:
+            return None
+        return max(cands, key=lambda c: (obj[c] - bnd[c], -c))
+
+    def complete(self) -> bool:
+        """Every content solved and some assignment's contents all proven optimal."""
+        return self.solved.all() and bool(self.optimal[self.c.blocks].all(axis=1).any())
 
 
 def _groups_exact(num_groups: int, num_nodes: int) -> bool:
@@ -134,71 +546,228 @@ def _groups_exact(num_groups: int, num_nodes: int) -> bool:
     return num_nodes == 1 or m <= 2 or num_partitions(num_groups, num_nodes) <= ENUMERATION_LIMIT
 
 
-def _groups_by_cpsat(
-    w: np.ndarray,
-    p: np.ndarray,
-    layers: np.ndarray,
-    *,
-    R: int,
-    G: int,
-    N: int,
-    num_groups: int,
-    deadline: float,
-    budget: float,
-    deterministic: bool,
-    seed: int,
-    proven: np.ndarray,
-    events: list[str],
-    allow_duplicates: bool,
-    cpsat,
-    ids: np.ndarray,
-    box: "_Partial | None" = None,
-) -> np.ndarray:
-    """Groups to nodes exactly by CP-SAT where enumeration is too big; re-plans a layer
-    whose heaviest node gets lighter.  A proven optimum of the heaviest node, over its GPUs,
-    bounds every plan (certified)."""
+def _phase2_groups_by_cpsat(s: _Refinement, open_layers: np.ndarray) -> np.ndarray:
+    """Phase 2 (hierarchical, groups too many to enumerate): groups to nodes exactly by
+    CP-SAT; a layer whose heaviest node gets lighter is re-planned.  A proven optimum of
+    the heaviest node, over its GPUs, bounds every plan (certified).  Returns the layers
+    still above tolerance (ascending)."""
+    if s.N == 1 or _groups_exact(s.num_groups, s.N) or s.out_of_time():
+        return open_layers
+    cpsat = _cpsat(s.deterministic, s.deadline, s.events, "CP-SAT group placement")
+    if cpsat is None:
+        return open_layers
+    s.p = s.p.copy()
+    share_end = time.perf_counter() + 0.2 * max(0.0, s.deadline - time.perf_counter())
+    improved = 0
+    for i, l in enumerate(open_layers):
+        if not s.deterministic and time.perf_counter() >= share_end:
+            s.events.append("group placement: time share ran out before every layer was solved")
+            break
+        limit = (s.layer_budget / 10) if s.deterministic else max(
+            0.01, (share_end - time.perf_counter()) / (len(open_layers) - i))
+        improved += _group_layer(s, int(l), limit, cpsat)
+    if improved:
+        s.events.append(f"group placement improved by CP-SAT on {improved} layer(s)")
+    return np.flatnonzero(certified_gap(s.lower_bound, s.loads().max(axis=1)) > s.tol)
+
+
+def _group_layer(s: _Refinement, l: int, limit: float, cpsat: Any) -> bool:
+    """Phase 2 on layer ``l``: solve its group placement; True if the layer was re-planned."""
     from .heuristics import place
 
-    L, E = w.shape
-    gs = E // num_groups
-    gpn = G // N
-    p = p.copy()
-    if box is not None:
-        box.p = p
-    share_end = time.perf_counter() + 0.2 * max(0.0, deadline - time.perf_counter())
-    improved = 0
+    R, N, G = s.R, s.N, s.G
+    gs = s.E // s.num_groups
+    gl = s.w[l].reshape(s.num_groups, gs).sum(axis=1)
+    hint = np.empty(s.num_groups, dtype=np.int64)
+    for n in range(N):
+        for g in np.unique(s.p[l].reshape(N, R // N)[n] // gs):
+            hint[g] = n
+    try:
+        node, bound, optimal = cpsat.solve_groups(gl, N, hint, limit, seed=s.seed, deterministic=s.deterministic)
+    except Exception as exc:  # noqa: BLE001 - a solver failure keeps the plan
+        _failed(s.events, f"layer {s.ids[l]}: CP-SAT group placement", exc)
+        return False
+    if bound is not None and optimal:
+        s.proven[l] = np.fmax(s.proven[l], bound / s.P * (1 - 1e-12))
+    if node is None:
+        return False
+    cur_node = np.array([gl[hint == n].sum() for n in range(N)]).max()
+    new_node = np.array([gl[node == n].sum() for n in range(N)]).max()
+    if new_node < cur_node * (1 - 1e-12):
+        alt = place(s.w[l : l + 1], R, s.num_groups, N, G, node_of_group=node[None, :],
+                    allow_duplicates=s.allow_duplicates).phy2log[0]
+        if _gpu_loads(s.w[l : l + 1], alt[None], G).max() < _gpu_loads(s.w[l : l + 1], s.p[l : l + 1], G).max():
+            s.p[l] = alt
+            return True
+    return False
+
+
+def _phase3_pair_resplits(s: _Refinement, open_layers: np.ndarray) -> None:
+    """Phase 3: exact pair re-splits of every open layer's nodes at once
+    (:func:`heuristics.resplit.resplit_rounds`); deterministic: ``5 + 5 * budget`` rounds."""
+    L, N, P, k = s.L, s.N, s.P, s.k
+    rows = L * N
+    slots = s.p.reshape(rows, P * k)
+    _, per = s.per_replica()
+    row_layer = np.repeat(np.arange(L), N)
+    values = per[row_layer[:, None], slots]
+    layout = np.broadcast_to(np.arange(P * k).reshape(1, P, k), (rows, P, k))
+    open_rows = np.flatnonzero(np.isin(row_layer, open_layers))
+    s.attempted[open_layers] = True
+    if P < 2 or s.out_of_time():
+        return
+    lay, _ = resplit_rounds(
+        values[open_rows], slots[open_rows], layout[open_rows],
+        target=np.repeat(s.lower_bound, N)[open_rows],
+        max_rounds=int(5 + 5 * s.budget) if s.deterministic else 10_000,
+        segment_size=N, partners=P - 1,
+        deadline=None if s.deterministic else s.deadline,
+    )
+    slots = slots.copy()
+    slots[open_rows] = np.take_along_axis(slots[open_rows], lay.reshape(open_rows.size, -1), axis=1)
+    s.p = slots.reshape(L, s.R)
+
+
+def _phase4_count_moves(s: _Refinement) -> None:
+    """Phase 4: replica-count moves where the counts' granularity is what blocks the
+    layer (one replica moved from one expert to another, re-packed and re-split; the
+    best of all such moves is kept while it lowers the layer's heaviest GPU).  It gets
+    ``COUNT_SHARE`` of the time left, shared by the open layers, largest gap first."""
+    todo = s.open_layers()
+    if not todo or s.out_of_time():
+        return
+    phase_end = time.perf_counter() + COUNT_SHARE * max(0.0, s.deadline - time.perf_counter())
+    moved = _count_moves(
+        s, todo, deadline=phase_end, max_steps=1000,
+        work=(COUNT_SHARE * s.layer_budget / SECONDS_PER_CANDIDATE_ITEM) if s.deterministic else None,
+    )
+    if moved:
+        s.events.append(f"replica counts revisited on {moved} layer(s)")
+
+
+def _count_moves(s: _Refinement, layers: list[int], *, deadline: float, max_steps: int,
+                 work: float | None = None) -> int:
+    """Phase 4's search: improve stuck layers by moving replicas between experts of the
+    node that sets the layer's maximum; returns the number of layers changed.
+
+    Deterministic budget: ``work`` candidate-items per layer (never shared, so a layer's
+    result does not depend on the others); every layer gets at least one step."""
+    s.p = s.p.copy()
+    changed = 0
     for i, l in enumerate(layers):
-        if not deterministic and time.perf_counter() >= share_end:
-            events.append("group placement: time share ran out before every layer was solved")
-            break
-        gl = w[l].reshape(num_groups, gs).sum(axis=1)
-        hint = np.empty(num_groups, dtype=np.int64)
-        for n in range(N):
-            for g in np.unique(p[l].reshape(N, R // N)[n] // gs):
-                hint[g] = n
-        limit = (budget / 10) if deterministic else max(
-            0.01, (share_end - time.perf_counter()) / (len(layers) - i)
-        )
-        try:
-            node, bound, optimal = cpsat.solve_groups(gl, N, hint, limit, seed=seed, deterministic=deterministic)
-        except Exception as exc:  # noqa: BLE001 - a solver failure keeps the plan
-            _failed(events, f"layer {ids[l]}: CP-SAT group placement", exc)
-            continue
-        if bound is not None and optimal:
-            proven[l] = np.fmax(proven[l], bound / gpn * (1 - 1e-12))
-        if node is None:
-            continue
-        cur_node = np.array([gl[hint == n].sum() for n in range(N)]).max()
-        new_node = np.array([gl[node == n].sum() for n in range(N)]).max()
-        if new_node < cur_node * (1 - 1e-12):
-            alt = place(w[l : l + 1], R, num_groups, N, G, node_of_group=node[None, :],
-                        allow_duplicates=allow_duplicates).phy2log[0]
-            if _gpu_loads(w[l : l + 1], alt[None], G).max() < _gpu_loads(w[l : l + 1], p[l : l + 1], G).max():
-                p[l] = alt
-                improved += 1
-    if improved:
-        events.append(f"group placement improved by CP-SAT on {improved} layer(s)")
-    return p
+        improved_layer = False
+        allowance = work
+        # This layer's share of the time left.
+        layer_end = time.perf_counter() + max(0.0, deadline - time.perf_counter()) / (len(layers) - i)
+        last = 0.0
+        rate = SECONDS_PER_CANDIDATE_ITEM          # raised to the measured rate after a step
+        for _ in range(max_steps):
+            # Do not start a step the previous one says would end after the deadline.
+            if not s.deterministic and time.perf_counter() + last >= min(layer_end + last / 2, deadline):
+                break
+            if allowance is not None and allowance <= 0:
+                break
+            t_step = time.perf_counter()
+            step = _count_step(s, l, allowance, rate, min(layer_end, deadline), layer_end)
+            if step is None:
+                break
+            tried, better = step
+            if allowance is not None:
+                allowance -= tried * (s.R // s.N)
+            last = time.perf_counter() - t_step
+            rate = max(rate, last / (tried * (s.R // s.N)))
+            if not better:
+                break
+            improved_layer = True
+            last = time.perf_counter() - t_step
+        changed += improved_layer
+    return changed
+
+
+def _count_candidates(s: _Refinement, wr: np.ndarray, cr: np.ndarray, singles: int = 4) -> np.ndarray:
+    """``[n, experts]`` count vectors for a node's experts (loads ``wr``, counts ``cr``):
+    one replica moved from an expert with several to another (or to one of the
+    ``singles`` heaviest single-replica experts), and the bigger jumps of :func:`_jumps`."""
+    multi = np.flatnonzero(cr >= 2)
+    rn = s.R // s.N
+    cap = s.P if not s.allow_duplicates else max(s.P, -(-rn // wr.size))
+    heavy_single = np.flatnonzero(cr == 1)
+    heavy_single = heavy_single[np.argsort(-wr[heavy_single])[:singles]]
+    recv = np.concatenate([multi, heavy_single])
+    d, r = np.meshgrid(multi, recv, indexing="ij")
+    keep = (d != r) & (cr[r] < cap)
+    d, r = d[keep], r[keep]
+    cand = np.repeat(cr[None, :], d.size, axis=0)
+    cand[np.arange(d.size), d] -= 1
+    cand[np.arange(d.size), r] += 1
+    # Bigger moves: an expert with several replicas gives t of them (t = 2..4) to the
+    # experts the greedy rule would pick, or takes t from those it would give up first;
+    # a count's granularity can need a jump to clear a layer.
+    return np.concatenate([cand, _jumps(wr, cr, multi, cap, max_jump=4)], axis=0)
+
+
+def _count_step(s: _Refinement, l: int, allowance: float | None, rate: float, room_end: float,
+                layer_end: float) -> tuple[int, bool] | None:
+    """One step of :func:`_count_moves` on layer ``l``: every candidate count vector of
+    the heaviest node that the allowance (deterministic) or the time left pays for,
+    re-packed and re-split; the best replaces the node if it lowers its heaviest GPU.
+    Returns ``(candidates tried, improved)``, or None when no step can be taken."""
+    N, P, k, rn = s.N, s.P, s.k, s.R // s.N
+    nodes = s.p[l].reshape(N, rn)
+    cnt = np.bincount(s.p[l], minlength=s.E)
+    node_loads = (s.w[l] / np.maximum(cnt, 1))[nodes].reshape(N, P, k).sum(axis=2)
+    n = int(node_loads.max(axis=1).argmax())
+    current = node_loads[n].max()
+    if current <= s.lower_bound[l] * (1 + s.tol):
+        return None
+    ex = np.unique(nodes[n])                 # a node's own experts (every one has a replica there)
+    wr, cr = s.w[l, ex], cnt[ex]
+    if not (cr >= 2).any():
+        return None
+    cand = _count_candidates(s, wr, cr)
+    if cand.shape[0] == 0:
+        return None
+    # Only as many candidates as the work allowance (deterministic) or the time left
+    # (wall clock, at the larger of the calibrated and the measured rate) pays for,
+    # those whose heaviest replica is lightest first.  Half the room: sized to the whole
+    # room at the calibrated rate, a step overran the deadline by 0.1-0.3 s on a loaded
+    # machine (issue 12's deadline study).  Wall clock: stop when not even one fits.
+    if allowance is not None:
+        fit = max(1, int(allowance // rn))
+    else:
+        fit = int(0.5 * (room_end - time.perf_counter()) / (rate * rn))
+        if fit < 1:
+            return None
+    if cand.shape[0] > fit:
+        heaviest = (wr[None, :] / cand).max(axis=1)
+        cand = cand[np.argsort(heaviest, kind="stable")[:fit]]
+    flat, tops = _pack_candidates(s, wr, cand, s.lower_bound[l], layer_end)
+    best = int(tops.argmin())
+    if tops[best] >= current * (1 - 1e-12):
+        return cand.shape[0], False
+    s.p[l, n * rn : (n + 1) * rn] = ex[flat[best]]
+    return cand.shape[0], True
+
+
+def _pack_candidates(s: _Refinement, wr: np.ndarray, cand: np.ndarray, target: float,
+                     layer_end: float) -> tuple[np.ndarray, np.ndarray]:
+    """Each candidate count vector ``[n, experts]`` packed onto the node's ``P`` GPUs and
+    re-split: ``([n, P*k] expert indices into wr, [n] heaviest GPU)``."""
+    P, k = s.P, s.k
+    n = cand.shape[0]
+    wrow = np.repeat(wr[None, :], n, axis=0)
+    lb_row = np.full(n, target)
+    local = pack_rows(wrow, cand, P, refine_rounds=8, allow_duplicates=s.allow_duplicates, target=lb_row)
+    vals = (wrow / cand)[np.arange(n)[:, None, None], local]
+    lay, _ = resplit_rounds(
+        vals.reshape(n, -1), local.reshape(n, -1),
+        np.broadcast_to(np.arange(P * k).reshape(1, P, k), (n, P, k)),
+        target=lb_row, max_rounds=20 if s.deterministic else 60, partners=min(P - 1, 8),
+        deadline=None if s.deterministic else layer_end,
+    )
+    flat = np.take_along_axis(local.reshape(n, -1), lay.reshape(n, -1), axis=1)
+    tops = (wrow / cand)[np.arange(n)[:, None], flat].reshape(n, P, k).sum(axis=2).max(axis=1)
+    return flat, tops
 
 
 def _jumps(w: np.ndarray, c: np.ndarray, multi: np.ndarray, cap: int, max_jump: int) -> np.ndarray:
@@ -228,156 +797,191 @@ def _jumps(w: np.ndarray, c: np.ndarray, multi: np.ndarray, cap: int, max_jump: 
     return np.array(out, dtype=np.int64).reshape(-1, len(w))
 
 
-def _complete_size(num_experts: int, num_replicas: int, num_gpus: int) -> int:
-    """Variables of the complete model (as :func:`eplb_opt.cpsat.complete_size`)."""
-    return num_experts * (num_replicas - num_experts + 1) * (num_gpus + 1)
+def _heaviest_node(s: _Refinement, l: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Layer ``l``'s node that sets its maximum: ``(node, [P, k] GPU loads of every
+    node's GPUs as [N, P], its expert ids ex, [P, k] its slots as indices into ex,
+    [E] replica counts)``."""
+    cnt = np.bincount(s.p[l], minlength=s.E)
+    nodes = s.p[l].reshape(s.N, s.R // s.N)
+    node_loads = (s.w[l] / np.maximum(cnt, 1))[nodes].reshape(s.N, s.P, s.k).sum(axis=2)
+    n = int(node_loads.max(axis=1).argmax())
+    ex = np.unique(nodes[n])
+    local = np.searchsorted(ex, nodes[n]).reshape(s.P, s.k)
+    return n, node_loads, ex, local, cnt
 
 
-def _hier_complete_ok(E: int, R: int, G: int, N: int, num_groups: int) -> bool:
-    """Small enough to solve every node content completely and enumerate assignments."""
-    from math import comb
-
-    from .heuristics import ENUMERATION_LIMIT, num_partitions
-
-    m = num_groups // N
-    contents = comb(num_groups, m)
-    size = _complete_size(E // N, R // N, G // N)
-    return (
-        num_partitions(num_groups, N) <= ENUMERATION_LIMIT
-        and contents * size <= COMPLETE_LIMIT * 4
-        and size <= COMPLETE_LIMIT
-    )
-
-
-def _complete_hierarchical(
-    w: np.ndarray,
-    p: np.ndarray,
-    layers: np.ndarray,
-    *,
-    R: int,
-    G: int,
-    N: int,
-    num_groups: int,
-    deadline: float,
-    budget: float,
-    deterministic: bool,
-    seed: int,
-    workers: int,
-    allow_duplicates: bool,
-    tolerance: float,
-    attempted: np.ndarray,
-    proven: np.ndarray,
-    events: list[str],
-    ids: np.ndarray,
-    box: "_Partial | None" = None,
-) -> np.ndarray:
-    """Hierarchical policy, small problems: every node content (a set of groups) is solved
-    completely, and the best group-to-node assignment is read off by enumeration.  The
-    min-max of the contents' proven bounds is certified with counts and group placement
-    free.
-
-    Per layer, a first pass gives every content a short solve (warm-started from the
-    plan where the plan has that content on a node); the rest of the layer's time goes,
-    one doubled solve at a time, to the content that decides the layer: the unproven one
-    of largest load in the assignment with the lowest bound or in the best assignment."""
-    from itertools import combinations
-
-    from .heuristics import equal_partitions
-
-    from . import cpsat
-
-    L, E = w.shape
-    gs, m = E // num_groups, num_groups // N
-    rn, gpn = R // N, G // N
-    k = R // G
-    contents = list(combinations(range(num_groups), m))
-    parts = equal_partitions(num_groups, N)
-    index = {c: i for i, c in enumerate(contents)}
-    blocks = np.array([[index[tuple(np.flatnonzero(row == b).tolist())] for b in range(N)] for row in parts])
-    members = [np.concatenate([np.arange(g * gs, (g + 1) * gs) for g in c]) for c in contents]
-    p = p.copy()
-    if box is not None:
-        box.p = p
-    nc = len(contents)
+def _phase5_heaviest_node_models(s: _Refinement, layers: list[int], cpsat: Any) -> None:
+    """Phase 5 (hierarchical, one group per node): for each layer, largest gap first, the
+    complete model (replica counts free) of the node that sets the layer's maximum.  Its
+    proven bound holds for the layer (that group sits alone on some node in every plan)
+    and joins ``proven``; the later phases stop at it.  A better node placement replaces
+    the node's."""
+    deadline = time.perf_counter() + NODE_SHARE * max(0.0, s.deadline - time.perf_counter())
+    rn = s.R // s.N
+    s.p = s.p.copy()
+    improved = 0
     for i, l in enumerate(layers):
-        attempted[l] = True
-        layer_end = time.perf_counter() + max(0.0, deadline - time.perf_counter()) / (len(layers) - i)
-        obj = np.full(nc, np.inf)
-        bnd = np.zeros(nc)
-        solved = np.zeros(nc, dtype=bool)
-        optimal = np.zeros(nc, dtype=bool)
-        limit = np.zeros(nc)
-        place: list[np.ndarray | None] = [None] * nc
-        # The plan's own node contents, as hints.
-        hints: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        for node in p[l].reshape(N, rn):
-            groups = tuple(np.unique(node // gs).tolist())
-            if groups in index:
-                local = np.searchsorted(members[index[groups]], node)
-                hints[index[groups]] = (np.bincount(local, minlength=m * gs), local.reshape(gpn, k))
-        spent = 0.0  # deterministic units handed out
+        if not s.deterministic and time.perf_counter() >= deadline:
+            s.events.append(f"complete node models: time share ran out after {i} of {len(layers)} layer(s)")
+            break
+        n, node_loads, ex, local, cnt = _heaviest_node(s, l)
+        share = max(0.0, deadline - time.perf_counter()) / (len(layers) - i)
+        if not s.deterministic and share < BUILD_SECONDS_PER_VAR * _complete_size(ex.size, rn, s.P) + MIN_SOLVE:
+            s.events.append(f"complete node models: time share too short after {i} of {len(layers)} layer(s)")
+            break
+        try:
+            res = cpsat.solve_complete(
+                s.w[l, ex], rn, s.P, time_limit=(s.layer_budget / 4) if s.deterministic else max(share, 0.01),
+                hint=(cnt[ex], local), seed=s.seed, workers=s.workers, deterministic=s.deterministic,
+                allow_duplicates=s.allow_duplicates,
+            )
+        except Exception as exc:  # noqa: BLE001 - a solver failure keeps the plan
+            _failed(s.events, f"layer {s.ids[l]} node {n}: complete CP-SAT model", exc)
+            continue
+        if res.bound is not None:
+            s.proven[l] = np.fmax(s.proven[l], res.bound)
+        if res.placement is not None and res.objective < node_loads[n].max() * (1 - 1e-12):
+            s.p[l, n * rn : (n + 1) * rn] = ex[res.placement].ravel()
+            improved += 1
+    if improved:
+        s.events.append(f"complete node models improved {improved} layer(s)")
+    s.lower_bound = np.fmax(s.lower_bound, np.nan_to_num(s.proven, nan=0.0))
 
-        def left() -> float:
-            return (budget - spent) if deterministic else layer_end - time.perf_counter()
 
-        def run(ci: int, t: float) -> bool:
-            nonlocal spent
-            spent += t
-            limit[ci] = t
-            try:
-                res = cpsat.solve_complete(
-                    w[l, members[ci]], rn, gpn, time_limit=max(t, 0.01), hint=hints.get(ci),
-                    seed=seed, workers=workers, deterministic=deterministic,
-                    forbid_duplicates=not allow_duplicates,
-                )
-            except Exception as exc:  # noqa: BLE001 - a solver failure keeps the plan
-                _failed(events, f"layer {ids[l]}: complete CP-SAT model", exc)
-                return False
-            solved[ci] = True
-            if res.bound is not None:
-                bnd[ci] = max(bnd[ci], res.bound)
-            if res.placement is not None and res.objective < obj[ci]:
-                obj[ci] = res.objective
-                place[ci] = members[ci][res.placement]
-                hints[ci] = (res.counts, res.placement)
-            optimal[ci] |= res.optimal
-            return True
+def _phase6_fixed_count_models(s: _Refinement, layers: list[int], cpsat: Any) -> None:
+    """Phase 6: the heaviest node's whole placement for its replica counts (the
+    ``n[e, g]`` model, warm-started), where it is small enough to build quickly, within
+    ``FIXED_SHARE`` of the time left; its bound is conditional on the counts."""
+    size = _fixed_size(s.E // s.N, s.P)
+    if size > FIXED_LIMIT:
+        return
+    phase_end = time.perf_counter() + FIXED_SHARE * max(0.0, s.deadline - time.perf_counter())
+    rn = s.R // s.N
+    for i, l in enumerate(layers):
+        if not s.deterministic and time.perf_counter() >= phase_end:
+            return
+        share = max(0.0, phase_end - time.perf_counter()) / (len(layers) - i)
+        if not s.deterministic and share < BUILD_SECONDS_PER_VAR * size + MIN_SOLVE:
+            return                                  # building the model alone would overrun
+        n, node_loads, ex, local, cnt = _heaviest_node(s, l)
+        try:
+            res = cpsat.solve_fixed_counts(
+                s.w[l, ex], cnt[ex], s.P, local, s.lower_bound[l],
+                time_limit=(s.layer_budget / 4) if s.deterministic else share,
+                relative_gap=s.tol, seed=s.seed, workers=s.workers, deterministic=s.deterministic,
+                allow_duplicates=s.allow_duplicates,
+            )
+        except Exception as exc:  # noqa: BLE001 - a solver failure keeps the plan
+            _failed(s.events, f"layer {s.ids[l]} node {n}: CP-SAT (fixed counts)", exc)
+            continue
+        if res.bound is not None:
+            s.conditional[l] = max(res.bound, s.lower_bound[l])
+        if res.placement is not None:
+            new_loads = (s.w[l, ex] / cnt[ex])[res.placement].sum(axis=1)
+            if new_loads.max() < node_loads[n].max() * (1 - 1e-12):
+                s.p[l, n * rn : (n + 1) * rn] = ex[res.placement].ravel()
 
-        failed = False
-        first = FIRST_SHARE * left() / nc
-        for ci in range(nc):
-            if not deterministic and time.perf_counter() >= layer_end:
+
+def _phase7_neighbourhoods(s: _Refinement, layers: list[int], cpsat: Any) -> None:
+    """Phase 7: CP-SAT large-neighbourhood search, one layer per worker thread, largest
+    gap first (:func:`_neighbourhood_search`); deterministic: ``max(2, 10 * layer
+    budget)`` neighbourhoods per layer."""
+    cnt, per = s.per_replica()
+    iters = max(2, int(10 * s.layer_budget)) if s.deterministic else None
+
+    def work(l: int) -> tuple[int, np.ndarray, list[str]]:
+        # A crash in one layer's search (even a worker thread told to exit) keeps that
+        # layer's plan and loses no other work; only an interrupt goes through.
+        try:
+            with logging_statuses(s.log):
+                return l, *_neighbourhood_search(s, l, cpsat, cnt[l], per[l], iters)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # noqa: BLE001
+            msg = f"layer {s.ids[l]}: CP-SAT search worker died ({type(exc).__name__}: {exc}); kept the plan"
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+            return l, s.p[l].copy(), [msg]
+
+    timed_out: list[int] = []
+    pool = ThreadPoolExecutor(max_workers=s.workers)
+    try:
+        for l, new_row, notes in pool.map(work, layers):
+            s.p[l] = new_row
+            for note in notes:
+                if note.endswith(_TIMED_OUT):
+                    timed_out.append(int(s.ids[l]))
+                else:
+                    s.events.append(note)
+    finally:
+        # On an interrupt, running searches stop after their current neighbourhood
+        # (at most NEIGHBOURHOOD_TIME) and queued layers never start.
+        s.stop.set()
+        pool.shutdown(wait=True, cancel_futures=True)
+    if timed_out:
+        shown = ", ".join(str(x) for x in sorted(timed_out)[:12]) + (", ..." if len(timed_out) > 12 else "")
+        s.events.append(f"CP-SAT search timed out on {len(timed_out)} layer(s) (kept the best plan found): "
+                        f"layers {shown}")
+
+
+def _neighbourhood_search(s: _Refinement, l: int, cpsat: Any, cnt: np.ndarray, per: np.ndarray,
+                          iters: int | None) -> tuple[np.ndarray, list[str]]:
+    """Layer ``l``'s neighbourhood search: the heaviest GPU of the heaviest node and a
+    few others (the lightest, then random; more after failures) re-placed exactly while
+    that lowers their maximum.  Returns ``([R] the layer's plan, notes)``."""
+    N, P, k = s.N, s.P, s.k
+    notes: list[str] = []
+    rng = np.random.default_rng([s.seed, int(s.ids[l])])
+    sl = s.p[l].reshape(N, P, k).copy()
+    v = per[sl]                                              # [N, P, k]
+    fails = it = 0
+    while not s.stop.is_set():
+        if s.deterministic:
+            if it >= iters:
                 break
-            if not run(ci, first if deterministic else max(first, FIRST_SHARE * left() / (nc - ci))):
-                failed = True
+        elif s.deadline - time.perf_counter() < MIN_SOLVE:
+            notes.append(f"layer {s.ids[l]}: {_TIMED_OUT}")
+            break
+        it += 1
+        node_loads = v.sum(axis=2)
+        n = int(np.unravel_index(node_loads.argmax(), node_loads.shape)[0])
+        if node_loads[n].max() <= s.lower_bound[l] * (1 + s.tol):
+            break
+        gpus = _neighbourhood(node_loads[n], P, fails, rng)
+        items_e = sl[n, gpus]                                # [m, k] expert ids
+        sc = cpsat.scale_loads(s.w[l][items_e], cnt[items_e], k)
+        try:
+            limit = NEIGHBOURHOOD_TIME if s.deterministic else min(NEIGHBOURHOOD_TIME, s.deadline - time.perf_counter())
+            new = cpsat.solve_neighbourhood(sc.ints, items_e, int(sc.ints.sum(axis=1).max()), limit,
+                                            seed=s.seed + it, deterministic=s.deterministic)
+        except Exception as exc:  # noqa: BLE001 - a solver failure keeps the plan
+            notes.append(f"layer {s.ids[l]} node {n}: CP-SAT failed ({type(exc).__name__}: {exc}); kept the plan")
+            break
+        if new is None:
+            fails += 1
+            if fails >= 24:
                 break
-        while not failed and solved.all():
-            lbs, ubs = bnd[blocks].max(axis=1), obj[blocks].max(axis=1)
-            lo, hi = int(np.argmin(lbs)), int(np.argmin(ubs))
-            if not np.isfinite(ubs[hi]) or ubs[hi] <= 0 or 1 - lbs[lo] / ubs[hi] <= tolerance:
-                break
-            # The unproven content that can move the layer's bound (largest load in the
-            # assignment with the lowest bound) or its plan (the best assignment's heaviest).
-            cands = [c for c in blocks[lo] if not optimal[c] and obj[c] > lbs[lo]]
-            cands += [c for c in blocks[hi] if not optimal[c] and obj[c] >= ubs[hi]]
-            if not cands:
-                break
-            ci = max(cands, key=lambda c: (obj[c] - bnd[c], -c))
-            t = min(2 * limit[ci], left())
-            if t < (0.01 if deterministic else MIN_SOLVE + BUILD_SECONDS_PER_VAR * _complete_size(m * gs, rn, gpn)):
-                break
-            failed = not run(ci, t)
-        complete = solved.all() and bool(optimal[blocks].all(axis=1).any())
-        if solved.all():
-            proven[l] = float(bnd[blocks].max(axis=1).min())
-        if not complete:
-            events.append(f"layer {ids[l]}: complete models timed out (kept the best plan found)")
-        best = int(np.argmin(obj[blocks].max(axis=1)))
-        best_obj = float(obj[blocks[best]].max())
-        cur = _gpu_loads(w[l : l + 1], p[l : l + 1], G).max()
-        if np.isfinite(best_obj) and best_obj < cur * (1 - 1e-12):
-            p[l] = np.concatenate([place[b].ravel() for b in blocks[best]])
-    return p
+            continue
+        flat_e = items_e.ravel()[new]                        # [m, k]
+        new_loads = (s.w[l][flat_e] / cnt[flat_e]).sum(axis=1)
+        if new_loads.max() < node_loads[n, gpus].max() * (1 - 1e-12):
+            sl[n, gpus] = flat_e
+            v[n, gpus] = s.w[l][flat_e] / cnt[flat_e]
+            fails = 0
+        else:
+            fails += 1
+    return sl.reshape(s.R), notes
+
+
+def _neighbourhood(gpu_loads: np.ndarray, P: int, fails: int, rng: np.random.Generator) -> list[int]:
+    """GPUs of a node to re-place together: the heaviest, the lightest few, and random
+    others; ``3 + min(fails // 4, 3)`` of them (capped at ``P``), growing after failures."""
+    m = min(P, 3 + min(fails // 4, 3))
+    h = int(gpu_loads.argmax())
+    order = np.argsort(gpu_loads)
+    others = [g for g in order[: max(1, (m - 1) // 2)] if g != h]
+    rest = [g for g in range(P) if g != h and g not in others]
+    others += list(rng.choice(rest, size=min(m - 1 - len(others), len(rest)), replace=False))
+    return [h] + [int(g) for g in others]
 
 
 def _cpsat(deterministic: bool, deadline: float, events: list[str], what: str):
@@ -393,564 +997,3 @@ def _cpsat(deterministic: bool, deadline: float, events: list[str], what: str):
     from . import cpsat  # OR-Tools is imported only when a model is built
 
     return cpsat
-
-
-def _complete_heaviest_nodes(
-    w: np.ndarray,
-    p: np.ndarray,
-    layers: list[int],
-    *,
-    cpsat,
-    R: int,
-    N: int,
-    P: int,
-    deadline: float,
-    budget: float,
-    deterministic: bool,
-    seed: int,
-    workers: int,
-    allow_duplicates: bool,
-    proven: np.ndarray,
-    lower_bound: np.ndarray,
-    tol: float,
-    events: list[str],
-    ids: np.ndarray,
-) -> np.ndarray:
-    """Phase 3c of :func:`_refine` (one group per node): for each layer, largest gap
-    first, the complete model (replica counts free) of the node that sets the layer's
-    maximum.  Its proven bound holds for the layer (that group sits alone on some node in
-    every plan) and joins ``proven``; a better node placement replaces the node's."""
-    L, E = w.shape
-    rn, k = R // N, R // (N * P)
-    p = p.copy()
-    improved = 0
-    for i, l in enumerate(layers):
-        if not deterministic and time.perf_counter() >= deadline:
-            events.append(f"complete node models: time share ran out after {i} of {len(layers)} layer(s)")
-            break
-        cnt = np.bincount(p[l], minlength=E)
-        nodes = p[l].reshape(N, rn)
-        node_max = (w[l] / np.maximum(cnt, 1))[nodes].reshape(N, P, k).sum(axis=2).max(axis=1)
-        n = int(node_max.argmax())
-        ex = np.unique(nodes[n])
-        local = np.searchsorted(ex, nodes[n]).reshape(P, k)
-        share = max(0.0, deadline - time.perf_counter()) / (len(layers) - i)
-        if not deterministic and share < BUILD_SECONDS_PER_VAR * _complete_size(ex.size, rn, P) + MIN_SOLVE:
-            events.append(f"complete node models: time share too short after {i} of {len(layers)} layer(s)")
-            break
-        try:
-            res = cpsat.solve_complete(
-                w[l, ex], rn, P, time_limit=(budget / 4) if deterministic else max(share, 0.01),
-                hint=(cnt[ex], local), seed=seed, workers=workers, deterministic=deterministic,
-                forbid_duplicates=not allow_duplicates,
-            )
-        except Exception as exc:  # noqa: BLE001 - a solver failure keeps the plan
-            _failed(events, f"layer {ids[l]} node {n}: complete CP-SAT model", exc)
-            continue
-        if res.bound is not None:
-            proven[l] = np.fmax(proven[l], res.bound)
-        if res.placement is not None and res.objective < node_max[n] * (1 - 1e-12):
-            p[l, n * rn : (n + 1) * rn] = ex[res.placement].ravel()
-            improved += 1
-    if improved:
-        events.append(f"complete node models improved {improved} layer(s)")
-    return p
-
-
-def _gpu_loads(w: np.ndarray, p: np.ndarray, gpus: int) -> np.ndarray:
-    L, E = w.shape
-    cnt = np.bincount((p + (np.arange(L) * E)[:, None]).ravel(), minlength=L * E).reshape(L, E)
-    per = np.take_along_axis(w / np.maximum(cnt, 1), p, axis=1)
-    return per.reshape(L, gpus, -1).sum(axis=2)
-
-
-def refine(weight: np.ndarray, phy2log: np.ndarray, **kw: Any) -> ExactOutcome:
-    """Refine ``phy2log`` (see module docs and :func:`_refine` for the arguments).
-
-    Every CP-SAT status is tallied; ``UNKNOWN`` answers are reported in the events and
-    ``MODEL_INVALID`` or unknown status codes count as a failed solve (the sub-problem
-    keeps its plan, an event names the fault).  A ``KeyboardInterrupt`` stops the worker
-    threads and is re-raised as :class:`RefineInterrupted`, carrying the plan as far as
-    it got (every row a complete, consistent re-placement).
-
-    Returns:
-        :class:`ExactOutcome`.
-    """
-    box = _Partial()
-    log = StatusLog()
-    try:
-        with logging_statuses(log):
-            out = _refine(weight, phy2log, box=box, log=log, **kw)
-    except KeyboardInterrupt:
-        if box.p is None:
-            raise
-        box.stop.set()
-        events = list(box.events) + status_events(log)
-        raise RefineInterrupted(
-            ExactOutcome(box.p.copy(), box.attempted.copy(), box.proven.copy(), events, box.conditional.copy())
-        ) from None
-    out.events.extend(status_events(log))
-    return out
-
-
-def _refine(
-    weight: np.ndarray,
-    phy2log: np.ndarray,
-    *,
-    box: "_Partial",
-    log: StatusLog,
-    num_gpus: int,
-    num_nodes: int,
-    lower_bound: np.ndarray,
-    num_groups: int = 1,
-    deadline: float,
-    tolerance: float,
-    workers: int | None = None,
-    deterministic: bool = False,
-    seed: int = 0,
-    allow_duplicates: bool = True,
-    budget: float = 1.0,
-    total_layers: int | None = None,
-    layer_ids: np.ndarray | None = None,
-) -> ExactOutcome:
-    """The body of :func:`refine`; ``box`` tracks the plan so far for interrupts and
-    ``log`` is installed on the worker threads.
-
-    Args:
-        weight: ``[L, E]`` float64 loads.
-        phy2log: ``[L, R]`` warm-start placement (hierarchical: node ``n`` holds slots
-            ``n * R / N ..``; global: pass ``num_nodes=1``).
-        num_gpus, num_nodes: topology of the plan (``num_nodes=1`` for the global policy).
-        num_groups: expert groups (hierarchical policy; used by the complete models).
-        lower_bound: ``[L]`` certified bounds (a layer within ``tolerance`` is skipped).
-        deadline: ``time.perf_counter()`` value by which to stop.
-        workers: threads for CP-SAT (default: available cores).
-        deterministic: iteration and deterministic-time budgets instead of wall clock
-            (``budget / total_layers`` seconds' worth per layer, never shared between
-            layers), so each layer's result depends only on its own loads, the seed, the
-            workers and ``budget / total_layers``: any split of the layers into calls
-            (see :mod:`eplb_opt.distributed`) gives the same plan.
-        seed: seeds CP-SAT and the neighbourhood choice.
-        allow_duplicates: let CP-SAT put two replicas of one expert on a GPU.
-        budget: the time budget (seconds) of the whole problem, used to size
-            deterministic budgets.
-        total_layers: layers of the whole problem when this call refines a part of it
-            (default: ``L``).
-        layer_ids: ``[L]`` the layers' indices in the whole problem (seeds and messages;
-            default ``0..L-1``).
-
-    Returns:
-        :class:`ExactOutcome`.
-    """
-    w = np.asarray(weight, dtype=np.float64)
-    p = np.array(phy2log, dtype=np.int64, copy=True)
-    L, E = w.shape
-    R = p.shape[1]
-    G, N = num_gpus, num_nodes
-    P, k = G // N, R // G
-    workers = max(1, int(workers or os.cpu_count() or 1))
-    ids = np.arange(L) if layer_ids is None else np.asarray(layer_ids, dtype=np.int64)
-    layer_budget = budget / max(1, int(total_layers or L))
-    events: list[str] = []
-    attempted = np.zeros(L, dtype=bool)
-    proven = np.full(L, np.nan)
-    conditional = np.full(L, np.nan)
-    tol = tolerance
-    box.track(p, attempted, proven, conditional, events)
-
-    def out_of_time() -> bool:
-        return (not deterministic) and time.perf_counter() >= deadline
-
-    def layer_gap(loads: np.ndarray) -> np.ndarray:
-        top = loads.max(axis=1)
-        return np.where(top > 0, 1 - lower_bound / np.where(top > 0, top, 1), 0.0)
-
-    def refresh(plan: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]:
-        """GPU loads, replica counts, per-replica loads and the layers above tolerance
-        (largest gap first) of ``plan``."""
-        gpu = _gpu_loads(w, plan, G)
-        counts = np.bincount((plan + (np.arange(L) * E)[:, None]).ravel(), minlength=L * E).reshape(L, E)
-        gaps = layer_gap(gpu)
-        return gpu, counts, w / np.maximum(counts, 1), [int(l) for l in np.argsort(-gaps) if gaps[l] > tol]
-
-    loads = _gpu_loads(w, p, G)
-    open_layers = np.flatnonzero(layer_gap(loads) > tol)
-    skipped = L - open_layers.size
-    if skipped:
-        events.append(f"solver skipped on {skipped} layer(s): certified gap already within tolerance {tol:g}")
-    if open_layers.size == 0:
-        return ExactOutcome(p, attempted, proven, events, conditional)
-
-    # Phase 1: complete models where the whole problem is small.
-    # (Where OR-Tools cannot be loaded in time, the phases below that need no solver run.)
-    if N == 1 and _complete_size(E, R, G) <= COMPLETE_LIMIT and (
-            cpsat := _cpsat(deterministic, deadline, events, f"complete models on {open_layers.size} layer(s)")):
-
-        share = max(0.0, deadline - time.perf_counter()) / max(open_layers.size, 1)
-        for l in open_layers:
-            if out_of_time():
-                events.append(f"layer {ids[l]}: time ran out before the complete model")
-                continue
-            attempted[l] = True
-            cnt = np.bincount(p[l], minlength=E)
-            try:
-                res = cpsat.solve_complete(
-                    w[l], R, G,
-                    time_limit=layer_budget if deterministic else max(share, 0.01),
-                    hint=(cnt, p[l].reshape(G, k)), seed=seed, workers=workers,
-                    deterministic=deterministic, forbid_duplicates=not allow_duplicates,
-                )
-            except Exception as exc:  # noqa: BLE001 - a solver failure keeps the plan
-                _failed(events, f"layer {ids[l]}: complete CP-SAT model", exc)
-                continue
-            if res.bound is not None:
-                proven[l] = res.bound
-            if res.placement is not None and res.objective < loads[l].max() * (1 - 1e-12):
-                p[l] = res.placement.ravel()
-            if not res.optimal:
-                events.append(f"layer {ids[l]}: complete model timed out (kept the best plan found)")
-        return ExactOutcome(p, attempted, proven, events, conditional)
-    if N > 1 and _hier_complete_ok(E, R, G, N, num_groups) and _cpsat(
-            deterministic, deadline, events, f"complete models on {open_layers.size} layer(s)"):
-        p = _complete_hierarchical(
-            w, p, open_layers, R=R, G=G, N=N, num_groups=num_groups, deadline=deadline,
-            budget=layer_budget, deterministic=deterministic, seed=seed, workers=workers,
-            allow_duplicates=allow_duplicates, tolerance=tol, attempted=attempted, proven=proven,
-            events=events, ids=ids, box=box,
-        )
-        return ExactOutcome(p, attempted, proven, events, conditional)
-
-    # Phase 0 (hierarchical, groups too many to enumerate): groups to nodes by CP-SAT.
-    if N > 1 and not _groups_exact(num_groups, N) and not out_of_time():
-        cpsat = _cpsat(deterministic, deadline, events, "CP-SAT group placement")
-        if cpsat is not None:
-            p = _groups_by_cpsat(
-                w, p, open_layers, R=R, G=G, N=N, num_groups=num_groups, deadline=deadline,
-                budget=layer_budget, deterministic=deterministic, seed=seed, proven=proven,
-                events=events, allow_duplicates=allow_duplicates, cpsat=cpsat, ids=ids, box=box,
-            )
-            box.p = p
-            loads = _gpu_loads(w, p, G)
-            open_layers = np.flatnonzero(layer_gap(loads) > tol)
-
-    # Phase 2: exact pair re-splits, all open layers at once.
-    rows = L * N
-    slots = p.reshape(rows, P * k)
-    cnt = np.bincount((p + (np.arange(L) * E)[:, None]).ravel(), minlength=L * E).reshape(L, E)
-    per = w / np.maximum(cnt, 1)
-    row_layer = np.repeat(np.arange(L), N)
-    values = per[row_layer[:, None], slots]
-    layout = np.broadcast_to(np.arange(P * k).reshape(1, P, k), (rows, P, k))
-    open_rows = np.flatnonzero(np.isin(row_layer, open_layers))
-    attempted[open_layers] = True
-    if P >= 2 and not out_of_time():
-        lay, _ = resplit_rounds(
-            values[open_rows], slots[open_rows], layout[open_rows],
-            target=np.repeat(lower_bound, N)[open_rows],
-            max_rounds=int(5 + 5 * budget) if deterministic else 10_000,
-            segment_size=N, partners=P - 1,
-            deadline=None if deterministic else deadline,
-        )
-        slots = slots.copy()
-        slots[open_rows] = np.take_along_axis(slots[open_rows], lay.reshape(open_rows.size, -1), axis=1)
-        p = slots.reshape(L, R)
-        box.p = p
-        loads = _gpu_loads(w, p, G)
-
-    # Phase 3: replica-count moves where the counts' granularity is what blocks the
-    # layer (one replica moved from one expert to another, re-packed and re-split; the
-    # best of all such moves is kept while it lowers the layer's heaviest GPU).
-    gaps = layer_gap(loads)
-    todo = [int(l) for l in np.argsort(-gaps) if gaps[l] > tol]
-    if todo and not out_of_time():
-        # Most of what is left, shared by the open layers, largest gap first; CP-SAT
-        # gets the rest.
-        phase_end = time.perf_counter() + COUNT_SHARE * max(0.0, deadline - time.perf_counter())
-        p, moved = _count_moves(
-            w, p, todo, G=G, N=N, lower_bound=lower_bound, tol=tol, deadline=phase_end,
-            deterministic=deterministic, max_steps=1000,
-            work=(COUNT_SHARE * layer_budget / SECONDS_PER_CANDIDATE_ITEM) if deterministic else None,
-            allow_duplicates=allow_duplicates, box=box,
-        )
-        box.p = p
-        if moved:
-            events.append(f"replica counts revisited on {moved} layer(s)")
-        loads = _gpu_loads(w, p, G)
-        cnt = np.bincount((p + (np.arange(L) * E)[:, None]).ravel(), minlength=L * E).reshape(L, E)
-        per = w / np.maximum(cnt, 1)
-
-    # Phase 4: CP-SAT neighbourhoods, largest gap first.
-    gaps = layer_gap(loads)
-    todo = [int(l) for l in np.argsort(-gaps) if gaps[l] > tol]
-    if not todo or P < 3:
-        return ExactOutcome(p, attempted, proven, events, conditional)
-    if out_of_time():
-        events.append(f"time ran out before CP-SAT on {len(todo)} layer(s) above tolerance")
-        return ExactOutcome(p, attempted, proven, events, conditional)
-
-    cpsat = _cpsat(deterministic, deadline, events, f"CP-SAT on {len(todo)} layer(s) above tolerance")
-    if cpsat is None:
-        return ExactOutcome(p, attempted, proven, events, conditional)
-
-    # Phase 3c (hierarchical, one group per node): every plan puts each group alone on
-    # some node, so a complete model (counts free) of the heaviest node's group proves a
-    # bound for the layer, and may improve that node.
-    if N > 1 and num_groups == N and _complete_size(E // N, R // N, P) <= COMPLETE_LIMIT:
-        p = _complete_heaviest_nodes(
-            w, p, todo, cpsat=cpsat, R=R, N=N, P=P, deadline=time.perf_counter()
-            + NODE_SHARE * max(0.0, deadline - time.perf_counter()), budget=layer_budget,
-            deterministic=deterministic, seed=seed, workers=workers, allow_duplicates=allow_duplicates,
-            proven=proven, lower_bound=lower_bound, tol=tol, events=events, ids=ids,
-        )
-        box.p = p
-        # The proven bounds hold for the layer: later phases stop at them.
-        lower_bound = np.fmax(lower_bound, np.nan_to_num(proven, nan=0.0))
-        loads, cnt, per, todo = refresh(p)
-        if not todo or out_of_time():
-            return ExactOutcome(p, attempted, proven, events, conditional)
-
-    # Phase 3b: the whole sub-problem for its counts (n[e, g] model, warm-started), where
-    # it is small enough to build quickly; its bound is conditional on the counts.
-    phase_end = time.perf_counter() + FIXED_SHARE * max(0.0, deadline - time.perf_counter())
-    for i, l in enumerate(list(todo)):
-        if _fixed_size(E // N, P) > FIXED_LIMIT:
-            break
-        if not deterministic and time.perf_counter() >= phase_end:
-            break
-        share = max(0.0, phase_end - time.perf_counter()) / (len(todo) - i)
-        if not deterministic and share < BUILD_SECONDS_PER_VAR * _fixed_size(E // N, P) + MIN_SOLVE:
-            break                                   # building the model alone would overrun
-        cnt_l = np.bincount(p[l], minlength=E)
-        nodes = p[l].reshape(N, R // N)
-        node_loads = (w[l] / np.maximum(cnt_l, 1))[nodes].reshape(N, P, k).sum(axis=2)
-        n = int(node_loads.max(axis=1).argmax())
-        ex = np.unique(nodes[n])
-        local = np.searchsorted(ex, nodes[n]).reshape(P, k)
-        try:
-            res = cpsat.solve_fixed_counts(
-                w[l, ex], cnt_l[ex], P, local, lower_bound[l],
-                time_limit=(layer_budget / 4) if deterministic else share,
-                relative_gap=tol, seed=seed, workers=workers, deterministic=deterministic,
-                forbid_duplicates=not allow_duplicates,
-            )
-        except Exception as exc:  # noqa: BLE001 - a solver failure keeps the plan
-            _failed(events, f"layer {ids[l]} node {n}: CP-SAT (fixed counts)", exc)
-            continue
-        if res.bound is not None:
-            conditional[l] = max(res.bound, lower_bound[l])
-        if res.placement is not None:
-            new_loads = (w[l, ex] / cnt_l[ex])[res.placement].sum(axis=1)
-            if new_loads.max() < node_loads[n].max() * (1 - 1e-12):
-                p[l, n * (R // N) : (n + 1) * (R // N)] = ex[res.placement].ravel()
-    loads, cnt, per, todo = refresh(p)
-    if not todo or out_of_time():
-        return ExactOutcome(p, attempted, proven, events, conditional)
-
-    iters_per_layer = max(2, int(10 * layer_budget)) if deterministic else None
-    nb_time = NEIGHBOURHOOD_TIME
-
-    def work(l: int) -> tuple[int, np.ndarray, list[str]]:
-        # A crash in one layer's search (even a worker thread told to exit) keeps that
-        # layer's plan and loses no other work; only an interrupt goes through.
-        try:
-            with logging_statuses(log):
-                return _work(l)
-        except KeyboardInterrupt:
-            raise
-        except BaseException as exc:  # noqa: BLE001
-            msg = f"layer {ids[l]}: CP-SAT search worker died ({type(exc).__name__}: {exc}); kept the plan"
-            warnings.warn(msg, RuntimeWarning, stacklevel=2)
-            return l, p[l].copy(), [msg]
-
-    def _work(l: int) -> tuple[int, np.ndarray, list[str]]:
-        notes: list[str] = []
-        rng = np.random.default_rng([seed, int(ids[l])])
-        sl = p[l].reshape(N, P, k).copy()
-        v = per[l][sl]                                           # [N, P, k]
-        fails = 0
-        it = 0
-        while True:
-            if box.stop.is_set():
-                break
-            if deterministic:
-                if it >= iters_per_layer:
-                    break
-            elif deadline - time.perf_counter() < MIN_SOLVE:
-                notes.append(f"layer {ids[l]}: {_TIMED_OUT}")
-                break
-            it += 1
-            node_loads = v.sum(axis=2)
-            n = int(np.unravel_index(node_loads.argmax(), node_loads.shape)[0])
-            top = node_loads[n].max()
-            if top <= lower_bound[l] * (1 + tol):
-                break
-            m = min(P, 3 + min(fails // 4, 3))                    # grow after failures
-            h = int(node_loads[n].argmax())
-            order = np.argsort(node_loads[n])
-            others = [g for g in order[: max(1, (m - 1) // 2)] if g != h]
-            rest = [g for g in range(P) if g != h and g not in others]
-            others += list(rng.choice(rest, size=min(m - 1 - len(others), len(rest)), replace=False))
-            gpus = [h] + [int(g) for g in others]
-            items_e = sl[n, gpus]                                # [m, k] expert ids
-            sc = cpsat.scale_loads(w[l][items_e], cnt[l][items_e], k)
-            upper = int(sc.ints.sum(axis=1).max())
-            try:
-                limit = nb_time if deterministic else min(nb_time, deadline - time.perf_counter())
-                new = cpsat.solve_neighbourhood(
-                    sc.ints, items_e, upper, limit, seed=seed + it,
-                    deterministic=deterministic, forbid_duplicates=True,
-                )
-            except Exception as exc:  # noqa: BLE001 - a solver failure keeps the plan
-                notes.append(f"layer {ids[l]} node {n}: CP-SAT failed ({type(exc).__name__}: {exc}); kept the plan")
-                break
-            if new is None:
-                fails += 1
-                if fails >= 24:
-                    break
-                continue
-            flat_e = items_e.ravel()[new]                        # [m, k]
-            new_loads = (w[l][flat_e] / cnt[l][flat_e]).sum(axis=1)
-            if new_loads.max() < node_loads[n, gpus].max() * (1 - 1e-12):
-                sl[n, gpus] = flat_e
-                v[n, gpus] = w[l][flat_e] / cnt[l][flat_e]
-                fails = 0
-            else:
-                fails += 1
-        return l, sl.reshape(R), notes
-
-    timed_out: list[int] = []
-    pool = ThreadPoolExecutor(max_workers=workers)
-    try:
-        for l, new_row, notes in pool.map(work, todo):
-            p[l] = new_row
-            for note in notes:
-                if note.endswith(_TIMED_OUT):
-                    timed_out.append(int(ids[l]))
-                else:
-                    events.append(note)
-    finally:
-        # On an interrupt, running searches stop after their current neighbourhood
-        # (at most NEIGHBOURHOOD_TIME) and queued layers never start.
-        box.stop.set()
-        pool.shutdown(wait=True, cancel_futures=True)
-    if timed_out:
-        shown = ", ".join(str(x) for x in sorted(timed_out)[:12]) + (", ..." if len(timed_out) > 12 else "")
-        events.append(f"CP-SAT search timed out on {len(timed_out)} layer(s) (kept the best plan found): "
-                      f"layers {shown}")
-    return ExactOutcome(p, attempted, proven, events, conditional)
-
-
-def _count_moves(
-    w: np.ndarray,
-    p: np.ndarray,
-    layers: list[int],
-    *,
-    G: int,
-    N: int,
-    lower_bound: np.ndarray,
-    tol: float,
-    deadline: float,
-    deterministic: bool,
-    max_steps: int,
-    allow_duplicates: bool,
-    singles: int = 4,
-    work: float | None = None,
-    box: "_Partial | None" = None,
-) -> tuple[np.ndarray, int]:
-    """Improve stuck layers by moving one replica between experts of the node that sets
-    the layer's maximum (see :func:`refine`); returns ``(phy2log, layers changed)``."""
-    L, E = w.shape
-    R = p.shape[1]
-    P, k = G // N, R // G
-    rn = R // N
-    p = p.copy()
-    if box is not None:
-        box.p = p
-    changed = 0
-    # Deterministic budget: `work` candidate-items per layer (never shared, so a layer's
-    # result does not depend on the others); every layer gets at least one step.
-    for i, l in enumerate(layers):
-        improved_layer = False
-        allowance = work
-        # This layer's share of the time left.
-        layer_end = time.perf_counter() + max(0.0, deadline - time.perf_counter()) / (len(layers) - i)
-        last = 0.0
-        rate = SECONDS_PER_CANDIDATE_ITEM          # raised to the measured rate after a step
-        for _ in range(max_steps):
-            # Do not start a step the previous one says would end after the deadline.
-            if not deterministic and time.perf_counter() + last >= min(layer_end + last / 2, deadline):
-                break
-            if allowance is not None and allowance <= 0:
-                break
-            t_step = time.perf_counter()
-            nodes = p[l].reshape(N, rn)
-            cnt = np.bincount(p[l], minlength=E)
-            node_loads = (w[l] / np.maximum(cnt, 1))[nodes].reshape(N, P, k).sum(axis=2)
-            n = int(node_loads.max(axis=1).argmax())
-            current = node_loads[n].max()
-            if current <= lower_bound[l] * (1 + tol):
-                break
-            # A node's own experts (every one has a replica there).
-            ex = np.unique(nodes[n])
-            wr, cr = w[l, ex], cnt[ex]
-            multi = np.flatnonzero(cr >= 2)
-            if multi.size == 0:
-                break
-            cap = P if not allow_duplicates else max(P, -(-rn // ex.size))
-            heavy_single = np.flatnonzero(cr == 1)
-            heavy_single = heavy_single[np.argsort(-wr[heavy_single])[:singles]]
-            recv = np.concatenate([multi, heavy_single])
-            d, r = np.meshgrid(multi, recv, indexing="ij")
-            keep = (d != r) & (cr[r] < cap)
-            d, r = d[keep], r[keep]
-            cand = np.repeat(cr[None, :], d.size, axis=0)
-            cand[np.arange(d.size), d] -= 1
-            cand[np.arange(d.size), r] += 1
-            # Bigger moves: an expert with several replicas gives t of them (t = 2..4)
-            # to the experts the greedy rule would pick, or takes t from those it would
-            # give up first; a count's granularity can need a jump to clear a layer.
-            cand = np.concatenate([cand, _jumps(wr, cr, multi, cap, max_jump=4)], axis=0)
-            if cand.shape[0] == 0:
-                break
-            # Only as many candidates as the work allowance (deterministic) or the
-            # time left (wall clock, at SECONDS_PER_CANDIDATE_ITEM) pays for, those
-            # whose heaviest replica is lightest first.  Wall clock: stop when not even
-            # one fits; a step's cost grows with its candidates, so this bounds it.
-            if allowance is not None:
-                fit = max(1, int(allowance // rn))
-            else:
-                # Half the room, at the larger of the calibrated and the measured rate:
-                # sized to the whole room at the calibrated rate, a step overran the
-                # deadline by 0.1-0.3 s on a loaded machine (issue 12's deadline study).
-                room = min(layer_end, deadline) - time.perf_counter()
-                fit = int(0.5 * room / (rate * rn))
-                if fit < 1:
-                    break
-            if cand.shape[0] > fit:
-                heaviest = (wr[None, :] / cand).max(axis=1)
-                cand = cand[np.argsort(heaviest, kind="stable")[:fit]]
-            if allowance is not None:
-                allowance -= cand.shape[0] * rn
-            d = np.arange(cand.shape[0])  # candidate index (sizes below)
-            wrow = np.repeat(wr[None, :], d.size, axis=0)
-            lb_row = np.full(d.size, lower_bound[l])
-            local = pack_rows(wrow, cand, P, refine_rounds=8, allow_duplicates=allow_duplicates, target=lb_row)
-            vals = (wrow / cand)[np.arange(d.size)[:, None, None], local]
-            lay, _ = resplit_rounds(
-                vals.reshape(d.size, -1), local.reshape(d.size, -1),
-                np.broadcast_to(np.arange(P * k).reshape(1, P, k), (d.size, P, k)),
-                target=lb_row, max_rounds=20 if deterministic else 60, partners=min(P - 1, 8),
-                deadline=None if deterministic else layer_end,
-            )
-            flat = np.take_along_axis(local.reshape(d.size, -1), lay.reshape(d.size, -1), axis=1)
-            tops = (wrow / cand)[np.arange(d.size)[:, None], flat].reshape(d.size, P, k).sum(axis=2).max(axis=1)
-            best = int(tops.argmin())
-            last = time.perf_counter() - t_step
-            rate = max(rate, last / (cand.shape[0] * rn))
-            if tops[best] >= current * (1 - 1e-12):
-                break
-            p[l, n * rn : (n + 1) * rn] = ex[flat[best]]
-            improved_layer = True
-            last = time.perf_counter() - t_step
-        changed += improved_layer
-    return p, changed

@@ -37,6 +37,9 @@ def _weights() -> dict[str, tuple[np.ndarray, dict[str, int]]]:
     rng = np.random.default_rng(11)
     small = rng.integers(0, 10_000, size=(3, 5, 16)).astype(np.float64)
     out["small"] = (small, dict(num_replicas=24, num_groups=4, num_nodes=2, num_gpus=4))
+    # 16 groups on 4 nodes: too many partitions to enumerate (exact mode's CP-SAT group step).
+    many = rng.gamma(0.7, 1000.0, size=(3, 4, 64)).round()
+    out["groups16"] = (many, dict(num_replicas=80, num_groups=16, num_nodes=4, num_gpus=16))
     return out
 
 
@@ -57,7 +60,7 @@ def _cases() -> dict[str, Callable[[], Any]]:
         for policy in ("auto", "global"):
             add(f"{wl}/heuristic/{policy}", wl, policy=policy)
         add(f"{wl}/exact/det", wl, mode="exact", deterministic=True, time_limit=0.3)
-    for wl in ("deepseek-v3-prefill", "small", "deepseek-v2-lite"):
+    for wl in ("deepseek-v3-prefill", "small", "deepseek-v2-lite", "groups16"):
         add(f"{wl}/heuristic/hierarchical", wl, policy="hierarchical")
         add(f"{wl}/heuristic/spill", wl, policy="spill")
         add(f"{wl}/heuristic/spill-0.25", wl, policy="spill", cross_node_cost=0.25)
