@@ -102,8 +102,42 @@ def should_rebalance(
     """
     from .api import solve
     from .metrics import balancedness, gpu_loads
-    from .plan import Plan
     from .problem import as_weight
+
+    p2l, topo = _deployed(current_plan, num_gpus, num_groups, num_nodes, policy)
+    use_model = _check_thresholds(min_gain, min_gain_per_move, step_time_s, horizon_steps, bytes_per_expert,
+                                  bandwidth_bytes_per_s)
+    w = as_weight(weight)
+    cand = solve(w, num_replicas=p2l.shape[1], **topo, mode=mode, time_limit=time_limit, previous=p2l,
+                 max_balance_loss=max_balance_loss, node_move_cost=node_move_cost,
+                 bytes_per_expert=bytes_per_expert)
+    cur = gpu_loads(w, p2l, topo["num_gpus"])                           # [L, G]
+    cur_sum, new_sum = float(cur.max(axis=1).sum()), float(cand.max_load.sum())
+    gain = 0.0 if cur_sum <= 0 else max(0.0, 1.0 - new_sum / cur_sum)
+    moves = int(cand.moves.sum())
+    nbytes = cand.migration.bytes
+    saved = copy = None
+    if use_model:
+        saved = gain * _positive("step_time_s", step_time_s) * _positive("horizon_steps", horizon_steps)
+        copy = nbytes / _positive("bandwidth_bytes_per_s", bandwidth_bytes_per_s)
+        worth = saved > copy
+        reason = (f"saves {saved:.3g} s over {horizon_steps} steps against {copy:.3g} s of copies"
+                  + ("" if worth else ": not worth it"))
+    else:
+        worth, reason = _threshold_rule(gain, moves, min_gain, min_gain_per_move)
+    return RebalanceDecision(
+        worth=bool(worth), gain=gain, current_balancedness=balancedness(cur), new_balancedness=cand.balancedness,
+        moves=moves, bytes=nbytes, saved_s=saved, copy_s=copy, reason=reason, candidate=cand,
+    )
+
+
+def _deployed(current_plan: Any, num_gpus: int | None, num_groups: int | None, num_nodes: int | None,
+              policy: str | None) -> tuple[np.ndarray, dict[str, Any]]:
+    """``(phy2log [L, R], topology)``: the deployed placement as an array and the keyword
+    arguments ``num_gpus``, ``num_groups``, ``num_nodes``, ``policy`` of
+    :func:`eplb_opt.solve`, each the given one, else the plan's recorded one, else the
+    default (``num_gpus`` has none)."""
+    from .plan import Plan
 
     params: dict[str, Any] = {}
     if isinstance(current_plan, Plan):
@@ -124,9 +158,16 @@ def should_rebalance(
     groups = num_groups if num_groups is not None else params.get("num_groups", 1)
     nodes = num_nodes if num_nodes is not None else params.get("num_nodes", 1)
     pol = policy if policy is not None else params.get("policy", "auto")
-    R = p2l.shape[1] if p2l.ndim == 2 else None
-    if R is None:
+    if p2l.ndim != 2:
         raise InvalidProblemError(f"current_plan must be [L, R], got shape {tuple(p2l.shape)}")
+    return p2l, {"num_groups": groups, "num_nodes": nodes, "num_gpus": G, "policy": pol}
+
+
+def _check_thresholds(min_gain: Any, min_gain_per_move: Any, step_time_s: Any, horizon_steps: Any,
+                      bytes_per_expert: Any, bandwidth_bytes_per_s: Any) -> bool:
+    """Check the threshold rule's numbers; True when the cost model is complete (all four
+    of its values given).  Raises when only some of them are (``bytes_per_expert`` alone
+    is fine: it also sizes the migration)."""
     _positive("min_gain", min_gain, allow_zero=True)
     _positive("min_gain_per_move", min_gain_per_move, allow_zero=True)
     model = [step_time_s, horizon_steps, bytes_per_expert, bandwidth_bytes_per_s]
@@ -134,29 +175,15 @@ def should_rebalance(
     if any(x is not None for x in model[:2] + model[3:]) and not use_model:
         raise InvalidProblemError("the cost model needs step_time_s, horizon_steps, bytes_per_expert and "
                                   "bandwidth_bytes_per_s together")
-    w = as_weight(weight)
-    cand = solve(w, num_replicas=R, num_groups=groups, num_nodes=nodes, num_gpus=G, policy=pol, mode=mode,
-                 time_limit=time_limit, previous=p2l, max_balance_loss=max_balance_loss,
-                 node_move_cost=node_move_cost, bytes_per_expert=bytes_per_expert)
-    cur = gpu_loads(w, p2l, G)
-    cur_sum, new_sum = float(cur.max(axis=1).sum()), float(cand.max_load.sum())
-    gain = 0.0 if cur_sum <= 0 else max(0.0, 1.0 - new_sum / cur_sum)
-    moves = int(cand.moves.sum())
-    nbytes = cand.migration.bytes
-    saved = copy = None
-    if use_model:
-        saved = gain * _positive("step_time_s", step_time_s) * _positive("horizon_steps", horizon_steps)
-        copy = nbytes / _positive("bandwidth_bytes_per_s", bandwidth_bytes_per_s)
-        worth = saved > copy
-        reason = (f"saves {saved:.3g} s over {horizon_steps} steps against {copy:.3g} s of copies"
-                  + ("" if worth else ": not worth it"))
-    else:
-        per_move = gain / moves if moves else float("inf")
-        worth = gain >= min_gain and per_move >= min_gain_per_move and gain > 0
-        reason = (f"gain {gain:.2%} with {moves} replica moves; "
-                  + ("worth it" if worth else f"below min_gain {min_gain:.2%}" if gain < min_gain
-                     else "gain per move below min_gain_per_move" if per_move < min_gain_per_move else "no gain"))
-    return RebalanceDecision(
-        worth=bool(worth), gain=gain, current_balancedness=balancedness(cur), new_balancedness=cand.balancedness,
-        moves=moves, bytes=nbytes, saved_s=saved, copy_s=copy, reason=reason, candidate=cand,
-    )
+    return use_model
+
+
+def _threshold_rule(gain: float, moves: int, min_gain: float, min_gain_per_move: float) -> tuple[bool, str]:
+    """``(worth, reason)`` without the cost model: ``gain >= min_gain`` and a gain per copied
+    replica of at least ``min_gain_per_move``."""
+    per_move = gain / moves if moves else float("inf")
+    worth = gain >= min_gain and per_move >= min_gain_per_move and gain > 0
+    reason = (f"gain {gain:.2%} with {moves} replica moves; "
+              + ("worth it" if worth else f"below min_gain {min_gain:.2%}" if gain < min_gain
+                 else "gain per move below min_gain_per_move" if per_move < min_gain_per_move else "no gain"))
+    return worth, reason
