@@ -299,6 +299,45 @@ def _undo_moves(st: _Layer, T: float, partners_of, max_steps: int, deadline: flo
             return
 
 
+@dataclass
+class _Replan:
+    """What :func:`replan` settles per layer as its steps run (arrays updated in place).
+
+    Attributes:
+        w: ``[L, E]`` loads, scaled per layer by a power of two (no decision changes).
+        old: ``[L, R]`` the deployed placement.
+        out: ``[L, R]`` the chosen plan so far (starts as the relabelled replan).
+        moves, cost: ``[L]`` its moves and move cost against ``old``.
+        cap: ``[L]`` every layer's max-load cap (scaled units).
+        source: per layer ``"replan"``, ``"old"``, ``"repair"`` or ``"exact"``.
+    """
+
+    w: np.ndarray
+    old: np.ndarray
+    out: np.ndarray
+    moves: np.ndarray
+    cost: np.ndarray
+    cap: np.ndarray
+    source: list[str]
+    G: int
+    N: int
+    hierarchical: bool
+    num_groups: int
+    node_move_cost: float
+    allow_duplicates: bool
+    events: list[str]
+
+    @property
+    def P(self) -> int:
+        return self.G // self.N
+
+    def take(self, l: int, row: np.ndarray, moves: int, cost: float, source: str) -> None:
+        """Layer ``l``'s plan becomes ``row``, each GPU's kept experts in their old slots."""
+        o = self.old[l].reshape(self.G, -1)
+        self.out[l] = np.concatenate([_keep_slots(row.reshape(self.G, -1)[g], o[g]) for g in range(self.G)])
+        self.moves[l], self.cost[l], self.source[l] = moves, cost, source
+
+
 def replan(
     weight: np.ndarray,
     old: np.ndarray,
@@ -346,165 +385,219 @@ def replan(
     # Per-layer power-of-two scaling changes no decision (every test compares loads of
     # one layer) and keeps the cost ratios of huge loads finite.
     w = unit_scale(np.asarray(weight, dtype=np.float64))
-    L, E = w.shape
-    R = old.shape[1]
     G, N = num_gpus, num_nodes
-    P = G // N
     aligned = align_to_previous(fresh, old, G, N)
     base_moves, base_cost = move_counts(old, aligned, G, N, node_move_cost)
-    fresh_top = gpu_loads(w, fresh, G).max(axis=1)
-    cap = fresh_top * (1.0 + max_balance_loss)
-    out = aligned.copy()
-    moves, cost = base_moves.copy(), base_cost.copy()
-    source = ["replan"] * L
-    events: list[str] = []
+    st = _Replan(
+        w=w, old=old, out=aligned.copy(), moves=base_moves.copy(), cost=base_cost.copy(),
+        cap=gpu_loads(w, fresh, G).max(axis=1) * (1.0 + max_balance_loss), source=["replan"] * w.shape[0],
+        G=G, N=N, hierarchical=hierarchical, num_groups=num_groups, node_move_cost=node_move_cost,
+        allow_duplicates=allow_duplicates, events=[],
+    )
+    _repair_layers(st, deadline)
+    if exact:
+        _exact_blocks(st, deadline=exact_deadline, budget=exact_budget, deterministic=deterministic, seed=seed,
+                      workers=workers)
+    fresh_loads = gpu_loads(np.asarray(weight, dtype=np.float64), fresh, G)
+    migration = Migration(
+        moves=st.moves, cost=st.cost, transfers=transfer_list(old, st.out, G, N),
+        bytes=None if bytes_per_expert is None else int(st.moves.sum()) * bytes_per_expert,
+        baseline_moves=base_moves, baseline_cost=base_cost, baseline_balancedness=balancedness(fresh_loads),
+        cap=fresh_loads.max(axis=1) * (1.0 + max_balance_loss), source=tuple(st.source), baseline_phy2log=aligned,
+    )
+    return st.out, migration, st.events
+
+
+def _repair_layers(st: _Replan, deadline: float | None) -> None:
+    """Per layer, the cheapest repair under the cap from each start
+    (:func:`_starts`), where cheaper than the relabelled replan; layers not reached by
+    ``deadline`` keep the replan (an event counts them)."""
+    L, E = st.w.shape
+    R = st.old.shape[1]
     late = 0
     for l in range(L):
         if deadline is not None and time.perf_counter() >= deadline:
             late += 1
             continue
-        O = _gpu_counts(old[l], G, E)
-        cin = _arrival_cost(O, N, node_move_cost)
-        starts = []
-        if not hierarchical:
-            starts.append(old[l])
-        else:
-            gs = E // num_groups
-            old_node = _node_of_group(old[l], G, N, num_groups, gs)
-            if old_node is not None:
-                starts.append(old[l])
-                # Partitions a few group swaps away from the old one, where the old one
-                # cannot meet the cap (its heaviest node is above it on average).
-                gl = w[l].reshape(num_groups, gs).sum(axis=1)
-                for node in _nearby_partitions(gl, old_node, N, P, cap[l]):
-                    alt = place(w[l:l + 1], R, num_groups, N, G, node_of_group=node[None, :],
-                                allow_duplicates=allow_duplicates).phy2log
-                    alt = align_to_previous(alt, old[l:l + 1], G, N)[0]
-                    # Nodes that kept their groups start from their old content.
-                    rn = R // N
-                    for n in range(N):
-                        if set(np.flatnonzero(node == n)) == set(np.flatnonzero(old_node == n)):
-                            alt[n * rn:(n + 1) * rn] = old[l, n * rn:(n + 1) * rn]
-                    starts.append(alt)
-        for i, start in enumerate(starts):
+        O = _gpu_counts(st.old[l], st.G, E)
+        cin = _arrival_cost(O, st.N, st.node_move_cost)
+        for i, start in enumerate(_starts(st, l)):
             if i and deadline is not None and time.perf_counter() >= deadline:
                 break
-            got = _attempt(w[l], start, O, cin, cap[l], G, N, hierarchical, allow_duplicates, R, deadline)
+            got = _attempt(st.w[l], start, O, cin, st.cap[l], st.G, st.N, st.hierarchical, st.allow_duplicates,
+                           R, deadline)
             if got is None:
                 continue
             c, row, m = got
-            if c < cost[l] or (c == cost[l] and source[l] == "replan"):
-                o = old[l].reshape(G, -1)
-                out[l] = np.concatenate([_keep_slots(row.reshape(G, -1)[g], o[g]) for g in range(G)])
-                moves[l], cost[l] = m, c
-                source[l] = "old" if m == 0 else "repair"
+            if c < st.cost[l] or (c == st.cost[l] and st.source[l] == "replan"):
+                st.take(l, row, m, c, "old" if m == 0 else "repair")
     if late:
-        events.append(f"migration: time ran out before {late} layer(s) were repaired (relabelled replan kept)")
-    if exact:
-        _exact_blocks(w, old, out, moves, cost, cap, source, events, G=G, N=N, hierarchical=hierarchical,
-                      node_move_cost=node_move_cost, allow_duplicates=allow_duplicates,
-                      deadline=exact_deadline, budget=exact_budget, deterministic=deterministic,
-                      seed=seed, workers=workers)
-    fresh_loads = gpu_loads(np.asarray(weight, dtype=np.float64), fresh, G)
-    migration = Migration(
-        moves=moves, cost=cost, transfers=transfer_list(old, out, G, N),
-        bytes=None if bytes_per_expert is None else int(moves.sum()) * bytes_per_expert,
-        baseline_moves=base_moves, baseline_cost=base_cost, baseline_balancedness=balancedness(fresh_loads),
-        cap=fresh_loads.max(axis=1) * (1.0 + max_balance_loss), source=tuple(source), baseline_phy2log=aligned,
-    )
-    return out, migration, events
+        st.events.append(f"migration: time ran out before {late} layer(s) were repaired (relabelled replan kept)")
 
 
-def _exact_blocks(w, old, out, moves, cost, cap, source, events, *, G, N, hierarchical, node_move_cost,
-                  allow_duplicates, deadline, budget, deterministic, seed, workers) -> None:
-    """CP-SAT per node (see :func:`replan`), costliest layers first; updates in place."""
-    if not deterministic and deadline is not None:
-        left = deadline - time.perf_counter()
-        if left <= 0.01:
-            events.append("migration: no time left for the CP-SAT move model")
-            return
-        if not ortools_ready() and left < IMPORT_SECONDS:
-            events.append("migration: CP-SAT move model skipped: loading OR-Tools (about 0.5 s, once per "
-                          "process) would overrun the deadline; call eplb_opt.warm_up() at start-up")
-            return
+def _starts(st: _Replan, l: int) -> list[np.ndarray]:
+    """``[R]`` placements the repair of layer ``l`` starts from: the old one (global
+    policy, or hierarchical where it holds whole groups per node) and, hierarchical,
+    partitions a few group swaps away where the old one cannot meet the cap (its
+    heaviest node is above it on average), nodes that kept their groups keeping their
+    old content."""
+    old = st.old
+    if not st.hierarchical:
+        return [old[l]]
+    R, E = old.shape[1], st.w.shape[1]
+    gs = E // st.num_groups
+    old_node = _node_of_group(old[l], st.G, st.N, st.num_groups, gs)
+    if old_node is None:
+        return []
+    starts = [old[l]]
+    gl = st.w[l].reshape(st.num_groups, gs).sum(axis=1)
+    rn = R // st.N
+    for node in _nearby_partitions(gl, old_node, st.N, st.P, st.cap[l]):
+        alt = place(st.w[l:l + 1], R, st.num_groups, st.N, st.G, node_of_group=node[None, :],
+                    allow_duplicates=st.allow_duplicates).phy2log
+        alt = align_to_previous(alt, old[l:l + 1], st.G, st.N)[0]
+        for n in range(st.N):
+            if set(np.flatnonzero(node == n)) == set(np.flatnonzero(old_node == n)):
+                alt[n * rn:(n + 1) * rn] = old[l, n * rn:(n + 1) * rn]
+        starts.append(alt)
+    return starts
+
+
+def _cpsat_time(st: _Replan, deadline: float | None, deterministic: bool) -> bool:
+    """Whether the CP-SAT move model may start (events say why not)."""
+    if deterministic or deadline is None:
+        return True
+    left = deadline - time.perf_counter()
+    if left <= 0.01:
+        st.events.append("migration: no time left for the CP-SAT move model")
+        return False
+    if not ortools_ready() and left < IMPORT_SECONDS:
+        st.events.append("migration: CP-SAT move model skipped: loading OR-Tools (about 0.5 s, once per "
+                         "process) would overrun the deadline; call eplb_opt.warm_up() at start-up")
+        return False
+    return True
+
+
+def _exact_blocks(st: _Replan, *, deadline: float | None, budget: float, deterministic: bool, seed: int,
+                  workers: int) -> None:
+    """CP-SAT per node (see :func:`replan`), costliest layers first: a node's content is
+    replaced where the model finds it cheaper and the whole layer stays under its cap."""
+    if not _cpsat_time(st, deadline, deterministic):
+        return
     from . import cpsat
 
-    L, E = w.shape
-    R = out.shape[1]
-    P, k = G // N, R // G
-    todo = [int(l) for l in np.argsort(-cost) if cost[l] > 0]
+    todo = [int(l) for l in np.argsort(-st.cost) if st.cost[l] > 0]
     improved = solved = failed = 0
-    blocks = [(l, n) for l in todo for n in range(N)]
+    blocks = [(l, n) for l in todo for n in range(st.N)]
     for bi, (l, n) in enumerate(blocks):
         left = (deadline - time.perf_counter()) if deadline is not None else 1.0
         if not deterministic and left <= 0.01:
-            events.append(f"migration: CP-SAT time ran out with {len(blocks) - bi} node block(s) left")
+            st.events.append(f"migration: CP-SAT time ran out with {len(blocks) - bi} node block(s) left")
             break
-        O = _gpu_counts(old[l], G, E)
-        cin = _arrival_cost(O, N, node_move_cost)
-        row = out[l]
-        M = _gpu_counts(row, G, E)
-        gs = slice(n * P, (n + 1) * P)
-        cur_cost = float((M[gs] * (O[gs] == 0) * cin[gs]).sum())
-        if cur_cost <= 0:
+        model = _block_model(st, l, n)
+        if model is None:
             continue
-        c_now = M.sum(axis=0)
-        X = np.flatnonzero(M[gs].sum(axis=0) > 0)
-        hint = M[gs][:, X].T                                       # [n, P]
-        options = []
-        for e in X:
-            in_block = int(M[gs, e].sum())
-            if hierarchical:
-                c_old = int(O[:, e].sum())
-                menu = sorted({t for t in (in_block - 1, in_block, in_block + 1, c_old) if 1 <= t <= P * k})
-                if not allow_duplicates:
-                    menu = [t for t in menu if t <= P]
-                options.append([(t, float(w[l, e]) / t) for t in menu])
-            else:
-                options.append([(in_block, float(w[l, e]) / c_now[e])])
-        arrival = (cin[gs][:, X] * (O[gs][:, X] == 0)).T          # [n, P]
         if deterministic:
             share = max(0.01, budget / max(1, len(blocks)))
         else:
             share = max(0.01, left / max(1, len(blocks) - bi))
         try:
-            res = cpsat.solve_min_moves(options, arrival, float(cap[l]), k, hint, share,
-                                        max_per_gpu=None if allow_duplicates else 1, seed=seed, workers=workers,
+            res = cpsat.solve_min_moves(model.options, model.arrival, float(st.cap[l]), model.k, model.hint, share,
+                                        max_per_gpu=None if st.allow_duplicates else 1, seed=seed, workers=workers,
                                         deterministic=deterministic)
         except Exception as exc:  # noqa: BLE001 - a solver failure keeps the heuristic answer
             failed += 1
-            events.append(f"layer {l} node {n}: CP-SAT move model failed ({type(exc).__name__}: {exc}); kept the repair")
+            st.events.append(f"layer {l} node {n}: CP-SAT move model failed ({type(exc).__name__}: {exc}); "
+                             "kept the repair")
             continue
         solved += 1
-        if res.x is None:
-            continue
-        # Read out and check in float64 before accepting.
-        cnt = c_now.copy()
-        if hierarchical:
-            cnt[X] = res.x.sum(axis=1)
-        per = w[l] / np.maximum(cnt, 1)
-        loads = (res.x * per[X][:, None]).sum(axis=0)
-        new_cost = float((res.x.T * (O[gs][:, X] == 0) * cin[gs][:, X]).sum())
-        if (loads > cap[l] * (1 + 1e-12)).any() or (res.x.sum(axis=0) != k).any() or new_cost >= cur_cost - 1e-9:
-            continue
-        new_row = row.copy()
-        o = old[l].reshape(G, k)
-        for j, g in enumerate(range(n * P, (n + 1) * P)):
-            content = np.repeat(X, res.x[:, j])
-            new_row[g * k:(g + 1) * k] = _keep_slots(content, o[g])
-        # Other blocks are untouched; the whole layer stays within the cap.
-        full = gpu_loads(w[l:l + 1], new_row[None], G).max()
-        if full > cap[l] * (1 + 1e-12):
-            continue
-        out[l] = new_row
-        Mn = _gpu_counts(new_row, G, E)
-        moves[l] = int((Mn * (O == 0)).sum())
-        cost[l] = float((Mn * (O == 0) * cin).sum())
-        source[l] = "exact"
-        improved += 1
+        if res.x is not None:
+            improved += _take_block(st, l, n, model, res.x)
     if solved or failed:
-        events.append(f"migration: CP-SAT move model on {solved} node block(s), cheaper on {improved}"
-                      + (f", failed on {failed}" if failed else ""))
+        st.events.append(f"migration: CP-SAT move model on {solved} node block(s), cheaper on {improved}"
+                         + (f", failed on {failed}" if failed else ""))
+
+
+@dataclass
+class _Block:
+    """The move model of one node of one layer.
+
+    Attributes:
+        X: ``[n]`` the experts the node holds now.
+        options: per expert of ``X``, ``(count, per-replica load)`` choices.
+        arrival: ``[n, P]`` cost of a replica arriving on each GPU of the node.
+        hint: ``[n, P]`` the replicas per GPU now.
+        O: ``[G, E]`` old replica counts; cin: ``[G, E]`` arrival costs.
+        c_now: ``[E]`` replica counts now; cur_cost: the node's move cost now.
+    """
+
+    X: np.ndarray
+    options: list
+    arrival: np.ndarray
+    hint: np.ndarray
+    O: np.ndarray
+    cin: np.ndarray
+    c_now: np.ndarray
+    cur_cost: float
+    k: int
+
+
+def _block_model(st: _Replan, l: int, n: int) -> _Block | None:
+    """The data of node ``n``'s move model in layer ``l``, or None where the node
+    already costs nothing."""
+    E = st.w.shape[1]
+    G, P = st.G, st.P
+    k = st.out.shape[1] // G
+    O = _gpu_counts(st.old[l], G, E)
+    cin = _arrival_cost(O, st.N, st.node_move_cost)
+    M = _gpu_counts(st.out[l], G, E)
+    gs = slice(n * P, (n + 1) * P)
+    cur_cost = float((M[gs] * (O[gs] == 0) * cin[gs]).sum())
+    if cur_cost <= 0:
+        return None
+    c_now = M.sum(axis=0)
+    X = np.flatnonzero(M[gs].sum(axis=0) > 0)
+    options = []
+    for e in X:
+        in_block = int(M[gs, e].sum())
+        if st.hierarchical:
+            c_old = int(O[:, e].sum())
+            menu = sorted({t for t in (in_block - 1, in_block, in_block + 1, c_old) if 1 <= t <= P * k})
+            if not st.allow_duplicates:
+                menu = [t for t in menu if t <= P]
+            options.append([(t, float(st.w[l, e]) / t) for t in menu])
+        else:
+            options.append([(in_block, float(st.w[l, e]) / c_now[e])])
+    arrival = (cin[gs][:, X] * (O[gs][:, X] == 0)).T          # [n, P]
+    return _Block(X, options, arrival, M[gs][:, X].T, O, cin, c_now, cur_cost, k)
+
+
+def _take_block(st: _Replan, l: int, n: int, b: _Block, x: np.ndarray) -> bool:
+    """Replace node ``n`` of layer ``l`` by the model's answer ``x`` ``[n, P]`` when, read
+    out and checked in float64, it is cheaper and keeps the whole layer under its cap."""
+    G, P, k = st.G, st.P, b.k
+    gs = slice(n * P, (n + 1) * P)
+    cnt = b.c_now.copy()
+    if st.hierarchical:
+        cnt[b.X] = x.sum(axis=1)
+    per = st.w[l] / np.maximum(cnt, 1)
+    loads = (x * per[b.X][:, None]).sum(axis=0)
+    new_cost = float((x.T * (b.O[gs][:, b.X] == 0) * b.cin[gs][:, b.X]).sum())
+    if (loads > st.cap[l] * (1 + 1e-12)).any() or (x.sum(axis=0) != k).any() or new_cost >= b.cur_cost - 1e-9:
+        return False
+    new_row = st.out[l].copy()
+    o = st.old[l].reshape(G, k)
+    for j, g in enumerate(range(n * P, (n + 1) * P)):
+        new_row[g * k:(g + 1) * k] = _keep_slots(np.repeat(b.X, x[:, j]), o[g])
+    # Other blocks are untouched; the whole layer stays within the cap.
+    if gpu_loads(st.w[l:l + 1], new_row[None], G).max() > st.cap[l] * (1 + 1e-12):
+        return False
+    st.out[l] = new_row
+    Mn = _gpu_counts(new_row, G, st.w.shape[1])
+    st.moves[l] = int((Mn * (b.O == 0)).sum())
+    st.cost[l] = float((Mn * (b.O == 0) * b.cin).sum())
+    st.source[l] = "exact"
+    return True
 
 
 def _attempt(w, start, O, cin, T, G, N, hierarchical, allow_duplicates, R, deadline=None):
