@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from .metrics import gap as certified_gap
+
 from .errors import ExecutorError, InvalidProblemError
 
 # Seconds kept back from a non-deterministic chunk's budget for shipping its result home.
@@ -123,28 +125,16 @@ def refine(
     the chunk size.  A failed or late task keeps the heuristic plan on its layers and
     says so.
     """
-    from .exact import ExactOutcome, RefineInterrupted, _gpu_loads
+    from .exact import ExactOutcome
 
     w = np.asarray(weight, dtype=np.float64)
     p = np.array(phy2log, dtype=np.int64, copy=True)
     L = w.shape[0]
-    G = kw["num_gpus"]
     stats = DistributedStats()
-    events: list[str] = []
-    attempted = np.zeros(L, dtype=bool)
-    proven = np.full(L, np.nan)
-    conditional = np.full(L, np.nan)
-
-    top = _gpu_loads(w, p, G).max(axis=1)
-    gap = np.where(top > 0, 1 - lower_bound / np.where(top > 0, top, 1), 0.0)
-    open_layers = np.flatnonzero(gap > tolerance)
-    if L - open_layers.size:
-        events.append(
-            f"solver skipped on {L - open_layers.size} layer(s): certified gap already within tolerance {tolerance:g}"
-        )
+    out = ExactOutcome(p, np.zeros(L, dtype=bool), np.full(L, np.nan), [], np.full(L, np.nan))
+    open_layers = _open_layers(w, p, lower_bound, tolerance, kw["num_gpus"], out.events)
     if open_layers.size == 0:
-        return ExactOutcome(p, attempted, proven, events, conditional), stats
-
+        return out, stats
     t_start = time.perf_counter()
     ray, stats.startup = connect(ray_address)
     stats.cluster_cpus = float(ray.cluster_resources().get("CPU", 1.0))
@@ -156,52 +146,72 @@ def refine(
     n_tasks = slots if layers_per_task is None else -(-open_layers.size // max(1, int(layers_per_task)))
     chunks = np.array_split(open_layers, min(n_tasks, open_layers.size))
     left = seconds - (time.perf_counter() - t_start)
-    task_seconds = max(0.0, left - RETURN_RESERVE)
     remote = ray.remote(num_cpus=workers, max_retries=0)(_refine_chunk)
     common = dict(kw, tolerance=tolerance, deterministic=deterministic, workers=workers, total_layers=L)
     submitted: dict[Any, tuple[np.ndarray, float]] = {}
     for c in chunks:
-        ref = remote.remote(w[c], p[c], lower_bound[c], c, task_seconds, common)
+        ref = remote.remote(w[c], p[c], lower_bound[c], c, max(0.0, left - RETURN_RESERVE), common)
         submitted[ref] = (c, time.perf_counter())
-
-    pending = list(submitted)
     wait_until = None if deterministic else time.perf_counter() + max(0.0, left) + WAIT_GRACE
+    _collect(ray, submitted, wait_until, out, stats)
+    out.events.append(
+        f"Ray: {len(stats.tasks)} of {len(chunks)} sub-problem(s) on {stats.cluster_cpus:g} CPU(s); "
+        f"median overhead {stats.median_overhead() * 1e3:.0f} ms per sub-problem"
+        + (f", {stats.startup:.1f} s to start Ray" if stats.startup > 0.05 else "")
+    )
+    return out, stats
+
+
+def _open_layers(w: np.ndarray, p: np.ndarray, lower_bound: np.ndarray, tolerance: float, G: int,
+                 events: list[str]) -> np.ndarray:
+    """Layers whose certified gap is above ``tolerance`` (an event counts the others)."""
+    from .exact import _gpu_loads
+
+    gap = certified_gap(lower_bound, _gpu_loads(w, p, G).max(axis=1))
+    open_layers = np.flatnonzero(gap > tolerance)
+    if w.shape[0] - open_layers.size:
+        events.append(f"solver skipped on {w.shape[0] - open_layers.size} layer(s): certified gap already within "
+                      f"tolerance {tolerance:g}")
+    return open_layers
+
+
+def _collect(ray: Any, submitted: dict[Any, tuple[np.ndarray, float]], wait_until: float | None, out: Any,
+             stats: DistributedStats) -> None:
+    """Merge the chunks' outcomes into ``out`` as they come back (until ``wait_until``);
+    a failed or late task keeps the heuristic plan on its layers and says so.  Ctrl-C
+    cancels what is still running and raises :class:`~eplb_opt.exact.RefineInterrupted`
+    with the chunks that came back."""
+    from .exact import RefineInterrupted
+
+    events = out.events
+    pending = list(submitted)
     while pending:
         timeout = None if wait_until is None else max(0.0, wait_until - time.perf_counter())
         try:
             done, pending = ray.wait(pending, num_returns=1, timeout=timeout)
         except KeyboardInterrupt:
-            # Ctrl-C: cancel what is still running; the chunks that came back are kept.
             for ref in pending:
                 ray.cancel(ref, force=True)
-            events.append(f"interrupted with {len(pending)} of {len(chunks)} Ray task(s) still running; "
+            events.append(f"interrupted with {len(pending)} of {len(submitted)} Ray task(s) still running; "
                           "those layers keep the heuristic plan")
-            raise RefineInterrupted(ExactOutcome(p, attempted, proven, events, conditional)) from None
+            raise RefineInterrupted(out) from None
         if not done:
             break
         for ref in done:
             c, t_sub = submitted[ref]
             try:
-                out, compute = ray.get(ref)
+                got, compute = ray.get(ref)
             except Exception as exc:  # noqa: BLE001 - a lost task keeps the heuristic layers
-                events.append(
-                    f"Ray task for layers {c[0]}..{c[-1]} failed ({type(exc).__name__}: {exc}); "
-                    "kept the heuristic plan there"
-                )
+                events.append(f"Ray task for layers {c[0]}..{c[-1]} failed ({type(exc).__name__}: {exc}); "
+                              "kept the heuristic plan there")
                 continue
             stats.tasks.append(ChunkTiming(int(c.size), time.perf_counter() - t_sub, float(compute)))
-            p[c] = out.phy2log
-            attempted[c] = out.attempted
-            proven[c] = out.proven
-            conditional[c] = out.conditional
-            events.extend(e for e in out.events if not e.startswith("solver skipped on"))
+            out.phy2log[c] = got.phy2log
+            out.attempted[c] = got.attempted
+            out.proven[c] = got.proven
+            out.conditional[c] = got.conditional
+            events.extend(e for e in got.events if not e.startswith("solver skipped on"))
     for ref in pending:
         c, _ = submitted[ref]
         ray.cancel(ref, force=True)
         events.append(f"Ray task for layers {c[0]}..{c[-1]} did not return in time; kept the heuristic plan there")
-    events.append(
-        f"Ray: {len(stats.tasks)} of {len(chunks)} sub-problem(s) on {stats.cluster_cpus:g} CPU(s); "
-        f"median overhead {stats.median_overhead() * 1e3:.0f} ms per sub-problem"
-        + (f", {stats.startup:.1f} s to start Ray" if stats.startup > 0.05 else "")
-    )
-    return ExactOutcome(p, attempted, proven, events, conditional), stats
