@@ -95,125 +95,71 @@ class _Call:
 
 
 def solve(
-    weight: Any,
-    *,
-    num_replicas: int,
-    num_groups: int = 1,
-    num_nodes: int = 1,
-    num_gpus: int,
-    mode: str = "heuristic",
-    time_limit: float | None = None,
-    seed: int = 0,
-    policy: str = "auto",
-    deterministic: bool = False,
-    workers: int | None = None,
-    tolerance: float = 1e-4,
-    allow_duplicates: bool = True,
-    executor: str | None = None,
-    ray_address: str | None = None,
-    previous: Any = None,
-    max_balance_loss: float | None = None,
-    node_move_cost: float = 4.0,
-    bytes_per_expert: int | None = None,
-    objective: str = "sum",
-    cross_node_cost: float = 1.0,
+    weight: Any, *, num_replicas: int, num_groups: int = 1, num_nodes: int = 1, num_gpus: int,
+    mode: str = "heuristic", time_limit: float | None = None, seed: int = 0, policy: str = "auto",
+    deterministic: bool = False, workers: int | None = None, tolerance: float = 1e-4,
+    allow_duplicates: bool = True, executor: str | None = None, ray_address: str | None = None,
+    previous: Any = None, max_balance_loss: float | None = None, node_move_cost: float = 4.0,
+    bytes_per_expert: int | None = None, objective: str = "sum", cross_node_cost: float = 1.0,
     masked_gpus: Any = None,
 ) -> SolveResult:
     """Plan expert placement for every layer and certify how good it is.
 
     Args:
-        weight: ``[L, E]`` per-expert load of each layer (tokens routed to the expert in
-            the recording window; any real dtype, torch tensor on any device or numpy
-            array), or ``[W, L, E]`` for ``W`` windows (see ``objective``).
-            Non-negative and finite.
-        num_replicas: ``R``, physical expert slots per layer; ``>= E`` and a multiple of
-            ``num_gpus``.
-        num_groups: expert groups (hierarchical policy: whole groups go to nodes).
-        num_nodes: server nodes.
-        num_gpus: GPUs in total.
-        mode: ``"heuristic"`` (batched numpy pipeline, no solver, no OR-Tools import) or
-            ``"exact"`` (the heuristic plan refined by exact pair re-splits and CP-SAT
-            under the time limit; see :mod:`eplb_opt.exact`).
-        time_limit: seconds of wall clock for the whole call.  ``None``: 10 s in exact
-            mode, no limit in heuristic mode; ``0``: no refinement time.  The call returns
-            within ``max(time_limit, heuristic time)`` plus a few milliseconds.
-        seed: fixes every random choice.  Heuristic mode is deterministic; exact mode is
-            too with ``deterministic=True``.
+        weight: ``[L, E]`` non-negative, finite per-expert loads of each layer (tokens
+            routed to the expert in the recording window; any real dtype, torch tensor on
+            any device or numpy array), or ``[W, L, E]`` for ``W`` windows (``objective``).
+        num_replicas: ``R`` slots per layer, ``>= E``, a multiple of ``num_gpus``.
+        num_groups, num_nodes, num_gpus: expert groups (the hierarchical policy places
+            whole groups on nodes), server nodes, GPUs in total.
+        mode: ``"heuristic"`` (no solver, no OR-Tools import) or ``"exact"`` (the
+            heuristic plan refined under the time limit, :mod:`eplb_opt.exact`).
+        time_limit: seconds for the whole call (:mod:`eplb_opt.budget`).  ``None``: 10 s
+            in exact mode, no limit in heuristic mode; ``0``: no refinement.  The call
+            returns within ``max(time_limit, heuristic time)`` plus a few milliseconds.
+        seed: fixes every random choice.
         policy: ``"auto"`` (hierarchical when ``num_groups % num_nodes == 0``, else
-            global), ``"hierarchical"``, ``"global"`` or ``"spill"``: every expert keeps
-            one replica on its group's home node (the hierarchical grouping), the others
-            may go to any node at ``cross_node_cost`` per unit of load served off-node
-            (:mod:`heuristics.spill`; the same search in both modes, CP-SAT is not used;
-            bounds and gaps are the global policy's, valid for it).  Not combined with
-            ``previous`` or a worst/mean ``objective``.
-        deterministic: exact mode budgets work in iterations and CP-SAT deterministic
-            time instead of wall clock (``time_limit / L`` worth per layer), so the plan
-            depends only on the input, ``seed``, ``time_limit`` and ``workers`` -- not on
-            the machine, its load or the executor.  The wall-clock time then only
-            approximates ``time_limit`` (on this project's 2-core machine, 24.5 s for a
-            20 s budget on 58 x 256 loads; less where layers reach their bound early).
-        workers: CP-SAT threads (per Ray task with ``executor="ray"``).  Default: the
-            cores available to this process, or 1 with ``deterministic=True`` or
-            ``executor="ray"`` (so a plan does not depend on the machine).  No process is
-            forked.
-        tolerance: a layer is ``"optimal"`` when its certified gap is at most this, and
-            exact mode does not work on such layers.
-        allow_duplicates: when False, no GPU holds two replicas of one expert (both
-            modes; needs at most ``E / N`` slots per GPU).
-        executor: ``None`` or ``"local"`` (this process), or ``"ray"``: exact mode fans
-            the layers above tolerance out as Ray tasks (see :mod:`eplb_opt.distributed`);
-            each task gets the whole remaining ``time_limit``.  Needs ``pip install 'eplb-opt[ray]'``.
-        ray_address: with ``executor="ray"``: ``None`` starts a local Ray instance (or
-            uses the one already initialised in this process); ``"auto"`` or
-            ``"ray://HOST:PORT"`` joins a cluster.
-        previous: ``[L, R]`` the placement deployed now (``phy2log``).  The plan returned
-            then keeps every layer's max load within ``max_balance_loss`` of the best
-            plan found without it and, among those, moves the fewest expert weights
-            (see :mod:`eplb_opt.migrate`; ``result.migration``, ``result.moves``,
-            ``result.transfers``).  Exact mode spends part of ``time_limit`` on a CP-SAT
-            model of the moves.
-        max_balance_loss: with ``previous``: the fraction of max load a layer may give up
-            to move less (default 0: only moves that cost no balance are saved).
-        node_move_cost: with ``previous``: cost of a weight copy across nodes, in units
-            of a copy within a node.
-        bytes_per_expert: with ``previous``: bytes of one expert's weights, to report the
-            bytes copied.
-        objective: with ``weight`` ``[W, L, E]`` (``W`` windows): ``"sum"`` plans for the
-            windows' total (what summing a step axis means everywhere else);
-            ``"worst"`` then lowers the worst window's busiest GPU of every layer and
-            ``"mean"`` the mean over windows of the busiest GPU (local search from the
-            plan for the total, :mod:`heuristics.robust`; exact mode lets it run until
-            ``time_limit`` instead of a fixed number of steps, CP-SAT is not used for
-            these objectives).  Not combined with ``previous``.
-        masked_gpus: failed or drained GPUs that must hold nothing: GPU ids (every
-            layer), a ``[G]`` or ``[L, G]`` bool mask, or one id list per layer.  The
-            other GPUs keep ``k`` slots each (``k * active`` replicas per layer) under the
-            global policy; masked slots are ``-1`` in the plan (see
-            :mod:`eplb_opt.masked`).  With ``previous``, moves are counted against it
-            with the masked GPUs emptied.  With ``policy="hierarchical"`` or ``"spill"``
-            an error (an explicit choice is never switched); ``"auto"`` plans the masked
-            layers with the global policy and says so in ``events``.
-        cross_node_cost: with ``policy="spill"``: cost per unit of load served outside
-            an expert's home node, against the busiest GPU's load (the objective is
-            ``max GPU load + cross_node_cost * off-node load / num_gpus``); ``inf`` gives
-            the hierarchical plan, ``0`` trades locality away freely.
+            global), ``"hierarchical"``, ``"global"`` or ``"spill"`` (every expert keeps
+            a replica on its group's home node, others go anywhere at
+            ``cross_node_cost``; :mod:`heuristics.spill`; bounds are the global policy's).
+        deterministic: budgets of work, not wall clock: the plan depends only on the
+            input, ``seed``, ``time_limit`` and ``workers`` (:mod:`eplb_opt.budget`).
+        workers: CP-SAT threads.  Default: the cores available, or 1 when
+            ``deterministic`` or with Ray (a plan must not depend on the machine).
+        tolerance: a layer within this certified gap is ``"optimal"`` and left alone.
+        allow_duplicates: when False, no GPU holds two replicas of one expert (needs at
+            most ``E / N`` slots per GPU).
+        executor, ray_address: ``"ray"`` fans exact refinement out as Ray tasks
+            (:mod:`eplb_opt.distributed`; ``ray_address`` ``None``, ``"auto"`` or
+            ``"ray://HOST:PORT"``).
+        previous: ``[L, R]`` the placement deployed now: the plan then stays within
+            ``max_balance_loss`` (default 0) of the best plan found without it and moves
+            the fewest weights, a copy across nodes costing ``node_move_cost`` copies
+            within one; ``bytes_per_expert`` reports bytes (:mod:`eplb_opt.migrate`).
+        objective: with ``[W, L, E]`` windows: ``"sum"`` plans for their total,
+            ``"worst"`` / ``"mean"`` lower the worst / mean window's busiest GPU per layer
+            (:mod:`heuristics.robust`; no CP-SAT; not with ``previous``).
+        cross_node_cost: ``policy="spill"``: cost per unit of load served off its home
+            node (``inf``: the hierarchical plan; ``0``: locality traded freely).
+        masked_gpus: failed or drained GPUs that must hold nothing: GPU ids, a ``[G]`` or
+            ``[L, G]`` bool mask, or one id list per layer (:mod:`eplb_opt.masked`; global
+            policy over the active GPUs; an explicit ``"hierarchical"`` is refused).
 
     Returns:
-        :class:`SolveResult` with the verified plan, per-layer max loads, certified
-        lower bounds, gaps, statuses and events.
+        :class:`~eplb_opt.result.SolveResult`: the verified plan and its certificate.
 
     Raises:
-        InvalidProblemError / InvalidTypeError: bad input (the message names it).
+        InvalidProblemError / InvalidTypeError: bad input, or options that conflict
+        (:data:`eplb_opt.problem.CONFLICTS`); the message names them.
     """
     start = time.perf_counter()
     problem, options = validate_solve(
         weight, num_replicas=num_replicas, num_groups=num_groups, num_nodes=num_nodes, num_gpus=num_gpus,
-        mode=mode, time_limit=time_limit, seed=seed, policy=policy, deterministic=deterministic,
-        workers=workers, tolerance=tolerance, allow_duplicates=allow_duplicates, executor=executor,
-        ray_address=ray_address, previous=previous, max_balance_loss=max_balance_loss,
-        node_move_cost=node_move_cost, bytes_per_expert=bytes_per_expert, objective=objective,
-        cross_node_cost=cross_node_cost, masked_gpus=masked_gpus,
-    )
+        mode=mode, time_limit=time_limit, seed=seed, policy=policy, deterministic=deterministic, workers=workers,
+        tolerance=tolerance, allow_duplicates=allow_duplicates, executor=executor, ray_address=ray_address,
+        previous=previous, max_balance_loss=max_balance_loss, node_move_cost=node_move_cost,
+        bytes_per_expert=bytes_per_expert, objective=objective, cross_node_cost=cross_node_cost,
+        masked_gpus=masked_gpus)
     if options.mask is not None:
         from .masked import solve_masked
 
