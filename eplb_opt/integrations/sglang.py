@@ -112,9 +112,29 @@ def rebalance_experts(
             rank would compute a different plan), or a bad argument.
     """
     from ..api import solve
-    from ..plan import derive_maps
 
     _env.check_same_plan(mode, deterministic, _ENGINE)
+    G = _gpu_count(num_physical_experts, num_local_physical_experts)
+    t = _step_loads(tokens_per_expert, objective)
+    masked = None
+    if active_ranks is not None:
+        masked = ~torch.as_tensor(active_ranks).detach().cpu().to(torch.bool).numpy()     # [G]
+    if policy is None:
+        policy = _policy_of(masked, enable_hierarchical, algorithm)
+    groups = 1 if num_groups is None else num_groups
+    result = solve(
+        t, num_replicas=num_physical_experts, num_groups=groups, num_nodes=num_nodes,
+        num_gpus=G, mode=mode, time_limit=time_limit,
+        seed=seed, policy=policy, objective=objective, previous=previous, max_balance_loss=max_balance_loss,
+        node_move_cost=node_move_cost, masked_gpus=masked, cross_node_cost=cross_node_cost,
+        deterministic=deterministic, workers=workers,
+    )
+    p2l, l2p, cnt = result.plan.to_numpy()                  # copies of the plan's cached maps
+    return torch.from_numpy(p2l), torch.from_numpy(l2p), torch.from_numpy(cnt)
+
+
+def _gpu_count(num_physical_experts: int, num_local_physical_experts: int) -> int:
+    """``G = R / k`` from SGLang's slot counts, checked: ``k`` a positive int dividing ``R``."""
     if isinstance(num_local_physical_experts, bool) or not isinstance(num_local_physical_experts, int):
         raise InvalidTypeError(f"num_local_physical_experts must be an int, got {num_local_physical_experts!r}")
     if num_local_physical_experts <= 0 or num_physical_experts % num_local_physical_experts:
@@ -122,37 +142,34 @@ def rebalance_experts(
             f"num_physical_experts={num_physical_experts} is not a multiple of "
             f"num_local_physical_experts={num_local_physical_experts}"
         )
+    return num_physical_experts // num_local_physical_experts
+
+
+def _step_loads(tokens_per_expert: Any, objective: str) -> torch.Tensor:
+    """The loads :func:`eplb_opt.solve` gets: ``[steps, L, E]`` summed over the steps
+    (float64, ``[L, E]``) for ``objective="sum"``, otherwise as given (a tensor)."""
     t = tokens_per_expert if isinstance(tokens_per_expert, torch.Tensor) else torch.as_tensor(tokens_per_expert)
     if t.dim() == 3 and objective == "sum":
         # Summed in numpy (a fixed order): torch's CPU reduction may split the step axis
         # over threads, and ranks with other thread counts would see other last bits.
         t = torch.from_numpy(t.detach().cpu().to(torch.float64).numpy().sum(axis=0))
-    masked = None
-    if active_ranks is not None:
-        masked = ~torch.as_tensor(active_ranks).detach().cpu().to(torch.bool).numpy()
-    if policy is None:
-        if masked is not None and masked.any():
-            # SGLang's own elasticity-aware algorithm plans with the global policy while
-            # ranks are inactive (nodes no longer have equal GPUs), whatever it was asked.
-            policy = "global"
-        elif enable_hierarchical is not None:
-            policy = "hierarchical" if enable_hierarchical else "global"
-        elif algorithm is not None:
-            name = getattr(algorithm, "name", str(algorithm))
-            policy = "hierarchical" if name.endswith("hierarchical") else "global"
-        else:
-            policy = "auto"
-    groups = 1 if num_groups is None else num_groups
-    result = solve(
-        t, num_replicas=num_physical_experts, num_groups=groups, num_nodes=num_nodes,
-        num_gpus=num_physical_experts // num_local_physical_experts, mode=mode, time_limit=time_limit,
-        seed=seed, policy=policy, objective=objective, previous=previous, max_balance_loss=max_balance_loss,
-        node_move_cost=node_move_cost, masked_gpus=masked, cross_node_cost=cross_node_cost,
-        deterministic=deterministic, workers=workers,
-    )
-    p2l = result.plan.to_numpy()[0]
-    l2p, cnt = derive_maps(p2l, result.plan.num_experts)
-    return torch.from_numpy(p2l), torch.from_numpy(l2p), torch.from_numpy(cnt)
+    return t
+
+
+def _policy_of(masked: Any, enable_hierarchical: bool | None, algorithm: Any) -> str:
+    """The policy when none is given: global with an inactive rank (``masked`` ``[G]``
+    bool), else from ``enable_hierarchical``, else from SGLang's algorithm name
+    (``*hierarchical`` or not), else ``"auto"``."""
+    if masked is not None and masked.any():
+        # SGLang's own elasticity-aware algorithm plans with the global policy while
+        # ranks are inactive (nodes no longer have equal GPUs), whatever it was asked.
+        return "global"
+    if enable_hierarchical is not None:
+        return "hierarchical" if enable_hierarchical else "global"
+    if algorithm is not None:
+        name = getattr(algorithm, "name", str(algorithm))
+        return "hierarchical" if name.endswith("hierarchical") else "global"
+    return "auto"
 
 
 def settings(explicit: dict[str, Any] | None = None) -> dict[str, Any]:
