@@ -335,26 +335,42 @@ def export_tensorrt_llm(
     # num_slots % ep_size == 0; and SingleLayerMoeLoadBalancer::setInitialWeightAssignments
     # (cpp/tensorrt_llm/runtime/moeLoadBalancer/moeLoadBalancer.cpp, commit
     # 0d919a4f8ddc94539e9f1c850898e9b3b5d0ca07) checks 0 <= expertId < expertCount per slot.
-    p2l = plan.to_numpy()[0]
+    p2l = plan.to_numpy()[0]                                             # [L, R]
     L, R = p2l.shape
     E = int(plan.num_experts)
     updates = _as_index(layer_updates_per_iter, "layer_updates_per_iter")
-    if layer_ids is None:
-        first = _as_index(first_layer, "first_layer")
-        ids = list(range(first, first + L))
-    else:
-        if isinstance(layer_ids, (str, bytes)) or not hasattr(layer_ids, "__len__"):
-            raise InvalidTypeError(f"layer_ids must be a list of integers, got {layer_ids!r}")
-        ids = [_as_index(i, f"layer_ids[{n}]") for n, i in enumerate(layer_ids)]
-        if len(ids) != L:
-            raise PlanFileError(f"layer_ids has {len(ids)} entries, the plan has {L} layers")
-        dup = sorted({i for i in ids if ids.count(i) > 1})
-        if dup:
-            raise PlanFileError(f"layer_ids must be distinct (they are the YAML's keys), {dup} repeat")
+    ids = _model_layer_ids(L, first_layer, layer_ids)
     meta = dict(getattr(plan, "metadata", {}) or {})
     params = meta.get("parameters") if isinstance(meta.get("parameters"), dict) else {}
     gpus = params.get("num_gpus")
     gpus = gpus if isinstance(gpus, int) and gpus > 0 and R % gpus == 0 else None
+    _check_every_slot_served(p2l, E, ids, gpus, path)
+    text = _tensorrt_llm_yaml(p2l, E, ids, gpus, updates, meta.get("library_version"))
+    return atomic_write(path, lambda tmp: tmp.write_text(text), overwrite=overwrite)
+
+
+def _model_layer_ids(L: int, first_layer: Any, layer_ids: Any) -> list[int]:
+    """The model layer index of each of the plan's ``L`` layers: ``layer_ids`` checked
+    (integers, ``L`` of them, distinct), else ``first_layer .. first_layer + L - 1``."""
+    if layer_ids is None:
+        first = _as_index(first_layer, "first_layer")
+        return list(range(first, first + L))
+    if isinstance(layer_ids, (str, bytes)) or not hasattr(layer_ids, "__len__"):
+        raise InvalidTypeError(f"layer_ids must be a list of integers, got {layer_ids!r}")
+    ids = [_as_index(i, f"layer_ids[{n}]") for n, i in enumerate(layer_ids)]
+    if len(ids) != L:
+        raise PlanFileError(f"layer_ids has {len(ids)} entries, the plan has {L} layers")
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise PlanFileError(f"layer_ids must be distinct (they are the YAML's keys), {dup} repeat")
+    return ids
+
+
+def _check_every_slot_served(p2l: np.ndarray, E: int, ids: list[int], gpus: int | None, path: Any) -> None:
+    """Raise :class:`PlanFileError` unless every slot of ``p2l`` (``[L, R]``) holds an
+    expert id in ``[0, E)`` and every expert has a slot in every layer, as TensorRT-LLM
+    requires; masked GPUs (``-1``) are named per layer (by GPU when ``gpus`` is known)."""
+    L, R = p2l.shape
     if (p2l < 0).any():
         k = R // gpus if gpus else 1
         where = []
@@ -378,8 +394,15 @@ def export_tensorrt_llm(
         if absent.size:
             raise PlanFileError(f"{path}: layer {l} (model layer {ids[l]}) gives no slot to expert "
                                 f"{int(absent[0])}; TensorRT-LLM would route its tokens nowhere")
+
+
+def _tensorrt_llm_yaml(p2l: np.ndarray, E: int, ids: list[int], gpus: int | None, updates: int,
+                       version: Any) -> str:
+    """The YAML text: a two-line comment (writer, shape, ``ep_size``), then
+    ``initial_global_assignments`` (model layer id -> the ``R`` experts of ``p2l``'s row),
+    ``num_slots`` and ``layer_updates_per_iter``."""
+    L, R = p2l.shape
     head = f"# TensorRT-LLM offline EP load balancer (moe_config.load_balancer), written by eplb-opt"
-    version = meta.get("library_version")
     lines = [head + (f" {version}" if version else ""),
              f"# {L} MoE layers (model layers {_ids(ids)}), {E} experts, {R} slots"
              + (f" = {gpus} GPUs x {R // gpus}: serve with ep_size {gpus}" if gpus else ""),
@@ -387,5 +410,4 @@ def export_tensorrt_llm(
     for lid, row in zip(ids, p2l):
         lines.append(f"  {lid}: [{', '.join(str(int(e)) for e in row)}]")
     lines += [f"num_slots: {R}", f"layer_updates_per_iter: {updates}", ""]
-    text = "\n".join(lines)
-    return atomic_write(path, lambda tmp: tmp.write_text(text), overwrite=overwrite)
+    return "\n".join(lines)
