@@ -37,12 +37,14 @@ _LAZY = {
     "Plan": ".plan", "derive_maps": ".plan", "plan_violations": ".plan", "verify": ".plan",
     "SolveResult": ".api", "rebalance_experts": ".api", "solve": ".api",
     "Migration": ".migrate",
+    "replay": ".replay",
 }
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from .api import SolveResult, rebalance_experts, solve
     from .migrate import Migration
     from .plan import Plan, derive_maps, plan_violations, verify
+    from .replay import replay
 
 
 def __getattr__(name: str) -> Any:
@@ -92,6 +94,7 @@ __all__ = [
     "plan_violations",
     "read_trace",
     "rebalance_experts",
+    "replay",
     "should_rebalance",
     "slot_loads",
     "solve",
