@@ -7,6 +7,7 @@ Commands:
     report    draw a plan's per-GPU loads, balancedness, gaps and replica counts.
     score     grade any rebalance_experts-shaped function against certified bounds.
     bench     every policy and peer on a benchmark suite.
+    replay    replay a per-step trace through each policy's rebalance loop over time.
 
 Exit status: 0 success; 1 an evaluated plan is invalid (or a scored function crashed or
 broke a rule); 2 bad input or usage; 3 Ray could not be started or joined; 130
@@ -579,6 +580,62 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     )
 
 
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from .replay._cli import main as replay_main
+
+    return replay_main(args)
+
+
+def _replay_parser(sub: "argparse._SubParsersAction") -> None:
+    from .replay import (DEFAULT_BYTES_PER_EXPERT, DEFAULT_GPU_TOKENS_PER_S, DEFAULT_LINK_GBPS, DEFAULT_POLICIES,
+                         POLICY_NAMES)
+
+    rl = sub.add_parser(
+        "replay", help="replay a per-step trace: each policy's balance, copies and time over time",
+        description="Replay a per-step trace [steps, layers, experts]: every --interval steps each policy plans "
+        "from the last --window steps and its plan serves the steps that follow.  Reports balancedness, "
+        "replicas and bytes copied (after alignment to the deployed placement) and time, against a static "
+        "placement, a clairvoyant plan and the certified lower bound; writes results.json, REPORT.md and plots "
+        "with --out.  Rules and defaults: eplb_opt.replay in docs/API.md.")
+    rl.add_argument("trace", nargs="?", default=None,
+                    help="per-step loads: .npy or single-tensor .safetensors (read in chunks), or .npz/.pt/ADRS "
+                         ".json/SGLang or TensorRT-LLM dumps (loaded whole); omit with --preset to generate one")
+    rl.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                    help="the topology of a preset (flags below override it); without TRACE, also generate a "
+                         "drifting per-step trace of it (eplb_opt.replay.step_trace)")
+    rl.add_argument("--steps", type=int, default=None, help="steps of the generated trace (default 4000)")
+    rl.add_argument("--seed", type=int, default=0, help="seed of the generated trace (default 0)")
+    rl.add_argument("--replicas", type=int, default=None, help="physical expert slots per layer (R)")
+    rl.add_argument("--groups", type=int, default=None, help="expert groups (default 1, or the preset's)")
+    rl.add_argument("--nodes", type=int, default=None, help="server nodes, equal GPUs each (default 1, or the preset's)")
+    rl.add_argument("--gpus", type=int, default=None, help="GPUs in total; each holds replicas / gpus slots")
+    rl.add_argument("--interval", default="1000", metavar="STEPS[,STEPS...]",
+                    help="steps between rebalances; a comma list sweeps them, e.g. 100,500,2000 (default 1000)")
+    rl.add_argument("--window", type=int, default=None, metavar="STEPS",
+                    help="steps each plan is made from (default: the interval, as SGLang records)")
+    rl.add_argument("--policies", default=",".join(DEFAULT_POLICIES),
+                    help=f"comma list from {','.join(POLICY_NAMES)} (default {','.join(DEFAULT_POLICIES)}); "
+                         "static and clairvoyant always run")
+    rl.add_argument("--bytes-per-expert", type=int, default=DEFAULT_BYTES_PER_EXPERT,
+                    help=f"bytes one replica copy moves (default {DEFAULT_BYTES_PER_EXPERT}: a DeepSeek-V3 expert "
+                         "in FP8)")
+    rl.add_argument("--gpu-tokens-per-s", type=float, default=DEFAULT_GPU_TOKENS_PER_S,
+                    help=f"tokens per second a GPU serves through one MoE layer (default {DEFAULT_GPU_TOKENS_PER_S:g}: "
+                         "H100-class, DeepSeek-V3 experts)")
+    rl.add_argument("--link-gbps", default=",".join(f"{x:g}" for x in DEFAULT_LINK_GBPS), metavar="SAME,CROSS",
+                    help="GB/s a GPU receives within its node and from other nodes (default 450,50: NVLink 4, "
+                         "400 Gb/s InfiniBand)")
+    rl.add_argument("--no-time-model", action="store_true", help="report loads only (no seconds; copies free)")
+    rl.add_argument("--exact-time-limit", type=float, default=1.0, help="exact policy: deterministic budget per plan")
+    rl.add_argument("--max-balance-loss", type=float, default=0.005, help="migrate policy: balance budget")
+    rl.add_argument("--sub-windows", type=int, default=4, help="windows policy: sub-windows of its window")
+    rl.add_argument("--objective", default="worst", choices=["worst", "mean"], help="windows policy: objective")
+    rl.add_argument("--out", default=None, metavar="DIR", help="write results.json, REPORT.md and plots here")
+    rl.add_argument("--json", action="store_true", help="print the summary as JSON")
+    rl.add_argument("--progress", action="store_true", help="show progress on stderr even off a terminal")
+    rl.set_defaults(func=_cmd_replay)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="eplb-opt", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"eplb-opt {__version__}")
@@ -705,6 +762,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="topology for --trace (replicas, groups, nodes, GPUs of a preset)")
     be.add_argument("--window", type=int, default=None, help="steps per window for --trace")
     be.set_defaults(func=_cmd_bench)
+    _replay_parser(sub)
     return p
 
 
