@@ -165,7 +165,7 @@ def stages(preset: eplb_opt.workloads.Preset, repeats: int) -> dict:
     one by one on the same input (alternating, medians), plus the same call on the first
     layer alone (the fixed per-call cost of a numpy pipeline of small array operations)."""
     import eplb_opt.heuristics as heuristics
-    from eplb_opt.api import _verify
+    from eplb_opt.api import check_plan
     from eplb_opt.plan import derive_maps
     from eplb_opt.problem import make_problem
 
@@ -184,7 +184,7 @@ def stages(preset: eplb_opt.workloads.Preset, repeats: int) -> dict:
             "place_seeds": lambda: heuristics.place(*args, refine_rounds=0),
             "place": lambda: heuristics.place(*args),
             "maps": lambda: derive_maps(phy2log, problem.num_experts),
-            "verify": lambda: _verify(problem, phy2log, logcnt=logcnt),
+            "verify": lambda: check_plan(problem, phy2log, logcnt=logcnt),
             "call_one_layer": lambda: eplb_opt.rebalance_experts(one, *topo),
         },
         repeats,

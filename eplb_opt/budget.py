@@ -76,3 +76,35 @@ class Budget:
         if self.deterministic:
             return self.seconds * layers / of_layers
         return max(0.0, (self.start + self.seconds - time.perf_counter()) * layers / left_layers)
+
+
+# ---------------------------------------------------------------------------------------
+# Deterministic units: what a deterministic budget buys in exact mode.  ``budget`` is the
+# whole call's seconds, ``units`` one layer's share (:meth:`Budget.per_layer`).  Every
+# phase of a layer gets at least some search, so small budgets cost more wall time than
+# their value (measured in benchmarks/deterministic_wall.json).
+
+# Wall seconds one candidate-item of a replica-count move takes on this project's 2-core
+# machine (58x256 prefill-shaped loads, 320 and 160 replicas: a 16 s deterministic budget
+# then runs ~15.5 s; measured 2026-11-27).  Also the starting rate of a wall-clock budget.
+SECONDS_PER_CANDIDATE_ITEM = 6e-6
+
+
+def resplit_rounds(budget: float) -> int:
+    """Rounds of pair re-splits over all open layers: ``5 + 5 * budget``."""
+    return int(5 + 5 * budget)
+
+
+def count_move_items(units: float, share: float) -> float:
+    """Candidate-items of replica-count moves per layer: ``share`` of the layer's units."""
+    return share * units / SECONDS_PER_CANDIDATE_ITEM
+
+
+def neighbourhoods(units: float) -> int:
+    """CP-SAT neighbourhoods per layer: ``10`` per unit, at least 2."""
+    return max(2, int(10 * units))
+
+
+def model_time(units: float, parts: int) -> float:
+    """CP-SAT deterministic time of one whole-sub-problem model: ``1 / parts`` of a layer's units."""
+    return units / parts

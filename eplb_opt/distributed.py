@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .metrics import gap as certified_gap
+from .metrics import gap as certified_gap, gpu_loads
 
 from .errors import ExecutorError, InvalidProblemError
 
@@ -165,9 +165,7 @@ def refine(
 def _open_layers(w: np.ndarray, p: np.ndarray, lower_bound: np.ndarray, tolerance: float, G: int,
                  events: list[str]) -> np.ndarray:
     """Layers whose certified gap is above ``tolerance`` (an event counts the others)."""
-    from .exact import _gpu_loads
-
-    gap = certified_gap(lower_bound, _gpu_loads(w, p, G).max(axis=1))
+    gap = certified_gap(lower_bound, gpu_loads(w, p, G).max(axis=1))
     open_layers = np.flatnonzero(gap > tolerance)
     if w.shape[0] - open_layers.size:
         events.append(f"solver skipped on {w.shape[0] - open_layers.size} layer(s): certified gap already within "

@@ -42,9 +42,11 @@ from typing import Any
 
 import numpy as np
 
+from . import budget as units
+from .budget import SECONDS_PER_CANDIDATE_ITEM
 from .heuristics.pipeline import pack_rows
 from .heuristics.resplit import resplit_rounds
-from .metrics import gap as certified_gap, replica_counts_of
+from .metrics import gap as certified_gap, gpu_loads, replica_counts_of
 
 from .status import StatusLog, logging_statuses, ortools_ready, status_events
 
@@ -66,10 +68,6 @@ FIRST_SHARE = 0.15
 BUILD_SECONDS_PER_VAR = 2e-5
 # Wall time to load OR-Tools the first time (measured here: ~0.4 s).
 IMPORT_SECONDS = 0.6
-# Deterministic mode: wall seconds one candidate-item of a count move takes on this
-# project's 2-core machine (58x256 prefill-shaped loads, 320 and 160 replicas: a 16 s
-# deterministic budget then runs ~15.5 s; measured 2026-11-27).
-SECONDS_PER_CANDIDATE_ITEM = 6e-6
 # Whole-sub-problem models (fixed counts) are built up to this many n[e, g] variables,
 # with this share of the time left before the neighbourhood search.
 FIXED_LIMIT = 2500
@@ -174,7 +172,7 @@ class _Refinement:
 
     def loads(self) -> np.ndarray:
         """``[L, G]`` GPU loads of the plan."""
-        return _gpu_loads(self.w, self.p, self.G)
+        return gpu_loads(self.w, self.p, self.G)
 
     def open_layers(self, loads: np.ndarray | None = None) -> list[int]:
         """Layers above tolerance, largest gap first."""
@@ -196,11 +194,6 @@ def _failed(events: list[str], where: str, exc: BaseException) -> None:
     msg = f"{where} failed ({type(exc).__name__}: {exc}); kept the plan"
     events.append(msg)
     warnings.warn(msg, RuntimeWarning, stacklevel=4)
-
-
-def _gpu_loads(w: np.ndarray, p: np.ndarray, gpus: int) -> np.ndarray:
-    per = np.take_along_axis(w / np.maximum(replica_counts_of(p, w.shape[1]), 1), p, axis=1)
-    return per.reshape(w.shape[0], gpus, -1).sum(axis=2)
 
 
 def _complete_size(num_experts: int, num_replicas: int, num_gpus: int) -> int:
@@ -438,7 +431,7 @@ def _complete_hierarchical(s: _Refinement, layers: np.ndarray) -> None:
             s.events.append(f"layer {s.ids[l]}: complete models timed out (kept the best plan found)")
         best = int(np.argmin(search.obj[contents.blocks].max(axis=1)))
         best_obj = float(search.obj[contents.blocks[best]].max())
-        cur = _gpu_loads(s.w[l : l + 1], s.p[l : l + 1], s.G).max()
+        cur = gpu_loads(s.w[l : l + 1], s.p[l : l + 1], s.G).max()
         if np.isfinite(best_obj) and best_obj < cur * (1 - 1e-12):
             s.p[l] = np.concatenate([search.place[b].ravel() for b in contents.blocks[best]])
 
@@ -563,7 +556,7 @@ def _phase2_groups_by_cpsat(s: _Refinement, open_layers: np.ndarray) -> np.ndarr
         if not s.deterministic and time.perf_counter() >= share_end:
             s.events.append("group placement: time share ran out before every layer was solved")
             break
-        limit = (s.layer_budget / 10) if s.deterministic else max(
+        limit = units.model_time(s.layer_budget, 10) if s.deterministic else max(
             0.01, (share_end - time.perf_counter()) / (len(open_layers) - i))
         improved += _group_layer(s, int(l), limit, cpsat)
     if improved:
@@ -596,7 +589,7 @@ def _group_layer(s: _Refinement, l: int, limit: float, cpsat: Any) -> bool:
     if new_node < cur_node * (1 - 1e-12):
         alt = place(s.w[l : l + 1], R, s.num_groups, N, G, node_of_group=node[None, :],
                     allow_duplicates=s.allow_duplicates).phy2log[0]
-        if _gpu_loads(s.w[l : l + 1], alt[None], G).max() < _gpu_loads(s.w[l : l + 1], s.p[l : l + 1], G).max():
+        if gpu_loads(s.w[l : l + 1], alt[None], G).max() < gpu_loads(s.w[l : l + 1], s.p[l : l + 1], G).max():
             s.p[l] = alt
             return True
     return False
@@ -619,7 +612,7 @@ def _phase3_pair_resplits(s: _Refinement, open_layers: np.ndarray) -> None:
     lay, _ = resplit_rounds(
         values[open_rows], slots[open_rows], layout[open_rows],
         target=np.repeat(s.lower_bound, N)[open_rows],
-        max_rounds=int(5 + 5 * s.budget) if s.deterministic else 10_000,
+        max_rounds=units.resplit_rounds(s.budget) if s.deterministic else 10_000,
         segment_size=N, partners=P - 1,
         deadline=None if s.deterministic else s.deadline,
     )
@@ -639,7 +632,7 @@ def _phase4_count_moves(s: _Refinement) -> None:
     phase_end = time.perf_counter() + COUNT_SHARE * max(0.0, s.deadline - time.perf_counter())
     moved = _count_moves(
         s, todo, deadline=phase_end, max_steps=1000,
-        work=(COUNT_SHARE * s.layer_budget / SECONDS_PER_CANDIDATE_ITEM) if s.deterministic else None,
+        work=units.count_move_items(s.layer_budget, COUNT_SHARE) if s.deterministic else None,
     )
     if moved:
         s.events.append(f"replica counts revisited on {moved} layer(s)")
@@ -831,7 +824,8 @@ def _phase5_heaviest_node_models(s: _Refinement, layers: list[int], cpsat: Any) 
             break
         try:
             res = cpsat.solve_complete(
-                s.w[l, ex], rn, s.P, time_limit=(s.layer_budget / 4) if s.deterministic else max(share, 0.01),
+                s.w[l, ex], rn, s.P,
+                time_limit=units.model_time(s.layer_budget, 4) if s.deterministic else max(share, 0.01),
                 hint=(cnt[ex], local), seed=s.seed, workers=s.workers, deterministic=s.deterministic,
                 allow_duplicates=s.allow_duplicates,
             )
@@ -867,7 +861,7 @@ def _phase6_fixed_count_models(s: _Refinement, layers: list[int], cpsat: Any) ->
         try:
             res = cpsat.solve_fixed_counts(
                 s.w[l, ex], cnt[ex], s.P, local, s.lower_bound[l],
-                time_limit=(s.layer_budget / 4) if s.deterministic else share,
+                time_limit=units.model_time(s.layer_budget, 4) if s.deterministic else share,
                 relative_gap=s.tol, seed=s.seed, workers=s.workers, deterministic=s.deterministic,
                 allow_duplicates=s.allow_duplicates,
             )
@@ -887,7 +881,7 @@ def _phase7_neighbourhoods(s: _Refinement, layers: list[int], cpsat: Any) -> Non
     gap first (:func:`_neighbourhood_search`); deterministic: ``max(2, 10 * layer
     budget)`` neighbourhoods per layer."""
     cnt, per = s.per_replica()
-    iters = max(2, int(10 * s.layer_budget)) if s.deterministic else None
+    iters = units.neighbourhoods(s.layer_budget) if s.deterministic else None
 
     def work(l: int) -> tuple[int, np.ndarray, list[str]]:
         # A crash in one layer's search (even a worker thread told to exit) keeps that
