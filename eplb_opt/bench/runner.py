@@ -271,6 +271,7 @@ def heatmap(wl: Workload, plans: dict[str, np.ndarray]) -> dict:
 
 
 def report(out: Path, data: dict) -> str:
+    """Write ``out/REPORT.md`` from the results ``data`` (as in results.json) and return its text."""
     rows = data["rows"]
     policies = list(dict.fromkeys(r["policy"] for r in rows))
     presets = list(dict.fromkeys(r["preset"] for r in rows))
@@ -327,29 +328,36 @@ def report(out: Path, data: dict) -> str:
     lines += ["", f"eplb-opt heuristic at least as balanced (in-window) as the peer on {sum(wins)} of "
               f"{len(wins)} valid peer plans."]
     if data.get("scaling"):
-        lines += ["", "## Scaling (heuristic mode; DeepSeek beside it)", "",
-                  "| layers | experts | replicas | GPUs | eplb-opt time | eplb-opt balancedness | DeepSeek time | DeepSeek balancedness |",
-                  "|---|---|---|---|---|---|---|---|"]
-        sc = data["scaling"]
-        for cfg in dict.fromkeys((r["layers"], r["experts"], r["replicas"], r["gpus"]) for r in sc):
-            o = [r for r in sc if (r["layers"], r["experts"], r["replicas"], r["gpus"]) == cfg]
-            o = [r for r in o if r["axis"] == o[0]["axis"]]
-            mine = [r for r in o if r["policy"] == OURS_H][0]
-            ds = [r for r in o if r["policy"] != OURS_H]
-            dcell = (f"{ds[0]['time_s'] * 1e3:.1f} ms | {ds[0]['balancedness']:.5f}" if ds and ds[0]["valid"] else "- | -")
-            lines.append(f"| {cfg[0]} | {cfg[1]} | {cfg[2]} | {cfg[3]} | {mine['time_s'] * 1e3:.1f} ms | "
-                         f"{mine['balancedness']:.5f} | {dcell} |")
-        g = data.get("growth", {})
-        lines += ["", "Measured growth of eplb-opt's time, as the exponent b in time ~ size^b along each axis "
-                  "(others at 16 layers x 256 experts, 288 replicas, 32 GPUs; the GPU axis keeps 9 slots "
-                  "per GPU, so replicas grow with it): "
-                  + ", ".join(f"{k} {v:.2f}" for k, v in g.get(OURS_H, {}).items())
-                  + "; DeepSeek: " + ", ".join(f"{k} {v:.2f}" for k, v in g.get("DeepSeek EPLB (sglang 0.5.23)", {}).items())
-                  + "."]
+        lines += _scaling_lines(data)
     lines += [""] + [f"![{f}]({f})" for f in data.get("plots", [])] + [""]
     text = "\n".join(lines)
     (out / "REPORT.md").write_text(text)
     return text
+
+
+def _scaling_lines(data: dict) -> list[str]:
+    """REPORT.md's scaling section: a row per configuration of ``data["scaling"]`` (eplb-opt
+    heuristic mode and DeepSeek, time and balancedness) and the measured growth exponents."""
+    lines = ["", "## Scaling (heuristic mode; DeepSeek beside it)", "",
+             "| layers | experts | replicas | GPUs | eplb-opt time | eplb-opt balancedness | DeepSeek time | DeepSeek balancedness |",
+             "|---|---|---|---|---|---|---|---|"]
+    sc = data["scaling"]
+    for cfg in dict.fromkeys((r["layers"], r["experts"], r["replicas"], r["gpus"]) for r in sc):
+        o = [r for r in sc if (r["layers"], r["experts"], r["replicas"], r["gpus"]) == cfg]
+        o = [r for r in o if r["axis"] == o[0]["axis"]]
+        mine = [r for r in o if r["policy"] == OURS_H][0]
+        ds = [r for r in o if r["policy"] != OURS_H]
+        dcell = (f"{ds[0]['time_s'] * 1e3:.1f} ms | {ds[0]['balancedness']:.5f}" if ds and ds[0]["valid"] else "- | -")
+        lines.append(f"| {cfg[0]} | {cfg[1]} | {cfg[2]} | {cfg[3]} | {mine['time_s'] * 1e3:.1f} ms | "
+                     f"{mine['balancedness']:.5f} | {dcell} |")
+    g = data.get("growth", {})
+    lines += ["", "Measured growth of eplb-opt's time, as the exponent b in time ~ size^b along each axis "
+              "(others at 16 layers x 256 experts, 288 replicas, 32 GPUs; the GPU axis keeps 9 slots "
+              "per GPU, so replicas grow with it): "
+              + ", ".join(f"{k} {v:.2f}" for k, v in g.get(OURS_H, {}).items())
+              + "; DeepSeek: " + ", ".join(f"{k} {v:.2f}" for k, v in g.get("DeepSeek EPLB (sglang 0.5.23)", {}).items())
+              + "."]
+    return lines
 
 
 def main(suite: str = "quick", out: str | Path = "bench-out", trace: str | None = None, preset: str | None = None,
