@@ -38,6 +38,7 @@ MODULES: list[tuple[str, list[str] | None]] = [
     ("eplb_opt.distributed", ["connect", "refine", "DistributedStats", "ChunkTiming"]),
     ("eplb_opt.workloads", None),
     ("eplb_opt.traces", None),
+    ("eplb_opt.replay", None),
 ]
 CLI_MODULE = "eplb_opt.cli"
 

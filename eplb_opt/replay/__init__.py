@@ -6,7 +6,27 @@ engine's rebalance loop: every ``interval`` steps each policy plans from the las
 over the run, the MoE-layer time proxy (sum over layers of the busiest GPU's load)
 against the mean (balancedness), the replicas and bytes each rebalance copies, and, with
 the time model, seconds; all against a static placement, a clairvoyant plan and the
-certified lower bound.  ``eplb-opt replay`` is the command line.
+certified lower bound.  ``eplb-opt replay`` is the command line.  ``eplb_opt.replay`` is
+this function; the rest is imported from the package (``from eplb_opt.replay import
+ReplayPolicy, step_trace``).
+
+Policies (``POLICY_NAMES``; every one plans under the ``"auto"`` rule, hierarchical when
+``num_groups % num_nodes == 0``):
+
+* ``ours``: ``eplb_opt.solve(mode="heuristic")`` on the summed window; ``exact``:
+  ``mode="exact", deterministic=True, time_limit=exact_time_limit``; ``migrate``:
+  ``previous=<deployed placement>, max_balance_loss=max_balance_loss``; ``windows``:
+  ``objective=windows_objective`` on the window cut into ``sub_windows`` sub-windows.
+* Peers from their published wheels, loaded as ``eplb-opt bench`` loads them
+  (:mod:`eplb_opt.bench.peers`), each given the history its engine gives it: ``deepseek``
+  (DeepSeek EPLB, ``sglang==0.5.23``) and ``vllm`` (vLLM 0.33's default policy) the summed
+  window; ``sglang_vec`` (SGLang's ``deepseek_vec``) the window's steps
+  ``[steps, L, E]``, as SGLang's recorder hands over its buffer.  A peer that cannot be
+  loaded is reported in ``ReplayResult.skipped`` with the reason.
+* Any :class:`ReplayPolicy`: a name and ``plan(request) -> phy2log``; the
+  :class:`PlanRequest` carries the :class:`History` of past steps it may use (summed,
+  as steps, or cut into sub-windows) and the deployed placement, so a forecast is one
+  more policy.
 
 Rules the figures follow:
 
@@ -193,7 +213,8 @@ def replay(
     chunk_steps: int | None = None,
     progress: bool | None = None,
 ) -> ReplayResult:
-    """Replay a per-step trace through each policy's rebalance loop (module docs give the rules).
+    """Replay a per-step trace through each policy's rebalance loop (the rules: the
+    ``eplb_opt.replay`` module docs).
 
     Args:
         trace: per-step token counts ``[steps, layers, experts]``: a path read as
