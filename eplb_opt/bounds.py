@@ -36,9 +36,9 @@ from functools import lru_cache
 from itertools import combinations
 from math import comb
 
-from .heuristics import ENUMERATION_LIMIT, equal_partitions, node_load_lower_bound, num_partitions, replica_counts
+from .heuristics import ENUMERATION_LIMIT, equal_partitions, node_load_lower_bound, num_partitions
 
-__all__ = ["Bounds", "lower_bounds", "partition_cardinality_bound", "node_replica_bound"]
+__all__ = ["Bounds", "lower_bounds", "min_max_replica_load", "partition_cardinality_bound", "node_replica_bound"]
 
 # Most node contents (sets of groups) scored for the node_replica bound.
 SUBSET_LIMIT = 4096
@@ -79,9 +79,71 @@ def partition_cardinality_bound(items: np.ndarray, num_bins: int) -> np.ndarray:
     return best
 
 
-def _max_replica_load(w: np.ndarray, replicas: int) -> np.ndarray:
-    """Smallest achievable largest per-replica load of each row of ``[rows, n]``."""
-    return (w / replica_counts(w, replicas)).max(axis=1)
+def min_max_replica_load(weight: np.ndarray, num_replicas: int) -> np.ndarray:
+    """Smallest achievable largest per-replica load of each row: ``[rows]`` float64, the
+    minimum over integer counts ``c >= 1`` summing to ``num_replicas`` of
+    ``max_e w_e / c_e``, as the float64 quotient ``w_e / c_e`` of the optimal counts.
+
+    Derived here on its own, not from the heuristics' replica-count rule (a test checks
+    that the two agree), so that a change to the heuristic cannot move a certificate.
+    The value is the ``k``-th largest, ``k = num_replicas - E + 1``, of the shares
+    ``{w_e / j : j >= 1}``: giving ``c_e`` replicas to expert ``e`` covers its ``c_e - 1``
+    largest shares, and the best counts cover the ``k - 1`` largest of all, leaving the
+    ``k``-th as the largest per-replica load.  Float64 division rounds monotonically, so
+    the ``k``-th largest of the float shares is the float of the exact optimum.
+
+    Args:
+        weight: ``[rows, E]`` non-negative finite loads.
+        num_replicas: ``R >= E``.
+    """
+    w = np.asarray(weight, dtype=np.float64)
+    rows, E = w.shape
+    out = w.max(axis=1) if E else np.zeros(rows)
+    k = int(num_replicas) - E + 1
+    live = out > 0
+    if k > 1 and live.any():
+        out[live] = _kth_largest_share(w[live], k)
+    return out
+
+
+def _shares_at_least(w: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """``[rows, E]``: how many shares ``w_e / j`` (``j >= 1``, as float64 quotients) are
+    ``>= v`` (``[rows]``, positive).  ``floor(w / v)`` is at most one off (the quotients
+    stay far below ``2**52``), so one exact comparison each way settles it."""
+    v = v[:, None]
+    j = np.floor(w / v)
+    j = np.where(w / (j + 1) >= v, j + 1, j)
+    j = np.where((j >= 1) & (w / np.maximum(j, 1) < v), j - 1, j)
+    return j.astype(np.int64)
+
+
+def _kth_largest_share(w: np.ndarray, k: int) -> np.ndarray:
+    """``[rows]``: the ``k``-th largest share ``w_e / j`` of each row of ``[rows, E]``
+    (every row with a positive load, ``k >= 2``).
+
+    ``hi = S / k`` is above it (fewer than ``k`` shares reach ``hi``: their sum would pass
+    ``S``) and ``lo = max(S / (k + #positive), max_e w_e / k)`` is at or below it (each
+    gives at least ``k`` shares); both are moved out by a margin far above float64
+    rounding.  The shares in ``[lo, hi)`` -- about ``2 E`` per row -- are listed and
+    sorted; the answer is the one of rank ``k`` minus the shares at or above ``hi``.
+    """
+    total = w.sum(axis=1)
+    hi = total / k * (1 + 1e-9)
+    lo = np.maximum(total / (k + (w > 0).sum(axis=1)), w.max(axis=1) / k) * (1 - 1e-9)
+    first = _shares_at_least(w, hi)                    # shares j = 1..first are >= hi
+    n = _shares_at_least(w, lo) - first                 # shares in [lo, hi) per expert
+    rank = k - first.sum(axis=1)                        # 1-based rank among them
+    if ((rank < 1) | (rank > n.sum(axis=1))).any():    # pragma: no cover - the margins
+        raise RuntimeError("replica bound bracket missed its share (internal error)")
+    flat_n = n.ravel()
+    cell = np.repeat(np.arange(flat_n.size), flat_n)                  # (row, expert) of each share
+    start = np.cumsum(flat_n) - flat_n
+    j = first.ravel()[cell] + 1 + (np.arange(cell.size) - start[cell])
+    share = w.ravel()[cell] / j
+    row = cell // w.shape[1]
+    order = np.lexsort((-share, row))                                 # by row, then descending
+    row_start = np.cumsum(n.sum(axis=1)) - n.sum(axis=1)
+    return share[order][row_start + rank - 1]
 
 
 def node_replica_bound(
@@ -120,7 +182,7 @@ def node_replica_bound(
         t = np.zeros((L, num_groups))
         li, gi = np.nonzero(need > rn - E // num_nodes)
         if li.size:
-            t[li, gi] = _max_replica_load(w.reshape(L, num_groups, gs)[li, gi], gs + rn - E // num_nodes)
+            t[li, gi] = min_max_replica_load(w.reshape(L, num_groups, gs)[li, gi], gs + rn - E // num_nodes)
         return np.maximum(t, group_load / gpn).max(axis=1), False
     subsets = np.array(list(combinations(range(num_groups), m)), dtype=np.int64)   # [C, m]
     experts = (subsets[:, :, None] * gs + np.arange(gs)).reshape(len(subsets), -1)  # [C, m*gs]
@@ -134,7 +196,7 @@ def node_replica_bound(
     else:
         li, ci = np.nonzero(need[:, subsets].sum(axis=2) > rn - m * gs)
         if li.size:
-            t[li, ci] = _max_replica_load(w[li[:, None], experts[ci]], rn)
+            t[li, ci] = min_max_replica_load(w[li[:, None], experts[ci]], rn)
     score = np.maximum(t, group_load[:, subsets].sum(axis=2) / gpn)                  # [L, C]
     if num_partitions(num_groups, num_nodes) <= ENUMERATION_LIMIT:
         return score[:, _partition_blocks(num_groups, num_nodes)].max(axis=2).min(axis=1), True
@@ -189,9 +251,8 @@ def lower_bounds(
     L, E = w.shape
     comps: dict[str, np.ndarray] = {}
     comps["average"] = _shave(w.sum(axis=1) / num_gpus, E)
-    counts = replica_counts(w, num_replicas)
-    comps["replica"] = (w / counts).max(axis=1)          # one division: exact to 0.5 ulp
-    comps["replica"] = _shave(comps["replica"], 1)
+    # One division (the optimal count's quotient): exact to 0.5 ulp.
+    comps["replica"] = _shave(min_max_replica_load(w, num_replicas), 1)
     if num_replicas == E:
         comps["cardinality"] = _shave(partition_cardinality_bound(w, num_gpus), num_replicas // num_gpus)
     global_bound = np.max(np.stack(list(comps.values())), axis=0)

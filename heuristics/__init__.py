@@ -6,7 +6,7 @@ documents its shapes.  It checks only the shapes it depends on: validate user in
 ``eplb_opt`` first.
 """
 
-from .apportion import max_replica_load, replica_counts
+from .apportion import add_replicas, max_replica_load, remove_replicas, replica_counts
 from .grouping import ENUMERATION_LIMIT, equal_partitions, groups_to_nodes, node_load_lower_bound, num_partitions
 from .packing import (
     kk_layout,
@@ -25,6 +25,7 @@ from .pipeline import Placement, pack_rows, place
 __all__ = [
     "ENUMERATION_LIMIT",
     "Placement",
+    "add_replicas",
     "equal_partitions",
     "groups_to_nodes",
     "kk_layout",
@@ -40,6 +41,7 @@ __all__ = [
     "unsplit_runs",
     "place",
     "refine_swaps",
+    "remove_replicas",
     "replica_counts",
     "separate_duplicates",
     "snake_layout",
