@@ -209,7 +209,7 @@ def _spill_plot(rows: list[dict], path: Path) -> None:
 def masked(seeds: list[int], dead: int = 5) -> dict:
     """One of 32 GPUs fails: balancedness against the capacity lost, and moves from the
     deployed plan, beside SGLang's elasticity-aware algorithm."""
-    from eplb_opt.migrate import move_counts
+    from eplb_opt.align import count_moves
 
     from eplb_opt.bench.peers import elasticity_rebalance
 
@@ -249,7 +249,7 @@ def masked(seeds: list[int], dead: int = 5) -> dict:
                 "sglang_elasticity": eplb_opt.balancedness(eplb_opt.gpu_loads(w[1], pp, G)),
                 "ours_time_s": t_ours, "sglang_time_s": t_peer,
                 "moves_ours": int(mig.moves.sum()), "moves_baseline": int(mig.migration.baseline_moves.sum()),
-                "moves_sglang_relabelled": int(move_counts(old, peer_aligned, G, topo["num_nodes"])[0].sum()),
+                "moves_sglang_relabelled": int(count_moves(old, peer_aligned, G, topo["num_nodes"]).sum()),
                 "balancedness_with_previous": mig.balancedness,
             })
             r = rows[-1]

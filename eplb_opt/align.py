@@ -129,9 +129,6 @@ def keep_slots(new_gpu: np.ndarray, old_gpu: np.ndarray) -> np.ndarray:
     return out
 
 
-# Old private name, still imported by eplb_opt.migrate: remove once it uses keep_slots.
-_keep_slots = keep_slots
-
 
 def align_to_previous(new: np.ndarray, old: np.ndarray, num_gpus: int, num_nodes: int = 1) -> np.ndarray:
     """Relabel ``new`` (``[L, R]``) to keep as many replicas of ``old`` in place as

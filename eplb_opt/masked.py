@@ -178,7 +178,8 @@ def _stitch_plans(parts: list[tuple[np.ndarray, np.ndarray]], mask: np.ndarray, 
 def _migration(problem: Any, options: Any, parts: list[tuple[np.ndarray, Any]], full: np.ndarray) -> Any:
     """Moves, costs and transfers against the deployed plan with the masked GPUs emptied."""
     from .metrics import balancedness, gpu_loads
-    from .migrate import Migration, move_counts, transfer_list
+    from .align import count_moves
+    from .migrate import Migration, transfer_list
 
     mask, k, G, L = options.mask, problem.slots_per_gpu, problem.num_gpus, problem.num_layers
     base_full = _stitch_plans([(idx, r.migration.baseline_phy2log) for idx, r in parts], mask, k)
@@ -191,8 +192,8 @@ def _migration(problem: Any, options: Any, parts: list[tuple[np.ndarray, Any]], 
     old = options.previous.copy()
     old[np.repeat(mask, k, axis=1)] = -1                    # masked GPUs' copies are gone
     nmc, bpe = options.node_move_cost, options.bytes_per_expert
-    moves, cost = move_counts(old, full, G, nodes, nmc)
-    bmoves, bcost = move_counts(old, base_full, G, nodes, nmc)
+    moves, cost = count_moves(old, full, G, nodes, node_move_cost=nmc)
+    bmoves, bcost = count_moves(old, base_full, G, nodes, node_move_cost=nmc)
     return Migration(
         moves=moves, cost=cost, transfers=transfer_list(old, full, G, nodes),
         bytes=None if bpe is None else int(moves.sum()) * bpe, baseline_moves=bmoves, baseline_cost=bcost,

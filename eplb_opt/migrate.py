@@ -39,41 +39,16 @@ from .heuristics.local import LayerState, gpu_counts as _gpu_counts
 
 from .exact import IMPORT_SECONDS
 from .status import ortools_ready
-from .align import _keep_slots, align_to_previous
+from .align import align_to_previous, arrival_cost, count_moves, keep_slots
 from .metrics import balancedness, gpu_loads
 from .problem import as_previous  # noqa: F401 - validated with every other input, in problem.py
 
-__all__ = ["Migration", "TRANSFER_DTYPE", "as_previous", "move_counts", "transfer_list", "replan"]
+__all__ = ["Migration", "TRANSFER_DTYPE", "as_previous", "transfer_list", "replan"]
 
 # Fields of a transfer list (one row per replica whose weights are copied).
 TRANSFER_DTYPE = np.dtype([
     ("layer", np.int64), ("expert", np.int64), ("src_gpu", np.int64), ("dst_gpu", np.int64), ("dst_slot", np.int64),
 ])
-
-
-def _arrival_cost(O: np.ndarray, N: int, node_move_cost: float) -> np.ndarray:
-    """``[G, E]`` cost of one replica of ``e`` arriving on GPU ``g``: 1 when the old
-    placement has ``e`` on ``g``'s node, else ``node_move_cost``."""
-    G, E = O.shape
-    on_node = O.reshape(N, G // N, E).sum(axis=1) > 0                     # [N, E]
-    return np.where(np.repeat(on_node, G // N, axis=0), 1.0, float(node_move_cost))
-
-
-def move_counts(old: np.ndarray, new: np.ndarray, num_gpus: int, num_nodes: int = 1,
-                node_move_cost: float = 4.0) -> tuple[np.ndarray, np.ndarray]:
-    """``(moves [L] int64, cost [L] float64)``: replicas of ``new`` on a GPU that did not
-    hold them in ``old``, and the same weighted by ``node_move_cost`` where the nearest
-    copy is on another node."""
-    L, R = new.shape
-    E = int(max(old.max(), new.max())) + 1
-    moves = np.zeros(L, dtype=np.int64)
-    cost = np.zeros(L)
-    for l in range(L):
-        O = _gpu_counts(old[l], num_gpus, E)
-        extra = np.where(O == 0, _gpu_counts(new[l], num_gpus, E), 0)
-        moves[l] = extra.sum()
-        cost[l] = (extra * _arrival_cost(O, num_nodes, node_move_cost)).sum()
-    return moves, cost
 
 
 def transfer_list(old: np.ndarray, new: np.ndarray, num_gpus: int, num_nodes: int = 1) -> np.ndarray:
@@ -334,7 +309,7 @@ class _Replan:
     def take(self, l: int, row: np.ndarray, moves: int, cost: float, source: str) -> None:
         """Layer ``l``'s plan becomes ``row``, each GPU's kept experts in their old slots."""
         o = self.old[l].reshape(self.G, -1)
-        self.out[l] = np.concatenate([_keep_slots(row.reshape(self.G, -1)[g], o[g]) for g in range(self.G)])
+        self.out[l] = np.concatenate([keep_slots(row.reshape(self.G, -1)[g], o[g]) for g in range(self.G)])
         self.moves[l], self.cost[l], self.source[l] = moves, cost, source
 
 
@@ -387,7 +362,7 @@ def replan(
     w = unit_scale(np.asarray(weight, dtype=np.float64))
     G, N = num_gpus, num_nodes
     aligned = align_to_previous(fresh, old, G, N)
-    base_moves, base_cost = move_counts(old, aligned, G, N, node_move_cost)
+    base_moves, base_cost = count_moves(old, aligned, G, N, node_move_cost=node_move_cost)
     st = _Replan(
         w=w, old=old, out=aligned.copy(), moves=base_moves.copy(), cost=base_cost.copy(),
         cap=gpu_loads(w, fresh, G).max(axis=1) * (1.0 + max_balance_loss), source=["replan"] * w.shape[0],
@@ -420,7 +395,7 @@ def _repair_layers(st: _Replan, deadline: float | None) -> None:
             late += 1
             continue
         O = _gpu_counts(st.old[l], st.G, E)
-        cin = _arrival_cost(O, st.N, st.node_move_cost)
+        cin = arrival_cost(O, st.N, st.node_move_cost)
         for i, start in enumerate(_starts(st, l)):
             if i and deadline is not None and time.perf_counter() >= deadline:
                 break
@@ -549,7 +524,7 @@ def _block_model(st: _Replan, l: int, n: int) -> _Block | None:
     G, P = st.G, st.P
     k = st.out.shape[1] // G
     O = _gpu_counts(st.old[l], G, E)
-    cin = _arrival_cost(O, st.N, st.node_move_cost)
+    cin = arrival_cost(O, st.N, st.node_move_cost)
     M = _gpu_counts(st.out[l], G, E)
     gs = slice(n * P, (n + 1) * P)
     cur_cost = float((M[gs] * (O[gs] == 0) * cin[gs]).sum())
@@ -588,7 +563,7 @@ def _take_block(st: _Replan, l: int, n: int, b: _Block, x: np.ndarray) -> bool:
     new_row = st.out[l].copy()
     o = st.old[l].reshape(G, k)
     for j, g in enumerate(range(n * P, (n + 1) * P)):
-        new_row[g * k:(g + 1) * k] = _keep_slots(np.repeat(b.X, x[:, j]), o[g])
+        new_row[g * k:(g + 1) * k] = keep_slots(np.repeat(b.X, x[:, j]), o[g])
     # Other blocks are untouched; the whole layer stays within the cap.
     if gpu_loads(st.w[l:l + 1], new_row[None], G).max() > st.cap[l] * (1 + 1e-12):
         return False
