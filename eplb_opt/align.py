@@ -19,36 +19,10 @@ import numpy as np
 
 from .heuristics.local import gpu_counts as _gpu_counts
 
-from .errors import InvalidProblemError, InvalidTypeError
+from .errors import InvalidProblemError
+from .problem import as_placement, positive_int
 
 __all__ = ["align_to_previous", "arrival_cost", "count_moves", "keep_slots"]
-
-
-def _as_plan(x: object, name: str, empty_ok: bool = False) -> np.ndarray:
-    """``x`` as an int64 ``[L, R]`` placement; ``empty_ok``: ``-1`` (an empty slot) is allowed."""
-    try:
-        import torch
-
-        if isinstance(x, torch.Tensor):
-            x = x.detach().cpu().numpy()
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
-    a = np.asarray(x)
-    if a.dtype.kind not in "iu":
-        raise InvalidTypeError(f"{name} must be an integer [L, R] placement, got dtype {a.dtype}")
-    if a.ndim != 2 or a.size == 0:
-        raise InvalidProblemError(f"{name} must be a non-empty [L, R] placement, got shape {a.shape}")
-    if a.min() < (-1 if empty_ok else 0):
-        raise InvalidProblemError(f"{name} holds a negative expert id {int(a.min())}")
-    return a.astype(np.int64)
-
-
-def _size(v: object, name: str) -> int:
-    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
-        raise InvalidTypeError(f"{name} must be a positive integer, got {type(v).__name__} {v!r}")
-    if v < 1:
-        raise InvalidProblemError(f"{name} must be a positive integer, got {v!r}")
-    return int(v)
 
 
 def arrival_cost(old_counts: np.ndarray, num_nodes: int, node_move_cost: float) -> np.ndarray:
@@ -78,12 +52,12 @@ def count_moves(old: np.ndarray, new: np.ndarray, num_gpus: int, num_nodes: int 
         ``moves [L]`` int64; with ``node_move_cost``, ``(moves [L] int64, cost [L]
         float64)``.
     """
-    o, n = _as_plan(old, "old", empty_ok=True), _as_plan(new, "new", empty_ok=True)
+    o, n = as_placement(old, "old", empty_ok=True), as_placement(new, "new", empty_ok=True)
     if n.shape != o.shape:
         raise InvalidProblemError(f"new plan {n.shape} and old plan {o.shape} differ in shape")
-    if n.shape[1] % _size(num_gpus, "num_gpus"):
+    if n.shape[1] % positive_int("num_gpus", num_gpus):
         raise InvalidProblemError(f"num_gpus={num_gpus} must divide the {n.shape[1]} slots per layer")
-    if num_gpus % _size(num_nodes, "num_nodes"):
+    if num_gpus % positive_int("num_nodes", num_nodes):
         raise InvalidProblemError(f"num_nodes={num_nodes} must divide num_gpus={num_gpus}")
     L = o.shape[0]
     E = int(max(o.max(), n.max())) + 1
@@ -146,11 +120,11 @@ def align_to_previous(new: np.ndarray, old: np.ndarray, num_gpus: int, num_nodes
         ``[L, R]`` the relabelled plan: same per-GPU loads as ``new``, fewest moves the
         relabelling allows.
     """
-    n, o = _as_plan(new, "new"), _as_plan(old, "old")
+    n, o = as_placement(new, "new"), as_placement(old, "old")
     if n.shape != o.shape:
         raise InvalidProblemError(f"new plan {n.shape} and old plan {o.shape} differ in shape")
     L, R = n.shape
-    G, N = _size(num_gpus, "num_gpus"), _size(num_nodes, "num_nodes")
+    G, N = positive_int("num_gpus", num_gpus), positive_int("num_nodes", num_nodes)
     if R % G or G % N:
         raise InvalidProblemError(
             f"num_gpus={num_gpus} must divide the {R} slots per layer and num_nodes={num_nodes} must divide num_gpus"

@@ -25,7 +25,7 @@ import numpy as np
 from .errors import InvalidProblemError, InvalidTypeError
 
 __all__ = ["Problem", "SolveOptions", "make_problem", "validate_solve", "as_weight", "as_previous", "as_mask",
-           "choice", "MODES", "POLICIES", "OBJECTIVES", "CONFLICTS"]
+           "choice", "number", "positive_int", "as_placement", "MODES", "POLICIES", "OBJECTIVES", "CONFLICTS"]
 
 MODES = ("heuristic", "exact")
 POLICIES = ("auto", "hierarchical", "global", "spill")
@@ -87,8 +87,9 @@ class Problem:
         return self.num_nodes if self.hierarchical else 1
 
 
-def _size(name: str, value: Any) -> int:
-    """A positive integer size (Python, numpy or 0-d torch integer; not bool)."""
+def positive_int(name: str, value: Any) -> int:
+    """A positive integer size (Python, numpy or 0-d torch integer; not bool), else an
+    error naming ``name``."""
     if isinstance(value, bool) or isinstance(value, np.bool_):
         raise InvalidTypeError(f"{name} must be a positive integer, got bool {value!r}")
     if isinstance(value, numbers.Integral):
@@ -239,10 +240,10 @@ def make_problem(
     """
     mode = choice("mode", mode, MODES)
     policy = choice("policy", policy, POLICIES)
-    R = _size("num_replicas", num_replicas)
-    groups = _size("num_groups", num_groups)
-    nodes = _size("num_nodes", num_nodes)
-    gpus = _size("num_gpus", num_gpus)
+    R = positive_int("num_replicas", num_replicas)
+    groups = positive_int("num_groups", num_groups)
+    nodes = positive_int("num_nodes", num_nodes)
+    gpus = positive_int("num_gpus", num_gpus)
     limit = _time_limit(time_limit)
     if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral):
         raise InvalidTypeError(f"seed must be a non-negative integer, got {type(seed).__name__} {seed!r}")
@@ -568,4 +569,19 @@ def _gpu_ids(ids: Any, G: int) -> np.ndarray:
     if a.min() < 0 or a.max() >= G:
         raise InvalidProblemError(f"masked_gpus holds GPU id {int(a.min() if a.min() < 0 else a.max())}, "
                                   f"not in [0, {G})")
+    return a.astype(np.int64)
+
+
+def as_placement(x: object, name: str, empty_ok: bool = False) -> np.ndarray:
+    """``x`` (array or tensor) as an int64 ``[L, R]`` placement of expert ids;
+    ``empty_ok``: ``-1`` (an empty slot, a masked GPU's) is allowed."""
+    if type(x).__module__.startswith("torch"):
+        x = x.detach().cpu().numpy()
+    a = np.asarray(x)
+    if a.dtype.kind not in "iu":
+        raise InvalidTypeError(f"{name} must be an integer [L, R] placement, got dtype {a.dtype}")
+    if a.ndim != 2 or a.size == 0:
+        raise InvalidProblemError(f"{name} must be a non-empty [L, R] placement, got shape {a.shape}")
+    if a.min() < (-1 if empty_ok else 0):
+        raise InvalidProblemError(f"{name} holds a negative expert id {int(a.min())}")
     return a.astype(np.int64)
