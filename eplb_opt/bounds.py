@@ -135,15 +135,21 @@ def _kth_largest_share(w: np.ndarray, k: int) -> np.ndarray:
     rank = k - first.sum(axis=1)                        # 1-based rank among them
     if ((rank < 1) | (rank > n.sum(axis=1))).any():    # pragma: no cover - the margins
         raise RuntimeError("replica bound bracket missed its share (internal error)")
+    # The shares in [lo, hi), negated and laid out densely row by row ([rows, width],
+    # padded with +inf), so one ascending sort per row puts the largest share first.
+    rows, E = w.shape
     flat_n = n.ravel()
     cell = np.repeat(np.arange(flat_n.size), flat_n)                  # (row, expert) of each share
-    start = np.cumsum(flat_n) - flat_n
-    j = first.ravel()[cell] + 1 + (np.arange(cell.size) - start[cell])
-    share = w.ravel()[cell] / j
-    row = cell // w.shape[1]
-    order = np.lexsort((-share, row))                                 # by row, then descending
-    row_start = np.cumsum(n.sum(axis=1)) - n.sum(axis=1)
-    return share[order][row_start + rank - 1]
+    cell_start = np.cumsum(flat_n) - flat_n
+    offset = np.arange(cell.size) - cell_start[cell]
+    share = w.ravel()[cell] / (first.ravel()[cell] + 1 + offset)
+    per_row = n.sum(axis=1)
+    row = cell // E
+    col = np.arange(cell.size) - (np.cumsum(per_row) - per_row)[row]
+    dense = np.full((rows, int(per_row.max())), np.inf)
+    dense[row, col] = -share
+    dense.sort(axis=1)
+    return -dense[np.arange(rows), rank - 1]
 
 
 def node_replica_bound(
