@@ -19,8 +19,7 @@ import numpy as np
 
 from .apportion import replica_counts
 from .grouping import groups_to_nodes
-from . import packing as _packing
-from .packing import _gather, pack_sorted
+from .packing import DEFAULT_REFINE_ROUNDS, _gather, pack_sorted
 
 __all__ = ["Placement", "place", "pack_rows"]
 
@@ -49,7 +48,7 @@ def place(
     num_groups: int,
     num_nodes: int,
     num_gpus: int,
-    refine_rounds: int | None = None,
+    refine_rounds: int | None = DEFAULT_REFINE_ROUNDS,
     allow_duplicates: bool = True,
     node_of_group: np.ndarray | None = None,
 ) -> Placement:
@@ -64,85 +63,93 @@ def place(
         num_nodes: nodes (``num_gpus`` divisible by it).
         num_gpus: GPUs.
         refine_rounds: cap on swap-refinement rounds (0: seeds only; ``None``: the
-            module default ``heuristics.packing.DEFAULT_REFINE_ROUNDS``, read at call time).
+            default, ``heuristics.packing.DEFAULT_REFINE_ROUNDS``).
         allow_duplicates: when False no GPU holds two replicas of one expert (needs at
-            most ``E / N`` slots per GPU).
+            most ``E / N`` slots per GPU; not checked here).
         node_of_group: optional ``[L, num_groups]`` group-to-node assignment to use
             (``num_groups / N`` groups per node) instead of computing one.
 
     Returns:
-        :class:`Placement`.  Only the shape rules above are checked here; callers
-        validate user input.
+        :class:`Placement`.  Only the shapes the steps depend on are checked here
+        (``ValueError``); callers validate user input (``eplb_opt`` does).
     """
-    if refine_rounds is None:
-        refine_rounds = _packing.DEFAULT_REFINE_ROUNDS
     w = np.asarray(weight, dtype=np.float64)
+    _check_shapes(w, num_replicas, num_groups, num_nodes, num_gpus)
+    num_layers, num_experts = w.shape
+    gpus_per_node = num_gpus // num_nodes
+    # 1. Groups to nodes.
+    node_of_group, exact = _groups_step(w, num_groups, num_nodes, node_of_group)
+    node_experts, node_ids = _node_experts(node_of_group, num_experts, num_nodes)
+    node_w = np.take(w, node_ids).reshape(node_experts.shape)                  # [L * N, E / N]
+    # 2. Replica counts per node.
+    counts = replica_counts(node_w, num_replicas // num_nodes, max_count=gpus_per_node)
+    # 3. Replicas to GPUs.
+    local = pack_rows(
+        node_w, counts, gpus_per_node, refine_rounds=refine_rounds,
+        segment_size=num_nodes, allow_duplicates=allow_duplicates,
+    ).reshape(num_layers * num_nodes, -1)
+    phy2log = _gather(node_experts, local).reshape(num_layers, num_replicas)
+    logcnt = np.empty((num_layers, num_experts), dtype=np.int64)
+    logcnt.reshape(-1)[node_ids.ravel()] = counts.ravel()
+    return Placement(phy2log=phy2log, logcnt=logcnt, node_of_group=node_of_group, groups_exact=exact)
+
+
+def _check_shapes(w: np.ndarray, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int) -> None:
+    """The shape rules :func:`place`'s reshapes depend on (``ValueError``); the rest of
+    the input (values, slots for distinct experts) is the caller's to validate."""
     if w.ndim != 2:
         raise ValueError(f"weight must be [L, E], got shape {w.shape}")
-    num_layers, num_experts = w.shape
     for name, val, div in (
-        ("num_experts", num_experts, num_groups),
+        ("num_experts", w.shape[1], num_groups),
         ("num_groups", num_groups, num_nodes),
         ("num_gpus", num_gpus, num_nodes),
         ("num_replicas", num_replicas, num_gpus),
     ):
         if div < 1 or val % div:
             raise ValueError(f"{name}={val} is not a multiple of {div}")
-    if num_replicas < num_experts:
-        raise ValueError(f"num_replicas={num_replicas} < num_experts={num_experts}")
-    if not allow_duplicates and num_replicas // num_gpus > num_experts // num_nodes:
-        raise ValueError(
-            f"{num_replicas // num_gpus} slots per GPU cannot hold distinct experts of a node's "
-            f"{num_experts // num_nodes}"
-        )
 
-    group_size = num_experts // num_groups
-    experts_per_node = num_experts // num_nodes
-    replicas_per_node = num_replicas // num_nodes
-    gpus_per_node = num_gpus // num_nodes
 
-    # 1. Groups to nodes.
-    group_load = w.reshape(num_layers, num_groups, group_size).sum(axis=2)
+def _groups_step(
+    w: np.ndarray, num_groups: int, num_nodes: int, node_of_group: np.ndarray | None
+) -> tuple[np.ndarray, bool]:
+    """``([L, num_groups] node of every group, exact)``: the given assignment (checked
+    to give every node ``num_groups / N`` groups), else :func:`groups_to_nodes` on the
+    group loads ``[L, num_groups]``."""
+    num_layers, num_experts = w.shape
+    group_load = w.reshape(num_layers, num_groups, num_experts // num_groups).sum(axis=2)
     if node_of_group is None:
         node_of_group, _, exact = groups_to_nodes(group_load, num_nodes)
-    else:
-        node_of_group = np.asarray(node_of_group, dtype=np.int64)
-        per_node = np.stack([(node_of_group == n).sum(axis=1) for n in range(num_nodes)], axis=1)
-        if node_of_group.shape != group_load.shape or (per_node != num_groups // num_nodes).any():
-            raise ValueError("node_of_group must give every node num_groups / num_nodes groups per layer")
-        exact = False
+        return node_of_group, exact
+    node_of_group = np.asarray(node_of_group, dtype=np.int64)
+    per_node = np.stack([(node_of_group == n).sum(axis=1) for n in range(num_nodes)], axis=1)
+    if node_of_group.shape != group_load.shape or (per_node != num_groups // num_nodes).any():
+        raise ValueError("node_of_group must give every node num_groups / num_nodes groups per layer")
+    return node_of_group, False
+
+
+def _node_experts(node_of_group: np.ndarray, num_experts: int, num_nodes: int) -> tuple[np.ndarray, np.ndarray]:
+    """The experts of every (layer, node) row, node by node, groups in the order
+    ``argsort(node_of_group)`` puts them.
+
+    Returns ``(node_experts [L * N, E / N] global expert ids, node_ids [L, E] the same
+    as flat indices into a ``[L, E]`` array)`` (flat takes throughout: far cheaper in
+    numpy than row-and-column fancy indexing).
+    """
+    num_layers, num_groups = node_of_group.shape
+    group_size = num_experts // num_groups
     group_order = np.argsort(node_of_group, axis=1, kind="stable")           # groups by node
     node_experts = (group_order[:, :, None] * group_size + np.arange(group_size)).reshape(
-        num_layers * num_nodes, experts_per_node
-    )                                                                        # global expert ids
-    rows = num_layers * num_nodes
-    # Flat takes throughout: far cheaper in numpy than row-and-column fancy indexing.
-    layer_off = (np.arange(num_layers) * num_experts)[:, None]
-    node_ids = node_experts.reshape(num_layers, -1) + layer_off             # flat ids into w
-    node_w = np.take(w, node_ids)
-    node_w = node_w.reshape(rows, experts_per_node)
-
-    # 2. Replica counts per node.
-    counts = replica_counts(node_w, replicas_per_node, max_count=gpus_per_node)  # [rows, En]
-
-    # 3. Replicas to GPUs.  A row need not be refined below the heaviest bound of its
-    # layer: the layer's step time cannot drop under it anyway.
-    local = pack_rows(
-        node_w, counts, gpus_per_node, refine_rounds=refine_rounds,
-        segment_size=num_nodes, allow_duplicates=allow_duplicates,
-    ).reshape(rows, -1)
-    phy2log = _gather(node_experts, local).reshape(num_layers, num_replicas)
-
-    logcnt = np.empty((num_layers, num_experts), dtype=np.int64)
-    logcnt.reshape(-1)[node_ids.ravel()] = counts.ravel()
-    return Placement(phy2log=phy2log, logcnt=logcnt, node_of_group=node_of_group, groups_exact=exact)
+        num_layers * num_nodes, num_experts // num_nodes
+    )
+    node_ids = node_experts.reshape(num_layers, -1) + (np.arange(num_layers) * num_experts)[:, None]
+    return node_experts, node_ids
 
 
 def pack_rows(
     weight: np.ndarray,
     counts: np.ndarray,
     num_packs: int,
-    refine_rounds: int | None = None,
+    refine_rounds: int | None = DEFAULT_REFINE_ROUNDS,
     segment_size: int = 1,
     allow_duplicates: bool = True,
     target: np.ndarray | None = None,
@@ -164,7 +171,7 @@ def pack_rows(
         ``[rows, P, k]`` int64: the (row-local) expert held by each slot.
     """
     if refine_rounds is None:
-        refine_rounds = _packing.DEFAULT_REFINE_ROUNDS
+        refine_rounds = DEFAULT_REFINE_ROUNDS
     w = np.asarray(weight, dtype=np.float64)
     c = np.asarray(counts, dtype=np.int64)
     rows = w.shape[0]
