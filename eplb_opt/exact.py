@@ -765,26 +765,24 @@ def _pack_candidates(s: _Refinement, wr: np.ndarray, cand: np.ndarray, target: f
 
 def _jumps(w: np.ndarray, c: np.ndarray, multi: np.ndarray, cap: int, max_jump: int) -> np.ndarray:
     """Count vectors where one expert of ``multi`` gives away (or takes) ``t`` replicas,
-    ``t = 2..max_jump``, the others following the greedy rule; ``[n, len(w)]``."""
+    ``t = 2..max_jump``, the others following the heuristic's replica-count rule
+    (:func:`heuristics.apportion.add_replicas` / ``remove_replicas``); ``[n, len(w)]``."""
+    from .heuristics.apportion import add_replicas, remove_replicas
+
     out = []
     for e in multi:
+        others = np.arange(len(w)) == e                        # e itself takes no part
         for t in range(2, max_jump + 1):
             if c[e] - t >= 1:                                  # give t away
                 nc = c.copy()
                 nc[e] -= t
-                for _ in range(t):
-                    ratio = np.where((nc < cap) & (np.arange(len(w)) != e), w / nc, -np.inf)
-                    nc[int(ratio.argmax())] += 1
-                out.append(nc)
+                nc = add_replicas(w[None], nc[None], t, cap, frozen=others[None])[0]
+                if nc.sum() == c.sum():
+                    out.append(nc)
             if c[e] + t <= cap:                                # take t
                 nc = c.copy()
                 nc[e] += t
-                for _ in range(t):
-                    ratio = np.where((nc > 1) & (np.arange(len(w)) != e), w / np.maximum(nc - 1, 1), np.inf)
-                    j = int(ratio.argmin())
-                    if not np.isfinite(ratio[j]):
-                        break
-                    nc[j] -= 1
+                nc = remove_replicas(w[None], nc[None], t, frozen=others[None])[0]
                 if nc.sum() == c.sum():
                     out.append(nc)
     return np.array(out, dtype=np.int64).reshape(-1, len(w))
