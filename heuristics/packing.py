@@ -28,6 +28,7 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = [
+    "gather_rows",
     "kk_layout",
     "lpt_rounds_layout",
     "pack_items",
@@ -77,7 +78,7 @@ def runs_order(values: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return np.lexsort((labels, -values), axis=1)
 
 
-def _gather(a: np.ndarray, idx: np.ndarray) -> np.ndarray:
+def gather_rows(a: np.ndarray, idx: np.ndarray) -> np.ndarray:
     """``a[r, idx[r, ...]]`` for 2-D ``a`` (one flat ``take``: several times cheaper in
     numpy than fancy indexing with a row index and a column index)."""
     rows, n = a.shape
@@ -87,7 +88,7 @@ def _gather(a: np.ndarray, idx: np.ndarray) -> np.ndarray:
 
 def pack_loads(values: np.ndarray, layout: np.ndarray) -> np.ndarray:
     """Pack loads ``[rows, P]`` of a layout ``[rows, P, k]`` over item loads ``[rows, n]``."""
-    return _gather(values, layout).sum(-1)
+    return gather_rows(values, layout).sum(-1)
 
 
 # ----------------------------------------------------------------------------- seeds
@@ -232,7 +233,7 @@ def lpt_rounds_layout(values: np.ndarray, num_packs: int, order: np.ndarray | No
     """
     rows, n, k = _check(values, num_packs)
     order = _descending(values) if order is None else order
-    sorted_v = _gather(values, order).reshape(rows, k, num_packs)
+    sorted_v = gather_rows(values, order).reshape(rows, k, num_packs)
     blocks = order.reshape(rows, k, num_packs)
     lay = np.empty((rows, num_packs, k), dtype=np.int64)
     loads = np.zeros((rows, num_packs))
@@ -287,7 +288,7 @@ def _kk_sorted(sorted_values: np.ndarray, num_packs: int) -> np.ndarray:
         ib = spread.argmax(axis=1)
         raw = parts[ar, ia] + parts[ar, ib][:, ::-1]         # lightest of a + heaviest of b
         perm = np.argsort(raw, axis=1)
-        merged = _gather(raw, perm)
+        merged = gather_rows(raw, perm)
         parts[ar, ia] = merged
         spread[ar, ia] = merged[:, -1] - merged[:, 0]
         spread[ar, ib] = -np.inf
@@ -343,12 +344,12 @@ def kk_layout(
     rows, n, k = _check(values, num_packs)
     if labels is not None:
         order = runs_order(values, labels)
-        perm, _ = unsplit_runs(_gather(labels, order), num_packs)
-        order = _gather(order, perm)
+        perm, _ = unsplit_runs(gather_rows(labels, order), num_packs)
+        order = gather_rows(order, perm)
     else:
         order = _descending(values) if order is None else order
-    pos = _kk_sorted(_gather(values, order), num_packs)
-    return _gather(order, pos)
+    pos = _kk_sorted(gather_rows(values, order), num_packs)
+    return gather_rows(order, pos)
 
 
 # ------------------------------------------------------------------ working state
@@ -366,7 +367,7 @@ class _Layout:
     def __init__(self, values: np.ndarray, labels: np.ndarray, layout: np.ndarray) -> None:
         rows, num_packs, k = layout.shape
         self.layout = np.array(layout, dtype=np.int64, order="C")
-        self.v = np.ascontiguousarray(_gather(values, self.layout))
+        self.v = np.ascontiguousarray(gather_rows(values, self.layout))
         self.loads = np.ascontiguousarray(self.v.sum(-1))
         self.num_packs = num_packs
         raw = int(labels.max()) + 1 if labels.size else 1
@@ -377,7 +378,7 @@ class _Layout:
         table = np.where(hot, rank, cold)
         self.cold = cold
         self.num_labels = cold + 1
-        self.lab = np.ascontiguousarray(_gather(table, _gather(labels, self.layout)))
+        self.lab = np.ascontiguousarray(gather_rows(table, gather_rows(labels, self.layout)))
         # Flat views of the C-contiguous slot arrays, for cheap 1-D fancy indexing.
         self._flat = tuple(a.reshape(-1) for a in (self.v, self.lab, self.layout, self.loads))
         key = (np.arange(rows * num_packs) * self.num_labels).reshape(rows, num_packs, 1) + self.lab
@@ -566,78 +567,93 @@ def _refine(
     segment whose maximal row finds no improving swap stops.
     """
     rows, num_packs, k = st.layout.shape
-    if segment is None:
-        seg = np.arange(rows)
-        nseg = rows
-    else:
-        segment = np.asarray(segment)
-        starts = None
-        if rows and bool((segment[1:] >= segment[:-1]).all()):
-            # Sorted segments (the pipeline's case): ids and starts by one pass.
-            change = segment[1:] != segment[:-1]
-            seg = np.concatenate(([0], np.cumsum(change)))
-            starts = np.flatnonzero(np.concatenate(([True], change)))
-        else:
-            _, seg = np.unique(segment, return_inverse=True)
-        nseg = int(seg[-1] if starts is not None else seg.max()) + 1 if rows else 0
+    seg, nseg, starts = _row_segments(segment, rows)
     frozen = np.zeros(nseg, dtype=bool)
     # The heaviest pack tries the `near` lightest packs; the `pairs` heaviest packs
     # are paired with the `pairs` lightest.  Bounded so a round stays cheap on many GPUs.
     near = min(num_packs - 1, _PARTNERS)
     pairs = min(num_packs // 2, _PARTNERS)
     thresh = None if target is None else target * (1 + _REL_EPS)
-
     for _ in range(max_rounds):
         row_max = st.loads.max(axis=1)
         ok = ~frozen[seg]
         if thresh is not None:
             ok &= row_max > thresh
         if segment is not None:
-            if starts is not None:
-                seg_max = np.maximum.reduceat(row_max, starts)[seg]
-            else:
-                seg_max_s = np.full(nseg, -np.inf)
-                np.maximum.at(seg_max_s, seg, row_max)
-                seg_max = seg_max_s[seg]
-            ok &= row_max >= seg_max * (1 - _REL_EPS)
+            ok &= row_max >= _segment_max(row_max, seg, nseg, starts) * (1 - _REL_EPS)
         active = np.flatnonzero(ok)
         if active.size == 0:
             break
-        a_n = active.size
-        ar = np.arange(a_n)
-        order = np.argsort(st.loads[active], axis=1)
-        h = order[:, -1]
-        heavy = np.empty((a_n, near + pairs), dtype=np.int64)
-        heavy[:, :near] = h[:, None]
-        heavy[:, near:] = order[:, : num_packs - pairs - 1 : -1]
-        light = np.empty_like(heavy)
-        light[:, :near] = order[:, :near]
-        light[:, near:] = order[:, :pairs]
-        val, ai, bi, dev, mid = _best_pair_swaps(st, active, heavy, light)
-        g_col = val[:, :near].argmin(axis=1)
-        best = (val[ar, g_col], ai[ar, g_col], light[ar, g_col], bi[ar, g_col])
-        acc, hai, hpart, hbi = _heavy_multi_swaps(st, active, h, order, best, dev, mid, near)
-        ok = acc[:, 0]
-        if ok.any():
-            rr = np.broadcast_to(active[:, None], acc.shape)[acc]
-            hh = np.broadcast_to(h[:, None], acc.shape)[acc]
-            st.swap(rr, hh, hai[acc], hpart[acc], hbi[acc], distinct=False)
-        if pairs:
-            # Paired swaps touching no pack changed above (they were evaluated on the
-            # loads before it).
-            pv = val[:, near:]
-            ph = heavy[:, near:]
-            pl = light[:, near:]
-            touched = np.zeros((a_n, num_packs), dtype=bool)
-            touched[ar, h] = ok
-            touched[np.broadcast_to(ar[:, None], acc.shape)[acc], hpart[acc]] = True
-            hit = touched[ar[:, None], ph] | touched[ar[:, None], pl]
-            pok = np.isfinite(pv) & ~hit
-            if pok.any():
-                r = np.broadcast_to(active[:, None], pok.shape)[pok]
-                st.swap(r, ph[pok], ai[:, near:][pok], pl[pok], bi[:, near:][pok])
+        improved = _refine_round(st, active, near, pairs)
         # A segment whose heaviest row is stuck cannot get better.
-        frozen[seg[active[~ok]]] = True
+        frozen[seg[active[~improved]]] = True
+
+
+def _row_segments(segment: np.ndarray | None, rows: int) -> tuple[np.ndarray, int, np.ndarray | None]:
+    """``(seg [rows] segment index of every row, number of segments, starts)``; without
+    ``segment`` every row is its own segment.  ``starts`` (first row of each segment)
+    is given when the segment ids are sorted (the pipeline's case), else None."""
+    if segment is None:
+        return np.arange(rows), rows, None
+    segment = np.asarray(segment)
+    starts = None
+    if rows and bool((segment[1:] >= segment[:-1]).all()):
+        # Sorted segments: ids and starts by one pass.
+        change = segment[1:] != segment[:-1]
+        seg = np.concatenate(([0], np.cumsum(change)))
+        starts = np.flatnonzero(np.concatenate(([True], change)))
+    else:
+        _, seg = np.unique(segment, return_inverse=True)
+    nseg = int(seg[-1] if starts is not None else seg.max()) + 1 if rows else 0
+    return seg, nseg, starts
+
+
+def _segment_max(row_max: np.ndarray, seg: np.ndarray, nseg: int, starts: np.ndarray | None) -> np.ndarray:
+    """``[rows]``: the largest ``row_max`` of each row's segment (see :func:`_row_segments`)."""
+    if starts is not None:
+        return np.maximum.reduceat(row_max, starts)[seg]
+    seg_max = np.full(nseg, -np.inf)
+    np.maximum.at(seg_max, seg, row_max)
+    return seg_max[seg]
+
+
+def _refine_round(st: _Layout, active: np.ndarray, near: int, pairs: int) -> np.ndarray:
+    """One refinement round on the ``active`` rows (in place): the best swaps of each
+    row's heaviest pack with its ``near`` lightest packs, then the paired swaps (i-th
+    heaviest, i-th lightest, ``pairs`` of them) touching neither pack changed first.
+    Returns ``[active.size]`` bool: the heaviest pack got a swap."""
+    num_packs = st.layout.shape[1]
+    ar = np.arange(active.size)
+    order = np.argsort(st.loads[active], axis=1)
+    h = order[:, -1]
+    heavy = np.empty((active.size, near + pairs), dtype=np.int64)
+    heavy[:, :near] = h[:, None]
+    heavy[:, near:] = order[:, : num_packs - pairs - 1 : -1]
+    light = np.empty_like(heavy)
+    light[:, :near] = order[:, :near]
+    light[:, near:] = order[:, :pairs]
+    val, ai, bi, dev, mid = _best_pair_swaps(st, active, heavy, light)
+    g_col = val[:, :near].argmin(axis=1)
+    best = (val[ar, g_col], ai[ar, g_col], light[ar, g_col], bi[ar, g_col])
+    acc, hai, hpart, hbi = _heavy_multi_swaps(st, active, h, order, best, dev, mid, near)
+    ok = acc[:, 0]
+    if ok.any():
+        rr = np.broadcast_to(active[:, None], acc.shape)[acc]
+        hh = np.broadcast_to(h[:, None], acc.shape)[acc]
+        st.swap(rr, hh, hai[acc], hpart[acc], hbi[acc], distinct=False)
+    if pairs:
+        # Paired swaps touching no pack changed above (they were evaluated on the
+        # loads before it).
+        touched = np.zeros((active.size, num_packs), dtype=bool)
+        touched[ar, h] = ok
+        touched[np.broadcast_to(ar[:, None], acc.shape)[acc], hpart[acc]] = True
+        ph, pl = heavy[:, near:], light[:, near:]
+        hit = touched[ar[:, None], ph] | touched[ar[:, None], pl]
+        pok = np.isfinite(val[:, near:]) & ~hit
+        if pok.any():
+            r = np.broadcast_to(active[:, None], pok.shape)[pok]
+            st.swap(r, ph[pok], ai[:, near:][pok], pl[pok], bi[:, near:][pok])
+    return ok
 
 
 def refine_swaps(
@@ -748,7 +764,7 @@ def separate_duplicates(
 
 def _has_duplicates(labels: np.ndarray, layout: np.ndarray) -> np.ndarray:
     """``[rows]`` bool: some pack of the row holds two items of one label."""
-    lab = _gather(labels, layout)
+    lab = gather_rows(labels, layout)
     lab.sort(axis=-1)
     return (lab[..., 1:] == lab[..., :-1]).any(axis=(1, 2))
 
@@ -795,58 +811,26 @@ def pack_sorted(
     # Seeds cascade.  Every row starts from the snake (rotated where a run crosses a
     # block, to keep an expert's replicas apart); rows at or below their target are done,
     # since no plan of their segment can do better.
-    layout, check = _rotated_snake(labels, num_packs)
-    snake_v = values.reshape(rows, k, num_packs).copy()
-    snake_v[:, 1::2, :] = snake_v[:, 1::2, ::-1]
-    best_max = snake_v.sum(axis=1).max(axis=1)
-    if check.any():
-        best_max[check] = pack_loads(values[check], layout[check]).max(axis=1)
+    layout, best_max, check = _snake_seed(values, labels, num_packs)
     todo = np.arange(rows)
     if target is not None:
         todo = todo[best_max > target * (1 + _REL_EPS)]
     if todo.size:
         # The rest get largest differencing on an order that keeps every expert's
         # replicas inside one block of P (so they land on different packs).
-        perm, split = unsplit_runs(labels[todo], num_packs)
-        kk = _gather(perm, _kk_sorted(_gather(values[todo], perm), num_packs))
-        kk_max = pack_loads(values[todo], kk).max(axis=1)
+        kk, kk_max, split = _kk_seed(values[todo], labels[todo], num_packs)
         better = kk_max <= best_max[todo]
         layout[todo[better]] = kk[better]
         best_max[todo[better]] = kk_max[better]
         check[todo[better]] = split[better]
-
-    # Rows still far above target where one item dominates (more than half a pack's
-    # average load, typically without redundancy) also try item-by-item LPT.
     if target is not None:
-        dominant = values[:, 0] > values.sum(axis=1) / (2 * num_packs)
-        far = np.flatnonzero(dominant & (best_max > target * (1 + _FAR)))
-        if far.size:
-            perm, split = unsplit_runs(labels[far], num_packs)
-            lpt = _gather(perm, _lpt_items(_gather(values[far], perm), num_packs))
-            lpt_max = pack_loads(values[far], lpt).max(axis=1)
-            better = lpt_max < best_max[far]
-            layout[far[better]] = lpt[better]
-            best_max[far[better]] = lpt_max[better]
-            check[far[better]] = True
-
+        _lpt_where_far(values, labels, num_packs, target, layout, best_max, check)
     # Separate replicas of one expert sharing a GPU (possible only in the rows flagged
     # above), letting any pack go up to the segment's current maximum (the objective);
     # refinement below never creates one.
-    dup = np.flatnonzero(check)
-    if dup.size:
-        dup = dup[_has_duplicates(labels[dup], layout[dup])]
-    if dup.size:
-        seg_cap = np.repeat(best_max.reshape(-1, segment_size).max(axis=1), segment_size)
-        sub = _Layout(values[dup], labels[dup], layout[dup])
-        _separate(sub, np.arange(dup.size), 64, cap=seg_cap[dup])
-        layout[dup] = sub.layout
-        best_max[dup] = sub.loads.max(axis=1)
-        if not allow_duplicates:
-            left = dup[sub.has_duplicates()]
-            if left.size:
-                layout[left] = np.arange(n).reshape(1, k, num_packs).transpose(0, 2, 1)
-                best_max[left] = pack_loads(values[left], layout[left]).max(axis=1)
-                todo = np.union1d(todo, left)
+    left = _separate_seeds(values, labels, layout, best_max, check, segment_size, allow_duplicates)
+    if left.size:
+        todo = np.union1d(todo, left)
     if target is not None:
         todo = todo[best_max[todo] > target[todo] * (1 + _REL_EPS)]
     if refine_rounds > 0 and todo.size:
@@ -855,6 +839,76 @@ def pack_sorted(
         _refine(st, None if target is None else target[todo], refine_rounds, seg)
         layout[todo] = st.layout
     return layout
+
+
+def _snake_seed(values: np.ndarray, labels: np.ndarray, num_packs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The first seed of every row of sorted items ``[rows, n]``: ``(layout [rows, P, k],
+    heaviest pack [rows], check [rows] bool)``; ``check`` marks rows whose snake was
+    rotated (see :func:`_rotated_snake`), the only ones that may hold a duplicate."""
+    rows, n = values.shape
+    layout, check = _rotated_snake(labels, num_packs)
+    snake_v = values.reshape(rows, n // num_packs, num_packs).copy()
+    snake_v[:, 1::2, :] = snake_v[:, 1::2, ::-1]
+    best_max = snake_v.sum(axis=1).max(axis=1)
+    if check.any():
+        best_max[check] = pack_loads(values[check], layout[check]).max(axis=1)
+    return layout, best_max, check
+
+
+def _kk_seed(values: np.ndarray, labels: np.ndarray, num_packs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Largest differencing on sorted items ``[rows, n]`` reordered so that no expert's
+    run crosses a block of ``P``: ``(layout [rows, P, k], heaviest pack [rows], split
+    [rows] bool: some run had to be split, so a duplicate is possible)``."""
+    perm, split = unsplit_runs(labels, num_packs)
+    kk = gather_rows(perm, _kk_sorted(gather_rows(values, perm), num_packs))
+    return kk, pack_loads(values, kk).max(axis=1), split
+
+
+def _lpt_where_far(
+    values: np.ndarray, labels: np.ndarray, num_packs: int, target: np.ndarray,
+    layout: np.ndarray, best_max: np.ndarray, check: np.ndarray,
+) -> None:
+    """Rows still far above ``target`` (``[rows]``) where one item dominates (more than
+    half a pack's average load, typically without redundancy) also try item-by-item
+    LPT; a strictly lighter heaviest pack replaces the row's seed (in place)."""
+    dominant = values[:, 0] > values.sum(axis=1) / (2 * num_packs)
+    far = np.flatnonzero(dominant & (best_max > target * (1 + _FAR)))
+    if far.size:
+        perm, _ = unsplit_runs(labels[far], num_packs)
+        lpt = gather_rows(perm, _lpt_items(gather_rows(values[far], perm), num_packs))
+        lpt_max = pack_loads(values[far], lpt).max(axis=1)
+        better = lpt_max < best_max[far]
+        layout[far[better]] = lpt[better]
+        best_max[far[better]] = lpt_max[better]
+        check[far[better]] = True
+
+
+def _separate_seeds(
+    values: np.ndarray, labels: np.ndarray, layout: np.ndarray, best_max: np.ndarray, check: np.ndarray,
+    segment_size: int, allow_duplicates: bool,
+) -> np.ndarray:
+    """Separate duplicates in the ``check`` rows of the seeds (in place), any pack allowed
+    up to its segment's current maximum.  Without ``allow_duplicates``, rows still
+    holding one fall back to dealing positions round-robin; returns those rows
+    (``[m]``, to be refined)."""
+    dup = np.flatnonzero(check)
+    if dup.size:
+        dup = dup[_has_duplicates(labels[dup], layout[dup])]
+    if dup.size == 0:
+        return dup
+    _, num_packs, k = layout.shape
+    seg_cap = np.repeat(best_max.reshape(-1, segment_size).max(axis=1), segment_size)
+    sub = _Layout(values[dup], labels[dup], layout[dup])
+    _separate(sub, np.arange(dup.size), 64, cap=seg_cap[dup])
+    layout[dup] = sub.layout
+    best_max[dup] = sub.loads.max(axis=1)
+    if allow_duplicates:
+        return dup[:0]
+    left = dup[sub.has_duplicates()]
+    if left.size:
+        layout[left] = np.arange(num_packs * k).reshape(1, k, num_packs).transpose(0, 2, 1)
+        best_max[left] = pack_loads(values[left], layout[left]).max(axis=1)
+    return left
 
 
 def pack_items(
@@ -883,8 +937,8 @@ def pack_items(
     labels = np.asarray(labels)
     order = runs_order(values, labels)
     pos = pack_sorted(
-        _gather(values, order), _gather(labels, order), num_packs,
+        gather_rows(values, order), gather_rows(labels, order), num_packs,
         target=target, refine_rounds=refine_rounds, segment_size=segment_size,
         allow_duplicates=allow_duplicates,
     )
-    return _gather(order, pos)
+    return gather_rows(order, pos)

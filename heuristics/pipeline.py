@@ -19,7 +19,7 @@ import numpy as np
 
 from .apportion import replica_counts
 from .grouping import groups_to_nodes
-from .packing import DEFAULT_REFINE_ROUNDS, _gather, pack_sorted
+from .packing import DEFAULT_REFINE_ROUNDS, gather_rows, pack_sorted
 
 __all__ = ["Placement", "place", "pack_rows"]
 
@@ -88,7 +88,7 @@ def place(
         node_w, counts, gpus_per_node, refine_rounds=refine_rounds,
         segment_size=num_nodes, allow_duplicates=allow_duplicates,
     ).reshape(num_layers * num_nodes, -1)
-    phy2log = _gather(node_experts, local).reshape(num_layers, num_replicas)
+    phy2log = gather_rows(node_experts, local).reshape(num_layers, num_replicas)
     logcnt = np.empty((num_layers, num_experts), dtype=np.int64)
     logcnt.reshape(-1)[node_ids.ravel()] = counts.ravel()
     return Placement(phy2log=phy2log, logcnt=logcnt, node_of_group=node_of_group, groups_exact=exact)
@@ -180,8 +180,8 @@ def pack_rows(
     # Replicas by decreasing load, an expert's replicas adjacent: order the experts, then
     # expand each into its replicas (no sort over replicas needed).
     expert_order = np.argsort(-per_replica, axis=1)
-    labels = np.repeat(expert_order.ravel(), _gather(c, expert_order).ravel()).reshape(rows, n)
-    values = _gather(per_replica, labels)
+    labels = np.repeat(expert_order.ravel(), gather_rows(c, expert_order).ravel()).reshape(rows, n)
+    values = gather_rows(per_replica, labels)
     if target is None:
         row_bound = np.maximum(values.sum(axis=1) / num_packs, values[:, 0])
         target = np.repeat(row_bound.reshape(-1, segment_size).max(axis=1), segment_size)
@@ -189,4 +189,4 @@ def pack_rows(
         values, labels, num_packs, target=target, refine_rounds=refine_rounds,
         segment_size=segment_size, allow_duplicates=allow_duplicates,
     )
-    return _gather(labels, layout)
+    return gather_rows(labels, layout)
