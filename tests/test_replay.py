@@ -277,6 +277,11 @@ def test_plans_that_ignore_the_deployed_placement_are_reused_across_intervals(tr
     # The first plan (steps 0..39) serves again at step 40; interval 80 rebalances at 80 and
     # 160 with histories interval 40 saw: no new call.
     assert [c[0] for c in rec.calls] == [0, 80, 120, 160, 200]
+    # A policy that reads the deployed placement replans at every rebalance; its first plan
+    # (same history, same round-robin "deployed") is made once for both intervals.
+    rec2 = Recorder("stateful")
+    _replay(trace, policies=[rec2.policy], interval=[40, 80], window=40, clairvoyant=False)
+    assert [c[0] for c in rec2.calls] == [0, 40, 80, 120, 160, 200, 80, 160]
 
 
 def test_progress_only_when_asked(trace, capsys):

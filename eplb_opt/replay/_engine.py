@@ -122,6 +122,7 @@ class Context:
     initial: str                                       # "plan" or "round_robin"
     initial_steps: int                                 # "plan": the first plans see steps 0 .. initial_steps - 1
     plan_cache: dict[tuple[str, int, int], tuple[np.ndarray, float]] = field(default_factory=dict)
+    first_plans: dict[str, np.ndarray] = field(default_factory=dict)   # run -> its first plan (any interval)
 
     def copy_seconds(self, same: np.ndarray, cross: np.ndarray) -> float:
         """The slowest GPU's receive time: its same-node bytes over NVLink plus its
@@ -214,18 +215,21 @@ def _start(policies: list[ReplayPolicy], runs: dict[str, Run], first: np.ndarray
     """``initial="plan"``: every run's own first placement (``first``: the first served
     window's sum, for the clairvoyant plan)."""
     history = History(ctx.source, 0, ctx.initial_steps, ctx.chunk)
-    runs["static"].start_with(_heuristic(history.summed(), ctx), ctx)
+    if "static" not in ctx.first_plans:
+        ctx.first_plans["static"] = _heuristic(history.summed(), ctx)
+    runs["static"].start_with(ctx.first_plans["static"].copy(), ctx)
     if "clairvoyant" in runs:
         runs["clairvoyant"].start_with(_heuristic(first, ctx), ctx)
     for policy in policies:
         run = runs[policy.name]
-        try:
-            plan, _ = _plan(policy, run, 0, history, ctx)
+        try:                                   # the same request at every interval: planned once
+            if policy.name not in ctx.first_plans:
+                ctx.first_plans[policy.name] = _plan(policy, run, 0, history, ctx)[0]
         except Exception as exc:  # noqa: BLE001 - a crashing policy is reported, the others go on
             kind = "bad output" if isinstance(exc, PolicyError) else f"crashed: {type(exc).__name__}"
             run.failed = f"step 0 (its first plan): {kind}: {exc}"
             continue
-        run.start_with(plan.copy(), ctx)
+        run.start_with(ctx.first_plans[policy.name].copy(), ctx)
 
 
 def replay_interval(ctx: Context, policies: list[ReplayPolicy], interval: int, window: int,
