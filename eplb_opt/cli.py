@@ -598,8 +598,9 @@ def _replay_parser(sub: "argparse._SubParsersAction") -> None:
         "placement, a clairvoyant plan and the certified lower bound; writes results.json, REPORT.md and plots "
         "with --out.  Rules and defaults: eplb_opt.replay in docs/API.md.")
     rl.add_argument("trace", nargs="?", default=None,
-                    help="per-step loads: .npy or single-tensor .safetensors (read in chunks), or .npz/.pt/ADRS "
-                         ".json/SGLang or TensorRT-LLM dumps (loaded whole); omit with --preset to generate one")
+                    help="per-step loads [steps, layers, experts]: .npy or single-tensor .safetensors (read in "
+                         "chunks), or .npz, .pt, ADRS expert-load.json (the layout of ADRS, AI-Driven Research for "
+                         "Systems), SGLang or TensorRT-LLM dumps (loaded whole); omit it with --preset to generate one")
     rl.add_argument("--preset", default=None, choices=sorted(PRESETS),
                     help="the topology of a preset (flags below override it); without TRACE, also generate a "
                          "drifting per-step trace of it (eplb_opt.replay.step_trace)")
