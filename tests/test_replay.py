@@ -211,15 +211,21 @@ def _same(a, b):
     assert np.array_equal(a.mean_load, b.mean_load)
 
 
-def test_streamed_files_give_the_same_figures_as_the_array(tmp_path, trace):
+def test_every_trace_format_gives_the_same_figures_as_the_array(tmp_path, trace):
+    """.npy and .safetensors stream; .npz, .pt and ADRS .json load whole; all agree."""
+    import torch
     from safetensors.numpy import save_file
 
     np.save(tmp_path / "t.npy", trace)
     save_file({"loads": np.ascontiguousarray(trace)}, str(tmp_path / "t.safetensors"))
     np.savez(tmp_path / "t.npz", loads=trace)
+    torch.save(torch.as_tensor(trace), tmp_path / "t.pt")
+    adrs = {"load_history": [{"logical_expert_load": step.tolist()} for step in trace]}
+    (tmp_path / "t.json").write_text(json.dumps(adrs))
     kw = dict(policies=["ours", "windows"], interval=[40, 70], chunk_steps=32)
     whole = _replay(trace, **kw)
-    for name, streams in (("t.npy", True), ("t.safetensors", True), ("t.npz", False)):
+    for name, streams in (("t.npy", True), ("t.safetensors", True), ("t.npz", False), ("t.pt", False),
+                          ("t.json", False)):
         r = _replay(tmp_path / name, **kw)
         assert r.streamed is streams, name
         _same(whole, r)
