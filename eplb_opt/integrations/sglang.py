@@ -45,7 +45,7 @@ from typing import Any
 import torch
 
 from ..errors import InvalidProblemError, InvalidTypeError
-from . import _env
+from . import engine_env
 
 __all__ = ["dispatch", "install", "rebalance_experts", "register", "settings"]
 
@@ -113,7 +113,7 @@ def rebalance_experts(
     """
     from ..api import solve
 
-    _env.check_same_plan(mode, deterministic, _ENGINE)
+    engine_env.check_same_plan(mode, deterministic, _ENGINE)
     G = _gpu_count(num_physical_experts, num_local_physical_experts)
     t = _step_loads(tokens_per_expert, objective)
     masked = None
@@ -180,7 +180,7 @@ def settings(explicit: dict[str, Any] | None = None) -> dict[str, Any]:
     Raises:
         InvalidProblemError: an unknown setting, an environment value that does not
             parse, or exact mode with ``deterministic=False``."""
-    return _env.resolve(explicit, _DEFAULTS, _ENGINE)[0]
+    return engine_env.resolve(explicit, _DEFAULTS, _ENGINE)[0]
 
 
 def dispatch(
@@ -248,8 +248,8 @@ def install(**config: Any) -> Any:
     previous = module.rebalance_experts
     if not _is_ours(previous):
         module.rebalance_experts = dispatch
-        _env.announce(_log, "eplb-opt: %s is now eplb_opt.integrations.sglang.dispatch, was %s (%s)",
-                      TARGET, _qualname(previous), _env.describe(cfg))
+        engine_env.announce(_log, "eplb-opt: %s is now eplb_opt.integrations.sglang.dispatch, was %s (%s)",
+                            TARGET, _qualname(previous), engine_env.describe(cfg))
     return dispatch
 
 
@@ -291,7 +291,7 @@ def register() -> Any:
             ``EPLB_OPT_DETERMINISTIC=0``).  SGLang's loader logs a plugin's exception
             ("Failed to execute general plugin: eplb_opt") and keeps its own algorithms.
     """
-    if not _env.flag("EPLB_OPT_SGLANG"):
+    if not engine_env.flag("EPLB_OPT_SGLANG"):
         _log.debug("eplb-opt: EPLB_OPT_SGLANG is not set; SGLang's EPLB algorithms are left alone")
         return None
     cfg = settings(_config)
@@ -316,7 +316,7 @@ def register() -> Any:
         # Not called by load_plugins(), which applies the hooks: nothing would apply ours.
         return install()
     HookRegistry.register(TARGET, dispatch, HookType.REPLACE)
-    _env.announce(_log, "eplb-opt: EPLB_OPT_SGLANG=1: %s (%s) will run eplb_opt.integrations.sglang.dispatch "
-                  "(a REPLACE hook, applied by SGLang's load_plugins) (%s)", TARGET,
-                  _qualname(module.rebalance_experts), _env.describe(cfg))
+    engine_env.announce(_log, "eplb-opt: EPLB_OPT_SGLANG=1: %s (%s) will run eplb_opt.integrations.sglang.dispatch "
+                        "(a REPLACE hook, applied by SGLang's load_plugins) (%s)", TARGET,
+                        _qualname(module.rebalance_experts), engine_env.describe(cfg))
     return dispatch

@@ -59,7 +59,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import _env
+from . import engine_env
 
 __all__ = ["EplbOptPolicy", "install", "register", "settings"]
 
@@ -101,7 +101,7 @@ def settings(explicit: dict[str, Any] | None = None) -> dict[str, Any]:
         InvalidProblemError: an unknown setting, an environment value that does not
             parse, or exact mode with ``deterministic=False`` (each EP rank would compute
             a different plan; see the module docs)."""
-    return _env.resolve(explicit, _DEFAULTS, _ENGINE)[0]
+    return engine_env.resolve(explicit, _DEFAULTS, _ENGINE)[0]
 
 
 class EplbOptPolicy(_Base):
@@ -246,7 +246,7 @@ def register() -> type[EplbOptPolicy] | None:
             ``EPLB_OPT_DETERMINISTIC=0`` -- engine start stops with that message rather
             than serving with settings that were not asked for.
     """
-    if not _env.flag("EPLB_OPT_VLLM"):
+    if not engine_env.flag("EPLB_OPT_VLLM"):
         _log.debug("eplb-opt: EPLB_OPT_VLLM is not set; vLLM's EPLB policy is left alone")
         return None
     cfg = settings(EplbOptPolicy._config)
@@ -260,6 +260,6 @@ def register() -> type[EplbOptPolicy] | None:
     if current is EplbOptPolicy:
         return EplbOptPolicy
     policies["default"] = EplbOptPolicy
-    _env.announce(_log, "eplb-opt: EPLB_OPT_VLLM=1: vLLM's EPLB policy 'default' (%s) is now "
-                  "eplb_opt.integrations.vllm.EplbOptPolicy (%s)", _name(current), _env.describe(cfg))
+    engine_env.announce(_log, "eplb-opt: EPLB_OPT_VLLM=1: vLLM's EPLB policy 'default' (%s) is now "
+                        "eplb_opt.integrations.vllm.EplbOptPolicy (%s)", _name(current), engine_env.describe(cfg))
     return EplbOptPolicy
