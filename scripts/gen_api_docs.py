@@ -34,7 +34,7 @@ MODULES: list[tuple[str, list[str] | None]] = [
     ("eplb_opt", None),
     ("eplb_opt.integrations.vllm", None),
     ("eplb_opt.integrations.sglang", None),
-    ("eplb_opt.migrate", ["Migration", "TRANSFER_DTYPE", "move_counts", "transfer_list", "replan"]),
+    ("eplb_opt.migrate", ["Migration", "TRANSFER_DTYPE", "transfer_list", "replan"]),
     ("eplb_opt.distributed", ["connect", "refine", "DistributedStats", "ChunkTiming"]),
     ("eplb_opt.workloads", None),
     ("eplb_opt.traces", None),
