@@ -206,12 +206,11 @@ def resplit_rounds(
     if P < 2 or k < 1 or rows == 0:
         return layout, 0
     ar_all = np.arange(rows)
-    v = values[ar_all[:, None, None], layout]
-    lab = labels[ar_all[:, None, None], layout]
-    loads = v.sum(axis=2)
+    v = values[ar_all[:, None, None], layout]                    # [rows, P, k] item loads
+    lab = labels[ar_all[:, None, None], layout]                  # [rows, P, k] item labels
+    loads = v.sum(axis=2)                                        # [rows, P]
     stuck = np.zeros(rows, dtype=bool)
     thresh = None if target is None else target * (1 + 1e-12)
-    half = P // 2
     done_rounds = 0
     last = 0.0
     measured = 0.0
@@ -220,91 +219,137 @@ def resplit_rounds(
         if deadline is not None and time.perf_counter() + last > deadline:
             break
         t_round = time.perf_counter()
-        row_max = loads.max(axis=1)
-        ok = ~stuck
-        if thresh is not None:
-            ok &= row_max > thresh
-        if segment_size > 1:
-            seg_max = np.repeat(row_max.reshape(-1, segment_size).max(axis=1), segment_size)
-            ok &= row_max >= seg_max * (1 - 1e-12)
-        active = np.flatnonzero(ok)
+        active = _open_rows(loads, stuck, thresh, segment_size)
+        if deadline is not None and active.size:
+            active = _rows_in_time(active, loads, target, deadline, measured, partners, k)
         if active.size == 0:
             break
-        if deadline is not None:
-            # Rows the time left pays for, at the larger of the calibrated rate and the
-            # last round's measured one, for half the time left: a round sized to end
-            # exactly at the deadline overran it by 10-20 ms whenever the rate was off
-            # (issue 12's deadline study).
-            per_row = (half + max(min(partners, P - 1) - 1, 0)) * 2.0 ** min(k, MAX_FREE) * SECONDS_PER_PAIR_SUBSET
-            per_row = max(per_row, measured)
-            # At most ROUND_SECONDS of work per round, so that a rate that is off (a
-            # loaded machine runs the first round 2-3x slower than calibrated) costs
-            # at most a short round past the deadline (issue 12's busy-machine p99).
-            fit = int(min(0.5 * (deadline - time.perf_counter()), max(ROUND_SECONDS, per_row)) / per_row)
-            if fit < 1:
-                break
-            if active.size > fit:
-                ref = row_max[active] / (target[active] if target is not None else loads[active].mean(axis=1))
-                active = np.sort(active[np.argsort(-ref, kind="stable")[:fit]])
         done_rounds += 1
-        a_n = active.size
-        order = np.argsort(loads[active], axis=1)
-        heavy_first = order[:, ::-1]
-        # Pairs: (i-th heaviest, i-th lightest) for all i, then heaviest with the
-        # 2nd..partners-th lightest (the lightest is already its pair).
-        extra = min(partners, P - 1) - 1
-        ph = np.concatenate([heavy_first[:, :half], np.repeat(heavy_first[:, :1], max(extra, 0), axis=1)], axis=1)
-        pl = np.concatenate([order[:, :half], order[:, 1 : 1 + max(extra, 0)]], axis=1)
-        m = ph.shape[1]
-        r2 = active[:, None]
-        items_v = np.concatenate([v[r2, ph], v[r2, pl]], axis=2).reshape(a_n * m, 2 * k)
-        items_l = np.concatenate([lab[r2, ph], lab[r2, pl]], axis=2).reshape(a_n * m, 2 * k)
-        side, heavier = split_pairs(items_v, items_l)
-        side = side.reshape(a_n, m, 2 * k)
-        heavier = heavier.reshape(a_n, m)
-        old = np.maximum(loads[r2, ph], loads[r2, pl])
-        gain = np.where(heavier < old * (1 - 1e-12), old - heavier, 0.0)
-        # Disjoint pairs are all applied; of the heaviest pack's extra pairs the best
-        # one replaces its own pair when that one gains less.
-        apply = gain[:, :half] > 0
-        h_best = half + gain[:, half:].argmax(axis=1) if extra > 0 else np.zeros(a_n, dtype=np.int64)
-        if extra > 0:
-            swap_in = gain[np.arange(a_n), h_best] > gain[:, 0]
-            # Using an extra pair for the heaviest pack means its own pair (column 0) and
-            # the pair of that partner are not applied.
-            partner = pl[np.arange(a_n), h_best]
-            clash = (pl[:, :half] == partner[:, None]) | (ph[:, :half] == partner[:, None])
-            apply = np.where(swap_in[:, None], apply & ~clash, apply)
-            apply[:, 0] = np.where(swap_in, False, apply[:, 0])
-        changed = np.zeros(a_n, dtype=bool)
-        for use_extra in (False, True):
-            if use_extra:
-                if extra <= 0:
-                    break
-                sel = np.flatnonzero(swap_in)
-                col = h_best[sel]
-            else:
-                sel_r, col = np.nonzero(apply)
-                sel = sel_r
-            if sel.size == 0:
-                continue
-            rr = active[sel]
-            hp, lp = ph[sel, col], pl[sel, col]
-            sv = np.concatenate([v[rr, hp], v[rr, lp]], axis=1)
-            sl_ = np.concatenate([lab[rr, hp], lab[rr, lp]], axis=1)
-            sl_idx = np.concatenate([layout[rr, hp], layout[rr, lp]], axis=1)
-            sd = side[sel, col]
-            o = np.argsort(~sd, axis=1, kind="stable")            # first pack's items first
-            sv, sl_, sl_idx = (np.take_along_axis(x, o, axis=1) for x in (sv, sl_, sl_idx))
-            v[rr, hp], v[rr, lp] = sv[:, :k], sv[:, k:]
-            lab[rr, hp], lab[rr, lp] = sl_[:, :k], sl_[:, k:]
-            layout[rr, hp], layout[rr, lp] = sl_idx[:, :k], sl_idx[:, k:]
-            loads[rr, hp] = v[rr, hp].sum(axis=1)
-            loads[rr, lp] = v[rr, lp].sum(axis=1)
-            changed[sel] = True
+        changed = _resplit_round(v, lab, layout, loads, active, partners)
         # A row where no pair could be improved is stuck (a local optimum for pair
         # re-splits); otherwise its heaviest pack may find a partner next round.
         stuck[active[~changed]] = True
         last = time.perf_counter() - t_round
-        measured = last / a_n
+        measured = last / active.size
     return layout, done_rounds
+
+
+def _open_rows(loads: np.ndarray, stuck: np.ndarray, thresh: np.ndarray | None, segment_size: int) -> np.ndarray:
+    """Rows worth a round (``[m]`` indices): not stuck, above their target (``thresh``,
+    ``[rows]``) and attaining their segment's maximum pack load (``loads``: ``[rows, P]``)."""
+    row_max = loads.max(axis=1)
+    ok = ~stuck
+    if thresh is not None:
+        ok &= row_max > thresh
+    if segment_size > 1:
+        seg_max = np.repeat(row_max.reshape(-1, segment_size).max(axis=1), segment_size)
+        ok &= row_max >= seg_max * (1 - 1e-12)
+    return np.flatnonzero(ok)
+
+
+def _rows_in_time(
+    active: np.ndarray, loads: np.ndarray, target: np.ndarray | None, deadline: float, measured: float,
+    partners: int, k: int,
+) -> np.ndarray:
+    """The ``active`` rows (sorted indices) the time left pays for, largest load over
+    target first; empty when not even one does.
+
+    A row costs the larger of the calibrated rate and the last round's measured one
+    (``measured`` s per row), for half the time left: a round sized to end exactly at
+    the deadline overran it by 10-20 ms whenever the rate was off (issue 12's deadline
+    study).  At most ROUND_SECONDS of work per round, so that a rate that is off (a
+    loaded machine runs the first round 2-3x slower than calibrated) costs at most a
+    short round past the deadline (issue 12's busy-machine p99).
+    """
+    P = loads.shape[1]
+    per_row = (P // 2 + max(min(partners, P - 1) - 1, 0)) * 2.0 ** min(k, MAX_FREE) * SECONDS_PER_PAIR_SUBSET
+    per_row = max(per_row, measured)
+    fit = int(min(0.5 * (deadline - time.perf_counter()), max(ROUND_SECONDS, per_row)) / per_row)
+    if fit < 1:
+        return active[:0]
+    if active.size > fit:
+        row_max = loads[active].max(axis=1)
+        ref = row_max / (target[active] if target is not None else loads[active].mean(axis=1))
+        active = np.sort(active[np.argsort(-ref, kind="stable")[:fit]])
+    return active
+
+
+def _resplit_round(
+    v: np.ndarray, lab: np.ndarray, layout: np.ndarray, loads: np.ndarray, active: np.ndarray, partners: int
+) -> np.ndarray:
+    """One round on the ``active`` rows, in place on ``v``, ``lab``, ``layout``
+    (``[rows, P, k]``) and ``loads`` (``[rows, P]``): re-split the pairs (i-th heaviest,
+    i-th lightest) for all i, and the heaviest pack with the 2nd..``partners``-th
+    lightest (the lightest is already its pair).  Returns ``[active.size]`` bool: the
+    row changed."""
+    P, k = v.shape[1:]
+    half = P // 2
+    a_n = active.size
+    order = np.argsort(loads[active], axis=1)
+    heavy_first = order[:, ::-1]
+    extra = min(partners, P - 1) - 1
+    ph = np.concatenate([heavy_first[:, :half], np.repeat(heavy_first[:, :1], max(extra, 0), axis=1)], axis=1)
+    pl = np.concatenate([order[:, :half], order[:, 1 : 1 + max(extra, 0)]], axis=1)   # [a_n, m]
+    m = ph.shape[1]
+    r2 = active[:, None]
+    items_v = np.concatenate([v[r2, ph], v[r2, pl]], axis=2).reshape(a_n * m, 2 * k)
+    items_l = np.concatenate([lab[r2, ph], lab[r2, pl]], axis=2).reshape(a_n * m, 2 * k)
+    side, heavier = split_pairs(items_v, items_l)
+    side = side.reshape(a_n, m, 2 * k)
+    heavier = heavier.reshape(a_n, m)
+    old = np.maximum(loads[r2, ph], loads[r2, pl])
+    gain = np.where(heavier < old * (1 - 1e-12), old - heavier, 0.0)
+    apply, swap_in, h_best = _choose_pairs(gain, ph, pl, half, extra)
+    changed = np.zeros(a_n, dtype=bool)
+    sel_r, col = np.nonzero(apply)
+    sel_x = np.flatnonzero(swap_in)
+    for sel, c in ((sel_r, col), (sel_x, h_best[sel_x])):
+        if sel.size == 0:
+            continue
+        _move_items(v, lab, layout, loads, active[sel], ph[sel, c], pl[sel, c], side[sel, c])
+        changed[sel] = True
+    return changed
+
+
+def _choose_pairs(
+    gain: np.ndarray, ph: np.ndarray, pl: np.ndarray, half: int, extra: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Which re-splits of a round to apply, from their ``gain`` (``[a, m]``; pairs
+    ``(ph, pl)``, the first ``half`` disjoint, then the heaviest pack's ``extra``).
+
+    Returns ``(apply [a, half] bool, swap_in [a] bool, h_best [a])``: disjoint pairs are
+    all applied; of the heaviest pack's extra pairs the best one (column ``h_best``)
+    replaces its own pair when that one gains less (``swap_in``), and then neither its
+    own pair (column 0) nor the pair of that partner is applied.
+    """
+    a_n = gain.shape[0]
+    apply = gain[:, :half] > 0
+    if extra <= 0:
+        return apply, np.zeros(a_n, dtype=bool), np.zeros(a_n, dtype=np.int64)
+    h_best = half + gain[:, half:].argmax(axis=1)
+    swap_in = gain[np.arange(a_n), h_best] > gain[:, 0]
+    partner = pl[np.arange(a_n), h_best]
+    clash = (pl[:, :half] == partner[:, None]) | (ph[:, :half] == partner[:, None])
+    apply = np.where(swap_in[:, None], apply & ~clash, apply)
+    apply[:, 0] = np.where(swap_in, False, apply[:, 0])
+    return apply, swap_in, h_best
+
+
+def _move_items(
+    v: np.ndarray, lab: np.ndarray, layout: np.ndarray, loads: np.ndarray,
+    rr: np.ndarray, hp: np.ndarray, lp: np.ndarray, side: np.ndarray,
+) -> None:
+    """Rewrite packs ``hp`` and ``lp`` of rows ``rr`` (``[s]`` each) to a split: the
+    ``k`` items marked in ``side`` (``[s, 2k]`` bool over the ``hp`` items then the
+    ``lp`` items) go to ``hp``, the rest to ``lp``; in place."""
+    k = v.shape[2]
+    sv = np.concatenate([v[rr, hp], v[rr, lp]], axis=1)
+    sl_ = np.concatenate([lab[rr, hp], lab[rr, lp]], axis=1)
+    sl_idx = np.concatenate([layout[rr, hp], layout[rr, lp]], axis=1)
+    o = np.argsort(~side, axis=1, kind="stable")            # first pack's items first
+    sv, sl_, sl_idx = (np.take_along_axis(x, o, axis=1) for x in (sv, sl_, sl_idx))
+    v[rr, hp], v[rr, lp] = sv[:, :k], sv[:, k:]
+    lab[rr, hp], lab[rr, lp] = sl_[:, :k], sl_[:, k:]
+    layout[rr, hp], layout[rr, lp] = sl_idx[:, :k], sl_idx[:, k:]
+    loads[rr, hp] = v[rr, hp].sum(axis=1)
+    loads[rr, lp] = v[rr, lp].sum(axis=1)
