@@ -22,13 +22,14 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from . import __version__
 from .errors import EplbOptError, ExecutorError, InvalidProblemError, SolveInterrupted
 from .api import SolveResult, solve
+from .budget import DEFAULT_SECONDS
 from .workloads import PRESETS, example_weight
 
 __all__ = ["main"]
@@ -273,12 +274,51 @@ def _gpu_list(text: str | None) -> list[int] | None:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from .plan import Plan
+    """``plan``: check the arguments and the destination, read the loads, solve, write
+    the plan file (or TensorRT-LLM's YAML) and print the figures."""
     from .planfile import TENSORRT_LLM_SUFFIXES, export_tensorrt_llm
-    from .traces import read_trace, trace_layer_ids
+    from .traces import read_trace
 
     # -o FILE.yaml / .yml: TensorRT-LLM's moe_load_balancer.yaml instead of a plan file.
     trtllm = Path(args.output).suffix.lower() in TENSORRT_LLM_SUFFIXES
+    masked = _plan_flags(args, trtllm)
+    windows = read_trace(args.loads, window=args.window)
+    # The objective decides how windows count; "sum" plans for their total.
+    loads = windows.sum(axis=0) if args.objective == "sum" else windows
+    layer_ids = _tensorrt_llm_layers(args, windows.shape[1]) if trtllm else None
+    if not _destination_ok(args, trtllm):
+        return 2
+    kw = _solve_kwargs(args, masked)
+    note = _auto_note(args.policy, args.groups, args.nodes, masked=bool(masked))
+    if note:
+        print(f"eplb-opt: {note}", file=sys.stderr)
+    budget = args.time_limit if args.time_limit is not None else (DEFAULT_SECONDS if args.mode == "exact" else None)
+    show = args.progress or (sys.stderr.isatty() and not args.json)
+    try:
+        _warm_up(args.mode)
+        with _Progress(budget, f"planning ({args.mode})", show):
+            result = solve(loads, **kw)
+    except SolveInterrupted as stop:
+        return _plan_interrupted(args, stop)
+    if trtllm:
+        path = export_tensorrt_llm(result.plan, args.output, layer_ids=layer_ids, overwrite=True)
+    else:
+        path = result.plan.save(args.output, overwrite=True)
+    if args.json:
+        json.dump(_plan_json(result, path, layer_ids if trtllm else None), sys.stdout, indent=1)
+        print()
+    else:
+        print(_summary(result))
+        if trtllm:
+            print(f"wrote {path} (TensorRT-LLM load balancer: model layers {layer_ids[0]}..{layer_ids[-1]}, "
+                  f"num_slots {args.replicas}; serve with ep_size {args.gpus})")
+        else:
+            print(f"wrote {path}")
+    return 0
+
+
+def _plan_flags(args: argparse.Namespace, trtllm: bool) -> list[int] | None:
+    """The flag combinations ``plan`` refuses; returns the masked GPU ids."""
     if args.first_layer is not None and not trtllm:
         raise InvalidProblemError(f"--first-layer applies to a TensorRT-LLM output (-o FILE.yaml or .yml), "
                                   f"got -o {args.output}")
@@ -295,29 +335,36 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     if trtllm and args.masked_gpus is not None:
         raise InvalidProblemError("--masked-gpus leaves empty slots, which TensorRT-LLM's load balancer cannot "
                                   f"hold (every slot needs an expert); write a plan file instead of {args.output}")
-    windows = read_trace(args.loads, window=args.window)
-    # The objective decides how windows count; "sum" plans for their total.
-    loads = windows.sum(axis=0) if args.objective == "sum" else windows
-    layer_ids = None
-    if trtllm:
-        layer_ids = trace_layer_ids(args.loads)     # a TensorRT-LLM dump knows its model layers
-        L = windows.shape[1]
-        if args.first_layer is not None:
-            wanted = list(range(args.first_layer, args.first_layer + L))
-            if layer_ids is not None and layer_ids != wanted:
-                raise InvalidProblemError(
-                    f"--first-layer {args.first_layer} gives model layers {wanted[0]}..{wanted[-1]}, but the "
-                    f"TensorRT-LLM dump {args.loads} recorded layers {layer_ids[0]}..{layer_ids[-1]} "
-                    f"({len(layer_ids)} layers); leave --first-layer out to use the dump's")
-            layer_ids = wanted
-        elif layer_ids is None:
-            layer_ids = list(range(L))
-    from .planfile import check_destination
+    if args.previous is None and (args.max_balance_loss is not None or args.bytes_per_expert is not None):
+        raise InvalidProblemError("--max-balance-loss and --bytes-per-expert need --previous PLAN")
+    return masked
+
+
+def _tensorrt_llm_layers(args: argparse.Namespace, L: int) -> list[int]:
+    """The model layer ids of a TensorRT-LLM output: the dump's own, or ``--first-layer``
+    on (checked against the dump's), or ``0..L-1``."""
+    from .traces import trace_layer_ids
+
+    layer_ids = trace_layer_ids(args.loads)     # a TensorRT-LLM dump knows its model layers
+    if args.first_layer is not None:
+        wanted = list(range(args.first_layer, args.first_layer + L))
+        if layer_ids is not None and layer_ids != wanted:
+            raise InvalidProblemError(
+                f"--first-layer {args.first_layer} gives model layers {wanted[0]}..{wanted[-1]}, but the "
+                f"TensorRT-LLM dump {args.loads} recorded layers {layer_ids[0]}..{layer_ids[-1]} "
+                f"({len(layer_ids)} layers); leave --first-layer out to use the dump's")
+        return wanted
+    return list(range(L)) if layer_ids is None else layer_ids
+
+
+def _destination_ok(args: argparse.Namespace, trtllm: bool) -> bool:
+    """Refuse a destination we could not write before the solve, not after it; False
+    (and a message) when the plan file exists without ``--overwrite``."""
+    from .planfile import TENSORRT_LLM_SUFFIXES, check_destination
 
     if args.output and Path(args.output).exists() and not Path(args.output).is_dir() and not args.overwrite:
         print(f"eplb-opt: {args.output} exists (pass --overwrite to replace it)", file=sys.stderr)
-        return 2
-    # Refuse a destination we could not write before the solve, not after it.
+        return False
     if trtllm:
         check_destination(args.output, suffixes=TENSORRT_LLM_SUFFIXES)
     else:
@@ -326,75 +373,64 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         if Path(args.partial_output).resolve() == Path(args.output).resolve():
             raise InvalidProblemError("--partial-output must differ from --output (the plan file stays untouched)")
         check_destination(args.partial_output, overwrite=args.overwrite)
-    budget = args.time_limit if args.time_limit is not None else (10.0 if args.mode == "exact" else None)
-    show = args.progress or (sys.stderr.isatty() and not args.json)
-    kw = dict(
+    return True
+
+
+def _solve_kwargs(args: argparse.Namespace, masked: list[int] | None) -> dict[str, Any]:
+    """``solve``'s keyword arguments from ``plan``'s flags."""
+    from .plan import Plan
+
+    kw: dict[str, Any] = dict(
         num_replicas=args.replicas, num_groups=args.groups, num_nodes=args.nodes, num_gpus=args.gpus,
         mode=args.mode, time_limit=args.time_limit, seed=args.seed, policy=args.policy,
         deterministic=args.deterministic, workers=args.workers, objective=args.objective,
         masked_gpus=masked, cross_node_cost=args.cross_node_cost,
     )
-    note = _auto_note(args.policy, args.groups, args.nodes, masked=bool(masked))
-    if note:
-        print(f"eplb-opt: {note}", file=sys.stderr)
     if args.previous is not None:
         kw.update(previous=Plan.load(args.previous).phy2log, max_balance_loss=args.max_balance_loss,
                   node_move_cost=args.node_move_cost, bytes_per_expert=args.bytes_per_expert)
-    elif args.max_balance_loss is not None or args.bytes_per_expert is not None:
-        raise InvalidProblemError("--max-balance-loss and --bytes-per-expert need --previous PLAN")
     if args.ray is not None:
         kw["executor"] = "ray"
         kw["ray_address"] = args.ray or None
-    try:
-        _warm_up(args.mode)
-        with _Progress(budget, f"planning ({args.mode})", show):
-            result = solve(loads, **kw)
-    except SolveInterrupted as stop:
-        # The plan file (--output) is never written or replaced on an interrupt; the
-        # partial plan goes only where --partial-output says.
-        print(f"\neplb-opt: interrupted during {stop.stage}; {args.output} was not written or replaced",
+    return kw
+
+
+def _plan_interrupted(args: argparse.Namespace, stop: SolveInterrupted) -> int:
+    """Ctrl-C during ``plan``: the plan file (--output) is never written or replaced; the
+    partial plan goes only where --partial-output says.  Exit status 130."""
+    print(f"\neplb-opt: interrupted during {stop.stage}; {args.output} was not written or replaced",
+          file=sys.stderr)
+    if stop.partial is None:
+        print("eplb-opt: no finished plan to save (with --previous only a plan near it counts)", file=sys.stderr)
+    elif args.partial_output is None:
+        print("eplb-opt: pass --partial-output FILE to keep the plan finished so far", file=sys.stderr)
+    else:
+        path = stop.partial.plan.save(args.partial_output, overwrite=args.overwrite)
+        print(f"eplb-opt: saved the plan finished before the interrupt (verified; "
+              f"balancedness {stop.partial.balancedness:.4f}, gap max {stop.partial.gap.max():.4%}) to {path}",
               file=sys.stderr)
-        if stop.partial is None:
-            print("eplb-opt: no finished plan to save (with --previous only a plan near it counts)", file=sys.stderr)
-        elif args.partial_output is None:
-            print("eplb-opt: pass --partial-output FILE to keep the plan finished so far", file=sys.stderr)
-        else:
-            path = stop.partial.plan.save(args.partial_output, overwrite=args.overwrite)
-            print(f"eplb-opt: saved the plan finished before the interrupt (verified; "
-                  f"balancedness {stop.partial.balancedness:.4f}, gap max {stop.partial.gap.max():.4%}) to {path}",
-                  file=sys.stderr)
-        return 130
-    if trtllm:
-        path = export_tensorrt_llm(result.plan, args.output, layer_ids=layer_ids, overwrite=True)
-    else:
-        path = result.plan.save(args.output, overwrite=True)
-    if args.json:
-        out = {"plan": str(path), "policy": result.policy, "balancedness": result.balancedness,
-               "gap_max": float(result.gap.max()), "gap_mean": float(result.gap.mean()),
-               "status": list(result.status), "events": list(result.events), "runtime_s": result.runtime,
-               "objective": result.objective}
-        if trtllm:
-            out["format"] = "tensorrt-llm"
-            out["layer_ids"] = layer_ids
-        if result.window_balancedness is not None:
-            out["window_balancedness"] = list(result.window_balancedness)
-        if result.off_node_share is not None:
-            out["off_node_share"] = result.off_node_share
-        if result.migration is not None:
-            m = result.migration
-            out["migration"] = {"moves": int(m.moves.sum()), "cost": float(m.cost.sum()), "bytes": m.bytes,
-                                "baseline_moves": int(m.baseline_moves.sum()),
-                                "transfers": len(m.transfers)}
-        json.dump(out, sys.stdout, indent=1)
-        print()
-    else:
-        print(_summary(result))
-        if trtllm:
-            print(f"wrote {path} (TensorRT-LLM load balancer: model layers {layer_ids[0]}..{layer_ids[-1]}, "
-                  f"num_slots {args.replicas}; serve with ep_size {args.gpus})")
-        else:
-            print(f"wrote {path}")
-    return 0
+    return 130
+
+
+def _plan_json(result: SolveResult, path: Path, layer_ids: list[int] | None) -> dict[str, Any]:
+    """``plan --json``'s summary of a result."""
+    out: dict[str, Any] = {
+        "plan": str(path), "policy": result.policy, "balancedness": result.balancedness,
+        "gap_max": float(result.gap.max()), "gap_mean": float(result.gap.mean()), "status": list(result.status),
+        "events": list(result.events), "runtime_s": result.runtime, "objective": result.objective,
+    }
+    if layer_ids is not None:
+        out["format"] = "tensorrt-llm"
+        out["layer_ids"] = layer_ids
+    if result.window_balancedness is not None:
+        out["window_balancedness"] = list(result.window_balancedness)
+    if result.off_node_share is not None:
+        out["off_node_share"] = result.off_node_share
+    if result.migration is not None:
+        m = result.migration
+        out["migration"] = {"moves": int(m.moves.sum()), "cost": float(m.cost.sum()), "bytes": m.bytes,
+                            "baseline_moves": int(m.baseline_moves.sum()), "transfers": len(m.transfers)}
+    return out
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -637,10 +673,8 @@ def _replay_parser(sub: "argparse._SubParsersAction") -> None:
     rl.set_defaults(func=_cmd_replay)
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="eplb-opt", description=__doc__.splitlines()[0])
-    p.add_argument("--version", action="version", version=f"eplb-opt {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
+def _example_parser(sub: Any) -> None:
+    """``example``: plan a bundled workload."""
     ex = sub.add_parser("example", help="plan a bundled example workload and print its figures",
                         description="Plan a bundled synthetic workload (a preset's topology: replicas, groups, "
                         "nodes, GPUs) and print each layer's max and mean GPU load, balance, certified lower "
@@ -662,6 +696,9 @@ def _parser() -> argparse.ArgumentParser:
                          "(the next window) into DIR, for plan / evaluate / report")
     ex.set_defaults(func=_cmd_example)
 
+
+def _plan_parser(sub: Any) -> None:
+    """``plan``: plan recorded loads and write a plan file."""
     pl = sub.add_parser("plan", help="plan recorded loads and write a plan file")
     pl.add_argument("loads", help="loads: .npy/.npz/.pt/.safetensors [steps, L, E] or [L, E], ADRS "
                     "expert-load.json (the layout of ADRS, AI-Driven Research for Systems: UC Berkeley's OpenEvolve "
@@ -719,6 +756,9 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", action="store_true", help="machine-readable output")
     pl.set_defaults(func=_cmd_plan)
 
+
+def _evaluate_report_parsers(sub: Any) -> None:
+    """``evaluate`` and ``report``: score and draw a plan file."""
     ev = sub.add_parser("evaluate", help="check a plan file and score it on load files")
     ev.add_argument("plan")
     ev.add_argument("loads", nargs="+", help="one or more load files (the first is usually the planning window)")
@@ -731,6 +771,9 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("-o", "--output", required=True, help="FILE.png or FILE.html")
     rp.set_defaults(func=_cmd_report)
 
+
+def _score_parser(sub: Any) -> None:
+    """``score``: grade a rebalance_experts-shaped function."""
     sc = sub.add_parser("score", help="grade a rebalance_experts-shaped function against certified bounds",
                         description="Grade any function with DeepSeek's signature fn(weight, num_replicas, "
                         "num_groups, num_nodes, num_gpus) -> phy2log or (phy2log, log2phy, logcnt) on a fixed "
@@ -748,6 +791,9 @@ def _parser() -> argparse.ArgumentParser:
     sc.add_argument("--json", action="store_true", help="machine-readable output")
     sc.set_defaults(func=_cmd_score)
 
+
+def _bench_parser(sub: Any) -> None:
+    """``bench``: every policy and peer on a suite."""
     be = sub.add_parser("bench", help="every policy and peer on a benchmark suite",
                         description="Run eplb-opt's modes and the peers (DeepSeek EPLB and SGLang deepseek_vec "
                         "from the sglang==0.5.23 wheel, vLLM 0.33's default policy from the vllm==0.33.0 wheel, "
@@ -763,6 +809,17 @@ def _parser() -> argparse.ArgumentParser:
                     help="topology for --trace (replicas, groups, nodes, GPUs of a preset)")
     be.add_argument("--window", type=int, default=None, help="steps per window for --trace")
     be.set_defaults(func=_cmd_bench)
+
+def _parser() -> argparse.ArgumentParser:
+    """The command line: one sub-parser per command, each built by its own function."""
+    p = argparse.ArgumentParser(prog="eplb-opt", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"eplb-opt {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    _example_parser(sub)
+    _plan_parser(sub)
+    _evaluate_report_parsers(sub)
+    _score_parser(sub)
+    _bench_parser(sub)
     _replay_parser(sub)
     return p
 
