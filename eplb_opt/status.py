@@ -104,8 +104,10 @@ def preload_in_background() -> bool:
 
 
 def warm_up(background: bool = False) -> None:
-    """Load OR-Tools now (about 0.5 s, once per process), so that exact mode with short
-    budgets can use CP-SAT from its first call.  Serving engines call this at start-up.
+    """Compile (or load from numba's cache) every kernel of the heuristics
+    (:func:`eplb_opt.heuristics.compile.compile_all`), then load OR-Tools (about 0.5 s,
+    once per process), so that exact mode with short budgets can use CP-SAT from its
+    first call.  Serving engines call this at start-up.
 
     Exact-mode calls whose wall-clock budget cannot pay for the import skip CP-SAT (and
     say so in ``events``) rather than load it: the import holds the GIL for long
@@ -113,6 +115,9 @@ def warm_up(background: bool = False) -> None:
     over their deadline.  ``background=True`` starts the import on a daemon thread and
     returns at once, for a server that accepts slower calls during that half second.
     """
+    from .heuristics.compile import compile_all
+
+    compile_all()
     if background:
         preload_in_background()
         return
