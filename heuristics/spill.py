@@ -30,7 +30,7 @@ import time
 import numpy as np
 
 from .apportion import unit_scale
-from .local import LayerState
+from .compile import kernel, warmer
 from .pipeline import pack_rows
 
 __all__ = ["off_node_load", "spill_refine"]
@@ -52,195 +52,161 @@ def off_node_load(weight: np.ndarray, phy2log: np.ndarray, num_nodes: int, home:
     return (per * away).sum(axis=1)
 
 
-class _Nodes:
-    """Node-level state of one layer: ``x [E, N]`` replicas of each expert per node."""
+# ---------------------------------------------------------------------------------------
+# Node level: x [E, N] replicas of each expert per node; away [E, N] 1 where n != home.
+# Objective  max(max_n loads[n] / P, max_e v[e]) + lam * off / G  (a GPU carries at least
+# the heaviest replica: without that term the search balances nodes with replicas no GPU
+# can split).  Every sum runs in a fixed sequential order.
 
-    def __init__(self, w: np.ndarray, x: np.ndarray, home: np.ndarray, P: int, G: int, lam: float,
-                 cap: float = np.inf) -> None:
-        # cap: most replicas of one expert on one node (P when no GPU may hold two).
-        self.w, self.x, self.home, self.P, self.G, self.lam, self.cap = w, x.copy(), home, P, G, lam, cap
-        self.E, self.N = x.shape
-        self.away = np.arange(self.N)[None, :] != home[:, None]    # [E, N]
-        self._refresh()
 
-    def _refresh(self) -> None:
-        self.c = self.x.sum(axis=1)
-        self.v = self.w / np.maximum(self.c, 1)
-        # Not a BLAS product (its summation order depends on threads and CPU).
-        self.loads = (self.v[:, None] * self.x).sum(axis=0)         # [N]
-        self.off = float((self.v * (self.x * self.away).sum(axis=1)).sum())
+@kernel
+def _node_refresh(w, x, away, c, v, loads):
+    """Counts, per-replica loads and node loads of ``x``; returns the off-node load."""
+    E, N = x.shape
+    loads[:] = 0.0
+    off = 0.0
+    for e in range(E):
+        s = 0
+        a = 0
+        for n in range(N):
+            s += x[e, n]
+            a += x[e, n] * away[e, n]
+        c[e] = s
+        v[e] = w[e] / max(s, 1)
+        for n in range(N):
+            loads[n] += v[e] * x[e, n]
+        off += v[e] * a
+    return off
 
-    def objective(self, loads: np.ndarray, off, vmax=None) -> np.ndarray:
-        # A GPU carries at least the heaviest replica: without that term the search
-        # balances nodes with replicas no GPU can split.
-        top = loads.max(axis=-1) / self.P
-        return np.maximum(top, self.v.max() if vmax is None else vmax) + self.lam * off / self.G
 
-    def movable(self, n: int) -> np.ndarray:
-        """Experts with a replica on ``n`` that may leave it (not the last home one)."""
-        x = self.x[:, n]
-        return np.flatnonzero((x >= 1) & ~((~self.away[:, n]) & (x == 1)))
+@kernel
+def _movable(x, away, e, n):
+    """Whether a replica of ``e`` may leave node ``n`` (it has one; not its last home one)."""
+    return x[e, n] >= 1 and not (away[e, n] == 0 and x[e, n] == 1)
 
-    def best_step(self, eps: float):
-        f0 = float(self.objective(self.loads, self.off))
-        h = int(np.argmax(self.loads))
-        best = None
-        v, away = self.v, self.away
-        # Swaps: e leaves h for m, f leaves m for h.
-        es = self.movable(h)
-        for m in range(self.N):
-            if m == h or es.size == 0:
+
+@kernel
+def _node_swaps(x, away, v, loads, off, vmax, h, P, G, lam, cap, best):
+    """Swaps of a replica ``e`` on the heaviest node ``h`` with one ``f`` on ``m``, in
+    the order (m, e, f); ``best`` ``[val, kind, e, h, f, m]`` keeps the first lowest."""
+    E, N = x.shape
+    for m in range(N):
+        if m == h:
+            continue
+        for e in range(E):
+            if not _movable(x, away, e, h) or x[e, m] >= cap:
                 continue
-            fs = self.movable(m)
-            if fs.size == 0:
+            for f in range(E):
+                if f == e or not _movable(x, away, f, m) or x[f, h] >= cap:
+                    continue
+                d = v[f] - v[e]
+                lh = loads[h] + d
+                lm = loads[m] - d
+                top = max(lh, lm)
+                for n in range(N):
+                    if n != h and n != m and loads[n] > top:
+                        top = loads[n]
+                d_off = v[e] * (away[e, m] - away[e, h]) + v[f] * (away[f, h] - away[f, m])
+                val = max(top / P, vmax) + lam * (off + d_off) / G
+                if val < best[0]:
+                    best[0], best[1], best[2], best[3], best[4], best[5] = val, 0.0, e, h, f, m
+
+
+@kernel
+def _top3(v):
+    """Indices of the three largest values of ``v`` (first index among equals; the
+    largest repeated where ``v`` has fewer than three)."""
+    t = np.full(3, -1, dtype=np.int64)
+    for e in range(v.size):
+        for i in range(3):
+            if t[i] < 0 or v[e] > v[t[i]]:
+                for j in range(2, i, -1):
+                    t[j] = t[j - 1]
+                t[i] = e
+                break
+    for i in range(1, 3):
+        if t[i] < 0:
+            t[i] = t[0]
+    return t
+
+
+@kernel
+def _node_retargets(w, x, away, c, v, loads, off, P, G, lam, cap, best):
+    """Retargets: a slot of node ``n`` goes from ``f`` (``c >= 2``, may leave ``n``) to
+    ``e``, in the order (n, f, e); ``best`` ``[val, kind, f, e, n, -]``."""
+    E, N = x.shape
+    t = _top3(v)
+    new = np.empty(N)
+    offc = np.zeros(E, dtype=np.int64)
+    for e in range(E):
+        for q in range(N):
+            offc[e] += x[e, q] * away[e, q]
+    for n in range(N):
+        for f in range(E):
+            if c[f] < 2 or not _movable(x, away, f, n):
                 continue
-            d = v[fs][None, :] - v[es][:, None]                       # load change on h
-            loads = np.broadcast_to(self.loads, d.shape + (self.N,)).copy()
-            loads[..., h] += d
-            loads[..., m] -= d
-            d_off = (v[es] * (away[es, m].astype(float) - away[es, h]))[:, None] + \
-                (v[fs] * (away[fs, h].astype(float) - away[fs, m]))[None, :]
-            val = self.objective(loads, self.off + d_off)
-            fits = (self.x[es, m] < self.cap)[:, None] & (self.x[fs, h] < self.cap)[None, :]
-            val = np.where((es[:, None] != fs[None, :]) & fits, val, np.inf)
-            i, j = np.unravel_index(int(np.argmin(val)), val.shape)
-            if val[i, j] < f0 - eps and (best is None or val[i, j] < best[0]):
-                best = (float(val[i, j]), "swap", (int(es[i]), h, int(fs[j]), m))
-        # Retargets: a slot of node n goes from expert f (count >= 2, may leave n) to e.
-        for n in range(self.N):
-            fs = self.movable(n)
-            fs = fs[self.c[fs] >= 2]
-            if fs.size == 0:
-                continue
-            es = np.arange(self.E)
-            vf2 = self.w[fs] / (self.c[fs] - 1)
-            ve2 = self.w[es] / (self.c[es] + 1)
-            # loads [f, e, N]
-            loads = (self.loads[None, None, :]
-                     + (self.x[fs] * (vf2 - v[fs])[:, None])[:, None, :]
-                     + (self.x[es] * (ve2 - v[es])[:, None])[None, :, :])
-            loads[:, :, n] += ve2[None, :] - vf2[:, None]
-            off_f = (self.x[fs] * away[fs]).sum(axis=1)
-            off_e = (self.x[es] * away[es]).sum(axis=1)
-            d_off = ((vf2 * (off_f - away[fs, n]) - v[fs] * off_f)[:, None]
-                     + (ve2 * (off_e + away[es, n]) - v[es] * off_e)[None, :])
-            # heaviest replica after the retarget: the top of the others, vf2 and ve2
-            order = np.argsort(-v)
-            t0, t1, t2 = order[:3] if self.E >= 3 else np.pad(order, (0, 3 - self.E), constant_values=order[0])
-            other = np.where((fs[:, None] != t0) & (es[None, :] != t0), v[t0],
-                             np.where((fs[:, None] != t1) & (es[None, :] != t1), v[t1], v[t2]))
-            vmax = np.maximum(other, np.maximum(vf2[:, None], ve2[None, :]))
-            val = self.objective(loads, self.off + d_off, vmax)
-            fits = (self.x[es, n] < self.cap)[None, :]
-            val = np.where((fs[:, None] != es[None, :]) & fits, val, np.inf)
-            i, j = np.unravel_index(int(np.argmin(val)), val.shape)
-            if val[i, j] < f0 - eps and (best is None or val[i, j] < best[0]):
-                best = (float(val[i, j]), "retarget", (int(fs[i]), int(es[j]), n))
-        return best
+            vf2 = w[f] / (c[f] - 1)
+            df = vf2 - v[f]
+            of = vf2 * (offc[f] - away[f, n]) - v[f] * offc[f]
+            for e in range(E):
+                if e == f or x[e, n] >= cap:
+                    continue
+                ve2 = w[e] / (c[e] + 1)
+                de = ve2 - v[e]
+                top = -np.inf
+                for q in range(N):
+                    y = loads[q] + x[f, q] * df + x[e, q] * de
+                    if q == n:
+                        y += ve2 - vf2
+                    top = max(top, y)
+                # heaviest replica after the retarget: the top of the others, vf2 and ve2
+                other = v[t[2]]
+                for i in range(3):
+                    if t[i] != f and t[i] != e:
+                        other = v[t[i]]
+                        break
+                vmax = max(other, max(vf2, ve2))
+                d_off = of + (ve2 * (offc[e] + away[e, n]) - v[e] * offc[e])
+                val = max(top / P, vmax) + lam * (off + d_off) / G
+                if val < best[0]:
+                    best[0], best[1], best[2], best[3], best[4], best[5] = val, 1.0, f, e, n, 0
 
-    def apply(self, kind: str, args: tuple) -> None:
-        if kind == "swap":
-            e, h, f, m = args
-            self.x[e, h] -= 1
-            self.x[e, m] += 1
-            self.x[f, m] -= 1
-            self.x[f, h] += 1
+
+@kernel
+def _node_search(w, x, away, P, G, lam, cap, max_steps):
+    """Apply the best improving swap or retarget (``x`` in place) until none is left or
+    ``max_steps``; returns the per-replica loads ``v [E]`` of the final ``x``."""
+    E, N = x.shape
+    c = np.empty(E, dtype=np.int64)
+    v = np.empty(E)
+    loads = np.empty(N)
+    best = np.empty(6)
+    for _ in range(max_steps):
+        off = _node_refresh(w, x, away, c, v, loads)
+        h = int(np.argmax(loads))
+        vmax = v.max()
+        f0 = max(loads[h] / P, vmax) + lam * off / G
+        best[0] = np.inf
+        _node_swaps(x, away, v, loads, off, vmax, h, P, G, lam, cap, best)
+        _node_retargets(w, x, away, c, v, loads, off, P, G, lam, cap, best)
+        if not best[0] < f0 - 1e-12 * max(f0, 1e-300):
+            break
+        if best[1] == 0.0:
+            e, h, f, m = int(best[2]), int(best[3]), int(best[4]), int(best[5])
+            x[e, h] -= 1
+            x[e, m] += 1
+            x[f, m] -= 1
+            x[f, h] += 1
         else:
-            f, e, n = args
-            self.x[f, n] -= 1
-            self.x[e, n] += 1
-        self._refresh()
+            f, e, n = int(best[2]), int(best[3]), int(best[4])
+            x[f, n] -= 1
+            x[e, n] += 1
+    _node_refresh(w, x, away, c, v, loads)
+    return v
 
 
-class _Gpus(LayerState):
-    """GPU-level polish: swaps between any two GPUs and retargets, on the busiest GPUs,
-    with the off-node term and the primaries kept home."""
-
-    def __init__(self, w, placement, G, N, home, lam, allow_duplicates):
-        super().__init__(w, placement, G, allow_duplicates=allow_duplicates)
-        self.node = np.arange(G) // (G // N)
-        self.lam = lam
-        self.away = self.node[:, None] != home[None, :]           # [G, E]
-        self._count_home()
-
-    def _count_home(self) -> None:
-        self.hc = ((~self.away) * self.M).sum(axis=0)              # home replicas per expert
-
-    def off(self) -> float:
-        return float((self.w[0] / np.maximum(self.c, 1) * (self.M * self.away).sum(axis=0)).sum())
-
-    def objective(self) -> float:
-        return float(self.loads[0].max()) + self.lam * self.off() / self.G
-
-    def best_step(self, g: int, f0: float, eps: float):
-        w = self.w[0]
-        off0 = self.off()
-        partners = np.array([h for h in range(self.G) if h != g], dtype=np.int64)
-        lg, lh, ok, a, b = self.swap_loads(g, partners)
-        lg, lh = lg[0], lh[0]
-        H = partners[None, :, None]
-        va, vb = w[a] / self.c[a], w[b] / self.c[b]
-        d_off = (va * (self.away[H, a].astype(float) - self.away[g, a])
-                 + vb * (self.away[g, b].astype(float) - self.away[H, b]))
-        ok = ok & ~((~self.away[g, a]) & (self.hc[a] == 1) & self.away[H, a])
-        ok = ok & ~((~self.away[H, b]) & (self.hc[b] == 1) & self.away[g, b])
-        others = self.loads[0].copy()
-        others[g] = -np.inf
-        i1 = int(np.argmax(others))
-        v1 = others[i1]
-        others[i1] = -np.inf
-        excl = np.where(partners == i1, others.max(), v1)[None, :, None]
-        val = np.maximum(np.maximum(lg, lh), excl) + self.lam * (off0 + d_off) / self.G
-        # Tie-break on the sum of squared loads: a step that keeps the objective but
-        # evens the loads out opens the way for the next one.
-        sq0 = float((self.loads[0] ** 2).sum())
-        sq = sq0 - self.loads[0][g] ** 2 - (self.loads[0][partners] ** 2)[None, :, None] + lg ** 2 + lh ** 2
-        best = self._better(None, val, sq, ok, f0, sq0, eps, lambda idx: (
-            "swap", (g, int(idx[0]), int(partners[idx[1]]), int(idx[2]))))
-        new, ok, slots, experts = self.retarget_loads(g, experts=np.arange(self.E))
-        a, b = self.S[g, slots], experts
-        ca, cb = self.c[a], self.c[b]
-        offa = (self.M[:, a] * self.away[:, a]).sum(axis=0)
-        offb = (self.M[:, b] * self.away[:, b]).sum(axis=0)
-        d_off = ((w[a] * (offa - self.away[g, a]) / np.maximum(ca - 1, 1) - w[a] * offa / ca)[:, None]
-                 + (w[b] * (offb + self.away[g, b]) / (cb + 1) - w[b] * offb / np.maximum(cb, 1))[None, :])
-        ok = ok & ~(((~self.away[g, a]) & (self.hc[a] == 1))[:, None])
-        val = new[0].max(axis=2) + self.lam * (off0 + d_off) / self.G
-        sq = (new[0] ** 2).sum(axis=2)
-        return self._better(best, val, sq, ok, f0, sq0, eps, lambda idx: (
-            "retarget", (g, int(slots[idx[0]]), int(experts[idx[1]]))))
-
-    @staticmethod
-    def _better(best, val, sq, ok, f0, sq0, eps, describe):
-        """Keep ``best`` or take the best candidate: lower objective first, then (at
-        an equal objective) a lower sum of squares.  Entries: ``(key, kind, args)``."""
-        if val.size == 0:
-            return best
-        down = ok & (val < f0 - eps)
-        if down.any():
-            v = np.where(down, val, np.inf)
-            idx = np.unravel_index(int(np.argmin(v)), v.shape)
-            key = (0, float(val[idx]))
-        else:
-            flat = ok & (val <= f0 + eps) & (sq < sq0 * (1 - 1e-12))
-            if not flat.any():
-                return best
-            v = np.where(flat, sq, np.inf)
-            idx = np.unravel_index(int(np.argmin(v)), v.shape)
-            key = (1, float(sq[idx]))
-        if best is None or key < best[0]:
-            return (key, *describe(idx))
-        return best
-
-    def apply(self, kind: str, args: tuple) -> None:
-        if kind == "swap":
-            self.do_swap(*args)
-        else:
-            self.do_retarget(*args)
-        self._count_home()
-
-
-def _primaries_home(row: np.ndarray, home: np.ndarray, N: int) -> np.ndarray:
+@kernel
+def _primaries_home(row, home, N):
     """Swap replicas so that every expert has one on its home node: an expert with
     none there trades places with a replica on its home node that is away from its own
     home or a spare home replica (one always exists: a node has more slots than home
@@ -248,23 +214,237 @@ def _primaries_home(row: np.ndarray, home: np.ndarray, N: int) -> np.ndarray:
     row = row.copy()
     R = row.size
     rn = R // N
-    node = np.arange(R) // rn
-    for e in np.argsort(home, kind="stable"):
+    counts = np.zeros(home.size, dtype=np.int64)
+    for e in np.argsort(home, kind="mergesort"):
         h = home[e]
-        if (row[h * rn:(h + 1) * rn] == e).any():
+        lo = h * rn
+        there = False
+        for s in range(lo, lo + rn):
+            there = there or row[s] == e
+        if there:
             continue
-        seg = row[h * rn:(h + 1) * rn]
-        at_home = home[seg] == h
-        # spare home replicas: experts with more than one replica on this node
-        counts = np.bincount(seg, minlength=home.size)
-        spare = at_home & (counts[seg] >= 2)
-        cand = np.flatnonzero(~at_home)
-        if cand.size == 0:
-            cand = np.flatnonzero(spare)
-        s = h * rn + int(cand[0])
-        src = np.flatnonzero((row == e) & (node != h))[0]
-        row[s], row[src] = row[src], row[s]
+        counts[:] = 0
+        for s in range(lo, lo + rn):
+            counts[row[s]] += 1
+        s = -1
+        for t in range(lo, lo + rn):             # a replica away from its own home
+            if home[row[t]] != h:
+                s = t
+                break
+        if s < 0:
+            for t in range(lo, lo + rn):         # else a spare home replica
+                if counts[row[t]] >= 2:
+                    s = t
+                    break
+        for src in range(R):
+            if row[src] == e and src // rn != h:
+                row[s], row[src] = row[src], row[s]
+                break
     return row
+
+
+# ---------------------------------------------------------------------------------------
+# GPU level: S [G, k] experts of the slots, M [G, E] replicas per GPU, c [E] counts,
+# away [G, E] 1 where GPU g's node is not e's home, hc/offc [E] replicas at home / away.
+# Objective  max_g loads[g] + lam * off / G.  A step takes the lowest objective below
+# f0 - eps (``bd``); failing that, an equal objective with the lowest sum of squared
+# loads (``bf``), so the next step may find a way down.  bd/bf: [key, kind, x1, x2, x3].
+
+
+@kernel
+def _gpu_refresh(w, S, c, v, loads, away, hc, offc, holders, hn):
+    """Per-replica and GPU loads (from ``c``), home/away counts and every expert's
+    holders (``holders[e, :hn[e]]`` ascending); returns the off-node load."""
+    G, k = S.shape
+    E = w.size
+    for e in range(E):
+        v[e] = w[e] / max(c[e], 1)
+        hc[e] = 0
+        offc[e] = 0
+        hn[e] = 0
+    for g in range(G):
+        s = 0.0
+        for i in range(k):
+            e = S[g, i]
+            s += v[e]
+            if away[g, e]:
+                offc[e] += 1
+            else:
+                hc[e] += 1
+            if hn[e] == 0 or holders[e, hn[e] - 1] != g:
+                holders[e, hn[e]] = g
+                hn[e] += 1
+        loads[g] = s
+    off = 0.0
+    for e in range(E):
+        off += v[e] * offc[e]
+    return off
+
+
+@kernel
+def _gpu_swaps(S, M, v, loads, away, hc, g, off0, sq0, f0, eps, lam, dup, bd, bf):
+    """Swaps of a slot ``i`` of ``g`` with slot ``j`` of any ``h``, order (i, h, j)."""
+    G, k = S.shape
+    i1, v1, v2 = -1, -np.inf, -np.inf           # the two heaviest GPUs other than g
+    for q in range(G):
+        if q != g and loads[q] > v1:
+            i1, v1 = q, loads[q]
+    for q in range(G):
+        if q != g and q != i1 and loads[q] > v2:
+            v2 = loads[q]
+    for i in range(k):
+        a = S[g, i]
+        for h in range(G):
+            if h == g:
+                continue
+            ex = v2 if h == i1 else v1
+            for j in range(k):
+                b = S[h, j]
+                if a == b or (not dup and (M[h, a] != 0 or M[g, b] != 0)):
+                    continue
+                if away[g, a] == 0 and hc[a] == 1 and away[h, a] == 1:
+                    continue                     # a primary leaves home
+                if away[h, b] == 0 and hc[b] == 1 and away[g, b] == 1:
+                    continue
+                d = v[b] - v[a]
+                lg = loads[g] + d
+                lh = loads[h] - d
+                d_off = v[a] * (away[h, a] - away[g, a]) + v[b] * (away[g, b] - away[h, b])
+                val = max(max(lg, lh), ex) + lam * (off0 + d_off) / G
+                if val < f0 - eps:
+                    if val < bd[0]:
+                        bd[0], bd[1], bd[2], bd[3], bd[4], bd[5] = val, 0.0, i, h, j, g
+                elif val <= f0 + eps and bd[0] == np.inf:
+                    sq = sq0 - loads[g] ** 2 - loads[h] ** 2 + lg ** 2 + lh ** 2
+                    if sq < sq0 * (1 - 1e-12) and sq < bf[0]:
+                        bf[0], bf[1], bf[2], bf[3], bf[4], bf[5] = sq, 0.0, i, h, j, g
+
+
+@kernel
+def _gpu_retargets(w, S, M, c, v, loads, away, hc, offc, holders, hn, order, g, off0, sq0, f0, eps, lam,
+                   dup, bd, bf):
+    """Retargets of a slot ``i`` of ``g`` (expert ``a``, ``c >= 2``) to any expert
+    ``b``, order (i, b).  Only the GPUs holding ``a`` or ``b`` change load."""
+    G, k = S.shape
+    E = w.size
+    for i in range(k):
+        a = S[g, i]
+        ca = c[a]
+        if ca < 2 or (away[g, a] == 0 and hc[a] == 1):
+            continue
+        va2 = w[a] / max(ca - 1, 1)
+        da = va2 - v[a]
+        oa = w[a] * (offc[a] - away[g, a]) / max(ca - 1, 1) - w[a] * offc[a] / ca
+        for b in range(E):
+            if b == a or (not dup and M[g, b] != 0):
+                continue
+            cb = c[b]
+            vb2 = w[b] / (cb + 1)
+            db = vb2 - v[b]
+            top = -np.inf
+            dsq = 0.0
+            for t in range(hn[a] + hn[b]):
+                q = holders[a, t] if t < hn[a] else holders[b, t - hn[a]]
+                if t >= hn[a] and M[q, a] != 0:
+                    continue                     # already counted with a
+                y = loads[q] + M[q, a] * da + M[q, b] * db
+                if q == g:
+                    y += vb2 - va2
+                top = max(top, y)
+                dsq += y * y - loads[q] * loads[q]
+            for t in range(G):                  # the heaviest GPU that does not change
+                q = order[t]
+                if M[q, a] == 0 and M[q, b] == 0:
+                    top = max(top, loads[q])
+                    break
+            d_off = oa + (w[b] * (offc[b] + away[g, b]) / (cb + 1) - w[b] * offc[b] / max(cb, 1))
+            val = top + lam * (off0 + d_off) / G
+            if val < f0 - eps:
+                if val < bd[0]:
+                    bd[0], bd[1], bd[2], bd[3], bd[4], bd[5] = val, 1.0, i, b, 0, g
+            elif val <= f0 + eps and bd[0] == np.inf:
+                sq = sq0 + dsq
+                if sq < sq0 * (1 - 1e-12) and sq < bf[0]:
+                    bf[0], bf[1], bf[2], bf[3], bf[4], bf[5] = sq, 1.0, i, b, 0, g
+
+
+@kernel
+def _gpu_apply(S, M, c, loads, v, best):
+    """Apply the step in ``best``; returns whether counts changed (loads to recompute)."""
+    g, i = int(best[5]), int(best[2])
+    a = S[g, i]
+    if best[1] == 0.0:
+        h, j = int(best[3]), int(best[4])
+        b = S[h, j]
+        S[g, i], S[h, j] = b, a
+        M[g, a] -= 1
+        M[g, b] += 1
+        M[h, b] -= 1
+        M[h, a] += 1
+        d = v[b] - v[a]
+        loads[g] += d
+        loads[h] -= d
+        return False
+    b = int(best[3])
+    S[g, i] = b
+    M[g, a] -= 1
+    M[g, b] += 1
+    c[a] -= 1
+    c[b] += 1
+    return True
+
+
+@kernel
+def _polish_kernel(w, row, node, home, lam, dup, max_steps):
+    """GPU-level search from ``row`` ``[R]``; returns ``(objective, placement [R])``."""
+    G = node.size
+    E = w.size
+    k = row.size // G
+    S = row.reshape(G, k).copy()
+    away = np.empty((G, E), dtype=np.int64)
+    M = np.zeros((G, E), dtype=np.int64)
+    c = np.zeros(E, dtype=np.int64)
+    for g in range(G):
+        for e in range(E):
+            away[g, e] = 1 if node[g] != home[e] else 0
+        for i in range(k):
+            M[g, S[g, i]] += 1
+            c[S[g, i]] += 1
+    v, loads = np.empty(E), np.empty(G)
+    hc, offc, hn = np.empty(E, np.int64), np.empty(E, np.int64), np.empty(E, np.int64)
+    holders = np.empty((E, G), dtype=np.int64)
+    bd, bf = np.empty(6), np.empty(6)
+    stale = True
+    for _ in range(max_steps):
+        lg = loads.copy()
+        off0 = _gpu_refresh(w, S, c, v, loads, away, hc, offc, holders, hn)
+        if not stale:
+            loads[:] = lg                       # a swap updated the loads in place
+        f0 = loads.max() + lam * off0 / G
+        eps = 1e-12 * max(f0, 1e-300)
+        sq0 = 0.0
+        for g in range(G):
+            sq0 += loads[g] ** 2
+        order = np.argsort(-loads, kind="mergesort")
+        bd[0], bf[0] = np.inf, np.inf
+        for t in range(min(4, G)):
+            g = order[t]
+            _gpu_swaps(S, M, v, loads, away, hc, g, off0, sq0, f0, eps, lam, dup, bd, bf)
+            _gpu_retargets(w, S, M, c, v, loads, away, hc, offc, holders, hn, order, g, off0, sq0, f0, eps,
+                           lam, dup, bd, bf)
+            if bd[0] < np.inf:
+                break
+        if bd[0] < np.inf:
+            stale = _gpu_apply(S, M, c, loads, v, bd)
+        elif bf[0] < np.inf:
+            stale = _gpu_apply(S, M, c, loads, v, bf)
+        else:
+            break
+    lg = loads.copy()
+    off0 = _gpu_refresh(w, S, c, v, loads, away, hc, offc, holders, hn)
+    if not stale:
+        loads[:] = lg
+    return loads.max() + lam * off0 / G, S.ravel().copy()
 
 
 def spill_refine(
@@ -303,57 +483,51 @@ def spill_refine(
     # Per-layer power-of-two scaling: the objective is linear in the loads, so the
     # search is unchanged, and its sums of squares cannot overflow.
     weight = unit_scale(weight)
+    home = np.ascontiguousarray(home, dtype=np.int64)
     L, E = weight.shape
     R = out.shape[1]
     N, G = num_nodes, num_gpus
     P, rn = G // N, R // N
+    lam = float(cross_node_cost)
+    cap = np.inf if allow_duplicates else float(P)
+    node = np.arange(G, dtype=np.int64) // P
+    away = (np.arange(N)[None, None, :] != home[:, :, None]).astype(np.int64)     # [L, E, N]
     for l in range(L):
         if deadline is not None and time.perf_counter() >= deadline:
             break
         x0 = np.zeros((E, N), dtype=np.int64)
         np.add.at(x0, (out[l], np.arange(R) // rn), 1)
-        st = _Nodes(weight[l], x0, home[l], P, G, float(cross_node_cost), np.inf if allow_duplicates else P)
-        for _ in range(max_steps):
-            f0 = float(st.objective(st.loads, st.off))
-            step = st.best_step(1e-12 * max(f0, 1e-300))
-            if step is None:
-                break
-            st.apply(step[1], step[2])
-        if np.array_equal(st.x, x0) and global_plan is None:
+        x = x0.copy()
+        v = _node_search(weight[l], x, away[l], P, G, lam, cap, max_steps)
+        if np.array_equal(x, x0) and global_plan is None:
             continue
         row = np.empty(R, dtype=np.int64)
         for n in range(N):
-            items = np.flatnonzero(st.x[:, n])
-            cnt = st.x[items, n]
-            local = pack_rows((st.v[items] * cnt)[None, :], cnt[None, :], P,
+            items = np.flatnonzero(x[:, n])
+            cnt = x[items, n]
+            local = pack_rows((v[items] * cnt)[None, :], cnt[None, :], P,
                               allow_duplicates=allow_duplicates)[0]             # [P, k] indices
             row[n * rn:(n + 1) * rn] = items[local].ravel()
         # GPU-level polish: node balance does not make the replicas pack well.
-        starts = [row] + ([] if global_plan is None else [_primaries_home(global_plan[l], home[l], N)])
-        results = [_polish(weight[l], start, G, N, home[l], float(cross_node_cost), allow_duplicates, max_steps)
-                   for start in starts]
+        starts = [row] + ([] if global_plan is None else [_primaries_home(
+            np.ascontiguousarray(global_plan[l], dtype=np.int64), home[l], N)])
+        results = [_polish(weight[l], start, node, home[l], lam, allow_duplicates, max_steps) for start in starts]
         best = min(results, key=lambda r: r[0])
         if np.isfinite(best[0]):           # else no start kept the rules: the start plan stays
             out[l] = best[1]
     return out
 
 
-def _polish(w, row, G, N, home, lam, allow_duplicates, max_steps):
+def _polish(w, row, node, home, lam, allow_duplicates, max_steps):
     """GPU-level search from ``row``; ``(objective, placement)``."""
+    G = node.size
     if not allow_duplicates and (np.bincount((np.arange(row.size) // (row.size // G)) * w.size + row) > 1).any():
         return np.inf, row             # a start that breaks the rule is not used
-    gs = _Gpus(w, row, G, N, home, lam, allow_duplicates)
-    for _ in range(max_steps):
-        f0 = gs.objective()
-        eps = 1e-12 * max(f0, 1e-300)
-        best = None
-        for g in np.argsort(-gs.loads[0])[:4]:
-            cand = gs.best_step(int(g), f0, eps)
-            if cand is not None and (best is None or cand[0] < best[0]):
-                best = cand
-            if best is not None and best[0][0] == 0:
-                break
-        if best is None:
-            break
-        gs.apply(best[1], best[2])
-    return gs.objective(), gs.placement
+    return _polish_kernel(w, row, node, home, lam, allow_duplicates, max_steps)
+
+
+@warmer
+def _warm() -> None:
+    w = np.array([[4.0, 3.0, 2.0, 1.0]])
+    spill_refine(w, np.array([[0, 1, 0, 2, 3, 3]]), np.array([[0, 0, 1, 1]]), 2, 2, 0.5,
+                 global_plan=np.array([[0, 3, 1, 0, 2, 1]]))
