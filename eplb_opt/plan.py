@@ -23,6 +23,18 @@ import numpy as np
 import torch
 
 from .errors import InvalidPlanError
+from .verify_kernels import (
+    LOG2PHY_EXPERT,
+    LOG2PHY_LAYOUT,
+    LOG2PHY_OK,
+    LOG2PHY_RANGE,
+    duplicate_gpus,
+    expert_counts,
+    group_nodes,
+    log2phy_fault,
+    masked_mismatches,
+    slot_maps,
+)
 
 __all__ = ["Plan", "derive_maps", "plan_violations", "verify"]
 
@@ -31,31 +43,25 @@ def derive_maps(phy2log: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.n
     """``(log2phy [L, E, R - E + 1], logcnt [L, E])`` int64 from ``phy2log [L, R]``.
 
     ``log2phy[l, e, :logcnt[l, e]]`` lists the slots holding expert ``e`` in increasing
-    order; the rest of the row is ``-1``.  Requires ``phy2log < E``; ``-1`` marks an
-    empty slot (a masked GPU's), listed nowhere.
+    order; the rest of the row is ``-1``.  Requires ``phy2log < E`` (a larger id raises
+    ``ValueError``); a negative id (``-1``) marks an empty slot (a masked GPU's), listed
+    nowhere, and a plan with empty slots gets rows of ``R - E`` entries.  A row lists at
+    most its width of slots (more only when some expert has no replica).
     """
-    p = np.asarray(phy2log, dtype=np.int64)
+    p = _int64_c(phy2log)
     L, R = p.shape
     E = int(num_experts)
-    if (p < 0).any():
-        # Empty slots become a sentinel expert E, dropped from the maps.
-        log2phy, logcnt = derive_maps(np.where(p < 0, E, p), E + 1)
-        return log2phy[:, :E, : R - E + 1], logcnt[:, :E]
-    width = R - E + 1
-    # One flat pass over all layers: global expert ids, slots grouped by expert with a
-    # stable sort (radix sort for 16-bit keys), rank of each slot within its expert.
-    g = (p + (np.arange(L) * E)[:, None]).ravel()
-    cnt = np.bincount(g, minlength=L * E)
-    if L * E <= np.iinfo(np.int16).max:
-        order = np.argsort(g.astype(np.int16), kind="stable")
-    else:
-        order = np.argsort(g, kind="stable")
-    sorted_g = g[order]
-    start = np.cumsum(cnt) - cnt
-    rank = np.arange(L * R) - start[sorted_g]
-    log2phy = np.full(L * E * width, -1, dtype=np.int64)
-    log2phy[sorted_g * width + rank] = order % R
-    return log2phy.reshape(L, E, width), cnt.reshape(L, E)
+    width = R - E if (p < 0).any() else R - E + 1
+    log2phy, logcnt, bad = slot_maps(p, E, max(width, 0))
+    if bad >= 0:
+        raise ValueError(f"phy2log[{bad // R}, {bad % R}] = {p.flat[bad]} is not an expert id below {E}")
+    return log2phy, logcnt
+
+
+def _int64_c(x: Any) -> np.ndarray:
+    """``x`` as a C-contiguous, writable, native int64 array (the layout the kernels of
+    :mod:`eplb_opt.verify_kernels` are compiled for; a copy only when ``x`` differs)."""
+    return np.require(x, dtype=np.int64, requirements=["C", "W"])
 
 
 @dataclass(frozen=True)
@@ -187,19 +193,19 @@ def plan_violations(
     out: list[str] = []
     if G <= 0 or R % G:
         out.append(f"{R} slots cannot give every one of {G} GPUs the same slot count")
+    p = _int64_c(p)
     empty = np.zeros(p.shape, dtype=bool)                                # [L, R] masked slots
     if masked is not None:
         empty, wrong = _masked_violations(p, masked, G, limit)
         if empty is None:
             return out + wrong
         hierarchical = False
-    bad_id = _expert_id_violation(p, empty, E)
+    cnt, bad_id = _expert_id_violation(p, empty, E)                      # [L, E] replicas
     if bad_id:
         return out + [bad_id]
-    cnt = _replica_counts(p, empty, E)                                   # [L, E]
     out += [f"layer {l}: expert {e} has no replica" for l, e in np.argwhere(cnt == 0)[:limit]]
     if not allow_duplicates and not out and G > 0 and R % G == 0:
-        out += _duplicate_violations(p, empty, G, limit)
+        out += _duplicate_violations(p, empty, G, E, limit)
     if hierarchical and not out:
         out += _hierarchy_violations(p, E, G, int(num_groups), int(num_nodes), limit)
     if logcnt is not None:
@@ -217,56 +223,41 @@ def _masked_violations(p: np.ndarray, masked: Any, G: int, limit: int) -> tuple[
     mk = np.asarray(masked, dtype=bool)
     if mk.shape != (L, G) or R % G:
         return None, [f"masked has shape {tuple(mk.shape)}, expected {(L, G)}"]
-    empty = np.repeat(mk, R // G, axis=1)
-    wrong = np.argwhere(empty != (p == -1))
+    empty, wrong, total = masked_mismatches(p, np.require(mk, requirements=["C", "W"]), int(limit))
     out = []
-    for l, s in wrong[:limit]:
+    for l, s in wrong:
         what = "is empty but its GPU is not masked" if p[l, s] == -1 else "holds an expert on a masked GPU"
         out.append(f"layer {l}: slot {s} {what}")
-    return (None, out) if wrong.size else (empty, out)
+    return (None, out) if total else (empty, out)
 
 
-def _expert_id_violation(p: np.ndarray, empty: np.ndarray, E: int) -> str | None:
-    """The first slot of ``p`` (``[L, R]``, outside ``empty``) whose id is not in ``[0, E)``."""
-    real = p[~empty]
-    lo, hi = (int(real.min()), int(real.max())) if real.size else (0, 0)
-    if lo < 0 or hi >= E:
-        bad = np.argwhere(((p < 0) | (p >= E)) & ~empty)[0]
-        return f"phy2log[{bad[0]}, {bad[1]}] = {p[bad[0], bad[1]]} is not an expert id in [0, {E})"
-    return None
+def _expert_id_violation(p: np.ndarray, empty: np.ndarray, E: int) -> tuple[np.ndarray, str | None]:
+    """``(cnt [L, E], message)``: the replicas of every expert in ``p`` (``[L, R]``) outside
+    ``empty``, and a message naming the first such slot whose id is not in ``[0, E)``
+    (``None`` when every id is; ``cnt`` is incomplete otherwise)."""
+    cnt, bad = expert_counts(p, empty, E)
+    if bad >= 0:
+        l, s = divmod(int(bad), p.shape[1])
+        return cnt, f"phy2log[{l}, {s}] = {p[l, s]} is not an expert id in [0, {E})"
+    return cnt, None
 
 
-def _replica_counts(p: np.ndarray, empty: np.ndarray, E: int) -> np.ndarray:
-    """``[L, E]`` replicas of every expert in ``p`` (``[L, R]``, ids in ``[0, E)`` outside
-    ``empty``)."""
-    L = p.shape[0]
-    keys = (p + (np.arange(L) * E)[:, None])[~empty]
-    return np.bincount(keys, minlength=L * E).reshape(L, E)
-
-
-def _duplicate_violations(p: np.ndarray, empty: np.ndarray, G: int, limit: int) -> list[str]:
+def _duplicate_violations(p: np.ndarray, empty: np.ndarray, G: int, E: int, limit: int) -> list[str]:
     """A message per (layer, unmasked GPU) of ``p`` (``[L, R]``, ``G`` dividing ``R``)
     holding two replicas of one expert."""
-    L, R = p.shape
-    per_gpu = np.sort(p.reshape(L, G, R // G), axis=2)                  # [L, G, k]
-    twice = np.argwhere((per_gpu[:, :, 1:] == per_gpu[:, :, :-1]).any(axis=2)
-                        & ~empty.reshape(L, G, R // G)[:, :, 0])
-    return [f"layer {l}: GPU {g} holds two replicas of one expert (duplicates not allowed)"
-            for l, g in twice[:limit]]
+    twice, _ = duplicate_gpus(p, empty, G, E, int(limit))
+    return [f"layer {l}: GPU {g} holds two replicas of one expert (duplicates not allowed)" for l, g in twice]
 
 
 def _hierarchy_violations(p: np.ndarray, E: int, G: int, ng: int, nn: int, limit: int) -> list[str]:
     """The hierarchical policy's rules on ``p`` (``[L, R]``, valid ids): the sizes divide,
     every group of ``E / ng`` experts lies on one node and every node holds ``ng / nn``
     groups."""
-    L, R = p.shape
+    R = p.shape[1]
     if ng <= 0 or nn <= 0 or E % ng or ng % nn or R % nn or G % nn:
         return [f"hierarchical sizes do not divide: E={E}, groups={ng}, nodes={nn}, GPUs={G}, R={R}"]
     out = []
-    node_of_slot = np.arange(R) // (R // nn)                             # [R]
-    group = p // (E // ng)                                               # [L, R]
-    key = ((np.arange(L)[:, None] * ng + group) * nn + node_of_slot).ravel()
-    present = np.bincount(key, minlength=L * ng * nn).reshape(L, ng, nn) > 0    # [L, groups, nodes]
+    present = group_nodes(p, E // ng, ng, nn)                           # [L, groups, nodes]
     nodes_per_group = present.sum(axis=2)
     for l, g in np.argwhere(nodes_per_group != 1)[:limit]:
         out.append(f"layer {l}: group {g} is split across nodes {np.flatnonzero(present[l, g]).tolist()}")
@@ -302,20 +293,14 @@ def _log2phy_violations(log2phy: Any, p: np.ndarray, cnt: np.ndarray, empty: np.
     (L, E), R = cnt.shape, p.shape[1]
     if m.ndim != 3 or m.shape[:2] != (L, E) or m.shape[2] < cnt.max(initial=0):
         return [f"log2phy has shape {tuple(m.shape)}, expected ({L}, {E}, >= max count)"]
-    X = m.shape[2]
-    prefix = np.arange(X)[None, None, :] < cnt[:, :, None]              # [L, E, X]
-    if not np.array_equal(m >= 0, prefix) or (~prefix & (m != -1)).any():
-        return ["log2phy: valid entries must be the first logcnt of each row, the rest -1"]
-    slots = m[prefix]
-    layer = np.broadcast_to(np.arange(L)[:, None, None], m.shape)[prefix]
-    expert = np.broadcast_to(np.arange(E)[None, :, None], m.shape)[prefix]
-    if (slots >= R).any():
-        return [f"log2phy holds a slot id >= {R}"]
-    if not np.array_equal(p[layer, slots], expert):
-        return ["log2phy points at a slot that holds another expert"]
-    if (np.bincount(layer * R + slots, minlength=L * R) != (~empty).ravel()).any():
-        return ["log2phy does not list every slot exactly once"]
-    return []
+    fault = log2phy_fault(_int64_c(m), p, cnt, empty)
+    if fault == LOG2PHY_OK:
+        return []
+    return [{
+        LOG2PHY_LAYOUT: "log2phy: valid entries must be the first logcnt of each row, the rest -1",
+        LOG2PHY_RANGE: f"log2phy holds a slot id >= {R}",
+        LOG2PHY_EXPERT: "log2phy points at a slot that holds another expert",
+    }.get(int(fault), "log2phy does not list every slot exactly once")]
 
 
 def verify(

@@ -79,3 +79,159 @@ def test_map_mismatches():
     twice = log2phy.copy()
     twice[0, 0, 1] = twice[0, 0, 0]
     assert any("exactly once" in s for s in check(GOOD, log2phy=twice))
+
+
+# --- The verifier's compiled kernels (eplb_opt.verify_kernels) against plain loops ---
+#
+# Each reference below is the rule written as directly as Python allows; the kernels are
+# called on many small random plans (valid ones, and ones with 1-3 entries broken), and
+# every answer must be the reference's.
+
+from eplb_opt import verify_kernels as vk  # noqa: E402
+
+CASES = 400
+
+
+def random_plan(rng, masked_ok=True):
+    """``(p [L, R], E, G, mask [L, G] or None)``: a random small plan, often valid, with
+    some empty GPUs (``-1``) and some broken entries."""
+    L, G, k = int(rng.integers(1, 4)), int(rng.integers(1, 5)), int(rng.integers(1, 4))
+    R = G * k
+    E = int(rng.integers(1, R + 1))
+    p = np.array([rng.permutation(np.concatenate([np.arange(E), rng.integers(0, E, R - E)])) for _ in range(L)],
+                 dtype=np.int64).reshape(L, R)
+    mask = None
+    if masked_ok and rng.random() < 0.4:
+        mask = rng.random((L, G)) < 0.3
+        p[np.repeat(mask, k, axis=1)] = -1
+    for _ in range(int(rng.integers(0, 4))):
+        p[rng.integers(L), rng.integers(R)] = rng.integers(-2, E + 2)
+    return p, E, G, mask
+
+
+def ref_slot_maps(p, E, width):
+    L, R = p.shape
+    m, c, bad = np.full((L, E, width), -1), np.zeros((L, E), dtype=np.int64), -1
+    for l in range(L):
+        for s in range(R):
+            e = p[l, s]
+            if e >= E and bad < 0:
+                bad = l * R + s
+            if 0 <= e < E and bad < 0:
+                if c[l, e] < width:
+                    m[l, e, c[l, e]] = s
+                c[l, e] += 1
+    return m, c, bad
+
+
+def test_slot_maps_matches_plain_loops():
+    rng = np.random.default_rng(1)
+    for _ in range(CASES):
+        p, E, _, _ = random_plan(rng)
+        width = int(rng.integers(0, 4))
+        m, c, bad = vk.slot_maps(p, E, width)
+        rm, rc, rbad = ref_slot_maps(p, E, width)
+        assert bad == rbad, p
+        if bad < 0:
+            assert np.array_equal(m, rm) and np.array_equal(c, rc), p
+
+
+def test_expert_counts_matches_plain_loops():
+    rng = np.random.default_rng(2)
+    for _ in range(CASES):
+        p, E, _, _ = random_plan(rng)
+        empty = p == -1
+        cnt, bad = vk.expert_counts(p, empty, E)
+        slots = [(l, s) for l in range(p.shape[0]) for s in range(p.shape[1]) if not empty[l, s]]
+        first_bad = next((l * p.shape[1] + s for l, s in slots if not 0 <= p[l, s] < E), -1)
+        assert bad == first_bad, p
+        if bad < 0:
+            ref = np.zeros((p.shape[0], E), dtype=np.int64)
+            for l, s in slots:
+                ref[l, p[l, s]] += 1
+            assert np.array_equal(cnt, ref), p
+
+
+def test_masked_mismatches_matches_plain_loops():
+    rng = np.random.default_rng(3)
+    for _ in range(CASES):
+        p, _, G, _ = random_plan(rng)
+        mask = rng.random((p.shape[0], G)) < 0.3
+        limit = int(rng.integers(0, 4))
+        empty, where, total = vk.masked_mismatches(p, mask, limit)
+        k = p.shape[1] // G
+        ref_empty = np.array([[mask[l, s // k] for s in range(p.shape[1])] for l in range(p.shape[0])])
+        wrong = [(l, s) for l in range(p.shape[0]) for s in range(p.shape[1]) if ref_empty[l, s] != (p[l, s] == -1)]
+        assert np.array_equal(empty, ref_empty) and total == len(wrong), p
+        assert where.tolist() == [list(x) for x in wrong[:limit]], p
+
+
+def test_duplicate_gpus_matches_plain_loops():
+    rng = np.random.default_rng(4)
+    for _ in range(CASES):
+        p, E, G, mask = random_plan(rng)
+        # The verifier checks ids and the mask first: valid ids, whole GPUs empty.
+        p = np.where((p < 0) | (p >= E), 0, p)
+        empty = np.zeros(p.shape, dtype=bool) if mask is None else np.repeat(mask, p.shape[1] // G, axis=1)
+        p[empty] = -1
+        limit = int(rng.integers(0, 4))
+        where, total = vk.duplicate_gpus(p, empty, G, E, limit)
+        k = p.shape[1] // G
+        ref = []
+        for l in range(p.shape[0]):
+            for g in range(G):
+                held = [int(e) for e in p[l, g * k:(g + 1) * k]]
+                if not empty[l, g * k] and len(set(held)) < len(held):
+                    ref.append([l, g])
+        assert total == len(ref) and where.tolist() == ref[:limit], p
+
+
+def test_group_nodes_matches_plain_loops():
+    rng = np.random.default_rng(5)
+    for _ in range(CASES):
+        nn = int(rng.integers(1, 4))
+        ng, gs = nn * int(rng.integers(1, 3)), int(rng.integers(1, 4))
+        R = nn * int(rng.integers(1, 5))
+        p = rng.integers(0, ng * gs, (int(rng.integers(1, 4)), R))
+        present = vk.group_nodes(p, gs, ng, nn)
+        ref = np.zeros((p.shape[0], ng, nn), dtype=bool)
+        for l in range(p.shape[0]):
+            for s in range(R):
+                ref[l, p[l, s] // gs, s // (R // nn)] = True
+        assert np.array_equal(present, ref), p
+
+
+def ref_log2phy_fault(m, p, cnt, empty):
+    """The first rule broken, in plan_violations' order: layout, range, expert, once."""
+    L, E, X = m.shape
+    R = p.shape[1]
+    rows = [(l, e, list(m[l, e])) for l in range(L) for e in range(E)]
+    if any(v < 0 if j < cnt[l, e] else v != -1 for l, e, row in rows for j, v in enumerate(row)):
+        return vk.LOG2PHY_LAYOUT
+    listed = [(l, e, v) for l, e, row in rows for v in row[:cnt[l, e]]]
+    if any(v >= R for _, _, v in listed):
+        return vk.LOG2PHY_RANGE
+    if any(p[l, v] != e for l, e, v in listed):
+        return vk.LOG2PHY_EXPERT
+    times = {(l, s): 0 for l in range(L) for s in range(R)}
+    for l, _, v in listed:
+        times[l, v] += 1
+    if any(times[l, s] != (0 if empty[l, s] else 1) for l in range(L) for s in range(R)):
+        return vk.LOG2PHY_ONCE
+    return vk.LOG2PHY_OK
+
+
+def test_log2phy_fault_matches_plain_loops():
+    rng = np.random.default_rng(6)
+    seen = set()
+    for _ in range(CASES):
+        p, E, _, _ = random_plan(rng)
+        p = np.where((p < -1) | (p >= E), 0, p)
+        m, cnt, _ = vk.slot_maps(p, E, p.shape[1] - E + 1)
+        for _ in range(int(rng.integers(0, 3))):         # break 0-2 entries of the map
+            l, e, j = (int(rng.integers(n)) for n in m.shape)
+            m[l, e, j] = rng.integers(-2, p.shape[1] + 2)
+        fault = vk.log2phy_fault(m, p, cnt, p == -1)
+        assert fault == ref_log2phy_fault(m, p, cnt, p == -1), (p, m)
+        seen.add(int(fault))
+    assert seen == {0, 1, 2, 3, 4}                      # every answer was exercised
