@@ -1,9 +1,12 @@
-"""Fast, batched EPLB heuristics in pure numpy (part of the ``eplb-opt`` distribution).
+"""Fast, batched EPLB heuristics over numpy arrays (part of the ``eplb-opt`` distribution).
 
 Not the unrelated PyPI project also named ``heuristics``: this package ships inside
-``eplb-opt`` and has no dependency beyond numpy.  Arrays in, arrays out; every function
-documents its shapes.  It checks only the shapes it depends on: validate user input with
-``eplb_opt`` first.
+``eplb-opt`` and depends on numpy and numba only (no torch, no OR-Tools).  Its hot loops
+are numba kernels, all compiled with one set of options by
+:mod:`eplb_opt.heuristics.compile` (cached on disk, no fastmath, sequential sums, so plans
+are identical on every rank); :func:`eplb_opt.heuristics.compile.compile_all` compiles
+them up front.  Arrays in, arrays out; every function documents its shapes.  It checks
+only the shapes it depends on: validate user input with ``eplb_opt`` first.
 """
 
 from .apportion import add_replicas, max_replica_load, remove_replicas, replica_counts
