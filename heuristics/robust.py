@@ -4,7 +4,7 @@ mean window's busiest GPU.
 A plan made for the windows' total can leave one window badly balanced.  Starting from
 any valid placement (usually the plan for the total), :func:`robust_refine` applies, per
 layer, the swap or retarget (:mod:`heuristics.local`) that lowers the objective most,
-taken on the GPUs that set it, until none does:
+taken on the GPUs that set it, until none does (compiled kernels: :mod:`heuristics.compile`):
 
 * ``"worst"``: ``max_w max_g load[w, g]``;
 * ``"mean"``: ``mean_w max_g load[w, g]``.
@@ -20,11 +20,14 @@ import time
 
 import numpy as np
 
-from .local import LayerState
+from .compile import kernel, warmer
 
 __all__ = ["OBJECTIVES", "robust_objective", "robust_refine"]
 
 OBJECTIVES = ("worst", "mean")
+
+# Steps per kernel call when a deadline is set: the clock is read between calls.
+_CHUNK = 16
 
 
 def robust_objective(loads: np.ndarray, objective: str) -> np.ndarray:
@@ -33,68 +36,221 @@ def robust_objective(loads: np.ndarray, objective: str) -> np.ndarray:
     return per_window.max(axis=-1) if objective == "worst" else per_window.mean(axis=-1)
 
 
-def _critical(loads: np.ndarray, objective: str, limit: int = 4) -> list[int]:
-    """GPUs that set the objective: the argmax of each window (worst window first)."""
-    top = loads.max(axis=1)
-    out: list[int] = []
-    for w in np.argsort(-top):
-        g = int(loads[w].argmax())
-        if g not in out:
-            out.append(g)
-        if objective == "worst" or len(out) >= limit:
+# ---------------------------------------------------------------------------------------
+# One layer's state: S [G, k] experts of the slots, M [G, E] replicas per GPU, c [E]
+# counts, v [W, E] per-replica loads, loads [W, G]; allowed [G, E] experts a GPU may take
+# (those its node holds).  Every sum runs in a fixed sequential order.
+
+
+@kernel
+def _refresh(w, S, c, v, loads):
+    """Per-replica and GPU loads of every window from the counts ``c``."""
+    W, E = w.shape
+    G, k = S.shape
+    for x in range(W):
+        for e in range(E):
+            v[x, e] = w[x, e] / max(c[e], 1)
+        for g in range(G):
+            s = 0.0
+            for i in range(k):
+                s += v[x, S[g, i]]
+            loads[x, g] = s
+
+
+@kernel
+def _holders(S, E, holders, hn):
+    """``holders[e, :hn[e]]``: the GPUs holding ``e``, ascending."""
+    G, k = S.shape
+    hn[:] = 0
+    for g in range(G):
+        for i in range(k):
+            e = S[g, i]
+            if hn[e] == 0 or holders[e, hn[e] - 1] != g:
+                holders[e, hn[e]] = g
+                hn[e] += 1
+
+
+@kernel
+def _critical(loads, worst, crit):
+    """GPUs that set the objective: the argmax of each window, worst window first (one
+    for "worst", up to four for "mean"); returns how many are in ``crit``."""
+    W = loads.shape[0]
+    top = np.empty(W)
+    for x in range(W):
+        top[x] = loads[x].max()
+    n = 0
+    for x in np.argsort(-top, kind="mergesort"):
+        g = int(np.argmax(loads[x]))
+        new = True
+        for t in range(n):
+            new = new and crit[t] != g
+        if new:
+            crit[n] = g
+            n += 1
+        if worst or n >= 4:
             break
-    return out
+    return n
 
 
-def _refine_layer(st: LayerState, node_size: int, objective: str, max_steps: int,
-                  deadline: float | None = None) -> bool:
-    """Improving steps until none is left (returns True) or the step cap or deadline."""
-    for _ in range(max_steps):
+@kernel
+def _swaps(S, M, v, loads, allowed, g, node_size, worst, dup, best):
+    """Swaps of a slot ``i`` of ``g`` with slot ``j`` of ``h`` in its node, order (i, h,
+    j); ``best`` ``[value, kind, g, i, h, j]`` keeps the first lowest."""
+    W = loads.shape[0]
+    G, k = S.shape
+    i1 = np.full(W, -1, dtype=np.int64)             # per window: the two heaviest GPUs but g
+    v1 = np.full(W, -np.inf)
+    v2 = np.full(W, -np.inf)
+    for x in range(W):
+        for q in range(G):
+            if q != g and loads[x, q] > v1[x]:
+                i1[x], v1[x] = q, loads[x, q]
+        for q in range(G):
+            if q != g and q != i1[x] and loads[x, q] > v2[x]:
+                v2[x] = loads[x, q]
+    n0 = (g // node_size) * node_size
+    for i in range(k):
+        a = S[g, i]
+        for h in range(n0, n0 + node_size):
+            if h == g or not allowed[h, a]:
+                continue
+            for j in range(k):
+                b = S[h, j]
+                if a == b or not allowed[g, b] or (not dup and (M[h, a] != 0 or M[g, b] != 0)):
+                    continue
+                acc = -np.inf if worst else 0.0
+                for x in range(W):
+                    d = v[x, b] - v[x, a]
+                    pw = max(max(loads[x, g] + d, loads[x, h] - d), v2[x] if h == i1[x] else v1[x])
+                    acc = max(acc, pw) if worst else acc + pw
+                val = acc if worst else acc / W
+                if val < best[0]:
+                    best[0], best[1], best[2], best[3], best[4], best[5] = val, 0.0, g, i, h, j
+
+
+@kernel
+def _retargets(w, S, M, c, v, loads, allowed, holders, hn, order, g, worst, dup, best):
+    """Retargets of a slot ``i`` of ``g`` (expert ``a``, ``c >= 2``) to an expert ``b``
+    allowed on ``g``, order (i, b).  Only the GPUs holding ``a`` or ``b`` change load."""
+    W, E = w.shape
+    G, k = S.shape
+    for i in range(k):
+        a = S[g, i]
+        ca = c[a]
+        if ca < 2:
+            continue
+        for b in range(E):
+            if b == a or not allowed[g, b] or (not dup and M[g, b] != 0):
+                continue
+            acc = -np.inf if worst else 0.0
+            for x in range(W):
+                va2 = w[x, a] / max(ca - 1, 1)
+                vb2 = w[x, b] / (c[b] + 1)
+                da, db = va2 - v[x, a], vb2 - v[x, b]
+                top = -np.inf
+                for t in range(hn[a] + hn[b]):
+                    q = holders[a, t] if t < hn[a] else holders[b, t - hn[a]]
+                    if t >= hn[a] and M[q, a] != 0:
+                        continue
+                    y = loads[x, q] + M[q, a] * da + M[q, b] * db
+                    if q == g:
+                        y += vb2 - va2
+                    top = max(top, y)
+                for t in range(G):                  # the heaviest GPU that does not change
+                    q = order[x, t]
+                    if M[q, a] == 0 and M[q, b] == 0:
+                        top = max(top, loads[x, q])
+                        break
+                acc = max(acc, top) if worst else acc + top
+            val = acc if worst else acc / W
+            if val < best[0]:
+                best[0], best[1], best[2], best[3], best[4], best[5] = val, 1.0, g, i, b, 0
+
+
+@kernel
+def _apply(S, M, c, v, loads, best):
+    """Apply the step in ``best``; returns whether counts changed (loads to recompute)."""
+    g, i = int(best[2]), int(best[3])
+    a = S[g, i]
+    if best[1] == 0.0:
+        h, j = int(best[4]), int(best[5])
+        b = S[h, j]
+        S[g, i], S[h, j] = b, a
+        M[g, a] -= 1
+        M[g, b] += 1
+        M[h, b] -= 1
+        M[h, a] += 1
+        for x in range(loads.shape[0]):
+            d = v[x, b] - v[x, a]
+            loads[x, g] += d
+            loads[x, h] -= d
+        return False
+    b = int(best[4])
+    S[g, i] = b
+    M[g, a] -= 1
+    M[g, b] += 1
+    c[a] -= 1
+    c[b] += 1
+    return True
+
+
+@kernel
+def _refine_kernel(w, S, node_size, worst, dup, max_steps):
+    """Improving steps on ``S`` (in place) until none is left (returns ``(True, steps)``)
+    or ``max_steps`` (``(False, steps)``).  Experts stay in the node that holds them."""
+    W, E = w.shape
+    G, k = S.shape
+    M = np.zeros((G, E), dtype=np.int64)
+    c = np.zeros(E, dtype=np.int64)
+    for g in range(G):
+        for i in range(k):
+            M[g, S[g, i]] += 1
+            c[S[g, i]] += 1
+    allowed = np.zeros((G, E), dtype=np.bool_)
+    for g in range(G):
+        n0 = (g // node_size) * node_size
+        for e in range(E):
+            for q in range(n0, n0 + node_size):
+                allowed[g, e] = allowed[g, e] or M[q, e] > 0
+    v, loads = np.empty((W, E)), np.empty((W, G))
+    _refresh(w, S, c, v, loads)
+    holders, hn = np.empty((E, G), dtype=np.int64), np.empty(E, dtype=np.int64)
+    order = np.empty((W, G), dtype=np.int64)
+    crit, best = np.empty(4, dtype=np.int64), np.empty(6)
+    for step in range(max_steps):
+        f0 = -np.inf if worst else 0.0
+        for x in range(W):
+            f0 = max(f0, loads[x].max()) if worst else f0 + loads[x].max()
+            order[x] = np.argsort(-loads[x], kind="mergesort")
+        f0 = f0 if worst else f0 / W
+        _holders(S, E, holders, hn)
+        best[0] = np.inf
+        for t in range(_critical(loads, worst, crit)):
+            if node_size > 1:
+                _swaps(S, M, v, loads, allowed, crit[t], node_size, worst, dup, best)
+            _retargets(w, S, M, c, v, loads, allowed, holders, hn, order, crit[t], worst, dup, best)
+        if not best[0] < f0 - 1e-12 * max(f0, 1e-300):
+            return True, step
+        if _apply(S, M, c, v, loads, best):
+            _refresh(w, S, c, v, loads)
+    return False, max_steps
+
+
+def _refine_layer(w: np.ndarray, S: np.ndarray, node_size: int, worst: bool, dup: bool, max_steps: int,
+                  deadline: float | None) -> bool:
+    """Improving steps on ``S`` until none is left (returns True) or the step cap or
+    deadline; with a deadline the kernel runs ``_CHUNK`` steps at a time and the clock
+    is read between its calls."""
+    left = max_steps
+    while left > 0:
         if deadline is not None and time.perf_counter() >= deadline:
             return False
-        f0 = float(robust_objective(st.loads, objective))
-        eps = 1e-12 * max(f0, 1e-300)
-        best = None                                    # (value, kind, args)
-        for g in _critical(st.loads, objective):
-            n0 = (g // node_size) * node_size
-            partners = np.array([h for h in range(n0, n0 + node_size) if h != g], dtype=np.int64)
-            if partners.size:
-                lg, lh, ok, _, _ = st.swap_loads(g, partners)
-                W, k, H, _ = lg.shape
-                # Loads of the other GPUs do not change: per window, the max over GPUs
-                # other than g and h is the top one, or the second where h is the top.
-                others = st.loads.copy()
-                others[:, g] = -np.inf
-                if others.shape[1] >= 2:
-                    top2 = np.argpartition(-others, 1, axis=1)[:, :2]
-                    v2 = np.take_along_axis(others, top2, axis=1)
-                    first = np.where(v2[:, 0] >= v2[:, 1], 0, 1)
-                    i1 = top2[np.arange(W), first]
-                    val1, val2 = v2[np.arange(W), first], v2[np.arange(W), 1 - first]
-                    excl = np.where(i1[:, None] == partners[None, :], val2[:, None], val1[:, None])
-                else:
-                    excl = np.full((W, H), -np.inf)
-                per_window = np.maximum(np.maximum(lg, lh), excl[:, None, :, None])     # [W, k, H, k]
-                val = per_window.max(axis=0) if objective == "worst" else per_window.mean(axis=0)
-                val = np.where(ok, val, np.inf)
-                idx = np.unravel_index(int(np.argmin(val)), val.shape)
-                if val[idx] < f0 - eps and (best is None or val[idx] < best[0]):
-                    best = (float(val[idx]), "swap", (g, int(idx[0]), int(partners[idx[1]]), int(idx[2])))
-            new, ok, slots, experts = st.retarget_loads(g)
-            val = robust_objective(np.moveaxis(new, 0, 2), objective)                  # [s, x]
-            val = np.where(ok, val, np.inf)
-            if val.size:
-                idx = np.unravel_index(int(np.argmin(val)), val.shape)
-                if val[idx] < f0 - eps and (best is None or val[idx] < best[0]):
-                    best = (float(val[idx]), "retarget", (g, int(slots[idx[0]]), int(experts[idx[1]])))
-        if best is None:
+        steps = left if deadline is None else min(left, _CHUNK)
+        done, _ = _refine_kernel(w, S, node_size, worst, dup, steps)
+        if done:
             return True
-        if best[1] == "swap":
-            st.do_swap(*best[2])
-        else:
-            st.do_retarget(*best[2])
+        left -= steps
     return False
-
 
 def robust_refine(
     windows: np.ndarray,
@@ -129,13 +285,19 @@ def robust_refine(
     out = np.array(phy2log, dtype=np.int64, copy=True)
     P = num_gpus // num_nodes
     converged = np.zeros(L, dtype=bool)
+    worst = objective == "worst"
     for l in (range(L) if layers is None else layers):
         if deadline is not None and time.perf_counter() >= deadline:
             break
-        st = LayerState(windows[:, l, :], out[l], num_gpus, allow_duplicates=allow_duplicates)
-        # Experts stay in the node that holds them.
-        node_has = st.M.reshape(num_nodes, P, E).sum(axis=1) > 0
-        st.allowed = np.repeat(node_has, P, axis=0)
-        converged[l] = _refine_layer(st, P, objective, max_steps, deadline)
-        out[l] = st.placement
+        w = np.ascontiguousarray(windows[:, l, :], dtype=np.float64)
+        S = out[l].reshape(num_gpus, -1).copy()
+        converged[l] = _refine_layer(w, S, P, worst, allow_duplicates, max_steps, deadline)
+        out[l] = S.ravel()
     return out, converged
+
+
+@warmer
+def _warm() -> None:
+    windows = np.array([[[4.0, 4.0, 1.0, 1.0]], [[1.0, 1.0, 4.0, 4.0]]])
+    for objective in OBJECTIVES:
+        robust_refine(windows, np.array([[0, 1, 2, 3]]), 2, 1, objective)
