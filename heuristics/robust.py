@@ -195,9 +195,9 @@ def _apply(S, M, c, v, loads, best):
 
 
 @kernel
-def _refine_kernel(w, S, node_size, worst, dup, max_steps):
-    """Improving steps on ``S`` (in place) until none is left (returns ``(True, steps)``)
-    or ``max_steps`` (``(False, steps)``).  Experts stay in the node that holds them."""
+def _state(w, S, node_size):
+    """``(M, c, allowed, v, loads)`` of placement ``S``; ``allowed[g, e]``: some GPU of
+    ``g``'s node holds ``e``."""
     W, E = w.shape
     G, k = S.shape
     M = np.zeros((G, E), dtype=np.int64)
@@ -214,21 +214,41 @@ def _refine_kernel(w, S, node_size, worst, dup, max_steps):
                 allowed[g, e] = allowed[g, e] or M[q, e] > 0
     v, loads = np.empty((W, E)), np.empty((W, G))
     _refresh(w, S, c, v, loads)
-    holders, hn = np.empty((E, G), dtype=np.int64), np.empty(E, dtype=np.int64)
+    return M, c, allowed, v, loads
+
+
+@kernel
+def _step(w, S, M, c, v, loads, allowed, node_size, worst, dup, best):
+    """One step's choice: the best swap or retarget on the critical GPUs in ``best``
+    (``best[0]`` its objective, ``inf`` if none); returns the objective now."""
+    W, E = w.shape
+    G = S.shape[0]
+    f0 = -np.inf if worst else 0.0
     order = np.empty((W, G), dtype=np.int64)
-    crit, best = np.empty(4, dtype=np.int64), np.empty(6)
+    for x in range(W):
+        f0 = max(f0, loads[x].max()) if worst else f0 + loads[x].max()
+        order[x] = np.argsort(-loads[x], kind="mergesort")
+    f0 = f0 if worst else f0 / W
+    holders, hn = np.empty((E, G), dtype=np.int64), np.empty(E, dtype=np.int64)
+    _holders(S, E, holders, hn)
+    crit = np.empty(4, dtype=np.int64)
+    best[0] = np.inf
+    for t in range(_critical(loads, worst, crit)):
+        if node_size > 1:
+            _swaps(S, M, v, loads, allowed, crit[t], node_size, worst, dup, best)
+        _retargets(w, S, M, c, v, loads, allowed, holders, hn, order, crit[t], worst, dup, best)
+    return f0
+
+
+@kernel
+def _refine_kernel(w, S, node_size, worst, dup, max_steps):
+    """Improving steps on ``S`` (in place) until none is left (returns ``(True, steps)``)
+    or ``max_steps`` (``(False, steps)``).  Experts stay in the node that holds them;
+    GPU loads follow a swap incrementally and are recomputed after a retarget."""
+    M, c, allowed, v, loads = _state(w, S, node_size)
+    best = np.empty(6)
     for step in range(max_steps):
-        f0 = -np.inf if worst else 0.0
-        for x in range(W):
-            f0 = max(f0, loads[x].max()) if worst else f0 + loads[x].max()
-            order[x] = np.argsort(-loads[x], kind="mergesort")
-        f0 = f0 if worst else f0 / W
-        _holders(S, E, holders, hn)
-        best[0] = np.inf
-        for t in range(_critical(loads, worst, crit)):
-            if node_size > 1:
-                _swaps(S, M, v, loads, allowed, crit[t], node_size, worst, dup, best)
-            _retargets(w, S, M, c, v, loads, allowed, holders, hn, order, crit[t], worst, dup, best)
+        f0 = _step(w, S, M, c, v, loads, allowed, node_size, worst, dup, best)
         if not best[0] < f0 - 1e-12 * max(f0, 1e-300):
             return True, step
         if _apply(S, M, c, v, loads, best):

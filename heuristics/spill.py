@@ -114,8 +114,8 @@ def _node_swaps(x, away, v, loads, off, vmax, h, P, G, lam, cap, best):
 
 @kernel
 def _top3(v):
-    """Indices of the three largest values of ``v`` (first index among equals; the
-    largest repeated where ``v`` has fewer than three)."""
+    """Indices of the three largest values of ``v`` (first index among equals; ``-1``
+    where ``v`` has fewer than three)."""
     t = np.full(3, -1, dtype=np.int64)
     for e in range(v.size):
         for i in range(3):
@@ -124,9 +124,6 @@ def _top3(v):
                     t[j] = t[j - 1]
                 t[i] = e
                 break
-    for i in range(1, 3):
-        if t[i] < 0:
-            t[i] = t[0]
     return t
 
 
@@ -160,9 +157,9 @@ def _node_retargets(w, x, away, c, v, loads, off, P, G, lam, cap, best):
                         y += ve2 - vf2
                     top = max(top, y)
                 # heaviest replica after the retarget: the top of the others, vf2 and ve2
-                other = v[t[2]]
+                other = -np.inf                 # (none when f and e are all there is)
                 for i in range(3):
-                    if t[i] != f and t[i] != e:
+                    if t[i] >= 0 and t[i] != f and t[i] != e:
                         other = v[t[i]]
                         break
                 vmax = max(other, max(vf2, ve2))
@@ -170,6 +167,20 @@ def _node_retargets(w, x, away, c, v, loads, off, P, G, lam, cap, best):
                 val = max(top / P, vmax) + lam * (off + d_off) / G
                 if val < best[0]:
                     best[0], best[1], best[2], best[3], best[4], best[5] = val, 1.0, f, e, n, 0
+
+
+@kernel
+def _node_step(w, x, away, c, v, loads, P, G, lam, cap, best):
+    """One step's choice on ``x``: refreshes ``c``, ``v``, ``loads`` and fills ``best``
+    (``best[0]`` the objective after the best move, ``inf`` if none); returns the
+    objective now."""
+    off = _node_refresh(w, x, away, c, v, loads)
+    h = int(np.argmax(loads))
+    vmax = v.max()
+    best[0] = np.inf
+    _node_swaps(x, away, v, loads, off, vmax, h, P, G, lam, cap, best)
+    _node_retargets(w, x, away, c, v, loads, off, P, G, lam, cap, best)
+    return max(loads[h] / P, vmax) + lam * off / G
 
 
 @kernel
@@ -182,13 +193,7 @@ def _node_search(w, x, away, P, G, lam, cap, max_steps):
     loads = np.empty(N)
     best = np.empty(6)
     for _ in range(max_steps):
-        off = _node_refresh(w, x, away, c, v, loads)
-        h = int(np.argmax(loads))
-        vmax = v.max()
-        f0 = max(loads[h] / P, vmax) + lam * off / G
-        best[0] = np.inf
-        _node_swaps(x, away, v, loads, off, vmax, h, P, G, lam, cap, best)
-        _node_retargets(w, x, away, c, v, loads, off, P, G, lam, cap, best)
+        f0 = _node_step(w, x, away, c, v, loads, P, G, lam, cap, best)
         if not best[0] < f0 - 1e-12 * max(f0, 1e-300):
             break
         if best[1] == 0.0:
@@ -252,21 +257,29 @@ def _primaries_home(row, home, N):
 
 
 @kernel
-def _gpu_refresh(w, S, c, v, loads, away, hc, offc, holders, hn):
-    """Per-replica and GPU loads (from ``c``), home/away counts and every expert's
-    holders (``holders[e, :hn[e]]`` ascending); returns the off-node load."""
+def _gpu_loads(w, S, c, v, loads):
+    """Per-replica loads ``v`` and GPU loads from the counts ``c``."""
     G, k = S.shape
-    E = w.size
-    for e in range(E):
+    for e in range(w.size):
         v[e] = w[e] / max(c[e], 1)
-        hc[e] = 0
-        offc[e] = 0
-        hn[e] = 0
     for g in range(G):
         s = 0.0
         for i in range(k):
+            s += v[S[g, i]]
+        loads[g] = s
+
+
+@kernel
+def _gpu_counts(S, away, hc, offc, holders, hn):
+    """Replicas at home / away per expert and every expert's holders
+    (``holders[e, :hn[e]]``, ascending)."""
+    G, k = S.shape
+    hc[:] = 0
+    offc[:] = 0
+    hn[:] = 0
+    for g in range(G):
+        for i in range(k):
             e = S[g, i]
-            s += v[e]
             if away[g, e]:
                 offc[e] += 1
             else:
@@ -274,11 +287,30 @@ def _gpu_refresh(w, S, c, v, loads, away, hc, offc, holders, hn):
             if hn[e] == 0 or holders[e, hn[e] - 1] != g:
                 holders[e, hn[e]] = g
                 hn[e] += 1
-        loads[g] = s
-    off = 0.0
-    for e in range(E):
-        off += v[e] * offc[e]
-    return off
+
+
+@kernel
+def _gpu_state(w, row, node, home):
+    """``(S, M, c, v, loads, away, hc, offc, holders, hn)`` of placement ``row``."""
+    G = node.size
+    E = w.size
+    k = row.size // G
+    S = row.reshape(G, k).copy()
+    away = np.empty((G, E), dtype=np.int64)
+    M = np.zeros((G, E), dtype=np.int64)
+    c = np.zeros(E, dtype=np.int64)
+    for g in range(G):
+        for e in range(E):
+            away[g, e] = 1 if node[g] != home[e] else 0
+        for i in range(k):
+            M[g, S[g, i]] += 1
+            c[S[g, i]] += 1
+    v, loads = np.empty(E), np.empty(G)
+    _gpu_loads(w, S, c, v, loads)
+    hc, offc, hn = np.empty(E, np.int64), np.empty(E, np.int64), np.empty(E, np.int64)
+    holders = np.empty((E, G), dtype=np.int64)
+    _gpu_counts(S, away, hc, offc, holders, hn)
+    return S, M, c, v, loads, away, hc, offc, holders, hn
 
 
 @kernel
@@ -395,56 +427,53 @@ def _gpu_apply(S, M, c, loads, v, best):
 
 
 @kernel
-def _polish_kernel(w, row, node, home, lam, dup, max_steps):
-    """GPU-level search from ``row`` ``[R]``; returns ``(objective, placement [R])``."""
-    G = node.size
-    E = w.size
-    k = row.size // G
-    S = row.reshape(G, k).copy()
-    away = np.empty((G, E), dtype=np.int64)
-    M = np.zeros((G, E), dtype=np.int64)
-    c = np.zeros(E, dtype=np.int64)
+def _gpu_step(w, S, M, c, v, loads, away, hc, offc, holders, hn, lam, dup, bd, bf):
+    """One step's choice from the current state: the busiest GPUs in turn (at most
+    four, stopping at the first with an improving move); returns the objective now."""
+    G = loads.size
+    _gpu_counts(S, away, hc, offc, holders, hn)
+    off0 = 0.0
+    for e in range(w.size):
+        off0 += v[e] * offc[e]
+    f0 = loads.max() + lam * off0 / G
+    eps = 1e-12 * max(f0, 1e-300)
+    sq0 = 0.0
     for g in range(G):
-        for e in range(E):
-            away[g, e] = 1 if node[g] != home[e] else 0
-        for i in range(k):
-            M[g, S[g, i]] += 1
-            c[S[g, i]] += 1
-    v, loads = np.empty(E), np.empty(G)
-    hc, offc, hn = np.empty(E, np.int64), np.empty(E, np.int64), np.empty(E, np.int64)
-    holders = np.empty((E, G), dtype=np.int64)
-    bd, bf = np.empty(6), np.empty(6)
-    stale = True
-    for _ in range(max_steps):
-        lg = loads.copy()
-        off0 = _gpu_refresh(w, S, c, v, loads, away, hc, offc, holders, hn)
-        if not stale:
-            loads[:] = lg                       # a swap updated the loads in place
-        f0 = loads.max() + lam * off0 / G
-        eps = 1e-12 * max(f0, 1e-300)
-        sq0 = 0.0
-        for g in range(G):
-            sq0 += loads[g] ** 2
-        order = np.argsort(-loads, kind="mergesort")
-        bd[0], bf[0] = np.inf, np.inf
-        for t in range(min(4, G)):
-            g = order[t]
-            _gpu_swaps(S, M, v, loads, away, hc, g, off0, sq0, f0, eps, lam, dup, bd, bf)
-            _gpu_retargets(w, S, M, c, v, loads, away, hc, offc, holders, hn, order, g, off0, sq0, f0, eps,
-                           lam, dup, bd, bf)
-            if bd[0] < np.inf:
-                break
+        sq0 += loads[g] ** 2
+    order = np.argsort(-loads, kind="mergesort")
+    bd[0], bf[0] = np.inf, np.inf
+    for t in range(min(4, G)):
+        g = order[t]
+        _gpu_swaps(S, M, v, loads, away, hc, g, off0, sq0, f0, eps, lam, dup, bd, bf)
+        _gpu_retargets(w, S, M, c, v, loads, away, hc, offc, holders, hn, order, g, off0, sq0, f0, eps,
+                       lam, dup, bd, bf)
         if bd[0] < np.inf:
-            stale = _gpu_apply(S, M, c, loads, v, bd)
-        elif bf[0] < np.inf:
-            stale = _gpu_apply(S, M, c, loads, v, bf)
-        else:
             break
-    lg = loads.copy()
-    off0 = _gpu_refresh(w, S, c, v, loads, away, hc, offc, holders, hn)
-    if not stale:
-        loads[:] = lg
-    return loads.max() + lam * off0 / G, S.ravel().copy()
+    return f0
+
+
+@kernel
+def _polish_kernel(w, row, node, home, lam, dup, max_steps):
+    """GPU-level search from ``row`` ``[R]``; returns ``(objective, placement [R])``.
+    GPU loads follow a swap incrementally and are recomputed after a retarget."""
+    S, M, c, v, loads, away, hc, offc, holders, hn = _gpu_state(w, row, node, home)
+    bd, bf = np.empty(6), np.empty(6)
+    f0 = 0.0
+    for _ in range(max_steps):
+        f0 = _gpu_step(w, S, M, c, v, loads, away, hc, offc, holders, hn, lam, dup, bd, bf)
+        if bd[0] < np.inf:
+            changed = _gpu_apply(S, M, c, loads, v, bd)
+        elif bf[0] < np.inf:
+            changed = _gpu_apply(S, M, c, loads, v, bf)
+        else:
+            return f0, S.ravel().copy()
+        if changed:
+            _gpu_loads(w, S, c, v, loads)
+    _gpu_counts(S, away, hc, offc, holders, hn)
+    off0 = 0.0
+    for e in range(w.size):
+        off0 += v[e] * offc[e]
+    return loads.max() + lam * off0 / node.size, S.ravel().copy()
 
 
 def spill_refine(

@@ -1,0 +1,337 @@
+"""The spill policy's and the window search's kernels against plain references.
+
+Every case is a small random layer; the reference enumerates every move the rule
+allows, applies it to a copy and recomputes the objective from scratch, so a kernel
+that prices a move wrongly (its incremental loads, off-node load, heaviest replica or
+untouched GPUs) or offers a move the rule forbids is caught.  Ties may be broken
+differently (sums run in another order), so the tests compare objective values.
+"""
+
+import numpy as np
+import pytest
+
+from eplb_opt.heuristics import robust, spill
+
+CASES = 400
+
+
+def close(a, b):
+    return a == b or abs(a - b) <= 1e-9 * max(abs(a), abs(b), 1e-300)
+
+
+def _weights(rng, E):
+    kind = rng.integers(3)
+    if kind == 0:
+        return rng.integers(0, 6, E).astype(np.float64)        # ties and zeros
+    if kind == 1:
+        return rng.random(E)
+    return rng.gamma(0.5, 100.0, E)
+
+
+def _layer(rng, dup=True):
+    """A spill layer: ``(w, row [R], node [G], home [E], N)``; every expert has a
+    replica on its home node (and, without ``dup``, no GPU holds two of one)."""
+    N = int(rng.integers(1, 4))
+    P = int(rng.integers(1, 3))
+    k = int(rng.integers(1, 4))
+    G, rn = N * P, P * k
+    if N * rn < 2:
+        return None
+    E = int(rng.integers(2, N * rn + 1))
+    home = rng.permutation(np.arange(E) % N)                   # at most rn experts per node
+    if np.bincount(home, minlength=N).max() > rn:
+        return None
+    row = np.full(N * rn, -1, dtype=np.int64)
+    for e in range(E):
+        free = np.flatnonzero(row[home[e] * rn:(home[e] + 1) * rn] < 0)
+        row[home[e] * rn + rng.choice(free)] = e
+    rest = np.flatnonzero(row < 0)
+    row[rest] = rng.integers(0, E, rest.size)
+    if not dup and any(len(set(s)) < k for s in row.reshape(G, k).tolist()):
+        return None
+    return _weights(rng, E), row, np.arange(G, dtype=np.int64) // P, home.astype(np.int64), N
+
+
+# -- node level -----------------------------------------------------------------------
+
+
+def node_objective(w, x, home, P, G, lam):
+    E, N = x.shape
+    c = x.sum(axis=1)
+    v = [w[e] / max(c[e], 1) for e in range(E)]
+    loads = [sum(v[e] * x[e, n] for e in range(E)) for n in range(N)]
+    off = sum(v[e] * x[e, n] for e in range(E) for n in range(N) if n != home[e])
+    return max(max(loads) / P, max(v)) + lam * off / G
+
+
+def node_moves(w, x, home, cap):
+    """Every node-level move: swaps between the heaviest node and another, retargets."""
+    E, N = x.shape
+    c = x.sum(axis=1)
+    v = w / np.maximum(c, 1)
+    h = int(np.argmax([sum(v[e] * x[e, n] for e in range(E)) for n in range(N)]))
+
+    def movable(e, n):
+        return x[e, n] >= 1 and not (n == home[e] and x[e, n] == 1)
+
+    for m in range(N):
+        for e in range(E):
+            for f in range(E):
+                if m != h and e != f and movable(e, h) and movable(f, m) and x[e, m] < cap and x[f, h] < cap:
+                    y = x.copy()
+                    y[e, h] -= 1
+                    y[e, m] += 1
+                    y[f, m] -= 1
+                    y[f, h] += 1
+                    yield (0, e, h, f, m), y
+    for n in range(N):
+        for f in range(E):
+            for e in range(E):
+                if e != f and c[f] >= 2 and movable(f, n) and x[e, n] < cap:
+                    y = x.copy()
+                    y[f, n] -= 1
+                    y[e, n] += 1
+                    yield (1, f, e, n), y
+
+
+def _apply_node(x, best):
+    y = x.copy()
+    a = [int(t) for t in best[2:6]]
+    if best[1] == 0.0:
+        e, h, f, m = a
+        y[e, h] -= 1
+        y[e, m] += 1
+        y[f, m] -= 1
+        y[f, h] += 1
+    else:
+        f, e, n = a[:3]
+        y[f, n] -= 1
+        y[e, n] += 1
+    return y
+
+
+def test_node_step_is_the_best_move():
+    rng = np.random.default_rng(0)
+    seen = 0
+    while seen < CASES:
+        case = _layer(rng)
+        if case is None:
+            continue
+        w, row, node, home, N = case
+        G = node.size
+        P = G // N
+        E, R = w.size, row.size
+        x = np.zeros((E, N), dtype=np.int64)
+        np.add.at(x, (row, np.arange(R) // (R // N)), 1)
+        lam = float(rng.choice([0.0, 0.5, 1.0, 4.0]))
+        cap = float(rng.choice([np.inf, P]))
+        away = (np.arange(N)[None, :] != home[:, None]).astype(np.int64)
+        best = np.empty(6)
+        f0 = spill._node_step(w, x, away, np.empty(E, np.int64), np.empty(E), np.empty(N), P, G, lam, cap, best)
+        assert close(f0, node_objective(w, x, home, P, G, lam))
+        values = [node_objective(w, y, home, P, G, lam) for _, y in node_moves(w, x, home, cap)]
+        if not values:
+            assert best[0] == np.inf
+        else:
+            assert close(best[0], min(values)), (best, min(values))
+            assert close(node_objective(w, _apply_node(x, best), home, P, G, lam), best[0])
+        seen += 1
+
+
+# -- GPU level ------------------------------------------------------------------------
+
+
+def gpu_figures(w, S, node, home, lam):
+    """(objective, sum of squared loads, valid) of placement ``S [G, k]``."""
+    G = S.shape[0]
+    E = w.size
+    c = np.bincount(S.ravel(), minlength=E)
+    v = [w[e] / max(c[e], 1) for e in range(E)]
+    loads = [sum(v[e] for e in S[g]) for g in range(G)]
+    off = sum(v[e] for g in range(G) for e in S[g] if node[g] != home[e])
+    home_ok = all(any(node[g] == home[e] for g in range(G) if e in S[g]) for e in range(E))
+    return max(loads) + lam * off / G, sum(x * x for x in loads), home_ok, loads
+
+
+def gpu_reference(w, S, node, home, lam, dup):
+    """The step rule: busiest GPUs first (at most four, stopping after the first with an
+    improving move); the lowest objective below f0 - eps, else the lowest sum of
+    squares at an equal objective.  Returns ``("down" | "flat" | None, value)``."""
+    G, k = S.shape
+    f0, sq0, _, loads = gpu_figures(w, S, node, home, lam)
+    eps = 1e-12 * max(f0, 1e-300)
+    c = np.bincount(S.ravel(), minlength=w.size)
+    down, flat = [], []
+    for g in sorted(range(G), key=lambda q: -loads[q])[:4]:
+        moves = []
+        for i in range(k):
+            for h in range(G):
+                for j in range(k):
+                    if h != g and S[g, i] != S[h, j]:
+                        T = S.copy()
+                        T[g, i], T[h, j] = S[h, j], S[g, i]
+                        moves.append(T)
+            for b in range(w.size):
+                if b != S[g, i] and c[S[g, i]] >= 2:
+                    T = S.copy()
+                    T[g, i] = b
+                    moves.append(T)
+        for T in moves:
+            val, sq, home_ok, _ = gpu_figures(w, T, node, home, lam)
+            if not home_ok or (not dup and any(len(set(s)) < k for s in T.tolist())):
+                continue
+            if val < f0 - eps:
+                down.append(val)
+            elif val <= f0 + eps and sq < sq0 * (1 - 1e-12):
+                flat.append(sq)
+        if down:
+            break
+    return ("down", min(down)) if down else ("flat", min(flat)) if flat else (None, None)
+
+
+def _apply_gpu(S, best):
+    T = S.copy()
+    g, i = int(best[5]), int(best[2])
+    if best[1] == 0.0:
+        h, j = int(best[3]), int(best[4])
+        T[g, i], T[h, j] = S[h, j], S[g, i]
+    else:
+        T[g, i] = int(best[3])
+    return T
+
+
+@pytest.mark.parametrize("dup", [True, False])
+def test_gpu_step_is_the_best_move(dup):
+    rng = np.random.default_rng(1 if dup else 2)
+    seen = 0
+    while seen < CASES // 2:
+        case = _layer(rng, dup)
+        if case is None:
+            continue
+        w, row, node, home, N = case
+        lam = float(rng.choice([0.0, 0.5, 1.0, 4.0]))
+        state = spill._gpu_state(w, row, node, home)
+        bd, bf = np.empty(6), np.empty(6)
+        f0 = spill._gpu_step(w, *state, lam, dup, bd, bf)
+        S = row.reshape(node.size, -1)
+        assert close(f0, gpu_figures(w, S, node, home, lam)[0])
+        kind, value = gpu_reference(w, S, node, home, lam, dup)
+        if kind == "down":
+            assert close(bd[0], value), (bd, value)
+            assert close(gpu_figures(w, _apply_gpu(S, bd), node, home, lam)[0], value)
+        elif kind == "flat":
+            assert bd[0] == np.inf and close(bf[0], value), (bd, bf, value)
+            assert close(gpu_figures(w, _apply_gpu(S, bf), node, home, lam)[1], value)
+        else:
+            assert bd[0] == np.inf and bf[0] == np.inf
+        seen += 1
+
+
+def primaries_home_reference(row, home, N):
+    """The rule in plain Python: for each expert (by home node, then index) with no
+    replica on its home node, trade places with the first replica there that is away
+    from its own home, else the first spare home replica."""
+    row = list(row)
+    rn = len(row) // N
+    for e in sorted(range(len(home)), key=lambda x: (home[x], x)):
+        h = home[e]
+        seg = row[h * rn:(h + 1) * rn]
+        if e in seg:
+            continue
+        away = [t for t in range(rn) if home[seg[t]] != h]
+        spare = [t for t in range(rn) if seg.count(seg[t]) >= 2]
+        s = h * rn + (away or spare)[0]
+        src = next(r for r in range(len(row)) if row[r] == e and r // rn != h)
+        row[s], row[src] = row[src], row[s]
+    return row
+
+
+def test_primaries_home_matches_the_rule():
+    rng = np.random.default_rng(3)
+    seen = 0
+    while seen < CASES:
+        N = int(rng.integers(1, 4))
+        rn = int(rng.integers(1, 6))
+        E = int(rng.integers(1, N * rn + 1))
+        home = rng.permutation(np.arange(E) % N).astype(np.int64)
+        if np.bincount(home, minlength=N).max() > rn:
+            continue
+        row = np.concatenate([np.arange(E), rng.integers(0, E, N * rn - E)])
+        row = rng.permutation(row).astype(np.int64)
+        out = spill._primaries_home(row, home, N)
+        assert out.tolist() == primaries_home_reference(row.tolist(), home.tolist(), N)
+        assert sorted(out.tolist()) == sorted(row.tolist())
+        seen += 1
+
+
+# -- window search --------------------------------------------------------------------
+
+
+def robust_value(w, S, worst):
+    """Worst or mean window's busiest GPU of placement ``S [G, k]``, from scratch."""
+    c = np.bincount(S.ravel(), minlength=w.shape[1])
+    tops = [max(sum(w[x, e] / max(c[e], 1) for e in S[g]) for g in range(S.shape[0])) for x in range(w.shape[0])]
+    return max(tops) if worst else sum(tops) / len(tops)
+
+
+def robust_reference(w, S, P, worst, dup):
+    """Lowest objective over the moves on the critical GPUs: swaps within the node,
+    retargets to experts the node holds."""
+    W, E = w.shape
+    G, k = S.shape
+    c = np.bincount(S.ravel(), minlength=E)
+    loads = np.array([[sum(w[x, e] / max(c[e], 1) for e in S[g]) for g in range(G)] for x in range(W)])
+    crit = []
+    for x in sorted(range(W), key=lambda x: -loads[x].max()):
+        g = int(np.argmax(loads[x]))
+        if g not in crit:
+            crit.append(g)
+        if worst or len(crit) >= 4:
+            break
+    values = []
+    for g in crit:
+        n0 = g // P * P
+        node_has = set(S[n0:n0 + P].ravel().tolist())
+        for i in range(k):
+            a = S[g, i]
+            for h in range(n0, n0 + P):
+                for j in range(k):
+                    b = S[h, j]
+                    if h != g and a != b and (dup or (a not in S[h] and b not in S[g])):
+                        T = S.copy()
+                        T[g, i], T[h, j] = b, a
+                        values.append(robust_value(w, T, worst))
+            for b in node_has:
+                if b != a and c[a] >= 2 and (dup or b not in S[g]):
+                    T = S.copy()
+                    T[g, i] = b
+                    values.append(robust_value(w, T, worst))
+    return min(values) if values else np.inf
+
+
+@pytest.mark.parametrize("worst", [True, False])
+def test_window_step_is_the_best_move(worst):
+    rng = np.random.default_rng(4 if worst else 5)
+    for _ in range(CASES // 2):
+        N, P, k = (int(x) for x in rng.integers(1, 4, 3))
+        G = N * P
+        E = int(rng.integers(1, G * k + 1))
+        W = int(rng.integers(1, 4))
+        S = rng.permutation(np.concatenate([np.arange(E), rng.integers(0, E, G * k - E)])).astype(np.int64)
+        S = S.reshape(G, k)
+        dup = bool(rng.integers(2)) or any(len(set(s)) < k for s in S.tolist())
+        w = np.stack([_weights(rng, E) for _ in range(W)])
+        M, c, allowed, v, loads = robust._state(w, S, P)
+        best = np.empty(6)
+        f0 = robust._step(w, S, M, c, v, loads, allowed, P, worst, dup, best)
+        assert close(f0, robust_value(w, S, worst))
+        ref = robust_reference(w, S, P, worst, dup)
+        assert close(best[0], ref), (best, ref)
+        if ref < np.inf:
+            T = S.copy()
+            g, i = int(best[2]), int(best[3])
+            if best[1] == 0.0:
+                T[g, i], T[int(best[4]), int(best[5])] = S[int(best[4]), int(best[5])], S[g, i]
+            else:
+                T[g, i] = int(best[4])
+            assert close(robust_value(w, T, worst), best[0])
