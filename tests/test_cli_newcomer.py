@@ -237,9 +237,11 @@ def test_adrs_is_spelled_out_where_it_appears():
         if "ADRS" in text:
             # (argparse may wrap the line after the hyphen)
             assert "AI-Driven Research for Systems" in re.sub(r"-\s+", "-", " ".join(text.split())), name
-    readme = (ROOT / "README.md").read_text()
-    first = readme.index("ADRS")
-    assert "AI-Driven Research for Systems" in " ".join(readme[first:first + 300].split())
+    for doc in DOCS:
+        text = (ROOT / doc).read_text()
+        if "ADRS" in text:
+            first = text.index("ADRS")
+            assert "AI-Driven Research for Systems" in " ".join(text[first:first + 300].split()), doc
 
 
 def test_example_help_explains_the_columns():
@@ -340,11 +342,17 @@ def _bash_blocks(text: str) -> list[str]:
     return re.findall(r"```bash\n(.*?)```", text, flags=re.S)
 
 
-def test_readme_commands_use_the_venv():
-    readme = (ROOT / "README.md").read_text()
+# The README and the pages it sends a newcomer to.
+DOCS = ("README.md", "docs/USAGE.md", "docs/INTEGRATIONS.md")
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_readme_commands_use_the_venv(doc):
+    readme = (ROOT / doc).read_text()
     blocks = _bash_blocks(readme)
-    first = blocks[0].strip().splitlines()
-    assert len(first) == 2 and all(line.startswith("bash scripts/setup.sh && .venv/bin/") for line in first)
+    if doc == "README.md":
+        first = blocks[0].strip().splitlines()
+        assert len(first) == 2 and all(line.startswith("bash scripts/setup.sh && .venv/bin/") for line in first)
     for block in blocks:
         lines = block.splitlines()
         for i, line in enumerate(lines):
