@@ -7,7 +7,8 @@ so ``max_node_load / gpus_per_node`` caps the whole layer.  This step therefore 
 * one node, or one group per node: trivial;
 * two groups per node: pairing the i-th heaviest with the i-th lightest is optimal;
 * otherwise, when the number of equal-size partitions is at most ``ENUMERATION_LIMIT``,
-  all partitions are scored at once (one matrix product over the batch);
+  every partition is scored (node loads summed group by group, in a fixed order) and
+  the most even of the optimal ones is kept;
 * beyond that, LPT by rounds plus swap refinement (a heuristic), with a certified
   relaxation bound reported beside it.
 """
@@ -17,9 +18,11 @@ from __future__ import annotations
 from functools import lru_cache
 from math import factorial
 
+import math
+
 import numpy as np
 
-from .apportion import unit_scale
+from .compile import kernel, warmer
 from .packing import pack_items
 
 __all__ = [
@@ -94,30 +97,16 @@ def groups_to_nodes(group_load: np.ndarray, num_nodes: int) -> tuple[np.ndarray,
         node = np.broadcast_to(np.arange(num_groups), (num_layers, num_groups)).copy()
         return node, gl.max(axis=1), True
     if m == 2:
-        order = np.argsort(-gl, axis=1, kind="stable")
-        slot_node = np.concatenate([np.arange(num_nodes), np.arange(num_nodes)[::-1]])
-        node = np.empty_like(order)
-        np.put_along_axis(node, order, np.broadcast_to(slot_node, order.shape), axis=1)
-        sorted_gl = np.take_along_axis(gl, order, axis=1)
-        pair = sorted_gl[:, :num_nodes] + sorted_gl[:, num_nodes:][:, ::-1]
-        return node, pair.max(axis=1), True
+        node = np.empty((num_layers, num_groups), dtype=np.int64)
+        worst = np.empty(num_layers)
+        _pair_groups(np.ascontiguousarray(gl), num_nodes, node, worst)
+        return node, worst, True
     if num_partitions(num_groups, num_nodes) <= ENUMERATION_LIMIT:
         parts = equal_partitions(num_groups, num_nodes)            # [C, Gr]
-        # Node loads of every partition, summed group by group in a fixed order (not a
-        # BLAS product, whose summation order depends on the thread count and the CPU:
-        # every rank of a server must compute the same plan).
-        C = parts.shape[0]
-        node_loads = np.zeros((num_layers, C, num_nodes))
-        for g in range(num_groups):
-            node_loads[:, np.arange(C), parts[:, g]] += gl[:, g : g + 1]
-        worst = node_loads.max(axis=2)                              # [L, C]
-        best_val = worst.min(axis=1)
-        # Among the optimal partitions prefer the most even one (smallest sum of squares).
-        tie = worst <= best_val[:, None]
-        even = unit_scale(node_loads)                                # no overflow in the squares
-        spread = np.where(tie, (even**2).sum(axis=2), np.inf)
-        best = spread.argmin(axis=1)
-        return parts[best].copy(), best_val, True
+        best = np.empty(num_layers, dtype=np.int64)
+        worst = np.empty(num_layers)
+        _best_partitions(np.ascontiguousarray(gl), parts, num_nodes, best, worst)
+        return parts[best].copy(), worst, True
     layout = pack_items(gl, np.broadcast_to(np.arange(num_groups), gl.shape), num_nodes)
     node = np.empty((num_layers, num_groups), dtype=np.int64)
     ids = np.broadcast_to(np.arange(num_nodes)[None, :, None], layout.shape)
@@ -151,3 +140,82 @@ def node_load_lower_bound(group_load: np.ndarray, num_nodes: int) -> tuple[np.nd
         light = rest[:, rest.shape[1] - (m - j - 1) :].sum(axis=1) if m - j - 1 > 0 else 0.0
         bound = np.maximum(bound, heavy + light)
     return bound, False
+
+
+# ------------------------------------------------------------------------------ kernels
+
+
+@kernel
+def _pair_groups(gl: np.ndarray, num_nodes: int, node: np.ndarray, worst: np.ndarray) -> None:
+    """Two groups per node (``gl``: ``[L, 2N]``): node ``i`` gets the ``i``-th heaviest
+    and the ``i``-th lightest group (stable order: the lower index first among equal
+    loads), which minimises the heaviest node.  Writes ``node`` (``[L, 2N]``) and
+    ``worst`` (``[L]``, the heaviest node's load)."""
+    num_layers, num_groups = gl.shape
+    for l in range(num_layers):
+        order = np.argsort(-gl[l], kind="mergesort")
+        top = -np.inf
+        for i in range(num_nodes):
+            a, b = order[i], order[num_groups - 1 - i]
+            node[l, a] = i
+            node[l, b] = i
+            top = max(top, gl[l, a] + gl[l, b])
+        worst[l] = top
+
+
+@kernel
+def _partition_loads(gl_row: np.ndarray, part: np.ndarray, loads: np.ndarray) -> float:
+    """Node loads of one partition (``part``: block of every group), summed group by
+    group in index order, into ``loads`` (``[N]``); returns the heaviest."""
+    loads[:] = 0.0
+    for g in range(part.size):
+        loads[part[g]] += gl_row[g]
+    top = loads[0]
+    for n in range(1, loads.size):
+        top = max(top, loads[n])
+    return top
+
+
+@kernel
+def _best_partitions(gl: np.ndarray, parts: np.ndarray, num_nodes: int, best: np.ndarray,
+                     worst: np.ndarray) -> None:
+    """Every partition of ``parts`` (``[C, Gr]`` block ids) scored on every layer of
+    ``gl`` (``[L, Gr]``): ``best[l]`` is the partition with the lightest heaviest node
+    (``worst[l]``) and, among those, the smallest sum of squared node loads -- the most
+    even -- the first on ties.  The squares are taken of loads scaled by the power of
+    two that puts the layer's largest node load in ``[0.5, 1)`` (exact: no overflow,
+    and the choice is the one made on the loads themselves)."""
+    num_layers = gl.shape[0]
+    count = parts.shape[0]
+    top_of = np.empty(count)
+    loads = np.empty(num_nodes)
+    for l in range(num_layers):
+        lightest = np.inf
+        largest = 0.0
+        for c in range(count):
+            top_of[c] = _partition_loads(gl[l], parts[c], loads)
+            lightest = min(lightest, top_of[c])
+            largest = max(largest, top_of[c])
+        _, exp = math.frexp(largest if largest > 0 else 1.0)
+        pick = -1
+        spread = np.inf
+        for c in range(count):
+            if top_of[c] > lightest:
+                continue
+            _partition_loads(gl[l], parts[c], loads)
+            squares = 0.0
+            for n in range(num_nodes):
+                x = math.ldexp(loads[n], -exp)
+                squares += x * x
+            if pick < 0 or squares < spread:
+                pick, spread = c, squares
+        best[l] = pick
+        worst[l] = lightest
+
+
+@warmer
+def _warm() -> None:
+    """Compile the kernels with the argument types real calls use."""
+    gl = np.array([[3.0, 1.0, 2.0, 0.0, 5.0, 4.0]])
+    groups_to_nodes(gl[:, :4], 2)
+    groups_to_nodes(gl, 2)
