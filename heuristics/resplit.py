@@ -1,4 +1,4 @@
-"""Exact re-split of GPU pairs (meet in the middle), batched over many pairs.
+"""Exact re-split of GPU pairs (meet in the middle), and a local search built on it.
 
 Two packs with ``k`` items each hold ``2k`` items; the best re-split puts ``k`` of them
 on each pack so that the heavier pack is as light as possible.  Items sharing a label
@@ -6,105 +6,193 @@ on each pack so that the heavier pack is as light as possible.  Items sharing a 
 so they are taken out of the search and their loads added to both sides.  The remaining
 ``2k'`` free items are split into halves ``A`` and ``B``; every subset of ``A`` is
 matched with the subset of ``B`` of complementary size whose sum is closest to what
-is needed, by one sort and one binary search over all pairs at once.  This is exact:
-the returned split is optimal among splits that keep equal labels apart.
+is needed (both halves' subsets listed by size and sum, merged item by item; one
+sweep per size class matches them).  This is exact: the returned split is optimal among splits that keep equal
+labels apart.
 
 :func:`resplit_rounds` uses it as a local search over a layout: each round re-splits
 the disjoint pairs (i-th heaviest pack, i-th lightest pack) of every active row, then
 the heaviest pack with each of the lightest few, keeping every change that lowers the
 pair's heavier load.
+
+Both run as compiled kernels (``heuristics.compile``), pair by pair and row by row in a
+fixed order, so a pair's split never depends on the rest of the batch.  The round loop
+stays in Python: it reads the clock between rounds (one kernel call per round).
 """
 
 from __future__ import annotations
 
 import time
-from functools import lru_cache
 
 import numpy as np
+
+from .compile import kernel, warmer
 
 __all__ = ["MAX_FREE", "SECONDS_PER_PAIR_SUBSET", "split_pairs", "resplit_rounds"]
 
 # Largest number of free items per side searched exactly (2**MAX_FREE subsets per half).
 MAX_FREE = 12
 # Seconds per pair and per subset of a half (2**k) a round takes on this project's
-# machine (58 rows x 23 pairs at k = 9: 0.165 s); with a deadline, a round works only on
-# as many rows as the time left pays for at this rate.
-SECONDS_PER_PAIR_SUBSET = 3e-7
+# 2-core machine while it is shared (load average 5-9: 232 rows x 10 pairs at k = 9 in
+# 0.22 s, 1.9e-7; the numpy version took 3e-7 unloaded); with a deadline, a round
+# works only on as many rows as the time left pays for at this rate, or at the last
+# round's measured rate where that is slower.
+SECONDS_PER_PAIR_SUBSET = 2e-7
 # With a deadline: estimated seconds of one round at most.
 ROUND_SECONDS = 0.02
 
 
-@lru_cache(maxsize=32)
-def _subsets(k: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(bits [2**k, k] float, popcount [2**k])`` for all subsets of ``k`` items."""
-    m = np.arange(2**k)
-    bits = ((m[:, None] >> np.arange(k)) & 1).astype(np.float64)
-    bits.setflags(write=False)
-    pc = bits.sum(axis=1).astype(np.int64)
-    pc.setflags(write=False)
-    return bits, pc
+# ------------------------------------------------------------------- one pair's split
 
 
-def _subset_sums(x: np.ndarray) -> np.ndarray:
-    """``[rows, 2**k]`` sums of every subset of each row's ``k`` items, subset ``m``
-    holding item ``i`` when bit ``i`` of ``m`` is set (as :func:`_subsets` orders them).
-    Built by doubling with elementwise additions, so a row's sums do not depend on the
-    other rows (a matrix product's blocking could)."""
-    rows, k = x.shape
-    out = np.zeros((rows, 2**k))
-    for i in range(k):
-        h = 1 << i
-        out[:, h : 2 * h] = out[:, :h] + x[:, i : i + 1]
-    return out
+@kernel
+def _match_labels(lab: np.ndarray, role: np.ndarray) -> int:
+    """Couple the items of one label two by two (in index order within the label):
+    ``role`` (``[2k]`` int8) becomes 1 for the first item of a couple (first pack), 2 for
+    the second (other pack), 0 for a free item.  Returns the number of couples."""
+    order = np.argsort(lab, kind="mergesort")
+    n = lab.size
+    role[:] = 0
+    couples = 0
+    i = 0
+    while i < n:
+        j = i
+        while j + 1 < n and lab[order[j + 1]] == lab[order[i]]:
+            j += 1
+        for t in range(i, j, 2):                 # items i..j share a label
+            role[order[t]] = 1
+            role[order[t + 1]] = 2
+            couples += 1
+        i = j + 1
+    return couples
 
 
-def _mitm(free: np.ndarray, need: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Choose exactly ``k`` of the ``2k`` free items of each pair with sum closest to
-    ``need`` (``[pairs]``).  Returns ``(take [pairs, 2k] bool, achieved sum [pairs])``.
+@kernel
+def _sorted_subsets(x: np.ndarray, sums: np.ndarray, masks: np.ndarray, tmp_s: np.ndarray,
+                    tmp_m: np.ndarray, start: np.ndarray, nstart: np.ndarray) -> None:
+    """Every subset of ``x`` (``[h]``) sorted by size, then by sum: ``sums`` and ``masks``
+    (``[2**h]``; bit ``i`` of a mask: item ``i`` is in), size class ``c`` at
+    ``start[c]:start[c + 1]`` (``start``: ``[h + 2]``).  Built item by item: class ``c``
+    with item ``i`` is the merge of class ``c`` without it and class ``c - 1`` plus
+    ``x[i]`` (the subset without it first on equal sums), so a subset's sum is that of
+    its items below its highest plus the highest.  ``tmp_s``, ``tmp_m``, ``nstart``:
+    scratch of the same sizes."""
+    sums[0] = 0.0
+    masks[0] = 0
+    start[0], start[1] = 0, 1
+    for i in range(x.size):
+        full = 1 << i                               # subsets of items 0..i-1
+        for c in range(i + 2):
+            p = start[c]
+            p_end = start[c + 1] if c <= i else p
+            q, q_end = (start[c - 1], start[c]) if c >= 1 else (0, 0)
+            out = p + q
+            nstart[c] = out
+            for o in range(out, out + (p_end - p) + (q_end - q)):
+                with_p = sums[p] if p < p_end else np.inf
+                with_q = sums[q] + x[i] if q < q_end else np.inf
+                take_p = with_p <= with_q
+                tmp_s[o] = with_p if take_p else with_q
+                tmp_m[o] = masks[p] if take_p else masks[q] | full
+                p += take_p
+                q += not take_p
+        nstart[i + 2] = 2 * full
+        start[: i + 3] = nstart[: i + 3]
+        sums[: 2 * full] = tmp_s[: 2 * full]
+        masks[: 2 * full] = tmp_m[: 2 * full]
 
-    Every step works row by row (per-row sorts, elementwise arithmetic), so a pair's
-    answer is the same whatever else is in the batch."""
-    pairs, n2 = free.shape
+
+@kernel
+def _closest_subsets(sa: np.ndarray, ma: np.ndarray, sta: np.ndarray, sb: np.ndarray, mb: np.ndarray,
+                     stb: np.ndarray, h: int, target: float) -> tuple[int, int]:
+    """The subsets ``(a, b)`` of the two halves (as :func:`_sorted_subsets` lists them)
+    with ``h`` items together and ``sa + sb`` closest to ``target``.  For each size class
+    of ``A``, its subsets in increasing sum meet the complementary class of ``B`` with
+    one pointer moving down: the two neighbours of ``target - sa`` are the candidates.
+    Ties: the smaller mask of ``A``, then of ``B``."""
+    best_err = np.inf
+    best_a = best_b = 0
+    for ca in range(h + 1):
+        lo, hi = stb[h - ca], stb[h - ca + 1]
+        p = hi                                      # first of B's class with sum >= want
+        for t in range(sta[ca], sta[ca + 1]):
+            want = target - sa[t]
+            while p > lo and sb[p - 1] >= want:
+                p -= 1
+            for q in range(max(p - 1, lo), min(p + 1, hi)):
+                err = abs(sa[t] + sb[q] - target)
+                a, b = ma[t], mb[q]
+                if err < best_err or (err == best_err and (a < best_a or (a == best_a and b < best_b))):
+                    best_err, best_a, best_b = err, a, b
+    return best_a, best_b
+
+
+@kernel
+def _workspace(k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Scratch for :func:`_split_one` on pairs of ``2k`` items: ``(float [3, n],
+    int [4, n], int [3, MAX_FREE + 2], int8 [2k])``, ``n`` covering both ``2k`` items and
+    the subsets of a half."""
+    n = max(1 << min(k, MAX_FREE), 2 * k)
+    return (np.empty((3, n)), np.empty((4, n), dtype=np.int64),
+            np.empty((3, MAX_FREE + 2), dtype=np.int64), np.empty(2 * k, dtype=np.int8))
+
+
+@kernel
+def _split_one(x: np.ndarray, lab: np.ndarray, side: np.ndarray, wsf: np.ndarray, wsi: np.ndarray,
+               wss: np.ndarray, role: np.ndarray) -> float:
+    """Best split of one pair's ``2k`` items (loads ``x``, labels ``lab``): ``side``
+    (``[2k]`` bool) marks the ``k`` items of the first pack; returns the heavier pack's
+    load.  More than ``MAX_FREE`` free items per side: the split as it is.  ``wsf``,
+    ``wsi``, ``wss``, ``role``: scratch from :func:`_workspace`."""
+    n2 = x.size
     k = n2 // 2
-    bits, pc = _subsets(k)
-    n_sub = 2**k
-    scale = free.sum(axis=1)
-    scale = np.where(scale > 0, scale, 1.0)
-    # Subset sums lie in [0, 1]: a target outside [-1, 2] picks what the clipped one
-    # picks, and clipping keeps a tiny scale from overflowing it.
-    with np.errstate(over="ignore"):
-        target = np.clip(need / scale, -1.0, 2.0)
-    sa = _subset_sums(free[:, :k] / scale[:, None])      # [pairs, 2**k]
-    sb = _subset_sums(free[:, k:] / scale[:, None])
-    # Per pair, B subsets sorted by (size, sum) -- sums lie in [0, 1], size classes 4
-    # apart -- and each A subset's query (complementary size, the sum still needed)
-    # located among them by one merged per-row sort (queries first on ties: the
-    # position is the number of keys strictly below the query).
-    kb = 4.0 * pc[None, :] + sb
-    korder = np.argsort(kb, axis=1, kind="stable")
-    q = 4.0 * (k - pc)[None, :] + (target[:, None] - sa)
-    merged = np.concatenate([q, np.take_along_axis(kb, korder, axis=1)], axis=1)
-    morder = np.argsort(merged, axis=1, kind="stable")
-    is_key = morder >= n_sub
-    keys_before = np.cumsum(is_key, axis=1) - is_key
-    rr, jj = np.nonzero(~is_key)
-    pos = np.empty((pairs, n_sub), dtype=np.int64)
-    pos[rr, morder[rr, jj]] = keys_before[rr, jj]
-    want = (k - pc)[None, :]
-    best_err = np.full((pairs, n_sub), np.inf)
-    best_b = np.zeros((pairs, n_sub), dtype=np.int64)
-    for cand in (pos - 1, pos):
-        ok = (cand >= 0) & (cand < n_sub)
-        idx = np.take_along_axis(korder, np.clip(cand, 0, n_sub - 1), axis=1)
-        ok &= pc[idx] == want
-        err = np.where(ok, np.abs(sa + np.take_along_axis(sb, idx, axis=1) - target[:, None]), np.inf)
-        better = err < best_err
-        best_err = np.where(better, err, best_err)
-        best_b = np.where(better, idx, best_b)
-    ma = best_err.argmin(axis=1)
-    mb = best_b[np.arange(pairs), ma]
-    take = np.concatenate([bits[ma], bits[mb]], axis=1).astype(bool)
-    return take, (free * take).sum(axis=1)
+    kf = k - _match_labels(lab, role)
+    fixed_a = fixed_b = total_free = 0.0
+    for i in range(n2):
+        if role[i] == 1:
+            fixed_a += x[i]
+        elif role[i] == 2:
+            fixed_b += x[i]
+        else:
+            total_free += x[i]
+    if kf > MAX_FREE:
+        cur = total = 0.0
+        for i in range(n2):
+            side[i] = i < k
+            cur += x[i] if i < k else 0.0
+            total += x[i]
+        return max(cur, total - cur)
+    free = wsi[3]
+    f = 0
+    for i in range(n2):
+        side[i] = role[i] == 1
+        if role[i] == 0:
+            free[f] = i
+            f += 1
+    if kf == 0:
+        return max(fixed_a, fixed_b + total_free)
+    # First pack gets fixed_a + S, second fixed_b + (F - S): aim S at the middle.  Sums
+    # are scaled to [0, 1]; a target outside [-1, 2] picks what the clipped one picks.
+    scale = total_free if total_free > 0 else 1.0
+    target = min(max((fixed_b + total_free - fixed_a) / 2.0 / scale, -1.0), 2.0)
+    _sorted_subsets(x[free[:kf]] / scale, wsf[0], wsi[0], wsf[2], wsi[2], wss[0], wss[2])
+    _sorted_subsets(x[free[kf : 2 * kf]] / scale, wsf[1], wsi[1], wsf[2], wsi[2], wss[1], wss[2])
+    a, b = _closest_subsets(wsf[0], wsi[0], wss[0], wsf[1], wsi[1], wss[1], kf, target)
+    got = 0.0
+    for half, bits in ((0, a), (kf, b)):
+        for i in range(kf):
+            if (bits >> i) & 1:
+                side[free[half + i]] = True
+                got += x[free[half + i]]
+    return max(fixed_a + got, fixed_b + total_free - got)
+
+
+@kernel
+def _split_batch(values: np.ndarray, labels: np.ndarray, side: np.ndarray, heavier: np.ndarray) -> None:
+    """:func:`_split_one` on every row of ``[pairs, 2k]``."""
+    wsf, wsi, wss, role = _workspace(values.shape[1] // 2)
+    for r in range(values.shape[0]):
+        heavier[r] = _split_one(values[r], labels[r], side[r], wsf, wsi, wss, role)
 
 
 def split_pairs(values: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -121,56 +209,123 @@ def split_pairs(values: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.
         more than ``MAX_FREE`` free items per side are returned unchanged (first ``k``
         items on the first pack).
     """
+    values = np.ascontiguousarray(values, dtype=np.float64)
     pairs, n2 = values.shape
-    k = n2 // 2
-    side = np.zeros((pairs, n2), dtype=bool)
-    side[:, :k] = True
-    if pairs == 0 or k == 0:
-        return side, np.zeros(pairs)
-    # Match items of one label two by two (sort labels, pair neighbours within a run).
-    order = np.argsort(labels, axis=1, kind="stable")
-    sl = np.take_along_axis(labels, order, axis=1)
-    start = np.ones((pairs, n2), dtype=bool)
-    start[:, 1:] = sl[:, 1:] != sl[:, :-1]
-    run_start = np.maximum.accumulate(np.where(start, np.arange(n2), 0), axis=1)
-    offset = np.arange(n2) - run_start
-    nxt_same = np.zeros((pairs, n2), dtype=bool)
-    nxt_same[:, :-1] = ~start[:, 1:]
-    first = (offset % 2 == 0) & nxt_same                 # first item of a matched couple
-    second = np.zeros_like(first)
-    second[:, 1:] = first[:, :-1]
-    matched_first = np.zeros((pairs, n2), dtype=bool)
-    matched_second = np.zeros((pairs, n2), dtype=bool)
-    np.put_along_axis(matched_first, order, first, axis=1)
-    np.put_along_axis(matched_second, order, second, axis=1)
-    free_mask = ~(matched_first | matched_second)
-    couples = matched_first.sum(axis=1)
-    fixed_a = (values * matched_first).sum(axis=1)
-    fixed_b = (values * matched_second).sum(axis=1)
-    total_free = (values * free_mask).sum(axis=1)
-    kfree = k - couples
-    heavier = np.full(pairs, np.nan)
-    for kf in np.unique(kfree):
-        rows = np.flatnonzero(kfree == kf)
-        if kf > MAX_FREE:
-            cur = (values[rows] * side[rows]).sum(axis=1)
-            heavier[rows] = np.maximum(cur, values[rows].sum(axis=1) - cur)
-            continue
-        fm = free_mask[rows]
-        free_idx = np.argsort(~fm, axis=1, kind="stable")[:, : 2 * kf]   # free items first
-        s = np.zeros((rows.size, n2), dtype=bool)
-        s[matched_first[rows]] = True
-        if kf > 0:
-            free_vals = np.take_along_axis(values[rows], free_idx, axis=1)
-            # First pack gets fixed_a + S, second fixed_b + (F - S): aim S at the middle.
-            need = (fixed_b[rows] + total_free[rows] - fixed_a[rows]) / 2.0
-            take, got = _mitm(free_vals, need)
-            np.put_along_axis(s, free_idx, take, axis=1)
-        else:
-            got = np.zeros(rows.size)
-        side[rows] = s
-        heavier[rows] = np.maximum(fixed_a[rows] + got, fixed_b[rows] + total_free[rows] - got)
+    side = np.zeros((pairs, n2), dtype=np.bool_)
+    heavier = np.zeros(pairs)
+    if pairs and n2 >= 2:
+        _split_batch(values, np.ascontiguousarray(labels, dtype=np.int64), side, heavier)
     return side, heavier
+
+
+# ------------------------------------------------------------------- rounds on a layout
+
+
+@kernel
+def _gather_packs(values: np.ndarray, labels: np.ndarray, layout: np.ndarray, v: np.ndarray,
+                  lab: np.ndarray, loads: np.ndarray) -> None:
+    """Item loads ``v`` and labels ``lab`` (``[rows, P, k]``) of a layout, and the pack
+    loads ``loads`` (``[rows, P]``, summed in slot order)."""
+    rows, num_packs, k = layout.shape
+    for r in range(rows):
+        for p in range(num_packs):
+            total = 0.0
+            for j in range(k):
+                i = layout[r, p, j]
+                v[r, p, j] = values[r, i]
+                lab[r, p, j] = labels[r, i]
+                total += v[r, p, j]
+            loads[r, p] = total
+
+
+@kernel
+def _move_pair(v: np.ndarray, lab: np.ndarray, lay: np.ndarray, loads: np.ndarray, hp: int, lp: int,
+               side: np.ndarray) -> None:
+    """Rewrite packs ``hp`` and ``lp`` of one row (``v``, ``lab``, ``lay``: ``[P, k]``;
+    ``loads``: ``[P]``) to a split: the items marked in ``side`` (``[2k]`` over the
+    ``hp`` items then the ``lp`` items) go to ``hp`` in that order, the rest to ``lp``."""
+    k = v.shape[1]
+    tv = np.concatenate((v[hp], v[lp]))
+    tl = np.concatenate((lab[hp], lab[lp]))
+    ti = np.concatenate((lay[hp], lay[lp]))
+    a = 0
+    for i in range(2 * k):                       # the first pack's items, in order
+        if side[i]:
+            v[hp, a], lab[hp, a], lay[hp, a] = tv[i], tl[i], ti[i]
+            a += 1
+    b = 0
+    for i in range(2 * k):                       # the rest
+        if not side[i]:
+            v[lp, b], lab[lp, b], lay[lp, b] = tv[i], tl[i], ti[i]
+            b += 1
+    for p in (hp, lp):
+        total = 0.0
+        for j in range(k):
+            total += v[p, j]
+        loads[p] = total
+
+
+@kernel
+def _row_pairs(loads: np.ndarray, extra: int, ph: np.ndarray, pl: np.ndarray) -> None:
+    """A row's pairs of a round from its pack loads (``[P]``): (i-th heaviest, i-th
+    lightest) for ``i < P // 2``, then the heaviest with the 2nd..``extra + 1``-th
+    lightest.  Loads sorted stably (the lower pack first among equal loads)."""
+    num_packs = loads.size
+    half = num_packs // 2
+    order = np.argsort(loads, kind="mergesort")
+    for j in range(half):
+        ph[j], pl[j] = order[num_packs - 1 - j], order[j]
+    for j in range(extra):
+        ph[half + j], pl[half + j] = order[num_packs - 1], order[1 + j]
+
+
+@kernel
+def _round(v: np.ndarray, lab: np.ndarray, layout: np.ndarray, loads: np.ndarray, active: np.ndarray,
+           partners: int, changed: np.ndarray) -> None:
+    """One round on the ``active`` rows, in place on ``v``, ``lab``, ``layout``
+    (``[rows, P, k]``) and ``loads`` (``[rows, P]``); ``changed[i]``: row ``active[i]``
+    changed.
+
+    Every pair of :func:`_row_pairs` is split exactly; a split gains when its heavier
+    pack is lighter than the pair's heavier one by more than a 1e-12 fraction.  The
+    disjoint pairs that gain are all applied, except that the best of the heaviest
+    pack's extra pairs replaces its own pair when it gains more; then neither its own
+    pair nor the pair holding that partner is applied."""
+    num_packs, k = v.shape[1], v.shape[2]
+    half = num_packs // 2
+    extra = max(min(partners, num_packs - 1) - 1, 0)
+    m = half + extra
+    ph = np.empty(m, dtype=np.int64)
+    pl = np.empty(m, dtype=np.int64)
+    gain = np.empty(m)
+    sides = np.empty((m, 2 * k), dtype=np.bool_)
+    x = np.empty(2 * k)
+    xl = np.empty(2 * k, dtype=np.int64)
+    wsf, wsi, wss, role = _workspace(k)
+    for i in range(active.size):
+        r = active[i]
+        _row_pairs(loads[r], extra, ph, pl)
+        for j in range(m):
+            x[:k], x[k:] = v[r, ph[j]], v[r, pl[j]]
+            xl[:k], xl[k:] = lab[r, ph[j]], lab[r, pl[j]]
+            heavier = _split_one(x, xl, sides[j], wsf, wsi, wss, role)
+            old = max(loads[r, ph[j]], loads[r, pl[j]])
+            gain[j] = old - heavier if heavier < old * (1 - 1e-12) else 0.0
+        best = half
+        for j in range(half + 1, m):
+            if gain[j] > gain[best]:
+                best = j
+        swap_in = extra > 0 and gain[best] > gain[0]
+        partner = pl[best] if swap_in else -1
+        moved = False
+        for j in range(half):
+            if gain[j] > 0 and not (swap_in and (j == 0 or pl[j] == partner or ph[j] == partner)):
+                _move_pair(v[r], lab[r], layout[r], loads[r], ph[j], pl[j], sides[j])
+                moved = True
+        if swap_in:
+            _move_pair(v[r], lab[r], layout[r], loads[r], ph[best], pl[best], sides[best])
+            moved = True
+        changed[i] = moved
 
 
 def resplit_rounds(
@@ -202,13 +357,14 @@ def resplit_rounds(
         ``(layout, rounds run)``; no row's heaviest pack is ever heavier than before.
     """
     rows, P, k = layout.shape
-    layout = layout.copy()
+    layout = np.array(layout, dtype=np.int64, order="C")
     if P < 2 or k < 1 or rows == 0:
         return layout, 0
-    ar_all = np.arange(rows)
-    v = values[ar_all[:, None, None], layout]                    # [rows, P, k] item loads
-    lab = labels[ar_all[:, None, None], layout]                  # [rows, P, k] item labels
-    loads = v.sum(axis=2)                                        # [rows, P]
+    v = np.empty((rows, P, k))                                   # [rows, P, k] item loads
+    lab = np.empty((rows, P, k), dtype=np.int64)                 # [rows, P, k] item labels
+    loads = np.empty((rows, P))                                  # [rows, P]
+    _gather_packs(np.ascontiguousarray(values, dtype=np.float64), np.ascontiguousarray(labels, dtype=np.int64),
+                  layout, v, lab, loads)
     stuck = np.zeros(rows, dtype=bool)
     thresh = None if target is None else target * (1 + 1e-12)
     done_rounds = 0
@@ -225,7 +381,8 @@ def resplit_rounds(
         if active.size == 0:
             break
         done_rounds += 1
-        changed = _resplit_round(v, lab, layout, loads, active, partners)
+        changed = np.zeros(active.size, dtype=np.bool_)
+        _round(v, lab, layout, loads, active.astype(np.int64), int(partners), changed)
         # A row where no pair could be improved is stuck (a local optimum for pair
         # re-splits); otherwise its heaviest pack may find a partner next round.
         stuck[active[~changed]] = True
@@ -274,82 +431,12 @@ def _rows_in_time(
     return active
 
 
-def _resplit_round(
-    v: np.ndarray, lab: np.ndarray, layout: np.ndarray, loads: np.ndarray, active: np.ndarray, partners: int
-) -> np.ndarray:
-    """One round on the ``active`` rows, in place on ``v``, ``lab``, ``layout``
-    (``[rows, P, k]``) and ``loads`` (``[rows, P]``): re-split the pairs (i-th heaviest,
-    i-th lightest) for all i, and the heaviest pack with the 2nd..``partners``-th
-    lightest (the lightest is already its pair).  Returns ``[active.size]`` bool: the
-    row changed."""
-    P, k = v.shape[1:]
-    half = P // 2
-    a_n = active.size
-    order = np.argsort(loads[active], axis=1)
-    heavy_first = order[:, ::-1]
-    extra = min(partners, P - 1) - 1
-    ph = np.concatenate([heavy_first[:, :half], np.repeat(heavy_first[:, :1], max(extra, 0), axis=1)], axis=1)
-    pl = np.concatenate([order[:, :half], order[:, 1 : 1 + max(extra, 0)]], axis=1)   # [a_n, m]
-    m = ph.shape[1]
-    r2 = active[:, None]
-    items_v = np.concatenate([v[r2, ph], v[r2, pl]], axis=2).reshape(a_n * m, 2 * k)
-    items_l = np.concatenate([lab[r2, ph], lab[r2, pl]], axis=2).reshape(a_n * m, 2 * k)
-    side, heavier = split_pairs(items_v, items_l)
-    side = side.reshape(a_n, m, 2 * k)
-    heavier = heavier.reshape(a_n, m)
-    old = np.maximum(loads[r2, ph], loads[r2, pl])
-    gain = np.where(heavier < old * (1 - 1e-12), old - heavier, 0.0)
-    apply, swap_in, h_best = _choose_pairs(gain, ph, pl, half, extra)
-    changed = np.zeros(a_n, dtype=bool)
-    sel_r, col = np.nonzero(apply)
-    sel_x = np.flatnonzero(swap_in)
-    for sel, c in ((sel_r, col), (sel_x, h_best[sel_x])):
-        if sel.size == 0:
-            continue
-        _move_items(v, lab, layout, loads, active[sel], ph[sel, c], pl[sel, c], side[sel, c])
-        changed[sel] = True
-    return changed
-
-
-def _choose_pairs(
-    gain: np.ndarray, ph: np.ndarray, pl: np.ndarray, half: int, extra: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Which re-splits of a round to apply, from their ``gain`` (``[a, m]``; pairs
-    ``(ph, pl)``, the first ``half`` disjoint, then the heaviest pack's ``extra``).
-
-    Returns ``(apply [a, half] bool, swap_in [a] bool, h_best [a])``: disjoint pairs are
-    all applied; of the heaviest pack's extra pairs the best one (column ``h_best``)
-    replaces its own pair when that one gains less (``swap_in``), and then neither its
-    own pair (column 0) nor the pair of that partner is applied.
-    """
-    a_n = gain.shape[0]
-    apply = gain[:, :half] > 0
-    if extra <= 0:
-        return apply, np.zeros(a_n, dtype=bool), np.zeros(a_n, dtype=np.int64)
-    h_best = half + gain[:, half:].argmax(axis=1)
-    swap_in = gain[np.arange(a_n), h_best] > gain[:, 0]
-    partner = pl[np.arange(a_n), h_best]
-    clash = (pl[:, :half] == partner[:, None]) | (ph[:, :half] == partner[:, None])
-    apply = np.where(swap_in[:, None], apply & ~clash, apply)
-    apply[:, 0] = np.where(swap_in, False, apply[:, 0])
-    return apply, swap_in, h_best
-
-
-def _move_items(
-    v: np.ndarray, lab: np.ndarray, layout: np.ndarray, loads: np.ndarray,
-    rr: np.ndarray, hp: np.ndarray, lp: np.ndarray, side: np.ndarray,
-) -> None:
-    """Rewrite packs ``hp`` and ``lp`` of rows ``rr`` (``[s]`` each) to a split: the
-    ``k`` items marked in ``side`` (``[s, 2k]`` bool over the ``hp`` items then the
-    ``lp`` items) go to ``hp``, the rest to ``lp``; in place."""
-    k = v.shape[2]
-    sv = np.concatenate([v[rr, hp], v[rr, lp]], axis=1)
-    sl_ = np.concatenate([lab[rr, hp], lab[rr, lp]], axis=1)
-    sl_idx = np.concatenate([layout[rr, hp], layout[rr, lp]], axis=1)
-    o = np.argsort(~side, axis=1, kind="stable")            # first pack's items first
-    sv, sl_, sl_idx = (np.take_along_axis(x, o, axis=1) for x in (sv, sl_, sl_idx))
-    v[rr, hp], v[rr, lp] = sv[:, :k], sv[:, k:]
-    lab[rr, hp], lab[rr, lp] = sl_[:, :k], sl_[:, k:]
-    layout[rr, hp], layout[rr, lp] = sl_idx[:, :k], sl_idx[:, k:]
-    loads[rr, hp] = v[rr, hp].sum(axis=1)
-    loads[rr, lp] = v[rr, lp].sum(axis=1)
+@warmer
+def _warm() -> None:
+    """Compile the kernels with the argument types real calls use."""
+    values = np.array([[4.0, 1.0, 2.0, 2.0, 3.0, 0.5, 1.5, 2.5]])
+    labels = np.array([[0, 1, 2, 2, 3, 4, 5, 6]])
+    split_pairs(values[:, :4], labels[:, :4])
+    layout = np.arange(8).reshape(1, 4, 2)
+    resplit_rounds(values, labels, layout, target=np.ones(1), partners=3)
+    resplit_rounds(values, labels, layout, deadline=time.perf_counter() + 1.0)
