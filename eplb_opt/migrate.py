@@ -35,7 +35,7 @@ import numpy as np
 
 from .heuristics import place
 from .heuristics.apportion import unit_scale
-from .heuristics.local import LayerState, gpu_counts as _gpu_counts
+from .heuristics.local import gpu_counts as _gpu_counts, repair_attempt
 
 from .exact import IMPORT_SECONDS
 from .status import ortools_ready
@@ -132,148 +132,6 @@ class Migration:
                 f"relabelled full replan{ratio}")
 
 
-class _Layer(LayerState):
-    """One layer during repair (one window): :class:`heuristics.local.LayerState` plus
-    the old counts ``O`` and the arrival costs ``cin``."""
-
-    def __init__(self, w: np.ndarray, start: np.ndarray, O: np.ndarray, cin: np.ndarray,
-                 allowed: np.ndarray, G: int, allow_duplicates: bool) -> None:
-        super().__init__(w, start, G, allowed, allow_duplicates)
-        self.O = O
-        self.new = O == 0
-        self.cin = cin
-
-    @property
-    def load(self) -> np.ndarray:
-        """``[G]`` loads (the one window)."""
-        return self.loads[0]
-
-    # A replica of e on g is a move when g held no e before (self.new marks those).
-    def inc(self, g, e):
-        return np.where(self.new[g, e], self.cin[g, e], 0.0)
-
-    def dec(self, g, e):
-        return np.where(self.new[g, e], -self.cin[g, e], 0.0)
-
-    def cost(self) -> float:
-        return float((self.M * self.new * self.cin).sum())
-
-    def moves(self) -> int:
-        return int((self.M * self.new).sum())
-
-    def swaps(self, g: int, partners: np.ndarray, T: float):
-        """Swaps of ``g`` with ``partners``: ``(dphi, cost, ok, lg, lh)``, ``[k, H, k]``
-        each; ``dphi`` is the excess over ``T`` removed."""
-        lg, lh, ok, a, b = self.swap_loads(g, partners)
-        lg, lh = lg[0], lh[0]
-        H = partners[None, :, None]
-        phi0 = max(0.0, self.load[g] - T) + np.maximum(self.load[partners] - T, 0)[None, :, None]
-        dphi = phi0 - np.maximum(lg - T, 0) - np.maximum(lh - T, 0)
-        cost = self.inc(H, a) + self.inc(g, b) + self.dec(g, a) + self.dec(H, b)
-        return dphi, cost, ok, lg, lh
-
-    def retargets(self, g: int, T: float, slots: np.ndarray | None = None, experts: np.ndarray | None = None):
-        """Retargets on ``g``: ``(dphi, cost, ok, new loads [s, x, G], slots, experts)``."""
-        new, ok, slots, experts = self.retarget_loads(g, slots, experts)
-        new = new[0]
-        dphi = np.maximum(self.load - T, 0).sum() - np.maximum(new - T, 0).sum(axis=2)
-        cost = self.inc(g, experts)[None, :] + self.dec(g, self.S[g, slots])[:, None]
-        return dphi, cost, ok, new, slots, experts
-
-
-def _pick(dphi: np.ndarray, cost: np.ndarray, ok: np.ndarray, eps: float):
-    """Index of the best candidate: the largest excess removed at no cost, else the
-    most excess removed per unit of cost; None if nothing removes excess."""
-    good = ok & (dphi > eps)
-    if not good.any():
-        return None
-    free = good & (cost <= 0)
-    if free.any():
-        score = np.where(free, dphi - 1e-9 * cost, -np.inf)
-        return np.unravel_index(int(np.argmax(score)), dphi.shape), float(dphi[np.unravel_index(int(np.argmax(score)), dphi.shape)])
-    ratio = np.where(good, dphi / np.maximum(cost, 1e-9), -np.inf)
-    idx = np.unravel_index(int(np.argmax(ratio)), dphi.shape)
-    return idx, float(ratio[idx])
-
-
-def _repair_layer(st: _Layer, T: float, partners_of, max_steps: int, deadline: float | None = None) -> bool:
-    """Drive every GPU under ``T``; returns whether it got there (by ``deadline``)."""
-    eps = 1e-12 * max(T, 1e-300)
-    for _ in range(max_steps):
-        if deadline is not None and time.perf_counter() >= deadline:
-            return False
-        over = np.flatnonzero(st.load > T + eps)
-        if over.size == 0:
-            return True
-        best = None
-        for g in over[np.argsort(-st.load[over])][:4]:
-            g = int(g)
-            partners = partners_of(g)
-            cands = []
-            if partners.size:
-                dphi, cost, ok, _, _ = st.swaps(g, partners, T)
-                r = _pick(dphi, cost, ok, eps)
-                if r is not None:
-                    cands.append((r[1], r[0], "swap", g, partners, cost[r[0]]))
-            dphi, cost, ok, _, slots, experts = st.retargets(g, T)
-            r = _pick(dphi, cost, ok, eps)
-            if r is not None:
-                i, j = r[0]
-                cands.append((r[1], (int(slots[i]), int(experts[j])), "retarget", g, None, cost[r[0]]))
-            for cand in cands:
-                # free operations first, then the best ratio
-                key = (cand[5] > 0, -cand[0])
-                if best is None or key < best[0]:
-                    best = (key, cand)
-            if best is not None:
-                break
-        if best is None:
-            return False
-        _, (_, idx, kind, g, partners, _) = best
-        if kind == "swap":
-            i, hh, j = (int(x) for x in idx)
-            st.do_swap(g, i, int(partners[hh]), j)
-        else:
-            i, b = (int(x) for x in idx)
-            st.do_retarget(g, i, b)
-    return bool((st.load <= T + eps).all())
-
-
-def _undo_moves(st: _Layer, T: float, partners_of, max_steps: int, deadline: float | None = None) -> None:
-    """Swaps and retargets that lower the move cost and keep every GPU under ``T``
-    (each step keeps the layer valid, so stopping at ``deadline`` is safe)."""
-    eps = 1e-12 * max(T, 1e-300)
-    for _ in range(max_steps):
-        if deadline is not None and time.perf_counter() >= deadline:
-            return
-        moved = np.flatnonzero((st.M * st.new).any(axis=1))
-        done = False
-        for g in moved:
-            g = int(g)
-            partners = partners_of(g)
-            if partners.size:
-                _, cost, ok, lg, lh = st.swaps(g, partners, T)
-                good = ok & (cost < 0) & (lg <= T + eps) & (lh <= T + eps)
-                if good.any():
-                    idx = np.unravel_index(int(np.argmin(np.where(good, cost, np.inf))), cost.shape)
-                    st.do_swap(g, int(idx[0]), int(partners[idx[1]]), int(idx[2]))
-                    done = True
-                    break
-            # Only a moved-in replica given back to an expert the GPU lost lowers the cost.
-            slots = np.flatnonzero(st.new[g, st.S[g]])
-            experts = np.flatnonzero(~st.new[g] & st.allowed[g])
-            if slots.size and experts.size:
-                _, cost, ok, new, slots, experts = st.retargets(g, T, slots, experts)
-                good = ok & (cost < 0) & (new <= T + eps).all(axis=2)
-                if good.any():
-                    idx = np.unravel_index(int(np.argmin(np.where(good, cost, np.inf))), cost.shape)
-                    st.do_retarget(g, int(slots[idx[0]]), int(experts[idx[1]]))
-                    done = True
-                    break
-        if not done:
-            return
-
-
 @dataclass
 class _Replan:
     """What :func:`replan` settles per layer as its steps run (arrays updated in place).
@@ -307,9 +165,9 @@ class _Replan:
         return self.G // self.N
 
     def take(self, l: int, row: np.ndarray, moves: int, cost: float, source: str) -> None:
-        """Layer ``l``'s plan becomes ``row``, each GPU's kept experts in their old slots."""
-        o = self.old[l].reshape(self.G, -1)
-        self.out[l] = np.concatenate([keep_slots(row.reshape(self.G, -1)[g], o[g]) for g in range(self.G)])
+        """Layer ``l``'s plan becomes ``row`` (each GPU's kept experts already in their old
+        slots)."""
+        self.out[l] = row
         self.moves[l], self.cost[l], self.source[l] = moves, cost, source
 
 
@@ -387,20 +245,17 @@ def _repair_layers(st: _Replan, deadline: float | None) -> None:
     """Per layer, the cheapest repair under the cap from each start
     (:func:`_starts`), where cheaper than the relabelled replan; layers not reached by
     ``deadline`` keep the replan (an event counts them)."""
-    L, E = st.w.shape
-    R = st.old.shape[1]
+    L = st.w.shape[0]
     late = 0
     for l in range(L):
         if deadline is not None and time.perf_counter() >= deadline:
             late += 1
             continue
-        O = _gpu_counts(st.old[l], st.G, E)
-        cin = arrival_cost(O, st.N, st.node_move_cost)
         for i, start in enumerate(_starts(st, l)):
             if i and deadline is not None and time.perf_counter() >= deadline:
                 break
-            got = _attempt(st.w[l], start, O, cin, st.cap[l], st.G, st.N, st.hierarchical, st.allow_duplicates,
-                           R, deadline)
+            got = _attempt(st.w[l], st.old[l], start, st.cap[l], st.G, st.N, st.hierarchical, st.allow_duplicates,
+                           st.node_move_cost)
             if got is None:
                 continue
             c, row, m = got
@@ -575,30 +430,15 @@ def _take_block(st: _Replan, l: int, n: int, b: _Block, x: np.ndarray) -> bool:
     return True
 
 
-def _attempt(w, start, O, cin, T, G, N, hierarchical, allow_duplicates, R, deadline=None):
-    """Repair ``start`` under cap ``T``; ``(cost, row, moves)`` or None (also when
-    ``deadline`` passes before the repair is done)."""
-    E = w.size
-    P = G // N
-    M0 = _gpu_counts(start, G, E)
-    if not allow_duplicates and (M0 > 1).any():
-        return None
-    if hierarchical:
-        node_has = M0.reshape(N, P, E).sum(axis=1) > 0
-        allowed = np.repeat(node_has, P, axis=0)
-        groups = [np.array([h for h in range((g // P) * P, (g // P + 1) * P) if h != g]) for g in range(G)]
-    else:
-        allowed = np.ones((G, E), dtype=bool)
-        groups = [np.array([h for h in range(G) if h != g]) for g in range(G)]
-
-    def partners_of(g: int) -> np.ndarray:
-        return groups[g]
-
-    st = _Layer(w, start, O, cin, allowed, G, allow_duplicates)
-    if not (st.load <= T * (1 + 1e-12)).all() and not _repair_layer(st, T, partners_of, 4 * R, deadline):
-        return None
-    _undo_moves(st, T, partners_of, R, deadline)
-    return st.cost(), st.S.reshape(-1).copy(), st.moves()
+def _attempt(w, old, start, T, G, N, hierarchical, allow_duplicates, node_move_cost):
+    """Repair ``start`` ``[R]`` under cap ``T`` (the compiled
+    :func:`heuristics.local.repair_attempt`; at most ``4 R`` repair steps and ``R``
+    undo steps); ``(cost, row, moves)`` or None where it cannot get under ``T``."""
+    R = start.size
+    ok, row, moves, cost = repair_attempt(w, old, np.ascontiguousarray(start, dtype=np.int64), G, N,
+                                          hierarchical, float(node_move_cost), allow_duplicates, float(T),
+                                          4 * R, R)
+    return (float(cost), row, int(moves)) if ok else None
 
 
 def _node_of_group(p: np.ndarray, G: int, N: int, num_groups: int, gs: int) -> np.ndarray | None:
