@@ -1,0 +1,241 @@
+"""The compiled kernels' cache and start-up (issue 15), each in fresh processes.
+
+* a first process with an empty ``NUMBA_CACHE_DIR`` compiles, says nothing alarming on
+  stderr, and leaves its cache files in that folder (the variable is respected);
+* a second process with that cache loads every kernel (``compile_all()``) in well under
+  a second of CPU time (CPU, not wall: the machine may be busy with other work), and
+  compiles nothing;
+* a read-only install (the package tree copied to a folder, ``chmod -R a-w``) plans and
+  exits 0: numba falls back to its user cache folder (``$XDG_CACHE_HOME/numba``), or
+  writes to ``NUMBA_CACHE_DIR`` when that is set.  When the tests run as root, the child
+  runs without ``CAP_DAC_OVERRIDE`` (so the permission bits bind it, as they bind a user);
+  the child checks that it really cannot write into the package;
+* after ``eplb_opt.warm_up()``, planning with every policy and feature compiles nothing
+  more: the ``.signatures`` of every numba dispatcher in an ``eplb_opt`` module are the
+  same before and after; and in the cold process, none was left uncompiled.
+
+A cold compile of every kernel costs tens of seconds on 2 cores, once per module run.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# compile_all() from a warm cache, timed: CPU seconds of this process (what loading
+# costs, whatever else the machine runs), then wall seconds.
+WARM_TIMING = """
+import time
+import eplb_opt.heuristics.compile as c
+t, u = time.perf_counter(), time.process_time()
+c.compile_all()
+print(time.process_time() - u, time.perf_counter() - t)
+"""
+
+# The numba dispatchers of every loaded eplb_opt module: {module.function: [signatures]}.
+SIGNATURES = """
+import sys
+from numba.core.dispatcher import Dispatcher
+
+def signatures():
+    out = {}
+    for name, mod in list(sys.modules.items()):
+        if name.startswith("eplb_opt") and mod is not None:
+            for obj in list(vars(mod).values()):
+                if isinstance(obj, Dispatcher):
+                    key = obj.py_func.__module__ + "." + obj.py_func.__qualname__
+                    out[key] = sorted(str(s) for s in obj.signatures)
+    return out
+"""
+
+# What a fresh install does first: a plan through the public API.  Then warm_up's
+# kernels (so the cache holds every kernel for the later processes), and the kernels
+# that compile_all() left uncompiled (in a cold process a kernel called only by other
+# kernels compiles with them; from a warm cache only its callers load).
+FIRST_CALLS = SIGNATURES + """
+import json
+import numpy as np
+import eplb_opt
+from eplb_opt.heuristics.compile import compile_all
+w = np.random.default_rng(0).gamma(1.0, 100.0, size=(4, 16))
+eplb_opt.rebalance_experts(w, 24, 4, 2, 8)
+eplb_opt.solve(w, num_replicas=24, num_groups=4, num_nodes=2, num_gpus=8).plan.log2phy
+compile_all()
+print(json.dumps(sorted(k for k, v in signatures().items() if not v)))
+"""
+
+# A read-only install plans and exits 0; it first checks that it cannot write there.
+READ_ONLY = """
+import os, sys
+import numpy as np
+import eplb_opt
+pkg = os.path.dirname(eplb_opt.__file__)
+assert pkg.startswith(sys.argv[1]), pkg
+try:
+    open(os.path.join(pkg, "probe"), "w")
+    sys.exit("the install folder is writable: the test would prove nothing")
+except PermissionError:
+    pass
+w = np.random.default_rng(0).gamma(1.0, 100.0, size=(4, 16))
+p, m, c = eplb_opt.rebalance_experts(w, 24, 4, 2, 8)
+assert p.shape == (4, 24)
+"""
+
+
+def _env(**extra: str) -> dict[str, str]:
+    """This environment without numba/eplb settings or PYTHONPATH, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("NUMBA_", "EPLB_OPT_")) and k != "PYTHONPATH"}
+    env.update(extra)
+    return env
+
+
+def _run(code: str, env: dict[str, str], *args: str, cwd: Path | None = None,
+         preexec=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env,
+                          cwd=cwd or ROOT, timeout=900, preexec_fn=preexec)
+
+
+def _cache_files(folder: Path) -> dict[str, float]:
+    """Numba cache files (index ``.nbi`` and data ``.nbc``) under ``folder``, with mtimes."""
+    return {str(f.relative_to(folder)): f.stat().st_mtime for f in folder.rglob("*") if f.suffix in (".nbi", ".nbc")}
+
+
+@pytest.fixture(scope="module")
+def cold(tmp_path_factory):
+    """``(cache folder, completed process)``: the first calls of a fresh install, with
+    ``NUMBA_CACHE_DIR`` an empty folder."""
+    cache = tmp_path_factory.mktemp("numba-cache")
+    done = _run(FIRST_CALLS, _env(NUMBA_CACHE_DIR=str(cache)))
+    assert done.returncode == 0, done.stderr
+    return cache, done
+
+
+def test_first_call_says_nothing_alarming(cold):
+    _, done = cold
+    text = done.stderr.lower()
+    assert "warn" not in text and "traceback" not in text and "error" not in text, done.stderr
+
+
+def test_numba_cache_dir_is_respected(cold):
+    cache, _ = cold
+    names = list(_cache_files(cache))
+    assert any(n.endswith(".nbi") for n in names) and any(n.endswith(".nbc") for n in names), names
+    # the verifier's kernels and the heuristics' kernels both cached there
+    assert any("verify_kernels." in n for n in names), names
+    assert any("heuristics" in n for n in names), names
+
+
+def test_warm_cache_loads_every_kernel_well_under_a_second(cold):
+    cache, _ = cold
+    before = _cache_files(cache)
+    done = _run(WARM_TIMING, _env(NUMBA_CACHE_DIR=str(cache)))
+    assert done.returncode == 0, done.stderr
+    assert _cache_files(cache) == before            # loaded, nothing compiled or rewritten
+    cpu, wall = (float(x) for x in done.stdout.split()[-2:])
+    assert cpu < 1.0, f"compile_all() from a warm cache: {cpu:.2f} s CPU, {wall:.2f} s wall"
+
+
+def _without_dac_override() -> None:
+    """In the child, before exec: drop CAP_DAC_OVERRIDE and CAP_FOWNER from the bounding
+    set, so a root child obeys permission bits after exec."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 3):                               # CAP_DAC_OVERRIDE, CAP_FOWNER
+        if libc.prctl(24, cap, 0, 0, 0) != 0:        # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+@pytest.fixture
+def read_only_install(tmp_path):
+    """A folder holding the package tree as installed (``eplb_opt`` with
+    ``eplb_opt/heuristics``), with every write bit cleared."""
+    site = tmp_path / "site"
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(ROOT / "eplb_opt", site / "eplb_opt", ignore=ignore)
+    shutil.copytree(ROOT / "heuristics", site / "eplb_opt" / "heuristics", ignore=ignore, dirs_exist_ok=True)
+    for path in [site, *site.rglob("*")]:
+        mode = path.stat().st_mode
+        path.chmod(mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+    yield site
+    for path in [site, *site.rglob("*")]:            # so that pytest can remove it
+        path.chmod(path.stat().st_mode | stat.S_IWUSR)
+
+
+@pytest.mark.parametrize("own_cache_dir", [False, True], ids=["user-cache-fallback", "NUMBA_CACHE_DIR"])
+def test_read_only_install_plans(read_only_install, tmp_path, own_cache_dir):
+    site = read_only_install
+    xdg, mine = tmp_path / "xdg", tmp_path / "numba-cache"
+    xdg.mkdir(), mine.mkdir()
+    extra = {"PYTHONPATH": str(site), "XDG_CACHE_HOME": str(xdg), "HOME": str(tmp_path)}
+    if own_cache_dir:
+        extra["NUMBA_CACHE_DIR"] = str(mine)
+    preexec = _without_dac_override if os.geteuid() == 0 else None
+    done = _run(READ_ONLY, _env(**extra), str(site), cwd=tmp_path, preexec=preexec)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert not _cache_files(site)                    # nothing was written into the install
+    used, unused = (mine, xdg) if own_cache_dir else (xdg / "numba", mine)
+    assert any("verify_kernels." in n for n in _cache_files(used)), list(_cache_files(used))
+    assert not _cache_files(unused)
+
+
+# After warm_up(): every eplb_opt dispatcher's signatures, the planning calls, again.
+NOTHING_NEW = SIGNATURES + """
+import json
+import numpy as np
+import torch
+import eplb_opt
+from eplb_opt.workloads import generate
+
+eplb_opt.warm_up()
+before = signatures()
+""" + """
+rng = np.random.default_rng(0)
+small = dict(num_replicas=24, num_groups=4, num_nodes=2, num_gpus=8)
+w = rng.gamma(1.0, 100.0, size=(3, 4, 16))
+big = generate("deepseek-v3-prefill", windows=2, seed=0)
+prefill = dict(num_replicas=288, num_groups=8, num_nodes=4, num_gpus=32)
+eplb_opt.rebalance_experts(torch.from_numpy(w[0]).float(), 24, 4, 2, 8)
+eplb_opt.rebalance_experts(w[0].round().astype(np.int64), 24, 4, 2, 8)
+eplb_opt.rebalance_experts(big[0], 288, 8, 4, 32)
+for policy in ("auto", "global", "spill"):
+    eplb_opt.solve(w[0], policy=policy, **small).plan.log2phy
+for policy in ("auto", "global"):
+    eplb_opt.solve(big[0], policy=policy, **prefill)
+eplb_opt.solve(w[0], allow_duplicates=False, **small)
+eplb_opt.solve(big[0], allow_duplicates=False, **prefill)
+prev = eplb_opt.solve(w[0], **small).plan.phy2log.numpy()
+eplb_opt.solve(w[1], previous=prev, max_balance_loss=0.005, **small)
+prev = eplb_opt.solve(big[0], **prefill).plan.phy2log.numpy()
+eplb_opt.solve(big[1], previous=prev, max_balance_loss=0.005, **prefill)
+for objective in ("worst", "mean"):
+    eplb_opt.solve(w, objective=objective, **small)
+r = eplb_opt.solve(w[0], masked_gpus=[1], **small)
+p, m, c = r.plan.to_numpy()
+mask = np.zeros((4, 8), dtype=bool)
+mask[:, 1] = True
+assert eplb_opt.plan_violations(p, 16, 24, 8, log2phy=m, logcnt=c, masked=mask) == []
+after = signatures()
+new = {k: sorted(set(v) - set(before.get(k, []))) for k, v in after.items()}
+print(json.dumps({"new": {k: v for k, v in new.items() if v}, "kernels": len(after)}))
+"""
+
+
+def test_warm_up_compiles_everything(cold):
+    cache, first = cold
+    uncompiled = json.loads(first.stdout.strip().splitlines()[-1])
+    assert uncompiled == [], uncompiled             # neither warm_up nor a first plan compiled these
+    done = _run(NOTHING_NEW, _env(NUMBA_CACHE_DIR=str(cache)))
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert found["kernels"] > 0
+    assert found["new"] == {}, found               # a planning call compiled (or loaded) a kernel warm_up did not
