@@ -19,13 +19,17 @@ Pipeline (:func:`pack_items`, or :func:`pack_sorted` for pre-sorted items):
 4. duplicate separation for any row still holding two replicas of one expert on a pack;
 5. swap refinement of the rows that set their layer's maximum.
 
-Loops run over slots per pack, merge steps or refinement rounds, never over rows or
-items.
+The loops are compiled kernels (:mod:`.compile`): a kernel loops over rows, and the
+public functions here convert their inputs at the boundary (contiguous float64 loads,
+int64 labels) and call one kernel each.  Every sum runs sequentially in slot order and
+every choice takes the first best candidate, so a plan is the same on every machine.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from .compile import kernel, warmer
 
 __all__ = [
     "gather_rows",
@@ -35,6 +39,7 @@ __all__ = [
     "pack_loads",
     "pack_sorted",
     "refine_swaps",
+    "replica_items",
     "runs_order",
     "separate_duplicates",
     "snake_layout",
@@ -58,6 +63,12 @@ _PARTNERS = 8
 # nearly all of the gain (benchmarks/RESULTS.md).
 DEFAULT_REFINE_ROUNDS = 2
 
+# Rounds of duplicate separation after the seeds (each fixes one duplicate per row).
+_SEPARATE_ROUNDS = 64
+
+# Labels above this are renumbered at the boundary (kernels index a table by label).
+_LABEL_TABLE_MAX = 1 << 20
+
 
 def _check(values: np.ndarray, num_packs: int) -> tuple[int, int, int]:
     if values.ndim != 2:
@@ -68,8 +79,36 @@ def _check(values: np.ndarray, num_packs: int) -> tuple[int, int, int]:
     return rows, n, n // num_packs
 
 
+def _f64(a: np.ndarray) -> np.ndarray:
+    """A writeable C-contiguous float64 array (the one array type kernels are compiled for)."""
+    out = np.ascontiguousarray(a, dtype=np.float64)
+    return out if out.flags.writeable else out.copy()
+
+
+def _i64(a: np.ndarray) -> np.ndarray:
+    """A writeable C-contiguous int64 array."""
+    out = np.ascontiguousarray(a, dtype=np.int64)
+    return out if out.flags.writeable else out.copy()
+
+
+def _labels(labels: np.ndarray) -> np.ndarray:
+    """Labels as the kernels take them: int64 in ``0..`` a table size they can index
+    (renumbered, order kept, when the largest is huge)."""
+    lab = _i64(labels)
+    if lab.size and int(lab.max()) > _LABEL_TABLE_MAX:
+        lab = np.unique(lab, return_inverse=True)[1].reshape(lab.shape).astype(np.int64)
+    return lab
+
+
+def _target(target: np.ndarray | None, rows: int) -> tuple[np.ndarray, bool]:
+    """``([rows] float64 targets, given)``; a dummy array when there is none."""
+    if target is None:
+        return np.zeros(rows), False
+    return _f64(np.broadcast_to(np.asarray(target, dtype=np.float64), (rows,))), True
+
+
 def _descending(values: np.ndarray) -> np.ndarray:
-    return np.argsort(-values, axis=1)
+    return np.argsort(-values, axis=1, kind="stable")
 
 
 def runs_order(values: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -91,7 +130,765 @@ def pack_loads(values: np.ndarray, layout: np.ndarray) -> np.ndarray:
     return gather_rows(values, layout).sum(-1)
 
 
+# ------------------------------------------------------------------ small kernels
+
+
+@kernel
+def _order(x, out, buf, sign):
+    """``out`` = the order of the first ``len(out)`` values of ``x`` by increasing ``sign
+    * x`` (``sign`` is 1.0 or -1.0), ties by index.  Up to 16 values, insertion sort; up
+    to 64, each value's rank is counted (no data-dependent branches: the values arrive
+    in random order); longer arrays are merge-sorted through ``buf`` (as long as
+    ``out``)."""
+    m = out.shape[0]
+    if m <= 16:
+        for i in range(m):
+            xi = sign * x[i]
+            j = i
+            while j > 0 and sign * x[out[j - 1]] > xi:
+                out[j] = out[j - 1]
+                j -= 1
+            out[j] = i
+        return
+    if m <= 64:
+        for i in range(m):
+            xi = sign * x[i]
+            rank = 0
+            for j in range(m):
+                xj = sign * x[j]
+                rank += (xj < xi) | ((xj == xi) & (j < i))
+            out[rank] = i
+        return
+    for i in range(m):
+        out[i] = i
+    width = 1
+    in_out = True
+    while width < m:
+        src, dst = (out, buf) if in_out else (buf, out)
+        for lo in range(0, m, 2 * width):
+            mid, hi = min(lo + width, m), min(lo + 2 * width, m)
+            i, j = lo, mid
+            for o in range(lo, hi):
+                if j >= hi or (i < mid and sign * x[src[i]] <= sign * x[src[j]]):
+                    dst[o] = src[i]
+                    i += 1
+                else:
+                    dst[o] = src[j]
+                    j += 1
+        in_out = not in_out
+        width *= 2
+    if not in_out:
+        out[:] = buf[:m]
+
+
+@kernel
+def _pack_max(vals, lay):
+    """Heaviest pack of layout ``lay [P, k]`` over item loads ``vals [n]`` (each pack
+    summed in slot order)."""
+    P, k = lay.shape
+    top = -np.inf
+    for p in range(P):
+        s = 0.0
+        for t in range(k):
+            s += vals[lay[p, t]]
+        if s > top:
+            top = s
+    return top
+
+
 # ----------------------------------------------------------------------------- seeds
+
+
+@kernel
+def _snake_row(lab, rotate, lay):
+    """Snake ("zigzag") over sorted positions into ``lay [P, k]``: block ``b`` (positions
+    ``b*P .. b*P+P-1``) goes to packs ``0..P-1``, the next block back ``P-1..0``.
+
+    With ``rotate``, where a run of one label (``lab [n]``) crosses into block ``b``,
+    block ``b`` is dealt rotated so its share of the run comes last: the plain snake
+    would deal both parts of the run onto the same packs.  Returns whether a block was
+    rotated (only such rows can still hold a duplicate, where a run follows another
+    split run)."""
+    P, k = lay.shape
+    rotated = False
+    for b in range(k):
+        shift = 0
+        if rotate and b > 0:
+            prev = lab[b * P - 1]
+            while shift < P and lab[b * P + shift] == prev:
+                shift += 1
+            if shift > 0:
+                rotated = True
+            if shift == P:
+                shift = 0
+        for j in range(P):
+            pack = j if b % 2 == 0 else P - 1 - j
+            lay[pack, b] = b * P + (j + shift) % P
+    return rotated
+
+
+@kernel
+def _snake_rows(labels, rotate, out):
+    """:func:`_snake_row` for every row; returns ``[rows]`` bool (rotated)."""
+    rows = out.shape[0]
+    rotated = np.zeros(rows, np.bool_)
+    for r in range(rows):
+        rotated[r] = _snake_row(labels[r], rotate, out[r])
+    return rotated
+
+
+@kernel
+def _unsplit_work(n):
+    """Work arrays of :func:`_unsplit_row` for rows of ``n`` items."""
+    return (np.empty(n, np.int64), np.empty(n, np.bool_), np.empty(n, np.int64),
+            np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.bool_))
+
+
+@kernel
+def _unsplit_row(lab_in, P, perm, work):
+    """:func:`unsplit_runs` on one row: writes ``perm [n]``; returns ``split``."""
+    lab, single, buf, _, _, _ = work
+    n = lab_in.shape[0]
+    for i in range(n):
+        perm[i] = i
+        lab[i] = lab_in[i]
+    for i in range(n):
+        single[i] = (i == 0 or lab[i] != lab[i - 1]) and (i == n - 1 or lab[i] != lab[i + 1])
+    for B in range(P, n, P):
+        run = lab[B - 1]
+        if lab[B] != run:
+            continue
+        a = 0                                   # the run's items before the boundary
+        while a < P and lab[B - 1 - a] == run:
+            a += 1
+        t = 0                                   # and after it
+        while B + t < n and lab[B + t] == run:
+            t += 1
+        if a + t > P:
+            continue
+        # The first `a` single items after the run move, in order, in front of it.
+        m = 0
+        q = B + t
+        while q < n and m < a:
+            if single[q]:
+                buf[m] = q
+                m += 1
+            q += 1
+        if m < a:
+            continue
+        j = 0
+        for pos in range(B - a, buf[a - 1] + 1):
+            if j < a and pos == buf[j]:
+                j += 1
+            else:
+                buf[m] = pos
+                m += 1
+        _move(perm, work, B - a, m)
+    for B in range(P, n, P):
+        if lab[B] == lab[B - 1]:
+            return True
+    return False
+
+
+@kernel
+def _move(perm, work, start, m):
+    """Rewrite positions ``start .. start+m-1`` of ``perm`` and of the labels and single
+    flags in ``work`` from positions ``buf[:m]`` (a permutation of that range)."""
+    lab, single, src, tp, tl, ts = work
+    for j in range(m):
+        tp[j] = perm[src[j]]
+        tl[j] = lab[src[j]]
+        ts[j] = single[src[j]]
+    for j in range(m):
+        perm[start + j] = tp[j]
+        lab[start + j] = tl[j]
+        single[start + j] = ts[j]
+
+
+@kernel
+def _unsplit_rows(sorted_labels, P, perm):
+    """:func:`_unsplit_row` for every row; returns ``[rows]`` bool (split)."""
+    rows, n = sorted_labels.shape
+    split = np.zeros(rows, np.bool_)
+    work = _unsplit_work(n)
+    for r in range(rows):
+        split[r] = _unsplit_row(sorted_labels[r], P, perm[r], work)
+    return split
+
+
+@kernel
+def _kk_work(P, k):
+    """Work arrays of :func:`_kk_row` for ``P`` packs of ``k`` slots."""
+    return (np.empty((k, P)), np.empty(k), np.empty(P), np.empty((k, P + 2), np.int64),
+            np.empty((k, P), np.int64), np.empty(P, np.int64), np.empty(P, np.int64))
+
+
+@kernel
+def _kk_row(sv, lay, work):
+    """Largest differencing over items sorted by decreasing load ``sv [n]`` into ``lay
+    [P, k]`` (positions; slot ``b`` of every pack holds an item of block ``b``)."""
+    P, k = lay.shape
+    parts, spread, raw, hist, final, after, buf = work  # parts: subset loads ascending
+    for b in range(k):
+        for i in range(P):
+            parts[b, i] = sv[b * P + P - 1 - i]   # block b arrives heaviest first
+        spread[b] = parts[b, P - 1] - parts[b, 0]
+    for step in range(k - 1):
+        ia = np.argmax(spread)
+        spread[ia] = -np.inf
+        ib = np.argmax(spread)
+        for i in range(P):             # lightest of ia with heaviest of ib
+            raw[i] = parts[ia, i] + parts[ib, P - 1 - i]
+        perm = hist[step, 2:]
+        _order(raw, perm, buf, 1.0)
+        for i in range(P):
+            parts[ia, i] = raw[perm[i]]
+        spread[ia] = parts[ia, P - 1] - parts[ia, 0]
+        spread[ib] = -np.inf
+        hist[step, 0] = ia
+        hist[step, 1] = ib
+    # Undo the merges: final[b, i] is the pack of block b's ascending position i.
+    last = np.argmax(spread)
+    for i in range(P):
+        final[last, i] = i
+    for step in range(k - 2, -1, -1):
+        ia, ib = hist[step, 0], hist[step, 1]
+        after[:] = final[ia]
+        for pos in range(P):
+            final[ia, hist[step, 2 + pos]] = after[pos]
+            final[ib, P - 1 - hist[step, 2 + pos]] = after[pos]
+    for b in range(k):
+        for j in range(P):
+            lay[final[b, P - 1 - j], b] = b * P + j
+
+
+@kernel
+def _kk_rows(sorted_values, out):
+    """:func:`_kk_row` for every row."""
+    rows, P, k = out.shape
+    work = _kk_work(P, k)
+    for r in range(rows):
+        _kk_row(sorted_values[r], out[r], work)
+
+
+@kernel
+def _lpt_items_row(sv, lay):
+    """LPT with exact cardinality, one item at a time: each item of ``sv [n]`` (sorted,
+    heaviest first) goes to the lightest pack with a free slot; positions into ``lay``."""
+    P, k = lay.shape
+    loads = np.zeros(P)
+    filled = np.zeros(P, np.int64)
+    for i in range(sv.shape[0]):
+        pick = -1
+        for p in range(P):
+            if filled[p] < k and (pick < 0 or loads[p] < loads[pick]):
+                pick = p
+        lay[pick, filled[pick]] = i
+        filled[pick] += 1
+        loads[pick] += sv[i]
+
+
+@kernel
+def _lpt_rounds_rows(sorted_values, out):
+    """LPT by rounds for every row of sorted loads: each block of ``P`` items, heaviest
+    first, goes to the packs lightest first; positions into ``out [rows, P, k]``."""
+    rows, P, k = out.shape
+    loads = np.empty(P)
+    target = np.empty(P, np.int64)
+    buf = np.empty(P, np.int64)
+    for r in range(rows):
+        loads[:] = 0.0
+        for s in range(k):
+            _order(loads, target, buf, 1.0)
+            for j in range(P):
+                out[r, target[j], s] = s * P + j
+                loads[target[j]] += sorted_values[r, s * P + j]
+
+
+# ------------------------------------------------------------------ working state
+#
+# A row being improved is held as five arrays: ``lay [P, k]`` (item of each slot), ``v
+# [P, k]`` (its load), ``lab [P, k]`` (its label id, ``0..U-1``), ``loads [P]`` (pack
+# loads, updated by each swap) and ``occ [P, >= U]`` (copies of each label id on each
+# pack), plus ``multi [>= U]`` (the label has several items in the row).
+
+
+@kernel
+def _label_ids(labels, table, ids, multi):
+    """Number the distinct labels of one row ``0..U-1`` by first appearance: ``ids [n]``
+    per item and ``multi [U]`` (several items); returns ``U``.  ``table`` (``-1`` for
+    every label value) is the lookup, restored before returning."""
+    n = labels.shape[0]
+    u = 0
+    for i in range(n):
+        lab = labels[i]
+        if table[lab] < 0:
+            table[lab] = u
+            multi[u] = False
+            u += 1
+        else:
+            multi[table[lab]] = True
+        ids[i] = table[lab]
+    for i in range(n):
+        table[labels[i]] = -1
+    return u
+
+
+@kernel
+def _load_state(vals, ids, layout, num_ids, lay, v, lab, loads, occ):
+    """Fill a row's working state from item loads ``vals [n]``, label ids ``ids [n]`` and
+    a layout ``[P, k]`` (pack loads summed in slot order)."""
+    P, k = layout.shape
+    for p in range(P):
+        for u in range(num_ids):
+            occ[p, u] = 0
+    for p in range(P):
+        s = 0.0
+        for t in range(k):
+            i = layout[p, t]
+            lay[p, t] = i
+            v[p, t] = vals[i]
+            lab[p, t] = ids[i]
+            occ[p, ids[i]] += 1
+            s += vals[i]
+        loads[p] = s
+
+
+@kernel
+def _swap(lay, v, lab, loads, occ, p, s, q, t):
+    """Swap slot ``s`` of pack ``p`` with slot ``t`` of pack ``q != p``."""
+    va, vb = v[p, s], v[q, t]
+    la, lb = lab[p, s], lab[q, t]
+    v[p, s], v[q, t] = vb, va
+    lab[p, s], lab[q, t] = lb, la
+    lay[p, s], lay[q, t] = lay[q, t], lay[p, s]
+    loads[p] += vb - va
+    loads[q] += va - vb
+    occ[p, la] -= 1
+    occ[q, lb] -= 1
+    occ[p, lb] += 1
+    occ[q, la] += 1
+
+
+@kernel
+def _first_duplicate(lab, occ):
+    """``(p, s)`` of the first slot (pack by pack) whose label is on its pack twice, or
+    ``(-1, -1)``."""
+    P, k = lab.shape
+    for p in range(P):
+        for s in range(k):
+            if occ[p, lab[p, s]] > 1:
+                return p, s
+    return -1, -1
+
+
+# ---------------------------------------------------------------- duplicates
+
+
+@kernel
+def _separate_row(lay, v, lab, loads, occ, cap, max_rounds):
+    """Separate duplicates of one row in place: up to ``max_rounds`` times, the first
+    slot whose label is on its pack twice swaps with the item of another pack that
+    changes loads least, such that neither pack gets a duplicate and neither exceeds
+    ``max(cap, heaviest pack)``.  Stops when no duplicate is left or none can move;
+    returns whether one is left."""
+    P, k = v.shape
+    for _ in range(max_rounds):
+        p, s = _first_duplicate(lab, occ)
+        if p < 0:
+            return False
+        row_cap = max(cap, loads.max())
+        la, va = lab[p, s], v[p, s]
+        best, bg, bt = np.inf, -1, -1
+        for g in range(P):
+            if g == p or occ[g, la] > 0:
+                continue
+            for t in range(k):
+                if occ[p, lab[g, t]] > 0:
+                    continue
+                d = va - v[g, t]
+                if loads[p] - d > row_cap or loads[g] + d > row_cap:
+                    continue
+                if abs(d) < best:
+                    best, bg, bt = abs(d), g, t
+        if bg < 0:
+            return True
+        _swap(lay, v, lab, loads, occ, p, s, bg, bt)
+    return _first_duplicate(lab, occ)[0] >= 0
+
+
+# ------------------------------------------------------------------- refinement
+
+
+@kernel
+def _best_pair(v, lab, loads, occ, h, l):
+    """The best 1-for-1 swap between pack ``h`` and a lighter pack ``l``: moving slot
+    ``a`` of ``h`` against slot ``b`` of ``l`` shifts ``d = v[h, a] - v[l, b]``, leaving
+    the pair's larger load at ``max(lh - d, ll + d) = mid + |d - half|``.  Swaps that
+    would put a label twice on a pack are skipped; ties go to the first ``(a, b)``.
+
+    Returns ``(new_max, a, b, mid, half)``; ``new_max`` is ``inf`` unless the swap
+    lowers ``h`` by more than float noise."""
+    k = v.shape[1]
+    lh = loads[h]
+    half = 0.5 * (lh - loads[l])
+    mid = lh - half
+    low, ai, bi = np.inf, 0, 0
+    for a in range(k):
+        if occ[l, lab[h, a]] > 0:
+            continue
+        xa = v[h, a] - half
+        for b in range(k):
+            if occ[h, lab[l, b]] > 0:
+                continue
+            dev = abs(xa - v[l, b])
+            if dev < low:
+                low, ai, bi = dev, a, b
+    if low < lh * (1 - _REL_EPS) - mid:
+        return mid + low, ai, bi, mid, half
+    return np.inf, ai, bi, mid, half
+
+
+@kernel
+def _best_partner(v, lab, loads, occ, h, a, l, half, mid):
+    """The best item ``b`` of pack ``l`` for slot ``a`` of pack ``h`` (as in
+    :func:`_best_pair`, ``a`` fixed): ``(deviation or inf, b)``."""
+    k = v.shape[1]
+    low, bi = np.inf, 0
+    if occ[l, lab[h, a]] == 0:
+        xa = v[h, a] - half
+        for b in range(k):
+            if occ[h, lab[l, b]] > 0:
+                continue
+            dev = abs(xa - v[l, b])
+            if dev < low:
+                low, bi = dev, b
+    if low < loads[h] * (1 - _REL_EPS) - mid:
+        return low, bi
+    return np.inf, bi
+
+
+@kernel
+def _round_work(P, k):
+    """Work arrays of :func:`_refine_round` for ``P`` packs of ``k`` slots: ``(order,
+    items, buf, mids, halves, first, pval, pslot, cand, acc, ok, d, touched)``."""
+    near = min(P - 1, _PARTNERS)
+    pairs = min(P // 2, _PARTNERS)
+    q = min(k, near)
+    return (np.empty(P, np.int64), np.empty(k, np.int64), np.empty(max(P, k), np.int64),
+            np.empty(near), np.empty(near), np.zeros(3, np.int64),
+            np.empty(pairs), np.empty((pairs, 2), np.int64),
+            np.empty((q + 1, 3), np.int64), np.empty(q + 1, np.bool_), np.empty(q + 1, np.bool_),
+            np.empty(q + 1), np.empty(P, np.bool_))
+
+
+@kernel
+def _heavy_swaps(v, lab, loads, occ, multi, work):
+    """Several swaps of the heaviest pack ``h = order[-1]`` in one round.
+
+    Candidate 0 is the best single swap (``first = (a slot, partner, b slot)``, or
+    ``acc[0]`` False when none lowers ``h``); then the i-th heaviest item of ``h`` is
+    offered to the i-th lightest pack ``order[i]`` (its best partner item there; the
+    pair's ``mids[i]`` / ``halves[i]``).  Candidates that reuse an item or partner of
+    candidate 0, or bring a label with several items onto ``h`` that an earlier
+    candidate brings, are dropped; the rest are accepted as a prefix while ``h`` stays
+    heavier than every new partner load, so the heaviest load only falls.  A pack far
+    above the rest (one dominant expert) thus sheds many items per round instead of one.
+
+    Writes ``cand [q + 1, 3]`` (a slot, partner, b slot) and ``acc [q + 1]``."""
+    order, items, buf, mids, halves, first, _, _, cand, acc, ok, d, _ = work
+    P, k = v.shape
+    q = acc.shape[0] - 1
+    h = order[P - 1]
+    _order(v[h], items, buf, -1.0)                    # heaviest first
+    cand[0, 0], cand[0, 1], cand[0, 2] = first[0], first[1], first[2]
+    ok[0] = acc[0]
+    for i in range(q):
+        low, b = _best_partner(v, lab, loads, occ, h, items[i], order[i], halves[i], mids[i])
+        cand[i + 1, 0], cand[i + 1, 1], cand[i + 1, 2] = items[i], order[i], b
+        ok[i + 1] = low < np.inf and items[i] != first[0] and order[i] != first[1]
+    for c in range(q + 1):
+        d[c] = v[h, cand[c, 0]] - v[cand[c, 1], cand[c, 2]]
+    # Drop a candidate bringing a label (with several items) an earlier one brings.
+    for c in range(q, 0, -1):
+        lc = lab[cand[c, 1], cand[c, 2]]
+        if ok[c] and multi[lc]:
+            for j in range(c):
+                if ok[j] and lab[cand[j, 1], cand[j, 2]] == lc:
+                    ok[c] = False
+                    break
+    shed, top, prefix = 0.0, -np.inf, True
+    for c in range(q + 1):
+        dc = d[c] if ok[c] else 0.0
+        shed += dc
+        before = loads[h] - (shed - dc)               # h's load before candidate c
+        if ok[c]:
+            top = max(top, loads[cand[c, 1]] + d[c])
+        prefix = prefix and (before > top or not ok[c])
+        acc[c] = ok[c] and prefix
+    acc[0] = ok[0]
+
+
+@kernel
+def _refine_round(lay, v, lab, loads, occ, multi, work):
+    """One refinement round on one row (in place): the best swaps of the heaviest pack
+    with its ``near`` lightest packs (:func:`_heavy_swaps`), then the paired swaps
+    (i-th heaviest, i-th lightest, ``pairs`` of them) touching neither pack changed
+    first (all evaluated on the loads before the round).  Returns whether the heaviest
+    pack got a swap."""
+    order, _, buf, mids, halves, first, pval, pslot, cand, acc, _, _, touched = work
+    P, k = v.shape
+    near, pairs = mids.shape[0], pval.shape[0]
+    _order(loads, order, buf, 1.0)                     # lightest first
+    h = order[P - 1]
+    best = np.inf
+    for j in range(near):
+        val, a, b, mid, half = _best_pair(v, lab, loads, occ, h, order[j])
+        mids[j], halves[j] = mid, half
+        if val < best or j == 0:
+            best = val
+            first[0], first[1], first[2] = a, order[j], b
+    for i in range(pairs):
+        val, a, b, _, _ = _best_pair(v, lab, loads, occ, order[P - 1 - i], order[i])
+        pval[i], pslot[i, 0], pslot[i, 1] = val, a, b
+    acc[0] = best < np.inf
+    _heavy_swaps(v, lab, loads, occ, multi, work)
+    touched[:] = False
+    touched[h] = acc[0]
+    for c in range(acc.shape[0]):
+        if acc[c]:
+            _swap(lay, v, lab, loads, occ, h, cand[c, 0], cand[c, 1], cand[c, 2])
+            touched[cand[c, 1]] = True
+    for i in range(pairs):
+        ph, pl = order[P - 1 - i], order[i]
+        if pval[i] < np.inf and not touched[ph] and not touched[pl]:
+            _swap(lay, v, lab, loads, occ, ph, pslot[i, 0], pl, pslot[i, 1])
+    return acc[0]
+
+
+@kernel
+def _refine_segment(lay, v, lab, loads, occ, multi, m, thresh, max_rounds, work):
+    """Swap refinement of the first ``m`` rows of the working state (``lay [>= m, P,
+    k]`` and so on), which form one segment: its objective is their joint heaviest
+    pack.  Each round refines every row above its ``thresh`` that attains the
+    segment's maximum; the segment stops when such a row finds no improving swap."""
+    row_max = np.empty(m)
+    for _ in range(max_rounds):
+        seg_max = -np.inf
+        for i in range(m):
+            row_max[i] = loads[i].max()
+            seg_max = max(seg_max, row_max[i])
+        active = False
+        stuck = False
+        for i in range(m):
+            if row_max[i] > thresh[i] and row_max[i] >= seg_max * (1 - _REL_EPS):
+                active = True
+                if not _refine_round(lay[i], v[i], lab[i], loads[i], occ[i], multi[i], work):
+                    stuck = True
+        if stuck or not active:
+            return
+
+
+@kernel
+def _refine_rows(values, labels, layout, thresh, max_rounds, table):
+    """:func:`refine_swaps` in place on ``layout [rows, P, k]``, each row its own
+    segment (``thresh [rows]``, ``-inf`` for no target)."""
+    rows, P, k = layout.shape
+    n = P * k
+    ids = np.empty(n, np.int64)
+    multi = np.empty((1, n), np.bool_)
+    lay = np.empty((1, P, k), np.int64)
+    v = np.empty((1, P, k))
+    lab = np.empty((1, P, k), np.int64)
+    loads = np.empty((1, P))
+    occ = np.empty((1, P, n), np.int64)
+    work = _round_work(P, k)
+    for r in range(rows):
+        u = _label_ids(labels[r], table, ids, multi[0])
+        _load_state(values[r], ids, layout[r], u, lay[0], v[0], lab[0], loads[0], occ[0])
+        _refine_segment(lay, v, lab, loads, occ, multi, 1, thresh[r:r + 1], max_rounds, work)
+        layout[r] = lay[0]
+
+
+@kernel
+def _separate_rows(values, labels, layout, max_rounds, table):
+    """:func:`separate_duplicates` in place on ``layout [rows, P, k]``."""
+    rows, P, k = layout.shape
+    n = P * k
+    ids = np.empty(n, np.int64)
+    multi = np.empty(n, np.bool_)
+    lay = np.empty((P, k), np.int64)
+    v = np.empty((P, k))
+    lab = np.empty((P, k), np.int64)
+    loads = np.empty(P)
+    occ = np.empty((P, n), np.int64)
+    for r in range(rows):
+        u = _label_ids(labels[r], table, ids, multi)
+        _load_state(values[r], ids, layout[r], u, lay, v, lab, loads, occ)
+        if _first_duplicate(lab, occ)[0] >= 0:
+            _separate_row(lay, v, lab, loads, occ, -np.inf, max_rounds)
+            layout[r] = lay
+
+
+# ------------------------------------------------------------------- pipeline
+
+
+@kernel
+def _seed_row(vals, labs, tgt, has_target, lay, work):
+    """The seed cascade of one row of sorted items into ``lay [P, k]`` (``work``: see
+    :func:`_pack_work`).
+
+    Every row starts from the snake (rotated where a run crosses a block, to keep an
+    expert's replicas apart); a row above its target then tries largest differencing on
+    an order that keeps every expert's replicas inside one block of ``P`` (kept when no
+    heavier), and, when one item dominates (more than half a pack's average load) and
+    the row is still far above its target, item-by-item LPT (kept when lighter).
+
+    Returns ``(heaviest pack, check: a duplicate is possible, todo: above target)``."""
+    alt, perm, sv, uw, kw = work
+    P, k = lay.shape
+    n = P * k
+    check = _snake_row(labs, True, lay)
+    best = _pack_max(vals, lay)
+    todo = not has_target or best > tgt * (1 + _REL_EPS)
+    if not todo:
+        return best, check, todo
+    split = _unsplit_row(labs, P, perm, uw)
+    for i in range(n):
+        sv[i] = vals[perm[i]]
+    _kk_row(sv, alt, kw)
+    for p in range(P):
+        for t in range(k):
+            alt[p, t] = perm[alt[p, t]]
+    kk_max = _pack_max(vals, alt)
+    if kk_max <= best:
+        lay[:] = alt
+        best, check = kk_max, split
+    if has_target:
+        total = 0.0
+        for i in range(n):
+            total += vals[i]
+        if vals[0] > total / (2 * P) and best > tgt * (1 + _FAR):
+            _lpt_items_row(sv, alt)
+            for p in range(P):
+                for t in range(k):
+                    alt[p, t] = perm[alt[p, t]]
+            lpt_max = _pack_max(vals, alt)
+            if lpt_max < best:
+                lay[:] = alt
+                best, check = lpt_max, True
+    return best, check, todo
+
+
+@kernel
+def _pack_work(S, P, k):
+    """Work arrays of :func:`_pack_segment` for segments of ``S`` rows: ``(state, seeds,
+    rounds, segment)``: the working state of ``S`` rows (``lay, v, lab, loads, occ,
+    multi, ids``), the seeds' (``alt, perm, sv``, :func:`_unsplit_work`,
+    :func:`_kk_work`), :func:`_round_work` and per-row flags (``best, check, todo,
+    rows, thresh``)."""
+    n = P * k
+    state = (np.empty((S, P, k), np.int64), np.empty((S, P, k)), np.empty((S, P, k), np.int64),
+             np.empty((S, P)), np.empty((S, P, n), np.int64), np.empty((S, n), np.bool_),
+             np.empty(n, np.int64))
+    seeds = (np.empty((P, k), np.int64), np.empty(n, np.int64), np.empty(n), _unsplit_work(n), _kk_work(P, k))
+    flags = (np.empty(S), np.empty(S, np.bool_), np.empty(S, np.bool_), np.empty(S, np.int64), np.empty(S))
+    return state, seeds, _round_work(P, k), flags
+
+
+@kernel
+def _separate_seeds(values, labels, r0, allow_dup, table, work, out):
+    """Separate replicas of one expert sharing a pack in the rows ``r0 ..`` of a segment
+    flagged ``check`` (the only ones where a seed may hold one), any pack allowed up to
+    the segment's heaviest; without ``allow_dup`` a row still holding one falls back to
+    dealing positions round-robin (distinct packs for any run of at most ``P`` items)
+    and is marked ``todo``."""
+    (lay, v, lab, loads, occ, multi, ids), _, _, (best, check, todo, _, _) = work
+    S, P, k = lay.shape
+    cap = best.max()
+    for i in range(S):
+        r = r0 + i
+        if not check[i]:
+            continue
+        u = _label_ids(labels[r], table, ids, multi[0])
+        _load_state(values[r], ids, out[r], u, lay[0], v[0], lab[0], loads[0], occ[0])
+        if _first_duplicate(lab[0], occ[0])[0] < 0:
+            continue
+        left = _separate_row(lay[0], v[0], lab[0], loads[0], occ[0], cap, _SEPARATE_ROUNDS)
+        out[r] = lay[0]
+        best[i] = loads[0].max()
+        if left and not allow_dup:
+            for p in range(P):
+                for t in range(k):
+                    out[r, p, t] = t * P + p
+            best[i] = _pack_max(values[r], out[r])
+            todo[i] = True
+
+
+@kernel
+def _pack_segment(values, labels, r0, target, has_target, rounds, allow_dup, table, work, out):
+    """:func:`pack_sorted` on the rows ``r0 ..`` of one segment (``work``: see
+    :func:`_pack_work`, one state row per segment row); writes ``out``."""
+    (lay, v, lab, loads, occ, multi, ids), seeds, round_work, (best, check, todo, rows, thresh) = work
+    S = lay.shape[0]
+    for i in range(S):
+        r = r0 + i
+        best[i], check[i], todo[i] = _seed_row(values[r], labels[r], target[r], has_target, out[r], seeds)
+    _separate_seeds(values, labels, r0, allow_dup, table, work, out)
+    if rounds <= 0:
+        return
+    # Refine the rows still above their target, on fresh state.
+    m = 0
+    for i in range(S):
+        r = r0 + i
+        if todo[i] and (not has_target or best[i] > target[r] * (1 + _REL_EPS)):
+            u = _label_ids(labels[r], table, ids, multi[m])
+            _load_state(values[r], ids, out[r], u, lay[m], v[m], lab[m], loads[m], occ[m])
+            rows[m] = r
+            thresh[m] = target[r] * (1 + _REL_EPS) if has_target else -np.inf
+            m += 1
+    _refine_segment(lay, v, lab, loads, occ, multi, m, thresh, rounds, round_work)
+    for i in range(m):
+        out[rows[i]] = lay[i]
+
+
+@kernel
+def _pack_sorted_rows(values, labels, num_packs, target, has_target, rounds, segment, allow_dup, table, out):
+    """:func:`pack_sorted` on every segment of ``segment`` rows; writes ``out [rows, P, k]``."""
+    rows, n = values.shape
+    work = _pack_work(segment, num_packs, n // num_packs)
+    for r0 in range(0, rows, segment):
+        _pack_segment(values, labels, r0, target, has_target, rounds, allow_dup, table, work, out)
+
+
+@kernel
+def _replica_rows(w, c, num_packs, values, labels, bound):
+    """:func:`replica_items` into ``values``, ``labels`` and ``bound``."""
+    rows, e = w.shape
+    per = np.empty(e)
+    order = np.empty(e, np.int64)
+    buf = np.empty(e, np.int64)
+    for r in range(rows):
+        for j in range(e):
+            per[j] = w[r, j] / c[r, j]
+        _order(per, order, buf, -1.0)
+        i = 0
+        total = 0.0
+        for j in order:
+            for _ in range(c[r, j]):
+                values[r, i] = per[j]
+                labels[r, i] = j
+                total += per[j]
+                i += 1
+        bound[r] = max(total / num_packs, values[r, 0]) if i else 0.0
+
+
+def _table(labels: np.ndarray) -> np.ndarray:
+    """The label lookup :func:`_label_ids` needs (``-1`` for every label value)."""
+    return np.full(int(labels.max()) + 1 if labels.size else 1, -1, dtype=np.int64)
+
+
+# ------------------------------------------------------------------ public API
 
 
 def snake_layout(values: np.ndarray, num_packs: int, order: np.ndarray | None = None) -> np.ndarray:
@@ -107,9 +904,9 @@ def snake_layout(values: np.ndarray, num_packs: int, order: np.ndarray | None = 
     """
     rows, n, k = _check(values, num_packs)
     order = _descending(values) if order is None else order
-    lay = order.reshape(rows, k, num_packs).copy()
-    lay[:, 1::2, :] = lay[:, 1::2, ::-1]
-    return np.ascontiguousarray(lay.transpose(0, 2, 1))
+    pos = np.empty((rows, num_packs, k), dtype=np.int64)
+    _snake_rows(np.zeros((rows, n), dtype=np.int64), False, pos)
+    return gather_rows(_i64(order), pos)
 
 
 def unsplit_runs(sorted_labels: np.ndarray, num_packs: int) -> tuple[np.ndarray, np.ndarray]:
@@ -134,89 +931,13 @@ def unsplit_runs(sorted_labels: np.ndarray, num_packs: int) -> tuple[np.ndarray,
         ``split [rows]`` bool for rows where a run still crosses a boundary (a run
         longer than ``P``, or too few single items after it).
     """
-    rows, n = sorted_labels.shape
-    P = num_packs
-    k = n // P
-    perm = np.broadcast_to(np.arange(n), (rows, n)).copy()
-    if k < 2 or rows == 0:
+    lab = _i64(sorted_labels)
+    rows, n = lab.shape
+    perm = np.empty((rows, n), dtype=np.int64)
+    if n // num_packs < 2 or rows == 0:
+        perm[:] = np.arange(n)
         return perm, np.zeros(rows, dtype=bool)
-    lab = sorted_labels.copy()
-    single = np.ones((rows, n), dtype=bool)
-    same = lab[:, 1:] == lab[:, :-1]
-    single[:, 1:] &= ~same
-    single[:, :-1] &= ~same
-    for b in range(1, k):
-        B = b * P
-        cross = np.flatnonzero(lab[:, B - 1] == lab[:, B])
-        if cross.size:
-            # A window [B - P, B + 4P) usually holds the run (at most P items) and the
-            # single items that move in front of it; rows where it does not retry with
-            # the rest of the row.
-            short = _unsplit_at(lab, single, perm, cross, B, P, min(B + 4 * P, n))
-            if short.size and B + 4 * P < n:
-                _unsplit_at(lab, single, perm, short, B, P, n)
-    split = (lab[:, P::P] == lab[:, P - 1 : n - 1 : P]).any(axis=1)
-    return perm, split
-
-
-def _unsplit_at(
-    lab: np.ndarray, single: np.ndarray, perm: np.ndarray, cross: np.ndarray, B: int, P: int, hi: int
-) -> np.ndarray:
-    """Fix the run crossing boundary ``B`` in rows ``cross`` (in place), looking for
-    single items in ``[B, hi)``; returns the rows that had too few of them."""
-    lo = B - P
-    lc = lab[cross, lo:hi]
-    run = lc[:, P - 1][:, None]
-    head = lc[:, P - 1 - np.arange(P)] == run                      # B-1, B-2, ... back
-    a = np.where(head.all(axis=1), P, (~head).argmax(axis=1))
-    tail = lc[:, P:] == run
-    t = np.where(tail.all(axis=1), hi - B, (~tail).argmax(axis=1))
-    pos = np.arange(lo, hi)[None, :]
-    after = single[cross, lo:hi] & (pos >= (B + t)[:, None])
-    rank = np.cumsum(after, axis=1)
-    taken = after & (rank <= a[:, None])
-    fits = a + t <= P
-    enough = taken.sum(axis=1) == a
-    ok = fits & enough
-    if ok.any():
-        r = cross[ok]
-        a_ok = a[ok][:, None]
-        key = np.where(taken[ok], (B - a_ok - 1) + rank[ok] / (a_ok + 1.0), pos.astype(np.float64))
-        order = np.argsort(key, axis=1) + lo
-        rr = r[:, None]
-        perm[r, lo:hi] = perm[rr, order]
-        lab[r, lo:hi] = lab[rr, order]
-        single[r, lo:hi] = single[rr, order]
-    return cross[fits & ~enough]
-
-
-def _rotated_snake(sorted_labels: np.ndarray, num_packs: int) -> tuple[np.ndarray, np.ndarray]:
-    """Snake over sorted items (each label's items adjacent) as a layout of positions.
-
-    Where a run of one label crosses into block ``b``, block ``b`` is dealt rotated so
-    its share of the run comes last: the plain snake would deal both parts of the run
-    onto the same packs.  Returns ``(layout, rotated)``; ``rotated [rows]`` marks rows
-    with a crossing run (only those can still hold a duplicate, where a run follows
-    another split run).
-    """
-    rows, n = sorted_labels.shape
-    P = num_packs
-    k = n // P
-    lay = np.broadcast_to(np.arange(n).reshape(1, k, P), (rows, k, P)).copy()
-    rotated = np.zeros(rows, dtype=bool)
-    if k > 1:
-        lab = sorted_labels.reshape(rows, k, P)
-        cont = lab[:, 1:, :] == lab[:, :-1, -1:]                      # [rows, k-1, P]
-        rotated = cont[:, :, 0].any(axis=1)
-        rr = np.flatnonzero(rotated)
-        if rr.size:
-            c = cont[rr]
-            lead = np.where(c.all(axis=2), 0, (~c).argmax(axis=2))    # continuation length
-            shift = np.zeros((rr.size, k, 1), dtype=np.int64)
-            shift[:, 1:, 0] = lead
-            lay[rr] = np.arange(0, n, P)[:, None] + (np.arange(P) + shift) % P
-    lay[:, 1::2, :] = lay[:, 1::2, ::-1]
-    return np.ascontiguousarray(lay.transpose(0, 2, 1)), rotated
+    return perm, _unsplit_rows(lab, num_packs, perm)
 
 
 def lpt_rounds_layout(values: np.ndarray, num_packs: int, order: np.ndarray | None = None) -> np.ndarray:
@@ -232,85 +953,10 @@ def lpt_rounds_layout(values: np.ndarray, num_packs: int, order: np.ndarray | No
         ``[rows, P, k]`` int64 layout.
     """
     rows, n, k = _check(values, num_packs)
-    order = _descending(values) if order is None else order
-    sorted_v = gather_rows(values, order).reshape(rows, k, num_packs)
-    blocks = order.reshape(rows, k, num_packs)
-    lay = np.empty((rows, num_packs, k), dtype=np.int64)
-    loads = np.zeros((rows, num_packs))
-    ar = np.arange(rows)[:, None]
-    for s in range(k):
-        target = np.argsort(loads, axis=1)                 # lightest pack first
-        lay[ar, target, s] = blocks[:, s, :]
-        loads[ar, target] += sorted_v[:, s, :]
-    return lay
-
-
-def _lpt_items(sorted_values: np.ndarray, num_packs: int) -> np.ndarray:
-    """LPT with exact cardinality, one item at a time (every row at once): each item,
-    heaviest first, goes to the lightest pack that still has a free slot.  Returns a
-    layout of sorted positions.
-
-    Costs one step per item, so it is kept for rows where the block-structured seeds
-    are far off: they give every pack one item of each block of ``P``, which is poor
-    when an item dominates (its pack should get only the smallest items), while this
-    rule fills the other packs first and gives the dominant pack the smallest items.
-    """
-    rows, n = sorted_values.shape
-    P = num_packs
-    k = n // P
-    loads = np.zeros((rows, P))
-    filled = np.zeros((rows, P), dtype=np.int64)
-    lay = np.empty((rows, P, k), dtype=np.int64)
-    ar = np.arange(rows)
-    for i in range(n):
-        pick = np.where(filled < k, loads, np.inf).argmin(axis=1)
-        lay[ar, pick, filled[ar, pick]] = i
-        filled[ar, pick] += 1
-        loads[ar, pick] += sorted_values[:, i]
-    return lay
-
-
-def _kk_sorted(sorted_values: np.ndarray, num_packs: int) -> np.ndarray:
-    """Largest differencing over items sorted by decreasing load (blocks of ``P``
-    consecutive items); returns a layout of sorted positions."""
-    rows, n = sorted_values.shape
-    P = num_packs
-    k = n // P
-    ar = np.arange(rows)
-    # Partial partitions, each with its subset loads sorted ascending: [rows, k, P].
-    # Block b arrives heaviest first, so its item j sits at ascending position P-1-j.
-    parts = sorted_values.reshape(rows, k, P)[:, :, ::-1].copy()
-    spread = parts[:, :, -1] - parts[:, :, 0]
-    history = []
-    for _ in range(k - 1):
-        ia = spread.argmax(axis=1)
-        spread[ar, ia] = -np.inf
-        ib = spread.argmax(axis=1)
-        raw = parts[ar, ia] + parts[ar, ib][:, ::-1]         # lightest of a + heaviest of b
-        perm = np.argsort(raw, axis=1)
-        merged = gather_rows(raw, perm)
-        parts[ar, ia] = merged
-        spread[ar, ia] = merged[:, -1] - merged[:, 0]
-        spread[ar, ib] = -np.inf
-        history.append((ia, ib, perm))
-    # Undo the merges to learn, for every block, the final pack of each of its positions.
-    final = np.empty((rows, k, P), dtype=np.int64)
-    final[ar, spread.argmax(axis=1)] = np.arange(P)
-    r2 = ar[:, None]
-    for ia, ib, perm in reversed(history):
-        after = final[ar, ia]                                # pack of merged position pos
-        a_map = np.empty_like(after)
-        b_map = np.empty_like(after)
-        a_map[r2, perm] = after                              # a's position perm[pos]
-        b_map[r2, P - 1 - perm] = after                      # b's position P-1-perm[pos]
-        final[ar, ia] = a_map
-        final[ar, ib] = b_map
-    pack_of = final[:, :, ::-1]                              # [rows, block, j] -> pack
-    # Scatter through flat slot ids (row, pack, block): cheaper than three index arrays.
-    lay = np.empty(rows * P * k, dtype=np.int64)
-    slot = (pack_of + (ar * P)[:, None, None]) * k + np.arange(k)[None, :, None]
-    lay[slot.ravel()] = np.broadcast_to(np.arange(n).reshape(1, k, P), (rows, k, P)).ravel()
-    return lay.reshape(rows, P, k)
+    order = _i64(_descending(values) if order is None else order)
+    pos = np.empty((rows, num_packs, k), dtype=np.int64)
+    _lpt_rounds_rows(_f64(gather_rows(values, order)), pos)
+    return gather_rows(order, pos)
 
 
 def kk_layout(
@@ -319,10 +965,10 @@ def kk_layout(
     order: np.ndarray | None = None,
     labels: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Largest differencing (Karmarkar-Karp) with exact cardinality, batched over rows.
+    """Largest differencing (Karmarkar-Karp) with exact cardinality, row by row.
 
     The items, heaviest first, are cut into ``k`` blocks of ``P``; each block is a
-    partial partition of ``P`` one-item subsets.  Repeatedly, every row merges its two
+    partial partition of ``P`` one-item subsets.  Repeatedly, a row merges its two
     partial partitions with the largest spread (heaviest minus lightest subset), joining
     the lightest subset of one with the heaviest of the other, until one partition is
     left.  Every subset takes exactly one item of each block, so each pack ends with
@@ -344,316 +990,14 @@ def kk_layout(
     rows, n, k = _check(values, num_packs)
     if labels is not None:
         order = runs_order(values, labels)
-        perm, _ = unsplit_runs(gather_rows(labels, order), num_packs)
+        perm, _ = unsplit_runs(gather_rows(np.asarray(labels), order), num_packs)
         order = gather_rows(order, perm)
     else:
         order = _descending(values) if order is None else order
-    pos = _kk_sorted(gather_rows(values, order), num_packs)
+    order = _i64(order)
+    pos = np.empty((rows, num_packs, k), dtype=np.int64)
+    _kk_rows(_f64(gather_rows(values, order)), pos)
     return gather_rows(order, pos)
-
-
-# ------------------------------------------------------------------ working state
-
-
-class _Layout:
-    """Mutable working copy of a layout with per-slot loads, pack loads and per-pack
-    occupancy counts of the labels that have several items (for O(1) duplicate checks).
-
-    ``lab`` holds compact ids: labels with several items in their row are numbered
-    ``0..H-1``; every single-item label shares id ``H``, whose occupancy is kept at zero
-    (a single item can never be a duplicate).  The table is ``rows x P x (H + 1)``.
-    """
-
-    def __init__(self, values: np.ndarray, labels: np.ndarray, layout: np.ndarray) -> None:
-        rows, num_packs, k = layout.shape
-        self.layout = np.array(layout, dtype=np.int64, order="C")
-        self.v = np.ascontiguousarray(gather_rows(values, self.layout))
-        self.loads = np.ascontiguousarray(self.v.sum(-1))
-        self.num_packs = num_packs
-        raw = int(labels.max()) + 1 if labels.size else 1
-        cnt = np.bincount((np.arange(rows)[:, None] * raw + labels).ravel(), minlength=rows * raw)
-        hot = cnt.reshape(rows, raw) > 1
-        rank = np.cumsum(hot, axis=1) - 1
-        cold = int(rank[:, -1].max(initial=-1)) + 1 if raw else 0
-        table = np.where(hot, rank, cold)
-        self.cold = cold
-        self.num_labels = cold + 1
-        self.lab = np.ascontiguousarray(gather_rows(table, gather_rows(labels, self.layout)))
-        # Flat views of the C-contiguous slot arrays, for cheap 1-D fancy indexing.
-        self._flat = tuple(a.reshape(-1) for a in (self.v, self.lab, self.layout, self.loads))
-        key = (np.arange(rows * num_packs) * self.num_labels).reshape(rows, num_packs, 1) + self.lab
-        self.occ_flat = np.bincount(key.ravel(), minlength=rows * num_packs * self.num_labels)
-        self.occ = self.occ_flat.reshape(rows, num_packs, self.num_labels)
-        self.occ[:, :, cold] = 0
-        # Surplus copies per row: sum over (pack, label) of max(occ - 1, 0).
-        self.surplus = np.maximum(self.occ - 1, 0).sum(axis=(1, 2))
-
-    def has_duplicates(self, rows: np.ndarray | None = None) -> np.ndarray:
-        return (self.surplus if rows is None else self.surplus[rows]) > 0
-
-    def occupancy(self, rows: np.ndarray, packs: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        """``occ[rows, packs, labels]`` (broadcast), without copying whole rows."""
-        return self.occ_flat[(rows * self.num_packs + packs) * self.num_labels + labels]
-
-    def swap(
-        self, r: np.ndarray, p: np.ndarray, s: np.ndarray, q: np.ndarray, t: np.ndarray, distinct: bool = True
-    ) -> None:
-        """Swap slot (p, s) with slot (q, t) of row r, elementwise over equal-length
-        arrays.  No slot may appear twice (and p != q).  With ``distinct`` no (row, pack)
-        appears twice either, so plain fancy-index updates are used; otherwise (several
-        swaps of one pack) load and occupancy updates accumulate with ``np.add.at``."""
-        k = self.v.shape[2]
-        cell_p = r * self.num_packs + p
-        cell_q = r * self.num_packs + q
-        fa = cell_p * k + s
-        fb = cell_q * k + t
-        # Through the flat views: 1-D fancy indexing is much cheaper than three index arrays.
-        v, lab, lay, loads = self._flat
-        va, vb = v[fa], v[fb]
-        la, lb = lab[fa], lab[fb]
-        v[fa], v[fb] = vb, va
-        lab[fa], lab[fb] = lb, la
-        lay[fa], lay[fb] = lay[fb], lay[fa]
-        cp, cq = cell_p * self.num_labels, cell_q * self.num_labels
-        occ = self.occ_flat
-        # Surplus bookkeeping: a copy leaving a pack where it was doubled removes one
-        # surplus; a copy arriving where the label already sits adds one.
-        delta = (occ[cp + lb] > 0).astype(np.int64) + (occ[cq + la] > 0) - (occ[cp + la] > 1) - (occ[cq + lb] > 1)
-        if distinct:
-            loads[cell_p] += vb - va
-            loads[cell_q] += va - vb
-            occ[cp + la] -= 1
-            occ[cq + lb] -= 1
-            occ[cp + lb] += 1
-            occ[cq + la] += 1
-        else:
-            np.add.at(loads, cell_p, vb - va)
-            np.add.at(loads, cell_q, va - vb)
-            np.add.at(occ, cp + la, -1)
-            np.add.at(occ, cq + lb, -1)
-            np.add.at(occ, cp + lb, 1)
-            np.add.at(occ, cq + la, 1)
-        occ[cp + self.cold] = 0
-        occ[cq + self.cold] = 0
-        if delta.any():
-            np.add.at(self.surplus, r, delta)
-
-
-def _best_pair_swaps(
-    st: _Layout, rows: np.ndarray, heavy: np.ndarray, light: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """For each row and each (heavy[:, j], light[:, j]) pack pair, the best 1-for-1 swap.
-
-    Args:
-        rows: ``[a]`` row ids; heavy, light: ``[a, m]`` pack ids (heavy != light).
-
-    Returns:
-        ``(new_max [a, m], ai [a, m], bi [a, m], dev [k, k, a * m], mid [a, m])``: the best
-        swap moves slot ``ai`` of the heavy pack against slot ``bi`` of the light pack and
-        leaves the pair's larger load at ``new_max`` (``inf`` where no duplicate-free swap
-        lowers the heavy pack).  ``dev[i, j, c]`` is ``new_max - mid`` of swapping slot
-        ``i`` of pair ``c``'s heavy pack against its slot ``j`` (``inf`` where it would
-        make a duplicate), for :func:`_heavy_multi_swaps`.
-    """
-    k = st.v.shape[2]
-    a_n, m = heavy.shape
-    r2 = rows[:, None]
-    vh = st.v[r2, heavy]                                   # [a, m, k]
-    vl = st.v[r2, light]
-    lh = st.loads[r2, heavy]                               # [a, m]
-    ll = st.loads[r2, light]
-    half = 0.5 * (lh - ll)
-    mid = lh - half
-    # Swapping a (heavy) with b (light) moves d = va - vb; the pair's larger load is then
-    # max(lh - d, ll + d) = mid + |d - half|.  A swap that would put a label twice on a
-    # pack gets an infinite deviation through its item value (-inf for a, +inf for b).
-    base_h = ((r2 * st.num_packs + heavy) * st.num_labels)[..., None]
-    base_l = ((r2 * st.num_packs + light) * st.num_labels)[..., None]
-    b_on_h = st.occ_flat[base_h + st.lab[r2, light]] > 0  # [a, m, k] (slot of b)
-    a_on_l = st.occ_flat[base_l + st.lab[r2, heavy]] > 0  # [a, m, k] (slot of a)
-    xa = np.where(a_on_l, -np.inf, vh - half[..., None])
-    xb = np.where(b_on_h, np.inf, vl)
-    # [k, k, a * m] with the long axis innermost: broadcasting over short inner axes is
-    # several times slower in numpy.
-    xa = np.ascontiguousarray(xa.reshape(-1, k).T)
-    xb = np.ascontiguousarray(xb.reshape(-1, k).T)
-    dev = xa[:, None, :] - xb[None, :, :]
-    np.abs(dev, out=dev)
-    flat = dev.reshape(k * k, -1)
-    best = flat.argmin(axis=0)
-    low = flat[best, np.arange(flat.shape[1])].reshape(a_n, m)
-    # The swap must lower the heavy pack by more than float noise.
-    new_max = np.where(low < lh * (1 - _REL_EPS) - mid, mid + low, np.inf)
-    best = best.reshape(a_n, m)
-    return new_max, best // k, best % k, dev, mid
-
-
-# ------------------------------------------------------------------- refinement
-
-
-def _heavy_multi_swaps(
-    st: _Layout,
-    rows: np.ndarray,
-    h: np.ndarray,
-    order: np.ndarray,
-    best: tuple[np.ndarray, ...],
-    dev: np.ndarray,
-    mid: np.ndarray,
-    num_pairs: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Several swaps of each row's heaviest pack ``h`` in one round.
-
-    Candidate 0 is the best single swap (``best = (val, a slot, partner, b slot)``, each
-    ``[a]``); then the i-th heaviest item of ``h`` is offered to the i-th lightest pack
-    (its best partner item there, from ``dev`` / ``mid`` of :func:`_best_pair_swaps`, whose
-    pair ``j`` of each row, of ``num_pairs``, is ``h`` against the j-th lightest pack).
-    Candidates that reuse an item or partner of candidate 0, or bring a label with several
-    items onto ``h`` twice, are dropped; the rest are accepted as a prefix while ``h``
-    stays heavier than every new partner load, so the heaviest load only falls.  A pack
-    far above the rest (one dominant expert) thus sheds many items per round instead of
-    one.
-
-    Returns ``(accepted, a slot, partner, b slot)``, each ``[a, 1 + q]``.
-    """
-    k = st.v.shape[2]
-    a_n = rows.size
-    q = min(k, num_pairs)
-    val0, a0, p0, b0 = best
-    items = np.argsort(-st.v[rows, h], axis=1)[:, :q]                 # heaviest first
-    part = order[:, :q]                                               # lightest first
-    jj = np.arange(q)[None, :]
-    col = np.arange(a_n)[:, None] * mid.shape[1] + jj                 # pair index in dev
-    cand = dev[items, :, col]                                         # [a, q, k] over b slots
-    b = cand.argmin(axis=2)
-    low = cand.min(axis=2)
-    lh = st.loads[rows, h]
-    val = np.where(low < (lh * (1 - _REL_EPS))[:, None] - mid[:, :q], low, np.inf)
-    d = st.v[rows[:, None], h[:, None], items] - st.v[rows[:, None], part, b]
-    # Candidate 0 first.
-    d0 = st.v[rows, h, a0] - st.v[rows, p0, b0]
-    A = np.concatenate([a0[:, None], items], axis=1)
-    Pt = np.concatenate([p0[:, None], part], axis=1)
-    B = np.concatenate([b0[:, None], b], axis=1)
-    D = np.concatenate([d0[:, None], d], axis=1)
-    V = np.concatenate([val0[:, None], val], axis=1)
-    ok = np.isfinite(V)
-    ok[:, 1:] &= (items != a0[:, None]) & (part != p0[:, None])
-    lab_b = st.lab[rows[:, None], Pt, B]
-    # A candidate bringing a label that an earlier kept candidate also brings is dropped
-    # (only labels with several items count; the others get distinct stand-ins).
-    hot = np.where((lab_b != st.cold) & ok, lab_b, -1 - np.arange(q + 1))
-    ok &= ~((hot[:, :, None] == hot[:, None, :]) & np.tri(q + 1, q + 1, -1, dtype=bool)).any(axis=2)
-    new_part = np.where(ok, st.loads[rows[:, None], Pt] + D, -np.inf)
-    shed = np.cumsum(np.where(ok, D, 0.0), axis=1)
-    load_before = st.loads[rows, h][:, None] - (shed - np.where(ok, D, 0.0))
-    top = np.maximum.accumulate(new_part, axis=1)
-    good = (load_before > top) | ~ok
-    accepted = ok & np.logical_and.accumulate(good, axis=1)
-    accepted[:, 0] = ok[:, 0]
-    return accepted, A, Pt, B
-
-
-def _refine(
-    st: _Layout, target: np.ndarray | None, max_rounds: int, segment: np.ndarray | None = None
-) -> None:
-    """1-for-1 swap refinement of ``st`` in place.
-
-    Each round, for every active row, evaluates the heaviest pack against the lightest
-    packs (up to ``_PARTNERS``) and the disjoint pairs (i-th heaviest, i-th lightest, up
-    to ``_PARTNERS`` of them), applies the best swap of
-    the heaviest pack and every paired swap touching neither of its two packs.  A row is
-    active while it is above its target and (with ``segment``, ``[rows]`` ints grouping
-    rows whose objective is their joint maximum) attains its segment's maximum; a
-    segment whose maximal row finds no improving swap stops.
-    """
-    rows, num_packs, k = st.layout.shape
-    seg, nseg, starts = _row_segments(segment, rows)
-    frozen = np.zeros(nseg, dtype=bool)
-    # The heaviest pack tries the `near` lightest packs; the `pairs` heaviest packs
-    # are paired with the `pairs` lightest.  Bounded so a round stays cheap on many GPUs.
-    near = min(num_packs - 1, _PARTNERS)
-    pairs = min(num_packs // 2, _PARTNERS)
-    thresh = None if target is None else target * (1 + _REL_EPS)
-    for _ in range(max_rounds):
-        row_max = st.loads.max(axis=1)
-        ok = ~frozen[seg]
-        if thresh is not None:
-            ok &= row_max > thresh
-        if segment is not None:
-            ok &= row_max >= _segment_max(row_max, seg, nseg, starts) * (1 - _REL_EPS)
-        active = np.flatnonzero(ok)
-        if active.size == 0:
-            break
-        improved = _refine_round(st, active, near, pairs)
-        # A segment whose heaviest row is stuck cannot get better.
-        frozen[seg[active[~improved]]] = True
-
-
-def _row_segments(segment: np.ndarray | None, rows: int) -> tuple[np.ndarray, int, np.ndarray | None]:
-    """``(seg [rows] segment index of every row, number of segments, starts)``; without
-    ``segment`` every row is its own segment.  ``starts`` (first row of each segment)
-    is given when the segment ids are sorted (the pipeline's case), else None."""
-    if segment is None:
-        return np.arange(rows), rows, None
-    segment = np.asarray(segment)
-    starts = None
-    if rows and bool((segment[1:] >= segment[:-1]).all()):
-        # Sorted segments: ids and starts by one pass.
-        change = segment[1:] != segment[:-1]
-        seg = np.concatenate(([0], np.cumsum(change)))
-        starts = np.flatnonzero(np.concatenate(([True], change)))
-    else:
-        _, seg = np.unique(segment, return_inverse=True)
-    nseg = int(seg[-1] if starts is not None else seg.max()) + 1 if rows else 0
-    return seg, nseg, starts
-
-
-def _segment_max(row_max: np.ndarray, seg: np.ndarray, nseg: int, starts: np.ndarray | None) -> np.ndarray:
-    """``[rows]``: the largest ``row_max`` of each row's segment (see :func:`_row_segments`)."""
-    if starts is not None:
-        return np.maximum.reduceat(row_max, starts)[seg]
-    seg_max = np.full(nseg, -np.inf)
-    np.maximum.at(seg_max, seg, row_max)
-    return seg_max[seg]
-
-
-def _refine_round(st: _Layout, active: np.ndarray, near: int, pairs: int) -> np.ndarray:
-    """One refinement round on the ``active`` rows (in place): the best swaps of each
-    row's heaviest pack with its ``near`` lightest packs, then the paired swaps (i-th
-    heaviest, i-th lightest, ``pairs`` of them) touching neither pack changed first.
-    Returns ``[active.size]`` bool: the heaviest pack got a swap."""
-    num_packs = st.layout.shape[1]
-    ar = np.arange(active.size)
-    order = np.argsort(st.loads[active], axis=1)
-    h = order[:, -1]
-    heavy = np.empty((active.size, near + pairs), dtype=np.int64)
-    heavy[:, :near] = h[:, None]
-    heavy[:, near:] = order[:, : num_packs - pairs - 1 : -1]
-    light = np.empty_like(heavy)
-    light[:, :near] = order[:, :near]
-    light[:, near:] = order[:, :pairs]
-    val, ai, bi, dev, mid = _best_pair_swaps(st, active, heavy, light)
-    g_col = val[:, :near].argmin(axis=1)
-    best = (val[ar, g_col], ai[ar, g_col], light[ar, g_col], bi[ar, g_col])
-    acc, hai, hpart, hbi = _heavy_multi_swaps(st, active, h, order, best, dev, mid, near)
-    ok = acc[:, 0]
-    if ok.any():
-        rr = np.broadcast_to(active[:, None], acc.shape)[acc]
-        hh = np.broadcast_to(h[:, None], acc.shape)[acc]
-        st.swap(rr, hh, hai[acc], hpart[acc], hbi[acc], distinct=False)
-    if pairs:
-        # Paired swaps touching no pack changed above (they were evaluated on the
-        # loads before it).
-        touched = np.zeros((active.size, num_packs), dtype=bool)
-        touched[ar, h] = ok
-        touched[np.broadcast_to(ar[:, None], acc.shape)[acc], hpart[acc]] = True
-        ph, pl = heavy[:, near:], light[:, near:]
-        hit = touched[ar[:, None], ph] | touched[ar[:, None], pl]
-        pok = np.isfinite(val[:, near:]) & ~hit
-        if pok.any():
-            r = np.broadcast_to(active[:, None], pok.shape)[pok]
-            st.swap(r, ph[pok], ai[:, near:][pok], pl[pok], bi[:, near:][pok])
-    return ok
 
 
 def refine_swaps(
@@ -663,10 +1007,15 @@ def refine_swaps(
     target: np.ndarray | None = None,
     max_rounds: int = 64,
 ) -> np.ndarray:
-    """1-for-1 swap refinement of each row's heaviest packs (see :func:`_refine`).
+    """1-for-1 swap refinement of each row's heaviest packs.
 
-    Swaps that would put two replicas of one label on one pack are never made, so the
-    heaviest pack never gets worse and no duplicate is created.
+    Each round evaluates the heaviest pack against the lightest packs (up to
+    ``_PARTNERS``) and the disjoint pairs (i-th heaviest, i-th lightest, up to
+    ``_PARTNERS`` of them), applies the best swaps of the heaviest pack and every paired
+    swap touching neither of its packs; a row stops at its target, or when its heaviest
+    pack finds no improving swap.  Swaps that would put two replicas of one label on one
+    pack are never made, so the heaviest pack never gets worse and no duplicate is
+    created.
 
     Args:
         values: ``[rows, n]`` item loads.
@@ -679,59 +1028,14 @@ def refine_swaps(
         The refined ``[rows, P, k]`` layout.
     """
     rows, num_packs, k = layout.shape
+    out = _i64(np.array(layout, dtype=np.int64))
     if num_packs < 2 or k < 1 or rows == 0 or max_rounds <= 0:
-        return layout.copy()
-    st = _Layout(values, labels, layout)
-    _refine(st, target, max_rounds)
-    return st.layout
-
-
-# ---------------------------------------------------------------- duplicates
-
-
-def _separate(
-    st: _Layout, active: np.ndarray, max_rounds: int, cap: np.ndarray | None = None
-) -> None:
-    """Separate duplicates in place; ``cap`` (``[rows]``) is the load no pack may
-    exceed (default: the row's current maximum)."""
-    num_packs, k = st.layout.shape[1:]
-    packs = np.arange(num_packs)
-    for _ in range(max_rounds):
-        if active.size == 0:
-            break
-        a_n = active.size
-        ar = np.arange(a_n)
-        lab = st.lab[active]                                        # [a, P, k]
-        v = st.v[active]
-        lo = st.loads[active]
-        row_cap = lo.max(axis=1) if cap is None else np.maximum(cap[active], lo.max(axis=1))
-        # First slot whose label occurs more than once on its pack.
-        mult = st.occupancy(active[:, None, None], packs[None, :, None], lab) > 1
-        first = mult.reshape(a_n, -1).argmax(axis=1)
-        p, s = first // k, first % k
-        la = lab[ar, p, s]
-        va = v[ar, p, s]
-        # Partner b at (g, t): g != p, b's label not on p, a's label not on g.
-        d = va[:, None, None] - v                                   # load leaving p
-        new_p = lo[ar, p][:, None, None] - d
-        new_g = lo[:, :, None] + d
-        la_on_g = st.occupancy(active[:, None], packs[None, :], la[:, None]) > 0    # [a, P]
-        lb_on_p = st.occupancy(active[:, None, None], p[:, None, None], lab) > 0    # [a, P, k]
-        ok = (
-            (packs[None, :, None] != p[:, None, None])
-            & ~la_on_g[:, :, None]
-            & ~lb_on_p
-            & (new_p <= row_cap[:, None, None])
-            & (new_g <= row_cap[:, None, None])
-        )
-        cost = np.where(ok, np.abs(d), np.inf).reshape(a_n, -1)
-        best = cost.argmin(axis=1)
-        feasible = np.isfinite(cost[ar, best])
-        if not feasible.any():
-            break
-        sel = ar[feasible]
-        st.swap(active[sel], p[sel], s[sel], best[sel] // k, best[sel] % k)
-        active = active[sel][st.has_duplicates(active[sel])]
+        return out
+    lab = _labels(labels)
+    tg, given = _target(target, rows)
+    thresh = tg * (1 + _REL_EPS) if given else np.full(rows, -np.inf)
+    _refine_rows(_f64(values), lab, out, thresh, int(max_rounds), _table(lab))
+    return out
 
 
 def separate_duplicates(
@@ -755,21 +1059,12 @@ def separate_duplicates(
         ``[rows, P, k]`` layout.
     """
     rows, num_packs, k = layout.shape
+    out = _i64(np.array(layout, dtype=np.int64))
     if k < 2 or num_packs < 2 or rows == 0:
-        return layout.copy()
-    st = _Layout(values, labels, layout)
-    _separate(st, np.flatnonzero(st.has_duplicates()), max_rounds)
-    return st.layout
-
-
-def _has_duplicates(labels: np.ndarray, layout: np.ndarray) -> np.ndarray:
-    """``[rows]`` bool: some pack of the row holds two items of one label."""
-    lab = gather_rows(labels, layout)
-    lab.sort(axis=-1)
-    return (lab[..., 1:] == lab[..., :-1]).any(axis=(1, 2))
-
-
-# ------------------------------------------------------------------- pipeline
+        return out
+    lab = _labels(labels)
+    _separate_rows(_f64(values), lab, out, int(max_rounds), _table(lab))
+    return out
 
 
 def pack_sorted(
@@ -794,9 +1089,9 @@ def pack_sorted(
             heaviest pack over the whole segment (the nodes of one layer); only rows
             attaining their segment's maximum are refined.  ``rows`` must be a multiple.
         allow_duplicates: when False, no pack may hold two items of one label: a row
-            where the steps above leave one falls back to dealing positions round-robin
-            (distinct packs for any run of at most ``P`` items) before refinement.
-            Needs every label to have at most ``P`` items.
+            where the seeds leave one (after duplicate separation) falls back to dealing
+            positions round-robin (distinct packs for any run of at most ``P`` items)
+            before refinement.  Needs every label to have at most ``P`` items.
 
     Returns:
         ``[rows, P, k]`` int64 layout of positions ``0..n-1``.
@@ -807,108 +1102,42 @@ def pack_sorted(
     if num_packs == 1 or k <= 1 or rows == 0:
         # One pack, or one item per pack: every layout is equally balanced.
         return np.broadcast_to(np.arange(n), (rows, n)).reshape(rows, num_packs, k).copy()
-
-    # Seeds cascade.  Every row starts from the snake (rotated where a run crosses a
-    # block, to keep an expert's replicas apart); rows at or below their target are done,
-    # since no plan of their segment can do better.
-    layout, best_max, check = _snake_seed(values, labels, num_packs)
-    todo = np.arange(rows)
-    if target is not None:
-        todo = todo[best_max > target * (1 + _REL_EPS)]
-    if todo.size:
-        # The rest get largest differencing on an order that keeps every expert's
-        # replicas inside one block of P (so they land on different packs).
-        kk, kk_max, split = _kk_seed(values[todo], labels[todo], num_packs)
-        better = kk_max <= best_max[todo]
-        layout[todo[better]] = kk[better]
-        best_max[todo[better]] = kk_max[better]
-        check[todo[better]] = split[better]
-    if target is not None:
-        _lpt_where_far(values, labels, num_packs, target, layout, best_max, check)
-    # Separate replicas of one expert sharing a GPU (possible only in the rows flagged
-    # above), letting any pack go up to the segment's current maximum (the objective);
-    # refinement below never creates one.
-    left = _separate_seeds(values, labels, layout, best_max, check, segment_size, allow_duplicates)
-    if left.size:
-        todo = np.union1d(todo, left)
-    if target is not None:
-        todo = todo[best_max[todo] > target[todo] * (1 + _REL_EPS)]
-    if refine_rounds > 0 and todo.size:
-        st = _Layout(values[todo], labels[todo], layout[todo])
-        seg = None if segment_size == 1 else todo // segment_size
-        _refine(st, None if target is None else target[todo], refine_rounds, seg)
-        layout[todo] = st.layout
-    return layout
+    lab = _labels(labels)
+    tg, given = _target(target, rows)
+    out = np.empty((rows, num_packs, k), dtype=np.int64)
+    _pack_sorted_rows(
+        _f64(values), lab, int(num_packs), tg, given, int(refine_rounds), int(segment_size),
+        bool(allow_duplicates), _table(lab), out,
+    )
+    return out
 
 
-def _snake_seed(values: np.ndarray, labels: np.ndarray, num_packs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The first seed of every row of sorted items ``[rows, n]``: ``(layout [rows, P, k],
-    heaviest pack [rows], check [rows] bool)``; ``check`` marks rows whose snake was
-    rotated (see :func:`_rotated_snake`), the only ones that may hold a duplicate."""
-    rows, n = values.shape
-    layout, check = _rotated_snake(labels, num_packs)
-    snake_v = values.reshape(rows, n // num_packs, num_packs).copy()
-    snake_v[:, 1::2, :] = snake_v[:, 1::2, ::-1]
-    best_max = snake_v.sum(axis=1).max(axis=1)
-    if check.any():
-        best_max[check] = pack_loads(values[check], layout[check]).max(axis=1)
-    return layout, best_max, check
+def replica_items(
+    weight: np.ndarray, counts: np.ndarray, num_packs: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The replicas of given counts as sorted items for :func:`pack_sorted`.
 
+    Args:
+        weight: ``[rows, e]`` expert loads.
+        counts: ``[rows, e]`` replica counts, ``>= 1``, every row summing to the same ``n``.
+        num_packs: ``P`` (for the bound).
 
-def _kk_seed(values: np.ndarray, labels: np.ndarray, num_packs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Largest differencing on sorted items ``[rows, n]`` reordered so that no expert's
-    run crosses a block of ``P``: ``(layout [rows, P, k], heaviest pack [rows], split
-    [rows] bool: some run had to be split, so a duplicate is possible)``."""
-    perm, split = unsplit_runs(labels, num_packs)
-    kk = gather_rows(perm, _kk_sorted(gather_rows(values, perm), num_packs))
-    return kk, pack_loads(values, kk).max(axis=1), split
-
-
-def _lpt_where_far(
-    values: np.ndarray, labels: np.ndarray, num_packs: int, target: np.ndarray,
-    layout: np.ndarray, best_max: np.ndarray, check: np.ndarray,
-) -> None:
-    """Rows still far above ``target`` (``[rows]``) where one item dominates (more than
-    half a pack's average load, typically without redundancy) also try item-by-item
-    LPT; a strictly lighter heaviest pack replaces the row's seed (in place)."""
-    dominant = values[:, 0] > values.sum(axis=1) / (2 * num_packs)
-    far = np.flatnonzero(dominant & (best_max > target * (1 + _FAR)))
-    if far.size:
-        perm, _ = unsplit_runs(labels[far], num_packs)
-        lpt = gather_rows(perm, _lpt_items(gather_rows(values[far], perm), num_packs))
-        lpt_max = pack_loads(values[far], lpt).max(axis=1)
-        better = lpt_max < best_max[far]
-        layout[far[better]] = lpt[better]
-        best_max[far[better]] = lpt_max[better]
-        check[far[better]] = True
-
-
-def _separate_seeds(
-    values: np.ndarray, labels: np.ndarray, layout: np.ndarray, best_max: np.ndarray, check: np.ndarray,
-    segment_size: int, allow_duplicates: bool,
-) -> np.ndarray:
-    """Separate duplicates in the ``check`` rows of the seeds (in place), any pack allowed
-    up to its segment's current maximum.  Without ``allow_duplicates``, rows still
-    holding one fall back to dealing positions round-robin; returns those rows
-    (``[m]``, to be refined)."""
-    dup = np.flatnonzero(check)
-    if dup.size:
-        dup = dup[_has_duplicates(labels[dup], layout[dup])]
-    if dup.size == 0:
-        return dup
-    _, num_packs, k = layout.shape
-    seg_cap = np.repeat(best_max.reshape(-1, segment_size).max(axis=1), segment_size)
-    sub = _Layout(values[dup], labels[dup], layout[dup])
-    _separate(sub, np.arange(dup.size), 64, cap=seg_cap[dup])
-    layout[dup] = sub.layout
-    best_max[dup] = sub.loads.max(axis=1)
-    if allow_duplicates:
-        return dup[:0]
-    left = dup[sub.has_duplicates()]
-    if left.size:
-        layout[left] = np.arange(num_packs * k).reshape(1, k, num_packs).transpose(0, 2, 1)
-        best_max[left] = pack_loads(values[left], layout[left]).max(axis=1)
-    return left
+    Returns:
+        ``(values [rows, n], labels [rows, n], bound [rows])``: each row's replicas by
+        decreasing load (each carries its expert's load over its count; experts ordered
+        by that load, ties by index, each expert's replicas adjacent), their experts, and
+        the row's lower bound: its average pack load or its largest replica, whichever
+        is more.
+    """
+    w = _f64(weight)
+    c = _i64(counts)
+    rows = w.shape[0]
+    n = int(c[0].sum()) if rows else 0
+    values = np.empty((rows, n))
+    labels = np.empty((rows, n), dtype=np.int64)
+    bound = np.empty(rows)
+    _replica_rows(w, c, int(num_packs), values, labels, bound)
+    return values, labels, bound
 
 
 def pack_items(
@@ -942,3 +1171,16 @@ def pack_items(
         allow_duplicates=allow_duplicates,
     )
     return gather_rows(order, pos)
+
+
+@warmer
+def _warm() -> None:
+    """Every kernel of this module on tiny inputs of the types real calls use."""
+    v = np.random.default_rng(0).random((4, 6)) + 0.1
+    lab = np.array([[0, 0, 1, 2, 3, 4]] * 4)
+    pack_sorted(v, lab, 3, refine_rounds=1, segment_size=2, allow_duplicates=False)
+    pack_sorted(v, lab, 3, target=np.zeros(4), refine_rounds=1)
+    refine_swaps(v, lab, snake_layout(v, 3), target=np.zeros(4), max_rounds=1)
+    separate_duplicates(v, lab, lpt_rounds_layout(v, 3))
+    kk_layout(v, 3, labels=lab)
+    replica_items(v, np.ones((4, 6), dtype=np.int64), 3)

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from .apportion import replica_counts
+from .compile import warmer
 from .grouping import groups_to_nodes
-from .packing import DEFAULT_REFINE_ROUNDS, gather_rows, pack_sorted
+from .packing import DEFAULT_REFINE_ROUNDS, gather_rows, pack_sorted, replica_items
 
 __all__ = ["Placement", "place", "pack_rows"]
 
@@ -172,21 +173,19 @@ def pack_rows(
     """
     if refine_rounds is None:
         refine_rounds = DEFAULT_REFINE_ROUNDS
-    w = np.asarray(weight, dtype=np.float64)
-    c = np.asarray(counts, dtype=np.int64)
-    rows = w.shape[0]
-    n = int(c[0].sum()) if rows else 0
-    per_replica = w / c
-    # Replicas by decreasing load, an expert's replicas adjacent: order the experts, then
-    # expand each into its replicas (no sort over replicas needed).
-    expert_order = np.argsort(-per_replica, axis=1)
-    labels = np.repeat(expert_order.ravel(), gather_rows(c, expert_order).ravel()).reshape(rows, n)
-    values = gather_rows(per_replica, labels)
+    values, labels, bound = replica_items(weight, counts, num_packs)
     if target is None:
-        row_bound = np.maximum(values.sum(axis=1) / num_packs, values[:, 0])
-        target = np.repeat(row_bound.reshape(-1, segment_size).max(axis=1), segment_size)
+        target = np.repeat(bound.reshape(-1, segment_size).max(axis=1), segment_size)
     layout = pack_sorted(
         values, labels, num_packs, target=target, refine_rounds=refine_rounds,
         segment_size=segment_size, allow_duplicates=allow_duplicates,
     )
     return gather_rows(labels, layout)
+
+
+@warmer
+def _warm() -> None:
+    """The kernels :func:`place` and :func:`pack_rows` call, on tiny inputs."""
+    w = np.arange(1.0, 9.0).reshape(2, 4)
+    pack_rows(w, np.array([[2, 1, 2, 1], [1, 1, 1, 3]]), 3, segment_size=2)
+    place(w, 6, 2, 2, 2, allow_duplicates=False)

@@ -215,39 +215,3 @@ def test_dominant_item_gets_the_smallest_items():
     target = np.array([v.sum() / P])
     lay = H.pack_sorted(v, lab, P, target=target, refine_rounds=3)
     assert H.pack_loads(v, lay).max() == 103.0
-
-
-@pytest.mark.parametrize("seed", range(4))
-def test_pair_swap_search_matches_brute_force(seed):
-    """The vectorised best-swap search (deviation from the pair's mid load) against a
-    plain loop over every slot pair of every (heavy, light) pack pair."""
-    from eplb_opt.heuristics.packing import _REL_EPS, _Layout, _best_pair_swaps
-
-    rng = np.random.default_rng(seed)
-    rows, P, k = 12, 5, 4
-    v, lab = items(rng, rows, P, k, dup_labels=True)
-    st = _Layout(v, lab, H.snake_layout(v, P))
-    heavy = np.stack([rng.choice(P, 2, replace=False) for _ in range(rows * 3)]).reshape(rows, 3, 2)
-    light, heavy = heavy[..., 1], heavy[..., 0]
-    new_max, ai, bi, _, _ = _best_pair_swaps(st, np.arange(rows), heavy, light)
-    labels = np.take_along_axis(lab, st.layout.reshape(rows, -1), axis=1).reshape(rows, P, k)
-    for r in range(rows):
-        for j in range(3):
-            h, l = heavy[r, j], light[r, j]
-            lh, ll = st.loads[r, h], st.loads[r, l]
-            best = np.inf
-            for a in range(k):
-                for b in range(k):
-                    la, lb = labels[r, h, a], labels[r, l, b]
-                    if lb in labels[r, h] or la in labels[r, l]:
-                        continue                              # would double a label
-                    d = st.v[r, h, a] - st.v[r, l, b]
-                    m = max(lh - d, ll + d)
-                    if m < lh * (1 - _REL_EPS):
-                        best = min(best, m)
-            if np.isinf(best):
-                assert np.isinf(new_max[r, j])
-                continue
-            assert new_max[r, j] == pytest.approx(best, rel=1e-12)
-            d = st.v[r, h, ai[r, j]] - st.v[r, l, bi[r, j]]
-            assert max(lh - d, ll + d) == pytest.approx(best, rel=1e-12)
