@@ -35,7 +35,7 @@ import numpy as np
 
 from .heuristics import place
 from .heuristics.apportion import unit_scale
-from .heuristics.local import gpu_counts as _gpu_counts, repair_attempt
+from .heuristics.local import gpu_counts as _gpu_counts, repair_attempt, transfer_rows
 
 from .exact import IMPORT_SECONDS
 from .status import ortools_ready
@@ -63,32 +63,12 @@ def transfer_list(old: np.ndarray, new: np.ndarray, num_gpus: int, num_nodes: in
     (its only copies were on masked GPUs: load it from host memory or storage).  Empty
     slots (``-1``) in either plan are neither sources nor destinations.
     """
-    L, R = new.shape
-    G, N = num_gpus, num_nodes
-    k, P = R // G, G // N
-    E = int(max(old.max(initial=-1), new.max(initial=-1))) + 1
-    parts = []
-    for l in range(L):
-        o = old[l].reshape(G, k)
-        n = new[l].reshape(G, k)
-        g, s = np.nonzero((n != o) & (n >= 0))                     # slots that receive an expert
-        if g.size == 0:
-            continue
-        e = n[g, s]
-        held = np.zeros((G, E + 1), dtype=bool)                     # column E: empty slots (-1)
-        held[np.repeat(np.arange(G), k), np.where(o.ravel() >= 0, o.ravel(), E)] = True
-        held = held[:, :E]
-        by_node = held.reshape(N, P, E)
-        in_node = by_node.any(axis=1)                                # [N, E]
-        first_in_node = by_node.argmax(axis=1) + np.arange(N)[:, None] * P
-        first_any = np.where(held.any(axis=0), held.argmax(axis=0), -1)
-        node = g // P
-        src = np.where(in_node[node, e], first_in_node[node, e], first_any[e])
-        src = np.where(held[g, e], g, src)                           # a copy within the GPU
-        rec = np.empty(g.size, dtype=TRANSFER_DTYPE)
-        rec["layer"], rec["expert"], rec["src_gpu"], rec["dst_gpu"], rec["dst_slot"] = l, e, src, g, g * k + s
-        parts.append(rec)
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=TRANSFER_DTYPE)
+    rows = transfer_rows(np.ascontiguousarray(old, dtype=np.int64), np.ascontiguousarray(new, dtype=np.int64),
+                         int(num_gpus), int(num_nodes))
+    rec = np.empty(rows.shape[1], dtype=TRANSFER_DTYPE)
+    for i, name in enumerate(TRANSFER_DTYPE.names):
+        rec[name] = rows[i]
+    return rec
 
 
 @dataclass(frozen=True)
@@ -247,11 +227,12 @@ def _repair_layers(st: _Replan, deadline: float | None) -> None:
     ``deadline`` keep the replan (an event counts them)."""
     L = st.w.shape[0]
     late = 0
+    starts = _starts(st)
     for l in range(L):
         if deadline is not None and time.perf_counter() >= deadline:
             late += 1
             continue
-        for i, start in enumerate(_starts(st, l)):
+        for i, start in enumerate(starts[l]):
             if i and deadline is not None and time.perf_counter() >= deadline:
                 break
             got = _attempt(st.w[l], st.old[l], start, st.cap[l], st.G, st.N, st.hierarchical, st.allow_duplicates,
@@ -265,31 +246,37 @@ def _repair_layers(st: _Replan, deadline: float | None) -> None:
         st.events.append(f"migration: time ran out before {late} layer(s) were repaired (relabelled replan kept)")
 
 
-def _starts(st: _Replan, l: int) -> list[np.ndarray]:
-    """``[R]`` placements the repair of layer ``l`` starts from: the old one (global
+def _starts(st: _Replan) -> list[list[np.ndarray]]:
+    """Per layer, the ``[R]`` placements its repair starts from: the old one (global
     policy, or hierarchical where it holds whole groups per node) and, hierarchical,
     partitions a few group swaps away where the old one cannot meet the cap (its
     heaviest node is above it on average), nodes that kept their groups keeping their
-    old content."""
-    old = st.old
+    old content.  The partitions of all layers are placed and relabelled in one batch."""
+    old, L = st.old, st.old.shape[0]
     if not st.hierarchical:
-        return [old[l]]
+        return [[old[l]] for l in range(L)]
     R, E = old.shape[1], st.w.shape[1]
     gs = E // st.num_groups
-    old_node = _node_of_group(old[l], st.G, st.N, st.num_groups, gs)
-    if old_node is None:
-        return []
-    starts = [old[l]]
-    gl = st.w[l].reshape(st.num_groups, gs).sum(axis=1)
+    starts: list[list[np.ndarray]] = []
+    alts = []                                              # (layer, partition, old partition)
+    for l in range(L):
+        old_node = _node_of_group(old[l], st.G, st.N, st.num_groups, gs)
+        starts.append([] if old_node is None else [old[l]])
+        if old_node is not None:
+            gl = st.w[l].reshape(st.num_groups, gs).sum(axis=1)
+            alts += [(l, node, old_node) for node in _nearby_partitions(gl, old_node, st.N, st.P, st.cap[l])]
+    if not alts:
+        return starts
+    ls = np.array([a[0] for a in alts])
+    rows = place(st.w[ls], R, st.num_groups, st.N, st.G, node_of_group=np.stack([a[1] for a in alts]),
+                 allow_duplicates=st.allow_duplicates).phy2log
+    rows = align_to_previous(rows, old[ls], st.G, st.N)
     rn = R // st.N
-    for node in _nearby_partitions(gl, old_node, st.N, st.P, st.cap[l]):
-        alt = place(st.w[l:l + 1], R, st.num_groups, st.N, st.G, node_of_group=node[None, :],
-                    allow_duplicates=st.allow_duplicates).phy2log
-        alt = align_to_previous(alt, old[l:l + 1], st.G, st.N)[0]
+    for (l, node, old_node), alt in zip(alts, rows):
         for n in range(st.N):
             if set(np.flatnonzero(node == n)) == set(np.flatnonzero(old_node == n)):
                 alt[n * rn:(n + 1) * rn] = old[l, n * rn:(n + 1) * rn]
-        starts.append(alt)
+        starts[l].append(alt)
     return starts
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from .compile import kernel, warmer
 
-__all__ = ["gpu_counts", "keep_gpu_slots", "repair_attempt"]
+__all__ = ["gpu_counts", "keep_gpu_slots", "repair_attempt", "transfer_rows"]
 
 
 def gpu_counts(p: np.ndarray, num_gpus: int, num_experts: int) -> np.ndarray:
@@ -457,6 +457,47 @@ def repair_attempt(w, old, start, G, N, hierarchical, node_move_cost, dup, T, ma
     return True, row, moves, cost
 
 
+@kernel
+def _first_holder(o, e, lo, hi, k):
+    """The lowest GPU in ``lo .. hi - 1`` whose slots in ``o`` ``[R]`` hold ``e``; -1: none."""
+    for t in range(lo * k, hi * k):
+        if o[t] == e:
+            return t // k
+    return -1
+
+
+@kernel
+def transfer_rows(old, new, G, N):
+    """Every weight copy ``new`` ``[L, R]`` needs from ``old`` (see
+    :func:`eplb_opt.migrate.transfer_list`), layer by layer, slots in order: ``(layer,
+    expert, src_gpu, dst_gpu, dst_slot)``, five ``[T]`` int64 arrays.  The source is the
+    destination itself where it held the expert, else the lowest GPU of its node holding
+    it, else the lowest GPU holding it, else -1."""
+    L, R = new.shape
+    k, P = R // G, G // N
+    n = 0
+    for l in range(L):
+        for t in range(R):
+            if new[l, t] != old[l, t] and new[l, t] >= 0:
+                n += 1
+    out = np.empty((5, n), dtype=np.int64)
+    i = 0
+    for l in range(L):
+        for t in range(R):
+            e = new[l, t]
+            if e == old[l, t] or e < 0:
+                continue
+            g = t // k
+            src = _first_holder(old[l], e, g, g + 1, k)
+            if src < 0:
+                src = _first_holder(old[l], e, (g // P) * P, (g // P + 1) * P, k)
+            if src < 0:
+                src = _first_holder(old[l], e, 0, G, k)
+            out[0, i], out[1, i], out[2, i], out[3, i], out[4, i] = l, e, src, g, t
+            i += 1
+    return out
+
+
 @warmer
 def _warm_repair() -> None:
     w = np.array([3.0, 1.0, 1.0, 1.0])
@@ -465,3 +506,4 @@ def _warm_repair() -> None:
     repair_attempt(w, old, start, 2, 1, False, 4.0, True, 3.0, 16, 4)
     repair_attempt(w, old, old, 2, 2, True, 4.0, False, 3.0, 16, 4)
     keep_gpu_slots(start[:2], old[:2])
+    transfer_rows(old[None, :], start[None, :], 2, 1)

@@ -381,3 +381,36 @@ def test_repair_attempt_matches_reference():
         same += row.tolist() == [int(x) for x in want[1]] and moves == want[2] and cost == want[0]
     # Retarget gains are summed in another order: a near tie may go the other way.
     assert feasible > 100 and same >= 0.98 * feasible, (same, feasible)
+
+
+def ref_transfers(old, new, G, N):
+    """Every weight copy, plain loops: ``(layer, expert, src, dst, slot)`` rows."""
+    L, R = new.shape
+    k, P = R // G, G // N
+    rows = []
+    for l in range(L):
+        def first(e, gpus):
+            return next((h for h in gpus if e in old[l, h * k:(h + 1) * k]), -1)
+        for t in range(R):
+            e, g = new[l, t], t // k
+            if e == old[l, t] or e < 0:
+                continue
+            src = first(e, [g])
+            src = first(e, range((g // P) * P, (g // P + 1) * P)) if src < 0 else src
+            src = first(e, range(G)) if src < 0 else src
+            rows.append((l, e, src, g, t))
+    return rows
+
+
+def test_transfer_rows_match_reference():
+    """Sources: the destination itself, else the lowest GPU of its node, else the lowest
+    GPU, else -1; empty slots (-1) neither send nor receive."""
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        N, P, k = int(rng.integers(1, 4)), int(rng.integers(1, 4)), int(rng.integers(1, 4))
+        G = N * P
+        L, E = int(rng.integers(1, 4)), int(rng.integers(1, 2 * G * k))
+        old = rng.integers(-1, E, (L, G * k))
+        new = np.where(rng.random((L, G * k)) < 0.5, old, rng.integers(-1, E, (L, G * k)))
+        got = K.transfer_rows(old, new, G, N)
+        assert [tuple(int(x) for x in r) for r in got.T] == ref_transfers(old, new, G, N)
