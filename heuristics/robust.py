@@ -195,9 +195,21 @@ def _apply(S, M, c, v, loads, best):
 
 
 @kernel
-def _state(w, S, node_size):
-    """``(M, c, allowed, v, loads)`` of placement ``S``; ``allowed[g, e]``: some GPU of
-    ``g``'s node holds ``e``."""
+def _allowed(S, E, node_size):
+    """``[G, E]``: whether some GPU of ``g``'s node holds ``e``."""
+    G, k = S.shape
+    allowed = np.zeros((G, E), dtype=np.bool_)
+    for g in range(G):
+        n0 = (g // node_size) * node_size
+        for q in range(n0, n0 + node_size):
+            for i in range(k):
+                allowed[g, S[q, i]] = True
+    return allowed
+
+
+@kernel
+def _state(w, S):
+    """``(M, c, v, loads)`` of placement ``S``."""
     W, E = w.shape
     G, k = S.shape
     M = np.zeros((G, E), dtype=np.int64)
@@ -206,15 +218,9 @@ def _state(w, S, node_size):
         for i in range(k):
             M[g, S[g, i]] += 1
             c[S[g, i]] += 1
-    allowed = np.zeros((G, E), dtype=np.bool_)
-    for g in range(G):
-        n0 = (g // node_size) * node_size
-        for e in range(E):
-            for q in range(n0, n0 + node_size):
-                allowed[g, e] = allowed[g, e] or M[q, e] > 0
     v, loads = np.empty((W, E)), np.empty((W, G))
     _refresh(w, S, c, v, loads)
-    return M, c, allowed, v, loads
+    return M, c, v, loads
 
 
 @kernel
@@ -241,11 +247,11 @@ def _step(w, S, M, c, v, loads, allowed, node_size, worst, dup, best):
 
 
 @kernel
-def _refine_kernel(w, S, node_size, worst, dup, max_steps):
+def _refine_kernel(w, S, allowed, node_size, worst, dup, max_steps):
     """Improving steps on ``S`` (in place) until none is left (returns ``(True, steps)``)
-    or ``max_steps`` (``(False, steps)``).  Experts stay in the node that holds them;
-    GPU loads follow a swap incrementally and are recomputed after a retarget."""
-    M, c, allowed, v, loads = _state(w, S, node_size)
+    or ``max_steps`` (``(False, steps)``).  GPU loads follow a swap incrementally and are
+    recomputed after a retarget."""
+    M, c, v, loads = _state(w, S)
     best = np.empty(6)
     for step in range(max_steps):
         f0 = _step(w, S, M, c, v, loads, allowed, node_size, worst, dup, best)
@@ -256,8 +262,8 @@ def _refine_kernel(w, S, node_size, worst, dup, max_steps):
     return False, max_steps
 
 
-def _refine_layer(w: np.ndarray, S: np.ndarray, node_size: int, worst: bool, dup: bool, max_steps: int,
-                  deadline: float | None) -> bool:
+def _refine_layer(w: np.ndarray, S: np.ndarray, allowed: np.ndarray, node_size: int, worst: bool, dup: bool,
+                  max_steps: int, deadline: float | None) -> bool:
     """Improving steps on ``S`` until none is left (returns True) or the step cap or
     deadline; with a deadline the kernel runs ``_CHUNK`` steps at a time and the clock
     is read between its calls."""
@@ -266,7 +272,7 @@ def _refine_layer(w: np.ndarray, S: np.ndarray, node_size: int, worst: bool, dup
         if deadline is not None and time.perf_counter() >= deadline:
             return False
         steps = left if deadline is None else min(left, _CHUNK)
-        done, _ = _refine_kernel(w, S, node_size, worst, dup, steps)
+        done, _ = _refine_kernel(w, S, allowed, node_size, worst, dup, steps)
         if done:
             return True
         left -= steps
@@ -311,7 +317,9 @@ def robust_refine(
             break
         w = np.ascontiguousarray(windows[:, l, :], dtype=np.float64)
         S = out[l].reshape(num_gpus, -1).copy()
-        converged[l] = _refine_layer(w, S, P, worst, allow_duplicates, max_steps, deadline)
+        # Experts stay in the node that holds them (as the layer started).
+        allowed = _allowed(S, E, P)
+        converged[l] = _refine_layer(w, S, allowed, P, worst, allow_duplicates, max_steps, deadline)
         out[l] = S.ravel()
     return out, converged
 

@@ -60,11 +60,67 @@ def off_node_load(weight: np.ndarray, phy2log: np.ndarray, num_nodes: int, home:
 
 
 @kernel
+def _block_sum(a, lo, n):
+    """numpy's pairwise sum of ``a[lo:lo + n]`` for ``n <= 128``: sequential below 8,
+    else eight partial sums combined as a tree."""
+    if n < 8:
+        s = 0.0
+        for i in range(lo, lo + n):
+            s += a[i]
+        return s
+    r = a[lo:lo + 8].copy()
+    i = 8
+    while i < n - n % 8:
+        for j in range(8):
+            r[j] += a[lo + i + j]
+        i += 8
+    s = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]))
+    while i < n:
+        s += a[lo + i]
+        i += 1
+    return s
+
+
+@kernel
+def _pairwise(a, lo, n):
+    """Sum of ``a[lo:lo + n]`` in numpy's pairwise order (above 128: the halves, the
+    first a multiple of 8, summed apart), so a sum numpy took here rounds as it did.
+    No recursion (a cached kernel calling a recursive one may not load): a stack of
+    halves, the left one's sum kept until the right one's is done."""
+    if n <= 128:
+        return _block_sum(a, lo, n)
+    los, ns, stage, left = np.empty(64, np.int64), np.empty(64, np.int64), np.zeros(64, np.int64), np.empty(64)
+    los[0], ns[0], stage[0] = lo, n, 0
+    sp, val, done = 1, 0.0, False
+    while sp > 0:
+        t = sp - 1
+        if done and stage[t] == 1:             # left half summed: now the right half
+            left[t] = val
+            done = False
+            h = ns[t] // 2 - (ns[t] // 2) % 8
+            stage[t] = 2
+            los[sp], ns[sp], stage[sp] = los[t] + h, ns[t] - h, 0
+            sp += 1
+        elif done:                             # both halves summed
+            val = left[t] + val
+            sp -= 1
+        elif ns[t] <= 128:
+            val = _block_sum(a, los[t], ns[t])
+            done = True
+            sp -= 1
+        else:                                  # split: the left half first
+            stage[t] = 1
+            los[sp], ns[sp], stage[sp] = los[t], ns[t] // 2 - (ns[t] // 2) % 8, 0
+            sp += 1
+    return val
+
+
+@kernel
 def _node_refresh(w, x, away, c, v, loads):
     """Counts, per-replica loads and node loads of ``x``; returns the off-node load."""
     E, N = x.shape
     loads[:] = 0.0
-    off = 0.0
+    per = np.empty(E)
     for e in range(E):
         s = 0
         a = 0
@@ -75,8 +131,8 @@ def _node_refresh(w, x, away, c, v, loads):
         v[e] = w[e] / max(s, 1)
         for n in range(N):
             loads[n] += v[e] * x[e, n]
-        off += v[e] * a
-    return off
+        per[e] = v[e] * a
+    return _pairwise(per, 0, E)
 
 
 @kernel
@@ -262,11 +318,11 @@ def _gpu_loads(w, S, c, v, loads):
     G, k = S.shape
     for e in range(w.size):
         v[e] = w[e] / max(c[e], 1)
+    row = np.empty(k)
     for g in range(G):
-        s = 0.0
         for i in range(k):
-            s += v[S[g, i]]
-        loads[g] = s
+            row[i] = v[S[g, i]]
+        loads[g] = _pairwise(row, 0, k)
 
 
 @kernel
@@ -359,6 +415,7 @@ def _gpu_retargets(w, S, M, c, v, loads, away, hc, offc, holders, hn, order, g, 
     ``b``, order (i, b).  Only the GPUs holding ``a`` or ``b`` change load."""
     G, k = S.shape
     E = w.size
+    qs, ys, sq = np.empty(2 * G, dtype=np.int64), np.empty(2 * G), np.empty(G)
     for i in range(k):
         a = S[g, i]
         ca = c[a]
@@ -374,7 +431,7 @@ def _gpu_retargets(w, S, M, c, v, loads, away, hc, offc, holders, hn, order, g, 
             vb2 = w[b] / (cb + 1)
             db = vb2 - v[b]
             top = -np.inf
-            dsq = 0.0
+            na = 0
             for t in range(hn[a] + hn[b]):
                 q = holders[a, t] if t < hn[a] else holders[b, t - hn[a]]
                 if t >= hn[a] and M[q, a] != 0:
@@ -383,7 +440,8 @@ def _gpu_retargets(w, S, M, c, v, loads, away, hc, offc, holders, hn, order, g, 
                 if q == g:
                     y += vb2 - va2
                 top = max(top, y)
-                dsq += y * y - loads[q] * loads[q]
+                qs[na], ys[na] = q, y
+                na += 1
             for t in range(G):                  # the heaviest GPU that does not change
                 q = order[t]
                 if M[q, a] == 0 and M[q, b] == 0:
@@ -395,9 +453,13 @@ def _gpu_retargets(w, S, M, c, v, loads, away, hc, offc, holders, hn, order, g, 
                 if val < bd[0]:
                     bd[0], bd[1], bd[2], bd[3], bd[4], bd[5] = val, 1.0, i, b, 0, g
             elif val <= f0 + eps and bd[0] == np.inf:
-                sq = sq0 + dsq
-                if sq < sq0 * (1 - 1e-12) and sq < bf[0]:
-                    bf[0], bf[1], bf[2], bf[3], bf[4], bf[5] = sq, 1.0, i, b, 0, g
+                for q in range(G):
+                    sq[q] = loads[q] ** 2
+                for t in range(na):
+                    sq[qs[t]] = ys[t] ** 2
+                s2 = _pairwise(sq, 0, G)
+                if s2 < sq0 * (1 - 1e-12) and s2 < bf[0]:
+                    bf[0], bf[1], bf[2], bf[3], bf[4], bf[5] = s2, 1.0, i, b, 0, g
 
 
 @kernel
@@ -432,14 +494,10 @@ def _gpu_step(w, S, M, c, v, loads, away, hc, offc, holders, hn, lam, dup, bd, b
     four, stopping at the first with an improving move); returns the objective now."""
     G = loads.size
     _gpu_counts(S, away, hc, offc, holders, hn)
-    off0 = 0.0
-    for e in range(w.size):
-        off0 += v[e] * offc[e]
+    off0 = _pairwise(v * offc, 0, w.size)
     f0 = loads.max() + lam * off0 / G
     eps = 1e-12 * max(f0, 1e-300)
-    sq0 = 0.0
-    for g in range(G):
-        sq0 += loads[g] ** 2
+    sq0 = _pairwise(loads ** 2, 0, G)
     order = np.argsort(-loads, kind="mergesort")
     bd[0], bf[0] = np.inf, np.inf
     for t in range(min(4, G)):
@@ -470,9 +528,7 @@ def _polish_kernel(w, row, node, home, lam, dup, max_steps):
         if changed:
             _gpu_loads(w, S, c, v, loads)
     _gpu_counts(S, away, hc, offc, holders, hn)
-    off0 = 0.0
-    for e in range(w.size):
-        off0 += v[e] * offc[e]
+    off0 = _pairwise(v * offc, 0, w.size)
     return loads.max() + lam * off0 / node.size, S.ravel().copy()
 
 
