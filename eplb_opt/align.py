@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .heuristics.local import gpu_counts as _gpu_counts
+from .heuristics.local import gpu_counts as _gpu_counts, keep_gpu_slots
 
 from .errors import InvalidProblemError
 from .problem import as_placement, positive_int
@@ -90,18 +90,9 @@ def _match(score: np.ndarray) -> np.ndarray:
 def keep_slots(new_gpu: np.ndarray, old_gpu: np.ndarray) -> np.ndarray:
     """One GPU's new experts (``new_gpu [k]``) reordered so that each one that the GPU held
     before (``old_gpu [k]``) keeps one of its old slots; the others fill the remaining
-    slots in their order.  Returns ``[k]`` int64."""
-    k = new_gpu.size
-    out = np.full(k, -1, dtype=np.int64)
-    pending = list(new_gpu)
-    for s, e in enumerate(old_gpu):
-        if e in pending:
-            out[s] = e
-            pending.remove(e)
-    free = np.flatnonzero(out < 0)
-    out[free] = pending
-    return out
-
+    slots in their order.  Returns ``[k]`` int64 (the compiled
+    :func:`heuristics.local.keep_gpu_slots`, which the migration repair uses too)."""
+    return keep_gpu_slots(np.ascontiguousarray(new_gpu, dtype=np.int64), np.ascontiguousarray(old_gpu, dtype=np.int64))
 
 
 def align_to_previous(new: np.ndarray, old: np.ndarray, num_gpus: int, num_nodes: int = 1) -> np.ndarray:
