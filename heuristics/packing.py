@@ -320,7 +320,7 @@ def _unsplit_rows(sorted_labels, P, perm):
 def _kk_work(P, k):
     """Work arrays of :func:`_kk_row` for ``P`` packs of ``k`` slots."""
     return (np.empty((k, P)), np.empty(k), np.empty(P), np.empty((k, P + 2), np.int64),
-            np.empty((k, P), np.int64), np.empty(P, np.int64), np.empty(P, np.int64))
+            np.empty((k, P), np.int64), np.empty(P, np.int64))
 
 
 @kernel
@@ -328,7 +328,7 @@ def _kk_row(sv, lay, work):
     """Largest differencing over items sorted by decreasing load ``sv [n]`` into ``lay
     [P, k]`` (positions; slot ``b`` of every pack holds an item of block ``b``)."""
     P, k = lay.shape
-    parts, spread, raw, hist, final, after, buf = work  # parts: subset loads ascending
+    parts, spread, raw, hist, final, after = work  # parts: subset loads ascending
     for b in range(k):
         for i in range(P):
             parts[b, i] = sv[b * P + P - 1 - i]   # block b arrives heaviest first
@@ -337,12 +337,18 @@ def _kk_row(sv, lay, work):
         ia = np.argmax(spread)
         spread[ia] = -np.inf
         ib = np.argmax(spread)
-        for i in range(P):             # lightest of ia with heaviest of ib
-            raw[i] = parts[ia, i] + parts[ib, P - 1 - i]
-        perm = hist[step, 2:]
-        _order(raw, perm, buf, 1.0)
+        # Lightest of ia with heaviest of ib, sorted as they come (insertion, stable):
+        # raw[j] is the j-th lightest merged subset, hist[step, 2 + j] its position i.
         for i in range(P):
-            parts[ia, i] = raw[perm[i]]
+            x = parts[ia, i] + parts[ib, P - 1 - i]
+            j = i
+            while j > 0 and raw[j - 1] > x:
+                raw[j] = raw[j - 1]
+                hist[step, 2 + j] = hist[step, 1 + j]
+                j -= 1
+            raw[j] = x
+            hist[step, 2 + j] = i
+        parts[ia] = raw
         spread[ia] = parts[ia, P - 1] - parts[ia, 0]
         spread[ib] = -np.inf
         hist[step, 0] = ia
