@@ -422,9 +422,10 @@ def _attempt(w, old, start, T, G, N, hierarchical, allow_duplicates, node_move_c
     :func:`heuristics.local.repair_attempt`; at most ``4 R`` repair steps and ``R``
     undo steps); ``(cost, row, moves)`` or None where it cannot get under ``T``."""
     R = start.size
-    ok, row, moves, cost = repair_attempt(w, old, np.ascontiguousarray(start, dtype=np.int64), G, N,
-                                          hierarchical, float(node_move_cost), allow_duplicates, float(T),
-                                          4 * R, R)
+    c64 = np.ascontiguousarray
+    ok, row, moves, cost = repair_attempt(c64(w, dtype=np.float64), c64(old, dtype=np.int64), c64(start, np.int64),
+                                          int(G), int(N), bool(hierarchical), float(node_move_cost),
+                                          bool(allow_duplicates), float(T), 4 * R, R)
     return (float(cost), row, int(moves)) if ok else None
 
 

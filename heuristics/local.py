@@ -388,30 +388,30 @@ def _layer_arrays(w, old, start, G, N, hierarchical, node_move_cost):
     R = start.size
     E = w.size
     k, P = R // G, G // N
-    O = np.zeros((G, E), dtype=np.int64)
+    newm = np.ones((G, E), dtype=np.bool_)
     M = np.zeros((G, E), dtype=np.int64)
     S = np.empty((G, k), dtype=np.int64)
+    c = np.zeros(E, dtype=np.int64)
+    old_on = np.zeros((N, E), dtype=np.bool_)           # the node held e in old / holds it now
+    now_on = np.zeros((N, E), dtype=np.bool_)
     for g in range(G):
         for s in range(k):
-            if old[g * k + s] >= 0:
-                O[g, old[g * k + s]] += 1
-            S[g, s] = start[g * k + s]
-            M[g, S[g, s]] += 1
-    newm = O == 0
+            e = old[g * k + s]
+            if e >= 0:
+                newm[g, e] = False
+                old_on[g // P, e] = True
+            e = start[g * k + s]
+            S[g, s] = e
+            M[g, e] += 1
+            c[e] += 1
+            now_on[g // P, e] = True
     cin = np.empty((G, E))
     allowed = np.ones((G, E), dtype=np.bool_)
-    for n in range(N):
+    for g in range(G):
         for e in range(E):
-            old_here = False
-            now_here = False
-            for g in range(n * P, (n + 1) * P):
-                old_here = old_here or O[g, e] > 0
-                now_here = now_here or M[g, e] > 0
-            for g in range(n * P, (n + 1) * P):
-                cin[g, e] = 1.0 if old_here else float(node_move_cost)
-                if hierarchical:
-                    allowed[g, e] = now_here
-    c = M.sum(axis=0)
+            cin[g, e] = 1.0 if old_on[g // P, e] else float(node_move_cost)
+            if hierarchical:
+                allowed[g, e] = now_on[g // P, e]
     v = np.empty(E)
     for e in range(E):
         v[e] = w[e] / max(c[e], 1)
