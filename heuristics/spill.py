@@ -21,6 +21,10 @@ then polishes at GPU level (swaps between any two GPUs and retargets on the busi
 GPUs, same objective with the GPU max in place of the node term).  A primary never
 leaves home.  ``cross_node_cost = inf`` keeps the hierarchical plan; ``0`` trades
 locality away freely.
+
+Both searches and the primaries repair are compiled kernels (:mod:`heuristics.compile`);
+their sums run in numpy's pairwise order, and GPUs of equal load are ranked by index.
+``tests/test_kernels_spill.py`` pins every move choice against a plain reference.
 """
 
 from __future__ import annotations
