@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .heuristics.local import gpu_counts as _gpu_counts, keep_gpu_slots
+from .heuristics.local import gpu_counts as _gpu_counts, keep_gpu_slots, move_counts
 
 from .errors import InvalidProblemError
 from .problem import as_placement, positive_int
@@ -59,16 +59,8 @@ def count_moves(old: np.ndarray, new: np.ndarray, num_gpus: int, num_nodes: int 
         raise InvalidProblemError(f"num_gpus={num_gpus} must divide the {n.shape[1]} slots per layer")
     if num_gpus % positive_int("num_nodes", num_nodes):
         raise InvalidProblemError(f"num_nodes={num_nodes} must divide num_gpus={num_gpus}")
-    L = o.shape[0]
-    E = int(max(o.max(), n.max())) + 1
-    moves = np.zeros(L, dtype=np.int64)
-    cost = np.zeros(L)
-    for l in range(L):
-        O = _gpu_counts(o[l], num_gpus, E)                                  # [G, E]
-        extra = np.where(O == 0, _gpu_counts(n[l], num_gpus, E), 0)         # [G, E] arrivals
-        moves[l] = extra.sum()
-        if node_move_cost is not None:
-            cost[l] = (extra * arrival_cost(O, num_nodes, node_move_cost)).sum()
+    moves, cost = move_counts(np.ascontiguousarray(o, dtype=np.int64), np.ascontiguousarray(n, dtype=np.int64),
+                              int(num_gpus), int(num_nodes), 1.0 if node_move_cost is None else float(node_move_cost))
     return moves if node_move_cost is None else (moves, cost)
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from .compile import kernel, warmer
 
-__all__ = ["gpu_counts", "keep_gpu_slots", "repair_attempt", "transfer_rows"]
+__all__ = ["gpu_counts", "keep_gpu_slots", "move_counts", "repair_attempt", "transfer_rows"]
 
 
 def gpu_counts(p: np.ndarray, num_gpus: int, num_experts: int) -> np.ndarray:
@@ -447,14 +447,15 @@ def repair_attempt(w, old, start, G, N, hierarchical, node_move_cost, dup, T, ma
         return False, row, 0, 0.0
     undo_moves(S, w, v, c, load, M, newm, cin, allowed, dup, T, B, max_undo)
     moves = 0
-    cost = 0.0
+    off = 0                                             # moves from another node
     for g in range(G):
         for e in range(w.size):
             if newm[g, e]:
                 moves += M[g, e]
-                cost += M[g, e] * cin[g, e]
+                if cin[g, e] != 1.0:
+                    off += M[g, e]
         row[g * k:(g + 1) * k] = keep_gpu_slots(S[g], old[g * k:(g + 1) * k])
-    return True, row, moves, cost
+    return True, row, moves, (moves - off) + off * node_move_cost
 
 
 @kernel
@@ -498,6 +499,32 @@ def transfer_rows(old, new, G, N):
     return out
 
 
+@kernel
+def move_counts(old, new, G, N, node_move_cost):
+    """Per layer of ``new`` ``[L, R]``, the replicas placed on a GPU that held no replica of
+    that expert in ``old`` (moves) and their cost: 1 where ``old`` holds the expert on the
+    destination's node, else ``node_move_cost`` (:func:`eplb_opt.align.count_moves`).
+    Empty slots (-1) hold and receive nothing.  Returns ``(moves [L], cost [L])``."""
+    L, R = new.shape
+    k, P = R // G, G // N
+    moves = np.zeros(L, dtype=np.int64)
+    cost = np.zeros(L)
+    for l in range(L):
+        off = 0
+        for t in range(R):
+            e = new[l, t]
+            if e < 0:
+                continue
+            g = t // k
+            if _first_holder(old[l], e, g, g + 1, k) >= 0:
+                continue
+            moves[l] += 1
+            if _first_holder(old[l], e, (g // P) * P, (g // P + 1) * P, k) < 0:
+                off += 1
+        cost[l] = (moves[l] - off) + off * node_move_cost
+    return moves, cost
+
+
 @warmer
 def _warm_repair() -> None:
     w = np.array([3.0, 1.0, 1.0, 1.0])
@@ -507,3 +534,4 @@ def _warm_repair() -> None:
     repair_attempt(w, old, old, 2, 2, True, 4.0, False, 3.0, 16, 4)
     keep_gpu_slots(start[:2], old[:2])
     transfer_rows(old[None, :], start[None, :], 2, 1)
+    move_counts(old[None, :], start[None, :], 2, 1, 4.0)
