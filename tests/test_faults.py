@@ -337,8 +337,10 @@ def test_short_budgets_skip_cpsat_without_loading_ortools_until_warm_up():
     the call); ``warm_up`` loads it, and ``warm_up(background=True)`` on a thread."""
     code = """
 import sys, threading, eplb_opt
+from eplb_opt.heuristics.compile import compile_all
 from eplb_opt.status import ortools_ready
 from eplb_opt.workloads import generate
+compile_all()       # the heuristics' kernels (loaded from numba's cache), not OR-Tools
 w = generate("deepseek-v3-prefill", seed=0, windows=1)[0]
 kw = dict(num_replicas=288, num_groups=8, num_nodes=4, num_gpus=32)
 for _ in range(2):
