@@ -3,7 +3,7 @@ mean window's busiest GPU.
 
 A plan made for the windows' total can leave one window badly balanced.  Starting from
 any valid placement (usually the plan for the total), :func:`robust_refine` applies, per
-layer, the swap or retarget (:mod:`heuristics.local`) that lowers the objective most,
+layer, the swap of two replicas or retarget of a slot that lowers the objective most,
 taken on the GPUs that set it, until none does (compiled kernels: :mod:`heuristics.compile`):
 
 * ``"worst"``: ``max_w max_g load[w, g]``;
