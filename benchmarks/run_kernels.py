@@ -27,7 +27,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -40,19 +39,12 @@ from eplb_opt.bench.runner import machine
 from eplb_opt.workloads import PRESETS, generate
 
 from .run_beyond import SPILL_COSTS  # the recorded sweep
+from .run_core import _alternate as interleaved
 
 
 def _alternate(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
     """Median seconds of each callable, calls interleaved, after one warm-up each."""
-    for f in fns.values():
-        f()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
-            t = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return {k: statistics.median(v) for k, v in interleaved(fns, repeats).items()}
 
 
 def against_deepseek(preset: str, repeats: int, with_rebalance: bool = True) -> dict:
