@@ -86,9 +86,12 @@ try:
     sys.exit("the install folder is writable: the test would prove nothing")
 except PermissionError:
     pass
-w = np.random.default_rng(0).gamma(1.0, 100.0, size=(4, 16))
-p, m, c = eplb_opt.rebalance_experts(w, 24, 4, 2, 8)
-assert p.shape == (4, 24)
+# One compiled kernel (the verifier's maps) is enough to show where the cache goes; the
+# whole pipeline would only repeat the cold compile the `cold` fixture already times.
+from eplb_opt.plan import derive_maps
+phy2log = np.tile(np.arange(24) % 16, (4, 1))
+log2phy, logcnt = derive_maps(phy2log, 16)
+assert logcnt.sum() == 4 * 24 and log2phy.shape == (4, 16, 9)
 """
 
 
@@ -172,7 +175,7 @@ def read_only_install(tmp_path):
 
 
 @pytest.mark.parametrize("own_cache_dir", [False, True], ids=["user-cache-fallback", "NUMBA_CACHE_DIR"])
-def test_read_only_install_plans(read_only_install, tmp_path, own_cache_dir):
+def test_read_only_install_compiles_into_a_user_cache(read_only_install, tmp_path, own_cache_dir):
     site = read_only_install
     xdg, mine = tmp_path / "xdg", tmp_path / "numba-cache"
     xdg.mkdir(), mine.mkdir()
