@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .heuristics.local import gpu_counts as _gpu_counts, keep_gpu_slots, move_counts
+from .heuristics.local import keep_gpu_slots, move_counts
+from .heuristics.matching import align_rows
 
 from .errors import InvalidProblemError
 from .problem import as_placement, positive_int
@@ -64,21 +65,6 @@ def count_moves(old: np.ndarray, new: np.ndarray, num_gpus: int, num_nodes: int 
     return moves if node_move_cost is None else (moves, cost)
 
 
-def _match(score: np.ndarray) -> np.ndarray:
-    """Maximum-weight perfect matching of a square integer score matrix: ``perm[i]`` is
-    the column matched to row ``i``."""
-    from ortools.graph.python import linear_sum_assignment as lsa
-
-    n = score.shape[0]
-    solver = lsa.SimpleLinearSumAssignment()
-    rows, cols = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
-    cost = (score.max(initial=0) - score).astype(np.int64)          # minimise the shortfall
-    solver.add_arcs_with_cost(rows.ravel().astype(np.int32), cols.ravel().astype(np.int32), cost.ravel())
-    if solver.solve() != solver.OPTIMAL:  # pragma: no cover - a complete bipartite graph always matches
-        return np.arange(n)
-    return np.array([solver.right_mate(i) for i in range(n)], dtype=np.int64)
-
-
 def keep_slots(new_gpu: np.ndarray, old_gpu: np.ndarray) -> np.ndarray:
     """One GPU's new experts (``new_gpu [k]``) reordered so that each one that the GPU held
     before (``old_gpu [k]``) keeps one of its old slots; the others fill the remaining
@@ -106,33 +92,11 @@ def align_to_previous(new: np.ndarray, old: np.ndarray, num_gpus: int, num_nodes
     n, o = as_placement(new, "new"), as_placement(old, "old")
     if n.shape != o.shape:
         raise InvalidProblemError(f"new plan {n.shape} and old plan {o.shape} differ in shape")
-    L, R = n.shape
+    R = n.shape[1]
     G, N = positive_int("num_gpus", num_gpus), positive_int("num_nodes", num_nodes)
     if R % G or G % N:
         raise InvalidProblemError(
             f"num_gpus={num_gpus} must divide the {R} slots per layer and num_nodes={num_nodes} must divide num_gpus"
         )
-    k, P = R // G, G // N
     E = int(max(n.max(initial=0), o.max(initial=0))) + 1
-    out = np.empty_like(n)
-    for l in range(L):
-        cn = _gpu_counts(n[l], G, E)
-        co = _gpu_counts(o[l], G, E)
-        gpu_of = np.empty(G, dtype=np.int64)                    # new GPU -> old GPU
-        if N > 1:
-            nn, no = cn.reshape(N, P, E).sum(axis=1), co.reshape(N, P, E).sum(axis=1)
-            node_of = _match(np.minimum(nn[:, None, :], no[None, :, :]).sum(axis=2))
-            for a in range(N):
-                b = node_of[a]
-                sub = np.minimum(cn[a * P:(a + 1) * P, None, :], co[None, b * P:(b + 1) * P, :]).sum(axis=2)
-                gpu_of[a * P:(a + 1) * P] = b * P + _match(sub)
-        else:
-            gpu_of = _match(np.stack([np.minimum(cn[g], co).sum(axis=1) for g in range(G)]))
-        slots_new = n[l].reshape(G, k)
-        slots_old = o[l].reshape(G, k)
-        row = np.empty((G, k), dtype=np.int64)
-        for g in range(G):
-            h = gpu_of[g]
-            row[h] = keep_slots(slots_new[g], slots_old[h])
-        out[l] = row.ravel()
-    return out
+    return align_rows(np.ascontiguousarray(n, dtype=np.int64), np.ascontiguousarray(o, dtype=np.int64), G, N, E)

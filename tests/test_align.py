@@ -5,10 +5,12 @@ node-weighted cost alike, and keeps its own public behaviour (moves only, checke
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
-from eplb_opt import InvalidProblemError, InvalidTypeError, count_moves
+from eplb_opt import InvalidProblemError, InvalidTypeError, align_to_previous, count_moves
 from eplb_opt.align import keep_slots
 
 
@@ -88,3 +90,64 @@ def test_count_moves_keeps_its_public_behaviour():
 def test_keep_slots_keeps_old_slots():
     assert keep_slots(np.array([5, 1, 7]), np.array([7, 9, 5])).tolist() == [7, 1, 5]
     assert keep_slots(np.array([2, 2]), np.array([3, 2])).tolist() == [2, 2]
+
+
+# ------------------------------------------------- the compiled matching (heuristics/matching.py)
+
+def _best_by_permutations(score: np.ndarray) -> int:
+    """Reference: the largest total of ``score[i, perm[i]]`` over every permutation."""
+    n = score.shape[0]
+    return max(sum(int(score[i, p[i]]) for i in range(n)) for p in itertools.permutations(range(n)))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_max_assignment_reaches_the_brute_force_optimum(seed):
+    from eplb_opt.heuristics.matching import max_assignment
+
+    rng = np.random.default_rng(seed)
+    for _ in range(150):
+        n = int(rng.integers(1, 8))
+        hi = int(rng.choice([1, 2, 3, 10, 1000]))        # small ranges: many tied optima
+        score = rng.integers(0, hi + 1, size=(n, n)).astype(np.int64)
+        perm = max_assignment(score)
+        assert perm.dtype == np.int64 and sorted(perm.tolist()) == list(range(n))
+        assert int(score[np.arange(n), perm].sum()) == _best_by_permutations(score)
+        assert np.array_equal(max_assignment(score.copy()), perm)       # deterministic
+
+
+def _counts(row: np.ndarray, units: int, E: int) -> np.ndarray:
+    span = row.size // units
+    c = np.zeros((units, E), dtype=np.int64)
+    for u in range(units):
+        for e in row[u * span:(u + 1) * span]:
+            c[u, e] += 1
+    return c
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_align_to_previous_keeps_the_most_replicas(seed):
+    """Per layer: the same experts per GPU (a relabelling), node overlap with the old plan
+    the brute-force optimum; the GPU overlap within matched nodes the brute-force optimum
+    given the node matching; every kept replica in one of its old slots."""
+    rng = np.random.default_rng(100 + seed)
+    for _ in range(10):
+        N = int(rng.choice([1, 2, 3]))
+        P = int(rng.integers(1, 7 - 2 * (N > 1)))
+        G, k = N * P, int(rng.integers(1, 4))
+        E = int(rng.integers(1, G * k + 1))
+        old, new = _random_plan(rng, 2, E, G, k, False), _random_plan(rng, 2, E, G, k, False)
+        new[0] = new[0].reshape(N, P * k)[rng.permutation(N)].ravel() if rng.random() < 0.5 else new[0]
+        out = align_to_previous(new, old, G, N)
+        for l in range(2):
+            cn, co, ca = _counts(new[l], G, E), _counts(old[l], G, E), _counts(out[l], G, E)
+            assert sorted(map(tuple, cn.tolist())) == sorted(map(tuple, ca.tolist()))
+            nn, no = _counts(new[l], N, E), _counts(old[l], N, E)
+            assert np.minimum(_counts(out[l], N, E), no).sum() == _best_by_permutations(
+                np.minimum(nn[:, None, :], no[None, :, :]).sum(axis=2))
+            for b in range(N):                           # GPUs within the node now in old node b
+                rows = ca[b * P:(b + 1) * P]
+                got = np.minimum(rows, co[b * P:(b + 1) * P]).sum()
+                assert got == _best_by_permutations(np.minimum(rows[:, None, :], co[None, b * P:(b + 1) * P, :]).sum(2))
+            for g in range(G):
+                o, a = old[l, g * k:(g + 1) * k], out[l, g * k:(g + 1) * k]
+                assert np.array_equal(a, keep_slots(a, o))

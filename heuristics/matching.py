@@ -1,0 +1,158 @@
+"""Relabelling a new plan to the placement deployed now (:func:`eplb_opt.align.align_to_previous`),
+compiled: an exact maximum-weight assignment and the per-layer matching built on it.
+
+:func:`max_assignment` is the Hungarian method in its shortest-augmenting-path form
+(rows added one at a time, dual potentials kept feasible, ``O(n^3)`` on a dense
+``n x n`` integer score matrix).  Integer arithmetic throughout, every loop in index
+order: the optimum is exact and the tie-break (which of several optimal matchings) is
+the same on every machine.  :func:`align_rows` computes the score matrices from replica
+lists (``O(G^2 k)`` per layer, not ``O(G^2 E)``) and keeps every replica that stays on
+its GPU in its old slot.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .compile import kernel, warmer
+from .local import keep_gpu_slots
+
+__all__ = ["align_rows", "max_assignment"]
+
+
+@kernel
+def max_assignment(score):
+    """A maximum-weight perfect matching of the square integer matrix ``score [n, n]``:
+    ``perm [n]`` int64, row ``i`` matched to column ``perm[i]``.  Minimises ``-score``
+    by successive shortest augmenting paths over reduced costs (potentials ``u`` for
+    rows, ``v`` for columns); a column index 0 is the virtual start of every path."""
+    n = score.shape[0]
+    big = np.int64(1) << np.int64(62)
+    u = np.zeros(n + 1, dtype=np.int64)
+    v = np.zeros(n + 1, dtype=np.int64)
+    row_of = np.zeros(n + 1, dtype=np.int64)       # column j (1-based) -> row (1-based), 0: free
+    prev = np.zeros(n + 1, dtype=np.int64)         # previous column on the shortest path
+    dist = np.empty(n + 1, dtype=np.int64)
+    done = np.empty(n + 1, dtype=np.bool_)
+    for r in range(1, n + 1):
+        row_of[0] = r
+        col = 0
+        dist[:] = big
+        done[:] = False
+        while True:
+            done[col] = True
+            i = row_of[col]
+            step, nxt = big, -1
+            for j in range(1, n + 1):
+                if done[j]:
+                    continue
+                red = -score[i - 1, j - 1] - u[i] - v[j]
+                if red < dist[j]:
+                    dist[j] = red
+                    prev[j] = col
+                if dist[j] < step:
+                    step, nxt = dist[j], j
+            for j in range(n + 1):
+                if done[j]:
+                    u[row_of[j]] += step
+                    v[j] -= step
+                else:
+                    dist[j] -= step
+            col = nxt
+            if row_of[col] == 0:
+                break
+        while col != 0:                             # flip the path
+            back = prev[col]
+            row_of[col] = row_of[back]
+            col = back
+    perm = np.empty(n, dtype=np.int64)
+    for j in range(1, n + 1):
+        perm[row_of[j] - 1] = j - 1
+    return perm
+
+
+@kernel
+def _overlap(new_l, old_cnt, new_cnt, seen, rows_lo, rows_hi, cols_lo, cols_hi, k, N_cols_step):
+    """``[rows, cols]`` shared replicas: entry ``(i, j)`` sums ``min(new_cnt[r, e],
+    old_cnt[c, e])`` over the distinct experts ``e`` of row unit ``r = rows_lo + i``
+    (units of ``N_cols_step`` GPUs of ``k`` slots in ``new_l``) and column unit ``c``."""
+    nr, nc = rows_hi - rows_lo, cols_hi - cols_lo
+    out = np.zeros((nr, nc), dtype=np.int64)
+    span = N_cols_step * k
+    for i in range(nr):
+        r = rows_lo + i
+        for t in range(r * span, (r + 1) * span):
+            e = new_l[t]
+            if seen[e] == r:
+                continue
+            seen[e] = r
+            for j in range(nc):
+                a, b = new_cnt[r, e], old_cnt[cols_lo + j, e]
+                out[i, j] += a if a < b else b
+    for i in range(nr):                               # leave ``seen`` clear for the next call
+        r = rows_lo + i
+        for t in range(r * span, (r + 1) * span):
+            seen[new_l[t]] = -1
+    return out
+
+
+@kernel
+def _unit_counts(row, units, span, cnt):
+    """``cnt[u, e]`` += replicas of ``e`` in unit ``u`` (``span`` slots each) of ``row``."""
+    for u in range(units):
+        for t in range(u * span, (u + 1) * span):
+            cnt[u, row[t]] += 1
+
+
+@kernel
+def _clear_counts(row, units, span, cnt):
+    """Undo :func:`_unit_counts` (only the entries it touched)."""
+    for u in range(units):
+        for t in range(u * span, (u + 1) * span):
+            cnt[u, row[t]] = 0
+
+
+@kernel
+def align_rows(new, old, G, N, E):
+    """``new [L, R]`` relabelled to keep as many replicas of ``old [L, R]`` in place as
+    possible (experts in ``0 .. E - 1``): per layer, nodes matched by their shared
+    replicas first (when ``N > 1``), then GPUs within matched nodes; each new GPU's
+    experts then take the old slots of those it keeps (:func:`keep_gpu_slots`)."""
+    L, R = new.shape
+    k, P = R // G, G // N
+    out = np.empty_like(new)
+    cn = np.zeros((G, E), dtype=np.int64)
+    co = np.zeros((G, E), dtype=np.int64)
+    nn = np.zeros((N, E), dtype=np.int64)
+    no = np.zeros((N, E), dtype=np.int64)
+    seen = np.full(E, -1, dtype=np.int64)
+    gpu_of = np.empty(G, dtype=np.int64)
+    for l in range(L):
+        _unit_counts(new[l], G, k, cn)
+        _unit_counts(old[l], G, k, co)
+        if N > 1:
+            _unit_counts(new[l], N, P * k, nn)
+            _unit_counts(old[l], N, P * k, no)
+            node_of = max_assignment(_overlap(new[l], no, nn, seen, 0, N, 0, N, k, P))
+            _clear_counts(new[l], N, P * k, nn)
+            _clear_counts(old[l], N, P * k, no)
+        else:
+            node_of = np.zeros(1, dtype=np.int64)
+        for a in range(N):
+            b = node_of[a]
+            sub = max_assignment(_overlap(new[l], co, cn, seen, a * P, (a + 1) * P, b * P, (b + 1) * P, k, 1))
+            for i in range(P):
+                gpu_of[a * P + i] = b * P + sub[i]
+        for g in range(G):
+            h = gpu_of[g]
+            out[l, h * k:(h + 1) * k] = keep_gpu_slots(new[l, g * k:(g + 1) * k], old[l, h * k:(h + 1) * k])
+        _clear_counts(new[l], G, k, cn)
+        _clear_counts(old[l], G, k, co)
+    return out
+
+
+@warmer
+def _warm_matching() -> None:
+    p = np.array([[0, 1, 2, 3, 1, 0, 3, 2]], dtype=np.int64)
+    align_rows(p, p[:, ::-1].copy(), 4, 2, 4)
+    align_rows(p, p, 2, 1, 4)
