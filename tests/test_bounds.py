@@ -72,3 +72,36 @@ def test_per_node_cardinality_bound_is_tight_on_pigeonhole_case():
     assert partition_cardinality_bound(w, 4)[0] < 20.0
     r = eplb_opt.solve(w, num_replicas=8, num_groups=2, num_nodes=2, num_gpus=4)
     assert r.status == ("optimal",) and r.max_load[0] == 20.0
+
+
+@pytest.mark.parametrize("E, G, groups, nodes, hier", [(4, 2, 1, 1, False), (6, 3, 1, 1, False),
+                                                       (6, 2, 1, 1, False), (8, 4, 2, 2, True),
+                                                       (8, 2, 4, 2, True), (12, 4, 4, 2, True)])
+@pytest.mark.parametrize("seed", range(6))
+def test_integer_ceiling_without_redundancy_is_below_the_optimum(E, G, groups, nodes, hier, seed):
+    # R == E and integer loads: every GPU load is an integer, so the bound is rounded up
+    # to one; the oracle's exact optimum is never below it.  Small integers (ceilings
+    # that bind), odd sums (a fractional average), int64 counts above 2**53.
+    rng = np.random.default_rng(seed + 17 * E + G)
+    small = rng.integers(0, 9, size=(3, E)).astype(np.float64)
+    small[1] += (small[1].sum() % G == 0)                           # average not an integer
+    huge = rng.integers(2**52, 2**62, size=(2, E), dtype=np.int64).astype(np.float64)
+    for w in (small, huge):
+        opt = layer_optima(w, E, G, groups, nodes, hier)
+        b = lower_bounds(w, E, G, hierarchical=hier, num_groups=groups, num_nodes=nodes)
+        assert (b.lower_bound == np.floor(b.lower_bound)).all()
+        assert all(Fraction(x) <= o for x, o in zip(b.lower_bound, opt)), (w, b.components, opt)
+        assert all(Fraction(x) <= o for x, o in zip(b.global_bound, opt))
+
+
+def test_integer_ceiling_closes_a_fractional_average():
+    # 5 + 4 + 4 + 0 on 2 GPUs, 2 slots each: the average is 6.5, every GPU load an
+    # integer, so the average component is 7 (the pigeonhole bound, two of the three
+    # heaviest on one GPU, is 8, the optimum).
+    w = np.array([[5.0, 4.0, 4.0, 0.0]])
+    b = lower_bounds(w, 4, 2)
+    assert b.components["average"][0] == 7.0 and b.lower_bound[0] == 8.0
+    # Loads that are not integers are left alone.
+    assert lower_bounds(w + 0.5, 4, 2).components["average"][0] < 8.5
+    # With redundancy the counts may split a load: no ceiling.
+    assert lower_bounds(np.array([[5.0, 4.0, 4.0]]), 4, 2).components["average"][0] < 6.5
