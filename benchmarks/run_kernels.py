@@ -21,6 +21,9 @@ Usage (from the repository root)::
   ``import eplb_opt`` plus the first prefill ``rebalance_experts`` / ``solve`` call,
   median of 5 processes each (target <= 0.5 s); and on a fresh install (an empty
   ``NUMBA_CACHE_DIR``): the same first call, and ``warm_up()`` (every kernel compiled).
+  Beside them, numba's own floor: ``import numba`` and the first call of a one-line
+  cached kernel in a fresh process (numba loads its typing and target registries on a
+  process's first dispatch, whatever the kernel).
 
 Everything runs single-threaded: ``torch.set_num_threads(1)`` for the peer, and the
 kernels are sequential.  The first call of each kind (compile or cache load) is left
@@ -126,6 +129,29 @@ def _first_call_code(what: str) -> str:
     )
 
 
+# numba's own start-up, the floor under any numba-compiled first call: ``import numba``
+# and the first call of a one-line cached kernel (numba initialises its typing and
+# target registries on a process's first dispatch, whatever the kernel).
+_NUMBA_FLOOR = (
+    "import sys, time\nimport numpy as np, torch\nt = time.perf_counter()\nimport numba\n"
+    "sys.path.insert(0, sys.argv[1])\nimport tiny_kernel\ntiny_kernel.add(np.ones(4))\n"
+    "print(time.perf_counter() - t)\n"
+)
+_TINY = "import numba\n\n@numba.njit(cache=True)\ndef add(a):\n    return a.sum() + 1.0\n"
+
+
+def _numba_floor(folder: Path, env: dict[str, str], processes: int) -> list[float]:
+    (folder / "tiny_kernel.py").write_text(_TINY)
+    runs = []
+    for _ in range(processes + 1):                   # the first one compiles and caches
+        done = subprocess.run([sys.executable, "-c", _NUMBA_FLOOR, str(folder)], capture_output=True, text=True,
+                              env=env, timeout=300)
+        if done.returncode != 0:
+            raise RuntimeError(done.stderr)
+        runs.append(float(done.stdout.split()[-1]))
+    return runs[1:]
+
+
 def _fresh(what: str, weights: Path, env: dict[str, str]) -> float:
     done = subprocess.run([sys.executable, "-c", _first_call_code(what), str(weights)], capture_output=True,
                           text=True, env=env, timeout=900)
@@ -156,6 +182,9 @@ def cold_start(processes: int = 5) -> dict:
             runs = [_fresh(what, weights, warm) for _ in range(processes)]
             out.setdefault("warm_cache_s", {})[what] = statistics.median(runs)
             out.setdefault("warm_cache_runs_s", {})[what] = runs
+        floor = _numba_floor(Path(tmp), warm, processes)
+        out["numba_floor_s"] = statistics.median(floor)
+        out["numba_floor_runs_s"] = floor
     return out
 
 
@@ -196,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| windows ({objective}, 3) | {m['median_s'] * 1e3:.1f} ms | | | <= 100 ms |")
     for what, sec in data["cold_start"]["warm_cache_s"].items():
         print(f"| cold start, warm cache, import + first {what} | {sec * 1e3:.0f} ms | | | <= 500 ms |")
+    print(f"| numba alone: import + first call of a one-line cached kernel | "
+          f"{data['cold_start']['numba_floor_s'] * 1e3:.0f} ms | | | floor of the above |")
     for what, sec in data["cold_start"]["fresh_install_s"].items():
         print(f"| fresh install (empty cache), import + {what} | {sec:.1f} s | | | recorded |")
     return 0
