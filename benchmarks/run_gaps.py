@@ -2,14 +2,14 @@
 
 Usage (from the repository root; about 20 minutes, plus the independent checks)::
 
-    .venv/bin/python -m benchmarks.run_gaps [--time-limit 60] [--workers 2] [--check 3] [--check-time 120]
+    .venv/bin/python -m benchmarks.run_gaps [--time-limit 60] [--workers 2] [--check 3] [--check-time 120] [--presets NAME ...]
 
 1. Every full-suite workload (every model preset, seeds 0-2, all layers, window 0) is
    solved with ``mode="exact", time_limit=60, workers=2`` under the preset's own
    topology and ``policy="auto"``.  Per layer: max load, certified bound, gap, the bound
    component that binds, and the conditional bound CP-SAT proved for the plan's counts
    and group placement where it ran.  Target: every layer's gap <= 0.05 %.
-2. The worst layers above the target (``--check`` of them) get an **independent** model,
+2. The worst layers above the target (``--check`` of them per preset) get an **independent** model,
    written here and sharing no code with ``eplb_opt.cpsat``: for a layer without
    redundancy (``R == E``, counts fixed at 1) the whole problem, every group-to-node
    assignment (hierarchical) and every node's exact ``k``-per-GPU partition, each node
@@ -17,6 +17,9 @@ Usage (from the repository root; about 20 minutes, plus the independent checks):
    from eplb-opt's plan where the assignment is the plan's.  Its best plan is an upper
    bound and its proven bound (the best assignment's worst node bound) a lower bound on
    the true optimum, so it says whether our bound or our search leaves the gap.
+   For a layer with one group per node (decode: counts free) every group sits alone on
+   a node, so each group's own node problem is solved with counts free, in exact units
+   (``check_layer_one_group_per_node``); other layers with redundancy are skipped.
 
 Writes ``gaps.json`` next to this file.
 """
@@ -45,9 +48,11 @@ def _binding(r, l: int) -> str:
     return best if r.lower_bound[l] <= comps[best][l] * (1 + 1e-12) else "cp-sat (proven)"
 
 
-def study(time_limit: float, workers: int) -> list[dict]:
+def study(time_limit: float, workers: int, presets: list[str] | None = None) -> list[dict]:
     rows = []
     for wl in workloads("full"):
+        if presets and wl.preset.name not in presets:
+            continue
         topo = wl.preset.topology()
         w = wl.windows[0]
         t = time.perf_counter()
@@ -150,32 +155,107 @@ def check_layer(w: np.ndarray, plan_row: np.ndarray, topo: dict, seconds: float,
             "plan_partition_is_best": min(partitions, key=lambda p: max(cache[b][0] for b in p)) == plan_blocks}
 
 
+def _node_counts_free(items: np.ndarray, replicas: int, gpus: int, hint: np.ndarray | None, seconds: float,
+                      workers: int) -> tuple[float, float, bool]:
+    """One node with replica counts free: ``len(items)`` integer loads, ``replicas`` slots
+    on ``gpus`` GPUs (``replicas / gpus`` each), expert ``e`` with ``c_e >= 1`` replicas
+    of load ``items[e] / c_e`` (two of one expert may share a GPU).  Exact units
+    ``1 / lcm(1..replicas - E + 1)``.  Variables ``z[e, c, g]``: replicas on GPU ``g`` of
+    expert ``e`` when it has ``c``; ``u[e, c]`` chooses ``c``.  ``hint``: ``[gpus, k]``
+    expert indices (a plan of this node).  Returns ``(best found, proven bound,
+    optimal)`` in the items' units."""
+    from math import lcm
+
+    from ortools.sat.python import cp_model
+
+    v = [int(x) for x in items]
+    E, k = len(v), replicas // gpus
+    cmax = replicas - E + 1
+    M = lcm(*range(1, cmax + 1))
+    m = cp_model.CpModel()
+    u = {(e, c): m.NewBoolVar("") for e in range(E) for c in range(1, cmax + 1)}
+    z = {(e, c, g): m.NewIntVar(0, min(c, k), "") for e in range(E) for c in range(1, cmax + 1) for g in range(gpus)}
+    for e in range(E):
+        m.AddExactlyOne([u[e, c] for c in range(1, cmax + 1)])
+        for c in range(1, cmax + 1):
+            m.Add(sum(z[e, c, g] for g in range(gpus)) == c * u[e, c])
+    m.Add(sum(c * u[e, c] for e in range(E) for c in range(1, cmax + 1)) == replicas)
+    t = m.NewIntVar(0, sum(v) * M, "t")
+    for g in range(gpus):
+        m.Add(sum(z[e, c, g] for e in range(E) for c in range(1, cmax + 1)) == k)
+        m.Add(sum(v[e] * (M // c) * z[e, c, g] for e in range(E) for c in range(1, cmax + 1)) <= t)
+    if hint is not None:
+        cnt = np.bincount(hint.ravel(), minlength=E)
+        for e in range(E):
+            for c in range(1, cmax + 1):
+                m.AddHint(u[e, c], int(cnt[e] == c))
+                for g in range(gpus):
+                    m.AddHint(z[e, c, g], int((hint[g] == e).sum()) if cnt[e] == c else 0)
+    m.Minimize(t)
+    s = cp_model.CpSolver()
+    s.parameters.max_time_in_seconds = seconds
+    s.parameters.num_workers = workers
+    st = s.Solve(m)
+    best = s.ObjectiveValue() / M if st in (cp_model.OPTIMAL, cp_model.FEASIBLE) else float("inf")
+    return best, s.BestObjectiveBound() / M, st == cp_model.OPTIMAL
+
+
+def check_layer_one_group_per_node(w: np.ndarray, plan_row: np.ndarray, topo: dict, seconds: float,
+                                   workers: int) -> dict:
+    """Independent bracket of a layer with one group per node (decode): every group sits
+    alone on some node, so the layer's optimum is the largest of the groups' own node
+    optima (counts free, :func:`_node_counts_free`).  Half of ``seconds`` goes to the
+    node with the largest load, the rest is split over the others, each warm-started
+    from eplb-opt's placement of that group."""
+    E, G, N, Gr = w.size, topo["num_gpus"], topo["num_nodes"], topo["num_groups"]
+    gs, gpn, rn = E // Gr, G // N, topo["num_replicas"] // N
+    nodes = plan_row.reshape(N, rn)
+    order = np.argsort(-w.reshape(Gr, gs).sum(axis=1), kind="stable")
+    out = []
+    for i, g in enumerate(order):
+        n = int(np.flatnonzero((nodes // gs == g).all(axis=1))[0])
+        hint = (nodes[n] - g * gs).reshape(gpn, -1)
+        t = seconds / 2 if i == 0 else seconds / 2 / (N - 1)
+        out.append(_node_counts_free(w[g * gs : (g + 1) * gs], rn, gpn, hint, t, workers))
+    return {"node_models": N, "seconds_heaviest": seconds / 2, "upper": max(o[0] for o in out),
+            "lower": max(o[1] for o in out), "all_optimal": all(o[2] for o in out),
+            "heaviest_node": {"upper": out[0][0], "lower": out[0][1], "optimal": out[0][2]}}
+
+
 def main(argv: list[str] | None = None) -> int:
     here = Path(__file__).resolve().parent
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--time-limit", type=float, default=60.0)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--check", type=int, default=3, help="worst layers given the independent model")
+    ap.add_argument("--check", type=int, default=3, help="worst layers of each preset given the independent model")
     ap.add_argument("--check-time", type=float, default=120.0, help="seconds per checked layer")
     ap.add_argument("--out", type=Path, default=here / "gaps.json")
+    ap.add_argument("--presets", nargs="*", default=None,
+                    help="only these presets (while iterating; the recorded study runs them all)")
     args = ap.parse_args(argv)
     t0 = time.time()
-    rows = study(args.time_limit, args.workers)
+    rows = study(args.time_limit, args.workers, args.presets)
     over = sorted(((x["gap"], row["workload"], x["layer"]) for row in rows for x in row["layers"]
                    if x["gap"] > TARGET), reverse=True)
     checks = []
     by_name = {wl.name: wl for wl in workloads("full")}
-    for gap, name, l in over[: args.check]:
+    per_preset: dict[str, int] = {}
+    for gap, name, l in over:
         wl = by_name[name]
+        per_preset[wl.preset.name] = per_preset.get(wl.preset.name, 0) + 1
+        if per_preset[wl.preset.name] > args.check:
+            continue
         topo = wl.preset.topology()
-        if topo["num_replicas"] != wl.windows.shape[2]:
+        one_per_node = topo["num_groups"] == topo["num_nodes"] > 1
+        if topo["num_replicas"] != wl.windows.shape[2] and not one_per_node:
             checks.append({"workload": name, "layer": l, "skipped": "layer has redundancy (counts free): no "
                            "independent complete model at this size"})
             continue
         w = wl.windows[0][l]
         r = eplb_opt.solve(wl.windows[0][l : l + 1], **topo, mode="exact", time_limit=args.time_limit,
                            workers=args.workers)
-        c = check_layer(w, r.plan.phy2log.numpy()[0], topo, args.check_time, args.workers)
+        check = check_layer if topo["num_replicas"] == wl.windows.shape[2] else check_layer_one_group_per_node
+        c = check(w, r.plan.phy2log.numpy()[0], topo, args.check_time, args.workers)
         c.update({"workload": name, "layer": l, "ours_max_load": float(r.max_load[0]),
                   "ours_lower_bound": float(r.lower_bound[0]), "ours_gap": float(r.gap[0])})
         checks.append(c)

@@ -6,11 +6,14 @@ layer's step time is its heaviest node, so work goes to the node that sets it).
 :class:`_Refinement` state (plan, bounds, budget, events) and one deadline, and each
 works on the layers still above tolerance, largest gap first:
 
-1. *Complete models*, where the whole problem is small (the refinement ends there).
+1. *Complete models*, where the whole problem is small.
    Global policy: CP-SAT over replica counts and placement together
-   (:func:`eplb_opt.cpsat.solve_complete`).  Hierarchical: every node content (a set of
-   groups) solved completely, the best group-to-node assignment read off by enumeration.
-   A proof holds with counts and group placement free and joins the certified bound.
+   (:func:`eplb_opt.cpsat.solve_complete`; the refinement ends there).  Hierarchical:
+   every node content (a set of groups) solved completely, the best group-to-node
+   assignment read off by enumeration.  A proof holds with counts and group placement
+   free and joins the certified bound.  On a wall clock the hierarchical models run after
+   the pair re-splits (phase 3) with ``HIER_COMPLETE_SHARE`` of the time, and the layers
+   they leave open go on to phases 2-7 (deterministic: they get it all and end there).
 2. *Group placement by CP-SAT* (hierarchical, groups too many to enumerate): may move
    groups to other nodes; a proven optimum of the group step bounds every plan.
 3. *Exact pair re-splits* (:mod:`heuristics.resplit`), batched over every open layer:
@@ -63,6 +66,9 @@ MIN_SOLVE = 0.005
 # Complete hierarchical models: share of a layer's time for the first pass over all node
 # contents (the rest goes to the contents that decide the layer).
 FIRST_SHARE = 0.15
+# Hierarchical complete models (phase 1, wall clock): share of the time left after the
+# pair re-splits; the layers they leave open get the later phases' searches.
+HIER_COMPLETE_SHARE = 0.5
 # Wall seconds per variable to build a CP-SAT model in Python (a 512-variable fixed-count
 # model: ~10 ms on this project's machine); no model is built with less time than that.
 BUILD_SECONDS_PER_VAR = 2e-5
@@ -293,7 +299,13 @@ def _run_phases(s: _Refinement) -> None:
         return
     open_layers = np.sort(np.asarray(open_layers, dtype=np.int64))
     if _phase1_complete_models(s, open_layers):
-        return
+        # Hierarchical complete models get a share of a wall-clock budget; the layers
+        # they leave open go on to the searches below (deterministic: they had it all).
+        if s.deterministic or s.N == 1:
+            return
+        open_layers = np.sort(np.asarray(s.open_layers(), dtype=np.int64))
+        if not open_layers.size or s.out_of_time():
+            return
     open_layers = _phase2_groups_by_cpsat(s, open_layers)
     _phase3_pair_resplits(s, open_layers)
     _phase4_count_moves(s)
@@ -330,7 +342,18 @@ def _phase1_complete_models(s: _Refinement, open_layers: np.ndarray) -> bool:
         return True
     if s.N > 1 and _hier_complete_ok(s.E, s.R, s.G, s.N, s.num_groups) and _cpsat(
             s.deterministic, s.deadline, s.events, what):
-        _complete_hierarchical(s, open_layers)
+        if not s.deterministic:
+            # Wall clock: the pair re-splits first (a fraction of a second; the complete
+            # models' CP-SAT search finds near-perfect partitions slowly, 0.2% above the
+            # bound where the re-splits and neighbourhoods reach 0.01%), then the models
+            # with HIER_COMPLETE_SHARE of the time, warm-started from that plan.
+            _phase3_pair_resplits(s, open_layers)
+            open_layers = np.sort(np.asarray(s.open_layers(), dtype=np.int64))
+            end = time.perf_counter() + HIER_COMPLETE_SHARE * max(0.0, s.deadline - time.perf_counter())
+        else:
+            end = s.deadline
+        _complete_hierarchical(s, open_layers, end)
+        s.lower_bound = np.fmax(s.lower_bound, np.nan_to_num(s.proven, nan=0.0))
         return True
     return False
 
@@ -408,21 +431,32 @@ class _Contents:
         return cls(members, index, blocks)
 
 
-def _complete_hierarchical(s: _Refinement, layers: np.ndarray) -> None:
+def _complete_hierarchical(s: _Refinement, layers: np.ndarray, end: float) -> None:
     """Phase 1, hierarchical policy: every node content solved completely, the best
     group-to-node assignment read off by enumeration.  The min over assignments of the
     max of their contents' proven bounds is certified with counts and group placement
     free.  Per layer, a first pass gives every content a short solve (warm-started
     from the plan where the plan has that content on a node); the rest of the layer's
     time goes, one doubled solve at a time, to the content that decides the layer
-    (:class:`_LayerContents`)."""
+    (:class:`_LayerContents`).
+
+    Wall clock: the layers go largest gap first, each with a share of the time left
+    (until ``end``) in proportion to its gap, since a layer the pair re-splits left
+    far above its bound is one whose group placement or heavy experts need these
+    models, while one left near its bound gets the later phases' searches."""
     from . import cpsat
 
     contents = _Contents.of(s.E, s.N, s.num_groups)
     s.p = s.p.copy()
+    weight = np.ones(len(layers))
+    if not s.deterministic:
+        gaps = certified_gap(s.lower_bound[layers], s.loads()[layers].max(axis=1))
+        order = np.argsort(-gaps, kind="stable")
+        layers, weight = np.asarray(layers)[order], np.maximum(gaps[order], 1e-12)
     for i, l in enumerate(layers):
         s.attempted[l] = True
-        layer_end = time.perf_counter() + max(0.0, s.deadline - time.perf_counter()) / (len(layers) - i)
+        share = weight[i] / weight[i:].sum()
+        layer_end = time.perf_counter() + max(0.0, end - time.perf_counter()) * share
         search = _LayerContents(s, int(l), contents, cpsat, layer_end)
         search.run()
         if search.solved.all():
