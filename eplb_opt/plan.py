@@ -33,6 +33,7 @@ from .verify_kernels import (
     group_nodes,
     log2phy_fault,
     masked_mismatches,
+    plan_ok,
     slot_maps,
 )
 
@@ -190,10 +191,13 @@ def plan_violations(
     if p.ndim != 2 or p.shape[1] != R or (num_layers is not None and p.shape[0] != num_layers):
         want = f"[{num_layers if num_layers is not None else 'L'}, {R}]"
         return [f"phy2log has shape {tuple(p.shape)}, expected {want}"]
+    p = _int64_c(p)
+    if masked is None and log2phy is None and _passes(p, E, G, hierarchical, int(num_groups), int(num_nodes),
+                                                      allow_duplicates, logcnt):
+        return []
     out: list[str] = []
     if G <= 0 or R % G:
         out.append(f"{R} slots cannot give every one of {G} GPUs the same slot count")
-    p = _int64_c(p)
     empty = np.zeros(p.shape, dtype=bool)                                # [L, R] masked slots
     if masked is not None:
         empty, wrong = _masked_violations(p, masked, G, limit)
@@ -213,6 +217,33 @@ def plan_violations(
     if log2phy is not None:
         out += _log2phy_violations(log2phy, p, cnt, empty)
     return out
+
+
+def _passes(p: np.ndarray, E: int, G: int, hierarchical: bool, ng: int, nn: int, allow_duplicates: bool,
+            logcnt: Any) -> bool:
+    """The common case in one pass (:func:`~eplb_opt.verify_kernels.plan_ok`): ``True``
+    when ``p`` (``[L, R]`` int64, no mask) breaks no rule :func:`plan_violations`
+    checks; ``False`` also whenever the sizes or ``logcnt`` are such that only the
+    rule-by-rule checks can say what is wrong."""
+    L, R = p.shape
+    if E <= 0 or G <= 0 or R % G:
+        return False
+    if hierarchical and (ng <= 0 or nn <= 0 or E % ng or ng % nn or R % nn or G % nn):
+        return False
+    cnt = _NO_COUNTS
+    if logcnt is not None:
+        try:
+            cnt = _int64_c(_to_np(logcnt, "logcnt"))
+        except InvalidPlanError:
+            return False
+        if cnt.shape != (L, E):
+            return False
+    return bool(plan_ok(p, E, G, E // ng if hierarchical else E, nn if hierarchical else 1,
+                        ng // nn if hierarchical else 1, bool(hierarchical), bool(allow_duplicates), cnt,
+                        logcnt is not None))
+
+
+_NO_COUNTS = np.zeros((1, 1), dtype=np.int64)
 
 
 def _masked_violations(p: np.ndarray, masked: Any, G: int, limit: int) -> tuple[np.ndarray | None, list[str]]:

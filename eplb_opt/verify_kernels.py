@@ -17,7 +17,7 @@ import numpy as np
 
 from .heuristics.compile import kernel, warmer
 
-__all__ = ["slot_maps", "expert_counts", "masked_mismatches", "duplicate_gpus", "group_nodes", "log2phy_fault"]
+__all__ = ["slot_maps", "plan_ok", "expert_counts", "masked_mismatches", "duplicate_gpus", "group_nodes", "log2phy_fault"]
 
 # log2phy_fault's answers, in the order plan_violations reports them (the first wins).
 LOG2PHY_OK, LOG2PHY_LAYOUT, LOG2PHY_RANGE, LOG2PHY_EXPERT, LOG2PHY_ONCE = 0, 1, 2, 3, 4
@@ -45,6 +45,60 @@ def slot_maps(p, num_experts, width):
                 log2phy[l, e, r] = s
             logcnt[l, e] = r + 1
     return log2phy, logcnt, -1
+
+
+@kernel
+def plan_ok(p, num_experts, num_gpus, group_size, num_nodes, groups_per_node, hierarchical, allow_dup,
+            logcnt, has_logcnt):
+    """Whether ``p`` (``[L, R]``, no empty slot) breaks none of the rules
+    :func:`eplb_opt.plan.plan_violations` checks without a mask: ids in ``[0, E)``, a
+    replica of every expert, with ``allow_dup`` False no GPU holding one expert twice,
+    with ``hierarchical`` every group of ``group_size`` experts on one node and
+    ``groups_per_node`` groups on every node, and with ``has_logcnt`` ``logcnt``
+    (``[L, E]``) equal to the counts.  Sizes are checked by the caller (``num_gpus`` and
+    ``num_nodes`` divide ``R``, ``group_size * groups`` is ``E``).  One pass per layer;
+    a ``False`` sends the caller to the rule-by-rule checks for the messages."""
+    L, R = p.shape
+    k = R // num_gpus
+    per_node = R // num_nodes
+    num_groups = num_experts // group_size if hierarchical else 1
+    cnt = np.zeros(num_experts, dtype=np.int64)
+    last = np.full(num_experts, -1, dtype=np.int64)
+    node_of = np.empty(num_groups, dtype=np.int64)
+    held = np.empty(num_nodes, dtype=np.int64)
+    for l in range(L):
+        cnt[:] = 0
+        for s in range(R):
+            e = p[l, s]
+            if e < 0 or e >= num_experts:
+                return False
+            cnt[e] += 1
+        for e in range(num_experts):
+            if cnt[e] == 0 or (has_logcnt and logcnt[l, e] != cnt[e]):
+                return False
+        if not allow_dup:
+            for g in range(num_gpus):
+                stamp = l * num_gpus + g
+                for s in range(g * k, g * k + k):
+                    e = p[l, s]
+                    if last[e] == stamp:
+                        return False
+                    last[e] = stamp
+        if hierarchical:
+            node_of[:] = -1
+            held[:] = 0
+            for n in range(num_nodes):
+                for s in range(n * per_node, n * per_node + per_node):
+                    gr = p[l, s] // group_size
+                    if node_of[gr] < 0:
+                        node_of[gr] = n
+                        held[n] += 1
+                    elif node_of[gr] != n:
+                        return False
+            for n in range(num_nodes):
+                if held[n] != groups_per_node:
+                    return False
+    return True
 
 
 @kernel
@@ -196,3 +250,5 @@ def _warm() -> None:
     duplicate_gpus(p, empty, 2, 3, 10)
     group_nodes(p, 1, 3, 1)
     log2phy_fault(m, p, cnt, empty)
+    plan_ok(p, 3, 2, 1, 1, 3, True, False, cnt, True)
+    plan_ok(p, 3, 2, 1, 1, 3, False, True, cnt, False)

@@ -235,3 +235,79 @@ def test_log2phy_fault_matches_plain_loops():
         assert fault == ref_log2phy_fault(m, p, cnt, p == -1), (p, m)
         seen.add(int(fault))
     assert seen == {0, 1, 2, 3, 4}                      # every answer was exercised
+
+
+def ref_plan_ok(p, E, G, gs, nn, gpn, hierarchical, allow_dup, logcnt):
+    """Every rule of plan_ok written out: ids, a replica each, counts, duplicates, groups."""
+    L, R = p.shape
+    k, per_node = R // G, R // nn
+    for l in range(L):
+        row = [int(e) for e in p[l]]
+        if any(not 0 <= e < E for e in row):
+            return False
+        cnt = [row.count(e) for e in range(E)]
+        if 0 in cnt or (logcnt is not None and cnt != logcnt[l].tolist()):
+            return False
+        if not allow_dup and any(len(set(row[g * k:(g + 1) * k])) < k for g in range(G)):
+            return False
+        if hierarchical:
+            nodes = [{row[s] // gs for s in range(n * per_node, (n + 1) * per_node)} for n in range(nn)]
+            if any(len(a & b) for i, a in enumerate(nodes) for b in nodes[i + 1:]):
+                return False
+            if any(len(groups) != gpn for groups in nodes):
+                return False
+    return True
+
+
+def test_plan_ok_matches_plain_loops():
+    rng = np.random.default_rng(7)
+    seen = set()
+    for _ in range(4 * CASES):
+        nn = int(rng.integers(1, 4))
+        gpn, gs = int(rng.integers(1, 3)), int(rng.integers(1, 3))
+        E = nn * gpn * gs
+        G = nn * int(rng.integers(1, 3))
+        R = G * int(rng.integers(1, 4))
+        if R < E or R % nn:
+            continue
+        hierarchical = bool(rng.random() < 0.6) and (R // nn) >= gpn * gs
+        if hierarchical:
+            # A valid hierarchical plan: node n's slots hold its own groups' experts.
+            order = rng.permutation(nn * gpn)
+            rows = []
+            for _ in range(int(rng.integers(1, 3))):
+                row = []
+                for n in range(nn):
+                    mine = np.concatenate([np.arange(g * gs, (g + 1) * gs) for g in order[n * gpn:(n + 1) * gpn]])
+                    row += rng.permutation(np.concatenate([mine, rng.choice(mine, R // nn - mine.size)])).tolist()
+                rows.append(row)
+            p = np.array(rows, dtype=np.int64)
+        else:
+            p = np.array([rng.permutation(np.concatenate([np.arange(E), rng.integers(0, E, R - E)]))
+                          for _ in range(int(rng.integers(1, 3)))], dtype=np.int64)
+        for _ in range(int(rng.integers(0, 3))):               # break 0-2 entries
+            p[rng.integers(p.shape[0]), rng.integers(R)] = rng.integers(-1, E + 1)
+        cnt = np.array([[int((row == e).sum()) for e in range(E)] for row in p], dtype=np.int64)
+        if rng.random() < 0.2:
+            cnt[0, rng.integers(E)] += 1
+        allow_dup = bool(rng.random() < 0.5)
+        has = bool(rng.random() < 0.5)
+        got = vk.plan_ok(p, E, G, gs, nn, gpn, hierarchical, allow_dup, cnt, has)
+        want = ref_plan_ok(p, E, G, gs, nn, gpn, hierarchical, allow_dup, cnt if has else None)
+        assert got == want, (p, E, G, gs, nn, gpn, hierarchical, allow_dup, has)
+        # The message path agrees: valid exactly when no violation is listed.
+        if hierarchical:
+            msgs = plan_violations(p, E, R, G, num_groups=nn * gpn, num_nodes=nn, hierarchical=True,
+                                   allow_duplicates=allow_dup, logcnt=cnt if has else None)
+            assert (msgs == []) == want, (p, msgs)
+        seen.add(bool(got))
+    assert seen == {True, False}
+
+
+def test_plan_ok_counts_groups_per_node():
+    # Every group whole on one node, but node 0 holds 3 groups and node 1 one.
+    p = np.array([[0, 1, 2, 3, 4, 5, 6, 7, 6, 7, 6, 7]])
+    cnt = np.zeros((1, 1), dtype=np.int64)
+    assert not ref_plan_ok(p, E, G, 2, NN, 2, True, True, None)
+    assert not vk.plan_ok(p, E, G, 2, NN, 2, True, True, cnt, False)
+    assert vk.plan_ok(GOOD, E, G, 2, NN, 2, True, True, cnt, False)
