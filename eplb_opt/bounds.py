@@ -43,6 +43,7 @@ from itertools import combinations
 from math import comb
 
 from .heuristics import ENUMERATION_LIMIT, equal_partitions, node_load_lower_bound, num_partitions
+from .heuristics.compile import kernel, warmer
 
 __all__ = ["Bounds", "lower_bounds", "min_max_replica_load", "partition_cardinality_bound", "node_replica_bound"]
 
@@ -112,50 +113,60 @@ def min_max_replica_load(weight: np.ndarray, num_replicas: int) -> np.ndarray:
     return out
 
 
-def _shares_at_least(w: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """``[rows, E]``: how many shares ``w_e / j`` (``j >= 1``, as float64 quotients) are
-    ``>= v`` (``[rows]``, positive).  ``floor(w / v)`` is at most one off (the quotients
-    stay far below ``2**52``), so one exact comparison each way settles it."""
-    v = v[:, None]
-    j = np.floor(w / v)
-    j = np.where(w / (j + 1) >= v, j + 1, j)
-    j = np.where((j >= 1) & (w / np.maximum(j, 1) < v), j - 1, j)
-    return j.astype(np.int64)
+@kernel
+def _sink(val, who, n, i):
+    """Restore the max-heap order of ``val[:n]`` (with ``who`` alongside) below ``i``."""
+    while True:
+        c = 2 * i + 1
+        if c >= n:
+            return
+        if c + 1 < n and val[c + 1] > val[c]:
+            c += 1
+        if val[c] <= val[i]:
+            return
+        val[i], val[c] = val[c], val[i]
+        who[i], who[c] = who[c], who[i]
+        i = c
+
+
+@kernel
+def _kth_shares(w, k, out):
+    """``out[r]``: the ``k``-th largest share ``w_e / j`` (``j >= 1``, the float64
+    quotient) of each row of ``w`` (``[rows, E]``, ``k >= 1``): the shares are taken
+    largest first from a max-heap holding each expert's next share (its next one,
+    ``w_e / (j + 1)``, is never larger), so the ``k``-th taken is the ``k``-th largest
+    of the multiset, whatever order equal shares come in."""
+    rows, E = w.shape
+    val = np.empty(E)
+    who = np.empty(E, dtype=np.int64)
+    nxt = np.empty(E, dtype=np.int64)
+    for r in range(rows):
+        for e in range(E):
+            val[e] = w[r, e]
+            who[e] = e
+            nxt[e] = 2
+        for i in range(E // 2 - 1, -1, -1):
+            _sink(val, who, E, i)
+        for _ in range(k - 1):
+            e = who[0]
+            val[0] = w[r, e] / nxt[e]
+            nxt[e] += 1
+            _sink(val, who, E, 0)
+        out[r] = val[0]
 
 
 def _kth_largest_share(w: np.ndarray, k: int) -> np.ndarray:
     """``[rows]``: the ``k``-th largest share ``w_e / j`` of each row of ``[rows, E]``
-    (every row with a positive load, ``k >= 2``).
+    (every row with a positive load, ``k >= 2``): :func:`_kth_shares`."""
+    out = np.empty(w.shape[0])
+    _kth_shares(np.ascontiguousarray(w, dtype=np.float64), int(k), out)
+    return out
 
-    ``hi = S / k`` is above it (fewer than ``k`` shares reach ``hi``: their sum would pass
-    ``S``) and ``lo = max(S / (k + #positive), max_e w_e / k)`` is at or below it (each
-    gives at least ``k`` shares); both are moved out by a margin far above float64
-    rounding.  The shares in ``[lo, hi)`` -- about ``2 E`` per row -- are listed and
-    sorted; the answer is the one of rank ``k`` minus the shares at or above ``hi``.
-    """
-    total = w.sum(axis=1)
-    hi = total / k * (1 + 1e-9)
-    lo = np.maximum(total / (k + (w > 0).sum(axis=1)), w.max(axis=1) / k) * (1 - 1e-9)
-    first = _shares_at_least(w, hi)                    # shares j = 1..first are >= hi
-    n = _shares_at_least(w, lo) - first                 # shares in [lo, hi) per expert
-    rank = k - first.sum(axis=1)                        # 1-based rank among them
-    if ((rank < 1) | (rank > n.sum(axis=1))).any():    # pragma: no cover - the margins
-        raise RuntimeError("replica bound bracket missed its share (internal error)")
-    # The shares in [lo, hi), negated and laid out densely row by row ([rows, width],
-    # padded with +inf), so one ascending sort per row puts the largest share first.
-    rows, E = w.shape
-    flat_n = n.ravel()
-    cell = np.repeat(np.arange(flat_n.size), flat_n)                  # (row, expert) of each share
-    cell_start = np.cumsum(flat_n) - flat_n
-    offset = np.arange(cell.size) - cell_start[cell]
-    share = w.ravel()[cell] / (first.ravel()[cell] + 1 + offset)
-    per_row = n.sum(axis=1)
-    row = cell // E
-    col = np.arange(cell.size) - (np.cumsum(per_row) - per_row)[row]
-    dense = np.full((rows, int(per_row.max())), np.inf)
-    dense[row, col] = -share
-    dense.sort(axis=1)
-    return -dense[np.arange(rows), rank - 1]
+
+@warmer
+def _warm() -> None:
+    """Compile :func:`_kth_shares` with the argument types real calls use."""
+    min_max_replica_load(np.array([[3.0, 1.0, 0.0]]), 5)
 
 
 def node_replica_bound(
@@ -196,8 +207,7 @@ def node_replica_bound(
         if li.size:
             t[li, gi] = min_max_replica_load(w.reshape(L, num_groups, gs)[li, gi], gs + rn - E // num_nodes)
         return np.maximum(t, group_load / gpn).max(axis=1), False
-    subsets = np.array(list(combinations(range(num_groups), m)), dtype=np.int64)   # [C, m]
-    experts = (subsets[:, :, None] * gs + np.arange(gs)).reshape(len(subsets), -1)  # [C, m*gs]
+    subsets, experts = _contents(num_groups, m, gs)                                # [C, m], [C, m*gs]
     t = np.zeros((L, len(subsets)))
     if rn == m * gs:
         # No spare slot on a node: every expert of a content sits whole on one of its
@@ -216,6 +226,17 @@ def node_replica_bound(
     member = (subsets[:, :, None] == np.arange(num_groups)).any(axis=1)               # [C, Gr]
     per_group = np.where(member[None, :, :], score[:, :, None], np.inf).min(axis=1)   # [L, Gr]
     return per_group.max(axis=1), False
+
+
+@lru_cache(maxsize=16)
+def _contents(num_groups: int, m: int, gs: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(subsets [C, m], experts [C, m * gs])``: every set of ``m`` groups (lexicographic
+    order) and its experts (read-only arrays)."""
+    subsets = np.array(list(combinations(range(num_groups), m)), dtype=np.int64)
+    experts = (subsets[:, :, None] * gs + np.arange(gs)).reshape(len(subsets), -1)
+    subsets.setflags(write=False)
+    experts.setflags(write=False)
+    return subsets, experts
 
 
 @lru_cache(maxsize=16)
