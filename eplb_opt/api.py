@@ -2,8 +2,10 @@
 
 :func:`solve` runs named stages over one :class:`_Call` state:
 
-1. :func:`eplb_opt.problem.validate_solve` checks every argument (masked GPUs then go
-   to :func:`eplb_opt.masked.solve_masked`, which runs this pipeline per sub-problem);
+1. :func:`eplb_opt.problem.validate_solve` checks every argument and, with ``history``,
+   forms the loads the plan is for (:func:`eplb_opt.problem.forecast_loads`; masked GPUs
+   then go to :func:`eplb_opt.masked.solve_masked`, which runs this pipeline per
+   sub-problem);
 2. :func:`_initial_plan`: the heuristic (or spill) plan, verified, and the closed-form
    certified bounds (:mod:`eplb_opt.bounds`);
 3. :func:`_refine_exact`: exact mode's refinement (:mod:`eplb_opt.exact`, or Ray);
@@ -101,7 +103,7 @@ def solve(
     allow_duplicates: bool = True, executor: str | None = None, ray_address: str | None = None,
     previous: Any = None, max_balance_loss: float | None = None, node_move_cost: float = 4.0,
     bytes_per_expert: int | None = None, objective: str = "sum", cross_node_cost: float = 1.0,
-    masked_gpus: Any = None,
+    masked_gpus: Any = None, history: Any = None, forecast: str | None = None,
 ) -> SolveResult:
     """Plan expert placement for every layer and certify how good it is.
 
@@ -144,13 +146,41 @@ def solve(
         masked_gpus: failed or drained GPUs that must hold nothing: GPU ids, a ``[G]`` or
             ``[L, G]`` bool mask, or one id list per layer (:mod:`eplb_opt.masked`; global
             policy over the active GPUs; an explicit ``"hierarchical"`` is refused).
+        history: ``[H, L, E]`` past windows, oldest first, the window before ``weight``
+            last; ``weight`` is then the latest window ``[L, E]`` (not 3-D: a 3-D
+            ``weight`` holds the windows the plan serves, scored by ``objective``; a
+            history holds windows already past).  The plan is for the forecast of the
+            next window (``forecast``), and the result's figures are for those loads.
+            ``None``: the plan is for ``weight``, exactly as without this argument.
+        forecast: with ``history``, how the windows ``history + [weight]`` (age 0 for
+            ``weight``, 1 for the window before, ...) become the plan for the window to
+            come.  Next-window balancedness and in-window cost of each are in
+            ``benchmarks/forecast.json`` and docs/USAGE.md:
+
+            * ``"windows-ema"`` (the default with history): a hedge: every window is a
+              scenario of the next one, weighted ``2 ** -age`` (half-life 1 window,
+              :data:`eplb_opt.problem.FORECAST_PARAMETERS`), and the plan lowers the
+              weighted mean of their busiest GPUs (the ``objective="mean"`` search of
+              :mod:`heuristics.robust` from the plan for the ``"ema"`` loads).  Where a
+              hedge is refused (``previous``, ``policy="spill"``) the default is
+              ``"ema"``.
+            * ``"ema"``: the windows' mean with those weights, one load.
+            * ``"last"``: ``weight`` alone (history ignored): today's plan.
+            * ``"mean"``: every window alike.
+            * ``"windows-worst"`` / ``"windows-mean"``: hedges over the windows
+              unweighted (``objective="worst"`` / ``"mean"`` on them).
+
+            The hedges are not available with ``previous`` or ``policy="spill"``.
+            Without ``history`` a forecast of the one window is that window: the plan is
+            the same as with ``forecast=None`` (with a 3-D ``weight`` it is refused).
 
     Returns:
         :class:`~eplb_opt.result.SolveResult`: the verified plan and its certificate.
 
     Raises:
         InvalidProblemError / InvalidTypeError: bad input, or options that conflict
-        (:data:`eplb_opt.problem.CONFLICTS`); the message names them.
+        (:data:`eplb_opt.problem.HISTORY_CONFLICTS`, :data:`eplb_opt.problem.CONFLICTS`);
+        the message names them and their values.
     """
     start = time.perf_counter()
     problem, options = validate_solve(
@@ -159,12 +189,15 @@ def solve(
         tolerance=tolerance, allow_duplicates=allow_duplicates, executor=executor, ray_address=ray_address,
         previous=previous, max_balance_loss=max_balance_loss, node_move_cost=node_move_cost,
         bytes_per_expert=bytes_per_expert, objective=objective, cross_node_cost=cross_node_cost,
-        masked_gpus=masked_gpus)
+        masked_gpus=masked_gpus, history=history, forecast=forecast)
     if options.mask is not None:
         from .masked import solve_masked
 
         return solve_masked(problem, options, start)
     call = _initial_plan(problem, options, start)
+    if options.forecast is not None:
+        call.events.append(f"planned for forecast={options.forecast!r} of the next window from "
+                           f"{options.history_windows} history window(s) and weight")
     try:
         _refine_exact(call)
         _refine_windows(call)

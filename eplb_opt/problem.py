@@ -4,7 +4,10 @@ Everything a user passes is checked here, once.  :func:`make_problem` turns the 
 (loads and topology) into a frozen :class:`Problem` holding float64 numpy loads and
 plain ints; :func:`validate_solve` does the same for every other argument of
 :func:`eplb_opt.solve` and returns a frozen :class:`SolveOptions`.  Option combinations
-that are refused are listed in one table, :data:`CONFLICTS`.  Errors name the argument
+that are refused are listed in two tables: :data:`HISTORY_CONFLICTS` (how ``history``,
+``forecast`` and a 3-D ``weight`` with ``objective`` may meet, checked before the loads
+to plan for are formed) and :data:`CONFLICTS` (everything else, checked last).
+:func:`forecast_loads` turns ``history`` and ``weight`` into the loads the plan is for.  Errors name the argument
 and its value (:class:`~eplb_opt.errors.InvalidTypeError` for a wrong type,
 :class:`~eplb_opt.errors.InvalidProblemError` for a wrong value).
 
@@ -25,11 +28,21 @@ import numpy as np
 from .errors import InvalidProblemError, InvalidTypeError
 
 __all__ = ["Problem", "SolveOptions", "make_problem", "validate_solve", "as_weight", "as_previous", "as_mask",
-           "choice", "number", "positive_int", "as_placement", "MODES", "POLICIES", "OBJECTIVES", "CONFLICTS"]
+           "choice", "number", "positive_int", "as_placement", "forecast_loads", "MODES", "POLICIES", "OBJECTIVES",
+           "FORECASTS", "FORECAST_PARAMETERS", "DEFAULT_FORECAST", "DEFAULT_POINT_FORECAST", "CONFLICTS", "HISTORY_CONFLICTS"]
 
 MODES = ("heuristic", "exact")
 POLICIES = ("auto", "hierarchical", "global", "spill")
 OBJECTIVES = ("sum", "worst", "mean")
+# Forecasts of the next window from ``history`` + ``weight`` (:func:`forecast_loads`).
+FORECASTS = ("windows-ema", "ema", "last", "mean", "windows-worst", "windows-mean")
+# The default with history, chosen on benchmarks/run_forecast.py's seeds 0-1; where a
+# hedge is refused (previous, policy="spill") the point forecast with its weights.
+DEFAULT_FORECAST = "windows-ema"
+DEFAULT_POINT_FORECAST = "ema"
+# Their fixed parameters: the half-life, in windows, of "ema" and "windows-ema"'s
+# recency weights (1 chosen on seeds 0-1 over 2 and 4).
+FORECAST_PARAMETERS: dict[str, float] = {"ema_halflife": 1.0}
 
 
 @dataclass(frozen=True)
@@ -313,6 +326,9 @@ class SolveOptions:
         cross_node_cost: the spill policy's price of off-node load (``inf`` allowed).
         mask: ``[L, G]`` bool masked GPUs, or ``None`` when no GPU is masked.
         requested_policy: the ``policy`` argument as given (before ``"auto"`` is resolved).
+        forecast: with ``history``, the forecast the plan is for (resolved: never
+            ``None``); ``None`` without history.
+        history_windows: past windows given in ``history`` (0 without).
     """
 
     windows: np.ndarray
@@ -331,6 +347,8 @@ class SolveOptions:
     cross_node_cost: float
     mask: np.ndarray | None
     requested_policy: str
+    forecast: str | None = None
+    history_windows: int = 0
 
     @property
     def robust(self) -> bool:
@@ -346,6 +364,12 @@ class SolveOptions:
 # Option combinations solve() refuses, checked in this order once every argument is
 # valid on its own: (when, message), both functions of (problem, options).
 CONFLICTS: tuple[tuple[Any, Any], ...] = (
+    (lambda p, o: p.policy == "spill" and o.robust and o.forecast is not None,
+     lambda p, o: f"policy='spill' with forecast={o.forecast!r} is not supported: the spill search plans for one "
+                  "load; use forecast='ema', 'mean' or 'last' (or the default)"),
+    (lambda p, o: o.previous is not None and o.robust and o.forecast is not None,
+     lambda p, o: f"previous with forecast={o.forecast!r} is not supported: migration plans for one load; use "
+                  "forecast='ema', 'mean' or 'last' (or the default)"),
     (lambda p, o: p.policy == "spill" and o.robust,
      lambda p, o: "policy='spill' with a worst/mean objective is not supported"),
     (lambda p, o: p.policy == "spill" and o.previous is not None,
@@ -362,6 +386,91 @@ CONFLICTS: tuple[tuple[Any, Any], ...] = (
      lambda p, o: f"previous with objective={o.objective!r} is not supported: migration plans for the summed "
                   "load (objective='sum')"),
 )
+
+
+# How history, forecast and the windows of a 3-D weight may meet: (when, message), both
+# functions of (weight's shape, history given, objective, forecast as given), checked in
+# this order before the loads to plan for are formed.  One meaning each: a 3-D
+# ``weight`` holds the windows the plan serves (``objective`` scores them); ``history``
+# holds windows already past, and ``forecast`` says how they and ``weight`` (then the
+# latest window, [L, E]) become the loads of the window to come.
+HISTORY_CONFLICTS: tuple[tuple[Any, Any], ...] = (
+    (lambda shape, h, obj, fc: h and len(shape) == 3,
+     lambda shape, h, obj, fc: f"history with a 3-D weight of shape {shape}: with history, weight is the latest window "
+                               "[layers, experts] and history the windows before it; a 3-D weight holds the windows "
+                               "to plan for (objective=) -- pass one or the other"),
+    (lambda shape, h, obj, fc: h and obj != "sum",
+     lambda shape, h, obj, fc: f"objective={obj!r} with history: objective scores the windows of a 3-D weight; to "
+                               f"hedge over past windows pass forecast='windows-{obj}'"),
+    (lambda shape, h, obj, fc: not h and len(shape) == 3 and fc is not None,
+     lambda shape, h, obj, fc: f"forecast={fc!r} with a 3-D weight of shape {shape} and no history: a 3-D weight "
+                               "holds the windows to plan for (objective=); a forecast needs past windows: pass them "
+                               "as history= and the latest window as weight"),
+)
+
+
+def forecast_loads(windows: np.ndarray, forecast: str) -> tuple[np.ndarray, str]:
+    """The loads a plan is for, from ``windows`` ``[W, L, E]`` (history then the latest
+    window, oldest first), and the objective over them.
+
+    * ``"windows-ema"``: a hedge: every window is a scenario of the next one, weighted
+      by recency ``2 ** (-age / ema_halflife)`` (age 0 for the latest;
+      :data:`FORECAST_PARAMETERS`), and the plan lowers the weighted mean over them of
+      the busiest GPU (``objective="mean"`` on the weighted windows,
+      :mod:`heuristics.robust`, starting from the plan for the ``"ema"`` loads).
+    * ``"ema"``: the windows' mean with those weights (one load).
+    * ``"last"``: the latest window alone (``[1, L, E]``, ``"sum"``): what ``solve``
+      plans from without history.
+    * ``"mean"``: every window with the same weight.
+    * ``"windows-worst"`` / ``"windows-mean"``: hedges over the windows as they are,
+      lowering the worst / mean window's busiest GPU (``objective="worst"`` /
+      ``"mean"``).
+
+    Point forecasts are weighted means and ``"windows-ema"``'s windows are weighted
+    shares of them: one window's units.  One window: ``[1, L, E]`` as it is.
+    """
+    W = windows.shape[0]
+    if forecast == "last" or W == 1:
+        return windows[-1:], "sum"
+    if forecast in ("windows-worst", "windows-mean"):
+        return windows, forecast[len("windows-"):]
+    if forecast == "mean":
+        weights = np.full(W, 1.0 / W)
+    else:
+        age = np.arange(W - 1, -1, -1, dtype=np.float64)
+        weights = 0.5 ** (age / FORECAST_PARAMETERS["ema_halflife"])
+        weights /= weights.sum()
+    if forecast == "windows-ema":
+        return windows * weights[:, None, None], "mean"
+    return np.tensordot(weights, windows, axes=1)[None], "sum"
+
+
+def _history(weight: Any, history: Any, objective: str, forecast: Any, point_only: bool,
+             ) -> tuple[np.ndarray, str, str | None, int]:
+    """``(windows, objective, forecast, history windows)`` of a call: the weight's
+    windows as today without history; with it, the forecast's loads (``point_only``:
+    the default is :data:`DEFAULT_POINT_FORECAST`, where a hedge is refused)."""
+    if forecast is not None:
+        forecast = choice("forecast", forecast, FORECASTS)
+    windows = as_weight(weight, windows=True)
+    given = history is not None
+    for when, message in HISTORY_CONFLICTS:
+        if when(tuple(windows.shape), given, objective, forecast):
+            raise InvalidProblemError(message(tuple(windows.shape), given, objective, forecast))
+    if windows.ndim == 2:
+        windows = windows[None]
+    if not given:
+        return windows, objective, None, 0
+    past = as_weight(history, name="history", windows=True)
+    if past.ndim == 2:
+        past = past[None]
+    if past.shape[1:] != windows.shape[1:]:
+        raise InvalidProblemError(f"history has shape {tuple(past.shape)}, expected [windows, layers, experts] with "
+                                  f"the weight's layers and experts {tuple(windows.shape[1:])}")
+    forecast = forecast or (DEFAULT_POINT_FORECAST if point_only else DEFAULT_FORECAST)
+    loads, objective = forecast_loads(np.concatenate([past, windows]), forecast)
+    loads.setflags(write=False)
+    return loads, objective, forecast, int(past.shape[0])
 
 
 def _tolerance(value: Any) -> float:
@@ -458,18 +567,19 @@ def validate_solve(weight: Any, *, num_replicas: Any, num_groups: Any, num_nodes
                    mode: Any, time_limit: Any, seed: Any, policy: Any, deterministic: Any, workers: Any,
                    tolerance: Any, allow_duplicates: Any, executor: Any, ray_address: Any, previous: Any,
                    max_balance_loss: Any, node_move_cost: Any, bytes_per_expert: Any, objective: Any,
-                   cross_node_cost: Any, masked_gpus: Any) -> tuple[Problem, SolveOptions]:
+                   cross_node_cost: Any, masked_gpus: Any, history: Any = None,
+                   forecast: Any = None) -> tuple[Problem, SolveOptions]:
     """Check every argument of :func:`eplb_opt.solve` (same names and meanings) and the
-    :data:`CONFLICTS` between them.
+    :data:`HISTORY_CONFLICTS` and :data:`CONFLICTS` between them.
 
     Returns:
-        ``(problem, options)``: the instance for the summed load, and the rest.
+        ``(problem, options)``: the instance for the summed load (with ``history``, for
+        the forecast's loads: :func:`forecast_loads`), and the rest.
     """
     tol = _tolerance(tolerance)
     objective = choice("objective", objective, OBJECTIVES)
-    windows = as_weight(weight, windows=True)
-    if windows.ndim == 2:
-        windows = windows[None]
+    windows, objective, forecast, n_past = _history(weight, history, objective, forecast,
+                                                    point_only=previous is not None or policy == "spill")
     problem = make_problem(
         windows.sum(axis=0) if windows.shape[0] > 1 else windows[0], num_replicas, num_groups, num_nodes,
         num_gpus, mode=mode, time_limit=time_limit, seed=seed, policy=policy, weight_checked=True,
@@ -490,7 +600,8 @@ def validate_solve(weight: Any, *, num_replicas: Any, num_groups: Any, num_nodes
         windows=windows, objective=objective, tolerance=tol, deterministic=det, workers=n_workers,
         workers_given=None if workers is None else int(workers), allow_duplicates=allow_dup, executor=executor,
         ray_address=ray_address, previous=prev, max_balance_loss=mbl, node_move_cost=nmc,
-        bytes_per_expert=bpe, cross_node_cost=lam, mask=mask, requested_policy=policy,
+        bytes_per_expert=bpe, cross_node_cost=lam, mask=mask, requested_policy=policy, forecast=forecast,
+        history_windows=n_past,
     )
     for when, message in CONFLICTS:
         if when(problem, options):
