@@ -529,11 +529,12 @@ def _separate_row(lay, v, lab, loads, occ, cap, max_rounds):
 
 
 @kernel
-def _best_pair(v, lab, loads, occ, h, l):
+def _best_pair(v, lab, loads, occ, h, l, vb):
     """The best 1-for-1 swap between pack ``h`` and a lighter pack ``l``: moving slot
     ``a`` of ``h`` against slot ``b`` of ``l`` shifts ``d = v[h, a] - v[l, b]``, leaving
     the pair's larger load at ``max(lh - d, ll + d) = mid + |d - half|``.  Swaps that
     would put a label twice on a pack are skipped; ties go to the first ``(a, b)``.
+    ``vb [k]`` is scratch.
 
     Returns ``(new_max, a, b, mid, half)``; ``new_max`` is ``inf`` unless the swap
     lowers ``h`` by more than float noise."""
@@ -541,15 +542,16 @@ def _best_pair(v, lab, loads, occ, h, l):
     lh = loads[h]
     half = 0.5 * (lh - loads[l])
     mid = lh - half
+    # Items of l that may come to h, the others at +inf (never closer than a real one).
+    for b in range(k):
+        vb[b] = v[l, b] if occ[h, lab[l, b]] == 0 else np.inf
     low, ai, bi = np.inf, 0, 0
     for a in range(k):
         if occ[l, lab[h, a]] > 0:
             continue
         xa = v[h, a] - half
         for b in range(k):
-            if occ[h, lab[l, b]] > 0:
-                continue
-            dev = abs(xa - v[l, b])
+            dev = abs(xa - vb[b])
             if dev < low:
                 low, ai, bi = dev, a, b
     if low < lh * (1 - _REL_EPS) - mid:
@@ -579,7 +581,7 @@ def _best_partner(v, lab, loads, occ, h, a, l, half, mid):
 @kernel
 def _round_work(P, k):
     """Work arrays of :func:`_refine_round` for ``P`` packs of ``k`` slots: ``(order,
-    items, buf, mids, halves, first, pval, pslot, cand, acc, ok, d, touched)``."""
+    items, buf, mids, halves, first, pval, pslot, cand, acc, ok, d, touched, vb)``."""
     near = min(P - 1, _PARTNERS)
     pairs = min(P // 2, _PARTNERS)
     q = min(k, near)
@@ -587,7 +589,7 @@ def _round_work(P, k):
             np.empty(near), np.empty(near), np.zeros(3, np.int64),
             np.empty(pairs), np.empty((pairs, 2), np.int64),
             np.empty((q + 1, 3), np.int64), np.empty(q + 1, np.bool_), np.empty(q + 1, np.bool_),
-            np.empty(q + 1), np.empty(P, np.bool_))
+            np.empty(q + 1), np.empty(P, np.bool_), np.empty(k))
 
 
 @kernel
@@ -604,7 +606,7 @@ def _heavy_swaps(v, lab, loads, occ, multi, work):
     above the rest (one dominant expert) thus sheds many items per round instead of one.
 
     Writes ``cand [q + 1, 3]`` (a slot, partner, b slot) and ``acc [q + 1]``."""
-    order, items, buf, mids, halves, first, _, _, cand, acc, ok, d, _ = work
+    order, items, buf, mids, halves, first, _, _, cand, acc, ok, d, _, _ = work
     P, k = v.shape
     q = acc.shape[0] - 1
     h = order[P - 1]
@@ -644,20 +646,20 @@ def _refine_round(lay, v, lab, loads, occ, multi, work):
     (i-th heaviest, i-th lightest, ``pairs`` of them) touching neither pack changed
     first (all evaluated on the loads before the round).  Returns whether the heaviest
     pack got a swap."""
-    order, _, buf, mids, halves, first, pval, pslot, cand, acc, _, _, touched = work
+    order, _, buf, mids, halves, first, pval, pslot, cand, acc, _, _, touched, vb = work
     P, k = v.shape
     near, pairs = mids.shape[0], pval.shape[0]
     _order(loads, order, buf, 1.0)                     # lightest first
     h = order[P - 1]
     best = np.inf
     for j in range(near):
-        val, a, b, mid, half = _best_pair(v, lab, loads, occ, h, order[j])
+        val, a, b, mid, half = _best_pair(v, lab, loads, occ, h, order[j], vb)
         mids[j], halves[j] = mid, half
         if val < best or j == 0:
             best = val
             first[0], first[1], first[2] = a, order[j], b
     for i in range(pairs):
-        val, a, b, _, _ = _best_pair(v, lab, loads, occ, order[P - 1 - i], order[i])
+        val, a, b, _, _ = _best_pair(v, lab, loads, occ, order[P - 1 - i], order[i], vb)
         pval[i], pslot[i, 0], pslot[i, 1] = val, a, b
     acc[0] = best < np.inf
     _heavy_swaps(v, lab, loads, occ, multi, work)
