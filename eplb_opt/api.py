@@ -158,7 +158,7 @@ def solve(
             ``benchmarks/forecast.json`` and docs/USAGE.md:
 
             * ``"windows-ema"`` (the default with history): a hedge: every window is a
-              scenario of the next one, weighted ``2 ** -age`` (half-life 1 window,
+              scenario of the next one, weighted ``4 ** -age`` (half-life 0.5 windows,
               :data:`eplb_opt.problem.FORECAST_PARAMETERS`), and the plan lowers the
               weighted mean of their busiest GPUs (the ``objective="mean"`` search of
               :mod:`heuristics.robust` from the plan for the ``"ema"`` loads).  Where a
