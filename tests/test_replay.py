@@ -429,3 +429,26 @@ def test_cli_replay_needs_a_trace_or_a_preset(capsys):
 
     assert main(["replay", "--replicas", "24", "--gpus", "4"]) == 2
     assert "--preset NAME" in capsys.readouterr().err
+
+
+def test_forecast_policy_plans_from_sub_windows_as_history(trace):
+    """``forecast``: solve(latest sub-window, history=the earlier ones), the default forecast."""
+    from eplb_opt.problem import DEFAULT_FORECAST
+    from eplb_opt.replay._policies import PlanRequest, PolicyOptions, Topology, load_policies
+
+    r = _replay(trace, GLOBAL, policies=["forecast"], interval=60, sub_windows=3)
+    run = r.run("forecast", 60)
+    assert run.obeys_policy and len(run.rebalance_steps) == 3
+    (pol,), _ = load_policies(["forecast"], PolicyOptions(0.0, 0.0, 3, "worst"))
+    assert DEFAULT_FORECAST in pol.description
+
+    class Stub:
+        num_steps = 60
+
+        def windows(self, n):
+            return np.stack([trace[a:b].sum(axis=0) for a, b in ((0, 20), (20, 40), (40, 60))][:n])
+
+    topo = Topology(4, 16, **GLOBAL)
+    got = pol.plan(PlanRequest(60, Stub(), np.zeros((4, 24), dtype=np.int64), topo))
+    h = Stub().windows(3)
+    assert np.array_equal(got, np.asarray(eplb_opt.solve(h[-1], **GLOBAL, history=h[:-1]).plan.phy2log))

@@ -16,7 +16,9 @@ Policies (``POLICY_NAMES``; every one plans under the ``"auto"`` rule, hierarchi
 * ``ours``: ``eplb_opt.solve(mode="heuristic")`` on the summed window; ``exact``:
   ``mode="exact", deterministic=True, time_limit=exact_time_limit``; ``migrate``:
   ``previous=<deployed placement>, max_balance_loss=max_balance_loss``; ``windows``:
-  ``objective=windows_objective`` on the window cut into ``sub_windows`` sub-windows.
+  ``objective=windows_objective`` on the window cut into ``sub_windows`` sub-windows;
+  ``forecast``: ``history=`` the earlier of those sub-windows, the latest as ``weight``
+  (``solve``'s default forecast with history).
 * Peers from their published wheels, loaded as ``eplb-opt bench`` loads them
   (:mod:`eplb_opt.bench.peers`), each given the history its engine gives it: ``deepseek``
   (DeepSeek EPLB, ``sglang==0.5.23``) and ``vllm`` (vLLM 0.33's default policy) the summed
@@ -224,7 +226,7 @@ def replay(
         num_replicas, num_gpus, num_groups, num_nodes: the topology, as for
             :func:`eplb_opt.solve`; every policy plans under the ``"auto"`` rule.
         policies: names from ``POLICY_NAMES`` (``ours``, ``exact``, ``migrate``,
-            ``windows``, ``deepseek``, ``vllm``, ``sglang_vec``) and/or
+            ``windows``, ``forecast``, ``deepseek``, ``vllm``, ``sglang_vec``) and/or
             :class:`ReplayPolicy` objects.  ``static`` and ``clairvoyant`` always run.
         interval: steps between rebalances, or a list of them (an interval sweep).
         window: steps each plan is made from (default: the interval, as SGLang's recorder
@@ -236,7 +238,8 @@ def replay(
         exact_time_limit: ``exact``'s deterministic budget per plan (``time_limit``).
         max_balance_loss: ``migrate``'s balance budget.
         sub_windows, windows_objective: ``windows`` plans for the ``"worst"`` or ``"mean"``
-            of this many consecutive sub-windows of its window.
+            of this many consecutive sub-windows of its window; ``forecast`` plans from
+            the same sub-windows as history.
         clairvoyant: also replay the clairvoyant plan (one heuristic plan per window).
         initial: what every run serves with before its first rebalance: ``"plan"`` (its
             own plan of the first ``window`` steps, default: the shortest interval) or

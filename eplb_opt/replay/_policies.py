@@ -13,6 +13,8 @@ Built-in names (usable on the command line):
   migration-aware replan from the placement deployed now.
 * ``windows``: ``solve(objective=windows_objective)`` on the window cut into
   ``sub_windows`` consecutive sub-windows ``[W, L, E]``.
+* ``forecast``: ``solve(latest, history=earlier)`` (the default forecast with history)
+  on the same sub-windows: the latest is ``weight``, the ones before it ``history``.
 * ``deepseek``: DeepSeek's EPLB (``sglang==0.5.23`` wheel) on the summed window.
 * ``vllm``: vLLM 0.33's default policy (``vllm==0.33.0`` wheel) on the summed window.
 * ``sglang_vec``: SGLang's ``deepseek_vec`` (``sglang==0.5.23`` wheel) on the window's
@@ -37,7 +39,7 @@ __all__ = ["BASELINES", "DEFAULT_POLICIES", "POLICY_NAMES", "PlanRequest", "Poli
            "Topology", "load_policies"]
 
 DEFAULT_POLICIES = ("ours", "migrate", "windows", "deepseek", "vllm")
-POLICY_NAMES = ("ours", "exact", "migrate", "windows", "deepseek", "vllm", "sglang_vec")
+POLICY_NAMES = ("ours", "exact", "migrate", "windows", "forecast", "deepseek", "vllm", "sglang_vec")
 BASELINES = ("static", "clairvoyant")
 
 
@@ -157,6 +159,18 @@ def _windows(o: PolicyOptions) -> ReplayPolicy:
                                                      f"on the window cut into {o.sub_windows} sub-windows")
 
 
+def _forecast(o: PolicyOptions) -> ReplayPolicy:
+    from ..problem import DEFAULT_FORECAST
+
+    def plan(r: PlanRequest) -> np.ndarray:
+        h = r.history.windows(min(o.sub_windows, r.history.num_steps))
+        return _solve(h[-1], r.topology, history=h[:-1] if len(h) > 1 else None)
+
+    return ReplayPolicy("forecast", plan, description=f"eplb-opt forecast: solve(history=...) (forecast "
+                                                      f"'{DEFAULT_FORECAST}') on the window cut into {o.sub_windows} "
+                                                      "sub-windows, the latest as weight")
+
+
 def _torch(a: np.ndarray, dtype: str = "float64") -> Any:
     import torch
 
@@ -188,7 +202,8 @@ def _sglang_vec(o: PolicyOptions) -> ReplayPolicy:
 
 
 _FACTORIES: dict[str, Callable[[PolicyOptions], ReplayPolicy]] = {
-    "ours": _ours, "exact": _exact, "migrate": _migrate, "windows": _windows, "deepseek": _deepseek,
+    "ours": _ours, "exact": _exact, "migrate": _migrate, "windows": _windows, "forecast": _forecast,
+    "deepseek": _deepseek,
     "vllm": _vllm, "sglang_vec": _sglang_vec,
 }
 
