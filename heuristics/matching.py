@@ -97,6 +97,17 @@ def _overlap(new_l, old_cnt, new_cnt, seen, rows_lo, rows_hi, cols_lo, cols_hi, 
 
 
 @kernel
+def _prefer_diagonal(score):
+    """``(n + 1) score + I``: the same optimal matchings (the diagonal adds at most ``n``),
+    and among them one that keeps the most units in place (``i -> i``), so an unchanged
+    layout is never relabelled."""
+    out = score * (score.shape[0] + 1)
+    for i in range(score.shape[0]):
+        out[i, i] += 1
+    return out
+
+
+@kernel
 def _unit_counts(row, units, span, cnt):
     """``cnt[u, e]`` += replicas of ``e`` in unit ``u`` (``span`` slots each) of ``row``."""
     for u in range(units):
@@ -116,8 +127,10 @@ def _clear_counts(row, units, span, cnt):
 def align_rows(new, old, G, N, E):
     """``new [L, R]`` relabelled to keep as many replicas of ``old [L, R]`` in place as
     possible (experts in ``0 .. E - 1``): per layer, nodes matched by their shared
-    replicas first (when ``N > 1``), then GPUs within matched nodes; each new GPU's
-    experts then take the old slots of those it keeps (:func:`keep_gpu_slots`)."""
+    replicas first (when ``N > 1``), and among the node matchings that share the most,
+    one whose GPUs, matched within matched nodes, share the most (each node pair scores
+    ``node overlap * (R + 1) + best GPU overlap``); each new GPU's experts then take the
+    old slots of those it keeps (:func:`keep_gpu_slots`)."""
     L, R = new.shape
     k, P = R // G, G // N
     out = np.empty_like(new)
@@ -127,22 +140,31 @@ def align_rows(new, old, G, N, E):
     no = np.zeros((N, E), dtype=np.int64)
     seen = np.full(E, -1, dtype=np.int64)
     gpu_of = np.empty(G, dtype=np.int64)
+    perms = np.empty((N, N, P), dtype=np.int64)
     for l in range(L):
         _unit_counts(new[l], G, k, cn)
         _unit_counts(old[l], G, k, co)
+        node_of = np.zeros(1, dtype=np.int64)
+        score = np.zeros((N, N), dtype=np.int64)
         if N > 1:
             _unit_counts(new[l], N, P * k, nn)
             _unit_counts(old[l], N, P * k, no)
-            node_of = max_assignment(_overlap(new[l], no, nn, seen, 0, N, 0, N, k, P))
+            score = _overlap(new[l], no, nn, seen, 0, N, 0, N, k, P) * (R + 1)
             _clear_counts(new[l], N, P * k, nn)
             _clear_counts(old[l], N, P * k, no)
-        else:
-            node_of = np.zeros(1, dtype=np.int64)
+        for a in range(N):
+            for b in range(N):
+                sub = _overlap(new[l], co, cn, seen, a * P, (a + 1) * P, b * P, (b + 1) * P, k, 1)
+                perms[a, b] = max_assignment(_prefer_diagonal(sub))
+                if N > 1:
+                    for i in range(P):
+                        score[a, b] += sub[i, perms[a, b, i]]
+        if N > 1:
+            node_of = max_assignment(_prefer_diagonal(score))
         for a in range(N):
             b = node_of[a]
-            sub = max_assignment(_overlap(new[l], co, cn, seen, a * P, (a + 1) * P, b * P, (b + 1) * P, k, 1))
             for i in range(P):
-                gpu_of[a * P + i] = b * P + sub[i]
+                gpu_of[a * P + i] = b * P + perms[a, b, i]
         for g in range(G):
             h = gpu_of[g]
             out[l, h * k:(h + 1) * k] = keep_gpu_slots(new[l, g * k:(g + 1) * k], old[l, h * k:(h + 1) * k])

@@ -151,3 +151,19 @@ def test_align_to_previous_keeps_the_most_replicas(seed):
             for g in range(G):
                 o, a = old[l, g * k:(g + 1) * k], out[l, g * k:(g + 1) * k]
                 assert np.array_equal(a, keep_slots(a, o))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_align_to_previous_leaves_an_unchanged_plan_alone(seed):
+    """Among equally good matchings the one keeping nodes and GPUs in place is taken: a
+    plan aligned to itself (duplicates, many tied overlaps) comes back unchanged, and
+    GPU overlap is never given up for nothing (whole nodes relabelled: all kept)."""
+    rng = np.random.default_rng(200 + seed)
+    for _ in range(20):
+        N = int(rng.choice([1, 2, 4]))
+        G, k = N * int(rng.integers(1, 5)), int(rng.integers(1, 4))
+        E = int(rng.integers(1, G * k + 1))
+        old = _random_plan(rng, 3, E, G, k, False)
+        assert np.array_equal(align_to_previous(old, old, G, N), old)
+        shuffled = old.reshape(3, N, -1)[:, rng.permutation(N)].reshape(3, -1)
+        assert count_moves(old, align_to_previous(shuffled, old, G, N), G, N).sum() == 0
