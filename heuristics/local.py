@@ -64,86 +64,184 @@ def pick_update(kind, val, dphi, cost, eps):
 
 
 @kernel
-def best_swap(S, v, load, M, newm, cin, allowed, dup, T, eps, g, B):
-    """The repair's pick (:func:`pick_update`) among swaps of slot ``i`` of ``g`` (above
-    ``T``) with slot ``j`` of a partner ``h``, in the order ``(i, h, j)``: the experts
-    trade places, ``d = v[b] - v[a]`` moves from ``h`` to ``g``; the excess over ``T``
-    removed is ``dphi``, the cost the arrivals of ``a`` on ``h`` and ``b`` on ``g`` less
-    the departures of ``a`` from ``g`` and ``b`` from ``h`` (each priced only where it is
-    a move).  Returns ``(kind, score, cost, i, h, j)``; kind -1: none; score: the excess
-    removed when free, else the ratio.  A swap with ``d >= 0`` removes no excess from
-    ``g`` and is skipped."""
+def slot_values(S, v):
+    """``[G, k]`` the per-replica load of every slot's expert (``v[S]``)."""
+    G, k = S.shape
+    vS = np.empty((G, k))
+    for h in range(G):
+        for s in range(k):
+            vS[h, s] = v[S[h, s]]
+    return vS
+
+
+@kernel
+def move_prices(newm, cin):
+    """``q [G, E]``: the cost of a replica of ``e`` on ``g`` (``cin`` where it is a move,
+    else 0), and whether every sum of four of them is exact in float64 (all are multiples
+    of ``2^-20`` below ``2^30``), which the swap search's bounds rely on."""
+    G, E = newm.shape
+    q = np.zeros((G, E))
+    exact = True
+    for g in range(G):
+        for e in range(E):
+            if newm[g, e]:
+                q[g, e] = cin[g, e]
+            x = q[g, e] * 1048576.0
+            exact = exact and x == np.floor(x) and abs(q[g, e]) < 1073741824.0
+    return q, exact
+
+
+@kernel
+def _partner_bounds(S, vS, q, g, lo, B):
+    """Per partner ``h = lo + x`` of ``g``: the least ``q[g, b] - q[h, b]`` over its slots'
+    experts ``b``, the least ``q[h, a] - q[g, a]`` over ``g``'s experts ``a``, and its
+    least slot value (bounds for :func:`swap_scan`)."""
     k = S.shape[1]
-    kind, val, score, bc, bi, bh, bj = -1, 0.0, 0.0, 0.0, -1, -1, -1
+    mh = np.empty(B)
+    ma = np.empty(B)
+    vmin = np.empty(B)
+    for x in range(B):
+        h = lo + x
+        m, m2, vm = np.inf, np.inf, np.inf
+        for j in range(k):
+            b = S[h, j]
+            a = S[g, j]
+            m = min(m, q[g, b] - q[h, b])
+            m2 = min(m2, q[h, a] - q[g, a])
+            vm = min(vm, vS[h, j])
+        mh[x], ma[x], vmin[x] = m, m2, vm
+    return mh, ma, vmin
+
+
+@kernel
+def _key(dphi, cost):
+    """The pick key of :func:`pick_update` as a pair: ``(1, dphi - 1e-9 cost)`` when free,
+    else ``(0, dphi / cost)``."""
+    if cost <= 0.0:
+        return 1, dphi - 1e-9 * cost
+    return 0, dphi / max(cost, 1e-9)
+
+
+@kernel
+def _may_win(kind, val, best_at, ub, lb, first_at):
+    """Whether a group of candidates (excess removed at most ``ub``, cost at least
+    ``lb``, in scan order from ``first_at``) may hold one that the pick prefers to the
+    best so far (key ``(kind, val)``, found at ``best_at``): a larger key, or the same
+    key earlier in the order.  Keys are monotone in both bounds."""
+    if kind < 0:
+        return True
+    bk, bv = _key(ub, lb)
+    if bk != kind:
+        return bk > kind
+    return bv > val or (bv == val and first_at < best_at)
+
+
+@kernel
+def _swap_pairs(S, vS, load, M, q, allowed, dup, T, eps, g, B, exact, first, best, mh, ma, vmin):
+    """One pass of :func:`swap_scan` over the partners ``h`` with ``first[h - lo]`` set,
+    updating ``best`` (``kind, val, score, cost, i, h, j, at``) in place."""
+    G, k = S.shape
     lo = (g // B) * B
-    exg = max(0.0, load[g] - T)
-    for i in range(k):
-        a = S[g, i]
-        for h in range(lo, lo + B):
-            if h == g or not allowed[h, a] or (not dup and M[h, a] != 0):
+    exg = max(load[g] - T, 0.0)
+    for x in range(B):
+        h = lo + x
+        if h == g or not first[x]:
+            continue
+        phi0 = exg + max(load[h] - T, 0.0)
+        near = load[g] < 64.0 * T and load[h] < 64.0 * T
+        if not phi0 > eps or (near and not load[h] < T):
+            continue                                    # no swap removes any excess
+        room = (T - load[h]) + 4e-13 * T if near else np.inf
+        if exact and not _may_win(int(best[0]), best[1], best[7], min(phi0, room), ma[x] + mh[x], h * k):
+            continue
+        for i in range(k):
+            a = S[g, i]
+            if not allowed[h, a] or (not dup and M[h, a] != 0):
                 continue
-            phi0 = exg + max(load[h] - T, 0.0)
+            va, qga, qha = vS[g, i], q[g, a], q[h, a]
+            dmin = vmin[x] - va
+            if not dmin < 0.0:
+                continue
+            if exact:
+                ub = min(phi0 - max(load[g] + dmin - T, 0.0), room)
+                if not _may_win(int(best[0]), best[1], best[7], ub, (qha - qga) + mh[x], (i * G + h) * k):
+                    continue
             for j in range(k):
+                d = vS[h, j] - va
+                if d >= 0.0:
+                    continue
                 b = S[h, j]
-                d = v[b] - v[a]
-                if d >= 0.0 or a == b or not allowed[g, b] or (not dup and M[g, b] != 0):
+                if not allowed[g, b] or (not dup and M[g, b] != 0):
                     continue
                 dphi = phi0 - max(load[g] + d - T, 0.0) - max(load[h] - d - T, 0.0)
                 if not dphi > eps:
                     continue
-                cost = ((cin[h, a] if newm[h, a] else 0.0) + (cin[g, b] if newm[g, b] else 0.0)
-                        - (cin[g, a] if newm[g, a] else 0.0) - (cin[h, b] if newm[h, b] else 0.0))
-                taken, kind, val = pick_update(kind, val, dphi, cost, eps)
-                if taken:
-                    score = dphi if kind == 1 else val
-                    bc, bi, bh, bj = cost, i, h, j
-    return kind, score, bc, bi, bh, bj
+                cost = ((qha + q[g, b]) - qga) - q[h, b]
+                kk, kv = _key(dphi, cost)
+                at = (i * G + h) * k + j
+                if best[0] < 0 or kk > best[0] or (kk == best[0] and (kv > best[1] or (kv == best[1] and at < best[7]))):
+                    best[0], best[1], best[2], best[3] = kk, kv, dphi if kk == 1 else kv, cost
+                    best[4], best[5], best[6], best[7] = i, h, j, at
 
 
 @kernel
-def holders(S, E):
-    """GPUs holding each expert, each once, ascending: ``(start [E + 1], gpu [..])``,
-    expert ``e``'s GPUs are ``gpu[start[e]:start[e + 1]]``."""
-    G, k = S.shape
-    start = np.zeros(E + 1, dtype=np.int64)
-    last = np.full(E, -1, dtype=np.int64)
-    for h in range(G):
-        for s in range(k):
-            e = S[h, s]
-            if e >= 0 and last[e] != h:
-                last[e] = h
-                start[e + 1] += 1
-    for e in range(E):
-        start[e + 1] += start[e]
-    gpu = np.empty(start[E], dtype=np.int64)
-    fill = start[:E].copy()
-    last[:] = -1
-    for h in range(G):
-        for s in range(k):
-            e = S[h, s]
-            if e >= 0 and last[e] != h:
-                last[e] = h
-                gpu[fill[e]] = h
-                fill[e] += 1
-    return start, gpu
+def swap_scan(S, vS, load, M, q, allowed, dup, T, eps, g, B, exact):
+    """The repair's pick (:func:`pick_update`) among swaps of slot ``i`` of ``g`` (above
+    ``T``) with slot ``j`` of a partner ``h``, first in the order ``(i, h, j)`` on ties:
+    the experts trade places, ``d = v[b] - v[a]`` moves from ``h`` to ``g``; the excess
+    over ``T`` removed is ``dphi``, the cost the arrivals of ``a`` on ``h`` and ``b`` on
+    ``g`` less the departures of ``a`` from ``g`` and ``b`` from ``h`` (``q``: each
+    priced only where it is a move).  Returns ``(kind, score, cost, i, h, j)``; kind -1:
+    none; score: the excess removed when free, else the ratio.  A swap with ``d >= 0``
+    removes no excess from ``g`` and is skipped.
+
+    Partners whose cheapest swap can be the cheapest overall are searched first, so the
+    best so far is good early; with ``exact`` costs, partners and slots that cannot beat
+    it are then skipped (:func:`_may_win`; the key and position decide, so the answer is
+    the one the plain scan in order gives)."""
+    k = S.shape[1]
+    lo = (g // B) * B
+    best = np.array([-1.0, 0.0, 0.0, 0.0, -1.0, -1.0, -1.0, 0.0])
+    first = np.zeros(B, dtype=np.bool_)
+    mh, ma, vmin = _partner_bounds(S, vS, q, g, lo, B)
+    if exact:
+        cheapest = np.inf
+        for x in range(B):
+            cheapest = min(cheapest, ma[x] + mh[x])
+        for x in range(B):
+            first[x] = ma[x] + mh[x] <= cheapest
+        _swap_pairs(S, vS, load, M, q, allowed, dup, T, eps, g, B, exact, first, best, mh, ma, vmin)
+        for x in range(B):
+            first[x] = not first[x]
+    else:
+        first[:] = True
+    _swap_pairs(S, vS, load, M, q, allowed, dup, T, eps, g, B, exact, first, best, mh, ma, vmin)
+    return int(best[0]), best[2], best[3], int(best[4]), int(best[5]), int(best[6])
 
 
 @kernel
-def best_retarget(S, w, v, c, load, M, newm, cin, allowed, dup, T, eps, g):
+def best_swap(S, v, load, M, newm, cin, allowed, dup, T, eps, g, B):
+    """:func:`swap_scan` from the plain state (``newm [G, E]`` moves, ``cin [G, E]``
+    their costs): the entry point the tests pin."""
+    q, exact = move_prices(newm, cin)
+    return swap_scan(S, slot_values(S, v), load, M, q, allowed, dup, T, eps, g, B, exact)
+
+
+@kernel
+def retarget_scan(S, w, v, vp, c, load, M, q, allowed, dup, T, eps, g, la, hotb):
     """The repair's pick among retargets of a slot of ``g`` (slots in order, then the
     experts allowed on ``g`` in order): slot ``i`` (expert ``a``, ``>= 2`` replicas) goes
-    to expert ``b``, so every GPU holding ``a`` or ``b`` changes load.  Returns ``(kind,
-    score, cost, i, b)`` as :func:`best_swap`.
+    to expert ``b`` (``vp[b] = w[b] / (c[b] + 1)``), so every GPU holding ``a`` or ``b``
+    changes load.  Returns ``(kind, score, cost, i, b)`` as :func:`swap_scan`.
 
-    The excess removed is summed over the GPUs whose load changes (those holding ``a``,
-    then those holding ``b`` and ``g``), not over all ``G``."""
+    The excess removed is summed over the GPUs whose load changes, in index order.  A
+    GPU other than ``g`` holding ``b`` contributes exactly 0 unless it is above ``T``
+    once ``a`` lost its replica (``b``'s replicas only get lighter), so only those
+    (``rel``, with ``g``) are visited; ``hotb`` marks the experts they hold.  ``la`` and
+    ``hotb`` are work arrays (``load`` and all False on entry and on return)."""
     G, k = S.shape
     E = w.size
-    start, gpu = holders(S, E)
-    ex0 = np.empty(G)
-    for h in range(G):
-        ex0[h] = max(load[h] - T, 0.0)
-    la = load.copy()                      # loads once ``a`` lost a replica
+    rel = np.empty(G, dtype=np.int64)
     kind, val, score, bc, bi, bb = -1, 0.0, 0.0, 0.0, -1, -1
     for i in range(k):
         a = S[g, i]
@@ -152,86 +250,159 @@ def best_retarget(S, w, v, c, load, M, newm, cin, allowed, dup, T, eps, g):
         va2 = w[a] / max(c[a] - 1, 1)
         da = va2 - v[a]
         d_a = 0.0
-        for t in range(start[a], start[a + 1]):
-            h = gpu[t]
-            la[h] = load[h] + M[h, a] * da
-            d_a += ex0[h] - max(la[h] - T, 0.0)
+        for h in range(G):
+            if M[h, a] != 0:
+                la[h] = load[h] + M[h, a] * da
+                d_a += max(load[h] - T, 0.0) - max(la[h] - T, 0.0)
+        nrel = 0
+        for h in range(G):
+            if h == g or la[h] > T:
+                rel[nrel] = h
+                nrel += 1
+                for s in range(k):
+                    hotb[S[h, s]] = True
+        exlag = max(la[g] - T, 0.0)
+        qga = q[g, a]
         for b in range(E):
             if b == a or not allowed[g, b] or (not dup and M[g, b] != 0):
                 continue
-            vb2 = w[b] / (c[b] + 1)
-            db = vb2 - v[b]
-            dphi = d_a
-            on_g = False
-            for t in range(start[b], start[b + 1]):
-                h = gpu[t]
-                nh = la[h] + M[h, b] * db
-                if h == g:
-                    nh += vb2 - va2
-                    on_g = True
-                dphi += max(la[h] - T, 0.0) - max(nh - T, 0.0)
-            if not on_g:
-                dphi += max(la[g] - T, 0.0) - max(la[g] + (vb2 - va2) - T, 0.0)
+            vb2 = vp[b]
+            if hotb[b]:
+                db = vb2 - v[b]
+                dphi = d_a
+                on_g = False
+                for r in range(nrel):
+                    h = rel[r]
+                    if M[h, b] == 0:
+                        continue
+                    nh = la[h] + M[h, b] * db
+                    if h == g:
+                        nh += vb2 - va2
+                        on_g = True
+                    dphi += max(la[h] - T, 0.0) - max(nh - T, 0.0)
+                if not on_g:
+                    dphi += exlag - max(la[g] + (vb2 - va2) - T, 0.0)
+            else:
+                dphi = d_a + (exlag - max(la[g] + (vb2 - va2) - T, 0.0))
             if not dphi > eps:
                 continue
-            cost = (cin[g, b] if newm[g, b] else 0.0) - (cin[g, a] if newm[g, a] else 0.0)
+            cost = q[g, b] - qga
             taken, kind, val = pick_update(kind, val, dphi, cost, eps)
             if taken:
                 score = dphi if kind == 1 else val
                 bc, bi, bb = cost, i, b
-        for t in range(start[a], start[a + 1]):
-            la[gpu[t]] = load[gpu[t]]
+        for r in range(nrel):
+            for s in range(k):
+                hotb[S[rel[r], s]] = False
+        for h in range(G):
+            la[h] = load[h]
     return kind, score, bc, bi, bb
 
 
 @kernel
-def undo_swap(S, v, load, M, newm, cin, allowed, dup, T, eps, g, B):
-    """The cheapest swap of ``g`` with a partner (as :func:`best_swap`) that lowers the
+def next_values(w, c):
+    """``[E]`` the per-replica load each expert would have with one more replica."""
+    vp = np.empty(w.size)
+    for e in range(w.size):
+        vp[e] = w[e] / (c[e] + 1)
+    return vp
+
+
+@kernel
+def best_retarget(S, w, v, c, load, M, newm, cin, allowed, dup, T, eps, g):
+    """:func:`retarget_scan` from the plain state: the entry point the tests pin."""
+    q, _ = move_prices(newm, cin)
+    return retarget_scan(S, w, v, next_values(w, c), c, load, M, q, allowed, dup, T, eps, g, load.copy(),
+                         np.zeros(w.size, dtype=np.bool_))
+
+
+@kernel
+def moved_slots(S, newm):
+    """``mv [G, k]`` whether each slot holds a moved-in replica, ``nmv [G]`` how many."""
+    G, k = S.shape
+    mv = np.empty((G, k), dtype=np.bool_)
+    nmv = np.zeros(G, dtype=np.int64)
+    for h in range(G):
+        for s in range(k):
+            mv[h, s] = newm[h, S[h, s]]
+            nmv[h] += mv[h, s]
+    return mv, nmv
+
+
+@kernel
+def undo_swap_scan(S, vS, load, M, q, mv, nmv, allowed, dup, T, eps, g, B):
+    """The cheapest swap of ``g`` with a partner (as :func:`swap_scan`) that lowers the
     move cost and keeps both GPUs within ``T + eps`` (the first in order on ties):
-    ``(i, h, j)``, ``i = -1`` when none."""
+    ``(i, h, j)``, ``i = -1`` when none.  Prices are never negative, so a swap whose two
+    departures are both free (``mv`` False) cannot lower the cost and is skipped."""
     k = S.shape[1]
     best, bi, bh, bj = np.inf, -1, -1, -1
     lo = (g // B) * B
     for i in range(k):
         a = S[g, i]
-        out_a = cin[g, a] if newm[g, a] else 0.0
+        out_a = q[g, a]
         for h in range(lo, lo + B):
-            if h == g or not allowed[h, a] or (not dup and M[h, a] != 0):
+            if h == g or not allowed[h, a] or (not dup and M[h, a] != 0) or (out_a == 0.0 and nmv[h] == 0):
                 continue
-            in_a = cin[h, a] if newm[h, a] else 0.0
+            in_a = q[h, a]
             for j in range(k):
+                if out_a == 0.0 and not mv[h, j]:
+                    continue
                 b = S[h, j]
                 if a == b or not allowed[g, b] or (not dup and M[g, b] != 0):
                     continue
-                cost = in_a + (cin[g, b] if newm[g, b] else 0.0) - out_a - (cin[h, b] if newm[h, b] else 0.0)
+                cost = ((in_a + q[g, b]) - out_a) - q[h, b]
                 if not (cost < 0.0 and cost < best):
                     continue
-                d = v[b] - v[a]
+                d = vS[h, j] - vS[g, i]
                 if load[g] + d <= T + eps and load[h] - d <= T + eps:
                     best, bi, bh, bj = cost, i, h, j
     return bi, bh, bj
 
 
 @kernel
-def undo_retarget(S, w, v, c, load, M, newm, cin, allowed, dup, T, eps, g):
+def undo_swap(S, v, load, M, newm, cin, allowed, dup, T, eps, g, B):
+    """:func:`undo_swap_scan` from the plain state: the entry point the tests pin."""
+    q, _ = move_prices(newm, cin)
+    mv, nmv = moved_slots(S, newm)
+    return undo_swap_scan(S, slot_values(S, v), load, M, q, mv, nmv, allowed, dup, T, eps, g, B)
+
+
+@kernel
+def old_experts(newm):
+    """``(oldE [G, E], nold [G])``: per GPU the experts it held before, ascending."""
+    G, E = newm.shape
+    oldE = np.empty((G, E), dtype=np.int64)
+    nold = np.zeros(G, dtype=np.int64)
+    for g in range(G):
+        for e in range(E):
+            if not newm[g, e]:
+                oldE[g, nold[g]] = e
+                nold[g] += 1
+    return oldE, nold
+
+
+@kernel
+def undo_retarget_scan(S, w, v, vp, c, load, M, q, newm, oldE, nold, allowed, dup, T, eps, g):
     """The cheapest retarget of a moved-in replica of ``g`` back to an expert ``g`` held
-    before that keeps every GPU under ``T`` (slots, then experts, in order): ``(i, b)``,
-    ``i = -1`` when none."""
+    before (``oldE[g]``, ascending) that keeps every GPU under ``T`` (slots, then experts,
+    in order): ``(i, b)``, ``i = -1`` when none.  Its cost ``-q[g, a]`` does not depend on
+    ``b``, so the first ``b`` that fits is the slot's best."""
     G, k = S.shape
-    E = w.size
     best, bi, bb = np.inf, -1, -1
     for i in range(k):
         a = S[g, i]
         if not newm[g, a] or c[a] < 2:
             continue
+        cost = 0.0 - q[g, a]
+        if not (cost < 0.0 and cost < best):
+            continue
         va2 = w[a] / max(c[a] - 1, 1)
-        for b in range(E):
-            if newm[g, b] or not allowed[g, b] or b == a or (not dup and M[g, b] != 0):
+        for t in range(nold[g]):
+            b = oldE[g, t]
+            if not allowed[g, b] or b == a or (not dup and M[g, b] != 0):
                 continue
-            cost = (cin[g, b] if newm[g, b] else 0.0) - (cin[g, a] if newm[g, a] else 0.0)
-            if not (cost < 0.0 and cost < best):
-                continue
-            vb2 = w[b] / (c[b] + 1)
+            vb2 = vp[b]
             fits = True
             for h in range(G):
                 nh = load[h] + M[h, a] * (va2 - v[a]) + M[h, b] * (vb2 - v[b])
@@ -242,11 +413,20 @@ def undo_retarget(S, w, v, c, load, M, newm, cin, allowed, dup, T, eps, g):
                     break
             if fits:
                 best, bi, bb = cost, i, b
+                break
     return bi, bb
 
 
 @kernel
-def do_swap(S, v, load, M, g, i, h, j):
+def undo_retarget(S, w, v, c, load, M, newm, cin, allowed, dup, T, eps, g):
+    """:func:`undo_retarget_scan` from the plain state: the entry point the tests pin."""
+    q, _ = move_prices(newm, cin)
+    oldE, nold = old_experts(newm)
+    return undo_retarget_scan(S, w, v, next_values(w, c), c, load, M, q, newm, oldE, nold, allowed, dup, T, eps, g)
+
+
+@kernel
+def do_swap(S, vS, load, M, g, i, h, j):
     """Apply a swap (loads updated incrementally)."""
     a = S[g, i]
     b = S[h, j]
@@ -256,13 +436,14 @@ def do_swap(S, v, load, M, g, i, h, j):
     M[g, b] += 1
     M[h, b] -= 1
     M[h, a] += 1
-    d = v[b] - v[a]
+    d = vS[h, j] - vS[g, i]
+    vS[g, i], vS[h, j] = vS[h, j], vS[g, i]
     load[g] += d
     load[h] -= d
 
 
 @kernel
-def do_retarget(S, w, v, c, load, M, g, i, b):
+def do_retarget(S, w, v, vp, c, load, vS, M, g, i, b):
     """Apply a retarget (per-replica loads of both experts and every GPU's load recomputed)."""
     a = S[g, i]
     S[g, i] = b
@@ -272,22 +453,36 @@ def do_retarget(S, w, v, c, load, M, g, i, b):
     c[b] += 1
     v[a] = w[a] / max(c[a], 1)
     v[b] = w[b] / max(c[b], 1)
+    vp[a] = w[a] / (c[a] + 1)
+    vp[b] = w[b] / (c[b] + 1)
     G, k = S.shape
     for h in range(G):
         x = 0.0
         for s in range(k):
-            x += v[S[h, s]]
+            vS[h, s] = v[S[h, s]]
+            x += vS[h, s]
         load[h] = x
 
 
 @kernel
-def repair_over(S, w, v, c, load, M, newm, cin, allowed, dup, T, B, max_steps):
+def _heaviest_over(load, T, eps, chosen):
+    """The heaviest GPU above ``T + eps`` not yet ``chosen`` (the first on ties); -1: none."""
+    g = -1
+    for h in range(load.size):
+        if load[h] > T + eps and not chosen[h] and (g < 0 or load[h] > load[g]):
+            g = h
+    return g
+
+
+@kernel
+def repair_over(S, w, v, vp, c, load, vS, M, q, exact, allowed, dup, T, B, max_steps):
     """Drive every GPU under ``T``: each step takes, on the first of the (at most 4)
     heaviest GPUs above ``T`` that has one, the better of its best swap and best retarget
     (free first, then the larger score; the swap on ties).  Returns whether it got there."""
     G = S.shape[0]
     eps = 1e-12 * max(T, 1e-300)
     chosen = np.zeros(G, dtype=np.bool_)
+    la, hotb = load.copy(), np.zeros(w.size, dtype=np.bool_)
     for _ in range(max_steps):
         n_over = 0
         for h in range(G):
@@ -298,20 +493,18 @@ def repair_over(S, w, v, c, load, M, newm, cin, allowed, dup, T, B, max_steps):
         chosen[:] = False
         found = False
         for _r in range(min(4, n_over)):
-            g = -1
-            for h in range(G):
-                if load[h] > T + eps and not chosen[h] and (g < 0 or load[h] > load[g]):
-                    g = h
+            g = _heaviest_over(load, T, eps, chosen)
             chosen[g] = True
             sk, ss, sc, si, sh, sj = -1, 0.0, 0.0, -1, -1, -1
             if B > 1:
-                sk, ss, sc, si, sh, sj = best_swap(S, v, load, M, newm, cin, allowed, dup, T, eps, g, B)
-            rk, rs, rc, ri, rb = best_retarget(S, w, v, c, load, M, newm, cin, allowed, dup, T, eps, g)
+                sk, ss, sc, si, sh, sj = swap_scan(S, vS, load, M, q, allowed, dup, T, eps, g, B, exact)
+            la[:] = load
+            rk, rs, rc, ri, rb = retarget_scan(S, w, v, vp, c, load, M, q, allowed, dup, T, eps, g, la, hotb)
             if rk >= 0 and (sk < 0 or (rc > 0) < (sc > 0) or ((rc > 0) == (sc > 0) and rs > ss)):
-                do_retarget(S, w, v, c, load, M, g, ri, rb)
+                do_retarget(S, w, v, vp, c, load, vS, M, g, ri, rb)
                 found = True
             elif sk >= 0:
-                do_swap(S, v, load, M, g, si, sh, sj)
+                do_swap(S, vS, load, M, g, si, sh, sj)
                 found = True
             if found:
                 break
@@ -324,30 +517,28 @@ def repair_over(S, w, v, c, load, M, newm, cin, allowed, dup, T, B, max_steps):
 
 
 @kernel
-def undo_moves(S, w, v, c, load, M, newm, cin, allowed, dup, T, B, max_steps):
+def undo_moves(S, w, v, vp, c, load, vS, M, q, newm, allowed, dup, T, B, max_steps):
     """Swaps and retargets that lower the move cost and keep every GPU under ``T``: per
     step, the first GPU (in index order) holding a moved-in replica that has one takes
     its cheapest swap, else its cheapest retarget; stops when none is left."""
-    G, k = S.shape
+    G = S.shape[0]
     eps = 1e-12 * max(T, 1e-300)
+    oldE, nold = old_experts(newm)
     for _ in range(max_steps):
+        mv, nmv = moved_slots(S, newm)
         done = False
         for g in range(G):
-            moved = False
-            for s in range(k):
-                if newm[g, S[g, s]]:
-                    moved = True
-            if not moved:
+            if nmv[g] == 0:
                 continue
             if B > 1:
-                i, h, j = undo_swap(S, v, load, M, newm, cin, allowed, dup, T, eps, g, B)
+                i, h, j = undo_swap_scan(S, vS, load, M, q, mv, nmv, allowed, dup, T, eps, g, B)
                 if i >= 0:
-                    do_swap(S, v, load, M, g, i, h, j)
+                    do_swap(S, vS, load, M, g, i, h, j)
                     done = True
                     break
-            i, b = undo_retarget(S, w, v, c, load, M, newm, cin, allowed, dup, T, eps, g)
+            i, b = undo_retarget_scan(S, w, v, vp, c, load, M, q, newm, oldE, nold, allowed, dup, T, eps, g)
             if i >= 0:
-                do_retarget(S, w, v, c, load, M, g, i, b)
+                do_retarget(S, w, v, vp, c, load, vS, M, g, i, b)
                 done = True
                 break
         if not done:
@@ -443,9 +634,11 @@ def repair_attempt(w, old, start, G, N, hierarchical, node_move_cost, dup, T, ma
     fits = True
     for g in range(G):
         fits = fits and load[g] <= T * (1 + 1e-12)
-    if not fits and not repair_over(S, w, v, c, load, M, newm, cin, allowed, dup, T, B, max_repair):
+    q, exact = move_prices(newm, cin)
+    vS, vp = slot_values(S, v), next_values(w, c)
+    if not fits and not repair_over(S, w, v, vp, c, load, vS, M, q, exact, allowed, dup, T, B, max_repair):
         return False, row, 0, 0.0
-    undo_moves(S, w, v, c, load, M, newm, cin, allowed, dup, T, B, max_undo)
+    undo_moves(S, w, v, vp, c, load, vS, M, q, newm, allowed, dup, T, B, max_undo)
     moves = 0
     off = 0                                             # moves from another node
     for g in range(G):

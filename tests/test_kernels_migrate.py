@@ -414,3 +414,34 @@ def test_transfer_rows_match_reference():
         new = np.where(rng.random((L, G * k)) < 0.5, old, rng.integers(-1, E, (L, G * k)))
         got = K.transfer_rows(old, new, G, N)
         assert [tuple(int(x) for x in r) for r in got.T] == ref_transfers(old, new, G, N)
+
+
+def test_move_prices_know_when_cost_sums_are_exact():
+    """The swap search prunes with cost bounds only where every sum of prices is exact."""
+    newm = np.array([[True, False], [True, True]])
+    for nmc, exact in ((4.0, True), (2.5, True), (1.0, True), (0.1, False), (2.7, False)):
+        cin = np.array([[1.0, nmc], [nmc, 1.0]])
+        q, ok = K.move_prices(newm, cin)
+        assert ok == exact and q.tolist() == [[1.0, 0.0], [nmc, 1.0]]
+
+
+@pytest.mark.parametrize("nmc", [2.7, 0.3])
+def test_best_swap_with_inexact_prices_picks_what_the_reference_picks(nmc):
+    """With prices whose sums round (no pruning), the same picks as the reference."""
+    checked = 0
+    for seed in SEEDS:
+        w, old, start, G, N, hier, _, dup, T = random_layer(np.random.default_rng(seed))
+        st = Ref(w, old, start, G, N, hier, nmc, dup)
+        g, eps = _over_gpu(st, T)
+        if g is None or st.B < 2:
+            continue
+        want = st.best_swap(g, T, eps)
+        S, w, v, c, load, M, newm, cin, allowed, dup = st.kernel_args()
+        kind, score, cost, i, h, j = K.best_swap(S, v, load, M, newm, cin, allowed, dup, T, eps, g, st.B)
+        if want is None:
+            assert kind == -1, seed
+        else:
+            assert (i, h, j) == tuple(int(x) for x in want[0]), seed
+            assert score == want[1] and cost == want[2], seed
+        checked += 1
+    assert checked > 150
