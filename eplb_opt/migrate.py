@@ -433,13 +433,14 @@ def _node_of_group(p: np.ndarray, G: int, N: int, num_groups: int, gs: int) -> n
     """Node of every group in a hierarchical placement ``p`` ``[R]``; None when some
     group is split across nodes or a node holds a group's experts without all of them."""
     rn = p.size // N
-    node = np.full(num_groups, -1, dtype=np.int64)
-    for n in range(N):
-        for g in np.unique(p[n * rn:(n + 1) * rn] // gs):
-            if node[g] >= 0:
-                return None
-            node[g] = n
-    if (node < 0).any() or len(set(np.bincount(node, minlength=N))) != 1:
+    present = np.zeros((N, num_groups + 1), dtype=bool)         # column 0: an empty slot (-1)
+    present[np.repeat(np.arange(N), rn), p // gs + 1] = True
+    seen = present[:, 1:].astype(np.int64)
+    seen[:, -1] += present[:, 0]                   # (an empty slot is counted as the last group)
+    if (seen.sum(axis=0) != 1).any():
+        return None
+    node = seen.argmax(axis=0).astype(np.int64)
+    if len(set(np.bincount(node, minlength=N))) != 1:
         return None
     return node
 
