@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .heuristics.compile import kernel, warmer
+
 __all__ = ["slot_loads", "gpu_loads", "max_load", "balancedness", "replica_counts_of", "gap"]
 
 
@@ -30,14 +32,44 @@ def slot_loads(weight: np.ndarray, phy2log: np.ndarray) -> np.ndarray:
         weight: ``[L, E]`` loads.
         phy2log: ``[L, R]`` placement (every expert must have a replica).
     """
-    w = np.asarray(weight, dtype=np.float64)
-    p = np.asarray(phy2log, dtype=np.int64)
-    counts = replica_counts_of(p, w.shape[1])
-    per_replica = w / np.maximum(counts, 1)
-    out = np.take_along_axis(per_replica, np.maximum(p, 0), axis=1)
-    if (p < 0).any():
-        out[p < 0] = 0.0
+    w = np.ascontiguousarray(weight, dtype=np.float64)
+    p = np.ascontiguousarray(phy2log, dtype=np.int64)
+    if w.ndim != 2 or p.ndim != 2 or w.shape[0] != p.shape[0]:
+        raise ValueError(f"weight {w.shape} and phy2log {p.shape} must be [L, E] and [L, R]")
+    out = np.empty(p.shape)
+    bad = _slot_loads(w, p, out)
+    if bad >= 0:
+        raise IndexError(f"phy2log[{bad // p.shape[1]}, {bad % p.shape[1]}] = {p.flat[bad]} is not an expert id "
+                         f"below {w.shape[1]}")
     return out
+
+
+@kernel
+def _slot_loads(w, p, out):
+    """``out [L, R]``: each slot's expert load over that expert's replica count in its
+    layer (0 for an empty slot, ``-1``); returns the flat index of the first id ``>= E``
+    (-1: none; ``out`` is then incomplete)."""
+    L, R = p.shape
+    E = w.shape[1]
+    cnt = np.zeros(E, dtype=np.int64)
+    for l in range(L):
+        cnt[:] = 0
+        for s in range(R):
+            e = p[l, s]
+            if e >= E:
+                return l * R + s
+            if e >= 0:
+                cnt[e] += 1
+        for s in range(R):
+            e = p[l, s]
+            out[l, s] = w[l, e] / cnt[e] if e >= 0 else 0.0
+    return -1
+
+
+@warmer
+def _warm() -> None:
+    """Compile :func:`_slot_loads` with the argument types real calls use."""
+    slot_loads(np.ones((1, 2)), np.array([[0, 1, -1, 0]]))
 
 
 def gpu_loads(weight: np.ndarray, phy2log: np.ndarray, num_gpus: int) -> np.ndarray:

@@ -176,9 +176,11 @@ def _remove_rows(w: np.ndarray, counts: np.ndarray, num: np.ndarray, frozen: np.
 
 
 @kernel
-def _counts_rows(w: np.ndarray, extra: int, cap: int, counts: np.ndarray) -> None:
-    """Counts of every row of ``w`` (``[rows, E]``) from one replica each plus ``extra``
-    spares, written to ``counts`` (``[rows, E]`` int64).
+def _counts_row(row: np.ndarray, extra: int, cap: int, c: np.ndarray, heap: np.ndarray, key: np.ndarray,
+                closed: np.ndarray) -> None:
+    """Counts of one row ``row`` (``[E]``) from one replica each plus ``extra`` spares,
+    written to ``c`` (``[E]`` int64); ``heap``, ``key`` are ``[E]`` scratch and
+    ``closed`` ``[E]`` all False.
 
     The certain seats first: on the row scaled to max 1 (``wn``, so that no sum
     overflows; a scaling off by a rounding is covered by the margin), ``floor(wn / t0)``
@@ -187,34 +189,39 @@ def _counts_rows(w: np.ndarray, extra: int, cap: int, counts: np.ndarray) -> Non
     worth more than any seat outside the ``extra`` largest.  The rule hands out the rest
     on the unscaled quotients.  An all-zero row gets the spares round-robin from expert
     0 (any counts are optimal; never above ``ceil(R / E)``, so within the cap)."""
-    rows, num_experts = w.shape
+    num_experts = row.shape[0]
+    top = 0.0
+    for e in range(num_experts):
+        top = max(top, row[e])
+    if top <= 0.0:
+        base, rem = divmod(extra, num_experts)
+        for e in range(num_experts):
+            c[e] = 1 + base + (1 if e < rem else 0)
+        return
+    total = 0.0
+    for e in range(num_experts):
+        key[e] = row[e] / top                   # wn (key is scratch until _hand_out)
+        total += key[e]
+    t0 = total / extra * (1.0 + _MARGIN)
+    inv_t0 = 1.0 / t0
+    need = extra
+    for e in range(num_experts):
+        # wn / t0 < 1 everywhere when t0 > 1 (few spares): no certain seat.
+        seats = 0 if t0 > 1.0 else min(int(math.floor(key[e] * inv_t0)), cap - 1)
+        c[e] = 1 + seats
+        need -= seats
+    _hand_out(row, c, need, cap, closed, heap, key)
+
+
+@kernel
+def _counts_rows(w: np.ndarray, extra: int, cap: int, counts: np.ndarray) -> None:
+    """:func:`_counts_row` on every row of ``w`` (``[rows, E]``) into ``counts``."""
+    num_experts = w.shape[1]
     heap = np.empty(num_experts, dtype=np.int64)
     key = np.empty(num_experts)
     closed = np.zeros(num_experts, dtype=np.bool_)
-    base, rem = divmod(extra, num_experts)
-    for r in range(rows):
-        row = w[r]
-        c = counts[r]
-        top = 0.0
-        for e in range(num_experts):
-            top = max(top, row[e])
-        if top <= 0.0:
-            for e in range(num_experts):
-                c[e] = 1 + base + (1 if e < rem else 0)
-            continue
-        total = 0.0
-        for e in range(num_experts):
-            key[e] = row[e] / top                   # wn (key is scratch until _hand_out)
-            total += key[e]
-        t0 = total / extra * (1.0 + _MARGIN)
-        inv_t0 = 1.0 / t0
-        need = extra
-        for e in range(num_experts):
-            # wn / t0 < 1 everywhere when t0 > 1 (few spares): no certain seat.
-            seats = 0 if t0 > 1.0 else min(int(math.floor(key[e] * inv_t0)), cap - 1)
-            c[e] = 1 + seats
-            need -= seats
-        _hand_out(row, c, need, cap, closed, heap, key)
+    for r in range(w.shape[0]):
+        _counts_row(w[r], extra, cap, counts[r], heap, key, closed)
 
 
 # ------------------------------------------------------------------ the public functions

@@ -550,10 +550,14 @@ def _best_pair(v, lab, loads, occ, h, l, vb):
         if occ[l, lab[h, a]] > 0:
             continue
         xa = v[h, a] - half
-        for b in range(k):
-            dev = abs(xa - vb[b])
-            if dev < low:
-                low, ai, bi = dev, a, b
+        m = np.inf
+        for b in range(k):                             # branch-free: the row's minimum
+            m = min(m, abs(xa - vb[b]))
+        if m < low:                                    # then its first slot
+            b = 0
+            while abs(xa - vb[b]) != m:
+                b += 1
+            low, ai, bi = m, a, b
     if low < lh * (1 - _REL_EPS) - mid:
         return mid + low, ai, bi, mid, half
     return np.inf, ai, bi, mid, half
@@ -658,7 +662,9 @@ def _refine_round(lay, v, lab, loads, occ, multi, work):
         if val < best or j == 0:
             best = val
             first[0], first[1], first[2] = a, order[j], b
-    for i in range(pairs):
+        if j == 0:                                     # pair 0 is (h, lightest) too
+            pval[0], pslot[0, 0], pslot[0, 1] = val, a, b
+    for i in range(1, pairs):
         val, a, b, _, _ = _best_pair(v, lab, loads, occ, order[P - 1 - i], order[i], vb)
         pval[i], pslot[i, 0], pslot[i, 1] = val, a, b
     acc[0] = best < np.inf
@@ -807,6 +813,23 @@ def _pack_work(S, P, k):
 
 
 @kernel
+def _doubled(labels, lay, table):
+    """Whether a pack of ``lay [P, k]`` holds two items of one label (``labels [n]``);
+    ``table`` (``-1`` for every label value) marks the pack a label was last seen on,
+    and is restored before returning."""
+    P, k = lay.shape
+    found = False
+    for p in range(P):
+        for t in range(k):
+            lab = labels[lay[p, t]]
+            found |= table[lab] == p
+            table[lab] = p
+    for i in range(labels.shape[0]):
+        table[labels[i]] = -1
+    return found
+
+
+@kernel
 def _separate_seeds(values, labels, r0, allow_dup, table, work, out):
     """Separate replicas of one expert sharing a pack in the rows ``r0 ..`` of a segment
     flagged ``check`` (the only ones where a seed may hold one), any pack allowed up to
@@ -818,7 +841,7 @@ def _separate_seeds(values, labels, r0, allow_dup, table, work, out):
     cap = best.max()
     for i in range(S):
         r = r0 + i
-        if not check[i]:
+        if not check[i] or not _doubled(labels[r], out[r], table):
             continue
         u = _label_ids(labels[r], table, ids, multi[0])
         _load_state(values[r], ids, out[r], u, lay[0], v[0], lab[0], loads[0], occ[0])
@@ -872,6 +895,26 @@ def _pack_sorted_rows(values, labels, num_packs, target, has_target, rounds, seg
 
 
 @kernel
+def _replica_row(w, c, num_packs, values, labels, per, order, buf):
+    """:func:`replica_items` on one row (``w``, ``c`` ``[e]``) into ``values`` and
+    ``labels`` (``[n]``); returns the row's bound.  ``per`` (float), ``order`` and
+    ``buf`` (int64) are ``[e]`` scratch."""
+    e = w.shape[0]
+    for j in range(e):
+        per[j] = w[j] / c[j]
+    _order(per, order, buf, -1.0)
+    i = 0
+    total = 0.0
+    for j in order:
+        for _ in range(c[j]):
+            values[i] = per[j]
+            labels[i] = j
+            total += per[j]
+            i += 1
+    return max(total / num_packs, values[0]) if i else 0.0
+
+
+@kernel
 def _replica_rows(w, c, num_packs, values, labels, bound):
     """:func:`replica_items` into ``values``, ``labels`` and ``bound``."""
     rows, e = w.shape
@@ -879,18 +922,7 @@ def _replica_rows(w, c, num_packs, values, labels, bound):
     order = np.empty(e, np.int64)
     buf = np.empty(e, np.int64)
     for r in range(rows):
-        for j in range(e):
-            per[j] = w[r, j] / c[r, j]
-        _order(per, order, buf, -1.0)
-        i = 0
-        total = 0.0
-        for j in order:
-            for _ in range(c[r, j]):
-                values[r, i] = per[j]
-                labels[r, i] = j
-                total += per[j]
-                i += 1
-        bound[r] = max(total / num_packs, values[r, 0]) if i else 0.0
+        bound[r] = _replica_row(w[r], c[r], num_packs, values[r], labels[r], per, order, buf)
 
 
 def _table(labels: np.ndarray) -> np.ndarray:

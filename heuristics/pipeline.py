@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .apportion import replica_counts
-from .compile import warmer
+from .apportion import _counts_row
+from .compile import kernel, warmer
 from .grouping import groups_to_nodes
-from .packing import DEFAULT_REFINE_ROUNDS, gather_rows, pack_sorted, replica_items
+from .packing import DEFAULT_REFINE_ROUNDS, _pack_segment, _pack_work, _replica_row, gather_rows, pack_sorted, replica_items
 
 __all__ = ["Placement", "place", "pack_rows"]
 
@@ -74,25 +74,86 @@ def place(
         :class:`Placement`.  Only the shapes the steps depend on are checked here
         (``ValueError``); callers validate user input (``eplb_opt`` does).
     """
-    w = np.asarray(weight, dtype=np.float64)
+    w = np.ascontiguousarray(weight, dtype=np.float64)
     _check_shapes(w, num_replicas, num_groups, num_nodes, num_gpus)
     num_layers, num_experts = w.shape
     gpus_per_node = num_gpus // num_nodes
     # 1. Groups to nodes.
     node_of_group, exact = _groups_step(w, num_groups, num_nodes, node_of_group)
-    node_experts, node_ids = _node_experts(node_of_group, num_experts, num_nodes)
-    node_w = np.take(w, node_ids).reshape(node_experts.shape)                  # [L * N, E / N]
-    # 2. Replica counts per node.
-    counts = replica_counts(node_w, num_replicas // num_nodes, max_count=gpus_per_node)
-    # 3. Replicas to GPUs.
-    local = pack_rows(
-        node_w, counts, gpus_per_node, refine_rounds=refine_rounds,
-        segment_size=num_nodes, allow_duplicates=allow_duplicates,
-    ).reshape(num_layers * num_nodes, -1)
-    phy2log = gather_rows(node_experts, local).reshape(num_layers, num_replicas)
+    # 2. and 3., one layer at a time in one compiled call (:func:`_place_layers`).
+    per_node = num_replicas // num_nodes
+    extra = per_node - num_experts // num_nodes
+    if extra < 0:
+        raise ValueError(f"num_replicas={per_node} is below the expert count {num_experts // num_nodes}")
+    cap = max(gpus_per_node, -(-per_node // (num_experts // num_nodes)))
+    phy2log = np.empty((num_layers, num_replicas), dtype=np.int64)
     logcnt = np.empty((num_layers, num_experts), dtype=np.int64)
-    logcnt.reshape(-1)[node_ids.ravel()] = counts.ravel()
+    _place_layers(
+        w, np.ascontiguousarray(node_of_group, dtype=np.int64), int(num_nodes), int(extra), int(cap),
+        int(gpus_per_node), int(DEFAULT_REFINE_ROUNDS if refine_rounds is None else refine_rounds),
+        bool(allow_duplicates), phy2log, logcnt,
+    )
     return Placement(phy2log=phy2log, logcnt=logcnt, node_of_group=node_of_group, groups_exact=exact)
+
+
+@kernel
+def _node_rows(w_l, node_of_group_l, experts, node_w):
+    """The experts of every node of one layer (``experts [N, E / N]``, node by node, its
+    groups in index order) and their loads (``node_w``), from ``w_l [E]`` and the
+    layer's ``node_of_group [num_groups]``."""
+    num_nodes = experts.shape[0]
+    num_groups = node_of_group_l.shape[0]
+    gs = w_l.shape[0] // num_groups
+    for nd in range(num_nodes):
+        j = 0
+        for g in range(num_groups):
+            if node_of_group_l[g] == nd:
+                for x in range(g * gs, g * gs + gs):
+                    experts[nd, j] = x
+                    node_w[nd, j] = w_l[x]
+                    j += 1
+
+
+@kernel
+def _place_layers(w, node_of_group, num_nodes, extra, cap, num_packs, rounds, allow_dup, phy2log, logcnt):
+    """Steps 2 and 3 of :func:`place` on every layer of ``w`` (``[L, E]``): per layer, the
+    rows of its nodes (:func:`_node_rows`), their replica counts (``extra`` spares per
+    node, at most ``cap`` per expert; :func:`~.apportion._counts_row`), their replicas
+    as sorted items (:func:`~.packing._replica_row`) and the packing of the layer's
+    nodes as one segment against the largest of their bounds
+    (:func:`~.packing._pack_segment`); writes ``phy2log [L, R]`` and ``logcnt [L, E]``."""
+    L, E = w.shape
+    S, m = num_nodes, E // num_nodes
+    n = m + extra
+    k = n // num_packs
+    experts, node_w = np.empty((S, m), np.int64), np.empty((S, m))
+    cnt = np.ones((S, m), np.int64)
+    values, labels = np.empty((S, n)), np.empty((S, n), np.int64)
+    target, out = np.empty(S), np.empty((S, num_packs, k), np.int64)
+    heap, key, closed = np.empty(m, np.int64), np.empty(m), np.zeros(m, np.bool_)
+    per, order, buf = np.empty(m), np.empty(m, np.int64), np.empty(m, np.int64)
+    table = np.full(m, -1, np.int64)
+    work = _pack_work(S, num_packs, k)
+    for l in range(L):
+        _node_rows(w[l], node_of_group[l], experts, node_w)
+        top = -np.inf
+        for nd in range(S):
+            if extra > 0:
+                _counts_row(node_w[nd], extra, cap, cnt[nd], heap, key, closed)
+            top = max(top, _replica_row(node_w[nd], cnt[nd], num_packs, values[nd], labels[nd], per, order, buf))
+        if num_packs == 1 or k <= 1:        # every layout is equally balanced
+            for nd in range(S):
+                for i in range(n):
+                    out[nd, i // k, i % k] = i
+        else:
+            target[:] = top
+            _pack_segment(values, labels, 0, target, True, rounds, allow_dup, table, work, out)
+        for nd in range(S):
+            for p in range(num_packs):
+                for t in range(k):
+                    phy2log[l, nd * n + p * k + t] = experts[nd, labels[nd, out[nd, p, t]]]
+            for j in range(m):
+                logcnt[l, experts[nd, j]] = cnt[nd, j]
 
 
 def _check_shapes(w: np.ndarray, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int) -> None:
@@ -126,24 +187,6 @@ def _groups_step(
     if node_of_group.shape != group_load.shape or (per_node != num_groups // num_nodes).any():
         raise ValueError("node_of_group must give every node num_groups / num_nodes groups per layer")
     return node_of_group, False
-
-
-def _node_experts(node_of_group: np.ndarray, num_experts: int, num_nodes: int) -> tuple[np.ndarray, np.ndarray]:
-    """The experts of every (layer, node) row, node by node, groups in the order
-    ``argsort(node_of_group)`` puts them.
-
-    Returns ``(node_experts [L * N, E / N] global expert ids, node_ids [L, E] the same
-    as flat indices into a ``[L, E]`` array)`` (flat takes throughout: far cheaper in
-    numpy than row-and-column fancy indexing).
-    """
-    num_layers, num_groups = node_of_group.shape
-    group_size = num_experts // num_groups
-    group_order = np.argsort(node_of_group, axis=1, kind="stable")           # groups by node
-    node_experts = (group_order[:, :, None] * group_size + np.arange(group_size)).reshape(
-        num_layers * num_nodes, num_experts // num_nodes
-    )
-    node_ids = node_experts.reshape(num_layers, -1) + (np.arange(num_layers) * num_experts)[:, None]
-    return node_experts, node_ids
 
 
 def pack_rows(
@@ -189,3 +232,5 @@ def _warm() -> None:
     w = np.arange(1.0, 9.0).reshape(2, 4)
     pack_rows(w, np.array([[2, 1, 2, 1], [1, 1, 1, 3]]), 3, segment_size=2)
     place(w, 6, 2, 2, 2, allow_duplicates=False)
+    place(w, 8, 1, 1, 2)
+    place(w, 4, 1, 1, 4)

@@ -258,7 +258,7 @@ def test_best_pair_swap_matches_brute_force():
         P, k = int(rng.integers(2, 7)), int(rng.integers(1, 6))
         _, _, (lay, v, lab, loads, occ, multi) = random_state(rng, P, k, ties=trial % 3 == 0)
         h, l = sorted(rng.choice(P, 2, replace=False), key=lambda p: -loads[p])
-        new_max, a, b, mid, half = K._best_pair(v, lab, loads, occ, h, l)
+        new_max, a, b, mid, half = K._best_pair(v, lab, loads, occ, h, l, np.empty(k))
         best = brute_pair(v, lab, loads, h, l)
         if np.isinf(best):
             assert np.isinf(new_max)
