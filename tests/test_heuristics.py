@@ -215,3 +215,63 @@ def test_dominant_item_gets_the_smallest_items():
     target = np.array([v.sum() / P])
     lay = H.pack_sorted(v, lab, P, target=target, refine_rounds=3)
     assert H.pack_loads(v, lay).max() == 103.0
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_place_equals_its_steps_composed(seed):
+    """place()'s one compiled call per plan (_place_layers) is the composition of the
+    public steps: node rows (groups in index order per node), replica_counts capped at
+    the node's GPUs, replica_items, pack_sorted against each layer's largest bound."""
+    from eplb_opt.heuristics import packing
+
+    rng = np.random.default_rng(seed)
+    N = int(rng.integers(1, 4))
+    num_groups = N * int(rng.integers(1, 3))
+    gs = int(rng.integers(1, 5))
+    E = num_groups * gs
+    gpn = int(rng.integers(1, 4))
+    G = N * gpn
+    k = int(rng.integers(1, 4))
+    R = G * k
+    while R < E:
+        R += G
+    L = int(rng.integers(1, 5))
+    w = rng.gamma(0.7, 100.0, (L, E)).round() if seed % 2 else rng.pareto(1.3, (L, E))
+    if seed == 4:
+        w[0] = 0.0
+    dup = bool(seed % 3) or R // G > E // N
+    got = H.place(w, R, num_groups, N, G, allow_duplicates=dup)
+    node = got.node_of_group
+    rows = [[g * gs + x for n in range(N) for g in range(num_groups) if node[l, g] == n for x in range(gs)]
+            for l in range(L)]
+    experts = np.array(rows).reshape(L * N, E // N)
+    node_w = np.array([w[l // N, experts[l]] for l in range(L * N)])
+    counts = H.replica_counts(node_w, R // N, max_count=gpn)
+    values, labels, bound = packing.replica_items(node_w, counts, gpn)
+    target = np.repeat(bound.reshape(L, N).max(axis=1), N)
+    lay = packing.pack_sorted(values, labels, gpn, target=target, segment_size=N, allow_duplicates=dup)
+    local = np.array([labels[r][lay[r]] for r in range(L * N)]).reshape(L * N, -1)
+    want = np.array([experts[r][local[r]] for r in range(L * N)]).reshape(L, R)
+    assert np.array_equal(got.phy2log, want)
+    cnt = np.zeros((L, E), dtype=np.int64)
+    for r in range(L * N):
+        cnt[r // N, experts[r]] = counts[r]
+    assert np.array_equal(got.logcnt, cnt)
+
+
+def test_slot_loads_matches_plain_loops():
+    from eplb_opt.metrics import gpu_loads, slot_loads
+
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        L, E = int(rng.integers(1, 4)), int(rng.integers(1, 8))
+        R = E + int(rng.integers(0, 6))
+        p = np.array([rng.permutation(np.concatenate([np.arange(E), rng.integers(0, E, R - E)])) for _ in range(L)])
+        if rng.random() < 0.3:
+            p[rng.random(p.shape) < 0.2] = -1
+        w = rng.random((L, E)) * 1000
+        want = np.array([[w[l, e] / list(p[l]).count(e) if e >= 0 else 0.0 for e in p[l]] for l in range(L)])
+        assert np.array_equal(slot_loads(w, p), want)
+        assert np.array_equal(gpu_loads(w, p, 1), want.sum(axis=1, keepdims=True))
+    with pytest.raises(IndexError):
+        slot_loads(np.ones((1, 2)), np.array([[0, 2]]))

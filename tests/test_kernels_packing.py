@@ -505,3 +505,21 @@ def test_pack_sorted_is_valid_and_no_worse_than_its_seeds(allow_duplicates):
             lab = np.take_along_axis(labels, out.reshape(2 * S, -1), axis=1).reshape(out.shape)
             lab.sort(axis=-1)
             assert not (lab[..., 1:] == lab[..., :-1]).any()
+
+
+def test_doubled_matches_plain_check():
+    """_doubled: some pack holds two items of one label (the seeds' separation runs
+    only then); the label table comes back all -1."""
+    rng = np.random.default_rng(21)
+    seen = set()
+    for trial in range(400):
+        P, k = int(rng.integers(1, 6)), int(rng.integers(1, 6))
+        values, labels = random_row(rng, P, k, ties=trial % 3 == 0)
+        lay = rng.permutation(P * k).reshape(P, k).astype(np.int64)
+        table = np.full(int(labels.max()) + 1, -1, dtype=np.int64)
+        got = K._doubled(labels, lay, table)
+        want = any(len(set(labels[lay[p]].tolist())) < k for p in range(P))
+        assert got == want, (labels, lay)
+        assert (table == -1).all()
+        seen.add(bool(got))
+    assert seen == {True, False}
