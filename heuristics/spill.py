@@ -3,28 +3,43 @@
 Every expert keeps one replica (its *primary*) on its group's home node; its other
 replicas may go to any node.  Load served by a replica outside the home node costs
 ``cross_node_cost`` per unit (a proxy for inter-node traffic under group-limited
-routing).  Per layer the search minimises, at node level,
+routing).  Per layer the search minimises
 
-    max_n load[n] / P  +  cross_node_cost * (load served off-node) / G
+    max_g load[g]  +  cross_node_cost * (load served off-node) / G
 
-(``P`` GPUs per node, ``G`` in all: both terms are per-GPU loads), then packs every
-node's replicas onto its GPUs (:func:`heuristics.pipeline.pack_rows`).
+(``G`` GPUs: both terms are per-GPU loads), in three stages:
 
-The node-level search starts from the hierarchical plan's replica counts and node
-contents (nothing off-node) and applies, while one lowers the objective, the best of
+1. **Node level**, with ``max_n load[n] / P`` (and at least the heaviest replica) in
+   place of the GPU max (``P`` GPUs per node).  Candidates (:data:`NODE_STARTS`): the
+   hierarchical plan's split (nothing off-node), a **home-first LPT** (the global
+   policy's replica counts, replicas by decreasing load each to the lightest GPU, an
+   off-node GPU counted ``cross_node_cost`` times the replica heavier; primaries home)
+   and that LPT's split after a local search applying, while one lowers the
+   objective, the best of
 
-* a **swap** of a replica on the heaviest node with one on another node;
-* a **retarget**: a slot on any node given from an expert with spare replicas to
-  another expert (counts change, so every replica of both changes load).
+   * a **swap** of a replica on the heaviest node with one on another node;
+   * a **retarget**: a slot on any node given from an expert with spare replicas to
+     another expert (counts change, so every replica of both changes load).
 
-then polishes at GPU level (swaps between any two GPUs and retargets on the busiest
-GPUs, same objective with the GPU max in place of the node term).  A primary never
-leaves home.  ``cross_node_cost = inf`` keeps the hierarchical plan; ``0`` trades
-locality away freely.
+   The candidate lowest at node level is kept.
+2. Every node's replicas are packed onto its GPUs (:func:`heuristics.packing.pack_sorted`,
+   all layers in one call); a layer whose best split is the hierarchical plan's keeps
+   that plan's packing.
+3. A GPU-level **polish** (swaps between the busiest GPUs and any other, retargets on
+   them; the lowest objective, else an equal one with a lower sum of squared loads).
+   Where nothing can spill (one node, or no spare replica) the layer is a plain
+   packing problem, and the start plan, the LPT and the global plan (primaries swapped
+   home) are polished too; the lowest wins.
 
-Both searches and the primaries repair are compiled kernels (:mod:`heuristics.compile`);
-their sums run in numpy's pairwise order, and GPUs of equal load are ranked by index.
-``tests/test_kernels_spill.py`` pins every move choice against a plain reference.
+A primary never leaves home.  ``cross_node_cost = inf`` keeps the hierarchical plan;
+``0`` trades locality away freely.
+
+The searches, the LPT and the primaries repair are compiled kernels
+(:mod:`heuristics.compile`).  Both searches price only the moves that can lower the
+objective (bounds from the heaviest node or GPU, the heaviest replica and the
+off-node change skip the rest before their full price); GPUs of equal load are ranked
+by index.  ``tests/test_kernels_spill.py`` pins every move choice and the LPT against
+plain references.
 """
 
 from __future__ import annotations
@@ -33,9 +48,9 @@ import time
 
 import numpy as np
 
-from .apportion import unit_scale
+from .apportion import replica_counts, unit_scale
 from .compile import kernel, warmer
-from .pipeline import pack_rows
+from .packing import gather_rows, pack_sorted
 
 __all__ = ["off_node_load", "spill_refine"]
 
@@ -140,32 +155,44 @@ def _node_refresh(w, x, away, c, v, loads):
 
 
 @kernel
-def _movable(x, away, e, n):
-    """Whether a replica of ``e`` may leave node ``n`` (it has one; not its last home one)."""
-    return x[e, n] >= 1 and not (away[e, n] == 0 and x[e, n] == 1)
+def _node_lists(x, away, mov, nm, offc):
+    """Experts with a replica that may leave each node (``mov[n, :nm[n]]``, ascending:
+    it has one there, not its last home one) and every expert's replicas away from
+    home ``offc``."""
+    E, N = x.shape
+    nm[:] = 0
+    for e in range(E):
+        offc[e] = 0
+        for n in range(N):
+            offc[e] += x[e, n] * away[e, n]
+            if x[e, n] >= 1 and not (away[e, n] == 0 and x[e, n] == 1):   # may leave n
+                mov[n, nm[n]] = e
+                nm[n] += 1
 
 
 @kernel
-def _node_swaps(x, away, v, loads, off, vmax, h, P, G, lam, cap, best):
+def _node_swaps(x, away, v, loads, off, vmax, h, mov, nm, P, G, lam, cap, best):
     """Swaps of a replica ``e`` on the heaviest node ``h`` with one ``f`` on ``m``, in
-    the order (m, e, f); ``best`` ``[val, kind, e, h, f, m]`` keeps the first lowest."""
-    E, N = x.shape
+    the order (m, e, f); ``best`` ``[val, kind, e, h, f, m]`` keeps the first lowest
+    below ``best[0]``."""
+    N = x.shape[1]
     for m in range(N):
         if m == h:
             continue
-        for e in range(E):
-            if not _movable(x, away, e, h) or x[e, m] >= cap:
+        om = -np.inf                            # the nodes the swap leaves alone
+        for n in range(N):
+            if n != h and n != m and loads[n] > om:
+                om = loads[n]
+        for ie in range(nm[h]):
+            e = mov[h, ie]
+            if x[e, m] >= cap:
                 continue
-            for f in range(E):
-                if f == e or not _movable(x, away, f, m) or x[f, h] >= cap:
+            for jf in range(nm[m]):
+                f = mov[m, jf]
+                if f == e or x[f, h] >= cap:
                     continue
                 d = v[f] - v[e]
-                lh = loads[h] + d
-                lm = loads[m] - d
-                top = max(lh, lm)
-                for n in range(N):
-                    if n != h and n != m and loads[n] > top:
-                        top = loads[n]
+                top = max(max(loads[h] + d, loads[m] - d), om)
                 d_off = v[e] * (away[e, m] - away[e, h]) + v[f] * (away[f, h] - away[f, m])
                 val = max(top / P, vmax) + lam * (off + d_off) / G
                 if val < best[0]:
@@ -188,43 +215,104 @@ def _top3(v):
 
 
 @kernel
-def _node_retargets(w, x, away, c, v, loads, off, P, G, lam, cap, best):
+def _node_retargets(w, x, away, c, v, loads, off, h, mov, nm, offc, P, G, lam, cap, best):
     """Retargets: a slot of node ``n`` goes from ``f`` (``c >= 2``, may leave ``n``) to
-    ``e``, in the order (n, f, e); ``best`` ``[val, kind, f, e, n, -]``."""
+    ``e``; ``best`` ``[val, kind, f, e, n, -]`` keeps the first lowest below ``best[0]``
+    (the objective now, less its tolerance, when the step starts).
+
+    Per (n, f) only the ``e`` that can get below it are priced.  A move gets there only
+    by lowering the heaviest node ``h`` (``n = h``, or ``e`` on ``h``), the heaviest
+    replica (``e`` its expert) or the off-node load (``of + oe < 0``); those changing ``h``
+    are first bounded by ``h``'s new load, ``f``'s new replica load, the other replicas
+    and the lowest off-node change any of them makes."""
     E, N = x.shape
     t = _top3(v)
-    new = np.empty(N)
-    offc = np.zeros(E, dtype=np.int64)
+    ve2, de, oe = np.empty(E), np.empty(E), np.empty((E, N))
+    dh, dn, low, lowh = np.empty(E), np.empty(E), np.full(N, np.inf), np.full(N, np.inf)
+    spilled, ns = np.empty(E, np.int64), 0
     for e in range(E):
-        for q in range(N):
-            offc[e] += x[e, q] * away[e, q]
+        ve2[e] = w[e] / (c[e] + 1)
+        de[e] = ve2[e] - v[e]
+        dn[e] = x[e, h] * de[e]                 # change of h when e gains a slot elsewhere
+        dh[e] = dn[e] + ve2[e]                  # ... a slot on h
+        for n in range(N):
+            oe[e, n] = ve2[e] * (offc[e] + away[e, n]) - v[e] * offc[e]
+            low[n] = min(low[n], oe[e, n])
+            if x[e, h] > 0:
+                lowh[n] = min(lowh[n], oe[e, n])
+        if offc[e] > 0 and x[e, h] == 0:
+            spilled[ns] = e
+            ns += 1
+    onh, nh = np.empty(E, np.int64), 0          # the experts on h
+    for e in range(E):
+        if x[e, h] > 0:
+            onh[nh] = e
+            nh += 1
+    cand, cy = np.empty(E + 1, np.int64), np.empty(E + 1)
     for n in range(N):
-        for f in range(E):
-            if c[f] < 2 or not _movable(x, away, f, n):
+        for jf in range(nm[n]):
+            f = mov[n, jf]
+            if c[f] < 2:
                 continue
             vf2 = w[f] / (c[f] - 1)
             df = vf2 - v[f]
             of = vf2 * (offc[f] - away[f, n]) - v[f] * offc[f]
-            for e in range(E):
+            hf = loads[h] + x[f, h] * df - (vf2 if n == h else 0.0)
+            o2, seen = -1, 0                    # the second heaviest replica but f's bounds
+            for i in range(3):                  # the heaviest one the move leaves alone
+                if t[i] >= 0 and t[i] != f:
+                    seen += 1
+                    if seen == 2:
+                        o2 = t[i]
+            floor = max(vf2, v[o2] if o2 >= 0 else -np.inf)
+            nc = 0
+            if n == h:                          # every e changes h
+                pen_lo = lam * (off + (of + low[n])) / G
+                for e in range(E):
+                    if max((hf + dh[e]) / P, floor) + pen_lo < best[0]:
+                        cand[nc], cy[nc] = e, hf + dh[e]
+                        nc += 1
+            else:
+                pen_lo = lam * (off + (of + lowh[n])) / G
+                for i in range(nh):             # the e on h
+                    e = onh[i]
+                    if max((hf + dn[e]) / P, floor) + pen_lo < best[0]:
+                        cand[nc], cy[nc] = e, hf + dn[e]
+                        nc += 1
+                if of < 0.0:                    # the others: any may lower the off-node load
+                    for e in range(E):
+                        if x[e, h] == 0:
+                            cand[nc], cy[nc] = e, hf
+                            nc += 1
+                else:                           # only those with replicas away, and the
+                    for i in range(ns):         # heaviest replica's expert
+                        if oe[spilled[i], n] + of < 0.0:
+                            cand[nc], cy[nc] = spilled[i], hf
+                            nc += 1
+                    if t[0] >= 0 and x[t[0], h] == 0 and (offc[t[0]] == 0 or oe[t[0], n] + of >= 0.0):
+                        cand[nc], cy[nc] = t[0], hf
+                        nc += 1
+            for j in range(nc):
+                e, yh = cand[j], cy[j]
                 if e == f or x[e, n] >= cap:
                     continue
-                ve2 = w[e] / (c[e] + 1)
-                de = ve2 - v[e]
-                top = -np.inf
-                for q in range(N):
-                    y = loads[q] + x[f, q] * df + x[e, q] * de
-                    if q == n:
-                        y += ve2 - vf2
-                    top = max(top, y)
-                # heaviest replica after the retarget: the top of the others, vf2 and ve2
-                other = -np.inf                 # (none when f and e are all there is)
-                for i in range(3):
+                o = -1                          # heaviest untouched replica (none when
+                for i in range(3):              # f and e are all there is)
                     if t[i] >= 0 and t[i] != f and t[i] != e:
-                        other = v[t[i]]
+                        o = t[i]
                         break
-                vmax = max(other, max(vf2, ve2))
-                d_off = of + (ve2 * (offc[e] + away[e, n]) - v[e] * offc[e])
-                val = max(top / P, vmax) + lam * (off + d_off) / G
+                vmax = max(v[o] if o >= 0 else -np.inf, max(vf2, ve2[e]))
+                pen = lam * (off + (of + oe[e, n])) / G
+                if max(yh / P, vmax) + pen >= best[0]:
+                    continue
+                top = yh
+                for q in range(N):
+                    if q != h:
+                        y = loads[q] + x[f, q] * df + x[e, q] * de[e]
+                        if q == n:
+                            y += ve2[e] - vf2
+                        top = max(top, y)
+                val = max(top / P, vmax) + pen
                 if val < best[0]:
                     best[0], best[1], best[2], best[3], best[4], best[5] = val, 1.0, f, e, n, 0
 
@@ -232,15 +320,21 @@ def _node_retargets(w, x, away, c, v, loads, off, P, G, lam, cap, best):
 @kernel
 def _node_step(w, x, away, c, v, loads, P, G, lam, cap, best):
     """One step's choice on ``x``: refreshes ``c``, ``v``, ``loads`` and fills ``best``
-    (``best[0]`` the objective after the best move, ``inf`` if none); returns the
-    objective now."""
+    with the lowest objective below the current one less ``1e-12`` of it (``best[0]``
+    ``inf`` if no move gets there); returns the objective now."""
+    E, N = x.shape
     off = _node_refresh(w, x, away, c, v, loads)
     h = int(np.argmax(loads))
     vmax = v.max()
-    best[0] = np.inf
-    _node_swaps(x, away, v, loads, off, vmax, h, P, G, lam, cap, best)
-    _node_retargets(w, x, away, c, v, loads, off, P, G, lam, cap, best)
-    return max(loads[h] / P, vmax) + lam * off / G
+    f0 = max(loads[h] / P, vmax) + lam * off / G
+    mov, nm, offc = np.empty((N, E), np.int64), np.empty(N, np.int64), np.empty(E, np.int64)
+    _node_lists(x, away, mov, nm, offc)
+    best[0], best[1] = f0 - 1e-12 * max(f0, 1e-300), -1.0
+    _node_swaps(x, away, v, loads, off, vmax, h, mov, nm, P, G, lam, cap, best)
+    _node_retargets(w, x, away, c, v, loads, off, h, mov, nm, offc, P, G, lam, cap, best)
+    if best[1] < 0:
+        best[0] = np.inf
+    return f0
 
 
 @kernel
@@ -253,8 +347,8 @@ def _node_search(w, x, away, P, G, lam, cap, max_steps):
     loads = np.empty(N)
     best = np.empty(6)
     for _ in range(max_steps):
-        f0 = _node_step(w, x, away, c, v, loads, P, G, lam, cap, best)
-        if not best[0] < f0 - 1e-12 * max(f0, 1e-300):
+        _node_step(w, x, away, c, v, loads, P, G, lam, cap, best)
+        if best[0] == np.inf:
             break
         if best[1] == 0.0:
             e, h, f, m = int(best[2]), int(best[3]), int(best[4]), int(best[5])
@@ -416,10 +510,18 @@ def _gpu_swaps(S, M, v, loads, away, hc, g, off0, sq0, f0, eps, lam, dup, bd, bf
 def _gpu_retargets(w, S, M, c, v, loads, away, hc, offc, holders, hn, order, g, off0, sq0, f0, eps, lam,
                    dup, bd, bf):
     """Retargets of a slot ``i`` of ``g`` (expert ``a``, ``c >= 2``) to any expert
-    ``b``, order (i, b).  Only the GPUs holding ``a`` or ``b`` change load."""
+    ``b``, order (i, b).  Only the GPUs holding ``a`` or ``b`` change load, so the
+    new loads of ``g`` and of the busiest GPU bound a pair before the rest; the sum of
+    squares changes by those GPUs' terms."""
     G, k = S.shape
     E = w.size
-    qs, ys, sq = np.empty(2 * G, dtype=np.int64), np.empty(2 * G), np.empty(G)
+    o0 = order[0]
+    qs, ys = np.empty(2 * G, dtype=np.int64), np.empty(2 * G)
+    vb2, db, ob = np.empty(E), np.empty(E), np.empty(E)
+    for b in range(E):
+        vb2[b] = w[b] / (c[b] + 1)
+        db[b] = vb2[b] - v[b]
+        ob[b] = w[b] * (offc[b] + away[g, b]) / (c[b] + 1) - w[b] * offc[b] / max(c[b], 1)
     for i in range(k):
         a = S[g, i]
         ca = c[a]
@@ -431,18 +533,21 @@ def _gpu_retargets(w, S, M, c, v, loads, away, hc, offc, holders, hn, order, g, 
         for b in range(E):
             if b == a or (not dup and M[g, b] != 0):
                 continue
-            cb = c[b]
-            vb2 = w[b] / (cb + 1)
-            db = vb2 - v[b]
-            top = -np.inf
+            pen = lam * (off0 + (oa + ob[b])) / G
+            top = loads[g] + M[g, a] * da + M[g, b] * db[b] + vb2[b] - va2
+            if o0 != g:
+                top = max(top, loads[o0] + M[o0, a] * da + M[o0, b] * db[b])
+            lb = top + pen
+            if lb > f0 + eps or lb >= bd[0]:
+                continue                         # neither a step down nor an equal one
             na = 0
             for t in range(hn[a] + hn[b]):
                 q = holders[a, t] if t < hn[a] else holders[b, t - hn[a]]
                 if t >= hn[a] and M[q, a] != 0:
                     continue                     # already counted with a
-                y = loads[q] + M[q, a] * da + M[q, b] * db
+                y = loads[q] + M[q, a] * da + M[q, b] * db[b]
                 if q == g:
-                    y += vb2 - va2
+                    y += vb2[b] - va2
                 top = max(top, y)
                 qs[na], ys[na] = q, y
                 na += 1
@@ -451,17 +556,14 @@ def _gpu_retargets(w, S, M, c, v, loads, away, hc, offc, holders, hn, order, g, 
                 if M[q, a] == 0 and M[q, b] == 0:
                     top = max(top, loads[q])
                     break
-            d_off = oa + (w[b] * (offc[b] + away[g, b]) / (cb + 1) - w[b] * offc[b] / max(cb, 1))
-            val = top + lam * (off0 + d_off) / G
+            val = top + pen
             if val < f0 - eps:
                 if val < bd[0]:
                     bd[0], bd[1], bd[2], bd[3], bd[4], bd[5] = val, 1.0, i, b, 0, g
             elif val <= f0 + eps and bd[0] == np.inf:
-                for q in range(G):
-                    sq[q] = loads[q] ** 2
+                s2 = sq0
                 for t in range(na):
-                    sq[qs[t]] = ys[t] ** 2
-                s2 = _pairwise(sq, 0, G)
+                    s2 += ys[t] * ys[t] - loads[qs[t]] * loads[qs[t]]
                 if s2 < sq0 * (1 - 1e-12) and s2 < bf[0]:
                     bf[0], bf[1], bf[2], bf[3], bf[4], bf[5] = s2, 1.0, i, b, 0, g
 
@@ -536,6 +638,102 @@ def _polish_kernel(w, row, node, home, lam, dup, max_steps):
     return loads.max() + lam * off0 / node.size, S.ravel().copy()
 
 
+# ---------------------------------------------------------------------------------------
+# The layer's starts: node searches (at lam and lower costs) packed per node, and a
+# home-first LPT from the global policy's replica counts.
+
+# Node searches per layer run at cross_node_cost times these; the one with the lowest
+# objective at the real cost is packed.  A search at a lower cost spills more and
+# ends in another local optimum, often the better one.
+# Node-level candidates per layer, in order (the first wins among equals): ``[start,
+# factor]`` with start 0 the hierarchical plan, 1 the home-first LPT; searched at
+# ``cross_node_cost * factor``, or not at all where the factor is negative.
+NODE_STARTS = np.array([[0, -1.0], [1, 1.0], [1, -1.0]])
+
+
+@kernel
+def _node_start(w, rows, factors, away, rn, P, G, lam, cap, max_steps):
+    """Node-level candidates: the counts per node of each start ``rows[s]``, searched
+    at cost ``lam * factors[s]`` (not searched where the factor is negative); returns
+    ``(x [E, N], v [E], s)`` of the one lowest at ``lam`` (the first among equals)."""
+    E, N = away.shape
+    c, v, loads = np.empty(E, np.int64), np.empty(E), np.empty(N)
+    best_x, best_f, best_s = np.zeros((E, N), dtype=np.int64), np.inf, 0
+    for i in range(factors.size):
+        x = np.zeros((E, N), dtype=np.int64)
+        for s in range(rows.shape[1]):
+            x[rows[i, s], s // rn] += 1
+        if factors[i] >= 0:
+            _node_search(w, x, away, P, G, lam * factors[i], cap, max_steps)
+        off = _node_refresh(w, x, away, c, v, loads)
+        f = max(loads.max() / P, v.max()) + lam * off / G
+        if f < best_f:
+            best_f, best_s = f, i
+            best_x[:, :] = x
+    _node_refresh(w, best_x, away, c, v, loads)
+    return best_x, v, best_s
+
+
+@kernel
+def _node_items(x, v, values, labels):
+    """Node ``n``'s replicas as row ``n`` of sorted items: by decreasing load, ties by
+    expert, an expert's replicas adjacent (what the packing takes)."""
+    E, N = x.shape
+    order = np.argsort(-v, kind="mergesort")
+    for n in range(N):
+        i = 0
+        for e in order:
+            for _ in range(x[e, n]):
+                values[n, i] = v[e]
+                labels[n, i] = e
+                i += 1
+
+
+@kernel
+def _home_lpt(w, c, home, N, P, k, dup, pen):
+    """A start from replica counts ``c``: replicas by decreasing load (ties by expert),
+    each to the lightest GPU with a free slot (ties by index) not yet holding its
+    expert if any is left (without ``dup``, only those); an expert's first replica on its
+    home node, the others anywhere that leaves every node room for the first replicas
+    still to come.  Returns ``(row [G * k], ok)``; ``ok`` False where it gets stuck."""
+    E = w.size
+    G = N * P
+    rn = P * k
+    v = np.empty(E)
+    for e in range(E):
+        v[e] = w[e] / max(c[e], 1)
+    loads, fill = np.zeros(G), np.zeros(G, np.int64)
+    free, pend = np.full(N, rn, np.int64), np.zeros(N, np.int64)
+    M = np.zeros((G, E), np.int64)
+    for e in range(E):
+        pend[home[e]] += 1
+    row = np.empty(G * k, np.int64)
+    for e in np.argsort(-v, kind="mergesort"):
+        for r in range(c[e]):
+            bg, bnew, bkey = -1, False, 0.0
+            for g in range(G):
+                n = g // P
+                if fill[g] == k or (r == 0 and n != home[e]) or (r > 0 and free[n] <= pend[n]):
+                    continue
+                new = M[g, e] == 0
+                if not new and not dup:
+                    continue
+                key = loads[g] + (pen * v[e] if n != home[e] else 0.0)
+                if bg < 0 or (new and not bnew) or (new == bnew and key < bkey):
+                    bg, bnew, bkey = g, new, key
+            if bg < 0:
+                return row, False
+            row[bg * k + fill[bg]] = e
+            fill[bg] += 1
+            loads[bg] += v[e]
+            M[bg, e] += 1
+            free[bg // P] -= 1
+            if r == 0:
+                pend[bg // P] -= 1
+    return row, True
+
+
+
 def spill_refine(
     weight: np.ndarray,
     phy2log: np.ndarray,
@@ -556,18 +754,17 @@ def spill_refine(
         home: ``[L, E]`` home node of every expert.
         num_gpus, num_nodes: the cluster.
         cross_node_cost: cost per unit of load served off-node (``inf``: nothing moves).
-        max_steps: improving node-level steps per layer at most.
+        max_steps: improving steps per layer and search at most.
         deadline: ``time.perf_counter()`` value after which layers are left as they are.
-        global_plan: optional ``[L, R]`` global-policy plan: a second start per layer
-            (its replicas swapped so every primary is home), kept where it ends with
-            the lower objective; it helps where ``cross_node_cost`` is small.
+        global_plan: optional ``[L, R]`` global-policy plan: its replica counts seed the
+            home-first LPT start (default: :func:`replica_counts`).
 
     Returns:
         ``[L, R]`` placement (node ``n`` holds slots ``n*R/N ..``); every expert keeps a
-        replica on its home node.  Layers where nothing spills keep their start plan.
+        replica on its home node.
     """
     out = np.array(phy2log, dtype=np.int64, copy=True)
-    if not np.isfinite(cross_node_cost):
+    if not np.isfinite(cross_node_cost) or out.shape[0] == 0:
         return out
     # Per-layer power-of-two scaling: the objective is linear in the loads, so the
     # search is unchanged, and its sums of squares cannot overflow.
@@ -581,29 +778,42 @@ def spill_refine(
     cap = np.inf if allow_duplicates else float(P)
     node = np.arange(G, dtype=np.int64) // P
     away = (np.arange(N)[None, None, :] != home[:, :, None]).astype(np.int64)     # [L, E, N]
+    counts = (np.stack([np.bincount(r, minlength=E) for r in global_plan]) if global_plan is not None
+              else replica_counts(weight, R, None if allow_duplicates else G))
+    values, labels = np.empty((L * N, rn)), np.empty((L * N, rn), dtype=np.int64)
+    done = 0
+    keep = np.zeros(L, dtype=bool)         # layers whose start plan is the best node split
+    lpts = np.empty_like(out)
     for l in range(L):
         if deadline is not None and time.perf_counter() >= deadline:
             break
-        x0 = np.zeros((E, N), dtype=np.int64)
-        np.add.at(x0, (out[l], np.arange(R) // rn), 1)
-        x = x0.copy()
-        v = _node_search(weight[l], x, away[l], P, G, lam, cap, max_steps)
-        if np.array_equal(x, x0) and global_plan is None:
-            continue
-        row = np.empty(R, dtype=np.int64)
-        for n in range(N):
-            items = np.flatnonzero(x[:, n])
-            cnt = x[items, n]
-            local = pack_rows((v[items] * cnt)[None, :], cnt[None, :], P,
-                              allow_duplicates=allow_duplicates)[0]             # [P, k] indices
-            row[n * rn:(n + 1) * rn] = items[local].ravel()
-        # GPU-level polish: node balance does not make the replicas pack well.
-        starts = [row] + ([] if global_plan is None else [_primaries_home(
-            np.ascontiguousarray(global_plan[l], dtype=np.int64), home[l], N)])
+        lpt, ok = _home_lpt(weight[l], counts[l], home[l], N, P, R // G, allow_duplicates, lam)
+        use = NODE_STARTS[:, 0] == 0 if not ok else np.ones(len(NODE_STARTS), dtype=bool)
+        rows = np.stack([out[l] if kind == 0 else lpt for kind in NODE_STARTS[use, 0]])
+        x, v, s = _node_start(weight[l], rows, NODE_STARTS[use, 1], away[l], rn, P, G, lam, cap, max_steps)
+        keep[l] = NODE_STARTS[s, 0] == 0 and NODE_STARTS[s, 1] < 0
+        lpts[l] = lpt if ok else out[l]
+        _node_items(x, v, values[l * N:(l + 1) * N], labels[l * N:(l + 1) * N])
+        done += 1
+    if done == 0:
+        return out
+    bound = np.maximum(values[:done * N].sum(axis=1) / P, values[:done * N, 0])
+    layout = pack_sorted(values[:done * N], labels[:done * N], P, target=bound,
+                         allow_duplicates=allow_duplicates)
+    packed = gather_rows(labels[:done * N], layout).reshape(done, R)
+    for l in range(done):
+        starts = [out[l] if keep[l] else packed[l]]
+        if N == 1 or R == E:
+            # Nothing can spill: the layer is a plain packing problem, and the start plan
+            # and the global plan (its replicas swapped so every primary is home) are
+            # other packings worth polishing too.
+            starts += ([] if keep[l] else [out[l]]) + [lpts[l]]
+            if global_plan is not None:
+                starts.append(_primaries_home(np.ascontiguousarray(global_plan[l], dtype=np.int64), home[l], N))
         results = [_polish(weight[l], start, node, home[l], lam, allow_duplicates, max_steps) for start in starts]
-        best = min(results, key=lambda r: r[0])
-        if np.isfinite(best[0]):           # else no start kept the rules: the start plan stays
-            out[l] = best[1]
+        f, row = min(results, key=lambda r: r[0])
+        if np.isfinite(f):                 # else no start kept the rules: the start plan stays
+            out[l] = row
     return out
 
 
@@ -620,3 +830,5 @@ def _warm() -> None:
     w = np.array([[4.0, 3.0, 2.0, 1.0]])
     spill_refine(w, np.array([[0, 1, 0, 2, 3, 3]]), np.array([[0, 0, 1, 1]]), 2, 2, 0.5,
                  global_plan=np.array([[0, 3, 1, 0, 2, 1]]))
+    spill_refine(w, np.array([[0, 1, 2, 3]]), np.array([[0, 0, 1, 1]]), 2, 2, 0.5,     # nothing can spill
+                 global_plan=np.array([[0, 2, 1, 3]]))

@@ -111,6 +111,8 @@ def _apply_node(x, best):
 
 
 def test_node_step_is_the_best_move():
+    """Every step along each case's search (up to six), so states with replicas spilled
+    by earlier steps are checked too."""
     rng = np.random.default_rng(0)
     seen = 0
     while seen < CASES:
@@ -123,19 +125,40 @@ def test_node_step_is_the_best_move():
         E, R = w.size, row.size
         x = np.zeros((E, N), dtype=np.int64)
         np.add.at(x, (row, np.arange(R) // (R // N)), 1)
-        lam = float(rng.choice([0.0, 0.5, 1.0, 4.0]))
+        lam = float(rng.choice([0.0, 0.1, 0.5, 1.0, 4.0]))
         cap = float(rng.choice([np.inf, P]))
         away = (np.arange(N)[None, :] != home[:, None]).astype(np.int64)
-        best = np.empty(6)
-        f0 = spill._node_step(w, x, away, np.empty(E, np.int64), np.empty(E), np.empty(N), P, G, lam, cap, best)
-        assert close(f0, node_objective(w, x, home, P, G, lam))
-        values = [node_objective(w, y, home, P, G, lam) for _, y in node_moves(w, x, home, cap)]
-        if not values:
-            assert best[0] == np.inf
-        else:
+        for _ in range(6):
+            best = np.empty(6)
+            f0 = spill._node_step(w, x, away, np.empty(E, np.int64), np.empty(E), np.empty(N), P, G, lam, cap, best)
+            f_ref = node_objective(w, x, home, P, G, lam)
+            assert close(f0, f_ref)
+            values = [node_objective(w, y, home, P, G, lam) for _, y in node_moves(w, x, home, cap)]
+            values = [val for val in values if val < f_ref - 1e-12 * max(f_ref, 1e-300)]   # improving moves only
+            if not values:
+                assert best[0] == np.inf
+                break
             assert close(best[0], min(values)), (best, min(values))
-            assert close(node_objective(w, _apply_node(x, best), home, P, G, lam), best[0])
+            x = _apply_node(x, best)
+            assert close(node_objective(w, x, home, P, G, lam), best[0])
         seen += 1
+
+
+def test_node_step_finds_a_retarget_that_only_cuts_off_node_load():
+    """A state (found by a random search) whose one improving move is a retarget that
+    leaves the heaviest node as it is and lowers the off-node load: the expert given
+    the slot is not on that node, and has a replica away from home."""
+    w = np.array([0.9759807374636279, 0.0, 0.916943010707741, 0.7040430676035254, 0.0, 0.807571368098115,
+                  0.9122314898528753])
+    home = np.array([1, 2, 2, 0, 0, 1, 0])
+    x = np.array([[0, 2, 1], [1, 0, 2], [0, 0, 1], [1, 0, 0], [1, 1, 0], [0, 1, 0], [1, 0, 0]])
+    N, P, G, lam = 3, 1, 3, 0.5
+    away = (np.arange(N)[None, :] != home[:, None]).astype(np.int64)
+    best = np.empty(6)
+    f0 = spill._node_step(w, x, away, np.empty(7, np.int64), np.empty(7), np.empty(N), P, G, lam, np.inf, best)
+    values = [node_objective(w, y, home, P, G, lam) for _, y in node_moves(w, x, home, np.inf)]
+    target = min(v for v in values if v < f0 - 1e-12 * f0)
+    assert best[1] == 1.0 and close(best[0], target), (best, target)
 
 
 # -- GPU level ------------------------------------------------------------------------
@@ -261,6 +284,59 @@ def test_primaries_home_matches_the_rule():
         out = spill._primaries_home(row, home, N)
         assert out.tolist() == primaries_home_reference(row.tolist(), home.tolist(), N)
         assert sorted(out.tolist()) == sorted(row.tolist())
+        seen += 1
+
+
+def home_lpt_reference(w, c, home, N, P, k, dup, pen):
+    """The home-first LPT in plain Python: replicas by decreasing load (ties by
+    expert), each to the GPU with a free slot that does not hold its expert yet if any
+    (else, with ``dup``, any), lowest load (plus ``pen`` times the replica's load off
+    its home node), lowest index; the first replica of an expert on its home node, the
+    others only where the node keeps a slot for every first replica still to come."""
+    E, G, rn = len(w), N * P, P * k
+    v = [w[e] / max(c[e], 1) for e in range(E)]
+    packs = [[] for _ in range(G)]
+    pend = [sum(1 for e in range(E) if home[e] == n) for n in range(N)]
+    for e in sorted(range(E), key=lambda e: (-v[e], e)):
+        for r in range(c[e]):
+            free = [rn - sum(len(packs[g]) for g in range(n * P, (n + 1) * P)) for n in range(N)]
+            ok = [g for g in range(G) if len(packs[g]) < k
+                  and (g // P == home[e] if r == 0 else free[g // P] > pend[g // P])]
+            new = [g for g in ok if e not in packs[g]]
+            pool = new or (ok if dup else [])
+            if not pool:
+                return None
+            g = min(pool, key=lambda g: (sum(v[x] for x in packs[g]) + (pen * v[e] if g // P != home[e] else 0.0), g))
+            packs[g].append(e)
+            if r == 0:
+                pend[home[e]] -= 1
+    return packs
+
+
+def test_home_lpt_matches_the_rule():
+    rng = np.random.default_rng(6)
+    seen = 0
+    while seen < CASES:
+        N, P, k = (int(x) for x in rng.integers(1, 4, 3))
+        G, rn = N * P, P * k
+        E = int(rng.integers(1, N * rn + 1))
+        home = rng.permutation(np.arange(E) % N).astype(np.int64)
+        if np.bincount(home, minlength=N).max() > rn:
+            continue
+        c = np.ones(E, dtype=np.int64) + np.bincount(rng.integers(0, E, G * k - E), minlength=E)
+        w = rng.integers(0, 6, E).astype(np.float64) if rng.integers(2) else rng.random(E)
+        dup = bool(rng.integers(2))
+        pen = float(rng.choice([0.0, 0.5, 4.0]))
+        row, ok = spill._home_lpt(w, c, home, N, P, k, dup, pen)
+        ref = home_lpt_reference(w.tolist(), c.tolist(), home.tolist(), N, P, k, dup, pen)
+        assert ok == (ref is not None)
+        if ok:
+            S = row.reshape(G, k)
+            for g in range(G):                 # same experts per GPU (slot order aside)
+                assert sorted(S[g].tolist()) == sorted(ref[g]), (g, S, ref)
+            assert (np.bincount(row, minlength=E) == c).all()
+            node = np.arange(G * k) // rn
+            assert all((node[row == e] == home[e]).any() for e in range(E))
         seen += 1
 
 
