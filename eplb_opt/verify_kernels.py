@@ -66,6 +66,9 @@ def plan_ok(p, num_experts, num_gpus, group_size, num_nodes, groups_per_node, hi
     last = np.full(num_experts, -1, dtype=np.int64)
     node_of = np.empty(num_groups, dtype=np.int64)
     held = np.empty(num_nodes, dtype=np.int64)
+    group_of = np.empty(num_experts, dtype=np.int64)     # one division per expert, not per slot
+    for e in range(num_experts):
+        group_of[e] = e // group_size
     for l in range(L):
         cnt[:] = 0
         for s in range(R):
@@ -89,7 +92,7 @@ def plan_ok(p, num_experts, num_gpus, group_size, num_nodes, groups_per_node, hi
             held[:] = 0
             for n in range(num_nodes):
                 for s in range(n * per_node, n * per_node + per_node):
-                    gr = p[l, s] // group_size
+                    gr = group_of[p[l, s]]
                     if node_of[gr] < 0:
                         node_of[gr] = n
                         held[n] += 1

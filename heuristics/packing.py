@@ -225,7 +225,8 @@ def _snake_row(lab, rotate, lay):
                 shift = 0
         for j in range(P):
             pack = j if b % 2 == 0 else P - 1 - j
-            lay[pack, b] = b * P + (j + shift) % P
+            pos = j + shift                      # (j + shift) mod P, without a division
+            lay[pack, b] = b * P + (pos - P if pos >= P else pos)
     return rotated
 
 
