@@ -130,24 +130,53 @@ def _sink(val, who, n, i):
 
 
 @kernel
+def _taken_above(w, v):
+    """How many shares ``w / j`` (``j >= 1``, float64 quotients) of one load ``w`` are
+    ``>= v`` (positive): ``floor(w / v)`` is at most one off (far below ``2**52``), so one
+    exact comparison each way settles it."""
+    j = np.floor(w / v)
+    if w / (j + 1) >= v:
+        j += 1
+    if j >= 1 and w / max(j, 1.0) < v:
+        j -= 1
+    return int(j)
+
+
+@kernel
 def _kth_shares(w, k, out):
     """``out[r]``: the ``k``-th largest share ``w_e / j`` (``j >= 1``, the float64
     quotient) of each row of ``w`` (``[rows, E]``, ``k >= 1``): the shares are taken
     largest first from a max-heap holding each expert's next share (its next one,
     ``w_e / (j + 1)``, is never larger), so the ``k``-th taken is the ``k``-th largest
-    of the multiset, whatever order equal shares come in."""
+    of the multiset, whatever order equal shares come in.
+
+    With many spares (``k > E / 2``) the heap starts past the shares at or above ``hi =
+    S / k`` (raised by a margin far above float64 rounding): fewer than ``k`` of them
+    exist (their sum would pass ``S``) and every one is larger than every other share,
+    so they are the largest ones and are counted, not taken one by one."""
     rows, E = w.shape
     val = np.empty(E)
     who = np.empty(E, dtype=np.int64)
     nxt = np.empty(E, dtype=np.int64)
     for r in range(rows):
+        left = k - 1                                  # shares to take before the answer
+        if k > E // 2:
+            total = 0.0
+            for e in range(E):
+                total += w[r, e]
+            hi = total / k * (1 + 1e-9)
+            for e in range(E):
+                nxt[e] = _taken_above(w[r, e], hi) + 1
+                left -= nxt[e] - 1
+        else:
+            nxt[:] = 1
         for e in range(E):
-            val[e] = w[r, e]
+            val[e] = w[r, e] / nxt[e]
             who[e] = e
-            nxt[e] = 2
+            nxt[e] += 1
         for i in range(E // 2 - 1, -1, -1):
             _sink(val, who, E, i)
-        for _ in range(k - 1):
+        for _ in range(left):
             e = who[0]
             val[0] = w[r, e] / nxt[e]
             nxt[e] += 1
