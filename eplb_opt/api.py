@@ -146,41 +146,23 @@ def solve(
         masked_gpus: failed or drained GPUs that must hold nothing: GPU ids, a ``[G]`` or
             ``[L, G]`` bool mask, or one id list per layer (:mod:`eplb_opt.masked`; global
             policy over the active GPUs; an explicit ``"hierarchical"`` is refused).
-        history: ``[H, L, E]`` past windows, oldest first, the window before ``weight``
-            last; ``weight`` is then the latest window ``[L, E]`` (not 3-D: a 3-D
-            ``weight`` holds the windows the plan serves, scored by ``objective``; a
-            history holds windows already past).  The plan is for the forecast of the
-            next window (``forecast``), and the result's figures are for those loads.
-            ``None``: the plan is for ``weight``, exactly as without this argument.
-        forecast: with ``history``, how the windows ``history + [weight]`` (age 0 for
-            ``weight``, 1 for the window before, ...) become the plan for the window to
-            come.  Next-window balancedness and in-window cost of each are in
-            ``benchmarks/forecast.json`` and docs/USAGE.md:
-
-            * ``"windows-ema"`` (the default with history): a hedge: every window is a
-              scenario of the next one, weighted ``4 ** -age`` (half-life 0.5 windows,
-              :data:`eplb_opt.problem.FORECAST_PARAMETERS`), and the plan lowers the
-              weighted mean of their busiest GPUs (the ``objective="mean"`` search of
-              :mod:`heuristics.robust` from the plan for the ``"ema"`` loads).  Where a
-              hedge is refused (``previous``, ``policy="spill"``) the default is
-              ``"ema"``.
-            * ``"ema"``: the windows' mean with those weights, one load.
-            * ``"last"``: ``weight`` alone (history ignored): today's plan.
-            * ``"mean"``: every window alike.
-            * ``"windows-worst"`` / ``"windows-mean"``: hedges over the windows
-              unweighted (``objective="worst"`` / ``"mean"`` on them).
-
-            The hedges are not available with ``previous`` or ``policy="spill"``.
-            Without ``history`` a forecast of the one window is that window: the plan is
-            the same as with ``forecast=None`` (with a 3-D ``weight`` it is refused).
+        history: ``[H, L, E]`` past windows, oldest first, the last just before
+            ``weight`` (then the latest window ``[L, E]``, never 3-D: a 3-D ``weight``
+            holds the windows a plan serves).  The plan is for the window to come, from
+            ``history + [weight]`` by ``forecast``; the figures are for those loads.
+            ``None``: the plan for ``weight``, exactly as without the argument.
+        forecast: with ``history``, ``"windows-ema"`` (default: a hedge over the windows
+            weighted ``4 ** -age``; ``"ema"`` where hedges are refused, with ``previous``
+            or ``policy="spill"``), ``"ema"``, ``"last"``, ``"mean"``, ``"windows-worst"``
+            or ``"windows-mean"`` (:func:`eplb_opt.problem.forecast_loads`; next-window and
+            in-window figures of each in docs/USAGE.md).  No effect without history.
 
     Returns:
         :class:`~eplb_opt.result.SolveResult`: the verified plan and its certificate.
 
     Raises:
         InvalidProblemError / InvalidTypeError: bad input, or options that conflict
-        (:data:`eplb_opt.problem.HISTORY_CONFLICTS`, :data:`eplb_opt.problem.CONFLICTS`);
-        the message names them and their values.
+        (:mod:`eplb_opt.problem`'s ``HISTORY_CONFLICTS``, ``CONFLICTS``), named.
     """
     start = time.perf_counter()
     problem, options = validate_solve(
@@ -190,14 +172,16 @@ def solve(
         previous=previous, max_balance_loss=max_balance_loss, node_move_cost=node_move_cost,
         bytes_per_expert=bytes_per_expert, objective=objective, cross_node_cost=cross_node_cost,
         masked_gpus=masked_gpus, history=history, forecast=forecast)
+    return _run(problem, options, start)
+
+
+def _run(problem: Problem, options: SolveOptions, start: float) -> SolveResult:
+    """Stages 2-6 of a validated call (masked GPUs: per sub-problem)."""
     if options.mask is not None:
         from .masked import solve_masked
 
         return solve_masked(problem, options, start)
     call = _initial_plan(problem, options, start)
-    if options.forecast is not None:
-        call.events.append(f"planned for forecast={options.forecast!r} of the next window from "
-                           f"{options.history_windows} history window(s) and weight")
     try:
         _refine_exact(call)
         _refine_windows(call)
@@ -223,8 +207,11 @@ def _initial_plan(problem: Problem, options: SolveOptions, start: float) -> _Cal
         num_groups=problem.num_groups, num_nodes=problem.num_nodes,
     )
     budget = Budget.of_call(problem.time_limit, problem.mode, start, options.deterministic)
+    events = [] if options.forecast is None else [
+        f"planned for forecast={options.forecast!r} of the next window from {options.history_windows} history "
+        "window(s) and weight"]
     return _Call(problem, options, start, budget, bounds, phy2log, bounds.lower_bound.copy(),
-                 np.zeros(problem.num_layers, dtype=bool), [], home)
+                 np.zeros(problem.num_layers, dtype=bool), events, home)
 
 
 def _plan_numpy(problem: Problem, allow_duplicates: bool = True) -> np.ndarray:

@@ -428,6 +428,9 @@ def forecast_loads(windows: np.ndarray, forecast: str) -> tuple[np.ndarray, str]
 
     Point forecasts are weighted means and ``"windows-ema"``'s windows are weighted
     shares of them: one window's units.  One window: ``[1, L, E]`` as it is.
+    :func:`eplb_opt.solve`'s default with history is :data:`DEFAULT_FORECAST`
+    (:data:`DEFAULT_POINT_FORECAST` with ``previous`` or ``policy="spill"``, where the
+    hedges are refused); ``benchmarks/run_forecast.py`` measures each on the next window.
     """
     W = windows.shape[0]
     if forecast == "last" or W == 1:

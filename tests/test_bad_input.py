@@ -259,3 +259,19 @@ def test_integers_beyond_2_53_in_exact_mode_and_trace_files(tmp_path):
         r = eplb_opt.solve(big[0], num_replicas=24, num_gpus=8, mode="exact", time_limit=1)
     assert_consistent_certificate(r)
     assert eplb_opt.plan_violations(r.plan.phy2log.numpy(), 16, 24, 8) == []
+
+
+def test_history_and_forecast_bad_types_name_the_argument():
+    """solve(history=, forecast=) (issue 16): wrong types and shapes name the argument."""
+    w = np.arange(2 * 16, dtype=np.float64).reshape(2, 16)
+    topo = dict(num_replicas=32, num_gpus=8)
+    with pytest.raises(InvalidTypeError, match="history must hold numeric loads"):
+        eplb_opt.solve(w, **topo, history=np.zeros((2, 2, 16), dtype=bool))
+    with pytest.raises(InvalidProblemError, match=r"history must be non-negative.*\[window 1, layer 0, expert 3\]"):
+        h = np.zeros((2, 2, 16))
+        h[1, 0, 3] = -1.0
+        eplb_opt.solve(w, **topo, history=h)
+    with pytest.raises(InvalidTypeError, match="forecast must be one of"):
+        eplb_opt.solve(w, **topo, history=w[None], forecast=3)
+    with pytest.raises(InvalidProblemError, match=r"history has shape \(1, 2, 8\)"):
+        eplb_opt.solve(w, **topo, history=np.ones((1, 2, 8)))
