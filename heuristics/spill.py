@@ -26,7 +26,8 @@ routing).  Per layer the search minimises
    all layers in one call); a layer whose best split is the hierarchical plan's keeps
    that plan's packing.
 3. A GPU-level **polish** (swaps between the busiest GPUs and any other, retargets on
-   them; the lowest objective, else an equal one with a lower sum of squared loads).
+   them; the lowest objective, else an equal one with a lower sum of squared loads;
+   the two busiest GPUs in turn).
    Where nothing can spill (one node, or no spare replica) the layer is a plain
    packing problem, and the start plan, the LPT and the global plan (primaries swapped
    home) are polished too; the lowest wins.
@@ -597,7 +598,7 @@ def _gpu_apply(S, M, c, loads, v, best):
 @kernel
 def _gpu_step(w, S, M, c, v, loads, away, hc, offc, holders, hn, lam, dup, bd, bf):
     """One step's choice from the current state: the busiest GPUs in turn (at most
-    four, stopping at the first with an improving move); returns the objective now."""
+    two, stopping at the first with an improving move); returns the objective now."""
     G = loads.size
     _gpu_counts(S, away, hc, offc, holders, hn)
     off0 = _pairwise(v * offc, 0, w.size)
@@ -606,7 +607,7 @@ def _gpu_step(w, S, M, c, v, loads, away, hc, offc, holders, hn, lam, dup, bd, b
     sq0 = _pairwise(loads ** 2, 0, G)
     order = np.argsort(-loads, kind="mergesort")
     bd[0], bf[0] = np.inf, np.inf
-    for t in range(min(4, G)):
+    for t in range(min(2, G)):
         g = order[t]
         _gpu_swaps(S, M, v, loads, away, hc, g, off0, sq0, f0, eps, lam, dup, bd, bf)
         _gpu_retargets(w, S, M, c, v, loads, away, hc, offc, holders, hn, order, g, off0, sq0, f0, eps,

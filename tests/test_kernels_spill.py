@@ -177,7 +177,7 @@ def gpu_figures(w, S, node, home, lam):
 
 
 def gpu_reference(w, S, node, home, lam, dup):
-    """The step rule: busiest GPUs first (at most four, stopping after the first with an
+    """The step rule: busiest GPUs first (at most two, stopping after the first with an
     improving move); the lowest objective below f0 - eps, else the lowest sum of
     squares at an equal objective.  Returns ``("down" | "flat" | None, value)``."""
     G, k = S.shape
@@ -185,7 +185,7 @@ def gpu_reference(w, S, node, home, lam, dup):
     eps = 1e-12 * max(f0, 1e-300)
     c = np.bincount(S.ravel(), minlength=w.size)
     down, flat = [], []
-    for g in sorted(range(G), key=lambda q: -loads[q])[:4]:
+    for g in sorted(range(G), key=lambda q: -loads[q])[:2]:
         moves = []
         for i in range(k):
             for h in range(G):
