@@ -10,7 +10,8 @@ For each preset: a seeded per-step trace (``eplb_opt.replay.step_trace``: the pr
 popularity, a random walk of 0.15 per 500 steps, a mix switch at the middle step,
 Poisson counts of the preset's tokens per step), written to a temporary ``.npy`` and
 streamed; then ``eplb_opt.replay`` with every policy (``ours``, ``exact`` at a small
-deterministic budget, ``migrate``, ``windows``, ``deepseek``, ``vllm``, ``sglang_vec``)
+deterministic budget, ``migrate``, ``windows``, ``forecast``, ``deepseek``, ``vllm``,
+``sglang_vec``; ``forecast`` since issue 16 part 2, so replay.json predates it)
 at each interval, the time model at its defaults.  ``exact`` runs on
 ``--exact-presets`` only: on the Qwen3-shaped preset (94 x 128, global policy) one
 deterministic exact plan took about 16 s on 2 cores at any budget from 0.02 to 0.2, which
