@@ -27,7 +27,7 @@ import torch
 from . import heuristics
 
 from .bounds import Bounds, lower_bounds
-from .budget import Budget
+from .budget import Budget, collector_paused
 from .errors import EplbOptError, InvalidPlanError, SolveInterrupted
 from .metrics import gpu_loads
 from .migrate import Migration
@@ -176,7 +176,14 @@ def solve(
 
 
 def _run(problem: Problem, options: SolveOptions, start: float) -> SolveResult:
-    """Stages 2-6 of a validated call (masked GPUs: per sub-problem)."""
+    """Stages 2-6 of a validated call (masked GPUs: per sub-problem), with the cyclic
+    garbage collector paused when exact mode runs on a wall clock
+    (:func:`eplb_opt.budget.collector_paused`)."""
+    with collector_paused(problem.mode == "exact" and not options.deterministic):
+        return _stages(problem, options, start)
+
+
+def _stages(problem: Problem, options: SolveOptions, start: float) -> SolveResult:
     if options.mask is not None:
         from .masked import solve_masked
 

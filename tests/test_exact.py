@@ -185,3 +185,33 @@ def test_integer_scaling_any_magnitude(scale):
     assert np.allclose(sc.ints * sc.unit, w / c, rtol=1e-12, atol=sc.error * 1.0001)
     exact = scale_loads(np.array([3.0, 7.0, 10.0]), np.array([1, 2, 3]), 2)
     assert exact.exact and np.allclose(exact.ints * exact.unit, [3.0, 3.5, 10 / 3])
+
+
+def test_wall_clock_exact_calls_pause_the_cyclic_collector_and_restore_it(monkeypatch):
+    """Issue 12: a full collection inside an exact call overran its deadline by up to
+    0.37 s.  The collector is off while a wall-clock exact call runs and back on (only
+    if it was on) afterwards; heuristic and deterministic calls leave it alone."""
+    import gc
+
+    import eplb_opt.exact as ex
+
+    seen = []
+    real = ex.refine
+
+    def spy(*a, **k):
+        seen.append(gc.isenabled())
+        return real(*a, **k)
+
+    monkeypatch.setattr(ex, "refine", spy)
+    w = np.random.default_rng(3).gamma(1.0, 10.0, size=(2, 8)) + 1.0
+    kw = dict(num_replicas=12, num_gpus=4, mode="exact", time_limit=0.3, tolerance=0.0)
+    assert gc.isenabled()
+    eplb_opt.solve(w, **kw)
+    eplb_opt.solve(w, **kw, deterministic=True)
+    assert seen == [False, True] and gc.isenabled()
+    gc.disable()
+    try:
+        eplb_opt.solve(w, **kw)
+        assert not gc.isenabled()                     # a caller's own choice is kept
+    finally:
+        gc.enable()
