@@ -802,7 +802,15 @@ def spill_refine(
     layout = pack_sorted(values[:done * N], labels[:done * N], P, target=bound,
                          allow_duplicates=allow_duplicates)
     packed = gather_rows(labels[:done * N], layout).reshape(done, R)
-    for l in range(done):
+    _polish_layers(out, packed, keep, lpts, weight, home, node, global_plan, N, lam, allow_duplicates, max_steps)
+    return out
+
+
+def _polish_layers(out, packed, keep, lpts, weight, home, node, global_plan, N, lam, allow_duplicates, max_steps):
+    """The GPU-level polish of the first ``len(packed)`` layers of ``out``, in place:
+    per layer, the best polished start (see :func:`spill_refine`)."""
+    R, E = out.shape[1], weight.shape[1]
+    for l in range(len(packed)):
         starts = [out[l] if keep[l] else packed[l]]
         if N == 1 or R == E:
             # Nothing can spill: the layer is a plain packing problem, and the start plan
@@ -815,7 +823,6 @@ def spill_refine(
         f, row = min(results, key=lambda r: r[0])
         if np.isfinite(f):                 # else no start kept the rules: the start plan stays
             out[l] = row
-    return out
 
 
 def _polish(w, row, node, home, lam, allow_duplicates, max_steps):
