@@ -293,29 +293,38 @@ def _node_retargets(w, x, away, c, v, loads, off, h, mov, nm, offc, P, G, lam, c
                     if t[0] >= 0 and x[t[0], h] == 0 and (offc[t[0]] == 0 or oe[t[0], n] + of >= 0.0):
                         cand[nc], cy[nc] = t[0], hf
                         nc += 1
-            for j in range(nc):
-                e, yh = cand[j], cy[j]
-                if e == f or x[e, n] >= cap:
-                    continue
-                o = -1                          # heaviest untouched replica (none when
-                for i in range(3):              # f and e are all there is)
-                    if t[i] >= 0 and t[i] != f and t[i] != e:
-                        o = t[i]
-                        break
-                vmax = max(v[o] if o >= 0 else -np.inf, max(vf2, ve2[e]))
-                pen = lam * (off + (of + oe[e, n])) / G
-                if max(yh / P, vmax) + pen >= best[0]:
-                    continue
-                top = yh
-                for q in range(N):
-                    if q != h:
-                        y = loads[q] + x[f, q] * df + x[e, q] * de[e]
-                        if q == n:
-                            y += ve2[e] - vf2
-                        top = max(top, y)
-                val = max(top / P, vmax) + pen
-                if val < best[0]:
-                    best[0], best[1], best[2], best[3], best[4], best[5] = val, 1.0, f, e, n, 0
+            _price_retargets(cand, cy, nc, f, n, h, t, x, v, ve2, vf2, df, de, oe, of, loads, off, P, G, lam, cap, best)
+
+
+@kernel
+def _price_retargets(cand, cy, nc, f, n, h, t, x, v, ve2, vf2, df, de, oe, of, loads, off, P, G, lam, cap, best):
+    """Price the ``nc`` candidate retargets ``f -> cand[j]`` on node ``n`` (``cy[j]``: the
+    heaviest node's load after the move) for :func:`_node_retargets`; keeps the first
+    lowest in ``best``."""
+    N = x.shape[1]
+    for j in range(nc):
+        e, yh = cand[j], cy[j]
+        if e == f or x[e, n] >= cap:
+            continue
+        o = -1                          # heaviest untouched replica (none when
+        for i in range(3):              # f and e are all there is)
+            if t[i] >= 0 and t[i] != f and t[i] != e:
+                o = t[i]
+                break
+        vmax = max(v[o] if o >= 0 else -np.inf, max(vf2, ve2[e]))
+        pen = lam * (off + (of + oe[e, n])) / G
+        if max(yh / P, vmax) + pen >= best[0]:
+            continue
+        top = yh
+        for q in range(N):
+            if q != h:
+                y = loads[q] + x[f, q] * df + x[e, q] * de[e]
+                if q == n:
+                    y += ve2[e] - vf2
+                top = max(top, y)
+        val = max(top / P, vmax) + pen
+        if val < best[0]:
+            best[0], best[1], best[2], best[3], best[4], best[5] = val, 1.0, f, e, n, 0
 
 
 @kernel
