@@ -259,8 +259,9 @@ def _starts(st: _Replan) -> list[list[np.ndarray]]:
     gs = E // st.num_groups
     starts: list[list[np.ndarray]] = []
     alts = []                                              # (layer, partition, old partition)
+    nodes = _nodes_of_groups(old, st.N, st.num_groups, gs)
     for l in range(L):
-        old_node = _node_of_group(old[l], st.G, st.N, st.num_groups, gs)
+        old_node = nodes[l]
         starts.append([] if old_node is None else [old[l]])
         if old_node is not None:
             gl = st.w[l].reshape(st.num_groups, gs).sum(axis=1)
@@ -429,20 +430,20 @@ def _attempt(w, old, start, T, G, N, hierarchical, allow_duplicates, node_move_c
     return (float(cost), row, int(moves)) if ok else None
 
 
-def _node_of_group(p: np.ndarray, G: int, N: int, num_groups: int, gs: int) -> np.ndarray | None:
-    """Node of every group in a hierarchical placement ``p`` ``[R]``; None when some
-    group is split across nodes or a node holds a group's experts without all of them."""
-    rn = p.size // N
-    present = np.zeros((N, num_groups + 1), dtype=bool)         # column 0: an empty slot (-1)
-    present[np.repeat(np.arange(N), rn), p // gs + 1] = True
-    seen = present[:, 1:].astype(np.int64)
-    seen[:, -1] += present[:, 0]                   # (an empty slot is counted as the last group)
-    if (seen.sum(axis=0) != 1).any():
-        return None
-    node = seen.argmax(axis=0).astype(np.int64)
-    if len(set(np.bincount(node, minlength=N))) != 1:
-        return None
-    return node
+def _nodes_of_groups(p: np.ndarray, N: int, num_groups: int, gs: int) -> list[np.ndarray | None]:
+    """Per layer of hierarchical placements ``p`` ``[L, R]``, the node of every group, or
+    None when some group is split across nodes, a node holds a group's experts without
+    all of them, or the nodes hold different numbers of groups (all layers at once)."""
+    L, R = p.shape
+    rn = R // N
+    present = np.zeros((L, N, num_groups + 1), dtype=bool)      # column 0: an empty slot (-1)
+    present[np.arange(L)[:, None], np.repeat(np.arange(N), rn)[None, :], p // gs + 1] = True
+    seen = present[:, :, 1:].astype(np.int64)
+    seen[:, :, -1] += present[:, :, 0]             # (an empty slot is counted as the last group)
+    node = seen.argmax(axis=1).astype(np.int64)                 # [L, groups]
+    per_node = (node[:, :, None] == np.arange(N)).sum(axis=1)  # [L, N]
+    ok = (seen.sum(axis=1) == 1).all(axis=1) & (per_node == per_node[:, :1]).all(axis=1)
+    return [node[l] if ok[l] else None for l in range(L)]
 
 
 def _nearby_partitions(gl: np.ndarray, old_node: np.ndarray, N: int, P: int, T: float,

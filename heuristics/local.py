@@ -330,11 +330,12 @@ def moved_slots(S, newm):
 
 
 @kernel
-def undo_swap_scan(S, vS, load, M, q, mv, nmv, allowed, dup, T, eps, g, B):
-    """The cheapest swap of ``g`` with a partner (as :func:`swap_scan`) that lowers the
-    move cost and keeps both GPUs within ``T + eps`` (the first in order on ties):
-    ``(i, h, j)``, ``i = -1`` when none.  Prices are never negative, so a swap whose two
-    departures are both free (``mv`` False) cannot lower the cost and is skipped."""
+def undo_swap_scan(S, vS, load, M, q, mv, nmv, allowed, dup, T, eps, g, B, part):
+    """The cheapest swap of ``g`` with a partner ``h`` (``part[h]`` set; as
+    :func:`swap_scan`) that lowers the move cost and keeps both GPUs within ``T + eps``
+    (the first in order on ties): ``(i, h, j)``, ``i = -1`` when none.  Prices are never
+    negative, so a swap whose two departures are both free (``mv`` False) cannot lower
+    the cost and is skipped."""
     k = S.shape[1]
     best, bi, bh, bj = np.inf, -1, -1, -1
     lo = (g // B) * B
@@ -342,7 +343,8 @@ def undo_swap_scan(S, vS, load, M, q, mv, nmv, allowed, dup, T, eps, g, B):
         a = S[g, i]
         out_a = q[g, a]
         for h in range(lo, lo + B):
-            if h == g or not allowed[h, a] or (not dup and M[h, a] != 0) or (out_a == 0.0 and nmv[h] == 0):
+            if h == g or not part[h] or not allowed[h, a] or (not dup and M[h, a] != 0) \
+                    or (out_a == 0.0 and nmv[h] == 0):
                 continue
             in_a = q[h, a]
             for j in range(k):
@@ -365,7 +367,8 @@ def undo_swap(S, v, load, M, newm, cin, allowed, dup, T, eps, g, B):
     """:func:`undo_swap_scan` from the plain state: the entry point the tests pin."""
     q, _ = move_prices(newm, cin)
     mv, nmv = moved_slots(S, newm)
-    return undo_swap_scan(S, slot_values(S, v), load, M, q, mv, nmv, allowed, dup, T, eps, g, B)
+    part = np.ones(S.shape[0], dtype=np.bool_)
+    return undo_swap_scan(S, slot_values(S, v), load, M, q, mv, nmv, allowed, dup, T, eps, g, B, part)
 
 
 @kernel
@@ -390,6 +393,7 @@ def undo_retarget_scan(S, w, v, vp, c, load, M, q, newm, oldE, nold, allowed, du
     ``b``, so the first ``b`` that fits is the slot's best."""
     G, k = S.shape
     best, bi, bb = np.inf, -1, -1
+    risky = np.empty(G, dtype=np.int64)
     for i in range(k):
         a = S[g, i]
         if not newm[g, a] or c[a] < 2:
@@ -398,13 +402,20 @@ def undo_retarget_scan(S, w, v, vp, c, load, M, q, newm, oldE, nold, allowed, du
         if not (cost < 0.0 and cost < best):
             continue
         va2 = w[a] / max(c[a] - 1, 1)
+        # Any other GPU within T + eps that holds no a fits: b's replicas only get lighter.
+        nr = 0
+        for h in range(G):
+            if h == g or M[h, a] != 0 or not load[h] <= T + eps:
+                risky[nr] = h
+                nr += 1
         for t in range(nold[g]):
             b = oldE[g, t]
             if not allowed[g, b] or b == a or (not dup and M[g, b] != 0):
                 continue
             vb2 = vp[b]
             fits = True
-            for h in range(G):
+            for r in range(nr):
+                h = risky[r]
                 nh = load[h] + M[h, a] * (va2 - v[a]) + M[h, b] * (vb2 - v[b])
                 if h == g:
                     nh += vb2 - va2
@@ -520,10 +531,19 @@ def repair_over(S, w, v, vp, c, load, vS, M, q, exact, allowed, dup, T, B, max_s
 def undo_moves(S, w, v, vp, c, load, vS, M, q, newm, allowed, dup, T, B, max_steps):
     """Swaps and retargets that lower the move cost and keep every GPU under ``T``: per
     step, the first GPU (in index order) holding a moved-in replica that has one takes
-    its cheapest swap, else its cheapest retarget; stops when none is left."""
+    its cheapest swap, else its cheapest retarget; stops when none is left.
+
+    After a swap of GPUs ``x`` and ``y`` found at GPU ``x``, the GPUs before ``x`` had no
+    swap, and those other than ``x, y`` still have none with a partner other than ``x``
+    or ``y`` (nothing those swaps read changed), so the next step searches their swaps
+    with ``x`` and ``y`` only (``part``); the answer is the full search's.  A retarget
+    changes loads everywhere: every GPU is searched in full again."""
     G = S.shape[0]
     eps = 1e-12 * max(T, 1e-300)
     oldE, nold = old_experts(newm)
+    full = np.ones(G, dtype=np.bool_)
+    part = np.zeros(G, dtype=np.bool_)
+    clean_to, cx, cy = 0, -1, -1          # GPUs before clean_to (but cx, cy) had no swap
     for _ in range(max_steps):
         mv, nmv = moved_slots(S, newm)
         done = False
@@ -531,14 +551,19 @@ def undo_moves(S, w, v, vp, c, load, vS, M, q, newm, allowed, dup, T, B, max_ste
             if nmv[g] == 0:
                 continue
             if B > 1:
-                i, h, j = undo_swap_scan(S, vS, load, M, q, mv, nmv, allowed, dup, T, eps, g, B)
+                pr = part if g < clean_to and g != cx and g != cy else full
+                i, h, j = undo_swap_scan(S, vS, load, M, q, mv, nmv, allowed, dup, T, eps, g, B, pr)
                 if i >= 0:
                     do_swap(S, vS, load, M, g, i, h, j)
+                    part[:] = False
+                    part[g], part[h] = True, True
+                    clean_to, cx, cy = g, g, h
                     done = True
                     break
             i, b = undo_retarget_scan(S, w, v, vp, c, load, M, q, newm, oldE, nold, allowed, dup, T, eps, g)
             if i >= 0:
                 do_retarget(S, w, v, vp, c, load, vS, M, g, i, b)
+                clean_to = 0
                 done = True
                 break
         if not done:

@@ -445,3 +445,37 @@ def test_best_swap_with_inexact_prices_picks_what_the_reference_picks(nmc):
             assert score == want[1] and cost == want[2], seed
         checked += 1
     assert checked > 150
+
+
+def test_undo_moves_matches_reference_on_longer_undos():
+    """The whole undo phase (:func:`heuristics.local.undo_moves`, whose later steps search
+    only the swaps the last swap can have opened before the GPU it was found at) on
+    layers of 4-16 GPUs started many swaps away from the old placement: the same slots as
+    the reference, which searches every GPU in full at every step."""
+    same = runs = steps = 0
+    for seed in range(300):
+        rng = np.random.default_rng(1000 + seed)
+        N, P, k = int(rng.choice([1, 2])), int(rng.choice([4, 8])), int(rng.choice([2, 3]))
+        G = N * P
+        R = G * k
+        E = int(rng.integers(G, R // 2 + 2))               # many replicas: undo retargets too
+        w = rng.uniform(1.0, 1.5, E)                  # near-even loads: caps bind often
+        old = np.concatenate([np.arange(E), rng.integers(0, E, R - E)])
+        rng.shuffle(old)
+        start = old.copy()
+        for _ in range(int(rng.integers(4, 3 * G))):
+            i, j = rng.integers(0, R, 2)
+            start[i], start[j] = start[j], start[i]
+        hier, nmc = bool(rng.random() < 0.5), float(rng.choice([1.0, 4.0]))
+        st = Ref(w, old, start, G, N, hier, nmc, True)
+        T = float(st.load.max()) * float(rng.uniform(1.0, 1.03))
+        S, v, c, load, M, newm, cin, allowed = K._layer_arrays(w, old, start, G, N, hier, nmc)
+        q, _ = K.move_prices(newm, cin)
+        before = S.copy()
+        K.undo_moves(S, w, v, K.next_values(w, c), c, load, K.slot_values(S, v), M, q, newm, allowed, True, T,
+                     st.B, R)
+        st.undo(T, R)
+        runs += 1
+        steps += int((S != before).sum())
+        same += np.array_equal(S, st.S)
+    assert steps > 1000 and same == runs, (same, runs, steps)
