@@ -737,7 +737,60 @@ def _issue15_and_16(here: Path) -> list[str]:
         lines += _numba_versions_section(json.loads((here / "numba_versions.json").read_text()))
     if (here / "replay.json").exists():
         lines += _replay_section(json.loads((here / "replay.json").read_text()))
+    if (here / "replay_time.json").exists():
+        lines += _replay_time_section(json.loads((here / "replay_time.json").read_text()))
+    if (here / "forecast.json").exists():
+        lines += _forecast_section(json.loads((here / "forecast.json").read_text()))
     return lines
+
+
+def _forecast_section(data: dict) -> list[str]:
+    """``forecast.json``: next-window balancedness of the forecasts and the peers (issue 16)."""
+    rep = data["report"]
+    nw = rep["next_window"]
+    presets = list(nw["ours"])
+    peers = [c for c in nw if not c.startswith("ours")]
+    mean = {c: sum(v.values()) / len(v) for c, v in nw.items()}
+    best_peer = max(peers, key=lambda c: mean[c])
+    lines = [
+        "## Forecasts: plans for the next window (issue 16, part 2)",
+        "",
+        f"Command: `{data['command']}` ({data['date']}, {data['machine']}; {data['elapsed_s'] / 60:.0f} min).  "
+        f"Every preset x drift kind ({', '.join(data['drift_kinds'])}), {data['layers']} layers, {data['windows']} "
+        f"windows: each plan is made at window t from the {data['history']} windows before it (the forecast's "
+        "history; the peers get it in their engines' form: the latest window, the summed windows, or SGLang's "
+        "step axis) and scored on window t + 1.  The default forecast (`"
+        f"{data['default_forecast']}`) and its parameters were chosen on seeds 0-1; the figures below are seeds "
+        f"{', '.join(map(str, rep['seeds']))}.  Mean next-window balancedness:",
+        "",
+        "| contender | " + " | ".join(presets) + " | suite |",
+        "|---|" + "---:|" * (len(presets) + 1),
+    ]
+    for c in sorted(nw, key=lambda c: -mean[c]):
+        lines.append(f"| {c} | " + " | ".join(f"{nw[c][q]:.4f}" for q in presets) + f" | {mean[c]:.4f} |")
+    margins = {q: nw["ours"][q] - max(nw[c][q] for c in peers) for q in presets}
+    lines += ["", f"Targets: the default at least the best peer on every preset: **"
+              f"{'met' if min(margins.values()) >= 0 else 'not met'}** (smallest margin {min(margins.values()):+.4f}, "
+              f"{min(margins, key=margins.get)}); ahead by at least 0.005 on the suite mean: **"
+              f"{'met' if mean['ours'] - mean[best_peer] >= 0.005 else 'not met'}** ({mean['ours'] - mean[best_peer]:+.4f} "
+              f"against {best_peer}).", ""]
+    return lines
+
+
+def _replay_time_section(data: dict) -> list[str]:
+    """``replay_time.json``: issue 16's replay time target."""
+    plans = ", ".join(f"{k} {v:.1f} s" for k, v in data["planning_s_by_policy"].items())
+    return [
+        "## Replay time (issue 16)",
+        "",
+        f"Command: `{data['command']}` ({data['date']}, {data['machine']}).  A generated {data['preset']} trace of "
+        f"{data['steps']} steps x {data['layers']} layers (int32 counts), policies {', '.join(data['policies'])}, "
+        f"intervals {', '.join(map(str, data['intervals']))}, default time model, after `warm_up()`: "
+        f"**{data['wall_s']:.1f} s** (target <= {data['target_s']:.0f} s: {'met' if data['met'] else 'not met'}).  "
+        f"Planning time inside it, summed over intervals: {plans}; the rest is reading the trace in chunks, "
+        "alignment and scoring every step.",
+        "",
+    ]
 
 
 def write(here: Path) -> None:
