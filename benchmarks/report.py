@@ -813,7 +813,9 @@ def write(here: Path) -> None:
         if (here / name).exists():
             lines += _deadlines_section(json.loads((here / name).read_text()))
     for name, title in (("deadlines_p99.json", "full run, before the load fixes of 79a1288"),
-                        ("deadlines_p99_after.json", "full rerun after those and the re-split round cap")):
+                        ("deadlines_p99_after.json", "full rerun after those and the re-split round cap"),
+                        ("deadlines_p99_gc.json", "idle rerun after the GC pause and the neighbourhood reserve "
+                                                  "(compiled kernels)")):
         if (here / name).exists():
             section = _deadline_p99_section(json.loads((here / name).read_text()))
             section[0] += f": {title}"

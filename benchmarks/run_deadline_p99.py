@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fresh-first", type=int, default=20)
     ap.add_argument("--budgets", type=float, nargs="+", default=BUDGETS)
     ap.add_argument("--policies", nargs="+", default=["auto", "global"])
+    ap.add_argument("--loads", nargs="+", choices=["idle", "busy"], default=["idle", "busy"])
+    ap.add_argument("--states", nargs="+", choices=["warm", "fresh"], default=["warm", "fresh"])
     ap.add_argument("--out", type=Path, default=here / "deadlines_p99.json")
     ap.add_argument("--child", nargs=4, metavar=("POLICY", "STATE", "BUDGETS", "CALLS"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -117,8 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     short = [b for b in args.budgets if b < IMPORT_SECONDS]
     long_ = [b for b in args.budgets if b >= IMPORT_SECONDS]
     for policy in args.policies:
-        for load in ("idle", "busy"):
-            for state in ("warm", "fresh"):
+        for load in args.loads:
+            for state in args.states:
                 plan = [("all", args.budgets if state == "warm" else short)]
                 for _, budgets in plan:
                     if not budgets:
