@@ -330,12 +330,29 @@ def moved_slots(S, newm):
 
 
 @kernel
-def undo_swap_scan(S, vS, load, M, q, mv, nmv, allowed, dup, T, eps, g, B, part):
+def departure_bounds(S, q, exact):
+    """``[G]`` per GPU the largest price of a replica leaving it (``q`` of its slots), or
+    ``inf`` (no bound) where the prices are not ``exact``: a swap of ``g`` with ``h``
+    costs at least ``q[h, a] - q[g, a] - maxq[h]`` (:func:`undo_swap_scan`)."""
+    G, k = S.shape
+    maxq = np.full(G, np.inf)
+    if exact:
+        for h in range(G):
+            m = 0.0
+            for s in range(k):
+                m = max(m, q[h, S[h, s]])
+            maxq[h] = m
+    return maxq
+
+
+@kernel
+def undo_swap_scan(S, vS, load, M, q, mv, nmv, maxq, allowed, dup, T, eps, g, B, part):
     """The cheapest swap of ``g`` with a partner ``h`` (``part[h]`` set; as
     :func:`swap_scan`) that lowers the move cost and keeps both GPUs within ``T + eps``
     (the first in order on ties): ``(i, h, j)``, ``i = -1`` when none.  Prices are never
     negative, so a swap whose two departures are both free (``mv`` False) cannot lower
-    the cost and is skipped."""
+    the cost and is skipped, and so is a partner where ``q[h, a] - q[g, a] - maxq[h]``
+    (:func:`departure_bounds`, exact sums) is not below ``min(0, best)``."""
     k = S.shape[1]
     best, bi, bh, bj = np.inf, -1, -1, -1
     lo = (g // B) * B
@@ -347,6 +364,9 @@ def undo_swap_scan(S, vS, load, M, q, mv, nmv, allowed, dup, T, eps, g, B, part)
                     or (out_a == 0.0 and nmv[h] == 0):
                 continue
             in_a = q[h, a]
+            lb = (in_a - out_a) - maxq[h]
+            if not (lb < 0.0 and lb < best):
+                continue
             for j in range(k):
                 if out_a == 0.0 and not mv[h, j]:
                     continue
@@ -365,10 +385,11 @@ def undo_swap_scan(S, vS, load, M, q, mv, nmv, allowed, dup, T, eps, g, B, part)
 @kernel
 def undo_swap(S, v, load, M, newm, cin, allowed, dup, T, eps, g, B):
     """:func:`undo_swap_scan` from the plain state: the entry point the tests pin."""
-    q, _ = move_prices(newm, cin)
+    q, exact = move_prices(newm, cin)
     mv, nmv = moved_slots(S, newm)
     part = np.ones(S.shape[0], dtype=np.bool_)
-    return undo_swap_scan(S, slot_values(S, v), load, M, q, mv, nmv, allowed, dup, T, eps, g, B, part)
+    return undo_swap_scan(S, slot_values(S, v), load, M, q, mv, nmv, departure_bounds(S, q, exact), allowed, dup, T,
+                          eps, g, B, part)
 
 
 @kernel
@@ -528,7 +549,7 @@ def repair_over(S, w, v, vp, c, load, vS, M, q, exact, allowed, dup, T, B, max_s
 
 
 @kernel
-def undo_moves(S, w, v, vp, c, load, vS, M, q, newm, allowed, dup, T, B, max_steps):
+def undo_moves(S, w, v, vp, c, load, vS, M, q, exact, newm, allowed, dup, T, B, max_steps):
     """Swaps and retargets that lower the move cost and keep every GPU under ``T``: per
     step, the first GPU (in index order) holding a moved-in replica that has one takes
     its cheapest swap, else its cheapest retarget; stops when none is left.
@@ -546,13 +567,14 @@ def undo_moves(S, w, v, vp, c, load, vS, M, q, newm, allowed, dup, T, B, max_ste
     clean_to, cx, cy = 0, -1, -1          # GPUs before clean_to (but cx, cy) had no swap
     for _ in range(max_steps):
         mv, nmv = moved_slots(S, newm)
+        maxq = departure_bounds(S, q, exact)
         done = False
         for g in range(G):
             if nmv[g] == 0:
                 continue
             if B > 1:
                 pr = part if g < clean_to and g != cx and g != cy else full
-                i, h, j = undo_swap_scan(S, vS, load, M, q, mv, nmv, allowed, dup, T, eps, g, B, pr)
+                i, h, j = undo_swap_scan(S, vS, load, M, q, mv, nmv, maxq, allowed, dup, T, eps, g, B, pr)
                 if i >= 0:
                     do_swap(S, vS, load, M, g, i, h, j)
                     part[:] = False
@@ -663,7 +685,7 @@ def repair_attempt(w, old, start, G, N, hierarchical, node_move_cost, dup, T, ma
     vS, vp = slot_values(S, v), next_values(w, c)
     if not fits and not repair_over(S, w, v, vp, c, load, vS, M, q, exact, allowed, dup, T, B, max_repair):
         return False, row, 0, 0.0
-    undo_moves(S, w, v, vp, c, load, vS, M, q, newm, allowed, dup, T, B, max_undo)
+    undo_moves(S, w, v, vp, c, load, vS, M, q, exact, newm, allowed, dup, T, B, max_undo)
     moves = 0
     off = 0                                             # moves from another node
     for g in range(G):

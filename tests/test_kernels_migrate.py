@@ -470,9 +470,9 @@ def test_undo_moves_matches_reference_on_longer_undos():
         st = Ref(w, old, start, G, N, hier, nmc, True)
         T = float(st.load.max()) * float(rng.uniform(1.0, 1.03))
         S, v, c, load, M, newm, cin, allowed = K._layer_arrays(w, old, start, G, N, hier, nmc)
-        q, _ = K.move_prices(newm, cin)
+        q, exact = K.move_prices(newm, cin)
         before = S.copy()
-        K.undo_moves(S, w, v, K.next_values(w, c), c, load, K.slot_values(S, v), M, q, newm, allowed, True, T,
+        K.undo_moves(S, w, v, K.next_values(w, c), c, load, K.slot_values(S, v), M, q, exact, newm, allowed, True, T,
                      st.B, R)
         st.undo(T, R)
         runs += 1
