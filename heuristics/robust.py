@@ -93,9 +93,40 @@ def _critical(loads, worst, crit):
 
 
 @kernel
-def _swaps(S, M, v, loads, allowed, g, node_size, worst, dup, best):
+def _threshold(best, W, worst):
+    """What a candidate's accumulated objective must stay below to be worth finishing:
+    ``best`` (mean: times ``W``) with a 1e-9 relative margin, so a candidate cut by a
+    lower bound is one that rounding could not have brought below ``best``."""
+    return best * (1.0 + 1e-9) * (1.0 if worst else W)
+
+
+@kernel
+def _suffix(lb, worst, suf):
+    """``suf[x]``: the windows ``x..``'s lower bounds combined (max or sum); ``suf[W]``
+    the empty one."""
+    W = lb.shape[0]
+    suf[W] = -np.inf if worst else 0.0
+    for x in range(W - 1, -1, -1):
+        suf[x] = max(suf[x + 1], lb[x]) if worst else suf[x + 1] + lb[x]
+    return suf[0]
+
+
+@kernel
+def _total(pw, worst):
+    """The objective of per-window busiest loads ``pw``, summed in window order."""
+    acc = -np.inf if worst else 0.0
+    for x in range(pw.shape[0]):
+        acc = max(acc, pw[x]) if worst else acc + pw[x]
+    return acc if worst else acc / pw.shape[0]
+
+
+@kernel
+def _swaps(S, M, v, loads, allowed, wo, g, node_size, worst, dup, best):
     """Swaps of a slot ``i`` of ``g`` with slot ``j`` of ``h`` in its node, order (i, h,
-    j); ``best`` ``[value, kind, g, i, h, j]`` keeps the first lowest."""
+    j); ``best`` ``[value, kind, g, i, h, j]`` keeps the first lowest.  A window's new
+    busiest GPU is at least the heaviest GPU but ``g`` and ``h``, ``g`` less expert
+    ``a``'s whole replica load, and the pair's mean: candidates whose bound (per slot,
+    per ``(i, h)``, then window by window) cannot beat ``best`` are cut."""
     W = loads.shape[0]
     G, k = S.shape
     i1 = np.full(W, -1, dtype=np.int64)             # per window: the two heaviest GPUs but g
@@ -108,63 +139,154 @@ def _swaps(S, M, v, loads, allowed, g, node_size, worst, dup, best):
         for q in range(G):
             if q != g and q != i1[x] and loads[x, q] > v2[x]:
                 v2[x] = loads[x, q]
+    lb, suf, pw = np.empty(W), np.empty(W + 1), np.empty(W)
+    thr = _threshold(best[0], W, worst)
     n0 = (g // node_size) * node_size
     for i in range(k):
         a = S[g, i]
+        for t in range(W):
+            x = wo[t]
+            lb[t] = max(v2[x], loads[x, g] - v[x, a])
+        if _suffix(lb, worst, suf) >= thr:
+            continue
         for h in range(n0, n0 + node_size):
             if h == g or not allowed[h, a]:
+                continue
+            for t in range(W):
+                x = wo[t]
+                r = v2[x] if h == i1[x] else v1[x]
+                lb[t] = max(max(r, loads[x, g] - v[x, a]), 0.5 * (loads[x, g] + loads[x, h]))
+            if _suffix(lb, worst, suf) >= thr:
                 continue
             for j in range(k):
                 b = S[h, j]
                 if a == b or not allowed[g, b] or (not dup and (M[h, a] != 0 or M[g, b] != 0)):
                     continue
                 acc = -np.inf if worst else 0.0
-                for x in range(W):
+                cut = False
+                for t in range(W):
+                    x = wo[t]
                     d = v[x, b] - v[x, a]
-                    pw = max(max(loads[x, g] + d, loads[x, h] - d), v2[x] if h == i1[x] else v1[x])
-                    acc = max(acc, pw) if worst else acc + pw
-                val = acc if worst else acc / W
-                if val < best[0]:
-                    best[0], best[1], best[2], best[3], best[4], best[5] = val, 0.0, g, i, h, j
+                    pw[x] = max(max(loads[x, g] + d, loads[x, h] - d), v2[x] if h == i1[x] else v1[x])
+                    acc = max(acc, pw[x]) if worst else acc + pw[x]
+                    if (max(acc, suf[t + 1]) if worst else acc + suf[t + 1]) >= thr:
+                        cut = True
+                        break
+                if not cut:
+                    val = _total(pw, worst)
+                    if val < best[0]:
+                        best[0], best[1], best[2], best[3], best[4], best[5] = val, 0.0, g, i, h, j
+                        thr = _threshold(val, W, worst)
 
 
 @kernel
-def _retargets(w, S, M, c, v, loads, allowed, holders, hn, order, g, worst, dup, best):
-    """Retargets of a slot ``i`` of ``g`` (expert ``a``, ``c >= 2``) to an expert ``b``
-    allowed on ``g``, order (i, b).  Only the GPUs holding ``a`` or ``b`` change load."""
+def _top_others(loads, M, a, da, g, tq, tu):
+    """Per window ``x``: the ``K`` heaviest GPUs but ``g`` (``tq[x]``, loads ``tu[x]``
+    descending) once expert ``a``'s replicas weigh ``da[x]`` more each; returns how many
+    were found (``min(K, G - 1)``)."""
+    W, G = loads.shape
+    K = tq.shape[1]
+    n = 0
+    for x in range(W):
+        n = 0
+        for q in range(G):
+            if q == g:
+                continue
+            u = loads[x, q] + M[q, a] * da[x]
+            t = n if n < K else K
+            while t > 0 and tu[x, t - 1] < u:
+                t -= 1
+            if t < K:
+                for s in range(min(n, K - 1), t, -1):
+                    tq[x, s], tu[x, s] = tq[x, s - 1], tu[x, s - 1]
+                tq[x, t], tu[x, t] = q, u
+                n = min(n + 1, K)
+    return n
+
+
+@kernel
+def _retarget_slot(w, M, c, v, loads, allowed, holders, hn, wo, tq, tu, nt, va2, da, gb, sufs, few, pw,
+                   g, i, a, worst, dup, best):
+    """Retargets of slot ``i`` of ``g`` (expert ``a``) to every allowed ``b``, in order.
+    A window's busiest GPU after one: ``g``'s new load, ``b``'s holders priced in full,
+    and the others (``a``'s holders heavier by ``da`` per replica, the rest as they are)
+    from the top list ``tq``/``tu``, or a scan when every GPU in it holds ``b``.
+    ``sufs[0]``/``sufs[1]``: suffix bounds for any ``b`` / ``b`` on fewer than ``K``
+    GPUs (``few``: whether those can still win)."""
     W, E = w.shape
-    G, k = S.shape
-    for i in range(k):
+    G = loads.shape[1]
+    K = tq.shape[1]
+    thr = _threshold(best[0], W, worst)
+    for b in range(E):
+        if b == a or not allowed[g, b] or (not dup and M[g, b] != 0):
+            continue
+        s = 1 if hn[b] < K else 0
+        if s == 1 and not few:
+            continue
+        acc = -np.inf if worst else 0.0
+        cut = False
+        for t in range(W):
+            x = wo[t]
+            vb2 = w[x, b] / (c[b] + 1)
+            db = vb2 - v[x, b]
+            top = gb[x] + M[g, b] * db + (vb2 - va2[x])            # g's new load
+            for u in range(hn[b]):
+                q = holders[b, u]
+                if q != g:
+                    top = max(top, loads[x, q] + M[q, a] * da[x] + M[q, b] * db)
+            found = False
+            for u in range(nt):
+                if M[tq[x, u], b] == 0:
+                    top = max(top, tu[x, u])
+                    found = True
+                    break
+            if not found and nt < G - 1:             # every GPU listed holds b: scan them all
+                for q in range(G):
+                    if q != g and M[q, b] == 0:
+                        top = max(top, loads[x, q] + M[q, a] * da[x])
+            pw[x] = top
+            acc = max(acc, top) if worst else acc + top
+            if (max(acc, sufs[s, t + 1]) if worst else acc + sufs[s, t + 1]) >= thr:
+                cut = True
+                break
+        if not cut:
+            val = _total(pw, worst)
+            if val < best[0]:
+                best[0], best[1], best[2], best[3], best[4], best[5] = val, 1.0, g, i, b, 0
+                thr = _threshold(val, W, worst)
+
+
+@kernel
+def _retargets(w, S, M, c, v, loads, allowed, holders, hn, wo, g, worst, dup, best):
+    """Retargets of a slot ``i`` of ``g`` (expert ``a``, ``c >= 2``) to an expert ``b``
+    allowed on ``g``, order (i, b).  Only the GPUs holding ``a`` or ``b`` change load.
+    Bounds cut candidates that cannot beat ``best``: ``g``'s new load is at least its
+    load less ``a``'s replica (``b``'s share only adds), and with ``b`` on fewer than
+    ``K`` GPUs the busiest other is at least the ``K``-th heaviest other."""
+    W, E = w.shape
+    K = 4
+    tq, tu = np.empty((W, K), dtype=np.int64), np.empty((W, K))
+    va2, da, gb = np.empty(W), np.empty(W), np.empty(W)
+    lb, sufs, pw = np.empty(W), np.empty((2, W + 1)), np.empty(W)
+    for i in range(S.shape[1]):
         a = S[g, i]
         ca = c[a]
         if ca < 2:
             continue
-        for b in range(E):
-            if b == a or not allowed[g, b] or (not dup and M[g, b] != 0):
-                continue
-            acc = -np.inf if worst else 0.0
-            for x in range(W):
-                va2 = w[x, a] / max(ca - 1, 1)
-                vb2 = w[x, b] / (c[b] + 1)
-                da, db = va2 - v[x, a], vb2 - v[x, b]
-                top = -np.inf
-                for t in range(hn[a] + hn[b]):
-                    q = holders[a, t] if t < hn[a] else holders[b, t - hn[a]]
-                    if t >= hn[a] and M[q, a] != 0:
-                        continue
-                    y = loads[x, q] + M[q, a] * da + M[q, b] * db
-                    if q == g:
-                        y += vb2 - va2
-                    top = max(top, y)
-                for t in range(G):                  # the heaviest GPU that does not change
-                    q = order[x, t]
-                    if M[q, a] == 0 and M[q, b] == 0:
-                        top = max(top, loads[x, q])
-                        break
-                acc = max(acc, top) if worst else acc + top
-            val = acc if worst else acc / W
-            if val < best[0]:
-                best[0], best[1], best[2], best[3], best[4], best[5] = val, 1.0, g, i, b, 0
+        for x in range(W):
+            va2[x] = w[x, a] / max(ca - 1, 1)
+            da[x] = va2[x] - v[x, a]
+            gb[x] = loads[x, g] + M[g, a] * da[x]
+        for t in range(W):
+            lb[t] = gb[wo[t]] - va2[wo[t]]
+        if _suffix(lb, worst, sufs[0]) >= _threshold(best[0], W, worst):
+            continue
+        nt = _top_others(loads, M, a, da, g, tq, tu)
+        for t in range(W):
+            lb[t] = max(lb[t], tu[wo[t], K - 1]) if nt == K else lb[t]
+        few = _suffix(lb, worst, sufs[1]) < _threshold(best[0], W, worst)
+        _retarget_slot(w, M, c, v, loads, allowed, holders, hn, wo, tq, tu, nt, va2, da, gb, sufs, few, pw,
+                       g, i, a, worst, dup, best)
 
 
 @kernel
@@ -230,19 +352,20 @@ def _step(w, S, M, c, v, loads, allowed, node_size, worst, dup, best):
     W, E = w.shape
     G = S.shape[0]
     f0 = -np.inf if worst else 0.0
-    order = np.empty((W, G), dtype=np.int64)
+    top = np.empty(W)
     for x in range(W):
-        f0 = max(f0, loads[x].max()) if worst else f0 + loads[x].max()
-        order[x] = np.argsort(-loads[x], kind="mergesort")
+        top[x] = loads[x].max()
+        f0 = max(f0, top[x]) if worst else f0 + top[x]
     f0 = f0 if worst else f0 / W
+    wo = np.argsort(-top, kind="mergesort")          # windows heaviest first, for the bounds
     holders, hn = np.empty((E, G), dtype=np.int64), np.empty(E, dtype=np.int64)
     _holders(S, E, holders, hn)
     crit = np.empty(4, dtype=np.int64)
     best[0] = np.inf
     for t in range(_critical(loads, worst, crit)):
         if node_size > 1:
-            _swaps(S, M, v, loads, allowed, crit[t], node_size, worst, dup, best)
-        _retargets(w, S, M, c, v, loads, allowed, holders, hn, order, crit[t], worst, dup, best)
+            _swaps(S, M, v, loads, allowed, wo, crit[t], node_size, worst, dup, best)
+        _retargets(w, S, M, c, v, loads, allowed, holders, hn, wo, crit[t], worst, dup, best)
     return f0
 
 
