@@ -139,7 +139,7 @@ def _swaps(S, M, v, loads, allowed, wo, g, node_size, worst, dup, best):
         for q in range(G):
             if q != g and q != i1[x] and loads[x, q] > v2[x]:
                 v2[x] = loads[x, q]
-    lb, suf, pw = np.empty(W), np.empty(W + 1), np.empty(W)
+    lb, suf, sufi, pw = np.empty(W), np.empty(W + 1), np.empty(W + 1), np.empty(W)
     thr = _threshold(best[0], W, worst)
     n0 = (g // node_size) * node_size
     for i in range(k):
@@ -147,16 +147,26 @@ def _swaps(S, M, v, loads, allowed, wo, g, node_size, worst, dup, best):
         for t in range(W):
             x = wo[t]
             lb[t] = max(v2[x], loads[x, g] - v[x, a])
-        if _suffix(lb, worst, suf) >= thr:
+        if _suffix(lb, worst, sufi) >= thr:
             continue
         for h in range(n0, n0 + node_size):
             if h == g or not allowed[h, a]:
                 continue
-            for t in range(W):
+            # The pair's bound in the heaviest window with the slot's in the others first.
+            x0 = wo[0]
+            lbt = max(max(v2[x0] if h == i1[x0] else v1[x0], loads[x0, g] - v[x0, a]),
+                      0.5 * (loads[x0, g] + loads[x0, h]))
+            if (max(lbt, sufi[1]) if worst else lbt + sufi[1]) >= thr:
+                continue
+            s = -np.inf if worst else 0.0               # _suffix, inline: called per pair
+            suf[W] = s
+            for t in range(W - 1, -1, -1):
                 x = wo[t]
                 r = v2[x] if h == i1[x] else v1[x]
-                lb[t] = max(max(r, loads[x, g] - v[x, a]), 0.5 * (loads[x, g] + loads[x, h]))
-            if _suffix(lb, worst, suf) >= thr:
+                lbt = max(max(r, loads[x, g] - v[x, a]), 0.5 * (loads[x, g] + loads[x, h]))
+                s = max(s, lbt) if worst else s + lbt
+                suf[t] = s
+            if s >= thr:
                 continue
             for j in range(k):
                 b = S[h, j]
@@ -230,6 +240,9 @@ def _retarget_slot(w, M, c, v, loads, allowed, holders, hn, wo, tq, tu, nt, va2,
             vb2 = w[x, b] / (c[b] + 1)
             db = vb2 - v[x, b]
             top = gb[x] + M[g, b] * db + (vb2 - va2[x])            # g's new load
+            if (max(max(acc, top), sufs[s, t + 1]) if worst else acc + top + sufs[s, t + 1]) >= thr:
+                cut = True
+                break
             for u in range(hn[b]):
                 q = holders[b, u]
                 if q != g:
