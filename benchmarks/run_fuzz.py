@@ -58,7 +58,10 @@ def main(argv: list[str] | None = None) -> int:
                          "--modules tests/test_certificates.py --out benchmarks/fuzz-certificates.json")
     args = ap.parse_args(argv)
     root = here.parent
-    cmd = [sys.executable, "-m", "pytest", "-q", *args.modules, "-p", "no:cacheprovider", "-W", "error::RuntimeWarning",
+    # One process (``-o addopts=-ra`` drops the worker processes of the default run):
+    # hypothesis prints its per-test statistics, which this script reads, only there.
+    cmd = [sys.executable, "-m", "pytest", "-q", "-o", "addopts=-ra", *args.modules, "-p", "no:cacheprovider",
+           "-W", "error::RuntimeWarning",
            "--hypothesis-show-statistics", f"--hypothesis-seed={args.seed}"]
     env = dict(os.environ, HYPOTHESIS_PROFILE="long")
     print("running:", "HYPOTHESIS_PROFILE=long", " ".join(cmd[2:]), file=sys.stderr)

@@ -57,7 +57,7 @@ run() {
     local venv="/tmp/eplb-numba-$1" start end rc=0
     rm -rf "$venv/numba-cache"
     start=$(date +%s.%N)
-    NUMBA_CACHE_DIR="$venv/numba-cache" "$venv/bin/python" -m pytest -q -p no:cacheprovider \
+    NUMBA_CACHE_DIR="$venv/numba-cache" "$venv/bin/python" -m pytest -q -o addopts=-ra -p no:cacheprovider \
         "${TESTS[@]}" >"$venv/pytest.log" 2>&1 || rc=$?
     end=$(date +%s.%N)
     tail -n 3 "$venv/pytest.log"
