@@ -220,14 +220,6 @@ def swap_scan(S, vS, load, M, q, allowed, dup, T, eps, g, B, exact):
 
 
 @kernel
-def best_swap(S, v, load, M, newm, cin, allowed, dup, T, eps, g, B):
-    """:func:`swap_scan` from the plain state (``newm [G, E]`` moves, ``cin [G, E]``
-    their costs): the entry point the tests pin."""
-    q, exact = move_prices(newm, cin)
-    return swap_scan(S, slot_values(S, v), load, M, q, allowed, dup, T, eps, g, B, exact)
-
-
-@kernel
 def retarget_scan(S, w, v, vp, c, load, M, q, allowed, dup, T, eps, g, la, hotb):
     """The repair's pick among retargets of a slot of ``g`` (slots in order, then the
     experts allowed on ``g`` in order): slot ``i`` (expert ``a``, ``>= 2`` replicas) goes
@@ -309,14 +301,6 @@ def next_values(w, c):
 
 
 @kernel
-def best_retarget(S, w, v, c, load, M, newm, cin, allowed, dup, T, eps, g):
-    """:func:`retarget_scan` from the plain state: the entry point the tests pin."""
-    q, _ = move_prices(newm, cin)
-    return retarget_scan(S, w, v, next_values(w, c), c, load, M, q, allowed, dup, T, eps, g, load.copy(),
-                         np.zeros(w.size, dtype=np.bool_))
-
-
-@kernel
 def moved_slots(S, newm):
     """``mv [G, k]`` whether each slot holds a moved-in replica, ``nmv [G]`` how many."""
     G, k = S.shape
@@ -383,16 +367,6 @@ def undo_swap_scan(S, vS, load, M, q, mv, nmv, maxq, allowed, dup, T, eps, g, B,
 
 
 @kernel
-def undo_swap(S, v, load, M, newm, cin, allowed, dup, T, eps, g, B):
-    """:func:`undo_swap_scan` from the plain state: the entry point the tests pin."""
-    q, exact = move_prices(newm, cin)
-    mv, nmv = moved_slots(S, newm)
-    part = np.ones(S.shape[0], dtype=np.bool_)
-    return undo_swap_scan(S, slot_values(S, v), load, M, q, mv, nmv, departure_bounds(S, q, exact), allowed, dup, T,
-                          eps, g, B, part)
-
-
-@kernel
 def old_experts(newm):
     """``(oldE [G, E], nold [G])``: per GPU the experts it held before, ascending."""
     G, E = newm.shape
@@ -447,14 +421,6 @@ def undo_retarget_scan(S, w, v, vp, c, load, M, q, newm, oldE, nold, allowed, du
                 best, bi, bb = cost, i, b
                 break
     return bi, bb
-
-
-@kernel
-def undo_retarget(S, w, v, c, load, M, newm, cin, allowed, dup, T, eps, g):
-    """:func:`undo_retarget_scan` from the plain state: the entry point the tests pin."""
-    q, _ = move_prices(newm, cin)
-    oldE, nold = old_experts(newm)
-    return undo_retarget_scan(S, w, v, next_values(w, c), c, load, M, q, newm, oldE, nold, allowed, dup, T, eps, g)
 
 
 @kernel

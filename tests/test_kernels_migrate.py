@@ -7,10 +7,49 @@ The reference (``Ref`` below) is the repair as it ran in Python before the port
 with plain loops over every candidate; it lives here only as a test oracle.
 """
 
+import numba
 import numpy as np
 import pytest
 
 from eplb_opt.heuristics import local as K
+
+
+# The plain-state entry points the tests pin: each builds what the repair loop keeps
+# incrementally (slot values, move prices, moved slots) and calls the runtime scan.
+
+
+@numba.njit
+def best_swap(S, v, load, M, newm, cin, allowed, dup, T, eps, g, B):
+    """:func:`swap_scan` from the plain state (``newm [G, E]`` moves, ``cin [G, E]``
+    their costs): the entry point the tests pin."""
+    q, exact = K.move_prices(newm, cin)
+    return K.swap_scan(S, K.slot_values(S, v), load, M, q, allowed, dup, T, eps, g, B, exact)
+
+
+@numba.njit
+def best_retarget(S, w, v, c, load, M, newm, cin, allowed, dup, T, eps, g):
+    """:func:`retarget_scan` from the plain state: the entry point the tests pin."""
+    q, _ = K.move_prices(newm, cin)
+    return K.retarget_scan(S, w, v, K.next_values(w, c), c, load, M, q, allowed, dup, T, eps, g, load.copy(),
+                         np.zeros(w.size, dtype=np.bool_))
+
+
+@numba.njit
+def undo_swap(S, v, load, M, newm, cin, allowed, dup, T, eps, g, B):
+    """:func:`undo_swap_scan` from the plain state: the entry point the tests pin."""
+    q, exact = K.move_prices(newm, cin)
+    mv, nmv = K.moved_slots(S, newm)
+    part = np.ones(S.shape[0], dtype=np.bool_)
+    return K.undo_swap_scan(S, K.slot_values(S, v), load, M, q, mv, nmv, K.departure_bounds(S, q, exact), allowed, dup, T,
+                          eps, g, B, part)
+
+
+@numba.njit
+def undo_retarget(S, w, v, c, load, M, newm, cin, allowed, dup, T, eps, g):
+    """:func:`undo_retarget_scan` from the plain state: the entry point the tests pin."""
+    q, _ = K.move_prices(newm, cin)
+    oldE, nold = K.old_experts(newm)
+    return K.undo_retarget_scan(S, w, v, K.next_values(w, c), c, load, M, q, newm, oldE, nold, allowed, dup, T, eps, g)
 
 # ------------------------------------------------------------------------- reference
 
@@ -300,7 +339,7 @@ def test_best_swap_picks_what_the_reference_picks():
             continue
         want = st.best_swap(g, T, eps)
         S, w, v, c, load, M, newm, cin, allowed, dup = st.kernel_args()
-        kind, score, cost, i, h, j = K.best_swap(S, v, load, M, newm, cin, allowed, dup, T, eps, g, st.B)
+        kind, score, cost, i, h, j = best_swap(S, v, load, M, newm, cin, allowed, dup, T, eps, g, st.B)
         if want is None:
             assert kind == -1, seed
         else:
@@ -323,7 +362,7 @@ def test_best_retarget_picks_what_the_reference_picks():
             continue
         want = st.best_retarget(g, T, eps)
         S, w, v, c, load, M, newm, cin, allowed, dup = st.kernel_args()
-        kind, score, cost, i, b = K.best_retarget(S, w, v, c, load, M, newm, cin, allowed, dup, T, eps, g)
+        kind, score, cost, i, b = best_retarget(S, w, v, c, load, M, newm, cin, allowed, dup, T, eps, g)
         if want is None:
             assert kind == -1, seed
             continue
@@ -347,11 +386,11 @@ def test_undo_rules_pick_what_the_reference_picks():
         for g in range(st.G):
             if st.B > 1:
                 want = st.undo_swap(g, T, eps)
-                got = K.undo_swap(S, v, load, M, newm, cin, allowed, dup, T, eps, g, st.B)
+                got = undo_swap(S, v, load, M, newm, cin, allowed, dup, T, eps, g, st.B)
                 assert got == ((-1, -1, -1) if want is None else tuple(int(x) for x in want)), seed
                 checked += want is not None
             want = st.undo_retarget(g, T, eps)
-            got = K.undo_retarget(S, w, v, c, load, M, newm, cin, allowed, dup, T, eps, g)
+            got = undo_retarget(S, w, v, c, load, M, newm, cin, allowed, dup, T, eps, g)
             assert got == ((-1, -1) if want is None else tuple(int(x) for x in want)), seed
             checked += want is not None
     assert checked > 100
@@ -437,7 +476,7 @@ def test_best_swap_with_inexact_prices_picks_what_the_reference_picks(nmc):
             continue
         want = st.best_swap(g, T, eps)
         S, w, v, c, load, M, newm, cin, allowed, dup = st.kernel_args()
-        kind, score, cost, i, h, j = K.best_swap(S, v, load, M, newm, cin, allowed, dup, T, eps, g, st.B)
+        kind, score, cost, i, h, j = best_swap(S, v, load, M, newm, cin, allowed, dup, T, eps, g, st.B)
         if want is None:
             assert kind == -1, seed
         else:
