@@ -75,6 +75,10 @@ def place(
         (``ValueError``); callers validate user input (``eplb_opt`` does).
     """
     w = np.ascontiguousarray(weight, dtype=np.float64)
+    if not w.flags.writeable:
+        # A read-only array is another numba type: one compiled specialisation is enough
+        # (warm_up() compiles it), and a copy of the loads costs microseconds.
+        w = w.copy()
     _check_shapes(w, num_replicas, num_groups, num_nodes, num_gpus)
     num_layers, num_experts = w.shape
     gpus_per_node = num_gpus // num_nodes
