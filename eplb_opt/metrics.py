@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .heuristics.compile import kernel, warmer
+from .heuristics.compile import kernel, warmer, writable
 
 __all__ = ["slot_loads", "gpu_loads", "max_load", "balancedness", "replica_counts_of", "gap"]
 
@@ -36,10 +36,7 @@ def slot_loads(weight: np.ndarray, phy2log: np.ndarray) -> np.ndarray:
     p = np.ascontiguousarray(phy2log, dtype=np.int64)
     if w.ndim != 2 or p.ndim != 2 or w.shape[0] != p.shape[0]:
         raise ValueError(f"weight {w.shape} and phy2log {p.shape} must be [L, E] and [L, R]")
-    # Read-only arrays are other numba types: copy them (microseconds) rather than
-    # compile a second specialisation after warm_up().
-    w = w if w.flags.writeable else w.copy()
-    p = p if p.flags.writeable else p.copy()
+    w, p = writable(w), writable(p)
     out = np.empty(p.shape)
     bad = _slot_loads(w, p, out)
     if bad >= 0:

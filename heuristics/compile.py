@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import numba
 
-__all__ = ["kernel", "warmer", "compile_all", "NUMBA_VERSION"]
+__all__ = ["kernel", "warmer", "compile_all", "writable", "NUMBA_VERSION"]
 
 NUMBA_VERSION = numba.__version__
 
@@ -35,6 +35,16 @@ _WARMERS: list[Callable[[], Any]] = []
 def kernel(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Compile ``fn`` with the package's options (see module docs)."""
     return numba.njit(cache=True, nogil=True, fastmath=False)(fn)
+
+
+def writable(a: Any) -> Any:
+    """``a`` itself when it is writeable, else a copy.
+
+    numba types a read-only array differently from a writeable one, so passing one to a
+    kernel compiles a second specialisation after :func:`compile_all` (seconds, on a
+    serving engine's rebalance path).  Entry points pass their array arguments through
+    this instead; a copy of loads or maps costs microseconds."""
+    return a if a.flags.writeable else a.copy()
 
 
 def warmer(fn: Callable[[], Any]) -> Callable[[], Any]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .apportion import _counts_row
-from .compile import kernel, warmer
+from .compile import kernel, warmer, writable
 from .grouping import groups_to_nodes
 from .packing import DEFAULT_REFINE_ROUNDS, _pack_segment, _pack_work, _replica_row, gather_rows, pack_sorted, replica_items
 
@@ -74,11 +74,7 @@ def place(
         :class:`Placement`.  Only the shapes the steps depend on are checked here
         (``ValueError``); callers validate user input (``eplb_opt`` does).
     """
-    w = np.ascontiguousarray(weight, dtype=np.float64)
-    if not w.flags.writeable:
-        # A read-only array is another numba type: one compiled specialisation is enough
-        # (warm_up() compiles it), and a copy of the loads costs microseconds.
-        w = w.copy()
+    w = writable(np.ascontiguousarray(weight, dtype=np.float64))
     _check_shapes(w, num_replicas, num_groups, num_nodes, num_gpus)
     num_layers, num_experts = w.shape
     gpus_per_node = num_gpus // num_nodes

@@ -222,6 +222,15 @@ prev = eplb_opt.solve(big[0], **prefill).plan.phy2log.numpy()
 eplb_opt.solve(big[1], previous=prev, max_balance_loss=0.005, **prefill)
 for objective in ("worst", "mean"):
     eplb_opt.solve(w, objective=objective, **small)
+def ro(a):
+    a = np.array(a)
+    a.setflags(write=False)          # e.g. np.load(mmap_mode="r") or a replay trace chunk
+    return a
+eplb_opt.solve(ro(big[1]), previous=ro(prev), max_balance_loss=0.005, **prefill)
+eplb_opt.solve(ro(w[0]), policy="spill", **small)
+eplb_opt.solve(ro(w), objective="worst", **small)
+eplb_opt.solve(ro(w[2]), history=ro(w[:2]), **small)
+eplb_opt.rebalance_experts(ro(big[0]), 288, 8, 4, 32)
 r = eplb_opt.solve(w[0], masked_gpus=[1], **small)
 p, m, c = r.plan.to_numpy()
 mask = np.zeros((4, 8), dtype=bool)
