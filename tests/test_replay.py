@@ -315,6 +315,47 @@ def test_step_trace_is_the_same_in_memory_and_on_disk(tmp_path):
         step_trace("no-such-model", 10)
 
 
+def _window_shares(t: np.ndarray, win: int) -> np.ndarray:
+    """Each kind window's expert shares ``[windows, L, E]``."""
+    w = t.reshape(-1, win, *t.shape[1:]).sum(axis=1).astype(np.float64)
+    return w / np.maximum(w.sum(axis=2, keepdims=True), 1.0)
+
+
+def test_step_trace_drift_kinds(tmp_path):
+    """Each drift kind of eplb_opt.workloads.DRIFT_KINDS per step: its parameters are
+    recorded, memory and disk agree, and the kinds differ as their docs say."""
+    from eplb_opt.replay import KIND_WINDOW_STEPS, step_trace_parameters
+    from eplb_opt.workloads import DRIFT_KINDS
+
+    assert KIND_WINDOW_STEPS == 500
+    big = Preset("big", 2, 32, 32, 1, 1, 4, top_k=2, tokens=4096)
+    out = {}
+    for kind in DRIFT_KINDS:
+        a = step_trace(big, 2000, seed=4, drift_kind=kind, kind_window=100)
+        assert a.dtype == np.int32 and a.shape == (2000, 2, 32)
+        assert np.array_equal(a, np.load(step_trace(big, 2000, seed=4, drift_kind=kind, kind_window=100,
+                                                    out=tmp_path / f"{kind}.npy")))
+        prm = step_trace_parameters(big, 2000, seed=4, drift_kind=kind, kind_window=100)
+        assert prm["drift_kind"] == kind and prm["kind_window"] == 100
+        assert all(prm[k] == v for k, v in DRIFT_KINDS[kind].items())
+        sh = _window_shares(a, 100)
+        out[kind] = np.abs(np.diff(sh, axis=0)).sum(axis=2).mean(axis=1) / 2       # change per window
+    assert out["steady"].max() < 0.03                                # sampling noise only
+    assert out["walk"].min() > out["steady"].max()                   # moves every window
+    assert (out["switch"] < 0.03).any() and out["switch"].max() > 0.08       # still, then a jump
+    assert out["periodic"][3] < out["periodic"][1]                   # slow at the cycle's top
+    # Different kinds from the same seed are different traces; the default is unchanged.
+    assert not np.array_equal(step_trace(big, 300, seed=4, drift_kind="walk"),
+                              step_trace(big, 300, seed=4, drift_kind="burst"))
+    assert "drift_kind" not in step_trace_parameters(big, 300, seed=4)
+    with pytest.raises(InvalidProblemError, match="drift_kind must be one of"):
+        step_trace(big, 10, drift_kind="sideways")
+    with pytest.raises(InvalidProblemError, match="leave drift, mix_shift unset"):
+        step_trace(big, 10, drift_kind="walk", drift=0.2, mix_shift=0.1)
+    with pytest.raises(InvalidProblemError, match="kind_window=50 needs a drift_kind"):
+        step_trace(big, 10, kind_window=50)
+
+
 def test_replay_is_callable_however_the_package_was_imported():
     code = ("import sys, eplb_opt.replay, eplb_opt; assert callable(eplb_opt.replay); "
             "from eplb_opt.replay import ReplayPolicy; assert 'torch' not in sys.modules; "

@@ -106,12 +106,12 @@ from ._policies import (BASELINES, DEFAULT_POLICIES, POLICY_NAMES, PlanRequest, 
                         ReplayPolicy, Topology, load_policies)
 from ._result import ReplayResult, ReplayRun, TimeModel, frozen_map, make_run
 from ._source import CHUNK_BYTES, History, default_chunk, open_trace
-from ._trace import step_trace, step_trace_parameters
+from ._trace import KIND_WINDOW_STEPS, step_trace, step_trace_parameters
 
 __all__ = [
     "BASELINES", "CHUNK_BYTES", "DEFAULT_BYTES_PER_EXPERT", "DEFAULT_GPU_TOKENS_PER_S", "DEFAULT_LINK_GBPS",
     "DEFAULT_POLICIES", "History", "INITIAL_PLACEMENTS", "POLICY_NAMES", "PlanRequest", "PolicyError", "ReplayPolicy", "ReplayResult",
-    "ReplayRun", "TimeModel", "Topology", "replay", "step_trace", "step_trace_parameters",
+    "KIND_WINDOW_STEPS", "ReplayRun", "TimeModel", "Topology", "replay", "step_trace", "step_trace_parameters",
 ]
 
 DEFAULT_GPU_TOKENS_PER_S = 5.6e6
