@@ -175,10 +175,10 @@ def test_vllm_install_without_vllm_raises_import_error():
 
 def test_sglang_shapes_and_step_axis():
     steps = torch.from_numpy(generate("deepseek-v3-prefill", seed=3, windows=3)[:, :5])    # [3, 5, 256]
-    p2l, l2p, cnt = eplb_sglang.rebalance_experts(steps, 288, 9, 8, 4)
+    p2l, l2p, cnt = eplb_sglang.rebalance_experts(steps, 288, 9, 8, 4, history_windows=0)
     assert p2l.shape == (5, 288) and l2p.shape == (5, 256, 288 - 256 + 1) and cnt.shape == (5, 256)
     assert p2l.dtype == l2p.dtype == cnt.dtype == torch.int64
-    # Same as planning the summed loads directly.
+    # history_windows=0: the same as planning the summed loads directly.
     ref = eplb_opt.solve(steps.sum(dim=0), num_replicas=288, num_groups=8, num_nodes=4, num_gpus=32)
     assert torch.equal(p2l, ref.plan.phy2log)
     # Maps agree with each other.
@@ -333,3 +333,73 @@ def test_sglang_refuses_exact_mode_without_determinism(solve_calls, monkeypatch)
     eplb_sglang.dispatch(w[None], 288, 9, 8, 4, None)
     assert [(c["mode"], c["time_limit"], c["deterministic"], c["policy"]) for c in solve_calls[1:]] == [
         ("exact", 0.1, True, "global")]
+
+
+def _sglang_buffer() -> torch.Tensor:
+    """A recorder buffer ``[10, 4, 256]`` whose steps drift (a mix switch mid-way)."""
+    return torch.from_numpy(generate("deepseek-v3-prefill", seed=11, windows=10, mix_shift=0.6)[:, :4].astype(np.float32))
+
+
+def test_sglang_step_axis_is_history_by_default():
+    steps = _sglang_buffer()
+    got = eplb_sglang.rebalance_experts(steps, 288, 9, 8, 4)[0]
+    # 4 sub-windows of 10 steps: edges 0, 2, 5, 7, 10; the latest is weight, the rest history.
+    a = steps.numpy().astype(np.float64)
+    wins = np.stack([a[lo:hi].sum(axis=0) for lo, hi in ((0, 2), (2, 5), (5, 7), (7, 10))])
+    ref = eplb_opt.solve(wins[-1], history=wins[:-1], num_replicas=288, num_groups=8, num_nodes=4, num_gpus=32)
+    assert torch.equal(got, ref.plan.phy2log)
+    summed = eplb_sglang.rebalance_experts(steps, 288, 9, 8, 4, history_windows=0)[0]
+    assert not torch.equal(got, summed)
+    assert torch.equal(eplb_sglang.rebalance_experts(steps, 288, 9, 8, 4, history_windows=1)[0], summed)
+    # Fewer steps than sub-windows: one per step; one step: no history.
+    two = eplb_sglang.rebalance_experts(steps[:2], 288, 9, 8, 4)[0]
+    ref2 = eplb_opt.solve(a[1], history=a[:1], num_replicas=288, num_groups=8, num_nodes=4, num_gpus=32)
+    assert torch.equal(two, ref2.plan.phy2log)
+    one = eplb_sglang.rebalance_experts(steps[:1], 288, 9, 8, 4)[0]
+    assert torch.equal(one, eplb_sglang.rebalance_experts(steps[:1], 288, 9, 8, 4, history_windows=0)[0])
+    # Where history does not apply, plans are as before: previous, objective, 2-D loads.
+    prev = summed.numpy()
+    moved = eplb_sglang.rebalance_experts(steps, 288, 9, 8, 4, previous=prev, max_balance_loss=0.005)[0]
+    assert torch.equal(moved, eplb_sglang.rebalance_experts(steps, 288, 9, 8, 4, previous=prev, max_balance_loss=0.005,
+                                                            history_windows=0)[0])
+    with pytest.raises(InvalidProblemError, match="history_windows must be an integer >= 0, got -1"):
+        eplb_sglang.rebalance_experts(steps, 288, 9, 8, 4, history_windows=-1)
+
+
+def test_sglang_history_setting_from_the_environment(monkeypatch):
+    steps = _sglang_buffer()
+    assert eplb_sglang.settings()["history_windows"] == 4
+    default = eplb_sglang.dispatch(steps, 288, 9, 8, 4, None)[0]
+    assert torch.equal(default, eplb_sglang.rebalance_experts(steps, 288, 9, 8, 4)[0])
+    monkeypatch.setenv("EPLB_OPT_HISTORY_WINDOWS", "0")
+    assert eplb_sglang.settings()["history_windows"] == 0
+    off = eplb_sglang.dispatch(steps, 288, 9, 8, 4, None)[0]
+    assert torch.equal(off, eplb_sglang.rebalance_experts(steps, 288, 9, 8, 4, history_windows=0)[0])
+    assert eplb_sglang.settings({"history_windows": 3})["history_windows"] == 3      # explicit over the environment
+    monkeypatch.setenv("EPLB_OPT_HISTORY_WINDOWS", "many")
+    with pytest.raises(InvalidProblemError, match="EPLB_OPT_HISTORY_WINDOWS='many' is not a valid history_windows"):
+        eplb_sglang.settings()
+
+
+_RANK = """
+import sys, hashlib, numpy as np, torch
+from eplb_opt.integrations import sglang
+buf = torch.from_numpy(np.load(sys.argv[1]))
+torch.set_num_threads(int(sys.argv[2]))
+out = sglang.dispatch(buf, 288, 9, 8, 4, None)
+print(hashlib.sha256(b"".join(t.numpy().tobytes() for t in out)).hexdigest())
+"""
+
+
+def test_sglang_history_plans_are_byte_identical_across_ranks(tmp_path):
+    """Two "ranks" (separate processes, other thread counts) given the same buffer plan
+    byte-identical maps: the history comes from the buffer only."""
+    buf = tmp_path / "buffer.npy"
+    np.save(buf, _sglang_buffer().numpy())
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EPLB_OPT_")}
+    digests = [subprocess.run([sys.executable, "-c", _RANK, str(buf), str(threads)], env=env, check=True,
+                              capture_output=True, text=True).stdout.strip() for threads in (1, 2)]
+    mine = eplb_sglang.dispatch(torch.from_numpy(np.load(buf)), 288, 9, 8, 4, None)
+    import hashlib
+
+    assert digests[0] == digests[1] == hashlib.sha256(b"".join(t.numpy().tobytes() for t in mine)).hexdigest()

@@ -5,7 +5,21 @@ num_local_physical_experts, num_groups, num_nodes, algorithm)`` takes per-step l
 ``[steps, L, E]`` and the slots per GPU; :func:`rebalance_experts` here takes the same
 arguments (the algorithm becomes eplb-opt's options) and returns SGLang's triple
 ``(physical_to_logical_map [L, R], logical_to_physical_map [L, E, R - E + 1],
-logical_count [L, E])``, int64 on CPU, with the step axis summed first.
+logical_count [L, E])``, int64 on CPU.
+
+**The step axis as history.**  SGLang hands every rank the same recorder buffer
+``[steps, L, E]``.  By default (``history_windows=4``) it is cut into that many
+consecutive sub-windows of near-equal length (edges ``i * steps // n``, oldest first,
+each summed in float64 numpy in step order), the latest passed to :func:`eplb_opt.solve`
+as ``weight`` and the earlier ones as ``history``, so the plan is for solve's default
+forecast of the next window (``"windows-ema"``) rather than for the summed buffer:
+``eplb_opt.replay``'s ``forecast`` policy, given the same buffer.  It depends only on the
+buffer every rank receives, never on state kept in a process, so ranks (and a restarted
+rank) compute byte-identical plans.  ``history_windows=0`` (or 1), or
+``EPLB_OPT_HISTORY_WINDOWS=0``, turns it off: the step axis is summed and planned as one
+window, as before.  It applies to ``objective="sum"`` without ``previous`` (a
+migration-aware replan, and ``"worst"`` / ``"mean"`` over the steps, plan as before), to a
+3-D buffer of at least 2 steps, and not to ``policy="spill"``.
 
 Inside SGLang (0.5.23), two explicit ways in, neither patching the server's code:
 
@@ -25,7 +39,8 @@ Inside SGLang (0.5.23), two explicit ways in, neither patching the server's code
 :func:`dispatch` takes its settings from ``EPLB_OPT_MODE``, ``EPLB_OPT_TIME_LIMIT``,
 ``EPLB_OPT_SEED``, ``EPLB_OPT_POLICY`` (default: from SGLang's algorithm, i.e.
 ``--eplb-algorithm``: ``*_hierarchical`` -> hierarchical, others global),
-``EPLB_OPT_DETERMINISTIC`` and ``EPLB_OPT_WORKERS``; SGLang's elasticity-aware algorithms
+``EPLB_OPT_DETERMINISTIC``, ``EPLB_OPT_WORKERS`` and ``EPLB_OPT_HISTORY_WINDOWS`` (an
+integer >= 0, default 4; see above); SGLang's elasticity-aware algorithms
 pass its inactive ranks on as ``active_ranks``.
 
 **Same plan on every rank.**  SGLang runs the algorithm on every rank separately and
@@ -40,8 +55,10 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..errors import InvalidProblemError, InvalidTypeError
@@ -55,6 +72,8 @@ _PARAMS = ("tokens_per_expert", "num_physical_experts", "num_local_physical_expe
 _DEFAULTS: dict[str, Any] = {"mode": "heuristic", "time_limit": None, "seed": 0, "policy": None,
                              "deterministic": True, "workers": None}
 _ENGINE = "SGLang"
+HISTORY_ENV = "EPLB_OPT_HISTORY_WINDOWS"
+DEFAULT_HISTORY_WINDOWS = 4
 _log = logging.getLogger("eplb_opt.integrations.sglang")
 _config: dict[str, Any] = {}
 
@@ -80,11 +99,13 @@ def rebalance_experts(
     cross_node_cost: float = 1.0,
     deterministic: bool = True,
     workers: int | None = None,
+    history_windows: int = DEFAULT_HISTORY_WINDOWS,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Plan with SGLang's shapes.
 
     Args:
-        tokens_per_expert: ``[steps, L, E]`` (summed over steps) or ``[L, E]`` loads.
+        tokens_per_expert: ``[steps, L, E]`` (the step axis cut into ``history_windows``
+            sub-windows, or summed; module docs) or ``[L, E]`` loads.
         num_physical_experts: ``R``.
         num_local_physical_experts: slots per GPU (``R / G``).
         num_groups: expert groups (``None``: no groups, the global policy).
@@ -106,6 +127,8 @@ def rebalance_experts(
             computes the same plan (``time_limit`` is then a deterministic budget).
         workers: CP-SAT threads (default 1 with ``deterministic``); the plan depends on
             it, so use the same value on every rank.
+        history_windows: cut a 3-D buffer into this many sub-windows, the earlier ones
+            passed as ``history`` (module docs); 0 or 1: sum the step axis (no history).
 
     Raises:
         InvalidProblemError: ``mode="exact"`` with ``deterministic=False`` (each SGLang
@@ -115,7 +138,10 @@ def rebalance_experts(
 
     engine_env.check_same_plan(mode, deterministic, _ENGINE)
     G = _gpu_count(num_physical_experts, num_local_physical_experts)
-    t = _step_loads(tokens_per_expert, objective)
+    n = _history_count(history_windows)
+    if previous is not None or objective != "sum" or policy == "spill":
+        n = 0
+    t, history = _step_loads(tokens_per_expert, objective, n)
     masked = None
     if active_ranks is not None:
         masked = ~torch.as_tensor(active_ranks).detach().cpu().to(torch.bool).numpy()     # [G]
@@ -127,7 +153,7 @@ def rebalance_experts(
         num_gpus=G, mode=mode, time_limit=time_limit,
         seed=seed, policy=policy, objective=objective, previous=previous, max_balance_loss=max_balance_loss,
         node_move_cost=node_move_cost, masked_gpus=masked, cross_node_cost=cross_node_cost,
-        deterministic=deterministic, workers=workers,
+        deterministic=deterministic, workers=workers, history=history,
     )
     p2l, l2p, cnt = result.plan.to_numpy()                  # copies of the plan's cached maps
     return torch.from_numpy(p2l), torch.from_numpy(l2p), torch.from_numpy(cnt)
@@ -145,15 +171,28 @@ def _gpu_count(num_physical_experts: int, num_local_physical_experts: int) -> in
     return num_physical_experts // num_local_physical_experts
 
 
-def _step_loads(tokens_per_expert: Any, objective: str) -> torch.Tensor:
-    """The loads :func:`eplb_opt.solve` gets: ``[steps, L, E]`` summed over the steps
-    (float64, ``[L, E]``) for ``objective="sum"``, otherwise as given (a tensor)."""
+def _history_count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidProblemError(f"history_windows must be an integer >= 0, got {value!r}")
+    return value
+
+
+def _step_loads(tokens_per_expert: Any, objective: str, n: int = 0) -> tuple[Any, Any]:
+    """``(weight, history)`` :func:`eplb_opt.solve` gets.  ``[steps, L, E]`` with
+    ``objective="sum"``: cut into ``min(n, steps)`` consecutive sub-windows (edges
+    ``i * steps // n``), each summed (float64); the latest is ``weight`` (``[L, E]``), the
+    earlier ones ``history`` (None with fewer than 2).  Otherwise as given, no history."""
     t = tokens_per_expert if isinstance(tokens_per_expert, torch.Tensor) else torch.as_tensor(tokens_per_expert)
-    if t.dim() == 3 and objective == "sum":
-        # Summed in numpy (a fixed order): torch's CPU reduction may split the step axis
-        # over threads, and ranks with other thread counts would see other last bits.
-        t = torch.from_numpy(t.detach().cpu().to(torch.float64).numpy().sum(axis=0))
-    return t
+    if t.dim() != 3 or objective != "sum":
+        return t, None
+    # Summed in numpy (a fixed order): torch's CPU reduction may split the step axis
+    # over threads, and ranks with other thread counts would see other last bits.
+    a = t.detach().cpu().to(torch.float64).numpy()
+    k = max(1, min(n, a.shape[0]))
+    edges = (np.arange(k + 1) * a.shape[0]) // k
+    windows = [a[lo:hi].sum(axis=0) for lo, hi in zip(edges[:-1], edges[1:])]
+    history = np.stack(windows[:-1]) if k > 1 else None
+    return torch.from_numpy(windows[-1]), history
 
 
 def _policy_of(masked: Any, enable_hierarchical: bool | None, algorithm: Any) -> str:
@@ -175,12 +214,23 @@ def _policy_of(masked: Any, enable_hierarchical: bool | None, algorithm: Any) ->
 def settings(explicit: dict[str, Any] | None = None) -> dict[str, Any]:
     """:func:`dispatch`'s effective settings: explicit ones (:func:`install`), else
     ``EPLB_OPT_*``, else the defaults (heuristic mode, ``deterministic=True``, the policy
-    from SGLang's algorithm).
+    from SGLang's algorithm, ``history_windows=4``).
 
     Raises:
         InvalidProblemError: an unknown setting, an environment value that does not
             parse, or exact mode with ``deterministic=False``."""
-    return engine_env.resolve(explicit, _DEFAULTS, _ENGINE)[0]
+    explicit = dict(explicit or {})
+    n = explicit.pop("history_windows", None)
+    out = engine_env.resolve(explicit, _DEFAULTS, _ENGINE)[0]
+    if n is None:
+        raw = os.environ.get(HISTORY_ENV, "").strip()
+        try:
+            n = int(raw) if raw else DEFAULT_HISTORY_WINDOWS
+        except ValueError:
+            raise InvalidProblemError(f"environment variable {HISTORY_ENV}={raw!r} is not a valid history_windows "
+                                      "(an integer >= 0)") from None
+    out["history_windows"] = _history_count(n)
+    return out
 
 
 def dispatch(
@@ -210,6 +260,7 @@ def dispatch(
         tokens_per_expert, num_physical_experts, num_local_physical_experts, num_groups, num_nodes, algorithm,
         mode=cfg["mode"], time_limit=cfg["time_limit"], seed=cfg["seed"], policy=cfg["policy"],
         deterministic=cfg["deterministic"], workers=cfg["workers"], active_ranks=active,
+        history_windows=cfg["history_windows"],
     )
 
 
@@ -233,7 +284,7 @@ def _dispatch_module() -> Any:
 def install(**config: Any) -> Any:
     """Replace ``sglang.srt.eplb.eplb_algorithms.rebalance_experts`` with :func:`dispatch`
     in this process, with ``config`` (``mode``, ``time_limit``, ``seed``, ``policy``,
-    ``deterministic``, ``workers``) over ``EPLB_OPT_*``; returns :func:`dispatch`.
+    ``deterministic``, ``workers``, ``history_windows``) over ``EPLB_OPT_*``; returns :func:`dispatch`.
     Calling it again only updates the settings.
 
     Raises:
