@@ -30,6 +30,7 @@ from . import __version__
 from .errors import EplbOptError, ExecutorError, InvalidProblemError, SolveInterrupted
 from .api import SolveResult, solve
 from .budget import DEFAULT_SECONDS
+from .problem import FORECASTS
 from .workloads import PRESETS, example_weight
 
 __all__ = ["main"]
@@ -285,6 +286,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     windows = read_trace(args.loads, window=args.window)
     # The objective decides how windows count; "sum" plans for their total.
     loads = windows.sum(axis=0) if args.objective == "sum" else windows
+    history = None if args.history is None else _read_history(args.history, windows.shape)
     layer_ids = _tensorrt_llm_layers(args, windows.shape[1]) if trtllm else None
     if not _destination_ok(args, trtllm):
         return 2
@@ -297,7 +299,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     try:
         _warm_up(args.mode)
         with _Progress(budget, f"planning ({args.mode})", show):
-            result = solve(loads, **kw)
+            result = solve(loads, history=history, forecast=args.forecast, **kw)
     except SolveInterrupted as stop:
         return _plan_interrupted(args, stop)
     if trtllm:
@@ -317,8 +319,24 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_history(path: str, shape: tuple[int, ...]) -> "np.ndarray":
+    """``--history FILE``: past windows ``[H, L, E]``, oldest first (a ``[L, E]`` file is
+    one window), in any format ``plan`` reads loads from; each step of the file is one
+    window.  Its layers and experts must be the loads'."""
+    from .traces import read_trace
+
+    hist = read_trace(path, window=1)          # every step of the file is one window
+    if tuple(hist.shape[1:]) != tuple(shape[1:]):
+        raise InvalidProblemError(f"--history {path} holds windows of shape {tuple(hist.shape[1:])} [layers, experts], "
+                                  f"but the loads are {tuple(shape[1:])}")
+    return hist
+
+
 def _plan_flags(args: argparse.Namespace, trtllm: bool) -> list[int] | None:
     """The flag combinations ``plan`` refuses; returns the masked GPU ids."""
+    if args.forecast is not None and args.history is None:
+        raise InvalidProblemError(f"--forecast {args.forecast} needs --history FILE (the past windows it forecasts "
+                                  "from)")
     if args.first_layer is not None and not trtllm:
         raise InvalidProblemError(f"--first-layer applies to a TensorRT-LLM output (-o FILE.yaml or .yml), "
                                   f"got -o {args.output}")
@@ -728,6 +746,13 @@ def _plan_parser(sub: Any) -> None:
                     help="sum the trace's steps into windows of STEPS (default: one window of all steps)")
     pl.add_argument("--objective", default="sum", choices=["sum", "worst", "mean"],
                     help="how windows count: their total (default), the worst one, or their mean")
+    pl.add_argument("--history", metavar="FILE", default=None,
+                    help="past windows [H, L, E], oldest first, the last just before the loads (any format the "
+                         "loads may have; each step of the file is one window): plan for a forecast of the next "
+                         "window from the history and the loads (summed as one window) instead of for the loads")
+    pl.add_argument("--forecast", default=None, choices=list(FORECASTS),
+                    help="with --history: how the next window is forecast (default windows-ema: a hedge over the "
+                         "recent windows; see docs/USAGE.md)")
     pl.add_argument("--previous", metavar="PLAN", default=None,
                     help="the plan deployed now: move as few expert weights from it as the balance allows")
     pl.add_argument("--max-balance-loss", type=float, default=None,

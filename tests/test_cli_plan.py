@@ -213,3 +213,51 @@ def test_plan_beyond_balance_options(tmp_path, traces, capsys):
     assert json.loads(capsys.readouterr().out)["off_node_share"] > 0
     assert main(["plan", str(d / "steps.npy"), *TOPO, "--max-balance-loss", "0.1", "-o", str(tmp_path / "x.json")]) == 2
     assert main(["plan", str(d / "steps.npy"), *TOPO, "--masked-gpus", "a,b", "-o", str(tmp_path / "x.json")]) == 2
+
+
+def test_plan_history_and_forecast(tmp_path, traces, capsys):
+    """--history FILE: past windows [H, L, E], oldest first, in any format plan reads;
+    --forecast picks the forecast (default solve's, windows-ema)."""
+    d, w = traces
+    past = np.ascontiguousarray(generate("deepseek-v3-prefill", seed=6, windows=3, drift=0.3)[:, :6])   # [3, 6, 256]
+    np.save(tmp_path / "h.npy", past)
+    from safetensors.numpy import save_file
+
+    save_file({"tokens_per_expert": past}, str(tmp_path / "h.safetensors"))
+    torch.save(torch.from_numpy(past), tmp_path / "h.pt")
+    topo = dict(num_replicas=288, num_groups=8, num_nodes=4, num_gpus=32)
+    ref = eplb_opt.solve(w[1], history=past, **topo)
+    for src in ("h.npy", "h.safetensors", "h.pt"):
+        out = tmp_path / f"{src}.json"
+        assert main(["plan", str(d / "w1.npy"), *TOPO, "--history", str(tmp_path / src), "-o", str(out)]) == 0, src
+        assert np.array_equal(Plan.load(out).phy2log.numpy(), ref.plan.phy2log.numpy()), src
+    ema = eplb_opt.solve(w[1], history=past, forecast="ema", **topo)
+    out = tmp_path / "ema.json"
+    assert main(["plan", str(d / "w1.npy"), *TOPO, "--history", str(tmp_path / "h.npy"), "--forecast", "ema",
+                 "-o", str(out), "--json"]) == 0
+    assert np.array_equal(Plan.load(out).phy2log.numpy(), ema.plan.phy2log.numpy())
+    assert "forecast='ema'" in capsys.readouterr().out
+    # A [L, E] history file is one past window.
+    np.save(tmp_path / "one.npy", past[-1])
+    one = eplb_opt.solve(w[1], history=past[-1:], **topo)
+    assert main(["plan", str(d / "w1.npy"), *TOPO, "--history", str(tmp_path / "one.npy"), "-o",
+                 str(tmp_path / "one.json")]) == 0
+    assert np.array_equal(Plan.load(tmp_path / "one.json").phy2log.numpy(), one.plan.phy2log.numpy())
+
+
+def test_plan_history_errors(tmp_path, traces, capsys):
+    d, _ = traces
+    out = tmp_path / "p.json"
+    assert main(["plan", str(d / "w1.npy"), *TOPO, "--forecast", "ema", "-o", str(out)]) == 2
+    assert "--forecast ema needs --history FILE" in capsys.readouterr().err and not out.exists()
+    np.save(tmp_path / "bad.npy", np.ones((2, 6, 128)))
+    assert main(["plan", str(d / "w1.npy"), *TOPO, "--history", str(tmp_path / "bad.npy"), "-o", str(out)]) == 2
+    assert "--history" in capsys.readouterr().err and not out.exists()
+    np.save(tmp_path / "h.npy", np.ones((2, 6, 256)))
+    assert main(["plan", str(d / "steps.npy"), *TOPO, "--history", str(tmp_path / "h.npy"), "--objective", "worst",
+                 "--window", "1", "-o", str(out)]) == 2
+    assert "history" in capsys.readouterr().err and not out.exists()
+    with pytest.raises(SystemExit) as exc:                 # argparse: an unknown forecast
+        main(["plan", str(d / "w1.npy"), *TOPO, "--history", str(tmp_path / "h.npy"), "--forecast", "psychic",
+              "-o", str(out)])
+    assert exc.value.code == 2
