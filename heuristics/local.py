@@ -43,27 +43,6 @@ def gpu_counts(p: np.ndarray, num_gpus: int, num_experts: int) -> np.ndarray:
 # ---------------------------------------------------------------------------------------
 
 @kernel
-def pick_update(kind, val, dphi, cost, eps):
-    """The pick rule, one candidate (allowed) at a time, in index order: the largest
-    excess removed at no cost (``dphi - 1e-9 * cost``), else the most excess removed per
-    unit of cost; ties keep the earlier one.  ``kind``: -1 nothing yet, 0 the best costs
-    something, 1 it is free; ``val`` its value.  Returns ``(taken, kind, val)``."""
-    if not dphi > eps:
-        return False, kind, val
-    if cost <= 0.0:
-        x = dphi - 1e-9 * cost
-        if kind < 1 or x > val:
-            return True, 1, x
-        return False, kind, val
-    if kind == 1:
-        return False, kind, val
-    x = dphi / max(cost, 1e-9)
-    if kind < 0 or x > val:
-        return True, 0, x
-    return False, kind, val
-
-
-@kernel
 def slot_values(S, v):
     """``[G, k]`` the per-replica load of every slot's expert (``v[S]``)."""
     G, k = S.shape
@@ -220,75 +199,118 @@ def swap_scan(S, vS, load, M, q, allowed, dup, T, eps, g, B, exact):
 
 
 @kernel
-def retarget_scan(S, w, v, vp, c, load, M, q, allowed, dup, T, eps, g, la, hotb):
+def retarget_work(G, k, E):
+    """Work arrays of :func:`retarget_scan`: ``la [G]``, ``acc [E]``, ``seen [E]`` (-1),
+    ``mark [E]`` (0) and ``hot [G k]``; every call leaves them so."""
+    return (np.zeros(G), np.zeros(E), np.full(E, -1, dtype=np.int64), np.zeros(E, dtype=np.int8),
+            np.zeros(G * k, dtype=np.int64))
+
+
+@kernel
+def _take(rb, dphi, cost, i, b):
+    """Offer retarget ``(i, b)`` to the best so far ``rb`` (``kind, val, score, cost, i,
+    b``): taken on a larger key (:func:`_key`), or the same key in the same slot with a
+    lower ``b`` (the candidates of one slot are not offered in index order)."""
+    kind, x = _key(dphi, cost)
+    if kind > rb[0] or (kind == rb[0] and (x > rb[1] or (x == rb[1] and rb[4] == i and b < rb[5]))):
+        rb[0], rb[1], rb[2], rb[3], rb[4], rb[5] = kind, x, dphi if kind == 1 else x, cost, i, b
+
+
+@kernel
+def _hot_sums(S, v, vp, M, la, T, g, va2, d_a, work):
+    """Every expert ``b`` on a GPU whose excess can change (``g`` and the GPUs above ``T``
+    once ``a`` lost its replica, ``la``), listed in ``hot``: ``acc[b]`` the excess
+    removed by retargeting to ``b``, summed from ``d_a`` over those GPUs in index order;
+    ``mark[b]`` 2 where ``g`` holds ``b``, else 1.  Returns how many."""
+    G, k = S.shape
+    _, acc, seen, mark, hot = work
+    nh = 0
+    for h in range(G):
+        if h != g and not la[h] > T:
+            continue
+        exh = max(la[h] - T, 0.0)
+        for s in range(k):
+            b = S[h, s]
+            if seen[b] == h:
+                continue
+            seen[b] = h
+            if mark[b] == 0:
+                mark[b] = 1
+                hot[nh] = b
+                nh += 1
+                acc[b] = d_a
+            vb2 = vp[b]
+            nl = la[h] + M[h, b] * (vb2 - v[b])
+            if h == g:
+                nl += vb2 - va2
+                mark[b] = 2
+            acc[b] += exh - max(nl - T, 0.0)
+    return nh
+
+
+@kernel
+def _slot_retargets(S, w, v, vp, c, load, M, q, allowed, dup, T, eps, g, i, work, rb):
+    """Offer every retarget of slot ``i`` of ``g`` to ``rb`` (:func:`retarget_scan`)."""
+    G = S.shape[0]
+    la, acc, seen, mark, hot = work
+    a = S[g, i]
+    va2 = w[a] / max(c[a] - 1, 1)
+    da = va2 - v[a]
+    d_a = 0.0
+    for h in range(G):
+        if M[h, a] != 0:
+            la[h] = load[h] + M[h, a] * da
+            d_a += max(load[h] - T, 0.0) - max(la[h] - T, 0.0)
+    nh = _hot_sums(S, v, vp, M, la, T, g, va2, d_a, work)
+    exlag, qga, lag = max(la[g] - T, 0.0), q[g, a], la[g]
+    for t in range(nh):
+        b = hot[t]
+        if b == a or not allowed[g, b] or (not dup and M[g, b] != 0):
+            continue
+        dphi = acc[b]
+        if mark[b] == 1:
+            dphi += exlag - max(lag + (vp[b] - va2) - T, 0.0)
+        if dphi > eps:
+            _take(rb, dphi, q[g, b] - qga, i, b)
+    if d_a + exlag > eps:                  # else no other expert removes any excess
+        for b in range(vp.size):
+            if mark[b] != 0 or not allowed[g, b]:
+                continue
+            dphi = d_a + (exlag - max(lag + (vp[b] - va2) - T, 0.0))
+            if dphi > eps:
+                _take(rb, dphi, q[g, b] - qga, i, b)
+    for t in range(nh):
+        seen[hot[t]], mark[hot[t]] = -1, 0
+    for h in range(G):
+        la[h] = load[h]
+
+
+@kernel
+def retarget_scan(S, w, v, vp, c, load, M, q, allowed, dup, T, eps, g, tk, tv, work):
     """The repair's pick among retargets of a slot of ``g`` (slots in order, then the
-    experts allowed on ``g`` in order): slot ``i`` (expert ``a``, ``>= 2`` replicas) goes
-    to expert ``b`` (``vp[b] = w[b] / (c[b] + 1)``), so every GPU holding ``a`` or ``b``
-    changes load.  Returns ``(kind, score, cost, i, b)`` as :func:`swap_scan`.
+    experts allowed on ``g`` in order, on ties) whose key beats ``(tk, tv)`` (the best
+    swap's kind and score, kind -1: none; a retarget whose key is not larger is not
+    preferred to it): slot ``i`` (expert ``a``, ``>= 2`` replicas) goes to expert ``b``
+    (``vp[b] = w[b] / (c[b] + 1)``), so every GPU holding ``a`` or ``b`` changes load.
+    Returns ``(kind, score, cost, i, b)`` as :func:`swap_scan`; ``i = -1`` (kind -1):
+    none.  ``work``: :func:`retarget_work`.
 
     The excess removed is summed over the GPUs whose load changes, in index order.  A
     GPU other than ``g`` holding ``b`` contributes exactly 0 unless it is above ``T``
-    once ``a`` lost its replica (``b``'s replicas only get lighter), so only those
-    (``rel``, with ``g``) are visited; ``hotb`` marks the experts they hold.  ``la`` and
-    ``hotb`` are work arrays (``load`` and all False on entry and on return)."""
-    G, k = S.shape
-    E = w.size
-    rel = np.empty(G, dtype=np.int64)
-    kind, val, score, bc, bi, bb = -1, 0.0, 0.0, 0.0, -1, -1
-    for i in range(k):
-        a = S[g, i]
-        if c[a] < 2:
-            continue
-        va2 = w[a] / max(c[a] - 1, 1)
-        da = va2 - v[a]
-        d_a = 0.0
-        for h in range(G):
-            if M[h, a] != 0:
-                la[h] = load[h] + M[h, a] * da
-                d_a += max(load[h] - T, 0.0) - max(la[h] - T, 0.0)
-        nrel = 0
-        for h in range(G):
-            if h == g or la[h] > T:
-                rel[nrel] = h
-                nrel += 1
-                for s in range(k):
-                    hotb[S[h, s]] = True
-        exlag = max(la[g] - T, 0.0)
-        qga = q[g, a]
-        for b in range(E):
-            if b == a or not allowed[g, b] or (not dup and M[g, b] != 0):
-                continue
-            vb2 = vp[b]
-            if hotb[b]:
-                db = vb2 - v[b]
-                dphi = d_a
-                on_g = False
-                for r in range(nrel):
-                    h = rel[r]
-                    if M[h, b] == 0:
-                        continue
-                    nh = la[h] + M[h, b] * db
-                    if h == g:
-                        nh += vb2 - va2
-                        on_g = True
-                    dphi += max(la[h] - T, 0.0) - max(nh - T, 0.0)
-                if not on_g:
-                    dphi += exlag - max(la[g] + (vb2 - va2) - T, 0.0)
-            else:
-                dphi = d_a + (exlag - max(la[g] + (vb2 - va2) - T, 0.0))
-            if not dphi > eps:
-                continue
-            cost = q[g, b] - qga
-            taken, kind, val = pick_update(kind, val, dphi, cost, eps)
-            if taken:
-                score = dphi if kind == 1 else val
-                bc, bi, bb = cost, i, b
-        for r in range(nrel):
-            for s in range(k):
-                hotb[S[rel[r], s]] = False
-        for h in range(G):
-            la[h] = load[h]
-    return kind, score, bc, bi, bb
+    once ``a`` lost its replica (``b``'s replicas only get lighter), so only the experts
+    on those GPUs and on ``g`` are summed (:func:`_hot_sums`).  Any other expert removes
+    ``d_a + exlag - max(la[g] + vp[b] - va2 - T, 0)``, at most ``d_a + exlag`` (the
+    excess ``a``'s departure removes): where that is not above ``eps`` none is priced."""
+    la = work[0]
+    for h in range(load.size):
+        la[h] = load[h]
+    rb = np.array([float(tk), tv, 0.0, 0.0, -1.0, -1.0])
+    for i in range(S.shape[1]):
+        if c[S[g, i]] >= 2:
+            _slot_retargets(S, w, v, vp, c, load, M, q, allowed, dup, T, eps, g, i, work, rb)
+    if rb[4] < 0:
+        return -1, 0.0, 0.0, -1, -1
+    return int(rb[0]), rb[2], rb[3], int(rb[4]), int(rb[5])
 
 
 @kernel
@@ -476,11 +498,13 @@ def _heaviest_over(load, T, eps, chosen):
 def repair_over(S, w, v, vp, c, load, vS, M, q, exact, allowed, dup, T, B, max_steps):
     """Drive every GPU under ``T``: each step takes, on the first of the (at most 4)
     heaviest GPUs above ``T`` that has one, the better of its best swap and best retarget
-    (free first, then the larger score; the swap on ties).  Returns whether it got there."""
-    G = S.shape[0]
+    (free first, then the larger score; the swap on ties).  Returns whether it got there.
+
+    The retarget search looks only for retargets that beat the best swap."""
+    G, k = S.shape
     eps = 1e-12 * max(T, 1e-300)
     chosen = np.zeros(G, dtype=np.bool_)
-    la, hotb = load.copy(), np.zeros(w.size, dtype=np.bool_)
+    work = retarget_work(G, k, w.size)
     for _ in range(max_steps):
         n_over = 0
         for h in range(G):
@@ -496,9 +520,8 @@ def repair_over(S, w, v, vp, c, load, vS, M, q, exact, allowed, dup, T, B, max_s
             sk, ss, sc, si, sh, sj = -1, 0.0, 0.0, -1, -1, -1
             if B > 1:
                 sk, ss, sc, si, sh, sj = swap_scan(S, vS, load, M, q, allowed, dup, T, eps, g, B, exact)
-            la[:] = load
-            rk, rs, rc, ri, rb = retarget_scan(S, w, v, vp, c, load, M, q, allowed, dup, T, eps, g, la, hotb)
-            if rk >= 0 and (sk < 0 or (rc > 0) < (sc > 0) or ((rc > 0) == (sc > 0) and rs > ss)):
+            rk, rs, rc, ri, rb = retarget_scan(S, w, v, vp, c, load, M, q, allowed, dup, T, eps, g, sk, ss, work)
+            if ri >= 0 and (sk < 0 or (rc > 0) < (sc > 0) or ((rc > 0) == (sc > 0) and rs > ss)):
                 do_retarget(S, w, v, vp, c, load, vS, M, g, ri, rb)
                 found = True
             elif sk >= 0:
@@ -515,7 +538,7 @@ def repair_over(S, w, v, vp, c, load, vS, M, q, exact, allowed, dup, T, B, max_s
 
 
 @kernel
-def undo_moves(S, w, v, vp, c, load, vS, M, q, exact, newm, allowed, dup, T, B, max_steps):
+def undo_moves(S, w, v, vp, c, load, vS, M, q, exact, newm, oldE, nold, allowed, dup, T, B, max_steps):
     """Swaps and retargets that lower the move cost and keep every GPU under ``T``: per
     step, the first GPU (in index order) holding a moved-in replica that has one takes
     its cheapest swap, else its cheapest retarget; stops when none is left.
@@ -527,7 +550,6 @@ def undo_moves(S, w, v, vp, c, load, vS, M, q, exact, newm, allowed, dup, T, B, 
     changes loads everywhere: every GPU is searched in full again."""
     G = S.shape[0]
     eps = 1e-12 * max(T, 1e-300)
-    oldE, nold = old_experts(newm)
     full = np.ones(G, dtype=np.bool_)
     part = np.zeros(G, dtype=np.bool_)
     clean_to, cx, cy = 0, -1, -1          # GPUs before clean_to (but cx, cy) had no swap
@@ -649,17 +671,19 @@ def repair_attempt(w, old, start, G, N, hierarchical, node_move_cost, dup, T, ma
         fits = fits and load[g] <= T * (1 + 1e-12)
     q, exact = move_prices(newm, cin)
     vS, vp = slot_values(S, v), next_values(w, c)
+    oldE, nold = old_experts(newm)
     if not fits and not repair_over(S, w, v, vp, c, load, vS, M, q, exact, allowed, dup, T, B, max_repair):
         return False, row, 0, 0.0
-    undo_moves(S, w, v, vp, c, load, vS, M, q, exact, newm, allowed, dup, T, B, max_undo)
+    undo_moves(S, w, v, vp, c, load, vS, M, q, exact, newm, oldE, nold, allowed, dup, T, B, max_undo)
     moves = 0
     off = 0                                             # moves from another node
     for g in range(G):
-        for e in range(w.size):
+        for s in range(k):
+            e = S[g, s]
             if newm[g, e]:
-                moves += M[g, e]
+                moves += 1
                 if cin[g, e] != 1.0:
-                    off += M[g, e]
+                    off += 1
         row[g * k:(g + 1) * k] = keep_gpu_slots(S[g], old[g * k:(g + 1) * k])
     return True, row, moves, (moves - off) + off * node_move_cost
 

@@ -29,9 +29,15 @@ def best_swap(S, v, load, M, newm, cin, allowed, dup, T, eps, g, B):
 @numba.njit
 def best_retarget(S, w, v, c, load, M, newm, cin, allowed, dup, T, eps, g):
     """:func:`retarget_scan` from the plain state: the entry point the tests pin."""
+    return retarget_beating(S, w, v, c, load, M, newm, cin, allowed, dup, T, eps, g, -1, 0.0)
+
+
+@numba.njit
+def retarget_beating(S, w, v, c, load, M, newm, cin, allowed, dup, T, eps, g, tk, tv):
+    """:func:`retarget_scan` from the plain state, for retargets that beat key ``(tk, tv)``."""
     q, _ = K.move_prices(newm, cin)
-    return K.retarget_scan(S, w, v, K.next_values(w, c), c, load, M, q, allowed, dup, T, eps, g, load.copy(),
-                         np.zeros(w.size, dtype=np.bool_))
+    return K.retarget_scan(S, w, v, K.next_values(w, c), c, load, M, q, allowed, dup, T, eps, g, tk, tv,
+                           K.retarget_work(S.shape[0], S.shape[1], w.size))
 
 
 @numba.njit
@@ -374,6 +380,38 @@ def test_best_retarget_picks_what_the_reference_picks():
     assert checked > 100
 
 
+def test_retarget_scan_looks_only_for_retargets_that_beat_the_swap():
+    """With the best swap's key as a bar, the retarget search returns the unbarred answer
+    where its key is larger than the bar, else nothing: a tie with the bar, or a costly
+    retarget against a free swap, loses (the repair then takes the swap)."""
+    checked = 0
+    for seed in SEEDS:
+        args = random_layer(np.random.default_rng(seed))
+        st, T = Ref(*args[:-1]), args[-1]
+        g, eps = _over_gpu(st, T)
+        if g is None:
+            continue
+        S, w, v, c, load, M, newm, cin, allowed, dup = st.kernel_args()
+        free = best_retarget(S, w, v, c, load, M, newm, cin, allowed, dup, T, eps, g)
+        kind, score, cost = free[:3]
+        if kind < 0:
+            continue
+        val = score - 1e-9 * cost if kind == 1 else score
+
+        def barred(tk, tv):
+            return retarget_beating(S, w, v, c, load, M, newm, cin, allowed, dup, T, eps, g, tk, tv)
+
+        assert barred(kind, val)[0] == -1, seed                                   # a tie loses
+        assert barred(kind, float(np.nextafter(val, -np.inf))) == free, seed      # just below: the same
+        assert barred(kind, val * 2 + 1.0)[0] == -1, seed
+        if kind == 1:
+            assert barred(0, 1e300) == free, seed                                 # free beats any cost
+        else:
+            assert barred(1, 0.0)[0] == -1, seed                                  # costly never beats free
+        checked += 1
+    assert checked > 100
+
+
 def test_undo_rules_pick_what_the_reference_picks():
     """The cheapest cost-lowering swap and retarget that keep every GPU within the cap."""
     checked = 0
@@ -511,8 +549,9 @@ def test_undo_moves_matches_reference_on_longer_undos():
         S, v, c, load, M, newm, cin, allowed = K._layer_arrays(w, old, start, G, N, hier, nmc)
         q, exact = K.move_prices(newm, cin)
         before = S.copy()
-        K.undo_moves(S, w, v, K.next_values(w, c), c, load, K.slot_values(S, v), M, q, exact, newm, allowed, True, T,
-                     st.B, R)
+        oldE, nold = K.old_experts(newm)
+        K.undo_moves(S, w, v, K.next_values(w, c), c, load, K.slot_values(S, v), M, q, exact, newm, oldE, nold, allowed,
+                     True, T, st.B, R)
         st.undo(T, R)
         runs += 1
         steps += int((S != before).sum())
