@@ -724,6 +724,55 @@ def _replay_section(data: dict) -> list[str]:
     return lines
 
 
+def _replay_suite_section(data: dict) -> list[str]:
+    """``replay_suite.json``: issue 16's replay target over presets x drift kinds x seeds."""
+    su, st = data["summary"], data["setup"]
+    cases = list(data["cases"].values())
+    seeds = sorted({c["seed"] for c in cases})
+    held = su.get("report_seeds", [x for x in seeds if x not in (0, 1)])
+    kinds = {c["kind"]: c["trace_parameters"] for c in cases}
+    drop = ("preset", "steps", "seed", "tokens_per_step", "top_k", "drift_kind", "kind_window", "skew", "group_sigma",
+            "dead_fraction", "df")
+    kp = "; ".join(f"{k}: " + (", ".join(f"{a}={b}" for a, b in v.items() if a not in drop) or "no change")
+                   for k, v in kinds.items())
+    ch = su.get("chosen") or {}
+    lines = ["## Replay over presets x drift kinds (issue 16, replay target)", "",
+             f"Command: `{data['command']}` ({data['date']}, {data['machine']}).  {len(cases)} replays: "
+             f"{len({c['preset'] for c in cases})} presets x {len(kinds)} drift kinds x seeds "
+             f"{', '.join(map(str, seeds))}; {st['steps']} steps per trace, {data['layer_subset']}, one window of a "
+             f"kind = {st['kind_window']} steps (`eplb_opt.replay.step_trace(drift_kind=...)`); intervals "
+             f"{', '.join(map(str, st['intervals']))}; time model on (defaults).  Exact mode is {data['exact']}.  "
+             f"Drift kinds' parameters: {kp}.", "",
+             f"eplb-opt's configuration, chosen on seeds {', '.join(map(str, su.get('choose_seeds', [0, 1])))} "
+             "(least mean over presets of its best figure / the best peer's): "
+             f"**{ch.get('policy')}** (" + ", ".join(f"{k} {v:.4f}" for k, v in ch.get("score", {}).items()) + ").  "
+             f"Figures below: seeds {', '.join(map(str, held))} only; each policy at the interval it does best at "
+             "(mean over drift kinds and seeds), the interval after `@`; `gap`: the share of the static-to-clairvoyant "
+             "difference it closes.", ""]
+    for fig, what in (("load", "time-averaged max-load sum (tokens per step, summed over layers; lower is better)"),
+                      ("time_s", "total MoE time with the time model (compute + copies, s)")):
+        if not su.get("presets"):
+            break
+        cols = [c for c in ("ours", "migrate", "windows", "forecast", "deepseek", "vllm", "sglang_vec", "static",
+                            "clairvoyant")]
+        lines += [f"**{what}**", "", "| preset | " + " | ".join(cols) + " | lowest |", "|---|" + "---:|" * (len(cols) + 1)]
+        for preset, row in su["presets"].items():
+            tab = row[fig]["table"]
+            cells = [f"{tab[c]['best']:.5g} @{tab[c]['best_interval']}" + (
+                f" ({tab[c]['gap_closed']:.0%})" if tab[c].get("gap_closed") is not None and c not in ("static",)
+                else "") if c in tab else "-" for c in cols]
+            ok = "yes" if row[fig]["lowest_vs_peers"] else "**no**"
+            lines.append(f"| {preset} | " + " | ".join(cells) + f" | {ok} ({row[fig]['margin_vs_best_peer']:+.2%}) |")
+        lines.append("")
+    if su.get("met"):
+        lines += [f"Target (eplb-opt's chosen configuration lowest of all policies on every preset, at each one's best "
+                  f"interval): max-load sum **{'met' if su['met']['load'] else 'not met'}**, with the time model **"
+                  f"{'met' if su['met']['time_s'] else 'not met'}** against the peers; against every other policy "
+                  f"including eplb-opt's other configurations: {su['met_of_all']['load']} / "
+                  f"{su['met_of_all']['time_s']}.  `lowest`: margin to the best peer.", ""]
+    return lines
+
+
 def _issue15_and_16(here: Path) -> list[str]:
     """The sections of the compiled kernels and of replay, where their files exist."""
     lines: list[str] = []
@@ -737,6 +786,8 @@ def _issue15_and_16(here: Path) -> list[str]:
         lines += _numba_versions_section(json.loads((here / "numba_versions.json").read_text()))
     if (here / "replay.json").exists():
         lines += _replay_section(json.loads((here / "replay.json").read_text()))
+    if (here / "replay_suite.json").exists():
+        lines += _replay_suite_section(json.loads((here / "replay_suite.json").read_text()))
     if (here / "replay_time.json").exists():
         lines += _replay_time_section(json.loads((here / "replay_time.json").read_text()))
     if (here / "forecast.json").exists():
