@@ -689,12 +689,37 @@ def repair_attempt(w, old, start, G, N, hierarchical, node_move_cost, dup, T, ma
 
 
 @kernel
-def _first_holder(o, e, lo, hi, k):
-    """The lowest GPU in ``lo .. hi - 1`` whose slots in ``o`` ``[R]`` hold ``e``; -1: none."""
-    for t in range(lo * k, hi * k):
-        if o[t] == e:
-            return t // k
-    return -1
+def _old_index(old_l, E, G, N, stamp, held, node_first, node_at, any_first, any_at):
+    """Index one layer of ``old`` (``[R]``; -1: empty) for :func:`transfer_rows` and
+    :func:`move_counts`, stamped with ``stamp`` (work arrays are reused across layers
+    without clearing): ``held[g * E + e] == stamp`` where GPU ``g`` holds ``e``;
+    ``node_first[n * E + e]`` (where ``node_at`` is stamped) and ``any_first[e]`` (where
+    ``any_at`` is) the lowest GPU of node ``n``, and of all, holding ``e``."""
+    k, P = old_l.size // G, G // N
+    for t in range(old_l.size):
+        e = old_l[t]
+        if e < 0 or e >= E:
+            continue
+        g = t // k
+        held[g * E + e] = stamp
+        x = (g // P) * E + e
+        if node_at[x] != stamp:
+            node_at[x], node_first[x] = stamp, g
+        if any_at[e] != stamp:
+            any_at[e], any_first[e] = stamp, g
+
+
+@kernel
+def _index_arrays(old, new, G, N):
+    """Work arrays of :func:`_old_index` for placements ``old`` and ``new`` ``[L, R]``:
+    ``(E, held, node_first, node_at, any_first, any_at)``, stamps starting unset."""
+    E = 1
+    for x in old.ravel():
+        E = max(E, x + 1)
+    for x in new.ravel():
+        E = max(E, x + 1)
+    z = np.zeros
+    return E, z(G * E, np.int64), z(N * E, np.int64), z(N * E, np.int64), z(E, np.int64), z(E, np.int64)
 
 
 @kernel
@@ -712,18 +737,24 @@ def transfer_rows(old, new, G, N):
             if new[l, t] != old[l, t] and new[l, t] >= 0:
                 n += 1
     out = np.empty((5, n), dtype=np.int64)
+    E, held, node_first, node_at, any_first, any_at = _index_arrays(old, new, G, N)
     i = 0
     for l in range(L):
+        _old_index(old[l], E, G, N, l + 1, held, node_first, node_at, any_first, any_at)
         for t in range(R):
             e = new[l, t]
             if e == old[l, t] or e < 0:
                 continue
             g = t // k
-            src = _first_holder(old[l], e, g, g + 1, k)
-            if src < 0:
-                src = _first_holder(old[l], e, (g // P) * P, (g // P + 1) * P, k)
-            if src < 0:
-                src = _first_holder(old[l], e, 0, G, k)
+            x = (g // P) * E + e
+            if held[g * E + e] == l + 1:
+                src = g
+            elif node_at[x] == l + 1:
+                src = node_first[x]
+            elif any_at[e] == l + 1:
+                src = any_first[e]
+            else:
+                src = -1
             out[0, i], out[1, i], out[2, i], out[3, i], out[4, i] = l, e, src, g, t
             i += 1
     return out
@@ -739,17 +770,19 @@ def move_counts(old, new, G, N, node_move_cost):
     k, P = R // G, G // N
     moves = np.zeros(L, dtype=np.int64)
     cost = np.zeros(L)
+    E, held, node_first, node_at, any_first, any_at = _index_arrays(old, new, G, N)
     for l in range(L):
+        _old_index(old[l], E, G, N, l + 1, held, node_first, node_at, any_first, any_at)
         off = 0
         for t in range(R):
             e = new[l, t]
             if e < 0:
                 continue
             g = t // k
-            if _first_holder(old[l], e, g, g + 1, k) >= 0:
+            if held[g * E + e] == l + 1:
                 continue
             moves[l] += 1
-            if _first_holder(old[l], e, (g // P) * P, (g // P + 1) * P, k) < 0:
+            if node_at[(g // P) * E + e] != l + 1:
                 off += 1
         cost[l] = (moves[l] - off) + off * node_move_cost
     return moves, cost
