@@ -260,12 +260,19 @@ def _starts(st: _Replan) -> list[list[np.ndarray]]:
     starts: list[list[np.ndarray]] = []
     alts = []                                              # (layer, partition, old partition)
     nodes = _nodes_of_groups(old, st.N, st.num_groups, gs)
+    gl = st.w.reshape(L, st.num_groups, gs).sum(axis=2)
+    whole = [l for l in range(L) if nodes[l] is not None]
+    # Only where the old partition's heaviest node is above the cap (_nearby_partitions'
+    # own first test, here for all layers at once) are partitions nearby searched.
+    heavy = np.zeros(L, dtype=bool)
+    if whole:
+        loads = _node_loads(gl[whole], np.stack([nodes[l] for l in whole]), st.N, rows_gl=True)
+        heavy[whole] = loads.max(axis=1) / st.P > st.cap[whole] / (1 + 2e-4)
     for l in range(L):
         old_node = nodes[l]
         starts.append([] if old_node is None else [old[l]])
-        if old_node is not None:
-            gl = st.w[l].reshape(st.num_groups, gs).sum(axis=1)
-            alts += [(l, node, old_node) for node in _nearby_partitions(gl, old_node, st.N, st.P, st.cap[l])]
+        if heavy[l]:
+            alts += [(l, node, old_node) for node in _nearby_partitions(gl[l], old_node, st.N, st.P, st.cap[l])]
     if not alts:
         return starts
     ls = np.array([a[0] for a in alts])
@@ -275,7 +282,7 @@ def _starts(st: _Replan) -> list[list[np.ndarray]]:
     rn = R // st.N
     for (l, node, old_node), alt in zip(alts, rows):
         for n in range(st.N):
-            if set(np.flatnonzero(node == n)) == set(np.flatnonzero(old_node == n)):
+            if np.array_equal(node == n, old_node == n):
                 alt[n * rn:(n + 1) * rn] = old[l, n * rn:(n + 1) * rn]
         starts[l].append(alt)
     return starts
@@ -446,39 +453,43 @@ def _nodes_of_groups(p: np.ndarray, N: int, num_groups: int, gs: int) -> list[np
     return [node[l] if ok[l] else None for l in range(L)]
 
 
+def _node_loads(gl: np.ndarray, nodes: np.ndarray, N: int, rows_gl: bool = False) -> np.ndarray:
+    """``[C, N]`` each node's load under each of ``C`` group-to-node assignments ``nodes``
+    ``[C, groups]`` (group loads ``gl [groups]``, or ``[C, groups]`` with ``rows_gl``),
+    summed group by group in index order, as ``np.bincount`` sums them."""
+    out = np.zeros((nodes.shape[0], N))
+    rows = np.arange(nodes.shape[0])
+    for g in range(nodes.shape[1]):
+        out[rows, nodes[:, g]] += gl[:, g] if rows_gl else gl[g]
+    return out
+
+
 def _nearby_partitions(gl: np.ndarray, old_node: np.ndarray, N: int, P: int, T: float,
                        limit: int = 3) -> list[np.ndarray]:
     """Group-to-node assignments one or two group swaps from ``old_node`` whose
     heaviest node averages under ``T`` per GPU (with a little room for packing), fewest
     swaps first, then lightest; empty when the old one already fits."""
-    def heaviest(node: np.ndarray) -> float:
-        return float(np.bincount(node, weights=gl, minlength=N).max()) / P
-
     room = T / (1 + 2e-4)
-    if heaviest(old_node) <= room:
+    if float(np.bincount(old_node, weights=gl, minlength=N).max()) / P <= room:
         return []
     ng = gl.size
     pairs = [(a, b) for a in range(ng) for b in range(a + 1, ng) if old_node[a] != old_node[b]]
-
-    def swapped(node: np.ndarray, a: int, b: int) -> np.ndarray:
-        out = node.copy()
-        out[a], out[b] = node[b], node[a]
-        return out
-
     for depth in (1, 2):
-        found = []
         if depth == 1:
-            cands = [swapped(old_node, a, b) for a, b in pairs]
+            swaps = [[p] for p in pairs]
+        elif len(pairs) ** 2 > 20000:
+            break
         else:
-            if len(pairs) ** 2 > 20000:
-                break
-            cands = [swapped(swapped(old_node, a, b), c, d) for i, (a, b) in enumerate(pairs)
-                     for (c, d) in pairs[i + 1:] if len({a, b, c, d}) == 4]
-        for node in cands:
-            h = heaviest(node)
-            if h <= room:
-                found.append((h, node))
-        if found:
-            found.sort(key=lambda x: x[0])
-            return [n for _, n in found[:limit]]
+            swaps = [[p, r] for i, p in enumerate(pairs) for r in pairs[i + 1:] if len({*p, *r}) == 4]
+        if not swaps:
+            continue
+        cands = np.repeat(old_node[None, :], len(swaps), axis=0)
+        for c, seq in enumerate(swaps):
+            for a, b in seq:
+                cands[c, a], cands[c, b] = cands[c, b], cands[c, a]
+        h = _node_loads(gl, cands, N).max(axis=1) / P
+        ok = np.flatnonzero(h <= room)
+        if ok.size:
+            ok = ok[np.argsort(h[ok], kind="stable")]
+            return [cands[c] for c in ok[:limit]]
     return []
