@@ -71,16 +71,21 @@ def move_prices(newm, cin):
 
 
 @kernel
-def _partner_bounds(S, vS, q, g, lo, B):
+def _partner_bounds(S, vS, q, load, T, eps, g, lo, B):
     """Per partner ``h = lo + x`` of ``g``: the least ``q[g, b] - q[h, b]`` over its slots'
     experts ``b``, the least ``q[h, a] - q[g, a]`` over ``g``'s experts ``a``, and its
-    least slot value (bounds for :func:`swap_scan`)."""
+    least slot value (bounds for :func:`swap_scan`); ``inf`` for ``g`` itself and for a
+    partner no swap can remove excess with (the first test of :func:`_swap_pairs`)."""
     k = S.shape[1]
-    mh = np.empty(B)
-    ma = np.empty(B)
-    vmin = np.empty(B)
+    mh = np.full(B, np.inf)
+    ma = np.full(B, np.inf)
+    vmin = np.full(B, np.inf)
+    exg = max(load[g] - T, 0.0)
     for x in range(B):
         h = lo + x
+        near = load[g] < 64.0 * T and load[h] < 64.0 * T
+        if h == g or not exg + max(load[h] - T, 0.0) > eps or (near and not load[h] < T):
+            continue
         m, m2, vm = np.inf, np.inf, np.inf
         for j in range(k):
             b = S[h, j]
@@ -182,18 +187,19 @@ def swap_scan(S, vS, load, M, q, allowed, dup, T, eps, g, B, exact):
     lo = (g // B) * B
     best = np.array([-1.0, 0.0, 0.0, 0.0, -1.0, -1.0, -1.0, 0.0])
     first = np.zeros(B, dtype=np.bool_)
-    mh, ma, vmin = _partner_bounds(S, vS, q, g, lo, B)
+    mh, ma, vmin = _partner_bounds(S, vS, q, load, T, eps, g, lo, B)
     if exact:
         cheapest = np.inf
         for x in range(B):
             cheapest = min(cheapest, ma[x] + mh[x])
         for x in range(B):
-            first[x] = ma[x] + mh[x] <= cheapest
+            first[x] = ma[x] + mh[x] <= cheapest < np.inf
         _swap_pairs(S, vS, load, M, q, allowed, dup, T, eps, g, B, exact, first, best, mh, ma, vmin)
         for x in range(B):
-            first[x] = not first[x]
+            first[x] = not first[x] and vmin[x] < np.inf
     else:
-        first[:] = True
+        for x in range(B):
+            first[x] = vmin[x] < np.inf
     _swap_pairs(S, vS, load, M, q, allowed, dup, T, eps, g, B, exact, first, best, mh, ma, vmin)
     return int(best[0]), best[2], best[3], int(best[4]), int(best[5]), int(best[6])
 
