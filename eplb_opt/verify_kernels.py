@@ -29,21 +29,28 @@ def slot_maps(p, num_experts, width):
     of each expert in increasing order, padded with -1 (slots past ``width`` are
     counted, not listed), and the replica counts; negative ids are empty slots.  ``bad``
     is the flat index ``l * R + s`` of the first id ``>= E`` (the maps are then
-    incomplete), else -1."""
+    incomplete and unspecified), else -1.
+
+    One layer at a time: its block of ``log2phy`` is padded, then its slots written
+    while it is still in cache (the map is the largest array a plan returns)."""
     L, R = p.shape
-    log2phy = np.full((L, num_experts, width), -1, dtype=np.int64)
+    log2phy = np.empty((L, num_experts, width), dtype=np.int64)
     logcnt = np.zeros((L, num_experts), dtype=np.int64)
+    block = num_experts * width
+    flat = log2phy.reshape(L * block)
     for l in range(L):
+        flat[l * block:(l + 1) * block] = -1
+        cnt = logcnt[l]
         for s in range(R):
             e = p[l, s]
             if e < 0:
                 continue
             if e >= num_experts:
                 return log2phy, logcnt, l * R + s
-            r = logcnt[l, e]
+            r = cnt[e]
             if r < width:
-                log2phy[l, e, r] = s
-            logcnt[l, e] = r + 1
+                flat[l * block + e * width + r] = s
+            cnt[e] = r + 1
     return log2phy, logcnt, -1
 
 

@@ -18,13 +18,13 @@ multiset ``{w[e] / j : j >= 1}`` (the *seats*; seat ``j`` of expert ``e`` is wor
   per row, the ``num`` experts first by seat value (then index) are picked out, and
   the steps run on a heap of them.
 * :func:`replica_counts` applies the rule from one replica per expert: a threshold on
-  the seat value fixes the seats certainly handed out (``floor(w / t0)`` per expert,
-  ``t0 = S / spares`` with a margin: at most ``spares`` seats reach it, so all of them
-  are among the largest), and the rule itself hands out the rest (at most about ``E``
-  per row), on the same heap.  The seats selected are the ones the rule hands out, as
-  float64 quotients ``w / c``; only which of several *equal* seats is taken can differ
-  from the step-by-step rule started from one replica each (any choice among equal
-  seats gives the same per-replica maximum).
+  the seat value fixes the seats certainly handed out (those worth more than ``t``,
+  counted on the float64 quotients ``w / j`` the rule compares, when there are at most
+  ``spares`` of them: all of them are then among the largest), and the rule itself
+  hands out the rest on the same heap.  The thresholds follow Jefferson's divisor
+  method (``S / spares``, then corrected by the fractional seats it left), so the heap
+  usually hands out a few seats.  The counts are exactly the step-by-step rule's from
+  one replica each, ties included.
 
 ``eplb_opt.bounds`` derives the smallest per-replica maximum on its own (it never calls
 this module), and ``tests/test_count_rule.py`` checks that the two agree; changing the
@@ -33,17 +33,22 @@ rule here cannot silently change a certificate.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from .compile import kernel, warmer
 
 __all__ = ["add_replicas", "max_replica_load", "remove_replicas", "replica_counts"]
 
-# Relative safety margin of the threshold: it only needs to exceed the float64 rounding
-# error of a row sum (about E * 2**-53) by a wide margin.
-_MARGIN = 1e-9
+# Steps of the rule run on a short ordered list rather than a heap (:func:`_hand_out`);
+# rows with no more spares skip the certain seats too.
+_FEW = 16
+
+# Rounds of the certain-seat threshold after the first (:func:`_certain_seats`).
+_TRIES = 3
+
+# Margins of :func:`_above`'s product test (``1 +- 2**-40``).
+_HI = 1.0 + 2.0 ** -40
+_LO = 1.0 - 2.0 ** -40
 
 
 # ------------------------------------------------------------------ the heap of one row
@@ -99,12 +104,59 @@ def _top_experts(heap: np.ndarray, n_open: int, num: int, key: np.ndarray) -> in
 
 
 @kernel
+def _hand_out_few(w: np.ndarray, c: np.ndarray, num: int, cap: int, closed: np.ndarray,
+                  top: np.ndarray, key: np.ndarray) -> int:
+    """:func:`_hand_out` for a few steps (``num <= _FEW``): the first ``num`` open experts
+    by :func:`_before` (only they can take a replica in ``num`` steps, as in
+    :func:`_top_experts`) kept in order in ``top[:n]``, picked out in one pass over the
+    row (experts arrive by increasing index, so a newcomer goes before a kept one only
+    with a strictly larger key); each step takes the first and moves it back to its
+    place, or drops it when full."""
+    n = 0
+    for e in range(w.size):
+        if c[e] >= cap or closed[e]:
+            continue
+        x = w[e] / c[e]
+        key[e] = x
+        if n == num:
+            if n == 0 or not x > key[top[n - 1]]:
+                continue
+            n -= 1                              # the last kept one leaves
+        j = n
+        while j > 0 and x > key[top[j - 1]]:
+            top[j] = top[j - 1]
+            j -= 1
+        top[j] = e
+        n += 1
+    given = 0
+    while given < num and n > 0:
+        e = top[0]
+        c[e] += 1
+        given += 1
+        j = 0
+        if c[e] < cap:
+            key[e] = w[e] / c[e]
+            while j + 1 < n and _before(key, top[j + 1], e):
+                top[j] = top[j + 1]
+                j += 1
+            top[j] = e
+        else:                                   # full: leaves the list
+            n -= 1
+            for i in range(n):
+                top[i] = top[i + 1]
+    return given
+
+
+@kernel
 def _hand_out(w: np.ndarray, c: np.ndarray, num: int, cap: int, closed: np.ndarray,
               heap: np.ndarray, key: np.ndarray) -> int:
     """The rule on one row, in place on ``c`` (``[E]`` int64): ``num`` steps, each one
     replica to the open expert (below ``cap``, not ``closed``) with the largest
     ``w / c``, the lowest index on ties.  Returns the replicas handed out (fewer when
-    every expert is full).  ``heap`` (int64) and ``key`` (float64) are ``[E]`` scratch."""
+    every expert is full).  ``heap`` (int64) and ``key`` (float64) are ``[E]`` scratch.
+    A few steps run on a short ordered list instead (:func:`_hand_out_few`)."""
+    if num <= _FEW:
+        return _hand_out_few(w, c, num, cap, closed, heap, key)
     n = 0
     for e in range(w.size):
         if c[e] < cap and not closed[e]:
@@ -176,40 +228,118 @@ def _remove_rows(w: np.ndarray, counts: np.ndarray, num: np.ndarray, frozen: np.
 
 
 @kernel
+def _above(w: float, j: int, t: float) -> bool:
+    """Whether the seat ``w / j`` (the float64 quotient) is worth more than ``t``.
+
+    Decided on the product ``j * t`` where it is clear by a wide margin (``w`` more than
+    ``2**-40`` of it above or below: the rounding of the product, of its scaling and of
+    the quotient are each below ``2**-52``), by the quotient itself otherwise."""
+    p = j * t
+    if 1e-290 < p < 1e290:
+        if w > p * _HI:
+            return True
+        if w < p * _LO:
+            return False
+    return w / j > t
+
+
+@kernel
+def _seats_above(row: np.ndarray, t: float, cap: int, c: np.ndarray) -> int:
+    """``c[e] = 1 +`` the seats of expert ``e`` worth more than ``t``: the ``j`` in ``1 ..
+    cap - 1`` with ``row[e] / j > t`` (:func:`_above`; the quotient never rises with
+    ``j``, so they are the first ``j``; ``row[e] / t`` only guesses their number).
+    Returns the number of such seats in all.
+
+    When that number is at most the spares, every one of them is handed out by the
+    rule: the rule hands out the spares largest seats (value first, then the lowest
+    expert), so a seat left out would have the spares seats before it, each worth at
+    least as much and so more than ``t`` too, one more than there are."""
+    top = cap - 1
+    inv = 1.0 / t
+    total = 0
+    for e in range(row.shape[0]):
+        w = row[e]
+        q = w * inv
+        j = top if not q < top else int(q)
+        while j > 0 and not _above(w, j, t):
+            j -= 1
+        while j < top and _above(w, j + 1, t):
+            j += 1
+        c[e] = 1 + j
+        total += j
+    return total
+
+
+@kernel
+def _certain_seats(row: np.ndarray, total: float, extra: int, cap: int, c: np.ndarray, scratch: np.ndarray) -> int:
+    """Seats of one row (sum ``total``) certainly handed out among ``extra`` spares,
+    written to ``c`` as counts (:func:`_seats_above`); returns how many.
+
+    The thresholds follow Jefferson's divisor method: ``t = total / extra`` first (about
+    ``extra`` seats lie above it, less the fractional parts ``F`` of the experts'
+    ``w / t``), then ``total / (extra + F)`` with ``F`` measured there; once a threshold
+    has too many seats above it, the next is interpolated between it and the last one
+    kept.  A threshold is kept when no more than ``extra`` seats lie above it and more
+    than at the last one kept (at most ``_TRIES`` more; ``scratch`` holds a trial's
+    counts)."""
+    num_experts = row.shape[0]
+    xa = extra / total                           # 1 / threshold, the last one kept
+    got = _seats_above(row, 1.0 / xa, cap, c)
+    if got > extra:                              # rounding: nothing is certain
+        for e in range(num_experts):
+            c[e] = 1
+        return 0
+    xr, over = np.inf, 0                         # the last one with too many seats
+    for _ in range(_TRIES):
+        if got == extra:
+            break
+        if xr == np.inf:
+            x = (extra + (total * xa - got)) / total
+        else:
+            x = xa + (xr - xa) * (extra - got) / (over - got)
+        if not xa < x < xr:
+            break
+        more = _seats_above(row, 1.0 / x, cap, scratch)
+        if more > extra:
+            xr, over = x, more
+            continue
+        xa = x
+        if more > got:
+            got = more
+            for e in range(num_experts):
+                c[e] = scratch[e]
+    return got
+
+
+@kernel
 def _counts_row(row: np.ndarray, extra: int, cap: int, c: np.ndarray, heap: np.ndarray, key: np.ndarray,
                 closed: np.ndarray) -> None:
     """Counts of one row ``row`` (``[E]``) from one replica each plus ``extra`` spares,
     written to ``c`` (``[E]`` int64); ``heap``, ``key`` are ``[E]`` scratch and
     ``closed`` ``[E]`` all False.
 
-    The certain seats first: on the row scaled to max 1 (``wn``, so that no sum
-    overflows; a scaling off by a rounding is covered by the margin), ``floor(wn / t0)``
-    seats per expert, ``t0 = sum(wn) / extra`` raised by
-    the margin, never above ``cap - 1``; their number is at most ``extra`` and each is
-    worth more than any seat outside the ``extra`` largest.  The rule hands out the rest
-    on the unscaled quotients.  An all-zero row gets the spares round-robin from expert
-    0 (any counts are optimal; never above ``ceil(R / E)``, so within the cap)."""
+    The seats certainly handed out first (:func:`_certain_seats`; none when the largest
+    load is below ``sum / extra``, where no seat can reach the first threshold), then
+    the rule hands out the rest (:func:`_hand_out`).  An all-zero row gets the spares
+    round-robin from expert 0 (any counts are optimal; never above ``ceil(R / E)``, so
+    within the cap)."""
     num_experts = row.shape[0]
     top = 0.0
+    total = 0.0
     for e in range(num_experts):
         top = max(top, row[e])
+        total += row[e]
     if top <= 0.0:
         base, rem = divmod(extra, num_experts)
         for e in range(num_experts):
             c[e] = 1 + base + (1 if e < rem else 0)
         return
-    total = 0.0
-    for e in range(num_experts):
-        key[e] = row[e] / top                   # wn (key is scratch until _hand_out)
-        total += key[e]
-    t0 = total / extra * (1.0 + _MARGIN)
-    inv_t0 = 1.0 / t0
     need = extra
-    for e in range(num_experts):
-        # wn / t0 < 1 everywhere when t0 > 1 (few spares): no certain seat.
-        seats = 0 if t0 > 1.0 else min(int(math.floor(key[e] * inv_t0)), cap - 1)
-        c[e] = 1 + seats
-        need -= seats
+    if extra > _FEW and top > total / extra and total < np.inf:
+        need -= _certain_seats(row, total, extra, cap, c, heap)
+    else:
+        for e in range(num_experts):
+            c[e] = 1
     _hand_out(row, c, need, cap, closed, heap, key)
 
 

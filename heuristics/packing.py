@@ -649,25 +649,30 @@ def _refine_round(lay, v, lab, loads, occ, multi, work):
     """One refinement round on one row (in place): the best swaps of the heaviest pack
     with its ``near`` lightest packs (:func:`_heavy_swaps`), then the paired swaps
     (i-th heaviest, i-th lightest, ``pairs`` of them) touching neither pack changed
-    first (all evaluated on the loads before the round).  Returns whether the heaviest
-    pack got a swap."""
+    first (all as evaluated on the state before the round).  Returns whether the
+    heaviest pack got a swap.
+
+    Two shortcuts leave every choice as it is: a partner whose ``mid`` is no lower than
+    the best swap found so far is not searched (a swap leaves the pair at ``mid + |d -
+    half| >= mid``), and a pair is searched only once it is known to touch no pack
+    changed first (its packs, and so its best swap, are then as before the round)."""
     order, _, buf, mids, halves, first, pval, pslot, cand, acc, _, _, touched, vb = work
     P, k = v.shape
     near, pairs = mids.shape[0], pval.shape[0]
     _order(loads, order, buf, 1.0)                     # lightest first
     h = order[P - 1]
+    lh = loads[h]
     best = np.inf
     for j in range(near):
-        val, a, b, mid, half = _best_pair(v, lab, loads, occ, h, order[j], vb)
+        half = 0.5 * (lh - loads[order[j]])            # as _best_pair computes them
+        mid = lh - half
         mids[j], halves[j] = mid, half
+        if j > 0 and mid >= best:
+            continue
+        val, a, b, _, _ = _best_pair(v, lab, loads, occ, h, order[j], vb)
         if val < best or j == 0:
             best = val
             first[0], first[1], first[2] = a, order[j], b
-        if j == 0:                                     # pair 0 is (h, lightest) too
-            pval[0], pslot[0, 0], pslot[0, 1] = val, a, b
-    for i in range(1, pairs):
-        val, a, b, _, _ = _best_pair(v, lab, loads, occ, order[P - 1 - i], order[i], vb)
-        pval[i], pslot[i, 0], pslot[i, 1] = val, a, b
     acc[0] = best < np.inf
     _heavy_swaps(v, lab, loads, occ, multi, work)
     touched[:] = False
@@ -676,10 +681,14 @@ def _refine_round(lay, v, lab, loads, occ, multi, work):
         if acc[c]:
             _swap(lay, v, lab, loads, occ, h, cand[c, 0], cand[c, 1], cand[c, 2])
             touched[cand[c, 1]] = True
-    for i in range(pairs):
+    # Pair 0 is (h, lightest): h is touched whenever that pair has a swap.
+    for i in range(1, pairs):
         ph, pl = order[P - 1 - i], order[i]
-        if pval[i] < np.inf and not touched[ph] and not touched[pl]:
-            _swap(lay, v, lab, loads, occ, ph, pslot[i, 0], pl, pslot[i, 1])
+        if touched[ph] or touched[pl]:
+            continue
+        val, a, b, _, _ = _best_pair(v, lab, loads, occ, ph, pl, vb)
+        if val < np.inf:
+            _swap(lay, v, lab, loads, occ, ph, a, pl, b)
     return acc[0]
 
 
@@ -896,34 +905,49 @@ def _pack_sorted_rows(values, labels, num_packs, target, has_target, rounds, seg
 
 
 @kernel
-def _replica_row(w, c, num_packs, values, labels, per, order, buf):
-    """:func:`replica_items` on one row (``w``, ``c`` ``[e]``) into ``values`` and
-    ``labels`` (``[n]``); returns the row's bound.  ``per`` (float), ``order`` and
-    ``buf`` (int64) are ``[e]`` scratch."""
-    e = w.shape[0]
-    for j in range(e):
-        per[j] = w[j] / c[j]
-    _order(per, order, buf, -1.0)
+def _settle_order(neg, order):
+    """Finish ``order`` (``[m]``, a permutation of ``0..m-1``) as the order by increasing
+    ``neg`` (``[m]``), ties by index: an insertion sort, which costs one pass on an order
+    already sorted by ``neg`` (numpy's ``argsort``, whose order among equal keys depends
+    on the platform) and moves only tied or misplaced entries, so the result is the same
+    on every machine whatever order it starts from."""
+    for i in range(1, order.shape[0]):
+        j = order[i]
+        x = neg[j]
+        t = i
+        while t > 0:
+            q = order[t - 1]
+            if neg[q] < x or (neg[q] == x and q < j):
+                break
+            order[t] = q
+            t -= 1
+        order[t] = j
+
+
+@kernel
+def _items_row(neg, c, order, num_packs, values, labels):
+    """:func:`replica_items` on one row: from ``neg`` (``[e]``, minus each expert's
+    per-replica load ``w / c``), the counts ``c`` and ``order`` (``neg``'s argsort, settled
+    here by :func:`_settle_order`), writes the items' ``values`` and ``labels`` (``[n]``);
+    returns the row's bound."""
+    _settle_order(neg, order)
     i = 0
     total = 0.0
     for j in order:
+        x = -neg[j]
         for _ in range(c[j]):
-            values[i] = per[j]
+            values[i] = x
             labels[i] = j
-            total += per[j]
+            total += x
             i += 1
     return max(total / num_packs, values[0]) if i else 0.0
 
 
 @kernel
-def _replica_rows(w, c, num_packs, values, labels, bound):
-    """:func:`replica_items` into ``values``, ``labels`` and ``bound``."""
-    rows, e = w.shape
-    per = np.empty(e)
-    order = np.empty(e, np.int64)
-    buf = np.empty(e, np.int64)
-    for r in range(rows):
-        bound[r] = _replica_row(w[r], c[r], num_packs, values[r], labels[r], per, order, buf)
+def _items_rows(neg, c, order, num_packs, values, labels, bound):
+    """:func:`_items_row` on every row into ``values``, ``labels`` and ``bound``."""
+    for r in range(neg.shape[0]):
+        bound[r] = _items_row(neg[r], c[r], order[r], num_packs, values[r], labels[r])
 
 
 def _table(labels: np.ndarray) -> np.ndarray:
@@ -1172,15 +1196,21 @@ def replica_items(
         the row's lower bound: its average pack load or its largest replica, whichever
         is more.
     """
-    w = _f64(weight)
     c = _i64(counts)
-    rows = w.shape[0]
+    neg = _f64(-(_f64(weight) / c))
+    rows = neg.shape[0]
     n = int(c[0].sum()) if rows else 0
     values = np.empty((rows, n))
     labels = np.empty((rows, n), dtype=np.int64)
     bound = np.empty(rows)
-    _replica_rows(w, c, int(num_packs), values, labels, bound)
+    _items_rows(neg, c, item_order(neg), int(num_packs), values, labels, bound)
     return values, labels, bound
+
+
+def item_order(neg: np.ndarray) -> np.ndarray:
+    """``[rows, e]`` int64 argsort of each row of ``neg`` (numpy's vectorised sort), to be
+    settled by :func:`_settle_order` inside the kernels (ties by index)."""
+    return _i64(np.argsort(neg, axis=-1))
 
 
 def pack_items(

@@ -20,7 +20,9 @@ import numpy as np
 from .apportion import _counts_row
 from .compile import kernel, warmer, writable
 from .grouping import groups_to_nodes
-from .packing import DEFAULT_REFINE_ROUNDS, _pack_segment, _pack_work, _replica_row, gather_rows, pack_sorted, replica_items
+from .packing import (
+    DEFAULT_REFINE_ROUNDS, _items_row, _pack_segment, _pack_work, gather_rows, item_order, pack_sorted, replica_items,
+)
 
 __all__ = ["Placement", "place", "pack_rows"]
 
@@ -80,18 +82,25 @@ def place(
     gpus_per_node = num_gpus // num_nodes
     # 1. Groups to nodes.
     node_of_group, exact = _groups_step(w, num_groups, num_nodes, node_of_group)
-    # 2. and 3., one layer at a time in one compiled call (:func:`_place_layers`).
+    # 2. Replica counts (:func:`_count_layers`), then each node's experts in item order
+    # (numpy's argsort, settled in the kernel), and 3. the packing (:func:`_pack_layers`).
     per_node = num_replicas // num_nodes
     extra = per_node - num_experts // num_nodes
     if extra < 0:
         raise ValueError(f"num_replicas={per_node} is below the expert count {num_experts // num_nodes}")
     cap = max(gpus_per_node, -(-per_node // (num_experts // num_nodes)))
+    m = num_experts // num_nodes
+    experts = np.empty((num_layers, num_nodes, m), dtype=np.int64)
+    neg = np.empty((num_layers, num_nodes, m))
+    cnt = np.ones((num_layers, num_nodes, m), dtype=np.int64)
     phy2log = np.empty((num_layers, num_replicas), dtype=np.int64)
     logcnt = np.empty((num_layers, num_experts), dtype=np.int64)
-    _place_layers(
-        w, np.ascontiguousarray(node_of_group, dtype=np.int64), int(num_nodes), int(extra), int(cap),
-        int(gpus_per_node), int(DEFAULT_REFINE_ROUNDS if refine_rounds is None else refine_rounds),
-        bool(allow_duplicates), phy2log, logcnt,
+    _count_layers(w, np.ascontiguousarray(node_of_group, dtype=np.int64), int(extra), int(cap), experts, neg, cnt,
+                  logcnt)
+    order = item_order(neg.reshape(num_layers * num_nodes, m)).reshape(neg.shape)
+    _pack_layers(
+        experts, neg, cnt, order, int(gpus_per_node),
+        int(DEFAULT_REFINE_ROUNDS if refine_rounds is None else refine_rounds), bool(allow_duplicates), phy2log,
     )
     return Placement(phy2log=phy2log, logcnt=logcnt, node_of_group=node_of_group, groups_exact=exact)
 
@@ -115,32 +124,46 @@ def _node_rows(w_l, node_of_group_l, experts, node_w):
 
 
 @kernel
-def _place_layers(w, node_of_group, num_nodes, extra, cap, num_packs, rounds, allow_dup, phy2log, logcnt):
-    """Steps 2 and 3 of :func:`place` on every layer of ``w`` (``[L, E]``): per layer, the
-    rows of its nodes (:func:`_node_rows`), their replica counts (``extra`` spares per
-    node, at most ``cap`` per expert; :func:`~.apportion._counts_row`), their replicas
-    as sorted items (:func:`~.packing._replica_row`) and the packing of the layer's
-    nodes as one segment against the largest of their bounds
-    (:func:`~.packing._pack_segment`); writes ``phy2log [L, R]`` and ``logcnt [L, E]``."""
-    L, E = w.shape
-    S, m = num_nodes, E // num_nodes
-    n = m + extra
+def _count_layers(w, node_of_group, extra, cap, experts, neg, cnt, logcnt):
+    """Step 2 of :func:`place` on every layer of ``w`` (``[L, E]``): per layer, the rows
+    of its nodes (:func:`_node_rows`, into ``experts [L, N, E / N]``), their replica
+    counts (``extra`` spares per node, at most ``cap`` per expert;
+    :func:`~.apportion._counts_row`; ``cnt [L, N, E / N]`` starts all ones) and minus
+    each expert's per-replica load (``neg``, the key its items are sorted by); writes
+    ``logcnt [L, E]`` too."""
+    L = w.shape[0]
+    S, m = experts.shape[1], experts.shape[2]
+    node_w = np.empty((S, m))
+    heap, key, closed = np.empty(m, np.int64), np.empty(m), np.zeros(m, np.bool_)
+    for l in range(L):
+        _node_rows(w[l], node_of_group[l], experts[l], node_w)
+        for nd in range(S):
+            c = cnt[l, nd]
+            if extra > 0:
+                _counts_row(node_w[nd], extra, cap, c, heap, key, closed)
+            for j in range(m):
+                neg[l, nd, j] = -(node_w[nd, j] / c[j])
+                logcnt[l, experts[l, nd, j]] = c[j]
+
+
+@kernel
+def _pack_layers(experts, neg, cnt, order, num_packs, rounds, allow_dup, phy2log):
+    """Step 3 of :func:`place` on every layer: the replicas of its nodes as sorted items
+    (:func:`~.packing._items_row`, from :func:`_count_layers`' ``neg`` and ``cnt`` and
+    ``order``, ``neg``'s argsort per node) and the packing of the layer's nodes as one
+    segment against the largest of their bounds (:func:`~.packing._pack_segment`);
+    writes ``phy2log [L, R]``."""
+    L, S, m = experts.shape
+    n = phy2log.shape[1] // S
     k = n // num_packs
-    experts, node_w = np.empty((S, m), np.int64), np.empty((S, m))
-    cnt = np.ones((S, m), np.int64)
     values, labels = np.empty((S, n)), np.empty((S, n), np.int64)
     target, out = np.empty(S), np.empty((S, num_packs, k), np.int64)
-    heap, key, closed = np.empty(m, np.int64), np.empty(m), np.zeros(m, np.bool_)
-    per, order, buf = np.empty(m), np.empty(m, np.int64), np.empty(m, np.int64)
     table = np.full(m, -1, np.int64)
     work = _pack_work(S, num_packs, k)
     for l in range(L):
-        _node_rows(w[l], node_of_group[l], experts, node_w)
         top = -np.inf
         for nd in range(S):
-            if extra > 0:
-                _counts_row(node_w[nd], extra, cap, cnt[nd], heap, key, closed)
-            top = max(top, _replica_row(node_w[nd], cnt[nd], num_packs, values[nd], labels[nd], per, order, buf))
+            top = max(top, _items_row(neg[l, nd], cnt[l, nd], order[l, nd], num_packs, values[nd], labels[nd]))
         if num_packs == 1 or k <= 1:        # every layout is equally balanced
             for nd in range(S):
                 for i in range(n):
@@ -151,9 +174,7 @@ def _place_layers(w, node_of_group, num_nodes, extra, cap, num_packs, rounds, al
         for nd in range(S):
             for p in range(num_packs):
                 for t in range(k):
-                    phy2log[l, nd * n + p * k + t] = experts[nd, labels[nd, out[nd, p, t]]]
-            for j in range(m):
-                logcnt[l, experts[nd, j]] = cnt[nd, j]
+                    phy2log[l, nd * n + p * k + t] = experts[l, nd, labels[nd, out[nd, p, t]]]
 
 
 def _check_shapes(w: np.ndarray, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int) -> None:

@@ -11,6 +11,7 @@ from itertools import combinations
 import numpy as np
 import pytest
 
+from eplb_opt.heuristics import apportion as A
 from eplb_opt.heuristics.apportion import add_replicas, remove_replicas, replica_counts
 from eplb_opt.heuristics.grouping import groups_to_nodes
 from eplb_opt.heuristics.resplit import MAX_FREE, resplit_rounds, split_pairs
@@ -100,6 +101,34 @@ def test_counts_are_the_rule_step_by_step():
         c = replica_counts(w, R, max_count=cap)
         for r in range(rows):
             assert c[r].tolist() == _rule_steps(w[r], [1] * E, R - E, eff_cap, [False] * E), (E, R, cap)
+
+
+def test_seats_above_a_threshold_are_counted_on_the_quotients():
+    """_seats_above counts, per expert, the ``j < cap`` with the float quotient ``w / j``
+    above ``t`` (strictly: a seat equal to ``t`` is not counted), thresholds taken at
+    seat values themselves included; when there are at most as many as the spares, the
+    rule hands out every one of them (_certain_seats keeps only such thresholds)."""
+    rng = np.random.default_rng(154)
+    for trial in range(300):
+        E = int(rng.integers(1, 12))
+        cap = int(rng.integers(1, 9))
+        w = _loads(rng, 1, E, trial % 3)[0]
+        seats = [w[e] / j for e in range(E) for j in range(1, cap)]
+        t = float(rng.choice(seats)) if seats and trial % 2 else float(rng.random() * (w.max() + 1e-300))
+        if t <= 0:
+            continue
+        c = np.empty(E, dtype=np.int64)
+        got = A._seats_above(w, t, cap, c)
+        want = [1 + sum(1 for j in range(1, cap) if w[e] / j > t) for e in range(E)]
+        assert c.tolist() == want and got == sum(want) - E, (w, t, cap)
+        extra = int(rng.integers(1, 3 * E + 2))
+        total = float(w.sum())
+        if total > 0 and total < np.inf:
+            cc = np.empty(E, dtype=np.int64)
+            certain = A._certain_seats(w, total, extra, max(cap, 2), cc, np.empty(E, dtype=np.int64))
+            assert certain == cc.sum() - E <= extra
+            rule = _rule_steps(w, [1] * E, extra, max(cap, 2), [False] * E)
+            assert all(a <= b for a, b in zip(cc.tolist(), rule)), (w, extra, cap)
 
 
 def test_all_zero_rows_get_the_spares_round_robin():

@@ -79,6 +79,21 @@ def test_order_is_the_stable_sort(m):
             assert list(out) == sorted(range(m), key=lambda i: (sign * x[i], i))
 
 
+@pytest.mark.parametrize("m", [1, 2, 9, 64, 130])
+def test_settle_order_is_the_stable_sort_from_any_start(m):
+    """_settle_order finishes numpy's argsort (ties in any order) as the order by ``neg``
+    then index, from any starting permutation: the result never depends on how the
+    platform's sort broke ties."""
+    rng = np.random.default_rng(m + 100)
+    for trial in range(30):
+        neg = -(rng.integers(0, 4, m).astype(float) if trial % 2 else rng.random(m))
+        want = sorted(range(m), key=lambda i: (neg[i], i))
+        for start in (np.argsort(neg), rng.permutation(m), np.arange(m)[::-1]):
+            order = np.array(start, dtype=np.int64)
+            K._settle_order(neg, order)
+            assert order.tolist() == want
+
+
 def test_replica_items_sorted_by_load_then_expert():
     rng = np.random.default_rng(1)
     for _ in range(40):
