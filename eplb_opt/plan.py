@@ -37,7 +37,7 @@ from .verify_kernels import (
     slot_maps,
 )
 
-__all__ = ["Plan", "derive_maps", "plan_violations", "verify"]
+__all__ = ["LazyMetadata", "Plan", "derive_maps", "plan_violations", "verify"]
 
 
 def derive_maps(phy2log: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.ndarray]:
@@ -65,6 +65,36 @@ def _int64_c(x: Any) -> np.ndarray:
     return np.require(x, dtype=np.int64, requirements=["C", "W"])
 
 
+class LazyMetadata(Mapping[str, Any]):
+    """Read-only plan metadata whose costly entries are computed on first read.
+
+    ``items`` holds every key in order (a pending key's value is a placeholder);
+    ``pending`` maps a key to ``(function, args)`` that computes it, from inputs the
+    caller no longer changes (a :func:`~eplb_opt.solve` call's private copy of the loads
+    for ``input_sha256``, which costs 0.1-0.4 ms that a call whose metadata is never read
+    need not pay).  Picklable when the functions are module-level."""
+
+    def __init__(self, items: Mapping[str, Any], pending: Mapping[str, tuple[Any, tuple[Any, ...]]]):
+        self._items = dict(items)
+        self._pending = dict(pending)
+
+    def __getitem__(self, key: str) -> Any:
+        job = self._pending.get(key)
+        if job is not None:
+            self._items[key] = job[0](*job[1])
+            self._pending.pop(key, None)
+        return self._items[key]
+
+    def __iter__(self) -> Any:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
+
+
 @dataclass(frozen=True)
 class Plan:
     """An expert placement for every layer.
@@ -90,7 +120,7 @@ class Plan:
         arr.setflags(write=False)
         return cls(
             phy2log=torch.from_numpy(arr.copy()), num_experts=int(num_experts), _np=arr,
-            metadata=MappingProxyType(dict(metadata or {})),
+            metadata=metadata if isinstance(metadata, LazyMetadata) else MappingProxyType(dict(metadata or {})),
         )
 
     def save(self, path: str | Path, *, overwrite: bool = True) -> Path:

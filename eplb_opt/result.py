@@ -18,7 +18,7 @@ import numpy as np
 from .bounds import Bounds, lower_bounds
 from .metrics import balancedness, gap as certified_gap, gpu_loads, slot_loads
 from .migrate import Migration
-from .plan import Plan
+from .plan import LazyMetadata, Plan
 from .problem import Problem, SolveOptions
 
 __all__ = ["SolveResult", "build_result"]
@@ -201,12 +201,11 @@ def _metadata(problem: Problem, options: SolveOptions, top: np.ndarray, lb: np.n
     import datetime
 
     from . import __version__
-    from .planfile import input_sha256
 
     return {
         "library_version": __version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "input_sha256": input_sha256(problem.weight),
+        "input_sha256": None,       # computed on first read (build_result: LazyMetadata)
         "parameters": {
             "num_layers": problem.num_layers, "num_experts": problem.num_experts,
             "num_replicas": problem.num_replicas, "num_groups": problem.num_groups,
@@ -313,6 +312,9 @@ def build_result(
             "baseline_moves": migration.baseline_moves.tolist(), "bytes": migration.bytes,
             "source": list(migration.source),
         }
+    from .planfile import input_sha256
+
+    meta = LazyMetadata(meta, {"input_sha256": (input_sha256, (problem.weight,))})
     return SolveResult(
         plan=Plan.from_numpy(phy2log, problem.num_experts, metadata=meta), max_load=top,
         mean_load=gpus.mean(axis=1), lower_bound=lb, gap=gap, status=status, balancedness=balancedness(gpus),

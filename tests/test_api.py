@@ -98,3 +98,23 @@ def test_global_policy_beats_hierarchical_cap_when_one_group_per_node():
     assert hier.policy_capped.any()
     assert glob.balancedness > hier.balancedness
     assert glob.balancedness_ceiling >= glob.balancedness
+
+
+def test_plan_metadata_hashes_the_input_on_first_read():
+    """The input hash in a result's metadata is computed when read (LazyMetadata): it is
+    the hash of the loads the call was given, even after the caller changes its array,
+    survives pickling, and the mapping stays read-only."""
+    import pickle
+
+    from eplb_opt.planfile import input_sha256
+
+    w = np.random.default_rng(3).random((4, 16))
+    want = input_sha256(w)
+    r = eplb_opt.solve(w, num_replicas=24, num_gpus=4)
+    w[:] = 0.0
+    meta = r.plan.metadata
+    assert pickle.loads(pickle.dumps(meta))["input_sha256"] == want
+    assert meta["input_sha256"] == want and dict(meta)["input_sha256"] == want
+    assert list(meta)[:3] == ["library_version", "created", "input_sha256"]
+    with pytest.raises(TypeError):
+        meta["input_sha256"] = "x"  # type: ignore[index]
