@@ -187,6 +187,10 @@ def as_weight(weight: Any, name: str = "weight", windows: bool = False) -> np.nd
     if arr.shape[-1] == 0:
         raise InvalidProblemError(f"{name} has no experts: shape {tuple(arr.shape)}")
     out = np.array(arr, dtype=np.float64, order="C", copy=True)
+    lo, hi = out.min(), out.max()               # NaN propagates: fails both tests
+    if lo >= 0 and hi < np.inf:                 # the common case, without temporaries
+        out.setflags(write=False)
+        return out
     finite = np.isfinite(out)
     if not finite.all():
         bad = np.argwhere(~finite)
