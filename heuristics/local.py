@@ -342,6 +342,40 @@ def moved_slots(S, newm):
 
 
 @kernel
+def _moved_row(S, newm, q, exact, h, mv, nmv, maxq):
+    """Recompute GPU ``h``'s row of :func:`moved_slots` and :func:`departure_bounds` after a
+    step changed its slots (the other rows read nothing of ``h``)."""
+    nmv[h] = 0
+    m = 0.0
+    for s in range(S.shape[1]):
+        mv[h, s] = newm[h, S[h, s]]
+        nmv[h] += mv[h, s]
+        m = max(m, q[h, S[h, s]])
+    maxq[h] = m if exact else np.inf
+
+
+@kernel
+def _retarget_reread(S, newm, c, M, rnone, x, y, e1, e2):
+    """After a swap of GPUs ``x`` and ``y`` (``e1`` went to ``y``, ``e2`` to ``x``), clear
+    ``rnone[g]`` (no undo retarget at ``g``) where the search may now find one: ``g`` is
+    ``x`` or ``y``, or one of ``g``'s moved-in experts ``a`` (``>= 2`` replicas) is ``e1``
+    or ``e2`` or is held by ``x`` or ``y`` (:func:`undo_retarget_scan` reads loads and
+    counts only of ``g`` and the holders of ``a``; ``c``, ``v`` and ``vp`` did not change,
+    and no GPU is above the cap)."""
+    G, k = S.shape
+    rnone[x] = False
+    rnone[y] = False
+    for g in range(G):
+        if not rnone[g]:
+            continue
+        for s in range(k):
+            a = S[g, s]
+            if newm[g, a] and c[a] >= 2 and (a == e1 or a == e2 or M[x, a] != 0 or M[y, a] != 0):
+                rnone[g] = False
+                break
+
+
+@kernel
 def departure_bounds(S, q, exact):
     """``[G]`` per GPU the largest price of a replica leaving it (``q`` of its slots), or
     ``inf`` (no bound) where the prices are not ``exact``: a swap of ``g`` with ``h``
@@ -553,15 +587,18 @@ def undo_moves(S, w, v, vp, c, load, vS, M, q, exact, newm, oldE, nold, allowed,
     swap, and those other than ``x, y`` still have none with a partner other than ``x``
     or ``y`` (nothing those swaps read changed), so the next step searches their swaps
     with ``x`` and ``y`` only (``part``); the answer is the full search's.  A retarget
-    changes loads everywhere: every GPU is searched in full again."""
+    changes loads everywhere: every GPU is searched in full again.  Likewise a GPU whose
+    retarget search found nothing is searched again only where a swap touched what it
+    reads (:func:`_retarget_reread`), or after a retarget."""
     G = S.shape[0]
     eps = 1e-12 * max(T, 1e-300)
     full = np.ones(G, dtype=np.bool_)
     part = np.zeros(G, dtype=np.bool_)
     clean_to, cx, cy = 0, -1, -1          # GPUs before clean_to (but cx, cy) had no swap
+    mv, nmv = moved_slots(S, newm)
+    maxq = departure_bounds(S, q, exact)
+    rnone = np.zeros(G, dtype=np.bool_)   # no undo retarget at g, and nothing it reads changed
     for _ in range(max_steps):
-        mv, nmv = moved_slots(S, newm)
-        maxq = departure_bounds(S, q, exact)
         done = False
         for g in range(G):
             if nmv[g] == 0:
@@ -570,15 +607,25 @@ def undo_moves(S, w, v, vp, c, load, vS, M, q, exact, newm, oldE, nold, allowed,
                 pr = part if g < clean_to and g != cx and g != cy else full
                 i, h, j = undo_swap_scan(S, vS, load, M, q, mv, nmv, maxq, allowed, dup, T, eps, g, B, pr)
                 if i >= 0:
+                    if not (load[g] <= T + eps and load[h] <= T + eps):
+                        rnone[:] = False          # a GPU above the cap bars retargets everywhere
                     do_swap(S, vS, load, M, g, i, h, j)
+                    _moved_row(S, newm, q, exact, g, mv, nmv, maxq)
+                    _moved_row(S, newm, q, exact, h, mv, nmv, maxq)
+                    _retarget_reread(S, newm, c, M, rnone, g, h, S[h, j], S[g, i])
                     part[:] = False
                     part[g], part[h] = True, True
                     clean_to, cx, cy = g, g, h
                     done = True
                     break
+            if rnone[g]:
+                continue
             i, b = undo_retarget_scan(S, w, v, vp, c, load, M, q, newm, oldE, nold, allowed, dup, T, eps, g)
+            rnone[g] = i < 0
             if i >= 0:
                 do_retarget(S, w, v, vp, c, load, vS, M, g, i, b)
+                _moved_row(S, newm, q, exact, g, mv, nmv, maxq)
+                rnone[:] = False
                 clean_to = 0
                 done = True
                 break
