@@ -724,6 +724,18 @@ def _replay_section(data: dict) -> list[str]:
     return lines
 
 
+def _beaten_by(su: dict) -> str:
+    """`` (where not: <preset> <figure>: <configuration>, ...)`` for the chosen configuration."""
+    ours, out = su["chosen"]["policy"], []
+    for preset, row in su["presets"].items():
+        for fig in ("load", "time_s"):
+            tab = row[fig]["table"]
+            out += [f"{preset} {'time' if fig == 'time_s' else 'load'}: {p}"
+                    for p in ("ours", "migrate", "windows", "forecast") if p in tab and p != ours
+                    and tab[p]["best"] < tab[ours]["best"]]
+    return f" (where not: {'; '.join(out)})" if out else ""
+
+
 def _replay_suite_section(data: dict) -> list[str]:
     """``replay_suite.json``: issue 16's replay target over presets x drift kinds x seeds."""
     su, st = data["summary"], data["setup"]
@@ -737,7 +749,8 @@ def _replay_suite_section(data: dict) -> list[str]:
                    for k, v in kinds.items())
     ch = su.get("chosen") or {}
     lines = ["## Replay over presets x drift kinds (issue 16, replay target)", "",
-             f"Command: `{data['command']}` ({data['date']}, {data['machine']}).  {len(cases)} replays: "
+             f"Command: `{data['command']}` ({data['date']}, {data['machine']}"
+             + (f"; {data['elapsed_s'] / 60:.0f} min" if data.get("elapsed_s") else "") + f").  {len(cases)} replays: "
              f"{len({c['preset'] for c in cases})} presets x {len(kinds)} drift kinds x seeds "
              f"{', '.join(map(str, seeds))}; {st['steps']} steps per trace, {data['layer_subset']}, one window of a "
              f"kind = {st['kind_window']} steps (`eplb_opt.replay.step_trace(drift_kind=...)`); intervals "
@@ -769,7 +782,8 @@ def _replay_suite_section(data: dict) -> list[str]:
                   f"interval): max-load sum **{'met' if su['met']['load'] else 'not met'}**, with the time model **"
                   f"{'met' if su['met']['time_s'] else 'not met'}** against the peers; against every other policy "
                   f"including eplb-opt's other configurations: {su['met_of_all']['load']} / "
-                  f"{su['met_of_all']['time_s']}.  `lowest`: margin to the best peer.", ""]
+                  f"{su['met_of_all']['time_s']}" + _beaten_by(su) + ".  `lowest`: margin to the best peer; a "
+                  "negative gap share: worse than the static placement.", ""]
     return lines
 
 

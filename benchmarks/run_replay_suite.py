@@ -86,6 +86,13 @@ def one(preset: str, kind: str, seed: int, steps: int, layers: int, intervals: l
             "skipped": dict(result.skipped), "failed": dict(result.failed), "runs": runs}
 
 
+def dump(data: dict[str, Any]) -> str:
+    """JSON with one line per case (the cases would take most of the file indented)."""
+    head = json.dumps({k: v for k, v in data.items() if k != "cases"}, indent=1)
+    cases = ",\n".join(f" {json.dumps(k)}: {json.dumps(v)}" for k, v in data["cases"].items())
+    return head[:-2] + ',\n "cases": {\n' + cases + "\n }\n}\n"
+
+
 def _key(r: dict[str, Any]) -> str:
     return f"{r['preset']}/{r['kind']}/{r['seed']}"
 
@@ -198,11 +205,12 @@ def main(argv: list[str] | None = None) -> int:
             r = f.result()
             data["cases"][_key(r)] = r
             data["summary"] = summarise(data)
-            args.out.write_text(json.dumps(data, indent=1) + "\n")
+            args.out.write_text(dump(data))
             print(f"[{i + 1}/{len(todo)}] {_key(r)}: {r['elapsed_s']:.1f} s (total {time.perf_counter() - t0:.0f} s)",
                   flush=True)
     data["summary"] = summarise(data)
-    args.out.write_text(json.dumps(data, indent=1) + "\n")
+    data["elapsed_s"] = data.get("elapsed_s", 0.0) + time.perf_counter() - t0     # this run's wall time (added on resume)
+    args.out.write_text(dump(data))
     if data["summary"].get("presets"):
         for fig in FIGURES:
             print(f"\n{fig} (held-out seeds), chosen: {data['summary']['chosen']}\n" + table(data["summary"], fig))
