@@ -10,6 +10,12 @@ built on it) is a plain Python function over numpy arrays and scalars, compiled 
 * ``nogil=True``: a kernel releases the GIL, so a server's other threads keep running;
 * no ``fastmath`` and no parallel reductions: every sum runs in a fixed order, so a
   plan is the same bit for bit on every rank, whatever its thread count or CPU;
+* a cached kernel is valid only for the sources it was compiled from, **all** of them:
+  numba checks only the file that defines a kernel, so a kernel that calls kernels of
+  other modules (``pipeline`` calls ``packing`` and ``apportion``) kept running their
+  old machine code after only those files changed.  :func:`kernel` adds a fingerprint
+  of every kernel module's source (:func:`sources_fingerprint`) to each cache index's
+  stamp, so a change to any of them recompiles every kernel once;
 * ``boundscheck`` stays off (numba's default); kernels index only within the shapes
   their callers checked.
 
@@ -20,11 +26,15 @@ start-up rather than on its first rebalance.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import hashlib
+import importlib.util
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable, Iterable
 
 import numba
 
-__all__ = ["kernel", "warmer", "compile_all", "writable", "NUMBA_VERSION"]
+__all__ = ["kernel", "warmer", "compile_all", "writable", "sources_fingerprint", "NUMBA_VERSION"]
 
 NUMBA_VERSION = numba.__version__
 
@@ -32,9 +42,47 @@ NUMBA_VERSION = numba.__version__
 _WARMERS: list[Callable[[], Any]] = []
 
 
+def kernel_sources() -> list[Path]:
+    """The source files of every module that defines kernels, in a fixed order: this
+    package's modules and the ``eplb_opt`` modules that import :func:`kernel`."""
+    here = Path(__file__).resolve().parent
+    files = sorted(here.glob("*.py"))
+    spec = importlib.util.find_spec("eplb_opt")
+    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+        for f in sorted(Path(folder).glob("*.py")):
+            if "heuristics.compile import kernel" in f.read_text(encoding="utf-8"):
+                files.append(f.resolve())
+    return files
+
+
+def fingerprint(files: Iterable[Path]) -> str:
+    """sha256 over the names and bytes of ``files``, in the order given."""
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+@lru_cache(maxsize=1)
+def sources_fingerprint() -> str:
+    """:func:`fingerprint` of :func:`kernel_sources`, once per process."""
+    return fingerprint(kernel_sources())
+
+
+def stamped(dispatcher: Any, stamp: str) -> Any:
+    """Add ``stamp`` to the freshness stamp of ``dispatcher``'s on-disk cache index, so
+    an index written under another stamp is treated as stale and recompiled (numba's
+    own stamp covers only the defining file).  Uses numba's cache internals
+    (``Dispatcher._cache._cache_file._source_stamp``), the same from numba 0.65 to 0.68;
+    a numba without them fails loudly here rather than running stale machine code."""
+    index = dispatcher._cache._cache_file
+    index._source_stamp = (index._source_stamp, stamp)
+    return dispatcher
+
+
 def kernel(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Compile ``fn`` with the package's options (see module docs)."""
-    return numba.njit(cache=True, nogil=True, fastmath=False)(fn)
+    return stamped(numba.njit(cache=True, nogil=True, fastmath=False)(fn), sources_fingerprint())
 
 
 def writable(a: Any) -> Any:

@@ -251,3 +251,61 @@ def test_warm_up_compiles_everything(cold):
     found = json.loads(done.stdout.strip().splitlines()[-1])
     assert found["kernels"] > 0
     assert found["new"] == {}, found               # a planning call compiled (or loaded) a kernel warm_up did not
+
+
+# A kernel that calls a kernel of another module, cached, in a scratch folder; the
+# callee's module then changes.  numba's own check covers only the caller's file.
+CALLEE = "import numba\n\n@numba.njit(cache=True)\ndef f():\n    return {value}\n"
+CALLER = """
+import sys
+from pathlib import Path
+import numba
+from eplb_opt.heuristics.compile import fingerprint, stamped
+from callee import f
+
+here = Path(__file__).resolve().parent
+
+def plain():
+    return f()
+
+def fresh():
+    return f()
+
+plain = numba.njit(cache=True)(plain)
+fresh = stamped(numba.njit(cache=True)(fresh), fingerprint([here / "callee.py", here / "caller.py"]))
+print(plain(), fresh())
+"""
+
+
+def test_a_cached_kernel_sees_its_callees_changes(tmp_path):
+    (tmp_path / "caller.py").write_text(CALLER)
+    outputs = []
+    for value in (1, 22):
+        (tmp_path / "callee.py").write_text(CALLEE.format(value=value))
+        done = subprocess.run([sys.executable, str(tmp_path / "caller.py")], capture_output=True, text=True,
+                              env=_env(), cwd=tmp_path, timeout=300)
+        assert done.returncode == 0, done.stderr
+        outputs.append(done.stdout.split())
+    assert outputs[0] == ["1", "1"]
+    # outputs[1][0] is numba's plain cache: "1" (stale machine code) in numba 0.65-0.68
+    assert outputs[1][1] == "22", outputs          # the stamped kernel recompiled against the new callee
+
+
+def test_every_kernel_is_stamped_with_every_kernel_source():
+    import eplb_opt  # noqa: F401  (imports every kernel module)
+    from numba.core.dispatcher import Dispatcher
+
+    from eplb_opt.heuristics import compile as comp
+
+    names = {f.name for f in comp.kernel_sources()}
+    assert {"packing.py", "pipeline.py", "apportion.py", "local.py", "spill.py", "verify_kernels.py",
+            "metrics.py", "bounds.py"} <= names, names
+    stamp = comp.sources_fingerprint()
+    found = 0
+    for name, mod in list(sys.modules.items()):
+        if name.startswith("eplb_opt") and mod is not None:
+            for obj in list(vars(mod).values()):
+                if isinstance(obj, Dispatcher) and obj.py_func.__module__ == name:
+                    assert obj._cache._cache_file._source_stamp[1] == stamp, name
+                    found += 1
+    assert found > 20
