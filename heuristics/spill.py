@@ -88,15 +88,17 @@ def _block_sum(a, lo, n):
         for i in range(lo, lo + n):
             s += a[i]
         return s
-    r = a[lo:lo + 8].copy()
-    i = 8
-    while i < n - n % 8:
-        for j in range(8):
-            r[j] += a[lo + i + j]
+    r0, r1, r2, r3 = a[lo], a[lo + 1], a[lo + 2], a[lo + 3]
+    r4, r5, r6, r7 = a[lo + 4], a[lo + 5], a[lo + 6], a[lo + 7]
+    i = lo + 8
+    end = lo + n - n % 8
+    while i < end:
+        r0, r1, r2, r3 = r0 + a[i], r1 + a[i + 1], r2 + a[i + 2], r3 + a[i + 3]
+        r4, r5, r6, r7 = r4 + a[i + 4], r5 + a[i + 5], r6 + a[i + 6], r7 + a[i + 7]
         i += 8
-    s = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]))
-    while i < n:
-        s += a[lo + i]
+    s = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+    while i < lo + n:
+        s += a[i]
         i += 1
     return s
 
@@ -245,10 +247,17 @@ def _node_retargets(w, x, away, c, v, loads, off, h, mov, nm, offc, P, G, lam, c
             spilled[ns] = e
             ns += 1
     onh, nh = np.empty(E, np.int64), 0          # the experts on h
+    dhmin, dnmin = np.inf, np.inf               # every e's lowest dh, the lowest dn on h
+    on = np.zeros(E, np.int64)                  # bit q: e has a replica on node q
     for e in range(E):
+        dhmin = min(dhmin, dh[e])
+        for q in range(N):
+            if x[e, q] > 0:
+                on[e] |= 1 << q
         if x[e, h] > 0:
             onh[nh] = e
             nh += 1
+            dnmin = min(dnmin, dn[e])
     cand, cy = np.empty(E + 1, np.int64), np.empty(E + 1)
     for n in range(N):
         for jf in range(nm[n]):
@@ -266,34 +275,63 @@ def _node_retargets(w, x, away, c, v, loads, off, h, mov, nm, offc, P, G, lam, c
                     if seen == 2:
                         o2 = t[i]
             floor = max(vf2, v[o2] if o2 >= 0 else -np.inf)
-            nc = 0
-            if n == h:                          # every e changes h
-                pen_lo = lam * (off + (of + low[n])) / G
-                for e in range(E):
-                    if max((hf + dh[e]) / P, floor) + pen_lo < best[0]:
-                        cand[nc], cy[nc] = e, hf + dh[e]
-                        nc += 1
-            else:
-                pen_lo = lam * (off + (of + lowh[n])) / G
-                for i in range(nh):             # the e on h
-                    e = onh[i]
-                    if max((hf + dn[e]) / P, floor) + pen_lo < best[0]:
-                        cand[nc], cy[nc] = e, hf + dn[e]
-                        nc += 1
-                if of < 0.0:                    # the others: any may lower the off-node load
-                    for e in range(E):
-                        if x[e, h] == 0:
-                            cand[nc], cy[nc] = e, hf
-                            nc += 1
-                else:                           # only those with replicas away, and the
-                    for i in range(ns):         # heaviest replica's expert
-                        if oe[spilled[i], n] + of < 0.0:
-                            cand[nc], cy[nc] = spilled[i], hf
-                            nc += 1
-                    if t[0] >= 0 and x[t[0], h] == 0 and (offc[t[0]] == 0 or oe[t[0], n] + of >= 0.0):
-                        cand[nc], cy[nc] = t[0], hf
-                        nc += 1
+            y1, b1, y2, b2 = -np.inf, 0, -np.inf, 0     # the two heaviest other nodes but n
+            for q in range(N):                  # after f's change (bits b1, b2): one e
+                if q != h and q != n:           # leaves alone bounds the top
+                    yq = loads[q] + x[f, q] * df
+                    if yq > y1:
+                        y1, b1, y2, b2 = yq, 1 << q, y1, b1
+                    elif yq > y2:
+                        y2, b2 = yq, 1 << q
+            nc = _retarget_candidates(x, t, dh, dn, oe, offc, onh, nh, spilled, ns, dhmin, dnmin, low[n], lowh[n],
+                                      f, n, h, hf, of, floor, on, y1, b1, y2, b2, off, P, G, lam, best, cand, cy)
             _price_retargets(cand, cy, nc, f, n, h, t, x, v, ve2, vf2, df, de, oe, of, loads, off, P, G, lam, cap, best)
+
+
+@kernel
+def _retarget_candidates(x, t, dh, dn, oe, offc, onh, nh, spilled, ns, dhmin, dnmin, low, lowh, f, n, h, hf, of,
+                         floor, on, y1, b1, y2, b2, off, P, G, lam, best, cand, cy):
+    """The ``e`` a retarget ``f -> e`` on ``n`` may take below ``best[0]``, in pricing
+    order, into ``cand[:nc]``; returns ``nc``.  ``cy``: a lower bound on the new heaviest
+    node load, from ``h`` and the heavier of the nodes ``b1``, ``b2`` (loads ``y1``, ``y2``
+    after ``f``'s change) without a replica of ``e`` (bits ``on[e]``)."""
+    E = x.shape[0]
+    nc = 0
+    pen_all = lam * (off + (of + low)) / G
+    if n == h:                                  # every e changes h
+        if max((hf + dhmin) / P, floor) + pen_all >= best[0]:
+            return 0                            # none can get below
+        for e in range(E):
+            top = max(hf + dh[e], y1 if on[e] & b1 == 0 else (y2 if on[e] & b2 == 0 else -np.inf))
+            if max(top / P, floor) + lam * (off + (of + oe[e, n])) / G < best[0]:
+                cand[nc], cy[nc] = e, top
+                nc += 1
+        return nc
+    if max((hf + dnmin) / P, floor) + lam * (off + (of + lowh)) / G < best[0]:
+        for i in range(nh):                     # the e on h
+            e = onh[i]
+            top = max(hf + dn[e], y1 if on[e] & b1 == 0 else (y2 if on[e] & b2 == 0 else -np.inf))
+            if max(top / P, floor) + lam * (off + (of + oe[e, n])) / G < best[0]:
+                cand[nc], cy[nc] = e, top
+                nc += 1
+    if max(hf / P, floor) + pen_all >= best[0]:
+        return nc                               # no other e gets below
+    if of < 0.0:                                # the others: any may lower the off-node load
+        for e in range(E):
+            if x[e, h] == 0:
+                top = max(hf, y1 if on[e] & b1 == 0 else (y2 if on[e] & b2 == 0 else -np.inf))
+                if max(top / P, floor) + lam * (off + (of + oe[e, n])) / G < best[0]:
+                    cand[nc], cy[nc] = e, top
+                    nc += 1
+        return nc
+    for i in range(ns):                         # only those with replicas away, and the
+        if oe[spilled[i], n] + of < 0.0:        # heaviest replica's expert
+            cand[nc], cy[nc] = spilled[i], hf
+            nc += 1
+    if t[0] >= 0 and x[t[0], h] == 0 and (offc[t[0]] == 0 or oe[t[0], n] + of >= 0.0):
+        cand[nc], cy[nc] = t[0], hf
+        nc += 1
+    return nc
 
 
 @kernel
@@ -488,18 +526,26 @@ def _gpu_swaps(S, M, v, loads, away, hc, g, off0, sq0, f0, eps, lam, dup, bd, bf
     for q in range(G):
         if q != g and q != i1 and loads[q] > v2:
             v2 = loads[q]
+    vlo, vhi, olo = np.full(G, np.inf), np.full(G, -np.inf), np.full(G, np.inf)
+    for h in range(G):                          # per GPU: its lightest and heaviest replica,
+        for j in range(k):                      # the lowest off-node change one brings to g
+            b = S[h, j]
+            vlo[h], vhi[h] = min(vlo[h], v[b]), max(vhi[h], v[b])
+            olo[h] = min(olo[h], v[b] * (away[g, b] - away[h, b]))
     for i in range(k):
         a = S[g, i]
         for h in range(G):
-            if h == g:
-                continue
+            if h == g or (away[g, a] == 0 and hc[a] == 1 and away[h, a] == 1):
+                continue                         # a primary leaves home
             ex = v2 if h == i1 else v1
+            lb = max(max(loads[g] + (vlo[h] - v[a]), loads[h] - (vhi[h] - v[a])), ex) + \
+                lam * (off0 + (v[a] * (away[h, a] - away[g, a]) + olo[h])) / G
+            if lb > f0 + eps or lb >= bd[0]:
+                continue                         # no swap with h is a step down or an equal one
             for j in range(k):
                 b = S[h, j]
                 if a == b or (not dup and (M[h, a] != 0 or M[g, b] != 0)):
                     continue
-                if away[g, a] == 0 and hc[a] == 1 and away[h, a] == 1:
-                    continue                     # a primary leaves home
                 if away[h, b] == 0 and hc[b] == 1 and away[g, b] == 1:
                     continue
                 d = v[b] - v[a]
@@ -532,6 +578,10 @@ def _gpu_retargets(w, S, M, c, v, loads, away, hc, offc, holders, hn, order, g, 
         vb2[b] = w[b] / (c[b] + 1)
         db[b] = vb2[b] - v[b]
         ob[b] = w[b] * (offc[b] + away[g, b]) / (c[b] + 1) - w[b] * offc[b] / max(c[b], 1)
+    mvb, mob, dq = vb2.min(), ob.min(), np.zeros(G)     # per GPU: the lowest change a b
+    for q in range(G):                                  # gaining a slot makes there
+        for j in range(k):
+            dq[q] = min(dq[q], M[q, S[q, j]] * db[S[q, j]])
     for i in range(k):
         a = S[g, i]
         ca = c[a]
@@ -540,6 +590,14 @@ def _gpu_retargets(w, S, M, c, v, loads, away, hc, offc, holders, hn, order, g, 
         va2 = w[a] / max(ca - 1, 1)
         da = va2 - v[a]
         oa = w[a] * (offc[a] - away[g, a]) / max(ca - 1, 1) - w[a] * offc[a] / ca
+        lb = loads[g] + M[g, a] * da + dq[g] + (mvb - va2)     # bounds every b: g and the
+        for t in range(hn[a]):                                 # other holders of a
+            q = holders[a, t]
+            if q != g:
+                lb = max(lb, loads[q] + M[q, a] * da + dq[q])
+        lb += lam * (off0 + (oa + mob)) / G
+        if lb > f0 + eps or lb >= bd[0]:
+            continue
         for b in range(E):
             if b == a or (not dup and M[g, b] != 0):
                 continue
