@@ -161,6 +161,37 @@ def test_node_step_finds_a_retarget_that_only_cuts_off_node_load():
     assert best[1] == 1.0 and close(best[0], target), (best, target)
 
 
+# States (found by a seeded random search, then frozen) whose one best move is a
+# retarget that the block skip of ``_retarget_candidates`` (the lowest ``dh`` over
+# every expert, ``hf + dhmin`` with the lowest off-node change ``low``) only just lets
+# through: the first two are integer layers with ties where the winner sits in the
+# ``n == h`` block, and a bound that leaves out ``low`` or that takes ``dhmin`` over the
+# experts on ``h`` alone skips it; the third lets its block through by a margin of
+# below 1e-4 of the objective.  Random layers almost never get this close.
+TIGHT_NODE_STATES = [
+    # (w, x [E, N], home, P, lam, cap)
+    ([2.0, 2.0, 3.0], [[3, 2, 1], [2, 2, 3], [1, 2, 2]], [0, 1, 2], 2, 0.5, np.inf),
+    ([1.0, 0.0, 1.0], [[1, 3, 2], [1, 1, 0], [2, 0, 2]], [0, 1, 2], 2, 0.0, 2.0),
+    ([3.6396590606255463, 0.004178403395906209, 51.86489568678381], [[0, 3, 0], [4, 1, 1], [0, 0, 3]],
+     [1, 0, 2], 2, 4.0, np.inf),
+]
+
+
+@pytest.mark.parametrize("state", range(len(TIGHT_NODE_STATES)))
+def test_node_step_keeps_a_retarget_its_block_bound_only_just_admits(state):
+    w, x, home, P, lam, cap = TIGHT_NODE_STATES[state]
+    w, x, home = np.array(w), np.array(x, dtype=np.int64), np.array(home, dtype=np.int64)
+    (E, N), G = x.shape, P * x.shape[1]
+    away = (np.arange(N)[None, :] != home[:, None]).astype(np.int64)
+    best = np.empty(6)
+    f0 = spill._node_step(w, x, away, np.empty(E, np.int64), np.empty(E), np.empty(N), P, G, lam, cap, best)
+    assert close(f0, node_objective(w, x, home, P, G, lam))
+    values = [node_objective(w, y, home, P, G, lam) for _, y in node_moves(w, x, home, cap)]
+    target = min(v for v in values if v < f0 - 1e-12 * f0)
+    assert best[1] == 1.0 and close(best[0], target), (best, target)
+    assert close(node_objective(w, _apply_node(x, best), home, P, G, lam), target)
+
+
 # -- GPU level ------------------------------------------------------------------------
 
 
@@ -252,6 +283,25 @@ def test_gpu_step_is_the_best_move(dup):
                 assert bd[0] == np.inf and bf[0] == np.inf
                 break
         seen += 1
+
+
+def test_gpu_step_keeps_an_equal_retarget_whose_slot_bound_is_the_objective():
+    """A state (found by a random search, then frozen: integer loads, ties) with no
+    step down, whose flat step (equal objective, lowest sum of squares) is a retarget
+    from a slot whose bound over every ``b`` equals the objective: the slot may be
+    skipped only above ``f0 + eps``; skipping it from ``f0 - eps`` on takes a worse swap."""
+    w = np.array([1.0, 2.0, 3.0, 0.0])
+    S = np.array([[2, 1, 0], [0, 1, 2], [0, 3, 2], [1, 2, 3], [2, 0, 1], [2, 0, 3]], dtype=np.int64)
+    node, home, lam = np.array([0, 0, 1, 1, 2, 2]), np.array([0, 2, 0, 1]), 0.0
+    state = spill._gpu_state(w, S.ravel().copy(), node, home)
+    bd, bf = np.empty(6), np.empty(6)
+    f0 = spill._gpu_step(w, *state, lam, True, bd, bf)
+    assert close(f0, gpu_figures(w, S, node, home, lam)[0])
+    kind, value = gpu_reference(w, S, node, home, lam, True)
+    assert kind == "flat"
+    assert bd[0] == np.inf and bf[1] == 1.0 and close(bf[0], value), (bd, bf, value)
+    T = _apply_gpu(S, bf)
+    assert close(gpu_figures(w, T, node, home, lam)[0], f0) and close(gpu_figures(w, T, node, home, lam)[1], value)
 
 
 def primaries_home_reference(row, home, N):
