@@ -380,11 +380,14 @@ def test_sglang_real_loader_enabled_puts_eplb_opt_behind_the_dispatch(sglang_sit
                 algorithm=eplb_algorithms.compute_algorithm(raw_algorithm=raw_algorithm, num_groups=groups,
                                                             num_nodes=nodes))
         p2l, l2p, cnt = init_by_eplb(steps, 8, 4)
-        ref = eplb_opt.solve(steps.sum(dim=0), num_replicas=288, num_groups=8, num_nodes=4, num_gpus=32,
+        # The step axis goes on as history (eplb_opt.integrations.sglang): with 2 steps, the
+        # later one is the window planned for and the earlier one its history.
+        last, past = steps[1], steps[:1].numpy()
+        ref = eplb_opt.solve(last, history=past, num_replicas=288, num_groups=8, num_nodes=4, num_gpus=32,
                              mode="exact", time_limit=0.2, deterministic=True, policy="hierarchical")
         assert torch.equal(p2l, ref.plan.phy2log) and tuple(l2p.shape) == (2, 256, 33) and int(cnt.sum()) == 576
         flat = init_by_eplb(steps, None, 4)[0]                # no groups: SGLang's "auto" is the global deepseek
-        glob = eplb_opt.solve(steps.sum(dim=0), num_replicas=288, num_gpus=32, mode="exact", time_limit=0.2,
+        glob = eplb_opt.solve(last, history=past, num_replicas=288, num_gpus=32, mode="exact", time_limit=0.2,
                               deterministic=True, policy="global")
         assert torch.equal(flat, glob.plan.phy2log)
 
