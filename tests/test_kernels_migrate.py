@@ -333,15 +333,23 @@ def _over_gpu(st, T):
     return over[int(np.argmax([st.load[g] for g in over]))] if over else None, eps
 
 
+def _overloaded_layers():
+    """``(seed, reference state, T, heaviest GPU above T, eps)`` for every seeded random
+    layer that has a GPU above its cap."""
+    for seed in SEEDS:
+        args = random_layer(np.random.default_rng(seed))
+        st, T = Ref(*args[:-1]), args[-1]
+        g, eps = _over_gpu(st, T)
+        if g is not None:
+            yield seed, st, T, g, eps
+
+
 def test_best_swap_picks_what_the_reference_picks():
     """Candidate loads, costs, allowed swaps and the pick rule of every swap of an
     overloaded GPU, bit for bit (same arithmetic, same order)."""
     checked = 0
-    for seed in SEEDS:
-        st = Ref(*random_layer(np.random.default_rng(seed))[:-1])
-        T = random_layer(np.random.default_rng(seed))[-1]
-        g, eps = _over_gpu(st, T)
-        if g is None or st.B < 2:
+    for seed, st, T, g, eps in _overloaded_layers():
+        if st.B < 2:
             continue
         want = st.best_swap(g, T, eps)
         S, w, v, c, load, M, newm, cin, allowed, dup = st.kernel_args()
@@ -360,12 +368,7 @@ def test_best_retarget_picks_what_the_reference_picks():
     GPUs whose load changes, against the reference's sum over all GPUs), the cost and
     the pick rule."""
     checked = 0
-    for seed in SEEDS:
-        args = random_layer(np.random.default_rng(seed))
-        st, T = Ref(*args[:-1]), args[-1]
-        g, eps = _over_gpu(st, T)
-        if g is None:
-            continue
+    for seed, st, T, g, eps in _overloaded_layers():
         want = st.best_retarget(g, T, eps)
         S, w, v, c, load, M, newm, cin, allowed, dup = st.kernel_args()
         kind, score, cost, i, b = best_retarget(S, w, v, c, load, M, newm, cin, allowed, dup, T, eps, g)
@@ -385,12 +388,7 @@ def test_retarget_scan_looks_only_for_retargets_that_beat_the_swap():
     where its key is larger than the bar, else nothing: a tie with the bar, or a costly
     retarget against a free swap, loses (the repair then takes the swap)."""
     checked = 0
-    for seed in SEEDS:
-        args = random_layer(np.random.default_rng(seed))
-        st, T = Ref(*args[:-1]), args[-1]
-        g, eps = _over_gpu(st, T)
-        if g is None:
-            continue
+    for seed, st, T, g, eps in _overloaded_layers():
         S, w, v, c, load, M, newm, cin, allowed, dup = st.kernel_args()
         free = best_retarget(S, w, v, c, load, M, newm, cin, allowed, dup, T, eps, g)
         kind, score, cost = free[:3]
