@@ -124,6 +124,83 @@ def _clear_counts(row, units, span, cnt):
 
 
 @kernel
+def _unique_best(score):
+    """The permutation ``perm`` maximising the total of ``score[i, perm[i]]`` when exactly
+    one does, else ``perm[0] = -1``: every permutation of the ``n x n`` matrix, in the
+    order of Heap's method (for small ``n`` only)."""
+    n = score.shape[0]
+    p = np.arange(n)
+    c = np.zeros(n, dtype=np.int64)
+    best = np.empty(n, dtype=np.int64)
+    top, ties = np.int64(0), 0
+    for i in range(n):
+        top += score[i, p[i]]
+    best[:] = p
+    ties = 1
+    i = 0
+    while i < n:
+        if c[i] < i:
+            j = 0 if i % 2 == 0 else c[i]
+            p[j], p[i] = p[i], p[j]
+            c[i] += 1
+            i = 0
+            t = np.int64(0)
+            for r in range(n):
+                t += score[r, p[r]]
+            if t > top:
+                top, ties = t, 1
+                best[:] = p
+            elif t == top:
+                ties += 1
+        else:
+            c[i] = 0
+            i += 1
+    if ties > 1:
+        best[0] = -1
+    return best
+
+
+@kernel
+def _match_nodes(new_l, co, cn, nn, no, seen, perms, old_l, N, P, k):
+    """Layer ``new_l``'s node matching (``node_of [N]``, new node -> old node) and, in
+    ``perms[a, node_of[a]]``, the GPU matching within each matched pair (see
+    :func:`align_rows`).  A node pair scores ``node overlap * (R + 1) + best GPU
+    overlap``: the GPU overlaps of all pairs (at most ``R`` in any matching) and the
+    diagonal preference (at most ``N``) only break ties of the node overlap's total, so
+    where one node matching has the largest node overlap alone (``N <= 6``, every
+    permutation tried) it is the answer and only its ``N`` pairs are matched GPU by GPU;
+    otherwise all ``N^2`` pairs are."""
+    R = new_l.size
+    node_of = np.zeros(1, dtype=np.int64)
+    score = np.zeros((N, N), dtype=np.int64)
+    if N > 1:
+        _unit_counts(new_l, N, P * k, nn)
+        _unit_counts(old_l, N, P * k, no)
+        score = _overlap(new_l, no, nn, seen, 0, N, 0, N, k, P)
+        _clear_counts(new_l, N, P * k, nn)
+        _clear_counts(old_l, N, P * k, no)
+        if N <= 6:
+            node_of = _unique_best(score)
+            if node_of[0] >= 0:
+                for a in range(N):
+                    b = node_of[a]
+                    sub = _overlap(new_l, co, cn, seen, a * P, (a + 1) * P, b * P, (b + 1) * P, k, 1)
+                    perms[a, b] = max_assignment(_prefer_diagonal(sub))
+                return node_of
+        score *= R + 1
+    for a in range(N):
+        for b in range(N):
+            sub = _overlap(new_l, co, cn, seen, a * P, (a + 1) * P, b * P, (b + 1) * P, k, 1)
+            perms[a, b] = max_assignment(_prefer_diagonal(sub))
+            if N > 1:
+                for i in range(P):
+                    score[a, b] += sub[i, perms[a, b, i]]
+    if N > 1:
+        node_of = max_assignment(_prefer_diagonal(score))
+    return node_of
+
+
+@kernel
 def align_rows(new, old, G, N, E):
     """``new [L, R]`` relabelled to keep as many replicas of ``old [L, R]`` in place as
     possible (experts in ``0 .. E - 1``): per layer, nodes matched by their shared
@@ -144,23 +221,7 @@ def align_rows(new, old, G, N, E):
     for l in range(L):
         _unit_counts(new[l], G, k, cn)
         _unit_counts(old[l], G, k, co)
-        node_of = np.zeros(1, dtype=np.int64)
-        score = np.zeros((N, N), dtype=np.int64)
-        if N > 1:
-            _unit_counts(new[l], N, P * k, nn)
-            _unit_counts(old[l], N, P * k, no)
-            score = _overlap(new[l], no, nn, seen, 0, N, 0, N, k, P) * (R + 1)
-            _clear_counts(new[l], N, P * k, nn)
-            _clear_counts(old[l], N, P * k, no)
-        for a in range(N):
-            for b in range(N):
-                sub = _overlap(new[l], co, cn, seen, a * P, (a + 1) * P, b * P, (b + 1) * P, k, 1)
-                perms[a, b] = max_assignment(_prefer_diagonal(sub))
-                if N > 1:
-                    for i in range(P):
-                        score[a, b] += sub[i, perms[a, b, i]]
-        if N > 1:
-            node_of = max_assignment(_prefer_diagonal(score))
+        node_of = _match_nodes(new[l], co, cn, nn, no, seen, perms, old[l], N, P, k)
         for a in range(N):
             b = node_of[a]
             for i in range(P):

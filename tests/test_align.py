@@ -167,3 +167,60 @@ def test_align_to_previous_leaves_an_unchanged_plan_alone(seed):
         assert np.array_equal(align_to_previous(old, old, G, N), old)
         shuffled = old.reshape(3, N, -1)[:, rng.permutation(N)].reshape(3, -1)
         assert count_moves(old, align_to_previous(shuffled, old, G, N), G, N).sum() == 0
+
+
+def _align_every_pair(new: np.ndarray, old: np.ndarray, G: int, N: int) -> np.ndarray:
+    """Reference for :func:`align_rows`: every node pair scored ``node overlap * (R + 1)
+    + best GPU overlap`` (all ``N^2`` GPU matchings), then the node matching, as the
+    matching ran before it matched GPUs only within the node pairs it needs; the compiled
+    :func:`max_assignment` (pinned above) solves each matching."""
+    from eplb_opt.heuristics.matching import max_assignment
+
+    def prefer_diagonal(s):
+        return s * (s.shape[0] + 1) + np.eye(s.shape[0], dtype=np.int64)
+
+    L, R = new.shape
+    k, P = R // G, G // N
+    E = int(max(new.max(), old.max())) + 1
+    out = np.empty_like(new)
+    for l in range(L):
+        cn, co = _counts(new[l], G, E), _counts(old[l], G, E)
+        perms = {}
+        score = np.minimum(_counts(new[l], N, E)[:, None, :], _counts(old[l], N, E)[None, :, :]).sum(2) * (R + 1)
+        for a in range(N):
+            for b in range(N):
+                sub = np.minimum(cn[a * P:(a + 1) * P, None, :], co[None, b * P:(b + 1) * P, :]).sum(2)
+                perms[a, b] = max_assignment(prefer_diagonal(sub))
+                score[a, b] += sub[np.arange(P), perms[a, b]].sum()
+        node_of = max_assignment(prefer_diagonal(score)) if N > 1 else np.zeros(1, dtype=np.int64)
+        for a in range(N):
+            for i in range(P):
+                g, h = a * P + i, node_of[a] * P + perms[a, node_of[a]][i]
+                out[l, h * k:(h + 1) * k] = keep_slots(new[l, g * k:(g + 1) * k], old[l, h * k:(h + 1) * k])
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_align_matches_gpus_only_in_the_node_pairs_it_needs(seed):
+    """Where one node matching has the largest node overlap alone, only its node pairs
+    are matched GPU by GPU (:func:`heuristics.matching._match_nodes`); the answer is the
+    one that scores every pair, on layers with a unique best node matching and on layers
+    with tied ones (few experts, few nodes: many ties), nodes shuffled or not."""
+    rng = np.random.default_rng(300 + seed)
+    unique = tied = 0
+    for _ in range(40):
+        N = int(rng.choice([2, 3, 4]))
+        P, k = int(rng.integers(1, 4)), int(rng.integers(1, 4))
+        G = N * P
+        E = int(rng.integers(1, G * k + 1))
+        old, new = _random_plan(rng, 3, E, G, k, False), _random_plan(rng, 3, E, G, k, False)
+        if rng.random() < 0.5:                      # a new plan close to the old one
+            new[0] = old[0].reshape(N, P * k)[rng.permutation(N)].ravel()
+        assert np.array_equal(align_to_previous(new, old, G, N), _align_every_pair(new, old, G, N))
+        for l in range(3):
+            nov = np.minimum(_counts(new[l], N, E)[:, None, :], _counts(old[l], N, E)[None, :, :]).sum(2)
+            totals = sorted((sum(int(nov[a, p[a]]) for a in range(N)) for p in itertools.permutations(range(N))),
+                            reverse=True)
+            unique += totals[0] > totals[1]
+            tied += totals[0] == totals[1]
+    assert unique > 30 and tied > 30, (unique, tied)
