@@ -61,12 +61,16 @@ def move_prices(newm, cin):
     G, E = newm.shape
     q = np.zeros((G, E))
     exact = True
+    last = 0.0                                  # 0 is exact; each other price is tested once in a row
     for g in range(G):
         for e in range(E):
             if newm[g, e]:
-                q[g, e] = cin[g, e]
-            x = q[g, e] * 1048576.0
-            exact = exact and x == np.floor(x) and abs(q[g, e]) < 1073741824.0
+                y = cin[g, e]
+                q[g, e] = y
+                if y != last:
+                    x = y * 1048576.0
+                    exact = exact and x == np.floor(x) and abs(y) < 1073741824.0
+                    last = y
     return q, exact
 
 
