@@ -406,12 +406,18 @@ def undo_swap_scan(S, vS, load, M, q, mv, nmv, maxq, allowed, dup, T, eps, g, B,
     k = S.shape[1]
     best, bi, bh, bj = np.inf, -1, -1, -1
     lo = (g // B) * B
+    hs = np.empty(B, dtype=np.int64)             # the partners to search, in index order
+    nh = 0
+    for h in range(lo, lo + B):
+        if h != g and part[h]:
+            hs[nh] = h
+            nh += 1
     for i in range(k):
         a = S[g, i]
         out_a = q[g, a]
-        for h in range(lo, lo + B):
-            if h == g or not part[h] or not allowed[h, a] or (not dup and M[h, a] != 0) \
-                    or (out_a == 0.0 and nmv[h] == 0):
+        for t in range(nh):
+            h = hs[t]
+            if not allowed[h, a] or (not dup and M[h, a] != 0) or (out_a == 0.0 and nmv[h] == 0):
                 continue
             in_a = q[h, a]
             lb = (in_a - out_a) - maxq[h]
@@ -582,23 +588,51 @@ def repair_over(S, w, v, vp, c, load, vS, M, q, exact, allowed, dup, T, B, max_s
 
 
 @kernel
+def _swap_searched(known, part, g, B, exact):
+    """After :func:`undo_swap_scan` found no swap of ``g`` with the partners in ``part``:
+    ``known[g, h]`` for each of them, and, where prices are ``exact``, ``known[h, g]``
+    too (:func:`undo_moves`)."""
+    lo = (g // B) * B
+    for h in range(lo, lo + B):
+        if part[h] and h != g:
+            known[g, h] = True
+            if exact:
+                known[h, g] = True
+
+
+@kernel
+def _swap_forget(known, x, y, B):
+    """After a swap of GPUs ``x`` and ``y``: no pair with either of them is known to hold
+    no swap any more (:func:`undo_moves`)."""
+    lo = (x // B) * B
+    for h in range(lo, lo + B):
+        known[x, h] = False
+        known[h, x] = False
+        known[y, h] = False
+        known[h, y] = False
+
+
+@kernel
 def undo_moves(S, w, v, vp, c, load, vS, M, q, exact, newm, oldE, nold, allowed, dup, T, B, max_steps):
     """Swaps and retargets that lower the move cost and keep every GPU under ``T``: per
     step, the first GPU (in index order) holding a moved-in replica that has one takes
     its cheapest swap, else its cheapest retarget; stops when none is left.
 
-    After a swap of GPUs ``x`` and ``y`` found at GPU ``x``, the GPUs before ``x`` had no
-    swap, and those other than ``x, y`` still have none with a partner other than ``x``
-    or ``y`` (nothing those swaps read changed), so the next step searches their swaps
-    with ``x`` and ``y`` only (``part``); the answer is the full search's.  A retarget
-    changes loads everywhere: every GPU is searched in full again.  Likewise a GPU whose
-    retarget search found nothing is searched again only where a swap touched what it
-    reads (:func:`_retarget_reread`), or after a retarget."""
+    ``known[g, h]``: ``g`` has no such swap with ``h``, and neither changed since a search
+    found that, so ``g``'s search skips ``h`` (``part``; the answer is the full search's,
+    the skipped pairs holding no candidate).  A search of ``g`` that finds nothing sets
+    ``known[g, h]`` for the partners it searched and, where prices are ``exact``,
+    ``known[h, g]`` as well: a swap seen from ``h`` is the same swap, with the same
+    loads (``d`` negated exactly), the same rules and the same cost (its four prices
+    summed in another order, exactly), so ``h``'s search would find nothing with ``g``
+    either.  A swap of ``x`` and ``y`` clears every pair with ``x`` or ``y`` (nothing the
+    other pairs read changed); a retarget changes loads everywhere and clears all.
+    Likewise a GPU whose retarget search found nothing is searched again only where a
+    swap touched what it reads (:func:`_retarget_reread`), or after a retarget."""
     G = S.shape[0]
     eps = 1e-12 * max(T, 1e-300)
-    full = np.ones(G, dtype=np.bool_)
+    known = np.zeros((G, G), dtype=np.bool_)
     part = np.zeros(G, dtype=np.bool_)
-    clean_to, cx, cy = 0, -1, -1          # GPUs before clean_to (but cx, cy) had no swap
     mv, nmv = moved_slots(S, newm)
     maxq = departure_bounds(S, q, exact)
     rnone = np.zeros(G, dtype=np.bool_)   # no undo retarget at g, and nothing it reads changed
@@ -608,8 +642,9 @@ def undo_moves(S, w, v, vp, c, load, vS, M, q, exact, newm, oldE, nold, allowed,
             if nmv[g] == 0:
                 continue
             if B > 1:
-                pr = part if g < clean_to and g != cx and g != cy else full
-                i, h, j = undo_swap_scan(S, vS, load, M, q, mv, nmv, maxq, allowed, dup, T, eps, g, B, pr)
+                for h in range((g // B) * B, (g // B + 1) * B):
+                    part[h] = not known[g, h]
+                i, h, j = undo_swap_scan(S, vS, load, M, q, mv, nmv, maxq, allowed, dup, T, eps, g, B, part)
                 if i >= 0:
                     if not (load[g] <= T + eps and load[h] <= T + eps):
                         rnone[:] = False          # a GPU above the cap bars retargets everywhere
@@ -617,11 +652,10 @@ def undo_moves(S, w, v, vp, c, load, vS, M, q, exact, newm, oldE, nold, allowed,
                     _moved_row(S, newm, q, exact, g, mv, nmv, maxq)
                     _moved_row(S, newm, q, exact, h, mv, nmv, maxq)
                     _retarget_reread(S, newm, c, M, rnone, g, h, S[h, j], S[g, i])
-                    part[:] = False
-                    part[g], part[h] = True, True
-                    clean_to, cx, cy = g, g, h
+                    _swap_forget(known, g, h, B)
                     done = True
                     break
+                _swap_searched(known, part, g, B, exact)
             if rnone[g]:
                 continue
             i, b = undo_retarget_scan(S, w, v, vp, c, load, M, q, newm, oldE, nold, allowed, dup, T, eps, g)
@@ -630,7 +664,7 @@ def undo_moves(S, w, v, vp, c, load, vS, M, q, exact, newm, oldE, nold, allowed,
                 do_retarget(S, w, v, vp, c, load, vS, M, g, i, b)
                 _moved_row(S, newm, q, exact, g, mv, nmv, maxq)
                 rnone[:] = False
-                clean_to = 0
+                known[:, :] = False
                 done = True
                 break
         if not done:

@@ -522,11 +522,15 @@ def test_best_swap_with_inexact_prices_picks_what_the_reference_picks(nmc):
     assert checked > 150
 
 
-def test_undo_moves_matches_reference_on_longer_undos():
-    """The whole undo phase (:func:`heuristics.local.undo_moves`, whose later steps search
-    only the swaps the last swap can have opened before the GPU it was found at) on
-    layers of 4-16 GPUs started many swaps away from the old placement: the same slots as
-    the reference, which searches every GPU in full at every step."""
+@pytest.mark.parametrize("prices", ["exact", "inexact"])
+def test_undo_moves_matches_reference_on_longer_undos(prices):
+    """The whole undo phase (:func:`heuristics.local.undo_moves`, whose searches skip the
+    GPU pairs known to hold no swap: searched already, by either GPU where prices are
+    exact, and unchanged since) on layers of 4-16 GPUs started many swaps away from the
+    old placement: the same slots as the reference, which searches every GPU in full at
+    every step.  Inexact prices (``node_move_cost`` 2.7 or 0.2) take only the pairs a
+    GPU searched itself (with 0.2, ``((1 + 0.2) - 1) - 0.2 < 0`` but ``((0.2 + 1) - 0.2) - 1 == 0``:
+    the same swap lowers the cost seen from one GPU only)."""
     same = runs = steps = 0
     for seed in range(300):
         rng = np.random.default_rng(1000 + seed)
@@ -541,7 +545,7 @@ def test_undo_moves_matches_reference_on_longer_undos():
         for _ in range(int(rng.integers(4, 3 * G))):
             i, j = rng.integers(0, R, 2)
             start[i], start[j] = start[j], start[i]
-        hier, nmc = bool(rng.random() < 0.5), float(rng.choice([1.0, 4.0]))
+        hier, nmc = bool(rng.random() < 0.5), float(rng.choice([1.0, 4.0] if prices == "exact" else [2.7, 0.2]))
         st = Ref(w, old, start, G, N, hier, nmc, True)
         T = float(st.load.max()) * float(rng.uniform(1.0, 1.03))
         S, v, c, load, M, newm, cin, allowed = K._layer_arrays(w, old, start, G, N, hier, nmc)
