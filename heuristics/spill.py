@@ -138,11 +138,21 @@ def _pairwise(a, lo, n):
 
 
 @kernel
-def _node_refresh(w, x, away, c, v, loads):
-    """Counts, per-replica loads and node loads of ``x``; returns the off-node load."""
+def _node_work(E, N):
+    """Work space of a node search, made once and reused by its steps: ``(fw [6, E + 1]``
+    float rows ``per, ve2, de, dh, dn, cy``; ``lw [2, N]`` ``low, lowh``; ``oe [N, E]``;
+    ``iw [5, E + 1]`` int rows ``offc, onh, spilled, on, cand``; ``mov [N, E]``; ``nm [N]``;
+    ``t [3]``)."""
+    return (np.empty((6, E + 1)), np.empty((2, N)), np.empty((N, E)), np.empty((5, E + 1), np.int64),
+            np.empty((N, E), np.int64), np.empty(N, np.int64), np.empty(3, np.int64))
+
+
+@kernel
+def _node_refresh(w, x, away, c, v, loads, per):
+    """Counts, per-replica loads and node loads of ``x``; returns the off-node load
+    (``per [E]``: work space)."""
     E, N = x.shape
     loads[:] = 0.0
-    per = np.empty(E)
     for e in range(E):
         s = 0
         a = 0
@@ -158,19 +168,30 @@ def _node_refresh(w, x, away, c, v, loads):
 
 
 @kernel
-def _node_lists(x, away, mov, nm, offc):
-    """Experts with a replica that may leave each node (``mov[n, :nm[n]]``, ascending:
-    it has one there, not its last home one) and every expert's replicas away from
-    home ``offc``."""
+def _node_state(w, x, away, c, v, loads, ws):
+    """:func:`_node_refresh` (same sums) and, in the same pass, the experts with a
+    replica that may leave each node (``mov[n, :nm[n]]``, ascending: it has one there,
+    not its last home one) and every expert's replicas away from home (``offc``)."""
     E, N = x.shape
+    per, offc, mov, nm = ws[0][0], ws[3][0], ws[4], ws[5]
+    loads[:] = 0.0
     nm[:] = 0
     for e in range(E):
-        offc[e] = 0
+        s = 0
+        a = 0
         for n in range(N):
-            offc[e] += x[e, n] * away[e, n]
+            s += x[e, n]
+            a += x[e, n] * away[e, n]
             if x[e, n] >= 1 and not (away[e, n] == 0 and x[e, n] == 1):   # may leave n
                 mov[n, nm[n]] = e
                 nm[n] += 1
+        c[e] = s
+        offc[e] = a
+        v[e] = w[e] / max(s, 1)
+        for n in range(N):
+            loads[n] += v[e] * x[e, n]
+        per[e] = v[e] * a
+    return _pairwise(per, 0, E)
 
 
 @kernel
@@ -203,10 +224,10 @@ def _node_swaps(x, away, v, loads, off, vmax, h, mov, nm, P, G, lam, cap, best):
 
 
 @kernel
-def _top3(v):
-    """Indices of the three largest values of ``v`` (first index among equals; ``-1``
-    where ``v`` has fewer than three)."""
-    t = np.full(3, -1, dtype=np.int64)
+def _top3(v, t):
+    """Indices of the three largest values of ``v`` into ``t`` (first index among
+    equals; ``-1`` where ``v`` has fewer than three)."""
+    t[:] = -1
     for e in range(v.size):
         for i in range(3):
             if t[i] < 0 or v[e] > v[t[i]]:
@@ -214,11 +235,49 @@ def _top3(v):
                     t[j] = t[j - 1]
                 t[i] = e
                 break
-    return t
 
 
 @kernel
-def _node_retargets(w, x, away, c, v, loads, off, h, mov, nm, offc, P, G, lam, cap, best):
+def _retarget_prep(w, x, away, c, v, h, ws):
+    """Per expert ``e`` gaining a slot: its new replica load ``ve2``, the change ``de``,
+    the change of ``h`` (``dn``; ``dh`` with the slot on ``h``), the off-node change
+    ``oe[n, e]`` with the slot on ``n`` (lowest ``low[n]``, over the experts on ``h``
+    ``lowh[n]``), its nodes as bits ``on``, the experts on ``h`` (``onh``) and those with
+    replicas away and none on ``h`` (``spilled``).  Returns ``(nh, ns, dhmin, dnmin)``."""
+    E, N = x.shape
+    fw, lw, oe, iw = ws[0], ws[1], ws[2], ws[3]
+    ve2, de, dh, dn, low, lowh = fw[1], fw[2], fw[3], fw[4], lw[0], lw[1]
+    offc, onh, spilled, on = iw[0], iw[1], iw[2], iw[3]
+    low[:] = np.inf
+    lowh[:] = np.inf
+    nh, ns, dhmin, dnmin = 0, 0, np.inf, np.inf
+    for e in range(E):
+        ve2[e] = w[e] / (c[e] + 1)
+        de[e] = ve2[e] - v[e]
+        dn[e] = x[e, h] * de[e]                 # change of h when e gains a slot elsewhere
+        dh[e] = dn[e] + ve2[e]                  # ... a slot on h
+        b = 0
+        for n in range(N):
+            oe[n, e] = ve2[e] * (offc[e] + away[e, n]) - v[e] * offc[e]
+            low[n] = min(low[n], oe[n, e])
+            if x[e, h] > 0:
+                lowh[n] = min(lowh[n], oe[n, e])
+            if x[e, n] > 0:
+                b |= 1 << n
+        on[e] = b
+        if offc[e] > 0 and x[e, h] == 0:
+            spilled[ns] = e
+            ns += 1
+        dhmin = min(dhmin, dh[e])
+        if x[e, h] > 0:
+            onh[nh] = e
+            nh += 1
+            dnmin = min(dnmin, dn[e])
+    return nh, ns, dhmin, dnmin
+
+
+@kernel
+def _node_retargets(w, x, away, c, v, loads, off, h, P, G, lam, cap, best, ws):
     """Retargets: a slot of node ``n`` goes from ``f`` (``c >= 2``, may leave ``n``) to
     ``e``; ``best`` ``[val, kind, f, e, n, -]`` keeps the first lowest below ``best[0]``
     (the objective now, less its tolerance, when the step starts).
@@ -228,37 +287,11 @@ def _node_retargets(w, x, away, c, v, loads, off, h, mov, nm, offc, P, G, lam, c
     replica (``e`` its expert) or the off-node load (``of + oe < 0``); those changing ``h``
     are first bounded by ``h``'s new load, ``f``'s new replica load, the other replicas
     and the lowest off-node change any of them makes."""
-    E, N = x.shape
-    t = _top3(v)
-    ve2, de, oe = np.empty(E), np.empty(E), np.empty((E, N))
-    dh, dn, low, lowh = np.empty(E), np.empty(E), np.full(N, np.inf), np.full(N, np.inf)
-    spilled, ns = np.empty(E, np.int64), 0
-    for e in range(E):
-        ve2[e] = w[e] / (c[e] + 1)
-        de[e] = ve2[e] - v[e]
-        dn[e] = x[e, h] * de[e]                 # change of h when e gains a slot elsewhere
-        dh[e] = dn[e] + ve2[e]                  # ... a slot on h
-        for n in range(N):
-            oe[e, n] = ve2[e] * (offc[e] + away[e, n]) - v[e] * offc[e]
-            low[n] = min(low[n], oe[e, n])
-            if x[e, h] > 0:
-                lowh[n] = min(lowh[n], oe[e, n])
-        if offc[e] > 0 and x[e, h] == 0:
-            spilled[ns] = e
-            ns += 1
-    onh, nh = np.empty(E, np.int64), 0          # the experts on h
-    dhmin, dnmin = np.inf, np.inf               # every e's lowest dh, the lowest dn on h
-    on = np.zeros(E, np.int64)                  # bit q: e has a replica on node q
-    for e in range(E):
-        dhmin = min(dhmin, dh[e])
-        for q in range(N):
-            if x[e, q] > 0:
-                on[e] |= 1 << q
-        if x[e, h] > 0:
-            onh[nh] = e
-            nh += 1
-            dnmin = min(dnmin, dn[e])
-    cand, cy = np.empty(E + 1, np.int64), np.empty(E + 1)
+    N = x.shape[1]
+    t, mov, nm = ws[6], ws[4], ws[5]
+    _top3(v, t)
+    nh, ns, dhmin, dnmin = _retarget_prep(w, x, away, c, v, h, ws)
+    offc, oe, low, lowh = ws[3][0], ws[2], ws[1][0], ws[1][1]
     for n in range(N):
         for jf in range(nm[n]):
             f = mov[n, jf]
@@ -283,63 +316,86 @@ def _node_retargets(w, x, away, c, v, loads, off, h, mov, nm, offc, P, G, lam, c
                         y1, b1, y2, b2 = yq, 1 << q, y1, b1
                     elif yq > y2:
                         y2, b2 = yq, 1 << q
-            nc = _retarget_candidates(x, t, dh, dn, oe, offc, onh, nh, spilled, ns, dhmin, dnmin, low[n], lowh[n],
-                                      f, n, h, hf, of, floor, on, y1, b1, y2, b2, off, P, G, lam, best, cand, cy)
-            _price_retargets(cand, cy, nc, f, n, h, t, x, v, ve2, vf2, df, de, oe, of, loads, off, P, G, lam, cap, best)
+            nc = _retarget_candidates(x, t, ws, nh, ns, dhmin, dnmin, low[n], lowh[n], f, n, h, hf, of, floor,
+                                      y1, b1, y2, b2, off, P, G, lam, best)
+            _price_retargets(ws, nc, f, n, h, t, x, v, vf2, df, oe[n], of, loads, off, P, G, lam, cap, best)
 
 
 @kernel
-def _retarget_candidates(x, t, dh, dn, oe, offc, onh, nh, spilled, ns, dhmin, dnmin, low, lowh, f, n, h, hf, of,
-                         floor, on, y1, b1, y2, b2, off, P, G, lam, best, cand, cy):
+def _cut(b, a, s, r1, r2):
+    """``(b - a) * s - r1 - r2`` raised by far more than its rounding error and that of
+    the test it stands for: a value at or above it cannot pass that test."""
+    return (((b - a) * s - r1) - r2) + (1e-9 * ((abs(b) + abs(a)) * s + abs(r1) + abs(r2)) + 1e-200)
+
+
+@kernel
+def _retarget_candidates(x, t, ws, nh, ns, dhmin, dnmin, low, lowh, f, n, h, hf, of, floor, y1, b1, y2, b2, off,
+                         P, G, lam, best):
     """The ``e`` a retarget ``f -> e`` on ``n`` may take below ``best[0]``, in pricing
     order, into ``cand[:nc]``; returns ``nc``.  ``cy``: a lower bound on the new heaviest
     node load, from ``h`` and the heavier of the nodes ``b1``, ``b2`` (loads ``y1``, ``y2``
-    after ``f``'s change) without a replica of ``e`` (bits ``on[e]``)."""
+    after ``f``'s change) without a replica of ``e`` (bits ``on[e]``).
+
+    Each block first skips, by one comparison, the ``e`` whose ``dh`` / ``dn`` / ``oe``
+    is at or above a :func:`_cut` of the block's bound (every one such fails the full
+    test: the bound is that test with the other terms at their lowest)."""
     E = x.shape[0]
+    dh, dn, cy, oe = ws[0][3], ws[0][4], ws[0][5], ws[2][n]
+    offc, onh, spilled, on, cand = ws[3][0], ws[3][1], ws[3][2], ws[3][3], ws[3][4]
     nc = 0
     pen_all = lam * (off + (of + low)) / G
     if n == h:                                  # every e changes h
         if max((hf + dhmin) / P, floor) + pen_all >= best[0]:
             return 0                            # none can get below
+        cut = _cut(best[0], pen_all, P, hf, 0.0)
         for e in range(E):
+            if dh[e] >= cut:
+                continue
             top = max(hf + dh[e], y1 if on[e] & b1 == 0 else (y2 if on[e] & b2 == 0 else -np.inf))
-            if max(top / P, floor) + lam * (off + (of + oe[e, n])) / G < best[0]:
+            if max(top / P, floor) + lam * (off + (of + oe[e])) / G < best[0]:
                 cand[nc], cy[nc] = e, top
                 nc += 1
         return nc
-    if max((hf + dnmin) / P, floor) + lam * (off + (of + lowh)) / G < best[0]:
+    penh = lam * (off + (of + lowh)) / G
+    if max((hf + dnmin) / P, floor) + penh < best[0]:
+        cut = _cut(best[0], penh, P, hf, 0.0)
         for i in range(nh):                     # the e on h
             e = onh[i]
+            if dn[e] >= cut:
+                continue
             top = max(hf + dn[e], y1 if on[e] & b1 == 0 else (y2 if on[e] & b2 == 0 else -np.inf))
-            if max(top / P, floor) + lam * (off + (of + oe[e, n])) / G < best[0]:
+            if max(top / P, floor) + lam * (off + (of + oe[e])) / G < best[0]:
                 cand[nc], cy[nc] = e, top
                 nc += 1
-    if max(hf / P, floor) + pen_all >= best[0]:
+    base = max(hf / P, floor)
+    if base + pen_all >= best[0]:
         return nc                               # no other e gets below
     if of < 0.0:                                # the others: any may lower the off-node load
+        cut = _cut(best[0], base, G / lam, off, of) if lam > 0.0 else np.inf
         for e in range(E):
-            if x[e, h] == 0:
+            if oe[e] < cut and x[e, h] == 0:
                 top = max(hf, y1 if on[e] & b1 == 0 else (y2 if on[e] & b2 == 0 else -np.inf))
-                if max(top / P, floor) + lam * (off + (of + oe[e, n])) / G < best[0]:
+                if max(top / P, floor) + lam * (off + (of + oe[e])) / G < best[0]:
                     cand[nc], cy[nc] = e, top
                     nc += 1
         return nc
     for i in range(ns):                         # only those with replicas away, and the
-        if oe[spilled[i], n] + of < 0.0:        # heaviest replica's expert
+        if oe[spilled[i]] + of < 0.0:           # heaviest replica's expert
             cand[nc], cy[nc] = spilled[i], hf
             nc += 1
-    if t[0] >= 0 and x[t[0], h] == 0 and (offc[t[0]] == 0 or oe[t[0], n] + of >= 0.0):
+    if t[0] >= 0 and x[t[0], h] == 0 and (offc[t[0]] == 0 or oe[t[0]] + of >= 0.0):
         cand[nc], cy[nc] = t[0], hf
         nc += 1
     return nc
 
 
 @kernel
-def _price_retargets(cand, cy, nc, f, n, h, t, x, v, ve2, vf2, df, de, oe, of, loads, off, P, G, lam, cap, best):
+def _price_retargets(ws, nc, f, n, h, t, x, v, vf2, df, oe, of, loads, off, P, G, lam, cap, best):
     """Price the ``nc`` candidate retargets ``f -> cand[j]`` on node ``n`` (``cy[j]``: the
     heaviest node's load after the move) for :func:`_node_retargets`; keeps the first
     lowest in ``best``."""
     N = x.shape[1]
+    ve2, de, cy, cand = ws[0][1], ws[0][2], ws[0][5], ws[3][4]
     for j in range(nc):
         e, yh = cand[j], cy[j]
         if e == f or x[e, n] >= cap:
@@ -350,7 +406,7 @@ def _price_retargets(cand, cy, nc, f, n, h, t, x, v, ve2, vf2, df, de, oe, of, l
                 o = t[i]
                 break
         vmax = max(v[o] if o >= 0 else -np.inf, max(vf2, ve2[e]))
-        pen = lam * (off + (of + oe[e, n])) / G
+        pen = lam * (off + (of + oe[e])) / G
         if max(yh / P, vmax) + pen >= best[0]:
             continue
         top = yh
@@ -366,36 +422,36 @@ def _price_retargets(cand, cy, nc, f, n, h, t, x, v, ve2, vf2, df, de, oe, of, l
 
 
 @kernel
-def _node_step(w, x, away, c, v, loads, P, G, lam, cap, best):
+def _node_step_in(w, x, away, c, v, loads, P, G, lam, cap, best, ws):
     """One step's choice on ``x``: refreshes ``c``, ``v``, ``loads`` and fills ``best``
     with the lowest objective below the current one less ``1e-12`` of it (``best[0]``
-    ``inf`` if no move gets there); returns the objective now."""
-    E, N = x.shape
-    off = _node_refresh(w, x, away, c, v, loads)
+    ``inf`` if no move gets there); returns the objective now.  ``ws``:
+    :func:`_node_work`."""
+    off = _node_state(w, x, away, c, v, loads, ws)
     h = int(np.argmax(loads))
     vmax = v.max()
     f0 = max(loads[h] / P, vmax) + lam * off / G
-    mov, nm, offc = np.empty((N, E), np.int64), np.empty(N, np.int64), np.empty(E, np.int64)
-    _node_lists(x, away, mov, nm, offc)
     best[0], best[1] = f0 - 1e-12 * max(f0, 1e-300), -1.0
-    _node_swaps(x, away, v, loads, off, vmax, h, mov, nm, P, G, lam, cap, best)
-    _node_retargets(w, x, away, c, v, loads, off, h, mov, nm, offc, P, G, lam, cap, best)
+    _node_swaps(x, away, v, loads, off, vmax, h, ws[4], ws[5], P, G, lam, cap, best)
+    _node_retargets(w, x, away, c, v, loads, off, h, P, G, lam, cap, best, ws)
     if best[1] < 0:
         best[0] = np.inf
     return f0
 
 
 @kernel
-def _node_search(w, x, away, P, G, lam, cap, max_steps):
+def _node_step(w, x, away, c, v, loads, P, G, lam, cap, best):
+    """:func:`_node_step_in` with its own work space."""
+    return _node_step_in(w, x, away, c, v, loads, P, G, lam, cap, best, _node_work(x.shape[0], x.shape[1]))
+
+
+@kernel
+def _node_search(w, x, away, P, G, lam, cap, max_steps, c, v, loads, ws):
     """Apply the best improving swap or retarget (``x`` in place) until none is left or
-    ``max_steps``; returns the per-replica loads ``v [E]`` of the final ``x``."""
-    E, N = x.shape
-    c = np.empty(E, dtype=np.int64)
-    v = np.empty(E)
-    loads = np.empty(N)
+    ``max_steps``; ``c``, ``v``, ``loads`` end as those of the final ``x``."""
     best = np.empty(6)
     for _ in range(max_steps):
-        _node_step(w, x, away, c, v, loads, P, G, lam, cap, best)
+        _node_step_in(w, x, away, c, v, loads, P, G, lam, cap, best, ws)
         if best[0] == np.inf:
             break
         if best[1] == 0.0:
@@ -408,8 +464,7 @@ def _node_search(w, x, away, P, G, lam, cap, max_steps):
             f, e, n = int(best[2]), int(best[3]), int(best[4])
             x[f, n] -= 1
             x[e, n] += 1
-    _node_refresh(w, x, away, c, v, loads)
-    return v
+    _node_refresh(w, x, away, c, v, loads, ws[0][0])
 
 
 @kernel
@@ -726,20 +781,55 @@ def _node_start(w, rows, factors, away, rn, P, G, lam, cap, max_steps):
     ``(x [E, N], v [E], s)`` of the one lowest at ``lam`` (the first among equals)."""
     E, N = away.shape
     c, v, loads = np.empty(E, np.int64), np.empty(E), np.empty(N)
+    ws = _node_work(E, N)
+    per = ws[0][0]
     best_x, best_f, best_s = np.zeros((E, N), dtype=np.int64), np.inf, 0
     for i in range(factors.size):
         x = np.zeros((E, N), dtype=np.int64)
         for s in range(rows.shape[1]):
             x[rows[i, s], s // rn] += 1
         if factors[i] >= 0:
-            _node_search(w, x, away, P, G, lam * factors[i], cap, max_steps)
-        off = _node_refresh(w, x, away, c, v, loads)
+            _node_search(w, x, away, P, G, lam * factors[i], cap, max_steps, c, v, loads, ws)
+        off = _node_refresh(w, x, away, c, v, loads, per)
         f = max(loads.max() / P, v.max()) + lam * off / G
         if f < best_f:
             best_f, best_s = f, i
             best_x[:, :] = x
-    _node_refresh(w, best_x, away, c, v, loads)
+    _node_refresh(w, best_x, away, c, v, loads, per)
     return best_x, v, best_s
+
+
+@kernel
+def _node_layers(weight, counts, out, home, starts, N, P, G, dup, lam, cap, max_steps, lo, hi, values, labels,
+                 keep, lpts):
+    """Node level of layers ``lo .. hi - 1`` (see :func:`spill_refine`): the
+    home-first LPT (into ``lpts``; the start plan where it gets stuck), the best of
+    the ``starts`` (:data:`NODE_STARTS`; only the start plan's where the LPT got stuck)
+    and whether it is the untouched start plan (``keep``), its replicas as sorted
+    items per node (``values``, ``labels``)."""
+    E = weight.shape[1]
+    R = out.shape[1]
+    rn = R // N
+    away = np.empty((E, N), np.int64)
+    for l in range(lo, hi):
+        lpt, ok = _home_lpt(weight[l], counts[l], home[l], N, P, R // G, dup, lam)
+        for e in range(E):
+            for n in range(N):
+                away[e, n] = 1 if n != home[l, e] else 0
+        nu = 0
+        for i in range(starts.shape[0]):
+            nu += 1 if ok or starts[i, 0] == 0 else 0
+        rows, factors = np.empty((nu, R), np.int64), np.empty(nu)
+        j = 0
+        for i in range(starts.shape[0]):
+            if ok or starts[i, 0] == 0:
+                rows[j, :] = out[l] if starts[i, 0] == 0 else lpt
+                factors[j] = starts[i, 1]
+                j += 1
+        x, v, s = _node_start(weight[l], rows, factors, away, rn, P, G, lam, cap, max_steps)
+        keep[l] = starts[s, 0] == 0 and starts[s, 1] < 0
+        lpts[l, :] = lpt if ok else out[l]
+        _node_items(x, v, values[l * N:(l + 1) * N], labels[l * N:(l + 1) * N])
 
 
 @kernel
@@ -779,7 +869,7 @@ def _home_lpt(w, c, home, N, P, k, dup, pen):
     for e in np.argsort(-v, kind="mergesort"):
         for r in range(c[e]):
             bg, bnew, bkey = -1, False, 0.0
-            for g in range(G):
+            for g in range(home[e] * P if r == 0 else 0, home[e] * P + P if r == 0 else G):   # first: home GPUs
                 n = g // P
                 if fill[g] == k or (r == 0 and n != home[e]) or (r > 0 and free[n] <= pend[n]):
                     continue
@@ -845,23 +935,19 @@ def spill_refine(
     lam = float(cross_node_cost)
     cap = np.inf if allow_duplicates else float(P)
     node = np.arange(G, dtype=np.int64) // P
-    away = (np.arange(N)[None, None, :] != home[:, :, None]).astype(np.int64)     # [L, E, N]
     counts = (np.stack([np.bincount(r, minlength=E) for r in global_plan]) if global_plan is not None
               else replica_counts(weight, R, None if allow_duplicates else G))
+    counts = np.ascontiguousarray(counts, dtype=np.int64)
     values, labels = np.empty((L * N, rn)), np.empty((L * N, rn), dtype=np.int64)
-    done = 0
     keep = np.zeros(L, dtype=bool)         # layers whose start plan is the best node split
     lpts = np.empty_like(out)
-    for l in range(L):
-        if deadline is not None and time.perf_counter() >= deadline:
-            break
-        lpt, ok = _home_lpt(weight[l], counts[l], home[l], N, P, R // G, allow_duplicates, lam)
-        use = NODE_STARTS[:, 0] == 0 if not ok else np.ones(len(NODE_STARTS), dtype=bool)
-        rows = np.stack([out[l] if kind == 0 else lpt for kind in NODE_STARTS[use, 0]])
-        x, v, s = _node_start(weight[l], rows, NODE_STARTS[use, 1], away[l], rn, P, G, lam, cap, max_steps)
-        keep[l] = NODE_STARTS[s, 0] == 0 and NODE_STARTS[s, 1] < 0
-        lpts[l] = lpt if ok else out[l]
-        _node_items(x, v, values[l * N:(l + 1) * N], labels[l * N:(l + 1) * N])
+    args = (weight, counts, out, home, NODE_STARTS, N, P, G, allow_duplicates, lam, cap, max_steps)
+    done = 0
+    if deadline is None:
+        _node_layers(*args, 0, L, values, labels, keep, lpts)
+        done = L
+    while deadline is not None and done < L and time.perf_counter() < deadline:
+        _node_layers(*args, done, done + 1, values, labels, keep, lpts)
         done += 1
     if done == 0:
         return out

@@ -192,6 +192,27 @@ def test_node_step_keeps_a_retarget_its_block_bound_only_just_admits(state):
     assert close(node_objective(w, _apply_node(x, best), home, P, G, lam), target)
 
 
+def test_cut_is_above_every_key_its_test_passes():
+    """The candidate scans of the node retargets skip, by one comparison, every ``e``
+    whose key (``dh``, ``dn`` or ``oe``) is at or above ``_cut`` of the block's bound.
+    That loses no candidate only if a key at the cut fails the full test, whatever the
+    rounding: ``max((hf + key) / P, floor) + pen >= best`` (the ``h`` blocks) and
+    ``base + lam * (off + (of + key)) / G >= best`` (the off-node block), for values
+    that put the key's exact threshold at the rounding's mercy.  A cut without its
+    margin lets about one in twenty through."""
+    rng = np.random.default_rng(1)
+    for _ in range(4000):
+        P, G = int(rng.integers(1, 9)), int(rng.integers(1, 65))
+        scale = 2.0 ** rng.integers(-20, 20)
+        best, pen, hf = (rng.random(3) * scale * np.array([1.0, 0.2, 1.0])).tolist()
+        key = spill._cut(best, pen, P, hf, 0.0)
+        assert max((hf + key) / P, 0.0) + pen >= best, (best, pen, hf, P)
+        lam = float(rng.choice([0.25, 0.5, 1.0, 8.0, rng.random()]))
+        base, off, of = best * rng.random(), rng.random() * scale, -rng.random() * scale
+        key = spill._cut(best, base, G / lam, off, of)
+        assert base + lam * (off + (of + key)) / G >= best, (best, base, off, of, lam, G)
+
+
 # -- GPU level ------------------------------------------------------------------------
 
 
