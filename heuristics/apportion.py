@@ -340,7 +340,10 @@ def _counts_row(row: np.ndarray, extra: int, cap: int, c: np.ndarray, heap: np.n
     else:
         for e in range(num_experts):
             c[e] = 1
-    _hand_out(row, c, need, cap, closed, heap, key)
+    if need <= _FEW:        # _hand_out's own choice, without its call (each array passed costs)
+        _hand_out_few(row, c, need, cap, closed, heap, key)
+    else:
+        _hand_out(row, c, need, cap, closed, heap, key)
 
 
 @kernel

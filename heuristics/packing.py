@@ -760,9 +760,11 @@ def _separate_rows(values, labels, layout, max_rounds, table):
 
 
 @kernel
-def _seed_row(vals, labs, tgt, has_target, lay, work):
-    """The seed cascade of one row of sorted items into ``lay [P, k]`` (``work``: see
-    :func:`_pack_work`).
+def _seed_row(vals, labs, tgt, has_target, lay, best, check, work):
+    """The rest of the seed cascade of one row of sorted items, for a row whose snake
+    seed (in ``lay [P, k]``: ``best``, its heaviest pack, and ``check``, whether a
+    duplicate is possible; :func:`_pack_segments`) is above its target (``work``: the
+    seeds' part of :func:`_pack_work`).
 
     Every row starts from the snake (rotated where a run crosses a block, to keep an
     expert's replicas apart); a row above its target then tries largest differencing on
@@ -770,15 +772,10 @@ def _seed_row(vals, labs, tgt, has_target, lay, work):
     heavier), and, when one item dominates (more than half a pack's average load) and
     the row is still far above its target, item-by-item LPT (kept when lighter).
 
-    Returns ``(heaviest pack, check: a duplicate is possible, todo: above target)``."""
+    Returns ``(heaviest pack, check)``."""
     alt, perm, sv, uw, kw = work
     P, k = lay.shape
     n = P * k
-    check = _snake_row(labs, True, lay)
-    best = _pack_max(vals, lay)
-    todo = not has_target or best > tgt * (1 + _REL_EPS)
-    if not todo:
-        return best, check, todo
     split = _unsplit_row(labs, P, perm, uw)
     for i in range(n):
         sv[i] = vals[perm[i]]
@@ -803,12 +800,12 @@ def _seed_row(vals, labs, tgt, has_target, lay, work):
             if lpt_max < best:
                 lay[:] = alt
                 best, check = lpt_max, True
-    return best, check, todo
+    return best, check
 
 
 @kernel
 def _pack_work(S, P, k):
-    """Work arrays of :func:`_pack_segment` for segments of ``S`` rows: ``(state, seeds,
+    """Work arrays of :func:`_pack_segments` for segments of ``S`` rows: ``(state, seeds,
     rounds, segment)``: the working state of ``S`` rows (``lay, v, lab, loads, occ,
     multi, ids``), the seeds' (``alt, perm, sv``, :func:`_unsplit_work`,
     :func:`_kk_work`), :func:`_round_work` and per-row flags (``best, check, todo,
@@ -840,13 +837,13 @@ def _doubled(labels, lay, table):
 
 
 @kernel
-def _separate_seeds(values, labels, r0, allow_dup, table, work, out):
+def _separate_seeds(values, labels, r0, allow_dup, table, state, best, check, todo, out):
     """Separate replicas of one expert sharing a pack in the rows ``r0 ..`` of a segment
     flagged ``check`` (the only ones where a seed may hold one), any pack allowed up to
     the segment's heaviest; without ``allow_dup`` a row still holding one falls back to
     dealing positions round-robin (distinct packs for any run of at most ``P`` items)
-    and is marked ``todo``."""
-    (lay, v, lab, loads, occ, multi, ids), _, _, (best, check, todo, _, _) = work
+    and is marked ``todo`` (``state``: the working state of :func:`_pack_work`)."""
+    lay, v, lab, loads, occ, multi, ids = state
     S, P, k = lay.shape
     cap = best.max()
     for i in range(S):
@@ -869,30 +866,48 @@ def _separate_seeds(values, labels, r0, allow_dup, table, work, out):
 
 
 @kernel
-def _pack_segment(values, labels, r0, target, has_target, rounds, allow_dup, table, work, out):
-    """:func:`pack_sorted` on the rows ``r0 ..`` of one segment (``work``: see
-    :func:`_pack_work`, one state row per segment row); writes ``out``."""
-    (lay, v, lab, loads, occ, multi, ids), seeds, round_work, (best, check, todo, rows, thresh) = work
+def _pack_segments(values, labels, target, has_target, rounds, allow_dup, table, work, out):
+    """:func:`pack_sorted` on every segment of ``S`` rows (``work``: see
+    :func:`_pack_work`, one state row per segment row); writes ``out``.
+
+    Per segment: every row's snake seed, the rest of the seeds on the rows above their
+    target (:func:`_seed_row`), duplicate separation where a seed may hold one
+    (:func:`_separate_seeds`), then the refinement of the rows still above their target,
+    on fresh state.  The work arrays are unpacked once for all segments (each array
+    handed to a kernel costs reference counting)."""
+    state, seeds, round_work, (best, check, todo, rows, thresh) = work
+    lay, v, lab, loads, occ, multi, ids = state
     S = lay.shape[0]
-    for i in range(S):
-        r = r0 + i
-        best[i], check[i], todo[i] = _seed_row(values[r], labels[r], target[r], has_target, out[r], seeds)
-    _separate_seeds(values, labels, r0, allow_dup, table, work, out)
-    if rounds <= 0:
-        return
-    # Refine the rows still above their target, on fresh state.
-    m = 0
-    for i in range(S):
-        r = r0 + i
-        if todo[i] and (not has_target or best[i] > target[r] * (1 + _REL_EPS)):
-            u = _label_ids(labels[r], table, ids, multi[m])
-            _load_state(values[r], ids, out[r], u, lay[m], v[m], lab[m], loads[m], occ[m])
-            rows[m] = r
-            thresh[m] = target[r] * (1 + _REL_EPS) if has_target else -np.inf
-            m += 1
-    _refine_segment(lay, v, lab, loads, occ, multi, m, thresh, rounds, round_work)
-    for i in range(m):
-        out[rows[i]] = lay[i]
+    for r0 in range(0, values.shape[0], S):
+        again = False
+        for i in range(S):
+            r = r0 + i
+            row = out[r]
+            check[i] = _snake_row(labels[r], True, row)
+            best[i] = _pack_max(values[r], row)
+            todo[i] = not has_target or best[i] > target[r] * (1 + _REL_EPS)
+            if todo[i]:
+                best[i], check[i] = _seed_row(values[r], labels[r], target[r], has_target, row, best[i], check[i],
+                                              seeds)
+            again |= check[i]
+        if again:
+            _separate_seeds(values, labels, r0, allow_dup, table, state, best, check, todo, out)
+        if rounds <= 0:
+            continue
+        # Refine the rows still above their target, on fresh state.
+        m = 0
+        for i in range(S):
+            r = r0 + i
+            if todo[i] and (not has_target or best[i] > target[r] * (1 + _REL_EPS)):
+                u = _label_ids(labels[r], table, ids, multi[m])
+                _load_state(values[r], ids, out[r], u, lay[m], v[m], lab[m], loads[m], occ[m])
+                rows[m] = r
+                thresh[m] = target[r] * (1 + _REL_EPS) if has_target else -np.inf
+                m += 1
+        if m:
+            _refine_segment(lay, v, lab, loads, occ, multi, m, thresh, rounds, round_work)
+        for i in range(m):
+            out[rows[i]] = lay[i]
 
 
 @kernel
@@ -900,8 +915,7 @@ def _pack_sorted_rows(values, labels, num_packs, target, has_target, rounds, seg
     """:func:`pack_sorted` on every segment of ``segment`` rows; writes ``out [rows, P, k]``."""
     rows, n = values.shape
     work = _pack_work(segment, num_packs, n // num_packs)
-    for r0 in range(0, rows, segment):
-        _pack_segment(values, labels, r0, target, has_target, rounds, allow_dup, table, work, out)
+    _pack_segments(values, labels, target, has_target, rounds, allow_dup, table, work, out)
 
 
 @kernel

@@ -21,7 +21,7 @@ from .apportion import _counts_row
 from .compile import kernel, warmer, writable
 from .grouping import groups_to_nodes
 from .packing import (
-    DEFAULT_REFINE_ROUNDS, _items_row, _pack_segment, _pack_work, gather_rows, item_order, pack_sorted, replica_items,
+    DEFAULT_REFINE_ROUNDS, _items_row, _pack_segments, _pack_work, gather_rows, item_order, pack_sorted, replica_items,
 )
 
 __all__ = ["Placement", "place", "pack_rows"]
@@ -150,31 +150,33 @@ def _count_layers(w, node_of_group, extra, cap, experts, neg, cnt, logcnt):
 def _pack_layers(experts, neg, cnt, order, num_packs, rounds, allow_dup, phy2log):
     """Step 3 of :func:`place` on every layer: the replicas of its nodes as sorted items
     (:func:`~.packing._items_row`, from :func:`_count_layers`' ``neg`` and ``cnt`` and
-    ``order``, ``neg``'s argsort per node) and the packing of the layer's nodes as one
-    segment against the largest of their bounds (:func:`~.packing._pack_segment`);
-    writes ``phy2log [L, R]``."""
+    ``order``, ``neg``'s argsort per node), every row's target the largest of its
+    layer's bounds, and the packing of each layer's nodes as one segment
+    (:func:`~.packing._pack_segments`, all layers in one call); writes ``phy2log [L, R]``."""
     L, S, m = experts.shape
     n = phy2log.shape[1] // S
     k = n // num_packs
-    values, labels = np.empty((S, n)), np.empty((S, n), np.int64)
-    target, out = np.empty(S), np.empty((S, num_packs, k), np.int64)
-    table = np.full(m, -1, np.int64)
-    work = _pack_work(S, num_packs, k)
+    values, labels = np.empty((L * S, n)), np.empty((L * S, n), np.int64)
+    target, out = np.empty(L * S), np.empty((L * S, num_packs, k), np.int64)
     for l in range(L):
         top = -np.inf
         for nd in range(S):
-            top = max(top, _items_row(neg[l, nd], cnt[l, nd], order[l, nd], num_packs, values[nd], labels[nd]))
-        if num_packs == 1 or k <= 1:        # every layout is equally balanced
-            for nd in range(S):
-                for i in range(n):
-                    out[nd, i // k, i % k] = i
-        else:
-            target[:] = top
-            _pack_segment(values, labels, 0, target, True, rounds, allow_dup, table, work, out)
+            r = l * S + nd
+            top = max(top, _items_row(neg[l, nd], cnt[l, nd], order[l, nd], num_packs, values[r], labels[r]))
+        target[l * S:(l + 1) * S] = top
+    if num_packs == 1 or k <= 1:        # every layout is equally balanced
+        for r in range(L * S):
+            for i in range(n):
+                out[r, i // k, i % k] = i
+    else:
+        table = np.full(m, -1, np.int64)
+        _pack_segments(values, labels, target, True, rounds, allow_dup, table, _pack_work(S, num_packs, k), out)
+    for l in range(L):
         for nd in range(S):
+            r = l * S + nd
             for p in range(num_packs):
                 for t in range(k):
-                    phy2log[l, nd * n + p * k + t] = experts[l, nd, labels[nd, out[nd, p, t]]]
+                    phy2log[l, nd * n + p * k + t] = experts[l, nd, labels[r, out[r, p, t]]]
 
 
 def _check_shapes(w: np.ndarray, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int) -> None:
