@@ -43,7 +43,8 @@ from itertools import combinations
 from math import comb
 
 from .heuristics import ENUMERATION_LIMIT, equal_partitions, node_load_lower_bound, num_partitions
-from .heuristics.compile import kernel, warmer
+from .heuristics.compile import kernel, warmer, writable
+from .metrics import pairwise_sum
 
 __all__ = ["Bounds", "lower_bounds", "min_max_replica_load", "partition_cardinality_bound", "node_replica_bound"]
 
@@ -108,6 +109,8 @@ def min_max_replica_load(weight: np.ndarray, num_replicas: int) -> np.ndarray:
     out = w.max(axis=1) if E else np.zeros(rows)
     k = int(num_replicas) - E + 1
     live = out > 0
+    if k > 1 and live.all():
+        return _kth_largest_share(w, k)
     if k > 1 and live.any():
         out[live] = _kth_largest_share(w[live], k)
     return out
@@ -188,14 +191,17 @@ def _kth_largest_share(w: np.ndarray, k: int) -> np.ndarray:
     """``[rows]``: the ``k``-th largest share ``w_e / j`` of each row of ``[rows, E]``
     (every row with a positive load, ``k >= 2``): :func:`_kth_shares`."""
     out = np.empty(w.shape[0])
-    _kth_shares(np.ascontiguousarray(w, dtype=np.float64), int(k), out)
+    _kth_shares(writable(np.ascontiguousarray(w, dtype=np.float64)), int(k), out)
     return out
 
 
 @warmer
 def _warm() -> None:
-    """Compile :func:`_kth_shares` with the argument types real calls use."""
+    """Compile :func:`_kth_shares`, :func:`_content_scores` and :func:`_best_assignment`
+    with the argument types real calls use."""
     min_max_replica_load(np.array([[3.0, 1.0, 0.0]]), 5)
+    w = np.array([[3.0, 1.0, 0.0, 2.0], [1.0, 1.0, 1.0, 1.0]])
+    node_replica_bound(w, 6, 4, 2, 2, floor=np.array([1.0, 1.0]))
 
 
 def node_replica_bound(
@@ -205,6 +211,7 @@ def node_replica_bound(
     num_nodes: int,
     num_gpus: int,
     floor: np.ndarray | None = None,
+    group_load: np.ndarray | None = None,
 ) -> tuple[np.ndarray, bool]:
     """The ``node_replica`` component (see module docs): ``([L] bound, exact)``.
 
@@ -215,13 +222,19 @@ def node_replica_bound(
     the per-replica part of a node content is computed only where its spare slots cannot
     bring every expert's per-replica load down to ``floor`` (elsewhere it cannot lift
     the content's score above ``floor``); the result is then valid once combined with
-    ``floor`` by ``max``.
+    ``floor`` by ``max``.  ``group_load`` (``[L, num_groups]``, optional) is
+    ``weight``'s group loads as ``weight.reshape(L, num_groups, -1).sum(axis=2)`` gives
+    them, when the caller has them.
     """
     w = np.asarray(weight, dtype=np.float64)
     L, E = w.shape
     gs, m = E // num_groups, num_groups // num_nodes
     rn, gpn = num_replicas // num_nodes, num_gpus // num_nodes
-    group_load = w.reshape(L, num_groups, gs).sum(axis=2)
+    if group_load is None:
+        group_load = w.reshape(L, num_groups, gs).sum(axis=2)
+    if (floor is not None and rn != m * gs and m <= 128 and comb(num_groups, m) <= SUBSET_LIMIT
+            and (floor > 0).all() and num_partitions(num_groups, num_nodes) <= ENUMERATION_LIMIT):
+        return _node_replica_enumerated(w, rn, num_groups, num_nodes, gpn, floor, group_load), True
     # Spare replicas a group's experts need to get every per-replica load down to
     # `floor`; a node content whose groups need no more spares than the node has cannot
     # have a per-replica optimum above `floor`, so it is skipped.
@@ -255,6 +268,76 @@ def node_replica_bound(
     member = (subsets[:, :, None] == np.arange(num_groups)).any(axis=1)               # [C, Gr]
     per_group = np.where(member[None, :, :], score[:, :, None], np.inf).min(axis=1)   # [L, Gr]
     return per_group.max(axis=1), False
+
+
+def _node_replica_enumerated(w: np.ndarray, rn: int, num_groups: int, num_nodes: int, gpn: int, floor: np.ndarray,
+                             group_load: np.ndarray) -> np.ndarray:
+    """:func:`node_replica_bound`'s common case (a ``floor`` above 0, spare slots on a
+    node, contents and assignments few enough to enumerate) with its loops compiled
+    (:func:`_content_scores`, :func:`_best_assignment`): the same arithmetic, so the same
+    bits."""
+    L, E = w.shape
+    m = num_groups // num_nodes
+    subsets, experts = _contents(num_groups, m, E // num_groups)
+    over = np.empty((L, len(subsets)), dtype=np.bool_)
+    score = np.empty((L, len(subsets)))
+    f64 = lambda a: writable(np.ascontiguousarray(a, dtype=np.float64))  # noqa: E731 (the kernels' array type)
+    _content_scores(f64(w), f64(floor), f64(group_load), subsets, rn - m * (E // num_groups), gpn, over, score)
+    li, ci = np.nonzero(over)
+    if li.size:
+        t = np.zeros(score.shape)
+        t[li, ci] = min_max_replica_load(w[li[:, None], experts[ci]], rn)
+        score = np.maximum(t, score)
+    out = np.empty(L)
+    _best_assignment(score, _partition_blocks(num_groups, num_nodes), out)
+    return out
+
+
+@kernel
+def _content_scores(w, floor, group_load, subsets, spare, gpn, over, score):
+    """Per layer ``l`` and node content ``c`` (``subsets [C, m]``, its groups):
+    ``over[l, c]``, whether its experts need more than ``spare`` spare replicas to bring
+    every per-replica load down to ``floor[l]`` (``max(ceil(w / floor) - 1, 0)`` each;
+    whole numbers, so any order of the sums gives the same test), and ``score[l, c]``,
+    its groups' loads (``group_load [L, groups]``) summed as numpy sums a gathered row
+    (:func:`~eplb_opt.metrics.pairwise_sum`) over ``gpn`` GPUs."""
+    L, E = w.shape
+    num_groups = group_load.shape[1]
+    gs = E // num_groups
+    C, m = subsets.shape
+    need = np.empty(num_groups)
+    buf = np.empty(m)
+    for l in range(L):
+        f = floor[l]
+        for g in range(num_groups):
+            s = 0.0
+            for x in range(g * gs, g * gs + gs):
+                s += max(np.ceil(w[l, x] / f) - 1.0, 0.0)
+            need[g] = s
+        for c in range(C):
+            s = 0.0
+            for j in range(m):
+                s += need[subsets[c, j]]
+                buf[j] = group_load[l, subsets[c, j]]
+            over[l, c] = s > spare
+            score[l, c] = (0.0 + pairwise_sum(buf, 0, m)) / gpn
+
+
+@kernel
+def _best_assignment(score, blocks, out):
+    """``out[l]``: the smallest over assignments (``blocks [P, N]``, each node's
+    content) of the largest ``score[l]`` of its contents (scores are ``>= 0``, none
+    ``-0.0``: maxima and minima pick equal bits whatever the order)."""
+    L = score.shape[0]
+    P, N = blocks.shape
+    for l in range(L):
+        best = np.inf
+        for p in range(P):
+            top = -np.inf
+            for n in range(N):
+                top = max(top, score[l, blocks[p, n]])
+            best = min(best, top)
+        out[l] = best
 
 
 @lru_cache(maxsize=16)
@@ -325,7 +408,7 @@ def lower_bounds(
         node_per_gpu = node_bound / (num_gpus // num_nodes)
         comps["node"] = _shave(node_per_gpu, E)
         nr, nr_exact = node_replica_bound(
-            w, num_replicas, num_groups, num_nodes, num_gpus, floor=node_per_gpu
+            w, num_replicas, num_groups, num_nodes, num_gpus, floor=node_per_gpu, group_load=group_load
         )
         comps["node_replica"] = _shave(np.maximum(nr, node_per_gpu), E)
         node_exact = node_exact and nr_exact

@@ -12,7 +12,7 @@ import numpy as np
 
 from .heuristics.compile import kernel, warmer, writable
 
-__all__ = ["slot_loads", "gpu_loads", "max_load", "balancedness", "replica_counts_of", "gap"]
+__all__ = ["slot_loads", "gpu_loads", "slot_gpu_loads", "max_load", "balancedness", "replica_counts_of", "gap"]
 
 
 def replica_counts_of(phy2log: np.ndarray, num_experts: int) -> np.ndarray:
@@ -67,16 +67,78 @@ def _slot_loads(w, p, out):
     return -1
 
 
+@kernel
+def pairwise_sum(a, lo, n):
+    """``a[lo:lo + n].sum()`` as numpy adds the terms of a contiguous axis (its
+    ``pairwise_sum``), for ``n <= 128``: fewer than 8 terms one by one from ``-0.0``,
+    else eight running sums combined as a tree, then the rest one by one (numpy splits
+    longer runs in halves first; callers take numpy's own sum there).  A reduction then
+    adds this to its initial ``0.0`` (:func:`_pack_sums`), so the result has numpy's
+    bits, not just its value.  Not recursive: a cached kernel of another module calling
+    a recursive one crashed."""
+    if n < 8:
+        res = -0.0
+        for i in range(lo, lo + n):
+            res += a[i]
+        return res
+    r0, r1, r2, r3 = a[lo], a[lo + 1], a[lo + 2], a[lo + 3]
+    r4, r5, r6, r7 = a[lo + 4], a[lo + 5], a[lo + 6], a[lo + 7]
+    i = 8
+    while i < n - n % 8:
+        j = lo + i
+        r0 += a[j]
+        r1 += a[j + 1]
+        r2 += a[j + 2]
+        r3 += a[j + 3]
+        r4 += a[j + 4]
+        r5 += a[j + 5]
+        r6 += a[j + 6]
+        r7 += a[j + 7]
+        i += 8
+    res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+    while i < n:
+        res += a[lo + i]
+        i += 1
+    return res
+
+
+@kernel
+def _pack_sums(slots, num_gpus, out):
+    """``out [L, G]``: each GPU's ``k = R / G <= 128`` slot loads of ``slots [L, R]``
+    summed as numpy's ``slots.reshape(L, G, k).sum(axis=2)`` sums them
+    (:func:`pairwise_sum`, added to ``0.0``), bit for bit."""
+    L, R = slots.shape
+    k = R // num_gpus
+    for l in range(L):
+        row = slots[l]
+        for g in range(num_gpus):
+            out[l, g] = 0.0 + pairwise_sum(row, g * k, k)
+
+
 @warmer
 def _warm() -> None:
-    """Compile :func:`_slot_loads` with the argument types real calls use."""
-    slot_loads(np.ones((1, 2)), np.array([[0, 1, -1, 0]]))
+    """Compile :func:`_slot_loads` and :func:`_pack_sums` with the argument types real
+    calls use."""
+    slot_gpu_loads(np.ones((1, 2)), np.array([[0, 1, -1, 0]]), 2)
+
+
+def slot_gpu_loads(weight: np.ndarray, phy2log: np.ndarray, num_gpus: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(slot_loads [L, R], gpu_loads [L, G])`` of a placement, the GPU loads summed in
+    one pass over the slot loads (the same bits as ``gpu_loads``)."""
+    s = slot_loads(weight, phy2log)
+    L, R = s.shape
+    G = int(num_gpus)
+    if L == 0 or G <= 0 or R % G or R // G > 128:
+        # numpy itself: its error for sizes that do not divide, its halving for long rows
+        return s, s.reshape(L, num_gpus, -1).sum(axis=2)
+    out = np.empty((L, G))
+    _pack_sums(s, G, out)
+    return s, out
 
 
 def gpu_loads(weight: np.ndarray, phy2log: np.ndarray, num_gpus: int) -> np.ndarray:
     """``[L, G]`` float64 load of every GPU (GPU ``g`` holds slots ``g*k .. g*k+k-1``)."""
-    s = slot_loads(weight, phy2log)
-    return s.reshape(s.shape[0], num_gpus, -1).sum(axis=2)
+    return slot_gpu_loads(weight, phy2log, num_gpus)[1]
 
 
 def max_load(loads: np.ndarray) -> np.ndarray:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from .bounds import Bounds, lower_bounds
-from .metrics import balancedness, gap as certified_gap, gpu_loads, slot_loads
+from .metrics import balancedness, gap as certified_gap, gpu_loads, slot_gpu_loads
 from .migrate import Migration
 from .plan import LazyMetadata, Plan
 from .problem import Problem, SolveOptions
@@ -149,6 +149,13 @@ class SolveResult:
                     f"{self.gap[l]:>9.4%} {bal:>8.5f} {self.status[l]}"
                 )
         return "\n".join(lines)
+
+
+def _balancedness(mean: np.ndarray, top: np.ndarray) -> float:
+    """:func:`~eplb_opt.metrics.balancedness` of loads whose row means and maxima are
+    ``mean`` and ``top`` (the same arithmetic, without taking the means again)."""
+    t = top.sum()
+    return 1.0 if t <= 0 else float(mean.sum() / t)
 
 
 def _ratio(a: np.ndarray, b: np.ndarray) -> float:
@@ -291,8 +298,8 @@ def build_result(
         policy, parameters: override the policy reported and add plan-file parameters.
     """
     L, G = problem.num_layers, problem.num_gpus
-    slots = slot_loads(problem.weight, phy2log)
-    gpus = slots.reshape(L, G, -1).sum(axis=2)
+    slots, gpus = slot_gpu_loads(problem.weight, phy2log, G)
+    mean = gpus.mean(axis=1)
     windows = options.windows
     per_window = window_bal = None
     if windows.shape[0] > 1:
@@ -317,7 +324,7 @@ def build_result(
     meta = LazyMetadata(meta, {"input_sha256": (input_sha256, (problem.weight,))})
     return SolveResult(
         plan=Plan.from_numpy(phy2log, problem.num_experts, metadata=meta), max_load=top,
-        mean_load=gpus.mean(axis=1), lower_bound=lb, gap=gap, status=status, balancedness=balancedness(gpus),
+        mean_load=mean, lower_bound=lb, gap=gap, status=status, balancedness=_balancedness(mean, gpus.max(axis=1)),
         slot_balancedness=balancedness(slots), runtime=time.perf_counter() - start, events=tuple(events),
         policy=policy or problem.policy, bounds=bounds, tolerance=options.tolerance, conditional_bound=conditional,
         migration=migration, objective=options.objective, window_balancedness=window_bal,

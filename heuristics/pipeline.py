@@ -146,37 +146,51 @@ def _count_layers(w, node_of_group, extra, cap, experts, neg, cnt, logcnt):
                 logcnt[l, experts[l, nd, j]] = c[j]
 
 
+# Replicas packed per call of :func:`~.packing._pack_segments` in :func:`_pack_layers`: the
+# items, layouts and labels of that many stay in cache between the steps (one chunk
+# held every layer of the 60 x 1024 scale case, 3 MB, and was slower than per layer).
+_CHUNK_ITEMS = 8192
+
+
 @kernel
 def _pack_layers(experts, neg, cnt, order, num_packs, rounds, allow_dup, phy2log):
     """Step 3 of :func:`place` on every layer: the replicas of its nodes as sorted items
     (:func:`~.packing._items_row`, from :func:`_count_layers`' ``neg`` and ``cnt`` and
     ``order``, ``neg``'s argsort per node), every row's target the largest of its
     layer's bounds, and the packing of each layer's nodes as one segment
-    (:func:`~.packing._pack_segments`, all layers in one call); writes ``phy2log [L, R]``."""
+    (:func:`~.packing._pack_segments`, on chunks of layers of about
+    :data:`_CHUNK_ITEMS` replicas, its work arrays unpacked once a chunk); writes
+    ``phy2log [L, R]``."""
     L, S, m = experts.shape
     n = phy2log.shape[1] // S
     k = n // num_packs
-    values, labels = np.empty((L * S, n)), np.empty((L * S, n), np.int64)
-    target, out = np.empty(L * S), np.empty((L * S, num_packs, k), np.int64)
-    for l in range(L):
-        top = -np.inf
-        for nd in range(S):
-            r = l * S + nd
-            top = max(top, _items_row(neg[l, nd], cnt[l, nd], order[l, nd], num_packs, values[r], labels[r]))
-        target[l * S:(l + 1) * S] = top
-    if num_packs == 1 or k <= 1:        # every layout is equally balanced
-        for r in range(L * S):
-            for i in range(n):
-                out[r, i // k, i % k] = i
-    else:
-        table = np.full(m, -1, np.int64)
-        _pack_segments(values, labels, target, True, rounds, allow_dup, table, _pack_work(S, num_packs, k), out)
-    for l in range(L):
-        for nd in range(S):
-            r = l * S + nd
-            for p in range(num_packs):
-                for t in range(k):
-                    phy2log[l, nd * n + p * k + t] = experts[l, nd, labels[r, out[r, p, t]]]
+    C = min(L, max(1, _CHUNK_ITEMS // (S * n)))         # layers per chunk
+    values, labels = np.empty((C * S, n)), np.empty((C * S, n), np.int64)
+    target, out = np.empty(C * S), np.empty((C * S, num_packs, k), np.int64)
+    table = np.full(m, -1, np.int64)
+    work = _pack_work(S, num_packs, k)
+    for l0 in range(0, L, C):
+        c = min(C, L - l0)
+        for l in range(c):
+            top = -np.inf
+            for nd in range(S):
+                r = l * S + nd
+                top = max(top, _items_row(neg[l0 + l, nd], cnt[l0 + l, nd], order[l0 + l, nd], num_packs,
+                                          values[r], labels[r]))
+            target[l * S:(l + 1) * S] = top
+        if num_packs == 1 or k <= 1:        # every layout is equally balanced
+            for r in range(c * S):
+                for i in range(n):
+                    out[r, i // k, i % k] = i
+        else:
+            _pack_segments(values[:c * S], labels[:c * S], target[:c * S], True, rounds, allow_dup, table, work,
+                           out[:c * S])
+        for l in range(c):
+            for nd in range(S):
+                r = l * S + nd
+                for p in range(num_packs):
+                    for t in range(k):
+                        phy2log[l0 + l, nd * n + p * k + t] = experts[l0 + l, nd, labels[r, out[r, p, t]]]
 
 
 def _check_shapes(w: np.ndarray, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int) -> None:

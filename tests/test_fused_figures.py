@@ -1,0 +1,84 @@
+"""The compiled sums behind ``solve``'s figures and the node_replica bound, against the
+numpy expressions they replace, bit for bit (golden fingerprints and certificates
+depend on every bit)."""
+
+from __future__ import annotations
+
+from itertools import combinations
+from math import comb
+
+import numpy as np
+import pytest
+
+from eplb_opt import bounds as B
+from eplb_opt.heuristics import ENUMERATION_LIMIT, node_load_lower_bound, num_partitions
+from eplb_opt.metrics import gpu_loads, slot_gpu_loads, slot_loads
+
+
+def _bits(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=np.float64).view(np.int64)
+
+
+def test_gpu_loads_have_numpys_bits() -> None:
+    rng = np.random.default_rng(3)
+    for trial in range(400):
+        k = int(rng.integers(1, 300)) if trial % 4 == 0 else int(rng.integers(1, 40))
+        G, L, E = int(rng.integers(1, 6)), int(rng.integers(1, 4)), int(rng.integers(1, 30))
+        w = rng.gamma(0.5, 1.0, (L, E)) * 10.0 ** rng.uniform(-6, 6, (L, E))
+        if trial % 7 == 0:
+            w[:, ::2] = 0.0
+        p = rng.integers(-1 if trial % 5 == 0 else 0, E, (L, G * k))
+        slots, gpus = slot_gpu_loads(w, p, G)
+        want = slot_loads(w, p).reshape(L, G, -1).sum(axis=2)
+        assert np.array_equal(_bits(slots), _bits(slot_loads(w, p)))
+        assert np.array_equal(_bits(gpus), _bits(want)), (trial, k, G)
+        assert np.array_equal(_bits(gpu_loads(w, p, G)), _bits(want))
+
+
+def test_gpu_loads_keep_numpys_errors() -> None:
+    with pytest.raises(ValueError):
+        gpu_loads(np.ones((1, 3)), np.zeros((1, 4), dtype=np.int64), 3)
+
+
+def _node_replica_reference(w: np.ndarray, R: int, ng: int, N: int, G: int, floor: np.ndarray) -> np.ndarray:
+    """The numpy computation the compiled path replaced (enumerable case, spare slots)."""
+    L, E = w.shape
+    gs, m = E // ng, ng // N
+    rn, gpn = R // N, G // N
+    group_load = w.reshape(L, ng, gs).sum(axis=2)
+    need = np.maximum(np.ceil(w / floor[:, None]) - 1, 0).reshape(L, ng, gs).sum(axis=2)
+    subsets = np.array(list(combinations(range(ng), m)), dtype=np.int64)
+    experts = (subsets[:, :, None] * gs + np.arange(gs)).reshape(len(subsets), -1)
+    t = np.zeros((L, len(subsets)))
+    li, ci = np.nonzero(need[:, subsets].sum(axis=2) > rn - m * gs)
+    if li.size:
+        t[li, ci] = B.min_max_replica_load(w[li[:, None], experts[ci]], rn)
+    score = np.maximum(t, group_load[:, subsets].sum(axis=2) / gpn)
+    return score[:, B._partition_blocks(ng, N)].max(axis=2).min(axis=1)
+
+
+def test_node_replica_bound_matches_numpy_reference() -> None:
+    rng = np.random.default_rng(5)
+    checked = 0
+    for trial in range(1500):
+        N, m = int(rng.choice([2, 3, 4])), int(rng.choice([1, 2, 3]))
+        ng, gs, gpn = N * m, int(rng.choice([1, 2, 3, 5, 9])), int(rng.choice([1, 2, 3]))
+        E, G = ng * gs, N * gpn
+        k = int(rng.integers(max(1, -(-E // G)), -(-E // G) + 4))
+        R = k * G
+        if R // N == m * gs or comb(ng, m) > B.SUBSET_LIMIT or num_partitions(ng, N) > ENUMERATION_LIMIT:
+            continue
+        L = int(rng.integers(1, 5))
+        w = [rng.gamma(0.4, 100, (L, E)), rng.integers(0, 6, (L, E)).astype(float),
+             np.round(rng.random((L, E)) * 8) / 4, rng.random((L, E)) ** 6][trial % 4]
+        if trial % 13 == 0:
+            w[0] = 0.0
+        nb, _ = node_load_lower_bound(w.reshape(L, ng, gs).sum(axis=2), N)
+        for floor in (nb / gpn, nb / gpn * rng.uniform(0.3, 1.0, L)):
+            if not (floor > 0).all():
+                continue
+            got, exact = B.node_replica_bound(w, R, ng, N, G, floor=floor)
+            assert exact
+            assert np.array_equal(_bits(got), _bits(_node_replica_reference(w, R, ng, N, G, floor))), trial
+            checked += 1
+    assert checked > 500
