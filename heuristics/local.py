@@ -59,18 +59,17 @@ def move_prices(newm, cin):
     else 0), and whether every sum of four of them is exact in float64 (all are multiples
     of ``2^-20`` below ``2^30``), which the swap search's bounds rely on."""
     G, E = newm.shape
-    q = np.zeros((G, E))
-    exact = True
-    last = 0.0                                  # 0 is exact; each other price is tested once in a row
+    q = np.empty((G, E))
     for g in range(G):
         for e in range(E):
-            if newm[g, e]:
-                y = cin[g, e]
-                q[g, e] = y
-                if y != last:
-                    x = y * 1048576.0
-                    exact = exact and x == np.floor(x) and abs(y) < 1073741824.0
-                    last = y
+            q[g, e] = cin[g, e] if newm[g, e] else 0.0
+    exact = True
+    for g in range(G):                  # branch-free per row (the compiler vectorises it)
+        ok = True
+        for e in range(E):
+            x = q[g, e] * 1048576.0
+            ok &= (x == np.floor(x)) & (abs(q[g, e]) < 1073741824.0)
+        exact = exact and ok
     return q, exact
 
 
