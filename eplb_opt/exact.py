@@ -18,6 +18,14 @@ works on the layers still above tolerance, largest gap first:
    groups to other nodes; a proven optimum of the group step bounds every plan.
 3. *Exact pair re-splits* (:mod:`heuristics.resplit`), batched over every open layer:
    fast, and on model-shaped loads it closes most of the gap.
+3b. *Whole-node covers* (hierarchical, wall clock; :mod:`heuristics.nodecover`): the
+   node that sets a layer's maximum re-partitioned whole at a target near its average,
+   by an exact-cover search over the ``k``-sets in the window the target leaves, with
+   the plan's replica counts, counts built for the target, and count vectors near them;
+   node after node.  It runs after phase 3 and again, on the layers phase 4 changed,
+   after phase 4.  On
+   deepseek-v3-decode (one group per node) it finds the near-perfect partitions the
+   other phases miss (issue 12: seed 0, layers over 0.05 %: 16 before, 3 after).
 4. *Replica-count moves*: one replica (or a few) moved between experts of the node that
    sets the layer's maximum, re-packed and re-split; changes the replica counts.
 5. *Complete models of the heaviest node* (hierarchical, one group per node): that
@@ -27,7 +35,7 @@ works on the layers still above tolerance, largest gap first:
 7. *CP-SAT large-neighbourhood search* in worker threads: the heaviest GPU and a few
    others re-placed exactly (:func:`eplb_opt.cpsat.solve_neighbourhood`).
 
-Phases 2 and 4 change groups and replica counts; the others change placement only.
+Phases 2, 3b and 4 change groups or replica counts; the others change placement only.
 Where OR-Tools cannot be loaded in time, phases 3 and 4 (no solver) still run.  Every
 change only ever lowers a layer's heaviest GPU; the caller checks that again on the final
 plan.
@@ -48,6 +56,7 @@ import numpy as np
 from . import budget as units
 from .budget import SECONDS_PER_CANDIDATE_ITEM
 from .heuristics.pipeline import pack_rows
+from .heuristics.nodecover import search_node
 from .heuristics.resplit import resplit_rounds
 from .metrics import gap as certified_gap, gpu_loads, replica_counts_of
 
@@ -89,6 +98,14 @@ IMPORT_SECONDS = 0.6
 # with this share of the time left before the neighbourhood search.
 FIXED_LIMIT = 2500
 FIXED_SHARE = 0.5
+# Whole-node covers (phase 3b, wall clock, hierarchical): share of the time left after
+# the pair re-splits, and again after the count moves (on the layers they changed).
+NODE_COVER_SHARE = 0.5
+NODE_COVER_SHARE_AFTER = 0.6
+# ... and at most this share of the whole budget per layer and pass (the time left goes
+# to the later phases).  A cap of 1 s at time_limit=60 left one decode layer over
+# 0.05 % (seed 2 layer 27, 0.066 %); uncapped, a short call spent its CP-SAT time here.
+NODE_COVER_LAYER_SHARE = 0.04
 # Share of the time left before the neighbourhood search given to complete models of the
 # heaviest node (hierarchical policy with one group per node).
 NODE_SHARE = 0.5
@@ -319,7 +336,10 @@ def _run_phases(s: _Refinement) -> None:
             return
     open_layers = _phase2_groups_by_cpsat(s, open_layers)
     _phase3_pair_resplits(s, open_layers)
+    _phase3b_node_covers(s, NODE_COVER_SHARE)
+    before = s.p.copy()
     _phase4_count_moves(s)
+    _phase3b_node_covers(s, NODE_COVER_SHARE_AFTER, changed_since=before)
     todo = s.open_layers()
     if not todo or s.P < 3:
         return
@@ -664,6 +684,84 @@ def _phase3_pair_resplits(s: _Refinement, open_layers: np.ndarray) -> None:
     slots = slots.copy()
     slots[open_rows] = np.take_along_axis(slots[open_rows], lay.reshape(open_rows.size, -1), axis=1)
     s.p = slots.reshape(L, s.R)
+
+
+def _phase3b_node_covers(s: _Refinement, share: float, changed_since: np.ndarray | None = None) -> None:
+    """Phase 3b (hierarchical, wall clock): the node that sets each open layer's maximum
+    re-partitioned whole at a target (:func:`heuristics.nodecover.search_node`: exact
+    covers by ``k``-sets in the window the target leaves, over the plan's replica counts
+    and count vectors near them), node after node while that lowers the layer's
+    heaviest GPU.  The layers share ``share`` of the time left (at most
+    ``NODE_COVER_LAYER_SHARE`` of the budget each), ``workers`` at a time, largest gap first.  An
+    interrupt stops the running searches (``s.stop``) within one cover.  With
+    ``changed_since`` (a plan), only the layers whose rows differ from it (the search
+    is deterministic: run again on the same node it would repeat itself)."""
+    if s.N == 1 or s.P < 2 or s.deterministic or s.out_of_time():
+        return
+    todo = s.open_layers()
+    if changed_since is not None:
+        todo = [l for l in todo if not np.array_equal(s.p[l], changed_since[l])]
+    if not todo:
+        return
+    end = time.perf_counter() + share * max(0.0, s.deadline - time.perf_counter())
+    s.p = s.p.copy()
+    left = [len(todo)]
+    lock = threading.Lock()
+
+    def work(l: int) -> tuple[int, np.ndarray, bool]:
+        with lock:
+            ahead = left[0]
+            left[0] -= 1
+        now = time.perf_counter()
+        cap = NODE_COVER_LAYER_SHARE * s.budget
+        layer_end = now + min(cap, max(0.0, end - now) * min(1.0, s.workers / max(ahead, 1)))
+        try:
+            return l, *_cover_layer(s, l, layer_end)
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a failure keeps the layer's plan
+            _failed(s.events, f"layer {s.ids[l]}: node cover search", exc)
+            return l, s.p[l].copy(), False
+
+    improved = 0
+    pool = ThreadPoolExecutor(max_workers=s.workers)
+    try:
+        for l, row, better in pool.map(work, todo):
+            s.p[l] = row
+            improved += better
+    except BaseException:
+        s.stop.set()                    # an interrupt: running searches stop at once
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    if improved:
+        s.events.append(f"whole-node covers improved {improved} layer(s)")
+
+
+def _cover_layer(s: _Refinement, l: int, layer_end: float) -> tuple[np.ndarray, bool]:
+    """Phase 3b on layer ``l`` until ``layer_end``: returns ``([R] its plan, improved)``."""
+    row = s.p[l].copy()
+    rn, aim = s.R // s.N, s.lower_bound[l] * (1 + s.tol)
+    improved = False
+    while not s.stop.is_set() and time.perf_counter() < min(layer_end, s.deadline):
+        cnt = np.bincount(row, minlength=s.E)
+        nodes = row.reshape(s.N, rn)
+        node_loads = (s.w[l] / np.maximum(cnt, 1))[nodes].reshape(s.N, s.P, s.k).sum(axis=2)
+        n = int(node_loads.max(axis=1).argmax())
+        current = node_loads[n].max()
+        ex = np.unique(nodes[n])
+        if current <= aim or int(cnt[ex].sum()) != rn:
+            break
+        got_cnt, place, top = search_node(s.w[l, ex], cnt[ex], s.P, s.k, aim=aim, upper=current,
+                                          deadline=min(layer_end, s.deadline), stop=s.stop)
+        if place is None:
+            break
+        new_loads = (s.w[l, ex] / got_cnt)[place].sum(axis=1)
+        if new_loads.max() >= current * (1 - 1e-12):
+            break
+        row[n * rn : (n + 1) * rn] = ex[place].ravel()
+        improved = True
+    return row, improved
 
 
 def _phase4_count_moves(s: _Refinement) -> None:
