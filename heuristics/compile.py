@@ -107,7 +107,7 @@ def compile_all() -> int:
     """Compile (or load from the cache) every registered kernel; returns the number of
     warmers run.  Importing the modules that define kernels registers their warmers
     (the plan verifier's kernels, :mod:`eplb_opt.verify_kernels`, included)."""
-    from . import apportion, grouping, local, matching, packing, pipeline, resplit, robust, spill  # noqa: F401
+    from . import apportion, grouping, local, matching, nodecover, packing, pipeline, resplit, robust, spill  # noqa: F401
     from .. import verify_kernels  # noqa: F401  (eplb_opt.verify_kernels: numpy and numba only)
 
     for fn in list(_WARMERS):

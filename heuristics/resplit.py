@@ -441,6 +441,3 @@ def _warm() -> None:
     resplit_rounds(values, labels, layout, target=np.ones(1), partners=3)
     resplit_rounds(values, labels, layout, deadline=time.perf_counter() + 1.0)
 
-
-# The whole-node search is built on the same idea and warmed with these kernels.
-from . import nodecover as _nodecover  # noqa: E402,F401  (registers its warmer)
