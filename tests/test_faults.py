@@ -168,10 +168,12 @@ def test_interrupt_gives_a_verified_partial_plan(monkeypatch, case):
     kw, shape = CASES[case]
     w = _weight(shape, seed=2)
     after = 1
+    raised_at: list[float] = []
 
     def interrupt_later(real, solver, model):
         # Raised in a worker thread it reaches the main thread through the pool.
         if inj.calls > after:
+            raised_at.append(time.perf_counter())
             raise KeyboardInterrupt
         return real()
 
@@ -179,7 +181,11 @@ def test_interrupt_gives_a_verified_partial_plan(monkeypatch, case):
     t0 = time.perf_counter()
     with pytest.raises(SolveInterrupted) as info:
         eplb_opt.solve(w, **kw, mode="exact", time_limit=30.0)
-    assert time.perf_counter() - t0 < 10, "the interrupt did not stop the run"
+    # Timed from the interrupt, not from the start: the phases before CP-SAT (the
+    # whole-node search among them) take seconds of the 30 s on a loaded CI machine.
+    end = time.perf_counter()
+    assert raised_at, "no CP-SAT call was reached"
+    assert end - raised_at[0] < 5 and end - t0 < 25, "the interrupt did not stop the run"
     stop = info.value
     assert isinstance(stop, KeyboardInterrupt) and not isinstance(stop, Exception)
     assert stop.stage == "exact refinement"
