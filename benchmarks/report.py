@@ -893,6 +893,11 @@ def write(here: Path) -> None:
         section = _gaps_section(json.loads(quiet.read_text()))
         section[0] += ": rerun of the presets over the target on a quiet machine"
         lines += section
+    covers = here / "gaps_nodecover.json"
+    if covers.exists():
+        section = _gaps_section(json.loads(covers.read_text()))
+        section[0] += ": deepseek-v3-decode after the whole-node search (exact phase 3b), quiet machine"
+        lines += section
     det_wall = here / "deterministic_wall.json"
     if det_wall.exists():
         lines += _deterministic_wall_section(json.loads(det_wall.read_text()))
