@@ -440,12 +440,6 @@ def _node_step_in(w, x, away, c, v, loads, P, G, lam, cap, best, ws):
 
 
 @kernel
-def _node_step(w, x, away, c, v, loads, P, G, lam, cap, best):
-    """:func:`_node_step_in` with its own work space."""
-    return _node_step_in(w, x, away, c, v, loads, P, G, lam, cap, best, _node_work(x.shape[0], x.shape[1]))
-
-
-@kernel
 def _node_search(w, x, away, P, G, lam, cap, max_steps, c, v, loads, ws):
     """Apply the best improving swap or retarget (``x`` in place) until none is left or
     ``max_steps``; ``c``, ``v``, ``loads`` end as those of the final ``x``."""

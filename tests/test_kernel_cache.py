@@ -139,14 +139,20 @@ def test_numba_cache_dir_is_respected(cold):
     assert any("heuristics" in n for n in names), names
 
 
-def test_warm_cache_loads_every_kernel_well_under_a_second(cold):
+def test_warm_cache_loads_every_kernel_without_compiling(cold):
+    """Every kernel loads from a warm cache: no cache file is written and the CPU time is
+    that of loading (compile_all() from a warm cache: 0.57-0.73 s CPU on an idle 2-core
+    machine; compiling them takes about 130 s).  The bound is loose on purpose: under
+    CI's four test workers on two cores the same load measured 1.00 s CPU, and the
+    sub-second figure itself is a benchmark's (``benchmarks/run_kernels.py``, cold start),
+    not a timed unit test's."""
     cache, _ = cold
     before = _cache_files(cache)
     done = _run(WARM_TIMING, _env(NUMBA_CACHE_DIR=str(cache)))
     assert done.returncode == 0, done.stderr
     assert _cache_files(cache) == before            # loaded, nothing compiled or rewritten
     cpu, wall = (float(x) for x in done.stdout.split()[-2:])
-    assert cpu < 1.0, f"compile_all() from a warm cache: {cpu:.2f} s CPU, {wall:.2f} s wall"
+    assert cpu < 10.0, f"compile_all() from a warm cache: {cpu:.2f} s CPU, {wall:.2f} s wall"
 
 
 def _without_dac_override() -> None:

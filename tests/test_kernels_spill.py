@@ -110,6 +110,11 @@ def _apply_node(x, best):
     return y
 
 
+def _node_step(w, x, away, c, v, loads, P, G, lam, cap, best):
+    """One node-search step's choice (``spill._node_step_in``) with a fresh work space."""
+    return spill._node_step_in(w, x, away, c, v, loads, P, G, lam, cap, best, spill._node_work(x.shape[0], x.shape[1]))
+
+
 def test_node_step_is_the_best_move():
     """Every step along each case's search (up to six), so states with replicas spilled
     by earlier steps are checked too."""
@@ -130,7 +135,7 @@ def test_node_step_is_the_best_move():
         away = (np.arange(N)[None, :] != home[:, None]).astype(np.int64)
         for _ in range(6):
             best = np.empty(6)
-            f0 = spill._node_step(w, x, away, np.empty(E, np.int64), np.empty(E), np.empty(N), P, G, lam, cap, best)
+            f0 = _node_step(w, x, away, np.empty(E, np.int64), np.empty(E), np.empty(N), P, G, lam, cap, best)
             f_ref = node_objective(w, x, home, P, G, lam)
             assert close(f0, f_ref)
             values = [node_objective(w, y, home, P, G, lam) for _, y in node_moves(w, x, home, cap)]
@@ -155,7 +160,7 @@ def test_node_step_finds_a_retarget_that_only_cuts_off_node_load():
     N, P, G, lam = 3, 1, 3, 0.5
     away = (np.arange(N)[None, :] != home[:, None]).astype(np.int64)
     best = np.empty(6)
-    f0 = spill._node_step(w, x, away, np.empty(7, np.int64), np.empty(7), np.empty(N), P, G, lam, np.inf, best)
+    f0 = _node_step(w, x, away, np.empty(7, np.int64), np.empty(7), np.empty(N), P, G, lam, np.inf, best)
     values = [node_objective(w, y, home, P, G, lam) for _, y in node_moves(w, x, home, np.inf)]
     target = min(v for v in values if v < f0 - 1e-12 * f0)
     assert best[1] == 1.0 and close(best[0], target), (best, target)
@@ -184,7 +189,7 @@ def test_node_step_keeps_a_retarget_its_block_bound_only_just_admits(state):
     (E, N), G = x.shape, P * x.shape[1]
     away = (np.arange(N)[None, :] != home[:, None]).astype(np.int64)
     best = np.empty(6)
-    f0 = spill._node_step(w, x, away, np.empty(E, np.int64), np.empty(E), np.empty(N), P, G, lam, cap, best)
+    f0 = _node_step(w, x, away, np.empty(E, np.int64), np.empty(E), np.empty(N), P, G, lam, cap, best)
     assert close(f0, node_objective(w, x, home, P, G, lam))
     values = [node_objective(w, y, home, P, G, lam) for _, y in node_moves(w, x, home, cap)]
     target = min(v for v in values if v < f0 - 1e-12 * f0)
