@@ -880,7 +880,10 @@ def write(here: Path) -> None:
     for name, title in (("deadlines_p99.json", "full run, before the load fixes of 79a1288"),
                         ("deadlines_p99_after.json", "full rerun after those and the re-split round cap"),
                         ("deadlines_p99_gc.json", "idle rerun after the GC pause and the neighbourhood reserve "
-                                                  "(compiled kernels)")):
+                                                  "(compiled kernels)"),
+                        ("deadlines_p99_nodecover.json", "check after the whole-node search (exact phase 3b) with its "
+                                                         "1 s minimum budget and 0.1 s reserve (hierarchical, idle, "
+                                                         "warm, 100 calls)")):
         if (here / name).exists():
             section = _deadline_p99_section(json.loads((here / name).read_text()))
             section[0] += f": {title}"

@@ -18,7 +18,8 @@ works on the layers still above tolerance, largest gap first:
    groups to other nodes; a proven optimum of the group step bounds every plan.
 3. *Exact pair re-splits* (:mod:`heuristics.resplit`), batched over every open layer:
    fast, and on model-shaped loads it closes most of the gap.
-3b. *Whole-node covers* (hierarchical, wall clock; :mod:`heuristics.nodecover`): the
+3b. *Whole-node covers* (hierarchical, wall-clock budgets of at least
+   ``NODE_COVER_MIN_BUDGET``; :mod:`heuristics.nodecover`): the
    node that sets a layer's maximum re-partitioned whole at a target near its average,
    by an exact-cover search over the ``k``-sets in the window the target leaves, with
    the plan's replica counts, counts built for the target, and count vectors near them;
@@ -106,6 +107,13 @@ NODE_COVER_SHARE_AFTER = 0.6
 # to the later phases).  A cap of 1 s at time_limit=60 left one decode layer over
 # 0.05 % (seed 2 layer 27, 0.066 %); uncapped, a short call spent its CP-SAT time here.
 NODE_COVER_LAYER_SHARE = 0.04
+# One cover search runs to its end once started (the deadline is read between covers),
+# and took up to about 50 ms: at time_limit 0.1-0.2 s on the prefill preset the phase
+# overshot the deadline by p99 37-45 ms (100 warm calls, idle).  So it runs only on
+# budgets of at least NODE_COVER_MIN_BUDGET seconds and starts no cover later than
+# NODE_COVER_RESERVE seconds before the deadline.
+NODE_COVER_MIN_BUDGET = 1.0
+NODE_COVER_RESERVE = 0.1
 # Share of the time left before the neighbourhood search given to complete models of the
 # heaviest node (hierarchical policy with one group per node).
 NODE_SHARE = 0.5
@@ -696,7 +704,7 @@ def _phase3b_node_covers(s: _Refinement, share: float, changed_since: np.ndarray
     interrupt stops the running searches (``s.stop``) within one cover.  With
     ``changed_since`` (a plan), only the layers whose rows differ from it (the search
     is deterministic: run again on the same node it would repeat itself)."""
-    if s.N == 1 or s.P < 2 or s.deterministic or s.out_of_time():
+    if s.N == 1 or s.P < 2 or s.deterministic or s.out_of_time() or s.budget < NODE_COVER_MIN_BUDGET:
         return
     todo = s.open_layers()
     if changed_since is not None:
@@ -743,7 +751,8 @@ def _cover_layer(s: _Refinement, l: int, layer_end: float) -> tuple[np.ndarray, 
     row = s.p[l].copy()
     rn, aim = s.R // s.N, s.lower_bound[l] * (1 + s.tol)
     improved = False
-    while not s.stop.is_set() and time.perf_counter() < min(layer_end, s.deadline):
+    stop_at = min(layer_end, s.deadline - NODE_COVER_RESERVE)
+    while not s.stop.is_set() and time.perf_counter() < stop_at:
         cnt = np.bincount(row, minlength=s.E)
         nodes = row.reshape(s.N, rn)
         node_loads = (s.w[l] / np.maximum(cnt, 1))[nodes].reshape(s.N, s.P, s.k).sum(axis=2)
@@ -753,7 +762,7 @@ def _cover_layer(s: _Refinement, l: int, layer_end: float) -> tuple[np.ndarray, 
         if current <= aim or int(cnt[ex].sum()) != rn:
             break
         got_cnt, place, top = search_node(s.w[l, ex], cnt[ex], s.P, s.k, aim=aim, upper=current,
-                                          deadline=min(layer_end, s.deadline), stop=s.stop)
+                                          deadline=stop_at, stop=s.stop)
         if place is None:
             break
         new_loads = (s.w[l, ex] / got_cnt)[place].sum(axis=1)
