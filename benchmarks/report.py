@@ -901,6 +901,11 @@ def write(here: Path) -> None:
         section = _gaps_section(json.loads(covers.read_text()))
         section[0] += ": deepseek-v3-decode after the whole-node search (exact phase 3b), quiet machine"
         lines += section
+    others = here / "gaps_nodecover_others.json"
+    if others.exists():
+        section = _gaps_section(json.loads(others.read_text()))
+        section[0] += ": prefill and no-redundancy after the whole-node search, quiet machine"
+        lines += section
     det_wall = here / "deterministic_wall.json"
     if det_wall.exists():
         lines += _deterministic_wall_section(json.loads(det_wall.read_text()))
