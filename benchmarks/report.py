@@ -891,21 +891,15 @@ def write(here: Path) -> None:
     gaps = here / "gaps.json"
     if gaps.exists():
         lines += _gaps_section(json.loads(gaps.read_text()))
-    quiet = here / "gaps_quiet.json"
-    if quiet.exists():
-        section = _gaps_section(json.loads(quiet.read_text()))
-        section[0] += ": rerun of the presets over the target on a quiet machine"
-        lines += section
-    covers = here / "gaps_nodecover.json"
-    if covers.exists():
-        section = _gaps_section(json.loads(covers.read_text()))
-        section[0] += ": deepseek-v3-decode after the whole-node search (exact phase 3b), quiet machine"
-        lines += section
-    others = here / "gaps_nodecover_others.json"
-    if others.exists():
-        section = _gaps_section(json.loads(others.read_text()))
-        section[0] += ": prefill and no-redundancy after the whole-node search, quiet machine"
-        lines += section
+    for name, title in (("gaps_quiet.json", "rerun of the presets over the target on a quiet machine"),
+                        ("gaps_nodecover.json", "deepseek-v3-decode after the whole-node search (exact phase 3b), "
+                                                "quiet machine"),
+                        ("gaps_nodecover_others.json", "prefill and no-redundancy after the whole-node search, "
+                                                       "quiet machine")):
+        if (here / name).exists():
+            section = _gaps_section(json.loads((here / name).read_text()))
+            section[0] += f": {title}"
+            lines += section
     det_wall = here / "deterministic_wall.json"
     if det_wall.exists():
         lines += _deterministic_wall_section(json.loads(det_wall.read_text()))
