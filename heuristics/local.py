@@ -677,8 +677,16 @@ def keep_gpu_slots(new_gpu, old_gpu):
     slots in their order.  Returns ``[k]`` int64."""
     k = new_gpu.size
     out = np.empty(k, dtype=np.int64)
-    filled = np.zeros(k, dtype=np.bool_)
-    used = np.zeros(k, dtype=np.bool_)
+    keep_slots_into(new_gpu, old_gpu, out, np.empty(k, dtype=np.bool_), np.empty(k, dtype=np.bool_))
+    return out
+
+
+@kernel
+def keep_slots_into(new_gpu, old_gpu, out, filled, used):
+    """:func:`keep_gpu_slots` written into ``out [k]`` (``filled, used [k]``: work)."""
+    k = new_gpu.size
+    filled[:] = False
+    used[:] = False
     for s in range(k):
         for t in range(k):
             if not used[t] and new_gpu[t] == old_gpu[s]:
@@ -694,7 +702,6 @@ def keep_gpu_slots(new_gpu, old_gpu):
             t += 1
         out[s] = new_gpu[t]
         used[t] = True
-    return out
 
 
 @kernel
@@ -767,6 +774,8 @@ def repair_attempt(w, old, start, G, N, hierarchical, node_move_cost, dup, T, ma
     undo_moves(S, w, v, vp, c, load, vS, M, q, exact, newm, oldE, nold, allowed, dup, T, B, max_undo)
     moves = 0
     off = 0                                             # moves from another node
+    filled = np.empty(k, dtype=np.bool_)
+    used = np.empty(k, dtype=np.bool_)
     for g in range(G):
         for s in range(k):
             e = S[g, s]
@@ -774,7 +783,7 @@ def repair_attempt(w, old, start, G, N, hierarchical, node_move_cost, dup, T, ma
                 moves += 1
                 if cin[g, e] != 1.0:
                     off += 1
-        row[g * k:(g + 1) * k] = keep_gpu_slots(S[g], old[g * k:(g + 1) * k])
+        keep_slots_into(S[g], old[g * k:(g + 1) * k], row[g * k:(g + 1) * k], filled, used)
     return True, row, moves, (moves - off) + off * node_move_cost
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from .compile import kernel, warmer
-from .local import keep_gpu_slots
+from .local import keep_slots_into
 
 __all__ = ["align_rows", "max_assignment"]
 
@@ -207,7 +207,7 @@ def align_rows(new, old, G, N, E):
     replicas first (when ``N > 1``), and among the node matchings that share the most,
     one whose GPUs, matched within matched nodes, share the most (each node pair scores
     ``node overlap * (R + 1) + best GPU overlap``); each new GPU's experts then take the
-    old slots of those it keeps (:func:`keep_gpu_slots`)."""
+    old slots of those it keeps (:func:`keep_gpu_slots`, written in place)."""
     L, R = new.shape
     k, P = R // G, G // N
     out = np.empty_like(new)
@@ -218,6 +218,8 @@ def align_rows(new, old, G, N, E):
     seen = np.full(E, -1, dtype=np.int64)
     gpu_of = np.empty(G, dtype=np.int64)
     perms = np.empty((N, N, P), dtype=np.int64)
+    filled = np.empty(k, dtype=np.bool_)
+    used = np.empty(k, dtype=np.bool_)
     for l in range(L):
         _unit_counts(new[l], G, k, cn)
         _unit_counts(old[l], G, k, co)
@@ -228,7 +230,8 @@ def align_rows(new, old, G, N, E):
                 gpu_of[a * P + i] = b * P + perms[a, b, i]
         for g in range(G):
             h = gpu_of[g]
-            out[l, h * k:(h + 1) * k] = keep_gpu_slots(new[l, g * k:(g + 1) * k], old[l, h * k:(h + 1) * k])
+            keep_slots_into(new[l, g * k:(g + 1) * k], old[l, h * k:(h + 1) * k], out[l, h * k:(h + 1) * k], filled,
+                            used)
         _clear_counts(new[l], G, k, cn)
         _clear_counts(old[l], G, k, co)
     return out
