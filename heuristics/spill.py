@@ -148,30 +148,11 @@ def _node_work(E, N):
 
 
 @kernel
-def _node_refresh(w, x, away, c, v, loads, per):
-    """Counts, per-replica loads and node loads of ``x``; returns the off-node load
-    (``per [E]``: work space)."""
-    E, N = x.shape
-    loads[:] = 0.0
-    for e in range(E):
-        s = 0
-        a = 0
-        for n in range(N):
-            s += x[e, n]
-            a += x[e, n] * away[e, n]
-        c[e] = s
-        v[e] = w[e] / max(s, 1)
-        for n in range(N):
-            loads[n] += v[e] * x[e, n]
-        per[e] = v[e] * a
-    return _pairwise(per, 0, E)
-
-
-@kernel
 def _node_state(w, x, away, c, v, loads, ws):
-    """:func:`_node_refresh` (same sums) and, in the same pass, the experts with a
-    replica that may leave each node (``mov[n, :nm[n]]``, ascending: it has one there,
-    not its last home one) and every expert's replicas away from home (``offc``)."""
+    """Counts, per-replica loads and node loads of ``x``; returns the off-node load.
+    In the same pass: the experts with a replica that may leave each node
+    (``mov[n, :nm[n]]``, ascending: it has one there, not its last home one) and every
+    expert's replicas away from home (``offc``).  ``ws``: :func:`_node_work`."""
     E, N = x.shape
     per, offc, mov, nm = ws[0][0], ws[3][0], ws[4], ws[5]
     loads[:] = 0.0
@@ -458,7 +439,7 @@ def _node_search(w, x, away, P, G, lam, cap, max_steps, c, v, loads, ws):
             f, e, n = int(best[2]), int(best[3]), int(best[4])
             x[f, n] -= 1
             x[e, n] += 1
-    _node_refresh(w, x, away, c, v, loads, ws[0][0])
+    _node_state(w, x, away, c, v, loads, ws)
 
 
 @kernel
@@ -776,7 +757,6 @@ def _node_start(w, rows, factors, away, rn, P, G, lam, cap, max_steps):
     E, N = away.shape
     c, v, loads = np.empty(E, np.int64), np.empty(E), np.empty(N)
     ws = _node_work(E, N)
-    per = ws[0][0]
     best_x, best_f, best_s = np.zeros((E, N), dtype=np.int64), np.inf, 0
     for i in range(factors.size):
         x = np.zeros((E, N), dtype=np.int64)
@@ -784,12 +764,12 @@ def _node_start(w, rows, factors, away, rn, P, G, lam, cap, max_steps):
             x[rows[i, s], s // rn] += 1
         if factors[i] >= 0:
             _node_search(w, x, away, P, G, lam * factors[i], cap, max_steps, c, v, loads, ws)
-        off = _node_refresh(w, x, away, c, v, loads, per)
+        off = _node_state(w, x, away, c, v, loads, ws)
         f = max(loads.max() / P, v.max()) + lam * off / G
         if f < best_f:
             best_f, best_s = f, i
             best_x[:, :] = x
-    _node_refresh(w, best_x, away, c, v, loads, per)
+    _node_state(w, best_x, away, c, v, loads, ws)
     return best_x, v, best_s
 
 
