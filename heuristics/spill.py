@@ -568,8 +568,8 @@ def _gpu_swaps(S, M, v, loads, away, hc, g, off0, sq0, f0, eps, lam, dup, bd, bf
             if h == g or (away[g, a] == 0 and hc[a] == 1 and away[h, a] == 1):
                 continue                         # a primary leaves home
             ex = v2 if h == i1 else v1
-            lb = max(max(loads[g] + (vlo[h] - v[a]), loads[h] - (vhi[h] - v[a])), ex) + \
-                lam * (off0 + (v[a] * (away[h, a] - away[g, a]) + olo[h])) / G
+            pen = lam * (off0 + (v[a] * (away[h, a] - away[g, a]) + olo[h])) / G
+            lb = max(max(loads[g] + (vlo[h] - v[a]), loads[h] - (vhi[h] - v[a])), ex) + pen
             if lb > f0 + eps or lb >= bd[0]:
                 continue                         # no swap with h is a step down or an equal one
             for j in range(k):
@@ -581,6 +581,9 @@ def _gpu_swaps(S, M, v, loads, away, hc, g, off0, sq0, f0, eps, lam, dup, bd, bf
                 d = v[b] - v[a]
                 lg = loads[g] + d
                 lh = loads[h] - d
+                lb = max(max(lg, lh), ex) + pen  # the exact loads, the lowest off-node change
+                if lb > f0 + eps or lb >= bd[0]:
+                    continue
                 d_off = v[a] * (away[h, a] - away[g, a]) + v[b] * (away[g, b] - away[h, b])
                 val = max(max(lg, lh), ex) + lam * (off0 + d_off) / G
                 if val < f0 - eps:
@@ -625,16 +628,20 @@ def _gpu_retargets(w, S, M, c, v, loads, away, hc, offc, holders, hn, order, g, 
             q = holders[a, t]
             if q != g:
                 lb = max(lb, loads[q] + M[q, a] * da + dq[q])
-        lb += lam * (off0 + (oa + mob)) / G
+        pen_lo = lam * (off0 + (oa + mob)) / G
+        lb += pen_lo
         if lb > f0 + eps or lb >= bd[0]:
             continue
         for b in range(E):
             if b == a or (not dup and M[g, b] != 0):
                 continue
-            pen = lam * (off0 + (oa + ob[b])) / G
             top = loads[g] + M[g, a] * da + M[g, b] * db[b] + vb2[b] - va2
             if o0 != g:
                 top = max(top, loads[o0] + M[o0, a] * da + M[o0, b] * db[b])
+            lb = top + pen_lo                    # b's off-node change at its lowest
+            if lb > f0 + eps or lb >= bd[0]:
+                continue
+            pen = lam * (off0 + (oa + ob[b])) / G
             lb = top + pen
             if lb > f0 + eps or lb >= bd[0]:
                 continue                         # neither a step down nor an equal one
