@@ -142,9 +142,11 @@ def _node_work(E, N):
     """Work space of a node search, made once and reused by its steps: ``(fw [6, E + 1]``
     float rows ``per, ve2, de, dh, dn, cy``; ``lw [2, N]`` ``low, lowh``; ``oe [N, E]``;
     ``iw [5, E + 1]`` int rows ``offc, onh, spilled, on, cand``; ``mov [N, E]``; ``nm [N]``;
-    ``t [3]``)."""
+    ``t [3]``; ``hq [3, N, E]`` rows ``hq[k, q, :nq[k, q]]`` the experts on node ``q``:
+    all, those on ``h`` too, those not on ``h``)."""
     return (np.empty((6, E + 1)), np.empty((2, N)), np.empty((N, E)), np.empty((5, E + 1), np.int64),
-            np.empty((N, E), np.int64), np.empty(N, np.int64), np.empty(3, np.int64))
+            np.empty((N, E), np.int64), np.empty(N, np.int64), np.empty(3, np.int64),
+            np.empty((3, N, E), np.int64), np.empty((3, N), np.int64))
 
 
 @kernel
@@ -224,13 +226,15 @@ def _retarget_prep(w, x, away, c, v, h, ws):
     the change of ``h`` (``dn``; ``dh`` with the slot on ``h``), the off-node change
     ``oe[n, e]`` with the slot on ``n`` (lowest ``low[n]``, over the experts on ``h``
     ``lowh[n]``), its nodes as bits ``on``, the experts on ``h`` (``onh``) and those with
-    replicas away and none on ``h`` (``spilled``).  Returns ``(nh, ns, dhmin, dnmin)``."""
+    replicas away and none on ``h`` (``spilled``); per node the experts on it (``hq``,
+    see :func:`_node_work`).  Returns ``(nh, ns, dhmin, dnmin)``."""
     E, N = x.shape
-    fw, lw, oe, iw = ws[0], ws[1], ws[2], ws[3]
+    fw, lw, oe, iw, hq, nq = ws[0], ws[1], ws[2], ws[3], ws[7], ws[8]
     ve2, de, dh, dn, low, lowh = fw[1], fw[2], fw[3], fw[4], lw[0], lw[1]
     offc, onh, spilled, on = iw[0], iw[1], iw[2], iw[3]
     low[:] = np.inf
     lowh[:] = np.inf
+    nq[:, :] = 0
     nh, ns, dhmin, dnmin = 0, 0, np.inf, np.inf
     for e in range(E):
         ve2[e] = w[e] / (c[e] + 1)
@@ -245,6 +249,10 @@ def _retarget_prep(w, x, away, c, v, h, ws):
                 lowh[n] = min(lowh[n], oe[n, e])
             if x[e, n] > 0:
                 b |= 1 << n
+                k = 1 if x[e, h] > 0 else 2
+                hq[0, n, nq[0, n]], hq[k, n, nq[k, n]] = e, e
+                nq[0, n] += 1
+                nq[k, n] += 1
         on[e] = b
         if offc[e] > 0 and x[e, h] == 0:
             spilled[ns] = e
@@ -319,17 +327,24 @@ def _retarget_candidates(x, t, ws, nh, ns, dhmin, dnmin, low, lowh, f, n, h, hf,
 
     Each block first skips, by one comparison, the ``e`` whose ``dh`` / ``dn`` / ``oe``
     is at or above a :func:`_cut` of the block's bound (every one such fails the full
-    test: the bound is that test with the other terms at their lowest)."""
-    E = x.shape[0]
+    test: the bound is that test with the other terms at their lowest).  Where ``y1``
+    with the block's lowest off-node change already fails, a block scans only the ``e``
+    on ``b1``'s node (``hq``; the top of any other is at least ``y1``)."""
+    E, N = x.shape
     dh, dn, cy, oe = ws[0][3], ws[0][4], ws[0][5], ws[2][n]
     offc, onh, spilled, on, cand = ws[3][0], ws[3][1], ws[3][2], ws[3][3], ws[3][4]
-    nc = 0
+    hq, nq = ws[7], ws[8]
+    nc, q1 = 0, 0
+    for q in range(N):
+        q1 = q if b1 == 1 << q else q1
     pen_all = lam * (off + (of + low)) / G
+    sel = b1 != 0 and max(y1 / P, floor) + pen_all >= best[0]   # only the e on q1 can get below
     if n == h:                                  # every e changes h
         if max((hf + dhmin) / P, floor) + pen_all >= best[0]:
             return 0                            # none can get below
         cut = _cut(best[0], pen_all, P, hf, 0.0)
-        for e in range(E):
+        for i in range(nq[0, q1] if sel else E):
+            e = hq[0, q1, i] if sel else i
             if dh[e] >= cut:
                 continue
             top = max(hf + dh[e], y1 if on[e] & b1 == 0 else (y2 if on[e] & b2 == 0 else -np.inf))
@@ -340,8 +355,9 @@ def _retarget_candidates(x, t, ws, nh, ns, dhmin, dnmin, low, lowh, f, n, h, hf,
     penh = lam * (off + (of + lowh)) / G
     if max((hf + dnmin) / P, floor) + penh < best[0]:
         cut = _cut(best[0], penh, P, hf, 0.0)
-        for i in range(nh):                     # the e on h
-            e = onh[i]
+        selh = b1 != 0 and max(y1 / P, floor) + penh >= best[0]
+        for i in range(nq[1, q1] if selh else nh):     # the e on h
+            e = hq[1, q1, i] if selh else onh[i]
             if dn[e] >= cut:
                 continue
             top = max(hf + dn[e], y1 if on[e] & b1 == 0 else (y2 if on[e] & b2 == 0 else -np.inf))
@@ -353,7 +369,8 @@ def _retarget_candidates(x, t, ws, nh, ns, dhmin, dnmin, low, lowh, f, n, h, hf,
         return nc                               # no other e gets below
     if of < 0.0:                                # the others: any may lower the off-node load
         cut = _cut(best[0], base, G / lam, off, of) if lam > 0.0 else np.inf
-        for e in range(E):
+        for i in range(nq[2, q1] if sel else E):
+            e = hq[2, q1, i] if sel else i
             if oe[e] < cut and x[e, h] == 0:
                 top = max(hf, y1 if on[e] & b1 == 0 else (y2 if on[e] & b2 == 0 else -np.inf))
                 if max(top / P, floor) + lam * (off + (of + oe[e])) / G < best[0]:

@@ -218,6 +218,42 @@ def test_cut_is_above_every_key_its_test_passes():
         assert base + lam * (off + (of + key)) / G >= best, (best, base, off, of, lam, G)
 
 
+def test_node_lists_per_node_hold_its_experts_along_a_search():
+    """``_retarget_prep``'s lists of the experts on each node (all, those on the heaviest
+    node ``h`` too, those not on it; ascending) against a recomputation after every step
+    of random searches: a retarget block scans only one of them where the second
+    heaviest node's load rules every other expert out, so a missing one is a lost move."""
+    rng = np.random.default_rng(3)
+    seen = 0
+    while seen < CASES:
+        case = _layer(rng)
+        if case is None:
+            continue
+        w, row, node, home, N = case
+        G = node.size
+        P = G // N
+        E, R = w.size, row.size
+        x = np.zeros((E, N), dtype=np.int64)
+        np.add.at(x, (row, np.arange(R) // (R // N)), 1)
+        lam = float(rng.choice([0.0, 0.1, 0.5, 1.0, 4.0]))
+        away = (np.arange(N)[None, :] != home[:, None]).astype(np.int64)
+        ws = spill._node_work(E, N)
+        c, v, loads, best = np.empty(E, np.int64), np.empty(E), np.empty(N), np.empty(6)
+        for _ in range(6):
+            spill._node_step_in(w, x, away, c, v, loads, P, G, lam, np.inf, best, ws)
+            h = int(np.argmax(loads))
+            hq, nq = ws[7], ws[8]
+            for q in range(N):
+                on = [e for e in range(E) if x[e, q] > 0]
+                assert hq[0, q, :nq[0, q]].tolist() == on
+                assert hq[1, q, :nq[1, q]].tolist() == [e for e in on if x[e, h] > 0]
+                assert hq[2, q, :nq[2, q]].tolist() == [e for e in on if x[e, h] == 0]
+            if best[0] == np.inf:
+                break
+            x = _apply_node(x, best)
+        seen += 1
+
+
 # -- GPU level ------------------------------------------------------------------------
 
 
