@@ -118,18 +118,34 @@ def min_max_replica_load(weight: np.ndarray, num_replicas: int) -> np.ndarray:
 
 @kernel
 def _sink(val, who, n, i):
-    """Restore the max-heap order of ``val[:n]`` (with ``who`` alongside) below ``i``."""
-    while True:
-        c = 2 * i + 1
-        if c >= n:
-            return
-        if c + 1 < n and val[c + 1] > val[c]:
-            c += 1
-        if val[c] <= val[i]:
-            return
-        val[i], val[c] = val[c], val[i]
-        who[i], who[c] = who[c], who[i]
+    """Restore the max-heap order of ``val[:n]`` (with ``who`` alongside) below ``i``,
+    bottom-up (Floyd): the hole left by ``val[i]`` moves down along the larger children
+    to the bottom of the heap (the larger child picked without a branch), then the
+    value climbs back to its place.  Most values belong near the bottom, so this costs
+    one climb or two rather than a mispredicted branch per level; the heap holds the
+    same values either way."""
+    x, wx = val[i], who[i]
+    top = i
+    c = 2 * i + 1
+    while c + 1 < n:
+        c += val[c + 1] > val[c]
+        val[i] = val[c]
+        who[i] = who[c]
         i = c
+        c = 2 * i + 1
+    if c < n:                                         # a last child without a sibling
+        val[i] = val[c]
+        who[i] = who[c]
+        i = c
+    while i > top:
+        p = (i - 1) >> 1
+        if val[p] >= x:
+            break
+        val[i] = val[p]
+        who[i] = who[p]
+        i = p
+    val[i] = x
+    who[i] = wx
 
 
 @kernel

@@ -105,3 +105,31 @@ def test_integer_ceiling_closes_a_fractional_average():
     assert lower_bounds(w + 0.5, 4, 2).components["average"][0] < 8.5
     # With redundancy the counts may split a load: no ceiling.
     assert lower_bounds(np.array([[5.0, 4.0, 4.0]]), 4, 2).components["average"][0] < 6.5
+
+
+def _kth_share_oracle(w: np.ndarray, k: int) -> np.ndarray:
+    """The k-th largest of every row's shares ``w_e / j`` (``j = 1..k``, float64
+    quotients), by sorting them all."""
+    shares = np.concatenate([w / j for j in range(1, k + 1)], axis=1)
+    return -np.sort(-shares, axis=1)[:, k - 1]
+
+
+def test_replica_component_is_the_kth_largest_share():
+    """``min_max_replica_load`` (the heap over the ``left + 1`` largest next shares,
+    and the counted start with many spares) against sorting every share, bit for bit:
+    few and many spares, ties across seats, zeros, wide magnitudes, E up to 300."""
+    from eplb_opt.bounds import min_max_replica_load
+
+    rng = np.random.default_rng(11)
+    for trial in range(600):
+        E = int(rng.integers(1, 300)) if trial % 3 else int(rng.integers(1, 12))
+        spares = [int(rng.integers(0, 3)), int(rng.integers(1, 40)), int(rng.integers(E // 2 + 1, 2 * E + 3)),
+                  int(rng.integers(1, 4 * E + 10))][trial % 4]
+        rows = int(rng.integers(1, 4))
+        w = [rng.gamma(0.5, 100.0, (rows, E)), rng.integers(0, 5, (rows, E)).astype(float),
+             rng.choice([1.0, 2.0, 3.0, 6.0, 12.0], (rows, E)), rng.random((rows, E)) ** 8 * 1e6][trial % 4]
+        w[:, 0] += 1.0                                        # every row live
+        k = spares + 1
+        got = min_max_replica_load(w, E + spares)
+        want = _kth_share_oracle(w, k) if k > 1 else w.max(axis=1)
+        assert np.array_equal(got.view(np.int64), want.view(np.int64)), (trial, E, spares)
