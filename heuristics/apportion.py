@@ -110,24 +110,31 @@ def _hand_out_few(w: np.ndarray, c: np.ndarray, num: int, cap: int, closed: np.n
     by :func:`_before` (only they can take a replica in ``num`` steps, as in
     :func:`_top_experts`) kept in order in ``top[:n]``, picked out in one pass over the
     row (experts arrive by increasing index, so a newcomer goes before a kept one only
-    with a strictly larger key); each step takes the first and moves it back to its
-    place, or drops it when full."""
+    with a strictly larger key; once ``num`` are kept, the last one's key ``kth`` is held
+    in a register and most experts are turned away by one comparison; ``w / 1`` is ``w``
+    bit for bit, so an expert with one replica needs no division); each step takes the
+    first and moves it back to its place, or drops it when full.  ``key`` is written for
+    the kept experts only."""
     n = 0
+    kth = np.inf                                # key of the last kept one, once num are kept
     for e in range(w.size):
-        if c[e] >= cap or closed[e]:
+        ce = c[e]
+        if ce >= cap or closed[e]:
             continue
-        x = w[e] / c[e]
-        key[e] = x
+        x = w[e] if ce == 1 else w[e] / ce
         if n == num:
-            if n == 0 or not x > key[top[n - 1]]:
+            if not x > kth:
                 continue
             n -= 1                              # the last kept one leaves
+        key[e] = x
         j = n
         while j > 0 and x > key[top[j - 1]]:
             top[j] = top[j - 1]
             j -= 1
         top[j] = e
         n += 1
+        if n == num:
+            kth = key[top[n - 1]]
     given = 0
     while given < num and n > 0:
         e = top[0]
