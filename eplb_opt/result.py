@@ -199,7 +199,8 @@ def _statuses(lb: np.ndarray, top: np.ndarray, k: int, tol: float, attempted: np
     solver worked on the layer, ``"heuristic"`` where none did."""
     top_hi = top * (1 + (k + 2) * _EPS)
     ok = (top <= 0) | (lb >= top_hi * (1.0 - tol) * (1 + 4 * _EPS))
-    return tuple("optimal" if o else ("feasible" if a else "heuristic") for o, a in zip(ok, attempted))
+    return tuple("optimal" if o else ("feasible" if a else "heuristic")
+                 for o, a in zip(ok.tolist(), np.asarray(attempted).tolist()))
 
 
 def _metadata(problem: Problem, options: SolveOptions, top: np.ndarray, lb: np.ndarray, gap: np.ndarray,
