@@ -694,10 +694,13 @@ def _quality_floor_section(before: dict, after: dict | None) -> list[str]:
 def _numba_versions_section(data: dict) -> list[str]:
     """``numba_versions.json``: the kernel tests on the lowest and newest numba."""
     lines = ["## Kernel tests on the lowest and newest numba (issue 15)", "",
-             f"Command: `{data.get('command', 'bash scripts/check_numba_versions.sh')}`.", "",
-             "| numba | numpy | tests | passed | failed | seconds |", "|---|---|---|---:|---:|---:|"]
+             f"Command: `{data.get('command', 'bash scripts/check_numba_versions.sh')}`"
+             + (f" ({data['date']})" if data.get("date") else "") + ": "
+             + (", ".join(f"`{t}`" for t in data.get("tests", [])) or "the kernel tests")
+             + ", cold numba cache, one process; seconds are the whole pytest run.", "",
+             "| numba | llvmlite | numpy | passed | failed | seconds |", "|---|---|---|---:|---:|---:|"]
     for r in data.get("runs", []):
-        lines.append(f"| {r.get('numba')} | {r.get('numpy')} | {r.get('tests', '')} | {r.get('passed')} | "
+        lines.append(f"| {r.get('numba')} | {r.get('llvmlite', '')} | {r.get('numpy')} | {r.get('passed')} | "
                      f"{r.get('failed')} | {r.get('seconds', 0):.0f} |")
     return lines + [""]
 
