@@ -155,6 +155,65 @@ def test_warm_cache_loads_every_kernel_without_compiling(cold):
     assert cpu < 10.0, f"compile_all() from a warm cache: {cpu:.2f} s CPU, {wall:.2f} s wall"
 
 
+# A fresh process with a warm cache: the first prefill rebalance_experts, then what the
+# loading did.  numba's own cache loader refreshes the target context first, importing
+# every lowering registry (numba.typed.typedlist among them); KernelCache does not.
+FAST_LOAD = SIGNATURES + """
+import hashlib, json, sys
+import numpy as np
+import numba
+import eplb_opt
+from numba.core.dispatcher import Dispatcher
+from eplb_opt.heuristics.compile import KernelCache
+from eplb_opt.workloads import generate
+w = generate("deepseek-v3-prefill", windows=1, seed=0)[0]
+phy2log, log2phy, logcnt = eplb_opt.rebalance_experts(w, 288, 8, 4, 32)
+registry_loaded = "numba.typed.typedlist" in sys.modules
+hits = 0
+caches = set()
+for name, mod in list(sys.modules.items()):
+    if name.startswith("eplb_opt") and mod is not None:
+        for obj in vars(mod).values():
+            if isinstance(obj, Dispatcher):
+                caches.add(type(obj._cache).__name__)
+                hits += sum(obj.stats.cache_hits.values())
+                assert not obj.stats.cache_misses, (name, obj.stats)
+# A kernel compiled after the fast loads (numba's compiler refreshes the registries itself)
+@numba.njit
+def fresh(a):
+    l = numba.typed.List()
+    for x in np.sort(a)[::-1]:
+        l.append(x * 2.0)
+    return l[0] + np.sqrt(a).sum()
+a = np.array([4.0, 1.0, 9.0])
+assert fresh(a) == 18.0 + 6.0
+print(json.dumps({"registry_loaded": registry_loaded, "caches": sorted(caches), "hits": hits,
+                  "plan": hashlib.sha256(phy2log.numpy().tobytes() + log2phy.numpy().tobytes()).hexdigest()}))
+"""
+
+
+def test_warm_cache_loads_without_the_registry_refresh(cold):
+    """The kernels load through :class:`KernelCache` (the first prefill call imports none of
+    numba's lowering registries), from the cache, with the same plan as this process; a
+    kernel compiled afterwards in that process still works.  Fails with numba's own
+    ``FunctionCache`` (its refresh imports ``numba.typed.typedlist``)."""
+    import hashlib
+
+    import eplb_opt
+    from eplb_opt.workloads import generate
+
+    cache, _ = cold
+    before = _cache_files(cache)
+    done = _run(FAST_LOAD, _env(NUMBA_CACHE_DIR=str(cache)))
+    assert done.returncode == 0, done.stderr
+    assert _cache_files(cache) == before            # loaded, nothing compiled into our cache
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["caches"] == ["KernelCache"], got
+    assert got["hits"] > 0 and not got["registry_loaded"], got
+    p, m, _ = eplb_opt.rebalance_experts(generate("deepseek-v3-prefill", windows=1, seed=0)[0], 288, 8, 4, 32)
+    assert got["plan"] == hashlib.sha256(p.numpy().tobytes() + m.numpy().tobytes()).hexdigest()
+
+
 def _without_dac_override() -> None:
     """In the child, before exec: drop CAP_DAC_OVERRIDE and CAP_FOWNER from the bounding
     set, so a root child obeys permission bits after exec."""
