@@ -27,22 +27,23 @@ from .errors import (
 from .metrics import balancedness, gpu_loads, slot_loads
 from .planfile import PlanFileError, export_tensorrt_llm
 from .traces import TraceError, read_trace
-from .evaluate import evaluate
 from .problem import Problem, make_problem
-from .align import align_to_previous, count_moves
 from .trigger import RebalanceDecision, should_rebalance
 from .status import warm_up
 
 _LAZY = {
     "Plan": ".plan", "derive_maps": ".plan", "plan_violations": ".plan", "verify": ".plan",
     "SolveResult": ".api", "rebalance_experts": ".api", "solve": ".api",
-    "Migration": ".migrate",
+    "Migration": ".result",
+    "align_to_previous": ".align", "count_moves": ".align", "evaluate": ".evaluate",
     "replay": ".replay",
 }
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from .api import SolveResult, rebalance_experts, solve
-    from .migrate import Migration
+    from .align import align_to_previous, count_moves
+    from .evaluate import evaluate
+    from .result import Migration
     from .plan import Plan, derive_maps, plan_violations, verify
     from .replay import replay
 

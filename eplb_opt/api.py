@@ -30,10 +30,9 @@ from .bounds import Bounds, lower_bounds
 from .budget import Budget, collector_paused
 from .errors import EplbOptError, InvalidPlanError, SolveInterrupted
 from .metrics import gpu_loads
-from .migrate import Migration
 from .plan import derive_maps, verify
 from .problem import OBJECTIVES, Problem, SolveOptions, make_problem, validate_solve
-from .result import SolveResult, build_result
+from .result import Migration, SolveResult, build_result
 
 __all__ = ["SolveResult", "solve", "rebalance_experts", "check_plan", "OBJECTIVES"]
 

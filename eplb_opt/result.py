@@ -17,11 +17,51 @@ import numpy as np
 
 from .bounds import Bounds, lower_bounds
 from .metrics import balancedness, gap as certified_gap, gpu_loads, slot_gpu_loads
-from .migrate import Migration
 from .plan import LazyMetadata, Plan
 from .problem import Problem, SolveOptions
 
 __all__ = ["SolveResult", "build_result"]
+
+
+@dataclass(frozen=True)
+class Migration:
+    """How a plan made with ``previous`` moves expert weights (see :mod:`eplb_opt.migrate`, which computes it).
+
+    Attributes:
+        moves: ``[L]`` replicas placed on a GPU that did not hold them before.
+        cost: ``[L]`` moves weighted by ``node_move_cost`` where the copy crosses nodes.
+        transfers: structured array of :data:`~eplb_opt.migrate.TRANSFER_DTYPE` rows
+            ``(layer, expert, src_gpu, dst_gpu, dst_slot)``, one per weight copy.
+        bytes: total bytes copied (``moves.sum() * bytes_per_expert``), or None when
+            ``bytes_per_expert`` was not given.
+        baseline_moves, baseline_cost: the same for the fair baseline, the full replan
+            with its nodes and GPUs relabelled to match ``previous``.
+        baseline_balancedness: that baseline's balancedness (the best plan found
+            without ``previous``).
+        cap: ``[L]`` the max-load cap every layer was held to.
+        baseline_phy2log: ``[L, R]`` the relabelled full replan itself.
+        source: per layer ``"old"`` (nothing moved), ``"repair"`` (old placement
+            repaired), ``"exact"`` (CP-SAT) or ``"replan"`` (the relabelled replan).
+    """
+
+    moves: np.ndarray
+    cost: np.ndarray
+    transfers: np.ndarray
+    bytes: int | None
+    baseline_moves: np.ndarray
+    baseline_cost: np.ndarray
+    baseline_balancedness: float
+    cap: np.ndarray
+    baseline_phy2log: np.ndarray
+    source: tuple[str, ...]
+
+    def summary(self) -> str:
+        """One line: moves against the relabelled replan."""
+        m, b = int(self.moves.sum()), int(self.baseline_moves.sum())
+        ratio = f" ({m / b:.1%} of it)" if b else ""
+        extra = f", {self.bytes / 2**30:.2f} GiB" if self.bytes is not None else ""
+        return (f"migration: {m} replica moves (cost {self.cost.sum():g}{extra}) against {b} for the "
+                f"relabelled full replan{ratio}")
 
 
 @dataclass(frozen=True)
