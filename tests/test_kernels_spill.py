@@ -115,10 +115,11 @@ def _node_step(w, x, away, c, v, loads, P, G, lam, cap, best):
     return spill._node_step_in(w, x, away, c, v, loads, P, G, lam, cap, best, spill._node_work(x.shape[0], x.shape[1]))
 
 
-def test_node_step_is_the_best_move():
-    """Every step along each case's search (up to six), so states with replicas spilled
-    by earlier steps are checked too."""
-    rng = np.random.default_rng(0)
+def _search_starts(rng):
+    """:data:`CASES` random layers (:func:`_layer`) as starts of a node search, each
+    ``(w, x [E, N] replicas per node, home, away [E, N], lam, N, P, G, E)``.  Draws from
+    ``rng`` in the order the node-search tests always did (a caller's own draws, made
+    between two cases, keep their place)."""
     seen = 0
     while seen < CASES:
         case = _layer(rng)
@@ -126,13 +127,21 @@ def test_node_step_is_the_best_move():
             continue
         w, row, node, home, N = case
         G = node.size
-        P = G // N
         E, R = w.size, row.size
         x = np.zeros((E, N), dtype=np.int64)
         np.add.at(x, (row, np.arange(R) // (R // N)), 1)
         lam = float(rng.choice([0.0, 0.1, 0.5, 1.0, 4.0]))
-        cap = float(rng.choice([np.inf, P]))
         away = (np.arange(N)[None, :] != home[:, None]).astype(np.int64)
+        yield w, x, home, away, lam, N, G // N, G, E
+        seen += 1
+
+
+def test_node_step_is_the_best_move():
+    """Every step along each case's search (up to six), so states with replicas spilled
+    by earlier steps are checked too."""
+    rng = np.random.default_rng(0)
+    for w, x, home, away, lam, N, P, G, E in _search_starts(rng):
+        cap = float(rng.choice([np.inf, P]))
         for _ in range(6):
             best = np.empty(6)
             f0 = _node_step(w, x, away, np.empty(E, np.int64), np.empty(E), np.empty(N), P, G, lam, cap, best)
@@ -146,7 +155,6 @@ def test_node_step_is_the_best_move():
             assert close(best[0], min(values)), (best, min(values))
             x = _apply_node(x, best)
             assert close(node_objective(w, x, home, P, G, lam), best[0])
-        seen += 1
 
 
 def test_node_step_finds_a_retarget_that_only_cuts_off_node_load():
@@ -224,19 +232,7 @@ def test_node_lists_per_node_hold_its_experts_along_a_search():
     of random searches: a retarget block scans only one of them where the second
     heaviest node's load rules every other expert out, so a missing one is a lost move."""
     rng = np.random.default_rng(3)
-    seen = 0
-    while seen < CASES:
-        case = _layer(rng)
-        if case is None:
-            continue
-        w, row, node, home, N = case
-        G = node.size
-        P = G // N
-        E, R = w.size, row.size
-        x = np.zeros((E, N), dtype=np.int64)
-        np.add.at(x, (row, np.arange(R) // (R // N)), 1)
-        lam = float(rng.choice([0.0, 0.1, 0.5, 1.0, 4.0]))
-        away = (np.arange(N)[None, :] != home[:, None]).astype(np.int64)
+    for w, x, home, away, lam, N, P, G, E in _search_starts(rng):
         ws = spill._node_work(E, N)
         c, v, loads, best = np.empty(E, np.int64), np.empty(E), np.empty(N), np.empty(6)
         for _ in range(6):
@@ -251,7 +247,6 @@ def test_node_lists_per_node_hold_its_experts_along_a_search():
             if best[0] == np.inf:
                 break
             x = _apply_node(x, best)
-        seen += 1
 
 
 # -- GPU level ------------------------------------------------------------------------
