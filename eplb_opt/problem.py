@@ -39,6 +39,10 @@ FORECASTS = ("windows-ema", "ema", "last", "mean", "windows-worst", "windows-mea
 # The default with history, chosen on benchmarks/run_forecast.py's seeds 0-1; where a
 # hedge is refused (previous, policy="spill") the point forecast with its weights.
 DEFAULT_FORECAST = "windows-ema"
+# The largest num_replicas / num_groups / num_nodes / num_gpus accepted: 2**24 slots per
+# layer (16,777,216; any cluster is far below it).  Larger ones (up to 2**70 in the fuzz
+# tests) reached numpy's allocation as "Maximum allowed dimension exceeded".
+MAX_SIZE = 2**24
 DEFAULT_POINT_FORECAST = "ema"
 # Their fixed parameters: the half-life, in windows, of "ema" and "windows-ema"'s
 # recency weights (0.5 chosen on seeds 0-1 over 1, 2 and 4).
@@ -253,7 +257,8 @@ def make_problem(
 
     Raises:
         InvalidTypeError: an argument has the wrong type.
-        InvalidProblemError: an argument has a bad value or the sizes do not fit.
+        InvalidProblemError: an argument has a bad value or the sizes do not fit (each
+            of the four sizes at most :data:`MAX_SIZE`, 2**24).
     """
     mode = choice("mode", mode, MODES)
     policy = choice("policy", policy, POLICIES)
@@ -261,6 +266,9 @@ def make_problem(
     groups = positive_int("num_groups", num_groups)
     nodes = positive_int("num_nodes", num_nodes)
     gpus = positive_int("num_gpus", num_gpus)
+    for name, value in (("num_replicas", R), ("num_groups", groups), ("num_nodes", nodes), ("num_gpus", gpus)):
+        if value > MAX_SIZE:
+            raise InvalidProblemError(f"{name}={value} is above the largest size supported, 2**24 = {MAX_SIZE}")
     limit = _time_limit(time_limit)
     if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral):
         raise InvalidTypeError(f"seed must be a non-negative integer, got {type(seed).__name__} {seed!r}")

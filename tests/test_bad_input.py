@@ -275,3 +275,22 @@ def test_history_and_forecast_bad_types_name_the_argument():
         eplb_opt.solve(w, **topo, history=w[None], forecast=3)
     with pytest.raises(InvalidProblemError, match=r"history has shape \(1, 2, 8\)"):
         eplb_opt.solve(w, **topo, history=np.ones((1, 2, 8)))
+
+
+@pytest.mark.parametrize("name", ["num_replicas", "num_groups", "num_nodes", "num_gpus"])
+@pytest.mark.parametrize("policy", ["global", "auto"])
+def test_sizes_beyond_any_cluster_are_our_errors(name, policy):
+    """A size of 2**70 (found by the long fuzz profile: ``weight=[[0.0]]`` with every size
+    2**70 under the global policy reached numpy's allocation, "Maximum allowed dimension
+    exceeded") is an InvalidProblemError naming the argument; 2**24 itself is accepted."""
+    sizes = dict(num_replicas=2**70, num_groups=2**70, num_nodes=2**70, num_gpus=2**70)
+    with pytest.raises(InvalidProblemError, match="num_replicas=1180591620717411303424 is above"):
+        eplb_opt.solve([[0.0]], policy=policy, **sizes)
+    sizes = dict(num_replicas=4, num_groups=1, num_nodes=1, num_gpus=2)
+    sizes[name] = 2**70
+    with pytest.raises(InvalidProblemError, match=f"{name}=1180591620717411303424 is above the largest size"):
+        eplb_opt.solve([[1.0, 2.0]], policy=policy, **sizes)
+    ok = eplb_opt.solve([[1.0, 2.0]], num_replicas=2, num_groups=1, num_nodes=1, num_gpus=2, policy=policy)
+    assert ok.plan.phy2log.shape == (1, 2)
+    plan = eplb_opt.make_problem([[1.0]], 2**24, 2**24, 2**24, 2**24, policy="global")
+    assert plan.num_replicas == 2**24
