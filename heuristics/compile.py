@@ -23,7 +23,13 @@ built on it) is a plain Python function over numpy arrays and scalars, compiled 
   first load imports every lowering registry numba has (typed containers, random,
   linear algebra, ...: 0.15-0.25 s) that only compiling needs -- and numba's compiler
   refreshes by itself before it compiles.  A fresh process's first prefill
-  ``rebalance_experts`` went from 0.64-0.80 s to 0.51-0.64 s with it (import included).
+  ``rebalance_experts`` went from 0.64-0.80 s to 0.51-0.64 s with it (import included);
+* and without parsing its bitcode (:class:`LazyLinkLibrary`): numba caches a kernel's
+  machine code together with its LLVM bitcode, which only a kernel compiled later that
+  calls it needs (to inline it), yet parses that bitcode and lists its symbols on every
+  load (9 kernels, 0.5 MB of bitcode, about 80 ms of a fresh process's first prefill
+  ``solve``).  A kernel loaded by :class:`KernelCache` parses it when a compile first
+  links it, if ever.
 
 :func:`compile_all` compiles every kernel up front on small inputs
 (``eplb_opt.warm_up()`` calls it), so a serving engine pays the compile time, once, at
@@ -38,11 +44,14 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+import llvmlite.binding as ll
 import numba
-from numba.core.caching import FunctionCache
+from numba.core.caching import CompileResultCacheImpl, FunctionCache
+from numba.core.codegen import JITCodeLibrary
+from numba.core.compiler_lock import global_compiler_lock
 from numba.core.runtime import rtsys
 
-__all__ = ["kernel", "warmer", "compile_all", "writable", "sources_fingerprint", "NUMBA_VERSION", "KernelCache"]
+__all__ = ["kernel", "warmer", "compile_all", "writable", "sources_fingerprint", "NUMBA_VERSION", "KernelCache", "LazyLinkLibrary"]
 
 NUMBA_VERSION = numba.__version__
 
@@ -88,6 +97,99 @@ def stamped(dispatcher: Any, stamp: str) -> Any:
     return dispatcher
 
 
+class LazyLinkLibrary(JITCodeLibrary):
+    """The code library of a kernel loaded from the cache (numba's ``JITCodeLibrary``,
+    the CPU target's), whose bitcode for linking is parsed on first use.
+
+    numba's loader (``CPUCodeLibrary._unserialize``, kind ``"object"``) hands the cached
+    object code to the execution engine, parses the cached bitcode into
+    ``_shared_module`` and adds every function it defines to the engine's symbol list.
+    Only two things read those: ``_get_module_for_linking`` (a kernel compiled later
+    that calls this one links that module) and ``get_pointer_to_function`` (which
+    returns 0 for a name not on the list).  Here ``_shared_module`` is parsed, and its
+    symbols listed, the first time it is read; and a pointer is looked up without
+    parsing where the name is one the object code holds and the engine resolves, which
+    numba asks for once per load (the kernel's CPython wrapper).  Any other name parses
+    first and answers as numba does.  The machine code is the same either way."""
+
+    _bitcode: bytes | None = None
+    _object: bytes = b""
+
+    @classmethod
+    def load(cls, codegen: Any, state: Any) -> Any:
+        """The library of cached ``state`` (``(name, kind, data)``, what
+        ``serialize_using_object_code`` wrote); numba's own loader for other kinds."""
+        name, kind, data = state
+        if kind != "object":
+            return JITCodeLibrary._unserialize(codegen, state)
+        object_code, bitcode = data
+        self = cls(codegen, name)
+        self.enable_object_caching()
+        self._set_compiled_object(object_code)
+        self._bitcode = bitcode
+        self._object = object_code         # the engine's loader releases _compiled_object
+        self._finalize_final_module()
+        return self
+
+    @property
+    def _shared_module(self) -> Any:
+        mod = self.__dict__.get("_linking_module")
+        if mod is None and self._bitcode is not None:
+            mod = ll.parse_bitcode(self._bitcode)
+            self._codegen._engine._load_defined_symbols(mod)
+            self._bitcode = None
+            self.__dict__["_linking_module"] = mod
+        return mod
+
+    @_shared_module.setter
+    def _shared_module(self, mod: Any) -> None:
+        self.__dict__["_linking_module"] = mod
+
+    @property
+    def bitcode_parsed(self) -> bool:
+        """Whether the linking bitcode has been parsed (tests read it)."""
+        return self._bitcode is None
+
+    def get_pointer_to_function(self, name: str) -> int:
+        engine = self._codegen._engine
+        if self._bitcode is not None and not engine.is_symbol_defined(name):
+            self._ensure_finalized()
+            if name.encode() in self._object:     # named in this object's symbol table
+                addr = engine.get_function_address(name)
+                if addr:
+                    engine._defined_symbols.add(name)
+                    self._object = b""            # numba looks up one name per load
+                    return addr
+            self._shared_module                               # parse: numba's own answer below
+        return super().get_pointer_to_function(name)
+
+
+class _LazyLoad(CompileResultCacheImpl):
+    """numba's compile-result cache, its libraries loaded as :class:`LazyLinkLibrary`."""
+
+    def rebuild(self, target_context: Any, payload: Any) -> Any:
+        codegen = target_context.codegen()
+        with global_compiler_lock:                      # the codegen is shared by every thread
+            own = codegen.__dict__.get("_library_class")
+            codegen._library_class = _LazyCodegenClass
+            try:
+                return super().rebuild(target_context, payload)
+            finally:
+                if own is None:
+                    del codegen._library_class
+                else:
+                    codegen._library_class = own
+
+
+class _LazyCodegenClass(LazyLinkLibrary):
+    """What the codegen's ``unserialize_library`` calls while :class:`_LazyLoad` rebuilds:
+    its ``_unserialize`` is :meth:`LazyLinkLibrary.load`."""
+
+    @classmethod
+    def _unserialize(cls, codegen: Any, state: Any) -> Any:
+        return LazyLinkLibrary.load(codegen, state)
+
+
 class KernelCache(FunctionCache):
     """numba's on-disk cache of one kernel (same files, same locations: next to the
     module, else the user cache directory, ``NUMBA_CACHE_DIR`` first), loading without
@@ -101,6 +203,8 @@ class KernelCache(FunctionCache):
     cache internals (``_guard_against_spurious_io_errors``, ``_load_overload``), the same
     from numba 0.65 to 0.68, as :func:`stamped` does; tests/test_kernel_cache.py checks
     that every kernel loads through it from a warm cache."""
+
+    _impl_class = _LazyLoad
 
     def load_overload(self, sig: Any, target_context: Any) -> Any:
         rtsys.initialize(target_context)

@@ -171,6 +171,7 @@ phy2log, log2phy, logcnt = eplb_opt.rebalance_experts(w, 288, 8, 4, 32)
 registry_loaded = "numba.typed.typedlist" in sys.modules
 hits = 0
 caches = set()
+libraries = {}
 for name, mod in list(sys.modules.items()):
     if name.startswith("eplb_opt") and mod is not None:
         for obj in vars(mod).values():
@@ -178,6 +179,18 @@ for name, mod in list(sys.modules.items()):
                 caches.add(type(obj._cache).__name__)
                 hits += sum(obj.stats.cache_hits.values())
                 assert not obj.stats.cache_misses, (name, obj.stats)
+                for cres in obj.overloads.values():
+                    lib = cres.library
+                    libraries[obj.py_func.__name__] = [type(lib).__name__, getattr(lib, "bitcode_parsed", True)]
+# A kernel compiled now that calls a cached kernel (loaded from the cache while this one
+# compiles): the cached kernel's bitcode is parsed then, to link it in.
+from eplb_opt.heuristics.local import next_values
+@numba.njit
+def calls_cached(w, c):
+    return next_values(w, c).sum()
+assert calls_cached(np.array([6.0, 4.0]), np.array([1, 3])) == 3.0 + 1.0
+linked = [type(lib).__name__ for lib in (c.library for c in next_values.overloads.values())]
+linked_parsed = all(getattr(c.library, "bitcode_parsed", False) for c in next_values.overloads.values())
 # A kernel compiled after the fast loads (numba's compiler refreshes the registries itself)
 @numba.njit
 def fresh(a):
@@ -188,15 +201,19 @@ def fresh(a):
 a = np.array([4.0, 1.0, 9.0])
 assert fresh(a) == 18.0 + 6.0
 print(json.dumps({"registry_loaded": registry_loaded, "caches": sorted(caches), "hits": hits,
+                  "libraries": libraries, "linked": linked, "linked_parsed": linked_parsed,
                   "plan": hashlib.sha256(phy2log.numpy().tobytes() + log2phy.numpy().tobytes()).hexdigest()}))
 """
 
 
 def test_warm_cache_loads_without_the_registry_refresh(cold):
     """The kernels load through :class:`KernelCache` (the first prefill call imports none of
-    numba's lowering registries), from the cache, with the same plan as this process; a
-    kernel compiled afterwards in that process still works.  Fails with numba's own
-    ``FunctionCache`` (its refresh imports ``numba.typed.typedlist``)."""
+    numba's lowering registries), from the cache, as :class:`LazyLinkLibrary` libraries
+    whose bitcode is not parsed, with the same plan as this process; kernels compiled
+    afterwards in that process still work, one of them calling a cached kernel (whose
+    bitcode it then parses to link it).  Fails with numba's own ``FunctionCache`` (its
+    refresh imports ``numba.typed.typedlist``; its libraries are ``JITCodeLibrary``), and
+    with numba's eager ``_unserialize`` (parsed)."""
     import hashlib
 
     import eplb_opt
@@ -210,6 +227,10 @@ def test_warm_cache_loads_without_the_registry_refresh(cold):
     got = json.loads(done.stdout.strip().splitlines()[-1])
     assert got["caches"] == ["KernelCache"], got
     assert got["hits"] > 0 and not got["registry_loaded"], got
+    # loaded without parsing their linking bitcode (LazyLinkLibrary) ...
+    assert got["libraries"] and all(v == ["LazyLinkLibrary", False] for v in got["libraries"].values()), got
+    # ... which a kernel compiled later parses, and links, to call one of them
+    assert got["linked"] == ["LazyLinkLibrary"] and got["linked_parsed"], got
     p, m, _ = eplb_opt.rebalance_experts(generate("deepseek-v3-prefill", windows=1, seed=0)[0], 288, 8, 4, 32)
     assert got["plan"] == hashlib.sha256(p.numpy().tobytes() + m.numpy().tobytes()).hexdigest()
 
