@@ -152,8 +152,11 @@ def _pair_groups(gl: np.ndarray, num_nodes: int, node: np.ndarray, worst: np.nda
     loads), which minimises the heaviest node.  Writes ``node`` (``[L, 2N]``) and
     ``worst`` (``[L]``, the heaviest node's load)."""
     num_layers, num_groups = gl.shape
+    neg = np.empty(num_groups)          # (a loop: an array expression loads numba.np.npyimpl)
     for l in range(num_layers):
-        order = np.argsort(-gl[l], kind="mergesort")
+        for g in range(num_groups):
+            neg[g] = -gl[l, g]
+        order = np.argsort(neg, kind="mergesort")
         top = -np.inf
         for i in range(num_nodes):
             a, b = order[i], order[num_groups - 1 - i]

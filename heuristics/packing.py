@@ -133,6 +133,31 @@ def pack_loads(values: np.ndarray, layout: np.ndarray) -> np.ndarray:
 
 
 # ------------------------------------------------------------------ small kernels
+#
+# Maxima are taken by plain loops (:func:`_top`, :func:`_first_top`), not numpy's
+# ``max`` / ``argmax``: a cached kernel that calls those loads with numba's
+# ``numba.np.arraymath`` module, which a fresh process then imports (about 25 ms of the
+# first prefill call) for the environments of its implementations.
+
+
+@kernel
+def _top(a):
+    """The largest value of the 1-D ``a`` (``-inf`` when empty; the inputs hold no NaN)."""
+    m = -np.inf
+    for x in a:
+        if x > m:
+            m = x
+    return m
+
+
+@kernel
+def _first_top(a):
+    """The index of the first largest value of the 1-D ``a`` (``a`` not empty, no NaN)."""
+    j = 0
+    for i in range(1, a.size):
+        if a[i] > a[j]:
+            j = i
+    return j
 
 
 @kernel
@@ -337,9 +362,9 @@ def _kk_row(sv, lay, work):
             parts[b, i] = sv[b * P + P - 1 - i]   # block b arrives heaviest first
         spread[b] = parts[b, P - 1] - parts[b, 0]
     for step in range(k - 1):
-        ia = np.argmax(spread)
+        ia = _first_top(spread)
         spread[ia] = -np.inf
-        ib = np.argmax(spread)
+        ib = _first_top(spread)
         # Lightest of ia with heaviest of ib, sorted as they come (insertion, stable):
         # raw[j] is the j-th lightest merged subset, hist[step, 2 + j] its position i.
         for i in range(P):
@@ -357,7 +382,7 @@ def _kk_row(sv, lay, work):
         hist[step, 0] = ia
         hist[step, 1] = ib
     # Undo the merges: final[b, i] is the pack of block b's ascending position i.
-    last = np.argmax(spread)
+    last = _first_top(spread)
     for i in range(P):
         final[last, i] = i
     for step in range(k - 2, -1, -1):
@@ -506,7 +531,7 @@ def _separate_row(lay, v, lab, loads, occ, cap, max_rounds):
         p, s = _first_duplicate(lab, occ)
         if p < 0:
             return False
-        row_cap = max(cap, loads.max())
+        row_cap = max(cap, _top(loads))
         la, va = lab[p, s], v[p, s]
         best, bg, bt = np.inf, -1, -1
         for g in range(P):
@@ -702,7 +727,7 @@ def _refine_segment(lay, v, lab, loads, occ, multi, m, thresh, max_rounds, work)
     for _ in range(max_rounds):
         seg_max = -np.inf
         for i in range(m):
-            row_max[i] = loads[i].max()
+            row_max[i] = _top(loads[i])
             seg_max = max(seg_max, row_max[i])
         active = False
         stuck = False
@@ -845,7 +870,7 @@ def _separate_seeds(values, labels, r0, allow_dup, table, state, best, check, to
     and is marked ``todo`` (``state``: the working state of :func:`_pack_work`)."""
     lay, v, lab, loads, occ, multi, ids = state
     S, P, k = lay.shape
-    cap = best.max()
+    cap = _top(best)
     for i in range(S):
         r = r0 + i
         if not check[i] or not _doubled(labels[r], out[r], table):
@@ -856,7 +881,7 @@ def _separate_seeds(values, labels, r0, allow_dup, table, state, best, check, to
             continue
         left = _separate_row(lay[0], v[0], lab[0], loads[0], occ[0], cap, _SEPARATE_ROUNDS)
         out[r] = lay[0]
-        best[i] = loads[0].max()
+        best[i] = _top(loads[0])
         if left and not allow_dup:
             for p in range(P):
                 for t in range(k):
