@@ -368,11 +368,10 @@ def _plan_migration(call: _Call) -> None:
     one that moves least from the deployed placement (:func:`eplb_opt.migrate.replan`);
     exact mode gives the CP-SAT move model the second half of the budget.  Layers the
     repair has not reached by the deadline keep the relabelled plan (events say so)."""
-    from . import migrate
-
     problem, options = call.problem, call.options
     if options.previous is None:
         return
+    from . import migrate
     call.stage = "migration planning"
     b = call.budget
     exact_time = None

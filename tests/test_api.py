@@ -76,16 +76,20 @@ def test_policy_auto_global_and_explicit():
 
 
 def test_heuristic_mode_does_not_import_ortools():
+    """Nor, without ``previous``, the migration planner and the exact modules (and their
+    kernels' dispatchers): a server's first plain call pays only for what it runs."""
     import subprocess
     import sys
 
     code = (
         "import sys, torch, eplb_opt;"
         "eplb_opt.solve(torch.rand(2, 8), num_replicas=8, num_gpus=2);"
-        "print('ortools' in sys.modules)"
+        "eplb_opt.rebalance_experts(torch.rand(2, 8), 8, 1, 1, 2);"
+        "print(sorted(m for m in ('ortools', 'eplb_opt.migrate', 'eplb_opt.exact', 'eplb_opt.cpsat') "
+        "if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    assert out.stdout.strip() == "[]"
 
 
 def test_global_policy_beats_hierarchical_cap_when_one_group_per_node():
