@@ -116,12 +116,12 @@ class LazyLinkLibrary(JITCodeLibrary):
     _object: bytes = b""
 
     @classmethod
-    def load(cls, codegen: Any, state: Any) -> Any:
+    def _unserialize(cls, codegen: Any, state: Any) -> Any:
         """The library of cached ``state`` (``(name, kind, data)``, what
         ``serialize_using_object_code`` wrote); numba's own loader for other kinds."""
         name, kind, data = state
         if kind != "object":
-            return JITCodeLibrary._unserialize(codegen, state)
+            return super()._unserialize(codegen, state)
         object_code, bitcode = data
         self = cls(codegen, name)
         self.enable_object_caching()
@@ -171,7 +171,7 @@ class _LazyLoad(CompileResultCacheImpl):
         codegen = target_context.codegen()
         with global_compiler_lock:                      # the codegen is shared by every thread
             own = codegen.__dict__.get("_library_class")
-            codegen._library_class = _LazyCodegenClass
+            codegen._library_class = LazyLinkLibrary     # what its unserialize_library builds
             try:
                 return super().rebuild(target_context, payload)
             finally:
@@ -179,15 +179,6 @@ class _LazyLoad(CompileResultCacheImpl):
                     del codegen._library_class
                 else:
                     codegen._library_class = own
-
-
-class _LazyCodegenClass(LazyLinkLibrary):
-    """What the codegen's ``unserialize_library`` calls while :class:`_LazyLoad` rebuilds:
-    its ``_unserialize`` is :meth:`LazyLinkLibrary.load`."""
-
-    @classmethod
-    def _unserialize(cls, codegen: Any, state: Any) -> Any:
-        return LazyLinkLibrary.load(codegen, state)
 
 
 class KernelCache(FunctionCache):
