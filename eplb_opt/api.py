@@ -234,8 +234,15 @@ def _spill(problem: Problem, lam: float, allow_dup: bool) -> tuple[np.ndarray, n
     w, R, G, N = problem.weight, problem.num_replicas, problem.num_gpus, problem.num_nodes
     hier = heuristics.place(w, R, problem.num_groups, N, G, allow_duplicates=allow_dup)
     home = np.repeat(hier.node_of_group, problem.num_experts // problem.num_groups, axis=1)
-    glob = heuristics.place(w, R, 1, 1, G, allow_duplicates=allow_dup).phy2log if lam < float("inf") else None
-    out = spill_refine(w, hier.phy2log, home, G, N, lam, allow_duplicates=allow_dup, global_plan=glob)
+    glob = counts = None
+    if lam == float("inf"):
+        pass                                     # nothing spills: the hierarchical plan stays
+    elif N == 1 or R == problem.num_experts:     # nothing can spill: the global plan is a start
+        glob = heuristics.place(w, R, 1, 1, G, allow_duplicates=allow_dup).phy2log
+    else:                                        # its replica counts seed the spill search
+        counts = heuristics.replica_counts_of(w, R, 1, 1, G)
+    out = spill_refine(w, hier.phy2log, home, G, N, lam, allow_duplicates=allow_dup, global_plan=glob,
+                       global_counts=counts)
     return out, home
 
 

@@ -23,7 +23,7 @@ from .packing import (
     separate_duplicates,
     snake_layout,
 )
-from .pipeline import Placement, pack_rows, place
+from .pipeline import Placement, pack_rows, place, replica_counts_of
 
 __all__ = [
     "ENUMERATION_LIMIT",
@@ -46,6 +46,7 @@ __all__ = [
     "refine_swaps",
     "remove_replicas",
     "replica_counts",
+    "replica_counts_of",
     "separate_duplicates",
     "snake_layout",
 ]

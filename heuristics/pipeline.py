@@ -24,7 +24,7 @@ from .packing import (
     DEFAULT_REFINE_ROUNDS, _items_row, _pack_segments, _pack_work, gather_rows, item_order, pack_sorted, replica_items,
 )
 
-__all__ = ["Placement", "place", "pack_rows"]
+__all__ = ["Placement", "place", "pack_rows", "replica_counts_of"]
 
 
 @dataclass(frozen=True)
@@ -77,13 +77,40 @@ def place(
         (``ValueError``); callers validate user input (``eplb_opt`` does).
     """
     w = writable(np.ascontiguousarray(weight, dtype=np.float64))
+    node_of_group, exact, experts, neg, cnt, logcnt = _counts_step(w, num_replicas, num_groups, num_nodes, num_gpus,
+                                                                    node_of_group)
+    # 3. The packing (:func:`_pack_layers`) of each node's experts in item order
+    # (numpy's argsort, settled in the kernel).
+    phy2log = np.empty((w.shape[0], num_replicas), dtype=np.int64)
+    order = item_order(neg.reshape(-1, neg.shape[2])).reshape(neg.shape)
+    _pack_layers(
+        experts, neg, cnt, order, int(num_gpus // num_nodes),
+        int(DEFAULT_REFINE_ROUNDS if refine_rounds is None else refine_rounds), bool(allow_duplicates), phy2log,
+    )
+    return Placement(phy2log=phy2log, logcnt=logcnt, node_of_group=node_of_group, groups_exact=exact)
+
+
+def replica_counts_of(weight: np.ndarray, num_replicas: int, num_groups: int, num_nodes: int,
+                      num_gpus: int) -> np.ndarray:
+    """``[L, E]`` int64: the replica counts :func:`place` gives (its ``logcnt``), without
+    the packing: for a caller that needs only how many replicas each expert gets
+    (arguments as :func:`place`'s)."""
+    w = writable(np.ascontiguousarray(weight, dtype=np.float64))
+    return _counts_step(w, num_replicas, num_groups, num_nodes, num_gpus, None)[5]
+
+
+def _counts_step(w: np.ndarray, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int,
+                 node_of_group: np.ndarray | None):
+    """Steps 1 and 2 of :func:`place` on ``w`` ``[L, E]`` float64: ``(node_of_group,
+    exact, experts, neg, cnt, logcnt)``, each node's experts with their negated loads
+    and replica counts ``[L, N, E / N]`` (what the packing takes) and the counts per
+    expert ``[L, E]``."""
     _check_shapes(w, num_replicas, num_groups, num_nodes, num_gpus)
     num_layers, num_experts = w.shape
     gpus_per_node = num_gpus // num_nodes
     # 1. Groups to nodes.
     node_of_group, exact = _groups_step(w, num_groups, num_nodes, node_of_group)
-    # 2. Replica counts (:func:`_count_layers`), then each node's experts in item order
-    # (numpy's argsort, settled in the kernel), and 3. the packing (:func:`_pack_layers`).
+    # 2. Replica counts (:func:`_count_layers`).
     per_node = num_replicas // num_nodes
     extra = per_node - num_experts // num_nodes
     if extra < 0:
@@ -93,16 +120,10 @@ def place(
     experts = np.empty((num_layers, num_nodes, m), dtype=np.int64)
     neg = np.empty((num_layers, num_nodes, m))
     cnt = np.ones((num_layers, num_nodes, m), dtype=np.int64)
-    phy2log = np.empty((num_layers, num_replicas), dtype=np.int64)
     logcnt = np.empty((num_layers, num_experts), dtype=np.int64)
     _count_layers(w, np.ascontiguousarray(node_of_group, dtype=np.int64), int(extra), int(cap), experts, neg, cnt,
                   logcnt)
-    order = item_order(neg.reshape(num_layers * num_nodes, m)).reshape(neg.shape)
-    _pack_layers(
-        experts, neg, cnt, order, int(gpus_per_node),
-        int(DEFAULT_REFINE_ROUNDS if refine_rounds is None else refine_rounds), bool(allow_duplicates), phy2log,
-    )
-    return Placement(phy2log=phy2log, logcnt=logcnt, node_of_group=node_of_group, groups_exact=exact)
+    return node_of_group, exact, experts, neg, cnt, logcnt
 
 
 @kernel

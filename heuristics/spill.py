@@ -143,20 +143,26 @@ def _node_work(E, N):
     float rows ``per, ve2, de, dh, dn, cy``; ``lw [2, N]`` ``low, lowh``; ``oe [N, E]``;
     ``iw [5, E + 1]`` int rows ``offc, onh, spilled, on, cand``; ``mov [N, E]``; ``nm [N]``;
     ``t [3]``; ``hq [3, N, E]`` rows ``hq[k, q, :nq[k, q]]`` the experts on node ``q``:
-    all, those on ``h`` too, those not on ``h``)."""
+    all, those on ``h`` too, those not on ``h``; ``key [4, E]`` rows ``w, c, offc, v``:
+    what each expert's ``per, ve2, de, oe`` were last computed from, NaN: never)."""
     return (np.empty((6, E + 1)), np.empty((2, N)), np.empty((N, E)), np.empty((5, E + 1), np.int64),
             np.empty((N, E), np.int64), np.empty(N, np.int64), np.empty(3, np.int64),
-            np.empty((3, N, E), np.int64), np.empty((3, N), np.int64))
+            np.empty((3, N, E), np.int64), np.empty((3, N), np.int64), np.full((4, E), np.nan))
 
 
 @kernel
 def _node_state(w, x, away, c, v, loads, ws):
     """Counts, per-replica loads and node loads of ``x``; returns the off-node load.
     In the same pass: the experts with a replica that may leave each node
-    (``mov[n, :nm[n]]``, ascending: it has one there, not its last home one) and every
-    expert's replicas away from home (``offc``).  ``ws``: :func:`_node_work`."""
+    (``mov[n, :nm[n]]``, ascending: it has one there, not its last home one), every
+    expert's replicas away from home (``offc``) and what a slot more would make of it
+    (``ve2, de, oe``, for :func:`_retarget_prep`).  ``ws``: :func:`_node_work`.
+
+    An expert's per-replica figures depend only on its load, count and replicas away;
+    they are computed again only where one of those changed since ``ws`` last saw it
+    (``key``), by the same expressions, so they are the values a full pass gives."""
     E, N = x.shape
-    per, offc, mov, nm = ws[0][0], ws[3][0], ws[4], ws[5]
+    per, ve2, de, offc, mov, nm, oe, key = ws[0][0], ws[0][1], ws[0][2], ws[3][0], ws[4], ws[5], ws[2], ws[9]
     loads[:] = 0.0
     nm[:] = 0
     for e in range(E):
@@ -170,10 +176,17 @@ def _node_state(w, x, away, c, v, loads, ws):
                 nm[n] += 1
         c[e] = s
         offc[e] = a
-        v[e] = w[e] / max(s, 1)
+        if not (key[0, e] == w[e] and key[1, e] == s and key[2, e] == a):
+            key[0, e], key[1, e], key[2, e] = w[e], s, a
+            key[3, e] = w[e] / max(s, 1)
+            per[e] = key[3, e] * a
+            ve2[e] = w[e] / (s + 1)
+            de[e] = ve2[e] - key[3, e]
+            for n in range(N):
+                oe[n, e] = ve2[e] * (a + away[e, n]) - key[3, e] * a
+        v[e] = key[3, e]
         for n in range(N):
             loads[n] += v[e] * x[e, n]
-        per[e] = v[e] * a
     return _pairwise(per, 0, E)
 
 
@@ -221,13 +234,13 @@ def _top3(v, t):
 
 
 @kernel
-def _retarget_prep(w, x, away, c, v, h, ws):
-    """Per expert ``e`` gaining a slot: its new replica load ``ve2``, the change ``de``,
-    the change of ``h`` (``dn``; ``dh`` with the slot on ``h``), the off-node change
-    ``oe[n, e]`` with the slot on ``n`` (lowest ``low[n]``, over the experts on ``h``
-    ``lowh[n]``), its nodes as bits ``on``, the experts on ``h`` (``onh``) and those with
-    replicas away and none on ``h`` (``spilled``); per node the experts on it (``hq``,
-    see :func:`_node_work`).  Returns ``(nh, ns, dhmin, dnmin)``."""
+def _retarget_prep(x, h, ws):
+    """Per expert ``e`` gaining a slot (``ve2``, ``de`` and ``oe``: as :func:`_node_state`
+    left them in ``ws`` for ``x``): the change of ``h`` (``dn``; ``dh`` with the slot on
+    ``h``), the lowest off-node change ``oe[n, e]`` with the slot on ``n`` (``low[n]``;
+    over the experts on ``h`` ``lowh[n]``), its nodes as bits ``on``, the experts on ``h``
+    (``onh``) and those with replicas away and none on ``h`` (``spilled``); per node the
+    experts on it (``hq``, see :func:`_node_work`).  Returns ``(nh, ns, dhmin, dnmin)``."""
     E, N = x.shape
     fw, lw, oe, iw, hq, nq = ws[0], ws[1], ws[2], ws[3], ws[7], ws[8]
     ve2, de, dh, dn, low, lowh = fw[1], fw[2], fw[3], fw[4], lw[0], lw[1]
@@ -237,13 +250,10 @@ def _retarget_prep(w, x, away, c, v, h, ws):
     nq[:, :] = 0
     nh, ns, dhmin, dnmin = 0, 0, np.inf, np.inf
     for e in range(E):
-        ve2[e] = w[e] / (c[e] + 1)
-        de[e] = ve2[e] - v[e]
         dn[e] = x[e, h] * de[e]                 # change of h when e gains a slot elsewhere
         dh[e] = dn[e] + ve2[e]                  # ... a slot on h
         b = 0
         for n in range(N):
-            oe[n, e] = ve2[e] * (offc[e] + away[e, n]) - v[e] * offc[e]
             low[n] = min(low[n], oe[n, e])
             if x[e, h] > 0:
                 lowh[n] = min(lowh[n], oe[n, e])
@@ -279,7 +289,7 @@ def _node_retargets(w, x, away, c, v, loads, off, h, P, G, lam, cap, best, ws):
     N = x.shape[1]
     t, mov, nm = ws[6], ws[4], ws[5]
     _top3(v, t)
-    nh, ns, dhmin, dnmin = _retarget_prep(w, x, away, c, v, h, ws)
+    nh, ns, dhmin, dnmin = _retarget_prep(x, h, ws)
     offc, oe, low, lowh = ws[3][0], ws[2], ws[1][0], ws[1][1]
     for n in range(N):
         for jf in range(nm[n]):
@@ -540,7 +550,8 @@ def _gpu_counts(S, away, hc, offc, holders, hn):
 
 @kernel
 def _gpu_state(w, row, node, home):
-    """``(S, M, c, v, loads, away, hc, offc, holders, hn)`` of placement ``row``."""
+    """``(S, M, c, v, loads, away, hc, offc, holders, hn, rw)`` of placement ``row``
+    (``rw``: :func:`_gpu_retargets`' per-expert figures, none computed yet)."""
     G = node.size
     E = w.size
     k = row.size // G
@@ -559,7 +570,7 @@ def _gpu_state(w, row, node, home):
     hc, offc, hn = np.empty(E, np.int64), np.empty(E, np.int64), np.empty(E, np.int64)
     holders = np.empty((E, G), dtype=np.int64)
     _gpu_counts(S, away, hc, offc, holders, hn)
-    return S, M, c, v, loads, away, hc, offc, holders, hn
+    return S, M, c, v, loads, away, hc, offc, holders, hn, np.full((8, E), np.nan)
 
 
 @kernel
@@ -613,21 +624,30 @@ def _gpu_swaps(S, M, v, loads, away, hc, g, off0, sq0, f0, eps, lam, dup, bd, bf
 
 
 @kernel
-def _gpu_retargets(w, S, M, c, v, loads, away, hc, offc, holders, hn, order, g, off0, sq0, f0, eps, lam,
+def _gpu_retargets(w, S, M, c, v, loads, away, hc, offc, holders, hn, rw, order, g, off0, sq0, f0, eps, lam,
                    dup, bd, bf):
     """Retargets of a slot ``i`` of ``g`` (expert ``a``, ``c >= 2``) to any expert
     ``b``, order (i, b).  Only the GPUs holding ``a`` or ``b`` change load, so the
     new loads of ``g`` and of the busiest GPU bound a pair before the rest; the sum of
-    squares changes by those GPUs' terms."""
+    squares changes by those GPUs' terms.
+
+    ``rw [8, E]`` keeps, across the steps of a search, each ``b``'s figures with a slot
+    more (``vb2, db``, and the off-node change ``ob`` with that slot at home and away),
+    rows 0-2 what they were computed from (``w, c, offc``; NaN: never): they are
+    computed again, by the same expressions, only where one of those changed."""
     G, k = S.shape
     E = w.size
     o0 = order[0]
     qs, ys = np.empty(2 * G, dtype=np.int64), np.empty(2 * G)
-    vb2, db, ob = np.empty(E), np.empty(E), np.empty(E)
+    vb2, db, ob0, ob1, ob = rw[3], rw[4], rw[5], rw[6], rw[7]
     for b in range(E):
-        vb2[b] = w[b] / (c[b] + 1)
-        db[b] = vb2[b] - v[b]
-        ob[b] = w[b] * (offc[b] + away[g, b]) / (c[b] + 1) - w[b] * offc[b] / max(c[b], 1)
+        if not (rw[0, b] == w[b] and rw[1, b] == c[b] and rw[2, b] == offc[b]):
+            rw[0, b], rw[1, b], rw[2, b] = w[b], c[b], offc[b]
+            vb2[b] = w[b] / (c[b] + 1)
+            db[b] = vb2[b] - w[b] / max(c[b], 1)
+            ob0[b] = w[b] * (offc[b] + 0) / (c[b] + 1) - w[b] * offc[b] / max(c[b], 1)
+            ob1[b] = w[b] * (offc[b] + 1) / (c[b] + 1) - w[b] * offc[b] / max(c[b], 1)
+        ob[b] = ob1[b] if away[g, b] else ob0[b]
     mvb, mob, dq = vb2.min(), ob.min(), np.zeros(G)     # per GPU: the lowest change a b
     for q in range(G):                                  # gaining a slot makes there
         for j in range(k):
@@ -717,7 +737,7 @@ def _gpu_apply(S, M, c, loads, v, best):
 
 
 @kernel
-def _gpu_step(w, S, M, c, v, loads, away, hc, offc, holders, hn, lam, dup, bd, bf):
+def _gpu_step(w, S, M, c, v, loads, away, hc, offc, holders, hn, rw, lam, dup, bd, bf):
     """One step's choice from the current state: the busiest GPUs in turn (at most
     two, stopping at the first with an improving move); returns the objective now."""
     G = loads.size
@@ -731,7 +751,7 @@ def _gpu_step(w, S, M, c, v, loads, away, hc, offc, holders, hn, lam, dup, bd, b
     for t in range(min(2, G)):
         g = order[t]
         _gpu_swaps(S, M, v, loads, away, hc, g, off0, sq0, f0, eps, lam, dup, bd, bf)
-        _gpu_retargets(w, S, M, c, v, loads, away, hc, offc, holders, hn, order, g, off0, sq0, f0, eps,
+        _gpu_retargets(w, S, M, c, v, loads, away, hc, offc, holders, hn, rw, order, g, off0, sq0, f0, eps,
                        lam, dup, bd, bf)
         if bd[0] < np.inf:
             break
@@ -742,11 +762,11 @@ def _gpu_step(w, S, M, c, v, loads, away, hc, offc, holders, hn, lam, dup, bd, b
 def _polish_kernel(w, row, node, home, lam, dup, max_steps):
     """GPU-level search from ``row`` ``[R]``; returns ``(objective, placement [R])``.
     GPU loads follow a swap incrementally and are recomputed after a retarget."""
-    S, M, c, v, loads, away, hc, offc, holders, hn = _gpu_state(w, row, node, home)
+    S, M, c, v, loads, away, hc, offc, holders, hn, rw = _gpu_state(w, row, node, home)
     bd, bf = np.empty(6), np.empty(6)
     f0 = 0.0
     for _ in range(max_steps):
-        f0 = _gpu_step(w, S, M, c, v, loads, away, hc, offc, holders, hn, lam, dup, bd, bf)
+        f0 = _gpu_step(w, S, M, c, v, loads, away, hc, offc, holders, hn, rw, lam, dup, bd, bf)
         if bd[0] < np.inf:
             changed = _gpu_apply(S, M, c, loads, v, bd)
         elif bf[0] < np.inf:
@@ -901,6 +921,7 @@ def spill_refine(
     allow_duplicates: bool = True,
     deadline: float | None = None,
     global_plan: np.ndarray | None = None,
+    global_counts: np.ndarray | None = None,
 ) -> np.ndarray:
     """Spill replicas off their home node where it pays (see module docs).
 
@@ -913,7 +934,11 @@ def spill_refine(
         max_steps: improving steps per layer and search at most.
         deadline: ``time.perf_counter()`` value after which layers are left as they are.
         global_plan: optional ``[L, R]`` global-policy plan: its replica counts seed the
-            home-first LPT start (default: :func:`replica_counts`).
+            home-first LPT start (default: :func:`replica_counts`), and where nothing can
+            spill (one node, or no spare replica) it is polished as a start too.
+        global_counts: optional ``[L, E]`` replica counts to seed the LPT with instead
+            of ``global_plan``'s (the same counts without the packing:
+            :func:`heuristics.pipeline.replica_counts_of`).
 
     Returns:
         ``[L, R]`` placement (node ``n`` holds slots ``n*R/N ..``); every expert keeps a
@@ -933,8 +958,12 @@ def spill_refine(
     lam = float(cross_node_cost)
     cap = np.inf if allow_duplicates else float(P)
     node = np.arange(G, dtype=np.int64) // P
-    counts = (np.stack([np.bincount(r, minlength=E) for r in global_plan]) if global_plan is not None
-              else replica_counts(weight, R, None if allow_duplicates else G))
+    if global_counts is not None:
+        counts = global_counts
+    elif global_plan is not None:
+        counts = np.stack([np.bincount(r, minlength=E) for r in global_plan])
+    else:
+        counts = replica_counts(weight, R, None if allow_duplicates else G)
     counts = np.ascontiguousarray(counts, dtype=np.int64)
     values, labels = np.empty((L * N, rn)), np.empty((L * N, rn), dtype=np.int64)
     keep = np.zeros(L, dtype=bool)         # layers whose start plan is the best node split

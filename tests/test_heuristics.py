@@ -257,6 +257,10 @@ def test_place_equals_its_steps_composed(seed):
     for r in range(L * N):
         cnt[r // N, experts[r]] = counts[r]
     assert np.array_equal(got.logcnt, cnt)
+    # The counts alone (what the spill policy seeds its search with) are place()'s, and
+    # they are the replicas its plan holds.
+    assert np.array_equal(H.replica_counts_of(w, R, num_groups, N, G), cnt)
+    assert np.array_equal(cnt, np.stack([np.bincount(r, minlength=E) for r in got.phy2log]))
 
 
 def test_slot_loads_matches_plain_loops():
