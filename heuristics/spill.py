@@ -285,12 +285,30 @@ def _node_retargets(w, x, away, c, v, loads, off, h, P, G, lam, cap, best, ws):
     by lowering the heaviest node ``h`` (``n = h``, or ``e`` on ``h``), the heaviest
     replica (``e`` its expert) or the off-node load (``of + oe < 0``); those changing ``h``
     are first bounded by ``h``'s new load, ``f``'s new replica load, the other replicas
-    and the lowest off-node change any of them makes."""
-    N = x.shape[1]
+    and the lowest off-node change any of them makes.
+
+    **Candidates** (the ``e`` a retarget ``f -> e`` on ``n`` may take below ``best[0]``,
+    in pricing order, into ``cand[:nc]``): ``cy`` a lower bound on the new heaviest node
+    load, from ``h`` and the heavier of the nodes ``b1``, ``b2`` (loads ``y1``, ``y2``
+    after ``f``'s change) without a replica of ``e`` (bits ``on[e]``).  Each block first
+    skips, by one comparison, the ``e`` whose ``dh`` / ``dn`` / ``oe`` is at or above a
+    :func:`_cut` of the block's bound (every one such fails the full test: the bound is
+    that test with the other terms at their lowest).  Where ``y1`` with the block's
+    lowest off-node change already fails, a block scans only the ``e`` on ``b1``'s node
+    (``hq``; the top of any other is at least ``y1``).  **Pricing**: each candidate in
+    order, the first lowest kept.
+
+    One function, its arrays taken from ``ws`` once per step: each array a call or a
+    row view binds costs numba two atomic reference-count updates, and the (n, f) pairs
+    run to thousands per search."""
+    E, N = x.shape
     t, mov, nm = ws[6], ws[4], ws[5]
     _top3(v, t)
     nh, ns, dhmin, dnmin = _retarget_prep(x, h, ws)
-    offc, oe, low, lowh = ws[3][0], ws[2], ws[1][0], ws[1][1]
+    fw, oe2, iw, hq, nq = ws[0], ws[2], ws[3], ws[7], ws[8]
+    ve2, de, dh, dn, cy = fw[1], fw[2], fw[3], fw[4], fw[5]
+    offc, onh, spilled, on, cand = iw[0], iw[1], iw[2], iw[3], iw[4]
+    low, lowh = ws[1][0], ws[1][1]
     for n in range(N):
         for jf in range(nm[n]):
             f = mov[n, jf]
@@ -315,9 +333,80 @@ def _node_retargets(w, x, away, c, v, loads, off, h, P, G, lam, cap, best, ws):
                         y1, b1, y2, b2 = yq, 1 << q, y1, b1
                     elif yq > y2:
                         y2, b2 = yq, 1 << q
-            nc = _retarget_candidates(x, t, ws, nh, ns, dhmin, dnmin, low[n], lowh[n], f, n, h, hf, of, floor,
-                                      y1, b1, y2, b2, off, P, G, lam, best)
-            _price_retargets(ws, nc, f, n, h, t, x, v, vf2, df, oe[n], of, loads, off, P, G, lam, cap, best)
+            # -- candidates --
+            nc, q1 = 0, 0
+            for q in range(N):
+                q1 = q if b1 == 1 << q else q1
+            pen_all = lam * (off + (of + low[n])) / G
+            sel = b1 != 0 and max(y1 / P, floor) + pen_all >= best[0]   # only the e on q1 can get below
+            if n == h:                              # every e changes h
+                if max((hf + dhmin) / P, floor) + pen_all < best[0]:
+                    cut = _cut(best[0], pen_all, P, hf, 0.0)
+                    for i in range(nq[0, q1] if sel else E):
+                        e = hq[0, q1, i] if sel else i
+                        if dh[e] >= cut:
+                            continue
+                        top = max(hf + dh[e], y1 if on[e] & b1 == 0 else (y2 if on[e] & b2 == 0 else -np.inf))
+                        if max(top / P, floor) + lam * (off + (of + oe2[n, e])) / G < best[0]:
+                            cand[nc], cy[nc] = e, top
+                            nc += 1
+            else:
+                penh = lam * (off + (of + lowh[n])) / G
+                if max((hf + dnmin) / P, floor) + penh < best[0]:
+                    cut = _cut(best[0], penh, P, hf, 0.0)
+                    selh = b1 != 0 and max(y1 / P, floor) + penh >= best[0]
+                    for i in range(nq[1, q1] if selh else nh):     # the e on h
+                        e = hq[1, q1, i] if selh else onh[i]
+                        if dn[e] >= cut:
+                            continue
+                        top = max(hf + dn[e], y1 if on[e] & b1 == 0 else (y2 if on[e] & b2 == 0 else -np.inf))
+                        if max(top / P, floor) + lam * (off + (of + oe2[n, e])) / G < best[0]:
+                            cand[nc], cy[nc] = e, top
+                            nc += 1
+                base = max(hf / P, floor)
+                if base + pen_all >= best[0]:
+                    pass                            # no other e gets below
+                elif of < 0.0:                      # the others: any may lower the off-node load
+                    cut = _cut(best[0], base, G / lam, off, of) if lam > 0.0 else np.inf
+                    for i in range(nq[2, q1] if sel else E):
+                        e = hq[2, q1, i] if sel else i
+                        if oe2[n, e] < cut and x[e, h] == 0:
+                            top = max(hf, y1 if on[e] & b1 == 0 else (y2 if on[e] & b2 == 0 else -np.inf))
+                            if max(top / P, floor) + lam * (off + (of + oe2[n, e])) / G < best[0]:
+                                cand[nc], cy[nc] = e, top
+                                nc += 1
+                else:
+                    for i in range(ns):             # only those with replicas away, and the
+                        if oe2[n, spilled[i]] + of < 0.0:       # heaviest replica's expert
+                            cand[nc], cy[nc] = spilled[i], hf
+                            nc += 1
+                    if t[0] >= 0 and x[t[0], h] == 0 and (offc[t[0]] == 0 or oe2[n, t[0]] + of >= 0.0):
+                        cand[nc], cy[nc] = t[0], hf
+                        nc += 1
+            # -- pricing: cy[j] the heaviest node's load after the move, at least --
+            for j in range(nc):
+                e, yh = cand[j], cy[j]
+                if e == f or x[e, n] >= cap:
+                    continue
+                o = -1                          # heaviest untouched replica (none when
+                for i in range(3):              # f and e are all there is)
+                    if t[i] >= 0 and t[i] != f and t[i] != e:
+                        o = t[i]
+                        break
+                vmax = max(v[o] if o >= 0 else -np.inf, max(vf2, ve2[e]))
+                pen = lam * (off + (of + oe2[n, e])) / G
+                if max(yh / P, vmax) + pen >= best[0]:
+                    continue
+                top = yh
+                for q in range(N):
+                    if q != h:
+                        y = loads[q] + x[f, q] * df + x[e, q] * de[e]
+                        if q == n:
+                            y += ve2[e] - vf2
+                        top = max(top, y)
+                val = max(top / P, vmax) + pen
+                if val < best[0]:
+                    best[0], best[1], best[2], best[3], best[4], best[5] = val, 1.0, f, e, n, 0
 
 
 @kernel
@@ -325,108 +414,6 @@ def _cut(b, a, s, r1, r2):
     """``(b - a) * s - r1 - r2`` raised by far more than its rounding error and that of
     the test it stands for: a value at or above it cannot pass that test."""
     return (((b - a) * s - r1) - r2) + (1e-9 * ((abs(b) + abs(a)) * s + abs(r1) + abs(r2)) + 1e-200)
-
-
-@kernel
-def _retarget_candidates(x, t, ws, nh, ns, dhmin, dnmin, low, lowh, f, n, h, hf, of, floor, y1, b1, y2, b2, off,
-                         P, G, lam, best):
-    """The ``e`` a retarget ``f -> e`` on ``n`` may take below ``best[0]``, in pricing
-    order, into ``cand[:nc]``; returns ``nc``.  ``cy``: a lower bound on the new heaviest
-    node load, from ``h`` and the heavier of the nodes ``b1``, ``b2`` (loads ``y1``, ``y2``
-    after ``f``'s change) without a replica of ``e`` (bits ``on[e]``).
-
-    Each block first skips, by one comparison, the ``e`` whose ``dh`` / ``dn`` / ``oe``
-    is at or above a :func:`_cut` of the block's bound (every one such fails the full
-    test: the bound is that test with the other terms at their lowest).  Where ``y1``
-    with the block's lowest off-node change already fails, a block scans only the ``e``
-    on ``b1``'s node (``hq``; the top of any other is at least ``y1``)."""
-    E, N = x.shape
-    dh, dn, cy, oe = ws[0][3], ws[0][4], ws[0][5], ws[2][n]
-    offc, onh, spilled, on, cand = ws[3][0], ws[3][1], ws[3][2], ws[3][3], ws[3][4]
-    hq, nq = ws[7], ws[8]
-    nc, q1 = 0, 0
-    for q in range(N):
-        q1 = q if b1 == 1 << q else q1
-    pen_all = lam * (off + (of + low)) / G
-    sel = b1 != 0 and max(y1 / P, floor) + pen_all >= best[0]   # only the e on q1 can get below
-    if n == h:                                  # every e changes h
-        if max((hf + dhmin) / P, floor) + pen_all >= best[0]:
-            return 0                            # none can get below
-        cut = _cut(best[0], pen_all, P, hf, 0.0)
-        for i in range(nq[0, q1] if sel else E):
-            e = hq[0, q1, i] if sel else i
-            if dh[e] >= cut:
-                continue
-            top = max(hf + dh[e], y1 if on[e] & b1 == 0 else (y2 if on[e] & b2 == 0 else -np.inf))
-            if max(top / P, floor) + lam * (off + (of + oe[e])) / G < best[0]:
-                cand[nc], cy[nc] = e, top
-                nc += 1
-        return nc
-    penh = lam * (off + (of + lowh)) / G
-    if max((hf + dnmin) / P, floor) + penh < best[0]:
-        cut = _cut(best[0], penh, P, hf, 0.0)
-        selh = b1 != 0 and max(y1 / P, floor) + penh >= best[0]
-        for i in range(nq[1, q1] if selh else nh):     # the e on h
-            e = hq[1, q1, i] if selh else onh[i]
-            if dn[e] >= cut:
-                continue
-            top = max(hf + dn[e], y1 if on[e] & b1 == 0 else (y2 if on[e] & b2 == 0 else -np.inf))
-            if max(top / P, floor) + lam * (off + (of + oe[e])) / G < best[0]:
-                cand[nc], cy[nc] = e, top
-                nc += 1
-    base = max(hf / P, floor)
-    if base + pen_all >= best[0]:
-        return nc                               # no other e gets below
-    if of < 0.0:                                # the others: any may lower the off-node load
-        cut = _cut(best[0], base, G / lam, off, of) if lam > 0.0 else np.inf
-        for i in range(nq[2, q1] if sel else E):
-            e = hq[2, q1, i] if sel else i
-            if oe[e] < cut and x[e, h] == 0:
-                top = max(hf, y1 if on[e] & b1 == 0 else (y2 if on[e] & b2 == 0 else -np.inf))
-                if max(top / P, floor) + lam * (off + (of + oe[e])) / G < best[0]:
-                    cand[nc], cy[nc] = e, top
-                    nc += 1
-        return nc
-    for i in range(ns):                         # only those with replicas away, and the
-        if oe[spilled[i]] + of < 0.0:           # heaviest replica's expert
-            cand[nc], cy[nc] = spilled[i], hf
-            nc += 1
-    if t[0] >= 0 and x[t[0], h] == 0 and (offc[t[0]] == 0 or oe[t[0]] + of >= 0.0):
-        cand[nc], cy[nc] = t[0], hf
-        nc += 1
-    return nc
-
-
-@kernel
-def _price_retargets(ws, nc, f, n, h, t, x, v, vf2, df, oe, of, loads, off, P, G, lam, cap, best):
-    """Price the ``nc`` candidate retargets ``f -> cand[j]`` on node ``n`` (``cy[j]``: the
-    heaviest node's load after the move) for :func:`_node_retargets`; keeps the first
-    lowest in ``best``."""
-    N = x.shape[1]
-    ve2, de, cy, cand = ws[0][1], ws[0][2], ws[0][5], ws[3][4]
-    for j in range(nc):
-        e, yh = cand[j], cy[j]
-        if e == f or x[e, n] >= cap:
-            continue
-        o = -1                          # heaviest untouched replica (none when
-        for i in range(3):              # f and e are all there is)
-            if t[i] >= 0 and t[i] != f and t[i] != e:
-                o = t[i]
-                break
-        vmax = max(v[o] if o >= 0 else -np.inf, max(vf2, ve2[e]))
-        pen = lam * (off + (of + oe[e])) / G
-        if max(yh / P, vmax) + pen >= best[0]:
-            continue
-        top = yh
-        for q in range(N):
-            if q != h:
-                y = loads[q] + x[f, q] * df + x[e, q] * de[e]
-                if q == n:
-                    y += ve2[e] - vf2
-                top = max(top, y)
-        val = max(top / P, vmax) + pen
-        if val < best[0]:
-            best[0], best[1], best[2], best[3], best[4], best[5] = val, 1.0, f, e, n, 0
 
 
 @kernel
