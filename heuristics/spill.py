@@ -144,10 +144,12 @@ def _node_work(E, N):
     ``iw [5, E + 1]`` int rows ``offc, onh, spilled, on, cand``; ``mov [N, E]``; ``nm [N]``;
     ``t [3]``; ``hq [3, N, E]`` rows ``hq[k, q, :nq[k, q]]`` the experts on node ``q``:
     all, those on ``h`` too, those not on ``h``; ``key [4, E]`` rows ``w, c, offc, v``:
-    what each expert's ``per, ve2, de, oe`` were last computed from, NaN: never)."""
+    what each expert's ``per, ve2, de, oe`` were last computed from, NaN: never; ``pr
+    [N E, 12]`` the retarget pairs of a step, :func:`_pair_moves`)."""
     return (np.empty((6, E + 1)), np.empty((2, N)), np.empty((N, E)), np.empty((5, E + 1), np.int64),
             np.empty((N, E), np.int64), np.empty(N, np.int64), np.empty(3, np.int64),
-            np.empty((3, N, E), np.int64), np.empty((3, N), np.int64), np.full((4, E), np.nan))
+            np.empty((3, N, E), np.int64), np.empty((3, N), np.int64), np.full((4, E), np.nan),
+            np.empty((N * E, 12)))
 
 
 @kernel
@@ -287,28 +289,16 @@ def _node_retargets(w, x, away, c, v, loads, off, h, P, G, lam, cap, best, ws):
     are first bounded by ``h``'s new load, ``f``'s new replica load, the other replicas
     and the lowest off-node change any of them makes.
 
-    **Candidates** (the ``e`` a retarget ``f -> e`` on ``n`` may take below ``best[0]``,
-    in pricing order, into ``cand[:nc]``): ``cy`` a lower bound on the new heaviest node
-    load, from ``h`` and the heavier of the nodes ``b1``, ``b2`` (loads ``y1``, ``y2``
-    after ``f``'s change) without a replica of ``e`` (bits ``on[e]``).  Each block first
-    skips, by one comparison, the ``e`` whose ``dh`` / ``dn`` / ``oe`` is at or above a
-    :func:`_cut` of the block's bound (every one such fails the full test: the bound is
-    that test with the other terms at their lowest).  Where ``y1`` with the block's
-    lowest off-node change already fails, a block scans only the ``e`` on ``b1``'s node
-    (``hq``; the top of any other is at least ``y1``).  **Pricing**: each candidate in
-    order, the first lowest kept.
-
-    One function, its arrays taken from ``ws`` once per step: each array a call or a
-    row view binds costs numba two atomic reference-count updates, and the (n, f) pairs
-    run to thousands per search."""
-    E, N = x.shape
-    t, mov, nm = ws[6], ws[4], ws[5]
+    Here each pair's figures from ``f`` alone, into ``pr`` (``ws[10]``) in order, then
+    :func:`_pair_moves` takes the pairs one by one.  Two functions, not one per pair:
+    numba updates two atomic reference counts for every array a call binds, and the
+    pairs run to thousands per search."""
+    N = x.shape[1]
+    t, mov, nm, pr = ws[6], ws[4], ws[5], ws[10]
     _top3(v, t)
     nh, ns, dhmin, dnmin = _retarget_prep(x, h, ws)
-    fw, oe2, iw, hq, nq = ws[0], ws[2], ws[3], ws[7], ws[8]
-    ve2, de, dh, dn, cy = fw[1], fw[2], fw[3], fw[4], fw[5]
-    offc, onh, spilled, on, cand = iw[0], iw[1], iw[2], iw[3], iw[4]
-    low, lowh = ws[1][0], ws[1][1]
+    offc = ws[3][0]
+    npr = 0
     for n in range(N):
         for jf in range(nm[n]):
             f = mov[n, jf]
@@ -316,97 +306,100 @@ def _node_retargets(w, x, away, c, v, loads, off, h, P, G, lam, cap, best, ws):
                 continue
             vf2 = w[f] / (c[f] - 1)
             df = vf2 - v[f]
-            of = vf2 * (offc[f] - away[f, n]) - v[f] * offc[f]
-            hf = loads[h] + x[f, h] * df - (vf2 if n == h else 0.0)
             o2, seen = -1, 0                    # the second heaviest replica but f's bounds
             for i in range(3):                  # the heaviest one the move leaves alone
                 if t[i] >= 0 and t[i] != f:
                     seen += 1
                     if seen == 2:
                         o2 = t[i]
-            floor = max(vf2, v[o2] if o2 >= 0 else -np.inf)
-            y1, b1, y2, b2 = -np.inf, 0, -np.inf, 0     # the two heaviest other nodes but n
-            for q in range(N):                  # after f's change (bits b1, b2): one e
-                if q != h and q != n:           # leaves alone bounds the top
+            y1, b1, y2, b2, q1 = -np.inf, 0, -np.inf, 0, 0      # the two heaviest other nodes
+            for q in range(N):                  # but n after f's change (bits b1, b2; q1
+                if q != h and q != n:           # b1's node): one e leaves alone bounds the top
                     yq = loads[q] + x[f, q] * df
                     if yq > y1:
-                        y1, b1, y2, b2 = yq, 1 << q, y1, b1
+                        y1, b1, y2, b2, q1 = yq, 1 << q, y1, b1, q
                     elif yq > y2:
                         y2, b2 = yq, 1 << q
-            # -- candidates --
-            nc, q1 = 0, 0
-            for q in range(N):
-                q1 = q if b1 == 1 << q else q1
-            pen_all = lam * (off + (of + low[n])) / G
-            sel = b1 != 0 and max(y1 / P, floor) + pen_all >= best[0]   # only the e on q1 can get below
-            if n == h:                              # every e changes h
-                if max((hf + dhmin) / P, floor) + pen_all < best[0]:
-                    cut = _cut(best[0], pen_all, P, hf, 0.0)
-                    for i in range(nq[0, q1] if sel else E):
-                        e = hq[0, q1, i] if sel else i
-                        if dh[e] >= cut:
-                            continue
-                        top = max(hf + dh[e], y1 if on[e] & b1 == 0 else (y2 if on[e] & b2 == 0 else -np.inf))
+            pr[npr, 0], pr[npr, 1], pr[npr, 2], pr[npr, 3] = f, n, vf2, df
+            pr[npr, 4] = vf2 * (offc[f] - away[f, n]) - v[f] * offc[f]           # of
+            pr[npr, 5] = loads[h] + x[f, h] * df - (vf2 if n == h else 0.0)      # hf
+            pr[npr, 6] = max(vf2, v[o2] if o2 >= 0 else -np.inf)                 # floor
+            pr[npr, 7], pr[npr, 8], pr[npr, 9], pr[npr, 10], pr[npr, 11] = y1, b1, y2, b2, q1
+            npr += 1
+    _pair_moves(x, v, loads, off, h, P, G, lam, cap, best, ws, npr, nh, ns, dhmin, dnmin)
+
+
+@kernel
+def _pair_moves(x, v, loads, off, h, P, G, lam, cap, best, ws, npr, nh, ns, dhmin, dnmin):
+    """The candidates, then the pricing, of each pair ``ws[10][:npr]`` (rows ``f, n, vf2,
+    df, of, hf, floor, y1, b1, y2, b2, q1``) in turn, for :func:`_node_retargets`."""
+    E, N = x.shape
+    t, fw, oe2, iw, hq, nq, pr = ws[6], ws[0], ws[2], ws[3], ws[7], ws[8], ws[10]
+    ve2, de, cy = fw[1], fw[2], fw[5]
+    offc, onh, spilled, on, cand = iw[0], iw[1], iw[2], iw[3], iw[4]
+    low, lowh = ws[1][0], ws[1][1]
+    for p in range(npr):
+        f, n, b1, b2, q1 = int(pr[p, 0]), int(pr[p, 1]), int(pr[p, 8]), int(pr[p, 10]), int(pr[p, 11])
+        vf2, df, of, hf, floor, y1, y2 = pr[p, 2], pr[p, 3], pr[p, 4], pr[p, 5], pr[p, 6], pr[p, 7], pr[p, 9]
+        pen_all = lam * (off + (of + low[n])) / G
+        # Candidates (cand[:nc], cy a lower bound on the heaviest node's new load): first
+        # the e changing h (every e where n = h, else those on h: rows dh / dn of fw);
+        # where y1 with the block's lowest off-node change fails, only the e on q1.
+        kk, nc = (0, 0) if n == h else (1, 0)
+        pen = pen_all if n == h else lam * (off + (of + lowh[n])) / G
+        sel = b1 != 0 and max(y1 / P, floor) + pen >= best[0]
+        if max((hf + (dhmin if n == h else dnmin)) / P, floor) + pen < best[0]:
+            cut = _cut(best[0], pen, P, hf, 0.0)
+            for i in range(nq[kk, q1] if sel else (E if n == h else nh)):
+                e = hq[kk, q1, i] if sel else (i if n == h else onh[i])
+                if fw[3 + kk, e] >= cut:
+                    continue
+                top = max(hf + fw[3 + kk, e], y1 if on[e] & b1 == 0 else (y2 if on[e] & b2 == 0 else -np.inf))
+                if max(top / P, floor) + lam * (off + (of + oe2[n, e])) / G < best[0]:
+                    cand[nc], cy[nc] = e, top
+                    nc += 1
+        if n != h and max(hf / P, floor) + pen_all < best[0]:      # else no other e gets below
+            if of < 0.0:                        # the others: any may lower the off-node load
+                sel = b1 != 0 and max(y1 / P, floor) + pen_all >= best[0]
+                cut = _cut(best[0], max(hf / P, floor), G / lam, off, of) if lam > 0.0 else np.inf
+                for i in range(nq[2, q1] if sel else E):
+                    e = hq[2, q1, i] if sel else i
+                    if oe2[n, e] < cut and x[e, h] == 0:
+                        top = max(hf, y1 if on[e] & b1 == 0 else (y2 if on[e] & b2 == 0 else -np.inf))
                         if max(top / P, floor) + lam * (off + (of + oe2[n, e])) / G < best[0]:
                             cand[nc], cy[nc] = e, top
                             nc += 1
-            else:
-                penh = lam * (off + (of + lowh[n])) / G
-                if max((hf + dnmin) / P, floor) + penh < best[0]:
-                    cut = _cut(best[0], penh, P, hf, 0.0)
-                    selh = b1 != 0 and max(y1 / P, floor) + penh >= best[0]
-                    for i in range(nq[1, q1] if selh else nh):     # the e on h
-                        e = hq[1, q1, i] if selh else onh[i]
-                        if dn[e] >= cut:
-                            continue
-                        top = max(hf + dn[e], y1 if on[e] & b1 == 0 else (y2 if on[e] & b2 == 0 else -np.inf))
-                        if max(top / P, floor) + lam * (off + (of + oe2[n, e])) / G < best[0]:
-                            cand[nc], cy[nc] = e, top
-                            nc += 1
-                base = max(hf / P, floor)
-                if base + pen_all >= best[0]:
-                    pass                            # no other e gets below
-                elif of < 0.0:                      # the others: any may lower the off-node load
-                    cut = _cut(best[0], base, G / lam, off, of) if lam > 0.0 else np.inf
-                    for i in range(nq[2, q1] if sel else E):
-                        e = hq[2, q1, i] if sel else i
-                        if oe2[n, e] < cut and x[e, h] == 0:
-                            top = max(hf, y1 if on[e] & b1 == 0 else (y2 if on[e] & b2 == 0 else -np.inf))
-                            if max(top / P, floor) + lam * (off + (of + oe2[n, e])) / G < best[0]:
-                                cand[nc], cy[nc] = e, top
-                                nc += 1
-                else:
-                    for i in range(ns):             # only those with replicas away, and the
-                        if oe2[n, spilled[i]] + of < 0.0:       # heaviest replica's expert
-                            cand[nc], cy[nc] = spilled[i], hf
-                            nc += 1
-                    if t[0] >= 0 and x[t[0], h] == 0 and (offc[t[0]] == 0 or oe2[n, t[0]] + of >= 0.0):
-                        cand[nc], cy[nc] = t[0], hf
+            else:                               # only those with replicas away, and the
+                for i in range(ns):             # heaviest replica's expert
+                    if oe2[n, spilled[i]] + of < 0.0:
+                        cand[nc], cy[nc] = spilled[i], hf
                         nc += 1
-            # -- pricing: cy[j] the heaviest node's load after the move, at least --
-            for j in range(nc):
-                e, yh = cand[j], cy[j]
-                if e == f or x[e, n] >= cap:
-                    continue
-                o = -1                          # heaviest untouched replica (none when
-                for i in range(3):              # f and e are all there is)
-                    if t[i] >= 0 and t[i] != f and t[i] != e:
-                        o = t[i]
-                        break
-                vmax = max(v[o] if o >= 0 else -np.inf, max(vf2, ve2[e]))
-                pen = lam * (off + (of + oe2[n, e])) / G
-                if max(yh / P, vmax) + pen >= best[0]:
-                    continue
-                top = yh
-                for q in range(N):
-                    if q != h:
-                        y = loads[q] + x[f, q] * df + x[e, q] * de[e]
-                        if q == n:
-                            y += ve2[e] - vf2
-                        top = max(top, y)
-                val = max(top / P, vmax) + pen
-                if val < best[0]:
-                    best[0], best[1], best[2], best[3], best[4], best[5] = val, 1.0, f, e, n, 0
+                if t[0] >= 0 and x[t[0], h] == 0 and (offc[t[0]] == 0 or oe2[n, t[0]] + of >= 0.0):
+                    cand[nc], cy[nc] = t[0], hf
+                    nc += 1
+        for j in range(nc):                     # pricing, in order: the first lowest kept
+            e, yh = cand[j], cy[j]
+            if e == f or x[e, n] >= cap:
+                continue
+            o = -1                              # heaviest untouched replica (none when
+            for i in range(3):                  # f and e are all there is)
+                if t[i] >= 0 and t[i] != f and t[i] != e:
+                    o = t[i]
+                    break
+            vmax = max(v[o] if o >= 0 else -np.inf, max(vf2, ve2[e]))
+            pen = lam * (off + (of + oe2[n, e])) / G
+            if max(yh / P, vmax) + pen >= best[0]:
+                continue
+            top = yh
+            for q in range(N):
+                if q != h:
+                    y = loads[q] + x[f, q] * df + x[e, q] * de[e]
+                    if q == n:
+                        y += ve2[e] - vf2
+                    top = max(top, y)
+            val = max(top / P, vmax) + pen
+            if val < best[0]:
+                best[0], best[1], best[2], best[3], best[4], best[5] = val, 1.0, f, e, n, 0
 
 
 @kernel
@@ -616,15 +609,10 @@ def _gpu_retargets(w, S, M, c, v, loads, away, hc, offc, holders, hn, rw, order,
     """Retargets of a slot ``i`` of ``g`` (expert ``a``, ``c >= 2``) to any expert
     ``b``, order (i, b).  Only the GPUs holding ``a`` or ``b`` change load, so the
     new loads of ``g`` and of the busiest GPU bound a pair before the rest; the sum of
-    squares changes by those GPUs' terms.
-
-    ``rw [8, E]`` keeps, across the steps of a search, each ``b``'s figures with a slot
-    more (``vb2, db``, and the off-node change ``ob`` with that slot at home and away),
-    rows 0-2 what they were computed from (``w, c, offc``; NaN: never): they are
-    computed again, by the same expressions, only where one of those changed."""
-    G, k = S.shape
-    E = w.size
-    o0 = order[0]
+    squares changes by those GPUs' terms.  ``rw``: each ``b``'s figures with a slot more
+    (``vb2, db``, ``ob`` home / away), kept across steps and computed again (same
+    expressions) only where what rows 0-2 hold (``w, c, offc``; NaN: never) changed."""
+    G, k, E, o0 = S.shape[0], S.shape[1], w.size, order[0]
     qs, ys = np.empty(2 * G, dtype=np.int64), np.empty(2 * G)
     vb2, db, ob0, ob1, ob = rw[3], rw[4], rw[5], rw[6], rw[7]
     for b in range(E):
