@@ -229,7 +229,7 @@ def _plan_numpy(problem: Problem, allow_duplicates: bool = True) -> np.ndarray:
 
 def _spill(problem: Problem, lam: float, allow_dup: bool) -> tuple[np.ndarray, np.ndarray]:
     """The spill policy's plan and every expert's home node ``[L, E]``."""
-    from .heuristics.spill import spill_refine
+    from .heuristics.spill import nothing_can_spill, spill_refine
 
     w, R, G, N = problem.weight, problem.num_replicas, problem.num_gpus, problem.num_nodes
     hier = heuristics.place(w, R, problem.num_groups, N, G, allow_duplicates=allow_dup)
@@ -237,7 +237,7 @@ def _spill(problem: Problem, lam: float, allow_dup: bool) -> tuple[np.ndarray, n
     glob = counts = None
     if lam == float("inf"):
         pass                                     # nothing spills: the hierarchical plan stays
-    elif N == 1 or R == problem.num_experts:     # nothing can spill: the global plan is a start
+    elif nothing_can_spill(N, R, problem.num_experts):     # the global plan is a start too
         glob = heuristics.place(w, R, 1, 1, G, allow_duplicates=allow_dup).phy2log
     else:                                        # its replica counts seed the spill search
         counts = heuristics.replica_counts_of(w, R, 1, 1, G)

@@ -53,7 +53,7 @@ from .apportion import replica_counts, unit_scale
 from .compile import kernel, warmer
 from .packing import gather_rows, pack_sorted
 
-__all__ = ["off_node_load", "spill_refine"]
+__all__ = ["nothing_can_spill", "off_node_load", "spill_refine"]
 
 
 def off_node_load(weight: np.ndarray, phy2log: np.ndarray, num_nodes: int, home: np.ndarray) -> np.ndarray:
@@ -961,13 +961,20 @@ def spill_refine(
     return out
 
 
+def nothing_can_spill(num_nodes: int, num_replicas: int, num_experts: int) -> bool:
+    """Whether no replica can leave its home node: one node, or no spare replica (every
+    expert's one replica is its primary).  Such a layer is a plain packing problem, and
+    :func:`spill_refine` polishes the global plan (``global_plan``) as a start too."""
+    return num_nodes == 1 or num_replicas == num_experts
+
+
 def _polish_layers(out, packed, keep, lpts, weight, home, node, global_plan, N, lam, allow_duplicates, max_steps):
     """The GPU-level polish of the first ``len(packed)`` layers of ``out``, in place:
     per layer, the best polished start (see :func:`spill_refine`)."""
     R, E = out.shape[1], weight.shape[1]
     for l in range(len(packed)):
         starts = [out[l] if keep[l] else packed[l]]
-        if N == 1 or R == E:
+        if nothing_can_spill(N, R, E):
             # Nothing can spill: the layer is a plain packing problem, and the start plan
             # and the global plan (its replicas swapped so every primary is home) are
             # other packings worth polishing too.

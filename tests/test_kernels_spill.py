@@ -175,7 +175,7 @@ def test_node_step_finds_a_retarget_that_only_cuts_off_node_load():
 
 
 # States (found by a seeded random search, then frozen) whose one best move is a
-# retarget that the block skip of ``_node_retargets`` (the lowest ``dh`` over
+# retarget that the block skip of ``_pair_moves`` (the lowest ``dh`` over
 # every expert, ``hf + dhmin`` with the lowest off-node change ``low``) only just lets
 # through: the first two are integer layers with ties where the winner sits in the
 # ``n == h`` block, and a bound that leaves out ``low`` or that takes ``dhmin`` over the
