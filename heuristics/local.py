@@ -36,8 +36,8 @@ def gpu_counts(p: np.ndarray, num_gpus: int, num_experts: int) -> np.ndarray:
 # The layer's state is kept in plain arrays: ``S [G, k]`` experts of the slots, ``M [G, E]``
 # replicas per GPU, ``c [E]`` replica counts, ``v [E]`` per-replica loads ``w / c``,
 # ``load [G]``; the old placement enters as ``newm [G, E]`` (True where a replica of ``e``
-# on ``g`` is a move: ``g`` held no ``e`` before) and ``cin [G, E]`` (the cost of such an
-# arrival).  Partners of GPU ``g`` are the other GPUs of its block of ``B`` (a node under
+# on ``g`` is a move: ``g`` held no ``e`` before) and ``q [G, E]`` (the price of a replica
+# of ``e`` on ``g``: 0 where ``g`` held ``e``, else the cost of the arrival).  Partners of GPU ``g`` are the other GPUs of its block of ``B`` (a node under
 # the hierarchical policy, all GPUs otherwise), in index order.  Every loop is sequential
 # in a fixed order, so the answer is the same on every rank.
 # ---------------------------------------------------------------------------------------
@@ -51,26 +51,6 @@ def slot_values(S, v):
         for s in range(k):
             vS[h, s] = v[S[h, s]]
     return vS
-
-
-@kernel
-def move_prices(newm, cin):
-    """``q [G, E]``: the cost of a replica of ``e`` on ``g`` (``cin`` where it is a move,
-    else 0), and whether every sum of four of them is exact in float64 (all are multiples
-    of ``2^-20`` below ``2^30``), which the swap search's bounds rely on."""
-    G, E = newm.shape
-    q = np.empty((G, E))
-    for g in range(G):
-        for e in range(E):
-            q[g, e] = cin[g, e] if newm[g, e] else 0.0
-    exact = True
-    for g in range(G):                  # branch-free per row (the compiler vectorises it)
-        ok = True
-        for e in range(E):
-            x = q[g, e] * 1048576.0
-            ok &= (x == np.floor(x)) & (abs(q[g, e]) < 1073741824.0)
-        exact = exact and ok
-    return q, exact
 
 
 @kernel
@@ -438,20 +418,6 @@ def undo_swap_scan(S, vS, load, M, q, mv, nmv, maxq, allowed, dup, T, eps, g, B,
 
 
 @kernel
-def old_experts(newm):
-    """``(oldE [G, E], nold [G])``: per GPU the experts it held before, ascending."""
-    G, E = newm.shape
-    oldE = np.empty((G, E), dtype=np.int64)
-    nold = np.zeros(G, dtype=np.int64)
-    for g in range(G):
-        for e in range(E):
-            if not newm[g, e]:
-                oldE[g, nold[g]] = e
-                nold[g] += 1
-    return oldE, nold
-
-
-@kernel
 def undo_retarget_scan(S, w, v, vp, c, load, M, q, newm, oldE, nold, allowed, dup, T, eps, g):
     """The cheapest retarget of a moved-in replica of ``g`` back to an expert ``g`` held
     before (``oldE[g]``, ascending) that keeps every GPU under ``T`` (slots, then experts,
@@ -619,7 +585,8 @@ def undo_moves(S, w, v, vp, c, load, vS, M, q, exact, newm, oldE, nold, allowed,
 
     ``known[g, h]``: ``g`` has no such swap with ``h``, and neither changed since a search
     found that, so ``g``'s search skips ``h`` (``part``; the answer is the full search's,
-    the skipped pairs holding no candidate).  A search of ``g`` that finds nothing sets
+    the skipped pairs holding no candidate), and a GPU with no partner left is not
+    searched at all.  A search of ``g`` that finds nothing sets
     ``known[g, h]`` for the partners it searched and, where prices are ``exact``,
     ``known[h, g]`` as well: a swap seen from ``h`` is the same swap, with the same
     loads (``d`` negated exactly), the same rules and the same cost (its four prices
@@ -640,9 +607,12 @@ def undo_moves(S, w, v, vp, c, load, vS, M, q, exact, newm, oldE, nold, allowed,
         for g in range(G):
             if nmv[g] == 0:
                 continue
+            n_part = 0                            # partners not known to hold no swap
             if B > 1:
                 for h in range((g // B) * B, (g // B + 1) * B):
-                    part[h] = not known[g, h]
+                    part[h] = not known[g, h] and h != g
+                    n_part += part[h]
+            if n_part > 0:
                 i, h, j = undo_swap_scan(S, vS, load, M, q, mv, nmv, maxq, allowed, dup, T, eps, g, B, part)
                 if i >= 0:
                     if not (load[g] <= T + eps and load[h] <= T + eps):
@@ -705,15 +675,29 @@ def keep_slots_into(new_gpu, old_gpu, out, filled, used):
 
 
 @kernel
+def exact_price(x):
+    """Whether price ``x`` is a multiple of ``2^-20`` below ``2^30`` in magnitude: then
+    every sum of four such prices is exact in float64 (the swap search's bounds rely on
+    it)."""
+    y = x * 1048576.0
+    return y == np.floor(y) and abs(x) < 1073741824.0
+
+
+@kernel
 def _layer_arrays(w, old, start, G, N, hierarchical, node_move_cost):
     """The repair's arrays for one layer (see the section notes): ``S, v, c, load, M,
-    newm, cin, allowed``."""
+    newm, q, exact, allowed, oldE, nold``: ``q [G, E]`` the price of a replica of ``e``
+    on ``g`` (0 where ``g`` held ``e``, 1 where its node did, else ``node_move_cost``),
+    ``exact`` whether every sum of four prices is exact (:func:`exact_price`), and
+    ``oldE [G, k]`` the experts each GPU held before, ascending (``nold [G]`` of them)."""
     R = start.size
     E = w.size
     k, P = R // G, G // N
     newm = np.ones((G, E), dtype=np.bool_)
     M = np.zeros((G, E), dtype=np.int64)
     S = np.empty((G, k), dtype=np.int64)
+    oldE = np.empty((G, k), dtype=np.int64)
+    nold = np.zeros(G, dtype=np.int64)
     c = np.zeros(E, dtype=np.int64)
     old_on = np.zeros((N, E), dtype=np.bool_)           # the node held e in old / holds it now
     now_on = np.zeros((N, E), dtype=np.bool_)
@@ -721,6 +705,13 @@ def _layer_arrays(w, old, start, G, N, hierarchical, node_move_cost):
         for s in range(k):
             e = old[g * k + s]
             if e >= 0:
+                if newm[g, e]:                          # insert e into oldE[g], ascending
+                    t = nold[g]
+                    while t > 0 and oldE[g, t - 1] > e:
+                        oldE[g, t] = oldE[g, t - 1]
+                        t -= 1
+                    oldE[g, t] = e
+                    nold[g] += 1
                 newm[g, e] = False
                 old_on[g // P, e] = True
             e = start[g * k + s]
@@ -728,13 +719,19 @@ def _layer_arrays(w, old, start, G, N, hierarchical, node_move_cost):
             M[g, e] += 1
             c[e] += 1
             now_on[g // P, e] = True
-    cin = np.empty((G, E))
+    q = np.empty((G, E))
+    far = float(node_move_cost)
+    n_far = 0
     allowed = np.ones((G, E), dtype=np.bool_)
-    for g in range(G):
+    for g in range(G):                  # branch-free (the compiler vectorises it)
+        n = g // P
         for e in range(E):
-            cin[g, e] = 1.0 if old_on[g // P, e] else float(node_move_cost)
-            if hierarchical:
-                allowed[g, e] = now_on[g // P, e]
+            x = 1.0 if old_on[n, e] else far
+            q[g, e] = x if newm[g, e] else 0.0
+            n_far += newm[g, e] & (not old_on[n, e])
+        if hierarchical:
+            for e in range(E):
+                allowed[g, e] = now_on[n, e]
     v = np.empty(E)
     for e in range(E):
         v[e] = w[e] / max(c[e], 1)
@@ -742,7 +739,7 @@ def _layer_arrays(w, old, start, G, N, hierarchical, node_move_cost):
     for g in range(G):
         for s in range(k):
             load[g] += v[S[g, s]]
-    return S, v, c, load, M, newm, cin, allowed
+    return S, v, c, load, M, newm, q, n_far == 0 or exact_price(far), allowed, oldE, nold
 
 
 @kernel
@@ -758,7 +755,8 @@ def repair_attempt(w, old, start, G, N, hierarchical, node_move_cost, dup, T, ma
     experts in their old slots, and its moves and move cost against ``old``."""
     R = start.size
     k = R // G
-    S, v, c, load, M, newm, cin, allowed = _layer_arrays(w, old, start, G, N, hierarchical, node_move_cost)
+    S, v, c, load, M, newm, q, exact, allowed, oldE, nold = _layer_arrays(w, old, start, G, N, hierarchical,
+                                                                          node_move_cost)
     row = np.empty(R, dtype=np.int64)
     if not dup and M.max() > 1:
         return False, row, 0, 0.0
@@ -766,9 +764,7 @@ def repair_attempt(w, old, start, G, N, hierarchical, node_move_cost, dup, T, ma
     fits = True
     for g in range(G):
         fits = fits and load[g] <= T * (1 + 1e-12)
-    q, exact = move_prices(newm, cin)
     vS, vp = slot_values(S, v), next_values(w, c)
-    oldE, nold = old_experts(newm)
     if not fits and not repair_over(S, w, v, vp, c, load, vS, M, q, exact, allowed, dup, T, B, max_repair):
         return False, row, 0, 0.0
     undo_moves(S, w, v, vp, c, load, vS, M, q, exact, newm, oldE, nold, allowed, dup, T, B, max_undo)
@@ -781,7 +777,7 @@ def repair_attempt(w, old, start, G, N, hierarchical, node_move_cost, dup, T, ma
             e = S[g, s]
             if newm[g, e]:
                 moves += 1
-                if cin[g, e] != 1.0:
+                if q[g, e] != 1.0:
                     off += 1
         keep_slots_into(S[g], old[g * k:(g + 1) * k], row[g * k:(g + 1) * k], filled, used)
     return True, row, moves, (moves - off) + off * node_move_cost

@@ -19,10 +19,41 @@ from eplb_opt.heuristics import local as K
 
 
 @numba.njit
+def move_prices(newm, cin):
+    """``q [G, E]`` (``cin`` where a replica of ``e`` on ``g`` is a move, else 0) and
+    whether every price passes :func:`exact_price`, element by element (the repair
+    builds both in :func:`_layer_arrays` from the few distinct prices)."""
+    G, E = newm.shape
+    q = np.zeros((G, E))
+    exact = True
+    for g in range(G):
+        for e in range(E):
+            if newm[g, e]:
+                q[g, e] = cin[g, e]
+            exact = exact and K.exact_price(q[g, e])
+    return q, exact
+
+
+@numba.njit
+def old_experts(newm):
+    """``(oldE [G, E], nold [G])``: per GPU the experts it held before (``newm`` False),
+    ascending."""
+    G, E = newm.shape
+    oldE = np.zeros((G, E), dtype=np.int64)
+    nold = np.zeros(G, dtype=np.int64)
+    for g in range(G):
+        for e in range(E):
+            if not newm[g, e]:
+                oldE[g, nold[g]] = e
+                nold[g] += 1
+    return oldE, nold
+
+
+@numba.njit
 def best_swap(S, v, load, M, newm, cin, allowed, dup, T, eps, g, B):
     """:func:`swap_scan` from the plain state (``newm [G, E]`` moves, ``cin [G, E]``
     their costs): the entry point the tests pin."""
-    q, exact = K.move_prices(newm, cin)
+    q, exact = move_prices(newm, cin)
     return K.swap_scan(S, K.slot_values(S, v), load, M, q, allowed, dup, T, eps, g, B, exact)
 
 
@@ -35,7 +66,7 @@ def best_retarget(S, w, v, c, load, M, newm, cin, allowed, dup, T, eps, g):
 @numba.njit
 def retarget_beating(S, w, v, c, load, M, newm, cin, allowed, dup, T, eps, g, tk, tv):
     """:func:`retarget_scan` from the plain state, for retargets that beat key ``(tk, tv)``."""
-    q, _ = K.move_prices(newm, cin)
+    q, _ = move_prices(newm, cin)
     return K.retarget_scan(S, w, v, K.next_values(w, c), c, load, M, q, allowed, dup, T, eps, g, tk, tv,
                            K.retarget_work(S.shape[0], S.shape[1], w.size))
 
@@ -43,7 +74,7 @@ def retarget_beating(S, w, v, c, load, M, newm, cin, allowed, dup, T, eps, g, tk
 @numba.njit
 def undo_swap(S, v, load, M, newm, cin, allowed, dup, T, eps, g, B):
     """:func:`undo_swap_scan` from the plain state: the entry point the tests pin."""
-    q, exact = K.move_prices(newm, cin)
+    q, exact = move_prices(newm, cin)
     mv, nmv = K.moved_slots(S, newm)
     part = np.ones(S.shape[0], dtype=np.bool_)
     return K.undo_swap_scan(S, K.slot_values(S, v), load, M, q, mv, nmv, K.departure_bounds(S, q, exact), allowed, dup, T,
@@ -53,8 +84,8 @@ def undo_swap(S, v, load, M, newm, cin, allowed, dup, T, eps, g, B):
 @numba.njit
 def undo_retarget(S, w, v, c, load, M, newm, cin, allowed, dup, T, eps, g):
     """:func:`undo_retarget_scan` from the plain state: the entry point the tests pin."""
-    q, _ = K.move_prices(newm, cin)
-    oldE, nold = K.old_experts(newm)
+    q, _ = move_prices(newm, cin)
+    oldE, nold = old_experts(newm)
     return K.undo_retarget_scan(S, w, v, K.next_values(w, c), c, load, M, q, newm, oldE, nold, allowed, dup, T, eps, g)
 
 # ------------------------------------------------------------------------- reference
@@ -491,13 +522,33 @@ def test_transfer_rows_match_reference():
         assert [tuple(int(x) for x in r) for r in got.T] == ref_transfers(old, new, G, N)
 
 
-def test_move_prices_know_when_cost_sums_are_exact():
+def test_exact_price_is_a_multiple_of_2_to_the_minus_20_below_2_to_the_30():
     """The swap search prunes with cost bounds only where every sum of prices is exact."""
-    newm = np.array([[True, False], [True, True]])
-    for nmc, exact in ((4.0, True), (2.5, True), (1.0, True), (0.1, False), (2.7, False)):
-        cin = np.array([[1.0, nmc], [nmc, 1.0]])
-        q, ok = K.move_prices(newm, cin)
-        assert ok == exact and q.tolist() == [[1.0, 0.0], [nmc, 1.0]]
+    for x, exact in ((4.0, True), (2.5, True), (1.0, True), (0.0, True), (2.0 ** -20, True), (2.0 ** 29, True),
+                     (2.0 ** 30, False), (0.1, False), (2.7, False), (2.0 ** -21, False)):
+        assert K.exact_price(x) == exact, x
+
+
+@pytest.mark.parametrize("nmc", [4.0, 2.5, 1.0, 0.1, 2.7])
+def test_layer_arrays_price_moves_as_the_reference(nmc):
+    """``_layer_arrays``' prices, exactness flag and old experts per GPU against the plain
+    state: ``q`` is ``cin`` where a replica is a move, else 0; ``exact`` holds where every
+    price is exact (an inexact ``node_move_cost`` that no arrival pays leaves it exact);
+    ``oldE[g, :nold[g]]`` lists what ``g`` held before, ascending, once each."""
+    seen = {True: 0, False: 0}
+    for seed in SEEDS:
+        w, old, start, G, N, hier, _, dup, T = random_layer(np.random.default_rng(seed))
+        st = Ref(w, old, start, G, N, hier, nmc, dup)
+        S, v, c, load, M, newm, q, exact, allowed, oldE, nold = K._layer_arrays(w, old, start, G, N, hier, nmc)
+        assert np.array_equal(q, np.where(st.newm, st.cin, 0.0)), seed
+        want_exact = bool(np.all([K.exact_price(x) for x in q.ravel()]))
+        assert exact == want_exact, seed
+        seen[want_exact] += 1
+        assert np.array_equal(newm, st.newm) and np.array_equal(allowed, st.allowed) and np.array_equal(M, st.M), seed
+        k = start.size // G
+        for g in range(G):
+            assert oldE[g, :nold[g]].tolist() == sorted(set(old[g * k:(g + 1) * k].tolist())), seed
+    assert seen[True] > 50 and (seen[False] > 50 or K.exact_price(nmc)), seen
 
 
 @pytest.mark.parametrize("nmc", [2.7, 0.3])
@@ -548,10 +599,8 @@ def test_undo_moves_matches_reference_on_longer_undos(prices):
         hier, nmc = bool(rng.random() < 0.5), float(rng.choice([1.0, 4.0] if prices == "exact" else [2.7, 0.2]))
         st = Ref(w, old, start, G, N, hier, nmc, True)
         T = float(st.load.max()) * float(rng.uniform(1.0, 1.03))
-        S, v, c, load, M, newm, cin, allowed = K._layer_arrays(w, old, start, G, N, hier, nmc)
-        q, exact = K.move_prices(newm, cin)
+        S, v, c, load, M, newm, q, exact, allowed, oldE, nold = K._layer_arrays(w, old, start, G, N, hier, nmc)
         before = S.copy()
-        oldE, nold = K.old_experts(newm)
         K.undo_moves(S, w, v, K.next_values(w, c), c, load, K.slot_values(S, v), M, q, exact, newm, oldE, nold, allowed,
                      True, T, st.B, R)
         st.undo(T, R)
