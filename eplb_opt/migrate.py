@@ -35,7 +35,7 @@ import numpy as np
 
 from .heuristics import place
 from .heuristics.apportion import unit_scale
-from .heuristics.local import gpu_counts as _gpu_counts, repair_attempt, transfer_rows
+from .heuristics.local import gpu_counts as _gpu_counts, group_nodes, nearby_partitions, repair_attempt, transfer_rows
 
 from .exact import IMPORT_SECONDS
 from .status import ortools_ready
@@ -183,25 +183,28 @@ def replan(
 
 def _repair_layers(st: _Replan, deadline: float | None) -> None:
     """Per layer, the cheapest repair under the cap from each start
-    (:func:`_starts`), where cheaper than the relabelled replan; layers not reached by
-    ``deadline`` keep the replan (an event counts them)."""
-    L = st.w.shape[0]
+    (:func:`_starts`; the compiled :func:`heuristics.local.repair_attempt`, at most
+    ``4 R`` repair steps and ``R`` undo steps), where cheaper than the relabelled
+    replan; layers not reached by ``deadline`` keep the replan (an event counts them)."""
+    L, R = st.old.shape
     late = 0
     starts = _starts(st)
+    w = np.ascontiguousarray(st.w, dtype=np.float64)
+    old = np.ascontiguousarray(st.old, dtype=np.int64)
+    G, N, hier, dup = int(st.G), int(st.N), bool(st.hierarchical), bool(st.allow_duplicates)
+    nmc = float(st.node_move_cost)
     for l in range(L):
         if deadline is not None and time.perf_counter() >= deadline:
             late += 1
             continue
+        T = float(st.cap[l])
         for i, start in enumerate(starts[l]):
             if i and deadline is not None and time.perf_counter() >= deadline:
                 break
-            got = _attempt(st.w[l], st.old[l], start, st.cap[l], st.G, st.N, st.hierarchical, st.allow_duplicates,
-                           st.node_move_cost)
-            if got is None:
-                continue
-            c, row, m = got
-            if c < st.cost[l] or (c == st.cost[l] and st.source[l] == "replan"):
-                st.take(l, row, m, c, "old" if m == 0 else "repair")
+            ok, row, m, c = repair_attempt(w[l], old[l], np.ascontiguousarray(start, dtype=np.int64), G, N, hier, nmc,
+                                           dup, T, 4 * R, R)
+            if ok and (c < st.cost[l] or (c == st.cost[l] and st.source[l] == "replan")):
+                st.take(l, row, int(m), float(c), "old" if m == 0 else "repair")
     if late:
         st.events.append(f"migration: time ran out before {late} layer(s) were repaired (relabelled replan kept)")
 
@@ -210,41 +213,30 @@ def _starts(st: _Replan) -> list[list[np.ndarray]]:
     """Per layer, the ``[R]`` placements its repair starts from: the old one (global
     policy, or hierarchical where it holds whole groups per node) and, hierarchical,
     partitions a few group swaps away where the old one cannot meet the cap (its
-    heaviest node is above it on average), nodes that kept their groups keeping their
-    old content.  The partitions of all layers are placed and relabelled in one batch."""
+    heaviest node is above it on average; :func:`heuristics.local.nearby_partitions`),
+    nodes that kept their groups keeping their old content.  The partitions of all
+    layers are placed and relabelled in one batch."""
     old, L = st.old, st.old.shape[0]
     if not st.hierarchical:
         return [[old[l]] for l in range(L)]
     R, E = old.shape[1], st.w.shape[1]
     gs = E // st.num_groups
-    starts: list[list[np.ndarray]] = []
-    alts = []                                              # (layer, partition, old partition)
-    nodes = _nodes_of_groups(old, st.N, st.num_groups, gs)
+    node, whole = group_nodes(np.ascontiguousarray(old, dtype=np.int64), st.N, st.num_groups, gs)
+    starts: list[list[np.ndarray]] = [[old[l]] if whole[l] else [] for l in range(L)]
     gl = st.w.reshape(L, st.num_groups, gs).sum(axis=2)
-    whole = [l for l in range(L) if nodes[l] is not None]
-    # Only where the old partition's heaviest node is above the cap (_nearby_partitions'
-    # own first test, here for all layers at once) are partitions nearby searched.
-    heavy = np.zeros(L, dtype=bool)
-    if whole:
-        loads = _node_loads(gl[whole], np.stack([nodes[l] for l in whole]), st.N, rows_gl=True)
-        heavy[whole] = loads.max(axis=1) / st.P > st.cap[whole] / (1 + 2e-4)
-    for l in range(L):
-        old_node = nodes[l]
-        starts.append([] if old_node is None else [old[l]])
-        if heavy[l]:
-            alts += [(l, node, old_node) for node in _nearby_partitions(gl[l], old_node, st.N, st.P, st.cap[l])]
-    if not alts:
+    ls, nodes = nearby_partitions(gl, node, whole, st.N, st.P, np.ascontiguousarray(st.cap, dtype=np.float64), 3)
+    if not ls.size:
         return starts
-    ls = np.array([a[0] for a in alts])
-    rows = place(st.w[ls], R, st.num_groups, st.N, st.G, node_of_group=np.stack([a[1] for a in alts]),
+    rows = place(st.w[ls], R, st.num_groups, st.N, st.G, node_of_group=nodes,
                  allow_duplicates=st.allow_duplicates).phy2log
     rows = align_to_previous(rows, old[ls], st.G, st.N)
     rn = R // st.N
-    for (l, node, old_node), alt in zip(alts, rows):
-        for n in range(st.N):
-            if np.array_equal(node == n, old_node == n):
-                alt[n * rn:(n + 1) * rn] = old[l, n * rn:(n + 1) * rn]
-        starts[l].append(alt)
+    on = np.arange(st.N)
+    kept = ((nodes[:, :, None] == on) == (node[ls][:, :, None] == on)).all(axis=1)    # [A, N]: same groups
+    for a, l in enumerate(ls):
+        for n in np.flatnonzero(kept[a]):
+            rows[a, n * rn:(n + 1) * rn] = old[l, n * rn:(n + 1) * rn]
+        starts[l].append(rows[a])
     return starts
 
 
@@ -383,73 +375,3 @@ def _take_block(st: _Replan, l: int, n: int, b: _Block, x: np.ndarray) -> bool:
     st.cost[l] = float((Mn * (b.O == 0) * b.cin).sum())
     st.source[l] = "exact"
     return True
-
-
-def _attempt(w, old, start, T, G, N, hierarchical, allow_duplicates, node_move_cost):
-    """Repair ``start`` ``[R]`` under cap ``T`` (the compiled
-    :func:`heuristics.local.repair_attempt`; at most ``4 R`` repair steps and ``R``
-    undo steps); ``(cost, row, moves)`` or None where it cannot get under ``T``."""
-    R = start.size
-    c64 = np.ascontiguousarray
-    ok, row, moves, cost = repair_attempt(c64(w, dtype=np.float64), c64(old, dtype=np.int64), c64(start, np.int64),
-                                          int(G), int(N), bool(hierarchical), float(node_move_cost),
-                                          bool(allow_duplicates), float(T), 4 * R, R)
-    return (float(cost), row, int(moves)) if ok else None
-
-
-def _nodes_of_groups(p: np.ndarray, N: int, num_groups: int, gs: int) -> list[np.ndarray | None]:
-    """Per layer of hierarchical placements ``p`` ``[L, R]``, the node of every group, or
-    None when some group is split across nodes, a node holds a group's experts without
-    all of them, or the nodes hold different numbers of groups (all layers at once)."""
-    L, R = p.shape
-    rn = R // N
-    present = np.zeros((L, N, num_groups + 1), dtype=bool)      # column 0: an empty slot (-1)
-    present[np.arange(L)[:, None], np.repeat(np.arange(N), rn)[None, :], p // gs + 1] = True
-    seen = present[:, :, 1:].astype(np.int64)
-    seen[:, :, -1] += present[:, :, 0]             # (an empty slot is counted as the last group)
-    node = seen.argmax(axis=1).astype(np.int64)                 # [L, groups]
-    per_node = (node[:, :, None] == np.arange(N)).sum(axis=1)  # [L, N]
-    ok = (seen.sum(axis=1) == 1).all(axis=1) & (per_node == per_node[:, :1]).all(axis=1)
-    return [node[l] if ok[l] else None for l in range(L)]
-
-
-def _node_loads(gl: np.ndarray, nodes: np.ndarray, N: int, rows_gl: bool = False) -> np.ndarray:
-    """``[C, N]`` each node's load under each of ``C`` group-to-node assignments ``nodes``
-    ``[C, groups]`` (group loads ``gl [groups]``, or ``[C, groups]`` with ``rows_gl``),
-    summed group by group in index order, as ``np.bincount`` sums them."""
-    out = np.zeros((nodes.shape[0], N))
-    rows = np.arange(nodes.shape[0])
-    for g in range(nodes.shape[1]):
-        out[rows, nodes[:, g]] += gl[:, g] if rows_gl else gl[g]
-    return out
-
-
-def _nearby_partitions(gl: np.ndarray, old_node: np.ndarray, N: int, P: int, T: float,
-                       limit: int = 3) -> list[np.ndarray]:
-    """Group-to-node assignments one or two group swaps from ``old_node`` whose
-    heaviest node averages under ``T`` per GPU (with a little room for packing), fewest
-    swaps first, then lightest; empty when the old one already fits."""
-    room = T / (1 + 2e-4)
-    if float(np.bincount(old_node, weights=gl, minlength=N).max()) / P <= room:
-        return []
-    ng = gl.size
-    pairs = [(a, b) for a in range(ng) for b in range(a + 1, ng) if old_node[a] != old_node[b]]
-    for depth in (1, 2):
-        if depth == 1:
-            swaps = [[p] for p in pairs]
-        elif len(pairs) ** 2 > 20000:
-            break
-        else:
-            swaps = [[p, r] for i, p in enumerate(pairs) for r in pairs[i + 1:] if len({*p, *r}) == 4]
-        if not swaps:
-            continue
-        cands = np.repeat(old_node[None, :], len(swaps), axis=0)
-        for c, seq in enumerate(swaps):
-            for a, b in seq:
-                cands[c, a], cands[c, b] = cands[c, b], cands[c, a]
-        h = _node_loads(gl, cands, N).max(axis=1) / P
-        ok = np.flatnonzero(h <= room)
-        if ok.size:
-            ok = ok[np.argsort(h[ok], kind="stable")]
-            return [cands[c] for c in ok[:limit]]
-    return []

@@ -18,7 +18,8 @@ import numpy as np
 
 from .compile import kernel, warmer
 
-__all__ = ["gpu_counts", "keep_gpu_slots", "move_counts", "repair_attempt", "transfer_rows"]
+__all__ = ["gpu_counts", "group_nodes", "keep_gpu_slots", "move_counts", "nearby_partitions", "repair_attempt",
+           "transfer_rows"]
 
 
 def gpu_counts(p: np.ndarray, num_gpus: int, num_experts: int) -> np.ndarray:
@@ -37,9 +38,10 @@ def gpu_counts(p: np.ndarray, num_gpus: int, num_experts: int) -> np.ndarray:
 # replicas per GPU, ``c [E]`` replica counts, ``v [E]`` per-replica loads ``w / c``,
 # ``load [G]``; the old placement enters as ``newm [G, E]`` (True where a replica of ``e``
 # on ``g`` is a move: ``g`` held no ``e`` before) and ``q [G, E]`` (the price of a replica
-# of ``e`` on ``g``: 0 where ``g`` held ``e``, else the cost of the arrival).  Partners of GPU ``g`` are the other GPUs of its block of ``B`` (a node under
-# the hierarchical policy, all GPUs otherwise), in index order.  Every loop is sequential
-# in a fixed order, so the answer is the same on every rank.
+# of ``e`` on ``g``: 0 where ``g`` held ``e``, else the cost of the arrival).  Partners of
+# GPU ``g`` are the other GPUs of its block of ``B`` (a node under the hierarchical policy,
+# all GPUs otherwise), in index order.  Every loop is sequential in a fixed order, so the
+# answer is the same on every rank.
 # ---------------------------------------------------------------------------------------
 
 @kernel
@@ -883,6 +885,130 @@ def move_counts(old, new, G, N, node_move_cost):
     return moves, cost
 
 
+# ---------------------------------------------------------------------------------------
+# The hierarchical repair's starts (:func:`eplb_opt.migrate._starts`): where each layer's
+# groups live, and partitions a group swap or two away whose heaviest node fits the cap.
+# ---------------------------------------------------------------------------------------
+
+@kernel
+def group_nodes(p, N, num_groups, gs):
+    """Per layer of placements ``p [L, R]`` (``-1``: empty): ``node [L, groups]`` the
+    first node holding the most of each group's slots, and ``whole [L]`` whether every
+    group sits on exactly one node and every node holds as many groups (an empty slot
+    counts as the last group)."""
+    L, R = p.shape
+    rn = R // N
+    node = np.zeros((L, num_groups), dtype=np.int64)
+    whole = np.zeros(L, dtype=np.bool_)
+    present = np.zeros((N, num_groups + 1), dtype=np.bool_)   # column 0: an empty slot
+    per_node = np.zeros(N, dtype=np.int64)
+    for l in range(L):
+        present[:, :] = False
+        per_node[:] = 0
+        for t in range(R):
+            present[t // rn, p[l, t] // gs + 1] = True
+        ok = True
+        for x in range(num_groups):
+            best, top, total = 0, -1, 0
+            for n in range(N):
+                s = np.int64(present[n, x + 1]) + (np.int64(present[n, 0]) if x == num_groups - 1 else 0)
+                total += s
+                if s > top:
+                    best, top = n, s
+            node[l, x] = best
+            per_node[best] += 1
+            ok = ok and total == 1
+        for n in range(N):
+            ok = ok and per_node[n] == per_node[0]
+        whole[l] = ok
+    return node, whole
+
+
+@kernel
+def _heaviest_node(gl, node, N, nl):
+    """The heaviest node's load under group-to-node assignment ``node`` (group loads
+    ``gl``, summed group by group in index order into ``nl [N]``)."""
+    nl[:] = 0.0
+    for x in range(gl.size):
+        nl[node[x]] += gl[x]
+    return nl.max()
+
+
+@kernel
+def _offer(best_h, best_i, nbest, h, i):
+    """Keep candidate ``i`` (heaviest node ``h``) among the ``best_h.size`` lightest, the
+    first on ties (a stable sort's first ones); returns how many are kept."""
+    limit = best_h.size
+    if nbest == limit and not h < best_h[limit - 1]:
+        return nbest
+    t = min(nbest, limit - 1)
+    while t > 0 and best_h[t - 1] > h:
+        best_h[t], best_i[t] = best_h[t - 1], best_i[t - 1]
+        t -= 1
+    best_h[t], best_i[t] = h, i
+    return min(nbest + 1, limit)
+
+
+@kernel
+def nearby_partitions(gl, node, whole, N, P, cap, limit):
+    """Per layer ``l`` that keeps whole groups per node (``whole``, ``node [L, groups]``:
+    :func:`group_nodes`) and whose heaviest node averages above ``cap[l] / (1 + 2e-4)``
+    per GPU (``gl [L, groups]`` group loads): the ``limit`` group-to-node assignments one
+    group swap away (pairs of groups on different nodes, in index order) whose heaviest
+    node averages within that room, lightest first (the first on ties); where none is,
+    those two disjoint swaps away (skipped beyond 20000 pairs of swaps).  Returns
+    ``(layer [A], node [A, groups])``, layers in order."""
+    L, ng = gl.shape
+    out_l = np.empty(L * limit, dtype=np.int64)
+    out_n = np.empty((L * limit, ng), dtype=np.int64)
+    pa, pb = np.empty(ng * ng, dtype=np.int64), np.empty(ng * ng, dtype=np.int64)
+    nl, cand = np.empty(N), np.empty(ng, dtype=np.int64)
+    best_h, best_i = np.empty(limit), np.empty(limit, dtype=np.int64)
+    na = 0
+    for l in range(L):
+        room = cap[l] / (1 + 2e-4)
+        if not whole[l] or not _heaviest_node(gl[l], node[l], N, nl) / P > room:
+            continue
+        npr = 0
+        for a in range(ng):
+            for b in range(a + 1, ng):
+                if node[l, a] != node[l, b]:
+                    pa[npr], pb[npr] = a, b
+                    npr += 1
+        for depth in (1, 2):
+            if depth == 2 and npr * npr > 20000:
+                break
+            nbest = 0
+            n1 = npr if depth == 1 else npr * npr
+            for c in range(n1):
+                i, j = (c, -1) if depth == 1 else (c // npr, c % npr)
+                if depth == 2 and (j <= i or pa[j] == pa[i] or pa[j] == pb[i] or pb[j] == pa[i] or pb[j] == pb[i]):
+                    continue
+                _swapped(node[l], pa, pb, i, j, cand)
+                h = _heaviest_node(gl[l], cand, N, nl) / P
+                if h <= room:
+                    nbest = _offer(best_h, best_i, nbest, h, c)
+            for t in range(nbest):
+                c = best_i[t]
+                i, j = (c, -1) if depth == 1 else (c // npr, c % npr)
+                _swapped(node[l], pa, pb, i, j, out_n[na])
+                out_l[na] = l
+                na += 1
+            if nbest > 0:
+                break
+    return out_l[:na].copy(), out_n[:na].copy()
+
+
+@kernel
+def _swapped(node, pa, pb, i, j, out):
+    """``node`` with groups ``pa[i], pb[i]`` swapped, and ``pa[j], pb[j]`` too unless
+    ``j < 0``, written to ``out``."""
+    out[:] = node
+    out[pa[i]], out[pb[i]] = node[pb[i]], node[pa[i]]
+    if j >= 0:
+        out[pa[j]], out[pb[j]] = node[pb[j]], node[pa[j]]
+
+
 @warmer
 def _warm_repair() -> None:
     w = np.array([3.0, 1.0, 1.0, 1.0])
@@ -893,3 +1019,5 @@ def _warm_repair() -> None:
     keep_gpu_slots(start[:2], old[:2])
     transfer_rows(old[None, :], start[None, :], 2, 1)
     move_counts(old[None, :], start[None, :], 2, 1, 4.0)
+    node, whole = group_nodes(np.array([[0, 1, 2, 3], [0, 2, 1, 3]], dtype=np.int64), 2, 2, 2)
+    nearby_partitions(np.array([[3.0, 1.0], [2.0, 2.0]]), node, whole, 2, 1, np.array([2.5, 2.5]), 3)

@@ -608,3 +608,119 @@ def test_undo_moves_matches_reference_on_longer_undos(prices):
         steps += int((S != before).sum())
         same += np.array_equal(S, st.S)
     assert steps > 1000 and same == runs, (same, runs, steps)
+
+
+# ------------------------------------------- the hierarchical repair's starts, pinned
+# The starts' group bookkeeping as it ran in Python before it was compiled
+# (``eplb_opt.migrate._nodes_of_groups``, ``_node_loads``, ``_nearby_partitions``).
+
+def ref_nodes_of_groups(p: np.ndarray, N: int, num_groups: int, gs: int) -> list[np.ndarray | None]:
+    """Per layer of hierarchical placements ``p`` ``[L, R]``, the node of every group, or
+    None when some group is split across nodes, a node holds a group's experts without
+    all of them, or the nodes hold different numbers of groups (all layers at once)."""
+    L, R = p.shape
+    rn = R // N
+    present = np.zeros((L, N, num_groups + 1), dtype=bool)      # column 0: an empty slot (-1)
+    present[np.arange(L)[:, None], np.repeat(np.arange(N), rn)[None, :], p // gs + 1] = True
+    seen = present[:, :, 1:].astype(np.int64)
+    seen[:, :, -1] += present[:, :, 0]             # (an empty slot is counted as the last group)
+    node = seen.argmax(axis=1).astype(np.int64)                 # [L, groups]
+    per_node = (node[:, :, None] == np.arange(N)).sum(axis=1)  # [L, N]
+    ok = (seen.sum(axis=1) == 1).all(axis=1) & (per_node == per_node[:, :1]).all(axis=1)
+    return [node[l] if ok[l] else None for l in range(L)]
+
+
+def ref_node_loads(gl: np.ndarray, nodes: np.ndarray, N: int, rows_gl: bool = False) -> np.ndarray:
+    """``[C, N]`` each node's load under each of ``C`` group-to-node assignments ``nodes``
+    ``[C, groups]`` (group loads ``gl [groups]``, or ``[C, groups]`` with ``rows_gl``),
+    summed group by group in index order, as ``np.bincount`` sums them."""
+    out = np.zeros((nodes.shape[0], N))
+    rows = np.arange(nodes.shape[0])
+    for g in range(nodes.shape[1]):
+        out[rows, nodes[:, g]] += gl[:, g] if rows_gl else gl[g]
+    return out
+
+
+def ref_nearby_partitions(gl: np.ndarray, old_node: np.ndarray, N: int, P: int, T: float,
+                       limit: int = 3) -> list[np.ndarray]:
+    """Group-to-node assignments one or two group swaps from ``old_node`` whose
+    heaviest node averages under ``T`` per GPU (with a little room for packing), fewest
+    swaps first, then lightest; empty when the old one already fits."""
+    room = T / (1 + 2e-4)
+    if float(np.bincount(old_node, weights=gl, minlength=N).max()) / P <= room:
+        return []
+    ng = gl.size
+    pairs = [(a, b) for a in range(ng) for b in range(a + 1, ng) if old_node[a] != old_node[b]]
+    for depth in (1, 2):
+        if depth == 1:
+            swaps = [[p] for p in pairs]
+        elif len(pairs) ** 2 > 20000:
+            break
+        else:
+            swaps = [[p, r] for i, p in enumerate(pairs) for r in pairs[i + 1:] if len({*p, *r}) == 4]
+        if not swaps:
+            continue
+        cands = np.repeat(old_node[None, :], len(swaps), axis=0)
+        for c, seq in enumerate(swaps):
+            for a, b in seq:
+                cands[c, a], cands[c, b] = cands[c, b], cands[c, a]
+        h = ref_node_loads(gl, cands, N).max(axis=1) / P
+        ok = np.flatnonzero(h <= room)
+        if ok.size:
+            ok = ok[np.argsort(h[ok], kind="stable")]
+            return [cands[c] for c in ok[:limit]]
+    return []
+
+
+def _random_partition_layers(rng):
+    """Hierarchical-looking layers: most keep whole groups per node, some split a group,
+    some leave a slot empty or give a node an extra group; group loads with ties."""
+    N = int(rng.choice([2, 3, 4]))
+    per = int(rng.choice([1, 2, 3]))
+    ng, gs = N * per, int(rng.choice([1, 2, 3]))
+    E, L = ng * gs, 12
+    rn = per * gs + int(rng.integers(0, 2))            # slots per node (a spare slot or not)
+    p = np.empty((L, N * rn), dtype=np.int64)
+    for l in range(L):
+        groups = rng.permutation(ng)
+        for n in range(N):
+            experts = np.concatenate([np.arange(g * gs, (g + 1) * gs) for g in groups[n * per:(n + 1) * per]])
+            extra = rn - experts.size
+            fill = rng.choice(experts, extra) if extra else experts[:0]
+            p[l, n * rn:(n + 1) * rn] = np.concatenate([experts, fill])
+        r = rng.random()
+        if r < 0.15:                                   # a group split across nodes
+            i, j = rng.integers(0, N * rn, 2)
+            p[l, i], p[l, j] = p[l, j], p[l, i]
+        elif r < 0.25:
+            p[l, rng.integers(0, N * rn)] = -1
+    gl = np.round(rng.gamma(1.0, 4.0, (L, ng)) * 4) / 4 + 0.25   # quarter steps: ties
+    return p, N, ng, gs, gl
+
+
+def test_group_nodes_and_nearby_partitions_match_the_python_reference():
+    """:func:`group_nodes` and :func:`nearby_partitions` against the Python helpers they
+    replaced, on layers with split groups, empty slots, tied loads and caps on both sides
+    of the old partition's heaviest node (one swap, two swaps, none)."""
+    depth = {0: 0, 1: 0, 2: 0}
+    for seed in range(300):
+        rng = np.random.default_rng(seed)
+        p, N, ng, gs, gl = _random_partition_layers(rng)
+        L = p.shape[0]
+        P = int(rng.integers(1, 4))
+        want_nodes = ref_nodes_of_groups(p, N, ng, gs)
+        node, whole = K.group_nodes(p, N, ng, gs)
+        for l in range(L):
+            assert whole[l] == (want_nodes[l] is not None), (seed, l)
+            if whole[l]:
+                assert node[l].tolist() == want_nodes[l].tolist(), (seed, l)
+        heavy = np.array([np.bincount(node[l], weights=gl[l], minlength=N).max() / P for l in range(L)])
+        cap = heavy * rng.uniform(0.85, 1.05, L)
+        ls, got = K.nearby_partitions(gl, node, whole, N, P, cap, 3)
+        want = [(l, c) for l in range(L) if whole[l] for c in ref_nearby_partitions(gl[l], node[l], N, P, cap[l])]
+        assert ls.tolist() == [l for l, _ in want], seed
+        assert [c.tolist() for c in got] == [c.tolist() for _, c in want], seed
+        for l, c in want:
+            depth[int((c != node[l]).sum()) // 2] += 1
+        depth[0] += sum(1 for l in range(L) if whole[l] and not ref_nearby_partitions(gl[l], node[l], N, P, cap[l]))
+    assert min(depth.values()) > 20, depth
