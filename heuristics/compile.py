@@ -223,12 +223,32 @@ def _runtime_library(ctx: Any, folder: str) -> Any:
     return library
 
 
-def initialize_runtime(ctx: Any, folder: str) -> None:
+def _runtime_home() -> None:
+    """Names the folder of numba's runtime library (:func:`runtime_folder`)."""
+
+
+@lru_cache(maxsize=1)
+def runtime_folder() -> str | None:
+    """Where the runtime library's object code lives: the folder numba would cache a
+    kernel of this module in (next to it, else the user cache directory;
+    ``NUMBA_CACHE_DIR`` first), the same whichever kernel loads first; None where numba
+    finds none."""
+    try:
+        return FunctionCache(_runtime_home)._cache_path
+    except RuntimeError:                              # numba: no cache locator applies
+        return None
+
+
+def initialize_runtime(ctx: Any) -> None:
     """``rtsys.initialize(ctx)`` (numba's runtime, needed before any kernel loads), its
-    library from :func:`_runtime_library`'s file in ``folder``: numba's own
+    library from :func:`_runtime_library`'s file in :func:`runtime_folder`: numba's own
     ``initialize`` runs, with ``nrtdynmod.compile_nrt_functions`` answered from there
     for its duration (under the compiler lock, which every numba compile holds too)."""
     if rtsys._init:
+        return
+    folder = runtime_folder()
+    if folder is None:
+        rtsys.initialize(ctx)
         return
     with global_compiler_lock:
         own = nrtdynmod.compile_nrt_functions
@@ -247,8 +267,8 @@ class KernelCache(FunctionCache):
     Loading rebuilds machine code, its environments (which import the modules they
     belong to, numba's own included) and links it against numba's runtime (NRT), which
     is initialised here as the refresh would have done, its library loaded from object
-    code cached beside the kernels (:func:`initialize_runtime`); nothing in it reads a
-    lowering or typing registry.  A kernel that is not in the cache is compiled by numba's
+    code cached in one folder beside the kernels (:func:`initialize_runtime`); nothing
+    in it reads a lowering or typing registry.  A kernel that is not in the cache is compiled by numba's
     compiler, which refreshes both contexts itself before it compiles.  Uses numba's
     cache internals (``_guard_against_spurious_io_errors``, ``_load_overload``), the same
     from numba 0.65 to 0.68, as :func:`stamped` does; tests/test_kernel_cache.py checks
@@ -257,7 +277,7 @@ class KernelCache(FunctionCache):
     _impl_class = _LazyLoad
 
     def load_overload(self, sig: Any, target_context: Any) -> Any:
-        initialize_runtime(target_context, self._cache_path)
+        initialize_runtime(target_context)
         with self._guard_against_spurious_io_errors():
             return self._load_overload(sig, target_context)
         return None                                   # the guard swallowed an I/O error
