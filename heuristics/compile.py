@@ -40,22 +40,18 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import os
-import pickle
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-import llvmlite
 import llvmlite.binding as ll
 import numba
 from numba.core.caching import CompileResultCacheImpl, FunctionCache
 from numba.core.codegen import JITCodeLibrary
 from numba.core.compiler_lock import global_compiler_lock
-from numba.core.runtime import nrtdynmod, rtsys
+from numba.core.runtime import rtsys
 
-__all__ = ["kernel", "warmer", "compile_all", "writable", "sources_fingerprint", "NUMBA_VERSION", "KernelCache", "LazyLinkLibrary",
-           "initialize_runtime"]
+__all__ = ["kernel", "warmer", "compile_all", "writable", "sources_fingerprint", "NUMBA_VERSION", "KernelCache", "LazyLinkLibrary"]
 
 NUMBA_VERSION = numba.__version__
 
@@ -185,80 +181,6 @@ class _LazyLoad(CompileResultCacheImpl):
                     codegen._library_class = own
 
 
-def _runtime_library(ctx: Any, folder: str) -> Any:
-    """numba's runtime library (``NRT_incref``, ``NRT_decref``, ...: what
-    ``nrtdynmod.compile_nrt_functions`` builds) loaded from the object code a previous
-    process left in ``folder``, else compiled and left there.
-
-    numba compiles this library with LLVM in every process (28-30 ms of a fresh
-    process's first call; loading its object code takes 4-5 ms).  The file is named by
-    a hash of the library's IR, the codegen's target (``magic_tuple``: triple, CPU,
-    features) and the numba and llvmlite versions, so another numba, CPU or setting gets
-    its own file; its contents carry their sha256, and a file that does not match (or
-    cannot be read or written) is ignored: the library is then compiled, as numba would."""
-    ir_mod, library = nrtdynmod.create_nrt_module(ctx)
-    codegen = ctx.codegen()
-    key = hashlib.sha256("\0".join([str(ir_mod), repr(codegen.magic_tuple()), numba.__version__,
-                                    llvmlite.__version__]).encode()).hexdigest()[:24]
-    path = os.path.join(folder, f"nrt-{key}.nbo")
-    try:
-        with open(path, "rb") as f:
-            blob = f.read()
-        if hashlib.sha256(blob[32:]).digest() == blob[:32]:
-            return JITCodeLibrary._unserialize(codegen, pickle.loads(blob[32:]))
-    except OSError:
-        pass
-    library.enable_object_caching()
-    library.add_ir_module(ir_mod)
-    library.finalize()
-    data = pickle.dumps(library.serialize_using_object_code(), protocol=pickle.HIGHEST_PROTOCOL)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with open(tmp, "wb") as f:
-            f.write(hashlib.sha256(data).digest() + data)
-        os.replace(tmp, path)
-    except OSError:
-        pass
-    return library
-
-
-def _runtime_home() -> None:
-    """Names the folder of numba's runtime library (:func:`runtime_folder`)."""
-
-
-@lru_cache(maxsize=1)
-def runtime_folder() -> str | None:
-    """Where the runtime library's object code lives: the folder numba would cache a
-    kernel of this module in (next to it, else the user cache directory;
-    ``NUMBA_CACHE_DIR`` first), the same whichever kernel loads first; None where numba
-    finds none."""
-    try:
-        return FunctionCache(_runtime_home)._cache_path
-    except RuntimeError:                              # numba: no cache locator applies
-        return None
-
-
-def initialize_runtime(ctx: Any) -> None:
-    """``rtsys.initialize(ctx)`` (numba's runtime, needed before any kernel loads), its
-    library from :func:`_runtime_library`'s file in :func:`runtime_folder`: numba's own
-    ``initialize`` runs, with ``nrtdynmod.compile_nrt_functions`` answered from there
-    for its duration (under the compiler lock, which every numba compile holds too)."""
-    if rtsys._init:
-        return
-    folder = runtime_folder()
-    if folder is None:
-        rtsys.initialize(ctx)
-        return
-    with global_compiler_lock:
-        own = nrtdynmod.compile_nrt_functions
-        nrtdynmod.compile_nrt_functions = lambda c: _runtime_library(c, folder)
-        try:
-            rtsys.initialize(ctx)
-        finally:
-            nrtdynmod.compile_nrt_functions = own
-
-
 class KernelCache(FunctionCache):
     """numba's on-disk cache of one kernel (same files, same locations: next to the
     module, else the user cache directory, ``NUMBA_CACHE_DIR`` first), loading without
@@ -266,9 +188,8 @@ class KernelCache(FunctionCache):
 
     Loading rebuilds machine code, its environments (which import the modules they
     belong to, numba's own included) and links it against numba's runtime (NRT), which
-    is initialised here as the refresh would have done, its library loaded from object
-    code cached in one folder beside the kernels (:func:`initialize_runtime`); nothing
-    in it reads a lowering or typing registry.  A kernel that is not in the cache is compiled by numba's
+    is initialised here as the refresh would have done; nothing in it reads a lowering
+    or typing registry.  A kernel that is not in the cache is compiled by numba's
     compiler, which refreshes both contexts itself before it compiles.  Uses numba's
     cache internals (``_guard_against_spurious_io_errors``, ``_load_overload``), the same
     from numba 0.65 to 0.68, as :func:`stamped` does; tests/test_kernel_cache.py checks
@@ -277,7 +198,7 @@ class KernelCache(FunctionCache):
     _impl_class = _LazyLoad
 
     def load_overload(self, sig: Any, target_context: Any) -> Any:
-        initialize_runtime(target_context)
+        rtsys.initialize(target_context)
         with self._guard_against_spurious_io_errors():
             return self._load_overload(sig, target_context)
         return None                                   # the guard swallowed an I/O error
