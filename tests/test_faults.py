@@ -27,6 +27,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Instances that reach every CP-SAT model: complete global models (small), complete
 # hierarchical models (small, groups), fixed counts and neighbourhoods (medium).
+@pytest.fixture(scope="module", autouse=True)
+def _kernels_loaded():
+    """Every kernel compiled or loaded before the timed solves below (``warm_up``): a
+    process that reaches this file before the numba cache holds a kernel would otherwise
+    compile it inside a solve's ``time_limit`` and run out of time before CP-SAT (seen
+    in a fresh clone's CI run, test order permitting)."""
+    eplb_opt.warm_up()
+
+
 CASES = {
     "global-complete": (dict(num_replicas=12, num_gpus=4), (3, 10)),
     "hier-complete": (dict(num_replicas=12, num_groups=4, num_nodes=2, num_gpus=4), (3, 8)),
