@@ -25,8 +25,7 @@ from .oracle import assert_consistent_certificate
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Instances that reach every CP-SAT model: complete global models (small), complete
-# hierarchical models (small, groups), fixed counts and neighbourhoods (medium).
+
 @pytest.fixture(scope="module", autouse=True)
 def _kernels_loaded():
     """Every kernel compiled or loaded before the timed solves below (``warm_up``): a
@@ -36,6 +35,8 @@ def _kernels_loaded():
     eplb_opt.warm_up()
 
 
+# Instances that reach every CP-SAT model: complete global models (small), complete
+# hierarchical models (small, groups), fixed counts and neighbourhoods (medium).
 CASES = {
     "global-complete": (dict(num_replicas=12, num_gpus=4), (3, 10)),
     "hier-complete": (dict(num_replicas=12, num_groups=4, num_nodes=2, num_gpus=4), (3, 8)),
