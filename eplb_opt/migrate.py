@@ -11,11 +11,13 @@ layer gets the cap ``T = B * (1 + max_balance_loss)``, and the plan chosen per l
 the cheaper of
 
 * **repair**: start from the old placement (no move at all) and, while a GPU is above
-  ``T``, apply the operation with the most excess removed per unit of move cost: swap
-  two replicas between GPUs, or give a slot of an expert with several replicas to
-  another expert (its count changes).  Operations that undo earlier moves cost nothing
-  or less.  Under the hierarchical policy experts stay in the old plan's nodes.  Then
-  moves that are no longer needed are undone where every GPU stays under ``T``;
+  ``T``, apply one operation on the heaviest: swap two replicas between GPUs, or give a
+  slot of an expert with several replicas to another expert (its count changes).  It
+  takes the operation that removes the most excess at no move cost where one does
+  (operations that undo earlier moves cost nothing or less), else the cheapest that
+  removes the GPU's whole excess, else the most excess removed per unit of move cost.
+  Under the hierarchical policy experts stay in the old plan's nodes.  Then moves that
+  are no longer needed are undone where every GPU stays under ``T``;
 * **relabelled replan** (the fair baseline): the fresh plan with its nodes and GPUs
   matched to the old ones (:func:`eplb_opt.align.align_to_previous`).
 

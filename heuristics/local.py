@@ -56,18 +56,19 @@ def slot_values(S, v):
 
 
 @kernel
-def _partner_bounds(S, vS, q, load, T, eps, g, lo, B):
-    """Per partner ``h = lo + x`` of ``g``: the least ``q[g, b] - q[h, b]`` over its slots'
-    experts ``b``, the least ``q[h, a] - q[g, a]`` over ``g``'s experts ``a``, and its
-    least slot value (bounds for :func:`swap_scan`); ``inf`` for ``g`` itself and for a
-    partner no swap can remove excess with (the first test of :func:`_swap_pairs`)."""
+def _partner_bounds(S, vS, q, load, T, eps, g, lo, B, wk):
+    """Per partner ``h = lo + x`` of ``g``, into ``wk [3, B]``: the least ``q[g, b] - q[h, b]``
+    over its slots' experts ``b``, the least ``q[h, a] - q[g, a]`` over ``g``'s experts
+    ``a``, and its least slot value (bounds for :func:`swap_scan`); ``inf`` for ``g``
+    itself and for a partner no swap can remove excess with (the first test of the
+    scan).  Returns the least sum of the first two."""
     k = S.shape[1]
-    mh = np.full(B, np.inf)
-    ma = np.full(B, np.inf)
-    vmin = np.full(B, np.inf)
+    mh, ma, vmin = wk[0], wk[1], wk[2]
     exg = max(load[g] - T, 0.0)
+    cheapest = np.inf
     for x in range(B):
         h = lo + x
+        mh[x], ma[x], vmin[x] = np.inf, np.inf, np.inf
         near = load[g] < 64.0 * T and load[h] < 64.0 * T
         if h == g or not exg + max(load[h] - T, 0.0) > eps or (near and not load[h] < T):
             continue
@@ -79,132 +80,107 @@ def _partner_bounds(S, vS, q, load, T, eps, g, lo, B):
             m2 = min(m2, q[h, a] - q[g, a])
             vm = min(vm, vS[h, j])
         mh[x], ma[x], vmin[x] = m, m2, vm
-    return mh, ma, vmin
+        cheapest = min(cheapest, m + m2)
+    return cheapest
 
 
 @kernel
-def _key(dphi, cost):
-    """The pick key of :func:`pick_update` as a pair: ``(1, dphi - 1e-9 cost)`` when free,
-    else ``(0, dphi / cost)``."""
+def _key(dphi, cost, thr):
+    """The pick key as a pair ``(kind, value)``, larger first: kind 2 when free (value
+    ``dphi - 1e-9 cost``), else kind 1 where the excess removed ``dphi`` reaches ``thr``
+    (the searched GPU's whole excess) and kind 0 where it does not (value
+    ``dphi / cost``).  Monotone: more excess removed or a lower cost never lowers it."""
     if cost <= 0.0:
-        return 1, dphi - 1e-9 * cost
-    return 0, dphi / max(cost, 1e-9)
+        return 2, dphi - 1e-9 * cost
+    return (1 if dphi >= thr else 0), dphi / max(cost, 1e-9)
 
 
 @kernel
-def _may_win(kind, val, best_at, ub, lb, first_at):
-    """Whether a group of candidates (excess removed at most ``ub``, cost at least
-    ``lb``, in scan order from ``first_at``) may hold one that the pick prefers to the
-    best so far (key ``(kind, val)``, found at ``best_at``): a larger key, or the same
-    key earlier in the order.  Keys are monotone in both bounds."""
-    if kind < 0:
-        return True
-    bk, bv = _key(ub, lb)
-    if bk != kind:
-        return bk > kind
-    return bv > val or (bv == val and first_at < best_at)
+def _beats(kind, val, at, bk, bv, bat):
+    """Whether key ``(kind, val)`` at scan position ``at`` is preferred to the best so far
+    ``(bk, bv)`` at ``bat`` (kind -1: none): a larger key, or the same key earlier."""
+    return bk < 0 or kind > bk or (kind == bk and (val > bv or (val == bv and at < bat)))
 
 
 @kernel
-def _swap_pairs(S, vS, load, M, q, allowed, dup, T, eps, g, B, exact, first, best, mh, ma, vmin):
-    """One pass of :func:`swap_scan` over the partners ``h`` with ``first[h - lo]`` set,
-    updating ``best`` (``kind, val, score, cost, i, h, j, at``) in place."""
+def swap_scan(S, vS, load, M, q, allowed, dup, T, eps, g, B, exact, wk):
+    """The repair's pick (:func:`_key`, first in the order ``(i, h, j)`` on ties) among
+    swaps of slot ``i`` of ``g`` (above ``T``) with slot ``j`` of a partner ``h``: the
+    experts trade places, ``d = v[b] - v[a]`` moves from ``h`` to ``g``; the excess over
+    ``T`` removed is ``dphi``, the cost the arrivals of ``a`` on ``h`` and ``b`` on ``g``
+    less the departures of ``a`` from ``g`` and ``b`` from ``h`` (``q``: each priced only
+    where it is a move).  Returns ``(kind, score, cost, i, h, j)``; kind -1: none;
+    score: the excess removed when free, else the ratio.  A swap with ``d >= 0`` removes
+    no excess from ``g`` and is skipped.  ``wk``: ``[3, B]`` work.
+
+    Partners whose cheapest swap can be the cheapest overall are searched first, so the
+    best so far is good early; with ``exact`` costs, partners and slots whose bounds
+    (:func:`_partner_bounds`) cannot beat it are then skipped (the key is monotone and
+    the position decides ties, so the answer is the one the plain scan gives)."""
     G, k = S.shape
     lo = (g // B) * B
     exg = max(load[g] - T, 0.0)
-    for x in range(B):
-        h = lo + x
-        if h == g or not first[x]:
-            continue
-        phi0 = exg + max(load[h] - T, 0.0)
-        near = load[g] < 64.0 * T and load[h] < 64.0 * T
-        if not phi0 > eps or (near and not load[h] < T):
-            continue                                    # no swap removes any excess
-        room = (T - load[h]) + 4e-13 * T if near else np.inf
-        if exact and not _may_win(int(best[0]), best[1], best[7], min(phi0, room), ma[x] + mh[x], h * k):
-            continue
-        for i in range(k):
-            a = S[g, i]
-            if not allowed[h, a] or (not dup and M[h, a] != 0):
+    thr = exg - eps
+    cheapest = _partner_bounds(S, vS, q, load, T, eps, g, lo, B, wk)
+    mh, ma, vmin = wk[0], wk[1], wk[2]
+    bk, bv, bscore, bcost, bi, bh, bj, bat = -1, 0.0, 0.0, 0.0, -1, -1, -1, 0
+    for p in range(2 if exact else 1):
+        for x in range(B):
+            h = lo + x
+            if not vmin[x] < np.inf or (exact and (ma[x] + mh[x] <= cheapest) != (p == 0)):
                 continue
-            va, qga, qha = vS[g, i], q[g, a], q[h, a]
-            dmin = vmin[x] - va
-            if not dmin < 0.0:
-                continue
+            phi0 = exg + max(load[h] - T, 0.0)
+            room = (T - load[h]) + 4e-13 * T if load[g] < 64.0 * T and load[h] < 64.0 * T else np.inf
             if exact:
-                ub = min(phi0 - max(load[g] + dmin - T, 0.0), room)
-                if not _may_win(int(best[0]), best[1], best[7], ub, (qha - qga) + mh[x], (i * G + h) * k):
+                ck, cv = _key(min(phi0, room), ma[x] + mh[x], thr)
+                if not _beats(ck, cv, h * k, bk, bv, bat):
                     continue
-            for j in range(k):
-                d = vS[h, j] - va
-                if d >= 0.0:
+            for i in range(k):
+                a = S[g, i]
+                va, qga, qha = vS[g, i], q[g, a], q[h, a]
+                if not allowed[h, a] or (not dup and M[h, a] != 0) or not vmin[x] - va < 0.0:
                     continue
-                b = S[h, j]
-                if not allowed[g, b] or (not dup and M[g, b] != 0):
-                    continue
-                dphi = phi0 - max(load[g] + d - T, 0.0) - max(load[h] - d - T, 0.0)
-                if not dphi > eps:
-                    continue
-                cost = ((qha + q[g, b]) - qga) - q[h, b]
-                kk, kv = _key(dphi, cost)
-                at = (i * G + h) * k + j
-                if best[0] < 0 or kk > best[0] or (kk == best[0] and (kv > best[1] or (kv == best[1] and at < best[7]))):
-                    best[0], best[1], best[2], best[3] = kk, kv, dphi if kk == 1 else kv, cost
-                    best[4], best[5], best[6], best[7] = i, h, j, at
-
-
-@kernel
-def swap_scan(S, vS, load, M, q, allowed, dup, T, eps, g, B, exact):
-    """The repair's pick (:func:`pick_update`) among swaps of slot ``i`` of ``g`` (above
-    ``T``) with slot ``j`` of a partner ``h``, first in the order ``(i, h, j)`` on ties:
-    the experts trade places, ``d = v[b] - v[a]`` moves from ``h`` to ``g``; the excess
-    over ``T`` removed is ``dphi``, the cost the arrivals of ``a`` on ``h`` and ``b`` on
-    ``g`` less the departures of ``a`` from ``g`` and ``b`` from ``h`` (``q``: each
-    priced only where it is a move).  Returns ``(kind, score, cost, i, h, j)``; kind -1:
-    none; score: the excess removed when free, else the ratio.  A swap with ``d >= 0``
-    removes no excess from ``g`` and is skipped.
-
-    Partners whose cheapest swap can be the cheapest overall are searched first, so the
-    best so far is good early; with ``exact`` costs, partners and slots that cannot beat
-    it are then skipped (:func:`_may_win`; the key and position decide, so the answer is
-    the one the plain scan in order gives)."""
-    k = S.shape[1]
-    lo = (g // B) * B
-    best = np.array([-1.0, 0.0, 0.0, 0.0, -1.0, -1.0, -1.0, 0.0])
-    first = np.zeros(B, dtype=np.bool_)
-    mh, ma, vmin = _partner_bounds(S, vS, q, load, T, eps, g, lo, B)
-    if exact:
-        cheapest = np.inf
-        for x in range(B):
-            cheapest = min(cheapest, ma[x] + mh[x])
-        for x in range(B):
-            first[x] = ma[x] + mh[x] <= cheapest < np.inf
-        _swap_pairs(S, vS, load, M, q, allowed, dup, T, eps, g, B, exact, first, best, mh, ma, vmin)
-        for x in range(B):
-            first[x] = not first[x] and vmin[x] < np.inf
-    else:
-        for x in range(B):
-            first[x] = vmin[x] < np.inf
-    _swap_pairs(S, vS, load, M, q, allowed, dup, T, eps, g, B, exact, first, best, mh, ma, vmin)
-    return int(best[0]), best[2], best[3], int(best[4]), int(best[5]), int(best[6])
+                if exact:
+                    ub = min(phi0 - max(load[g] + (vmin[x] - va) - T, 0.0), room)
+                    ck, cv = _key(ub, (qha - qga) + mh[x], thr)
+                    if not _beats(ck, cv, (i * G + h) * k, bk, bv, bat):
+                        continue
+                for j in range(k):
+                    d = vS[h, j] - va
+                    if d >= 0.0:
+                        continue
+                    b = S[h, j]
+                    if not allowed[g, b] or (not dup and M[g, b] != 0):
+                        continue
+                    dphi = phi0 - max(load[g] + d - T, 0.0) - max(load[h] - d - T, 0.0)
+                    if not dphi > eps:
+                        continue
+                    cost = ((qha + q[g, b]) - qga) - q[h, b]
+                    kk, kv = _key(dphi, cost, thr)
+                    at = (i * G + h) * k + j
+                    if _beats(kk, kv, at, bk, bv, bat):
+                        bk, bv, bscore, bcost = kk, kv, dphi if kk == 2 else kv, cost
+                        bi, bh, bj, bat = i, h, j, at
+    return bk, bscore, bcost, bi, bh, bj
 
 
 @kernel
 def retarget_work(G, k, E):
     """Work arrays of :func:`retarget_scan`: ``la [G]``, ``acc [E]``, ``seen [E]`` (-1),
-    ``mark [E]`` (0) and ``hot [G k]``; every call leaves them so."""
+    ``mark [E]`` (0), ``hot [G k]`` and ``hl [G]``; every call leaves them so."""
     return (np.zeros(G), np.zeros(E), np.full(E, -1, dtype=np.int64), np.zeros(E, dtype=np.int8),
-            np.zeros(G * k, dtype=np.int64))
+            np.zeros(G * k, dtype=np.int64), np.zeros(G, dtype=np.int64))
 
 
 @kernel
-def _take(rb, dphi, cost, i, b):
+def _take(rb, dphi, cost, i, b, thr):
     """Offer retarget ``(i, b)`` to the best so far ``rb`` (``kind, val, score, cost, i,
-    b``): taken on a larger key (:func:`_key`), or the same key in the same slot with a
-    lower ``b`` (the candidates of one slot are not offered in index order)."""
-    kind, x = _key(dphi, cost)
+    b``): taken on a larger key (:func:`_key`, whole excess ``thr``), or the same key in
+    the same slot with a lower ``b`` (the candidates of one slot are not offered in index
+    order)."""
+    kind, x = _key(dphi, cost, thr)
     if kind > rb[0] or (kind == rb[0] and (x > rb[1] or (x == rb[1] and rb[4] == i and b < rb[5]))):
-        rb[0], rb[1], rb[2], rb[3], rb[4], rb[5] = kind, x, dphi if kind == 1 else x, cost, i, b
+        rb[0], rb[1], rb[2], rb[3], rb[4], rb[5] = kind, x, dphi if kind == 2 else x, cost, i, b
 
 
 @kernel
@@ -214,7 +190,7 @@ def _hot_sums(S, v, vp, M, la, T, g, va2, d_a, work):
     removed by retargeting to ``b``, summed from ``d_a`` over those GPUs in index order;
     ``mark[b]`` 2 where ``g`` holds ``b``, else 1.  Returns how many."""
     G, k = S.shape
-    _, acc, seen, mark, hot = work
+    acc, seen, mark, hot = work[1], work[2], work[3], work[4]
     nh = 0
     for h in range(G):
         if h != g and not la[h] > T:
@@ -240,51 +216,123 @@ def _hot_sums(S, v, vp, M, la, T, g, va2, d_a, work):
 
 
 @kernel
-def _slot_retargets(S, w, v, vp, c, load, M, q, allowed, dup, T, eps, g, i, work, rb):
-    """Offer every retarget of slot ``i`` of ``g`` to ``rb`` (:func:`retarget_scan`)."""
-    G = S.shape[0]
-    la, acc, seen, mark, hot = work
+def _all_retargets(S, v, vp, load, M, q, allowed, dup, T, eps, g, i, va2, d_a, work, rb, priced):
+    """Offer every retarget of slot ``i`` of ``g`` to ``rb`` (those that cost a move only
+    where ``priced``), ``la`` holding the loads once ``a`` lost its replica (``va2`` its
+    replicas' load then, ``d_a`` the excess that removes)."""
+    la, acc, mark, hot = work[0], work[1], work[3], work[4]
     a = S[g, i]
-    va2 = w[a] / max(c[a] - 1, 1)
-    da = va2 - v[a]
-    d_a = 0.0
-    for h in range(G):
-        if M[h, a] != 0:
-            la[h] = load[h] + M[h, a] * da
-            d_a += max(load[h] - T, 0.0) - max(la[h] - T, 0.0)
     nh = _hot_sums(S, v, vp, M, la, T, g, va2, d_a, work)
     exlag, qga, lag = max(la[g] - T, 0.0), q[g, a], la[g]
+    thr = max(load[g] - T, 0.0) - eps
     for t in range(nh):
         b = hot[t]
-        if b == a or not allowed[g, b] or (not dup and M[g, b] != 0):
+        if b == a or not allowed[g, b] or (not dup and M[g, b] != 0) or (not priced and q[g, b] > qga):
             continue
         dphi = acc[b]
         if mark[b] == 1:
             dphi += exlag - max(lag + (vp[b] - va2) - T, 0.0)
         if dphi > eps:
-            _take(rb, dphi, q[g, b] - qga, i, b)
+            _take(rb, dphi, q[g, b] - qga, i, b, thr)
     if d_a + exlag > eps:                  # else no other expert removes any excess
         for b in range(vp.size):
-            if mark[b] != 0 or not allowed[g, b]:
+            if mark[b] != 0 or not allowed[g, b] or (not priced and q[g, b] > qga):
                 continue
             dphi = d_a + (exlag - max(lag + (vp[b] - va2) - T, 0.0))
             if dphi > eps:
-                _take(rb, dphi, q[g, b] - qga, i, b)
+                _take(rb, dphi, q[g, b] - qga, i, b, thr)
     for t in range(nh):
-        seen[hot[t]], mark[hot[t]] = -1, 0
+        work[2][hot[t]], mark[hot[t]] = -1, 0
+
+
+@kernel
+def _departure(M, load, la, T, a):
+    """``la``: every GPU's load once expert ``a`` lost a replica (``c[a] - 1`` of them
+    left); returns the excess that removes, summed over ``a``'s holders in index order."""
+    d_a = 0.0
+    for h in range(load.size):
+        if M[h, a] != 0:
+            d_a += max(load[h] - T, 0.0) - max(la[h] - T, 0.0)
+    return d_a
+
+
+@kernel
+def _free_retargets(S, v, vp, M, la, T, eps, g, i, va2, d_a, oldE, nold, allowed, dup, hl, nl, rb, thr):
+    """Offer the free retargets of slot ``i`` of ``g`` (whose expert ``g`` held before):
+    to each expert ``b`` ``g`` held before, summed as :func:`_hot_sums` sums them (over
+    the GPUs ``hl[:nl]``, ``g`` and those above ``T`` in ``la``, in index order)."""
+    a = S[g, i]
+    exlag, lag = max(la[g] - T, 0.0), la[g]
+    for t in range(nold[g]):
+        b = oldE[g, t]
+        if b == a or not allowed[g, b] or (not dup and M[g, b] != 0):
+            continue
+        acc = d_a
+        for r in range(nl):
+            h = hl[r]
+            if M[h, b] != 0:
+                nlh = la[h] + M[h, b] * (vp[b] - v[b])
+                if h == g:
+                    nlh += vp[b] - va2
+                acc += max(la[h] - T, 0.0) - max(nlh - T, 0.0)
+        if M[g, b] == 0:
+            acc += exlag - max(lag + (vp[b] - va2) - T, 0.0)
+        if acc > eps:
+            _take(rb, acc, 0.0, i, b, thr)
+
+
+@kernel
+def _slot_retargets(S, w, v, vp, c, load, M, q, allowed, dup, T, eps, g, i, work, rb, oldE, nold, pmin, priced):
+    """Offer the retargets of slot ``i`` of ``g`` to ``rb`` (:func:`retarget_scan`):
+    none where no retarget can remove more than ``d_a + exlag + xb`` (``a``'s departure,
+    and every other GPU above ``T`` emptied of its excess); where ``g`` held ``a`` before,
+    the free ones directly (:func:`_free_retargets`) and the others, at ``pmin`` or
+    more, only where that bound lets them beat the best so far."""
+    G = S.shape[0]
+    la, hl = work[0], work[5]
+    a = S[g, i]
+    va2 = w[a] / max(c[a] - 1, 1)
+    for h in range(G):
+        if M[h, a] != 0:
+            la[h] = load[h] + M[h, a] * (va2 - v[a])
+    d_a = _departure(M, load, la, T, a)
+    exlag, qga = max(la[g] - T, 0.0), q[g, a]
+    thr = max(load[g] - T, 0.0) - eps
+    nl, xb = 0, 0.0
+    for h in range(G):
+        if h == g or la[h] > T:
+            hl[nl] = h
+            nl += 1
+            if h != g:
+                xb += la[h] - T
+    ub = (d_a + exlag) + xb
+    ub += 1e-9 * (abs(d_a) + exlag + xb) + eps              # above any sum of the terms
+    bk, bv = _key(ub, -qga, thr)
+    if bk > rb[0] or (bk == rb[0] and bv >= rb[1]):
+        if qga == 0.0 and pmin > 0.0:
+            _free_retargets(S, v, vp, M, la, T, eps, g, i, va2, d_a, oldE, nold, allowed, dup, hl, nl, rb, thr)
+            bk, bv = _key(ub, pmin, thr)
+            if priced and (bk > rb[0] or (bk == rb[0] and bv >= rb[1])):
+                _all_retargets(S, v, vp, load, M, q, allowed, dup, T, eps, g, i, va2, d_a, work, rb, True)
+        else:
+            _all_retargets(S, v, vp, load, M, q, allowed, dup, T, eps, g, i, va2, d_a, work, rb, priced)
     for h in range(G):
         la[h] = load[h]
 
 
 @kernel
-def retarget_scan(S, w, v, vp, c, load, M, q, allowed, dup, T, eps, g, tk, tv, work):
+def retarget_scan(S, w, v, vp, c, load, M, q, allowed, dup, T, eps, g, tk, tv, work, oldE, nold, pmin):
     """The repair's pick among retargets of a slot of ``g`` (slots in order, then the
-    experts allowed on ``g`` in order, on ties) whose key beats ``(tk, tv)`` (the best
-    swap's kind and score, kind -1: none; a retarget whose key is not larger is not
-    preferred to it): slot ``i`` (expert ``a``, ``>= 2`` replicas) goes to expert ``b``
+    experts allowed on ``g`` in order, on ties) whose key (:func:`_key`) beats ``(tk, tv)``
+    (the best swap's, kind -1: none; a retarget whose key is not larger is not preferred
+    to it): slot ``i`` (expert ``a``, ``>= 2`` replicas) goes to expert ``b``
     (``vp[b] = w[b] / (c[b] + 1)``), so every GPU holding ``a`` or ``b`` changes load.
-    Returns ``(kind, score, cost, i, b)`` as :func:`swap_scan`; ``i = -1`` (kind -1):
-    none.  ``work``: :func:`retarget_work`.
+    Where the swap removes the whole excess (``tk >= 1``) only free retargets are
+    searched: a retarget that costs a move is taken only where no swap and no free move
+    removes it all.  Returns ``(kind, score, cost, i, b)`` as :func:`swap_scan`;
+    ``i = -1`` (kind -1): none.  ``work``: :func:`retarget_work`; ``oldE [G, k]``,
+    ``nold [G]``: the experts each GPU held before, ascending; ``pmin``: the least
+    positive price (0: some move is free).
 
     The excess removed is summed over the GPUs whose load changes, in index order.  A
     GPU other than ``g`` holding ``b`` contributes exactly 0 unless it is above ``T``
@@ -298,7 +346,8 @@ def retarget_scan(S, w, v, vp, c, load, M, q, allowed, dup, T, eps, g, tk, tv, w
     rb = np.array([float(tk), tv, 0.0, 0.0, -1.0, -1.0])
     for i in range(S.shape[1]):
         if c[S[g, i]] >= 2:
-            _slot_retargets(S, w, v, vp, c, load, M, q, allowed, dup, T, eps, g, i, work, rb)
+            _slot_retargets(S, w, v, vp, c, load, M, q, allowed, dup, T, eps, g, i, work, rb, oldE, nold, pmin,
+                            tk < 1)
     if rb[4] < 0:
         return -1, 0.0, 0.0, -1, -1
     return int(rb[0]), rb[2], rb[3], int(rb[4]), int(rb[5])
@@ -380,33 +429,30 @@ def departure_bounds(S, q, exact):
 def undo_swap_scan(S, vS, load, M, q, mv, nmv, maxq, allowed, dup, T, eps, g, B, part):
     """The cheapest swap of ``g`` with a partner ``h`` (``part[h]`` set; as
     :func:`swap_scan`) that lowers the move cost and keeps both GPUs within ``T + eps``
-    (the first in order on ties): ``(i, h, j)``, ``i = -1`` when none.  Prices are never
-    negative, so a swap whose two departures are both free (``mv`` False) cannot lower
-    the cost and is skipped, and so is a partner where ``q[h, a] - q[g, a] - maxq[h]``
-    (:func:`departure_bounds`, exact sums) is not below ``min(0, best)``."""
-    k = S.shape[1]
-    best, bi, bh, bj = np.inf, -1, -1, -1
+    (the first in the order ``(i, h, j)`` on ties): ``(i, h, j)``, ``i = -1`` when none.
+
+    Prices are never negative, so a swap lowers the cost only where a departure is
+    priced: the slots ``i`` of ``g`` whose departure is priced are tried against every
+    slot of the partners (skipping a partner where ``q[h, a] - q[g, a] - maxq[h]``,
+    :func:`departure_bounds` with exact sums, is not below ``min(0, best)``), and the
+    other slots of ``g`` only against the partners' moved-in slots ``(h, j)`` (``mv``)
+    where ``q[g, b] < q[h, b]``; ties between the two passes go by position."""
+    G, k = S.shape
+    best, bat, bi, bh, bj = np.inf, 0, -1, -1, -1
     lo = (g // B) * B
-    hs = np.empty(B, dtype=np.int64)             # the partners to search, in index order
-    nh = 0
-    for h in range(lo, lo + B):
-        if h != g and part[h]:
-            hs[nh] = h
-            nh += 1
-    for i in range(k):
+    for i in range(k):                      # priced departures from g, in scan order
         a = S[g, i]
         out_a = q[g, a]
-        for t in range(nh):
-            h = hs[t]
-            if not allowed[h, a] or (not dup and M[h, a] != 0) or (out_a == 0.0 and nmv[h] == 0):
+        if out_a == 0.0:
+            continue
+        for h in range(lo, lo + B):
+            if h == g or not part[h] or not allowed[h, a] or (not dup and M[h, a] != 0):
                 continue
             in_a = q[h, a]
             lb = (in_a - out_a) - maxq[h]
             if not (lb < 0.0 and lb < best):
                 continue
             for j in range(k):
-                if out_a == 0.0 and not mv[h, j]:
-                    continue
                 b = S[h, j]
                 if a == b or not allowed[g, b] or (not dup and M[g, b] != 0):
                     continue
@@ -415,7 +461,28 @@ def undo_swap_scan(S, vS, load, M, q, mv, nmv, maxq, allowed, dup, T, eps, g, B,
                     continue
                 d = vS[h, j] - vS[g, i]
                 if load[g] + d <= T + eps and load[h] - d <= T + eps:
-                    best, bi, bh, bj = cost, i, h, j
+                    best, bat, bi, bh, bj = cost, (i * G + h) * k + j, i, h, j
+    for h in range(lo, lo + B):             # free departures from g, priced ones from h
+        if h == g or not part[h] or nmv[h] == 0:
+            continue
+        for j in range(k):
+            if not mv[h, j]:
+                continue
+            b = S[h, j]
+            out_b, in_b = q[h, b], q[g, b]
+            if not (in_b < out_b and in_b - out_b <= best) or not allowed[g, b] or (not dup and M[g, b] != 0):
+                continue
+            for i in range(k):
+                a = S[g, i]
+                if q[g, a] != 0.0 or a == b or not allowed[h, a] or (not dup and M[h, a] != 0):
+                    continue
+                cost = ((q[h, a] + in_b) - 0.0) - out_b
+                at = (i * G + h) * k + j
+                if not (cost < 0.0 and (cost < best or (cost == best and at < bat))):
+                    continue
+                d = vS[h, j] - vS[g, i]
+                if load[g] + d <= T + eps and load[h] - d <= T + eps:
+                    best, bat, bi, bh, bj = cost, at, i, h, j
     return bi, bh, bj
 
 
@@ -512,16 +579,19 @@ def _heaviest_over(load, T, eps, chosen):
 
 
 @kernel
-def repair_over(S, w, v, vp, c, load, vS, M, q, exact, allowed, dup, T, B, max_steps):
+def repair_over(S, w, v, vp, c, load, vS, M, q, exact, allowed, dup, T, B, max_steps, oldE, nold, pmin):
     """Drive every GPU under ``T``: each step takes, on the first of the (at most 4)
     heaviest GPUs above ``T`` that has one, the better of its best swap and best retarget
-    (free first, then the larger score; the swap on ties).  Returns whether it got there.
+    by :func:`_key` (free first, then those that remove the GPU's whole excess, the
+    cheapest of them; the swap on ties).  Returns whether it got there.
 
-    The retarget search looks only for retargets that beat the best swap."""
+    The retarget search looks only for retargets that beat the best swap (:func:`retarget_scan`;
+    ``oldE``, ``nold``, ``pmin`` as there)."""
     G, k = S.shape
     eps = 1e-12 * max(T, 1e-300)
     chosen = np.zeros(G, dtype=np.bool_)
     work = retarget_work(G, k, w.size)
+    wk = np.empty((3, B))
     for _ in range(max_steps):
         n_over = 0
         for h in range(G):
@@ -536,9 +606,11 @@ def repair_over(S, w, v, vp, c, load, vS, M, q, exact, allowed, dup, T, B, max_s
             chosen[g] = True
             sk, ss, sc, si, sh, sj = -1, 0.0, 0.0, -1, -1, -1
             if B > 1:
-                sk, ss, sc, si, sh, sj = swap_scan(S, vS, load, M, q, allowed, dup, T, eps, g, B, exact)
-            rk, rs, rc, ri, rb = retarget_scan(S, w, v, vp, c, load, M, q, allowed, dup, T, eps, g, sk, ss, work)
-            if ri >= 0 and (sk < 0 or (rc > 0) < (sc > 0) or ((rc > 0) == (sc > 0) and rs > ss)):
+                sk, ss, sc, si, sh, sj = swap_scan(S, vS, load, M, q, allowed, dup, T, eps, g, B, exact, wk)
+            sv = ss - 1e-9 * sc if sk == 2 else ss                     # the swap's key value
+            rk, rs, rc, ri, rb = retarget_scan(S, w, v, vp, c, load, M, q, allowed, dup, T, eps, g, sk, sv, work, oldE,
+                                               nold, pmin)
+            if ri >= 0:
                 do_retarget(S, w, v, vp, c, load, vS, M, g, ri, rb)
                 found = True
             elif sk >= 0:
@@ -767,7 +839,8 @@ def repair_attempt(w, old, start, G, N, hierarchical, node_move_cost, dup, T, ma
     for g in range(G):
         fits = fits and load[g] <= T * (1 + 1e-12)
     vS, vp = slot_values(S, v), next_values(w, c)
-    if not fits and not repair_over(S, w, v, vp, c, load, vS, M, q, exact, allowed, dup, T, B, max_repair):
+    if not fits and not repair_over(S, w, v, vp, c, load, vS, M, q, exact, allowed, dup, T, B, max_repair, oldE, nold,
+                                       min(1.0, node_move_cost)):
         return False, row, 0, 0.0
     undo_moves(S, w, v, vp, c, load, vS, M, q, exact, newm, oldE, nold, allowed, dup, T, B, max_undo)
     moves = 0
