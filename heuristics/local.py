@@ -195,7 +195,6 @@ def _hot_sums(S, v, vp, M, la, T, g, va2, d_a, work):
     for h in range(G):
         if h != g and not la[h] > T:
             continue
-        exh = max(la[h] - T, 0.0)
         for s in range(k):
             b = S[h, s]
             if seen[b] == h:
@@ -206,13 +205,29 @@ def _hot_sums(S, v, vp, M, la, T, g, va2, d_a, work):
                 hot[nh] = b
                 nh += 1
                 acc[b] = d_a
-            vb2 = vp[b]
-            nl = la[h] + M[h, b] * (vb2 - v[b])
             if h == g:
-                nl += vb2 - va2
                 mark[b] = 2
-            acc[b] += exh - max(nl - T, 0.0)
+            acc[b] += _holder_gain(la[h], M[h, b], vp[b], v[b], h == g, va2, T)
     return nh
+
+
+@kernel
+def _holder_gain(lah, mhb, vpb, vb, on_g, va2, T):
+    """The excess a GPU holding ``mhb`` replicas of ``b`` (load ``lah`` once ``a`` lost
+    its replica) sheds when a slot of ``g`` (expert ``a``, its replicas ``va2`` then)
+    goes to ``b``: ``b``'s replicas get lighter (``vb`` -> ``vpb``), and on ``g``
+    (``on_g``) the slot's replica is ``b``'s.  Scalars only: no reference counts."""
+    nl = lah + mhb * (vpb - vb)
+    if on_g:
+        nl += vpb - va2
+    return max(lah - T, 0.0) - max(nl - T, 0.0)
+
+
+@kernel
+def _arrival_gain(lag, exlag, vpb, va2, T):
+    """The excess ``g`` (load ``lag``, excess ``exlag`` once ``a`` lost its replica) sheds
+    when its slot of ``a`` goes to an expert it does not hold (replicas ``vpb`` then)."""
+    return exlag - max(lag + (vpb - va2) - T, 0.0)
 
 
 @kernel
@@ -231,14 +246,14 @@ def _all_retargets(S, v, vp, load, M, q, allowed, dup, T, eps, g, i, va2, d_a, w
             continue
         dphi = acc[b]
         if mark[b] == 1:
-            dphi += exlag - max(lag + (vp[b] - va2) - T, 0.0)
+            dphi += _arrival_gain(lag, exlag, vp[b], va2, T)
         if dphi > eps:
             _take(rb, dphi, q[g, b] - qga, i, b, thr)
     if d_a + exlag > eps:                  # else no other expert removes any excess
         for b in range(vp.size):
             if mark[b] != 0 or not allowed[g, b] or (not priced and q[g, b] > qga):
                 continue
-            dphi = d_a + (exlag - max(lag + (vp[b] - va2) - T, 0.0))
+            dphi = d_a + _arrival_gain(lag, exlag, vp[b], va2, T)
             if dphi > eps:
                 _take(rb, dphi, q[g, b] - qga, i, b, thr)
     for t in range(nh):
@@ -246,12 +261,14 @@ def _all_retargets(S, v, vp, load, M, q, allowed, dup, T, eps, g, i, va2, d_a, w
 
 
 @kernel
-def _departure(M, load, la, T, a):
-    """``la``: every GPU's load once expert ``a`` lost a replica (``c[a] - 1`` of them
-    left); returns the excess that removes, summed over ``a``'s holders in index order."""
+def _departure(M, load, la, T, a, da):
+    """Set ``la`` to every GPU's load once expert ``a`` lost a replica (each of the
+    others ``da`` heavier) and return the excess that removes, summed over ``a``'s
+    holders in index order."""
     d_a = 0.0
     for h in range(load.size):
         if M[h, a] != 0:
+            la[h] = load[h] + M[h, a] * da
             d_a += max(load[h] - T, 0.0) - max(la[h] - T, 0.0)
     return d_a
 
@@ -271,12 +288,9 @@ def _free_retargets(S, v, vp, M, la, T, eps, g, i, va2, d_a, oldE, nold, allowed
         for r in range(nl):
             h = hl[r]
             if M[h, b] != 0:
-                nlh = la[h] + M[h, b] * (vp[b] - v[b])
-                if h == g:
-                    nlh += vp[b] - va2
-                acc += max(la[h] - T, 0.0) - max(nlh - T, 0.0)
+                acc += _holder_gain(la[h], M[h, b], vp[b], v[b], h == g, va2, T)
         if M[g, b] == 0:
-            acc += exlag - max(lag + (vp[b] - va2) - T, 0.0)
+            acc += _arrival_gain(lag, exlag, vp[b], va2, T)
         if acc > eps:
             _take(rb, acc, 0.0, i, b, thr)
 
@@ -292,10 +306,7 @@ def _slot_retargets(S, w, v, vp, c, load, M, q, allowed, dup, T, eps, g, i, work
     la, hl = work[0], work[5]
     a = S[g, i]
     va2 = w[a] / max(c[a] - 1, 1)
-    for h in range(G):
-        if M[h, a] != 0:
-            la[h] = load[h] + M[h, a] * (va2 - v[a])
-    d_a = _departure(M, load, la, T, a)
+    d_a = _departure(M, load, la, T, a, va2 - v[a])
     exlag, qga = max(la[g] - T, 0.0), q[g, a]
     thr = max(load[g] - T, 0.0) - eps
     nl, xb = 0, 0.0
