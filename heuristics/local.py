@@ -231,15 +231,15 @@ def _arrival_gain(lag, exlag, vpb, va2, T):
 
 
 @kernel
-def _all_retargets(S, v, vp, load, M, q, allowed, dup, T, eps, g, i, va2, d_a, work, rb, priced):
+def _all_retargets(S, v, vp, M, q, allowed, dup, T, eps, g, i, va2, d_a, work, rb, priced, thr):
     """Offer every retarget of slot ``i`` of ``g`` to ``rb`` (those that cost a move only
-    where ``priced``), ``la`` holding the loads once ``a`` lost its replica (``va2`` its
-    replicas' load then, ``d_a`` the excess that removes)."""
+    where ``priced``; ``thr``: the whole excess, :func:`_key`), ``la`` holding the loads
+    once ``a`` lost its replica (``va2`` its replicas' load then, ``d_a`` the excess that
+    removes)."""
     la, acc, mark, hot = work[0], work[1], work[3], work[4]
     a = S[g, i]
     nh = _hot_sums(S, v, vp, M, la, T, g, va2, d_a, work)
     exlag, qga, lag = max(la[g] - T, 0.0), q[g, a], la[g]
-    thr = max(load[g] - T, 0.0) - eps
     for t in range(nh):
         b = hot[t]
         if b == a or not allowed[g, b] or (not dup and M[g, b] != 0) or (not priced and q[g, b] > qga):
@@ -324,9 +324,9 @@ def _slot_retargets(S, w, v, vp, c, load, M, q, allowed, dup, T, eps, g, i, work
             _free_retargets(S, v, vp, M, la, T, eps, g, i, va2, d_a, oldE, nold, allowed, dup, hl, nl, rb, thr)
             bk, bv = _key(ub, pmin, thr)
             if priced and (bk > rb[0] or (bk == rb[0] and bv >= rb[1])):
-                _all_retargets(S, v, vp, load, M, q, allowed, dup, T, eps, g, i, va2, d_a, work, rb, True)
+                _all_retargets(S, v, vp, M, q, allowed, dup, T, eps, g, i, va2, d_a, work, rb, True, thr)
         else:
-            _all_retargets(S, v, vp, load, M, q, allowed, dup, T, eps, g, i, va2, d_a, work, rb, priced)
+            _all_retargets(S, v, vp, M, q, allowed, dup, T, eps, g, i, va2, d_a, work, rb, priced, thr)
     for h in range(G):
         la[h] = load[h]
 
