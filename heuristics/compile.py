@@ -29,7 +29,17 @@ built on it) is a plain Python function over numpy arrays and scalars, compiled 
   calls it needs (to inline it), yet parses that bitcode and lists its symbols on every
   load (9 kernels, 0.5 MB of bitcode, about 80 ms of a fresh process's first prefill
   ``solve``).  A kernel loaded by :class:`KernelCache` parses it when a compile first
-  links it, if ever.
+  links it, if ever;
+* and without importing the numba modules its environments name (:func:`_quiet_env`:
+  ``numba.np.arrayobj`` and ``numba.cpython.unicode``, 50-60 ms);
+* numba's runtime library (reference counting, which every kernel links) is cached too
+  (:func:`initialize_nrt`), where numba compiles it in every process (35-40 ms);
+* a kernel's dispatcher is built when first used (:class:`LazyKernel`): a first call
+  builds the few it calls, not all of them (about 35 ms of ``import eplb_opt``).
+
+With the three last, a fresh process's ``import eplb_opt`` plus its first prefill
+``rebalance_experts`` went from about 220 ms to about 120 ms beyond ``import numba``
+(benchmarks/run_kernels.py, cold start).
 
 :func:`compile_all` compiles every kernel up front on small inputs
 (``eplb_opt.warm_up()`` calls it), so a serving engine pays the compile time, once, at
@@ -38,20 +48,30 @@ start-up rather than on its first rebalance.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
+import io
+import os
+import pickle
+import sys
+import threading
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+import llvmlite
 import llvmlite.binding as ll
 import numba
-from numba.core.caching import CompileResultCacheImpl, FunctionCache
+from numba.core import environment
+from numba.core.caching import CompileResultCacheImpl, FunctionCache, IndexDataCacheFile
 from numba.core.codegen import JITCodeLibrary
 from numba.core.compiler_lock import global_compiler_lock
-from numba.core.runtime import rtsys
+from numba.core.runtime import _nrt_python as _nrt
+from numba.core.runtime import nrtdynmod, rtsys
 
-__all__ = ["kernel", "warmer", "compile_all", "writable", "sources_fingerprint", "NUMBA_VERSION", "KernelCache", "LazyLinkLibrary"]
+__all__ = ["kernel", "warmer", "compile_all", "writable", "sources_fingerprint", "NUMBA_VERSION", "KernelCache",
+           "LazyLinkLibrary", "LazyKernel", "initialize_nrt"]
 
 NUMBA_VERSION = numba.__version__
 
@@ -181,6 +201,126 @@ class _LazyLoad(CompileResultCacheImpl):
                     codegen._library_class = own
 
 
+def _quiet_env(modname: str, consts: Any, env_name: str) -> Any:
+    """numba's ``environment._rebuild_env`` (what unpickling a cached kernel's
+    environments calls), without importing a numba module to read its globals.
+
+    A kernel's machine code carries one environment per function compiled into it,
+    numba's own implementations included (``np.empty``'s lives in ``numba.np.arrayobj``,
+    string helpers in ``numba.cpython.unicode``), and numba rebuilds each around its
+    module's globals, importing the module: 50-60 ms of a fresh process's first prefill
+    call, on modules that only compiling needs.  Only object-mode code reads an
+    environment's globals (``pylowering``); nopython code reads its constants, restored
+    here as numba restores them.  So an environment of a numba module not yet imported
+    gets a globals dict holding only ``__name__`` (what pickling it again reads); any
+    other is numba's."""
+    env = environment.lookup_environment(env_name)
+    if env is not None:
+        return env
+    if modname in sys.modules or not modname.startswith("numba."):
+        return environment._rebuild_env(modname, consts, env_name)
+    env = environment.Environment({"__name__": modname})
+    env.consts[:] = consts
+    env.env_name = env_name
+    environment.Environment._memo[env_name] = env
+    return env
+
+
+class _Unpickler(pickle.Unpickler):
+    """Reads a cached kernel with :func:`_quiet_env` in place of numba's rebuild."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "numba.core.environment" and name == "_rebuild_env":
+            return _quiet_env
+        return super().find_class(module, name)
+
+
+class _IndexDataFile(IndexDataCacheFile):
+    """numba's index and data files of one kernel, data read by :class:`_Unpickler`."""
+
+    def _load_data(self, name: str) -> Any:
+        with open(self._data_path(name), "rb") as f:
+            data = f.read()
+        return _Unpickler(io.BytesIO(data)).load()
+
+
+# The NRT library's cache file, next to the kernels' (one per cache folder).
+_NRT_FILE = "eplb_opt-nrt.py{0}{1}.nbo".format(*sys.version_info[:2])
+
+
+def _nrt_key(codegen: Any) -> tuple:
+    """What the NRT library's machine code depends on: the numba and llvmlite that built
+    it, the CPU (numba's ``magic_tuple``) and the settings ``create_nrt_module`` and the
+    optimiser read."""
+    return (NUMBA_VERSION, llvmlite.__version__, codegen.magic_tuple(), str(numba.config.OPT),
+            numba.config.DEBUG_NRT, numba.config.DEBUG_NRT_STACK_LIMIT, numba.config.MACHINE_BITS)
+
+
+@lru_cache(maxsize=1)
+def _nrt_folder() -> str:
+    """Where the NRT library is cached: the cache folder numba picks for this module's
+    kernels would (``NUMBA_CACHE_DIR``, else ``__pycache__`` beside this file, else the
+    user cache folder), one place whichever kernel a process loads first."""
+    return _LazyLoad(kernel_sources).locator.get_cache_path()
+
+
+def initialize_nrt(target_context: Any) -> None:
+    """``rtsys.initialize(target_context)`` (numba's runtime, which every kernel links
+    against), its library of atomic reference-count functions loaded from ``folder``
+    when a process before this one compiled it there.
+
+    numba compiles that library (a small LLVM module) in every process, on the first
+    kernel load: 35-40 ms of a fresh process's first call.  Here its object code is
+    cached as a kernel's is (:class:`LazyLinkLibrary`, with its bitcode for kernels
+    compiled later that link it) in :func:`_nrt_folder`, keyed by :func:`_nrt_key`; a
+    file written by another numba, llvmlite or CPU is compiled again and replaced.  The
+    rest is numba's ``initialize``: the C helpers' symbols first, then the library.
+    Every kernel's dispatcher calls this when it is built, before numba's compiler or
+    cache loader could initialise the runtime their own way."""
+    if rtsys._init:
+        return
+    with global_compiler_lock:
+        if rtsys._init:
+            return
+        if numba.config.NRT_STATS:
+            _nrt.memsys_enable_stats()
+        for py_name, address in _nrt.c_helpers.items():
+            ll.add_symbol(py_name if py_name.startswith("_") else "NRT_" + py_name, address)
+        codegen = target_context.codegen()
+        key = _nrt_key(codegen)
+        path = os.path.join(_nrt_folder(), _NRT_FILE)
+        library = None
+        try:
+            with open(path, "rb") as f:
+                saved_key, state = pickle.load(f)
+            if saved_key == key:
+                library = LazyLinkLibrary._unserialize(codegen, state)
+        except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError):
+            library = None                                   # absent or unreadable: compile
+        if library is None:
+            ir_mod, library = nrtdynmod.create_nrt_module(target_context)
+            library.enable_object_caching()
+            library.add_ir_module(ir_mod)
+            library.finalize()
+            _save_atomically(path, pickle.dumps((key, library.serialize_using_object_code()), protocol=-1))
+        rtsys._library = library
+        rtsys._init = True
+
+
+def _save_atomically(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder, so a
+    reader sees the whole file or none; a folder that cannot be written is skipped
+    (the library is then compiled again by the next process)."""
+    tmp = f"{path}.tmp.{os.getpid()}.{threading.get_ident()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
 class KernelCache(FunctionCache):
     """numba's on-disk cache of one kernel (same files, same locations: next to the
     module, else the user cache directory, ``NUMBA_CACHE_DIR`` first), loading without
@@ -197,19 +337,83 @@ class KernelCache(FunctionCache):
 
     _impl_class = _LazyLoad
 
+    def __init__(self, py_func: Any) -> None:
+        super().__init__(py_func)
+        self._cache_file = _IndexDataFile(cache_path=self._cache_path, filename_base=self._impl.filename_base,
+                                          source_stamp=self._cache_file._source_stamp)
+
     def load_overload(self, sig: Any, target_context: Any) -> Any:
-        rtsys.initialize(target_context)
+        initialize_nrt(target_context)
         with self._guard_against_spurious_io_errors():
             return self._load_overload(sig, target_context)
         return None                                   # the guard swallowed an I/O error
 
 
-def kernel(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Compile ``fn`` with the package's options (see module docs): what
+def _dispatcher(fn: Callable[..., Any]) -> Any:
+    """The numba dispatcher of ``fn`` with the package's options (see module docs): what
     ``numba.njit(cache=True, nogil=True)`` builds, its cache a :class:`KernelCache`."""
     dispatcher = numba.njit(nogil=True, fastmath=False)(fn)
     dispatcher._cache = KernelCache(dispatcher.py_func)   # what Dispatcher.enable_caching() does
+    initialize_nrt(dispatcher.targetctx)
     return stamped(dispatcher, sources_fingerprint())
+
+
+class LazyKernel:
+    """A kernel whose numba dispatcher is built on first use.
+
+    A dispatcher costs about 0.5 ms to build (its signature, compiler and cache objects),
+    and a fresh process's first call reads only the few kernels it calls from Python: a
+    kernel called by another kernel is compiled into its caller's machine code, so a
+    caller loaded from the cache never needs its callees' dispatchers.  Building every
+    dispatcher at import cost about 35 ms of ``import eplb_opt`` (72 of them).
+
+    Calling it calls the dispatcher; numba types it as that dispatcher
+    (``_numba_type_``), so a kernel compiled later that calls it sees the real one; any
+    other attribute (``py_func``, ``signatures``, ``stats``, ...) is the dispatcher's."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.py_func = fn
+        self._built = None
+        self.__name__ = fn.__name__
+        self.__qualname__ = fn.__qualname__
+        self.__module__ = fn.__module__
+        self.__doc__ = fn.__doc__
+        self.__wrapped__ = fn
+
+    @property
+    def dispatcher(self) -> Any:
+        """The numba dispatcher, built on the first read."""
+        built = self._built
+        if built is None:
+            with global_compiler_lock:     # numba's (reentrant): a compile may build callees
+                built = self._built
+                if built is None:
+                    built = self._built = _dispatcher(self.py_func)
+        return built
+
+    @property
+    def built(self) -> bool:
+        """Whether the dispatcher has been built (tests read it)."""
+        return self._built is not None
+
+    @property
+    def _numba_type_(self) -> Any:
+        return self.dispatcher._numba_type_
+
+    def __call__(self, *args: Any) -> Any:
+        return self.dispatcher(*args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.dispatcher, name)
+
+    def __repr__(self) -> str:
+        return f"<kernel {self.__module__}.{self.__qualname__}{'' if self.built else ' (not built)'}>"
+
+
+def kernel(fn: Callable[..., Any]) -> LazyKernel:
+    """Compile ``fn`` with the package's options (see module docs), its dispatcher
+    built on first use (:class:`LazyKernel`)."""
+    return LazyKernel(fn)
 
 
 def writable(a: Any) -> Any:

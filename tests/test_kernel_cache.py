@@ -42,19 +42,24 @@ c.compile_all()
 print(time.process_time() - u, time.perf_counter() - t)
 """
 
-# The numba dispatchers of every loaded eplb_opt module: {module.function: [signatures]}.
+# The kernels of every loaded eplb_opt module: {module.function: [signatures]}, none
+# for a kernel whose dispatcher was never built (LazyKernel: nothing called it).
 SIGNATURES = """
 import sys
-from numba.core.dispatcher import Dispatcher
+from eplb_opt.heuristics.compile import LazyKernel
 
-def signatures():
-    out = {}
+def kernels():
     for name, mod in list(sys.modules.items()):
         if name.startswith("eplb_opt") and mod is not None:
             for obj in list(vars(mod).values()):
-                if isinstance(obj, Dispatcher):
-                    key = obj.py_func.__module__ + "." + obj.py_func.__qualname__
-                    out[key] = sorted(str(s) for s in obj.signatures)
+                if isinstance(obj, LazyKernel) and obj.py_func.__module__ == name:
+                    yield name, obj
+
+def signatures():
+    out = {}
+    for _, obj in kernels():
+        key = obj.py_func.__module__ + "." + obj.py_func.__qualname__
+        out[key] = sorted(str(s) for s in obj.dispatcher.signatures) if obj.built else []
     return out
 """
 
@@ -163,28 +168,32 @@ import hashlib, json, sys
 import numpy as np
 import numba
 import eplb_opt
-from numba.core.dispatcher import Dispatcher
+from numba.core.runtime import rtsys
 from eplb_opt.heuristics.compile import KernelCache
 from eplb_opt.workloads import generate
 w = generate("deepseek-v3-prefill", windows=1, seed=0)[0]
 phy2log, log2phy, logcnt = eplb_opt.rebalance_experts(w, 288, 8, 4, 32)
 registry_loaded = "numba.typed.typedlist" in sys.modules
-# numba modules only the environments of numpy's max/argmax and of array expressions
-# would import (the kernels take maxima by loops; see heuristics/packing.py)
-numba_extra = sorted(m for m in ("numba.np.arraymath", "numba.np.npyimpl") if m in sys.modules)
+# numba modules that only compiling needs: the environments of numpy's max/argmax and of
+# array expressions would import the first two (the kernels take maxima by loops; see
+# heuristics/packing.py), numba's rebuild of any kernel's environments the last two
+numba_extra = sorted(m for m in ("numba.np.arraymath", "numba.np.npyimpl", "numba.np.arrayobj",
+                                 "numba.cpython.unicode") if m in sys.modules)
+nrt = [type(rtsys.library).__name__, getattr(rtsys.library, "bitcode_parsed", None)]      # before any compile
 hits = 0
 caches = set()
 libraries = {}
-for name, mod in list(sys.modules.items()):
-    if name.startswith("eplb_opt") and mod is not None:
-        for obj in vars(mod).values():
-            if isinstance(obj, Dispatcher):
-                caches.add(type(obj._cache).__name__)
-                hits += sum(obj.stats.cache_hits.values())
-                assert not obj.stats.cache_misses, (name, obj.stats)
-                for cres in obj.overloads.values():
-                    lib = cres.library
-                    libraries[obj.py_func.__name__] = [type(lib).__name__, getattr(lib, "bitcode_parsed", True)]
+built = 0
+for name, obj in list(kernels()):
+    if obj.built:
+        built += 1
+        caches.add(type(obj._cache).__name__)
+        hits += sum(obj.stats.cache_hits.values())
+        assert not obj.stats.cache_misses, (name, obj.stats)
+        for cres in obj.overloads.values():
+            lib = cres.library
+            libraries[obj.py_func.__name__] = [type(lib).__name__, getattr(lib, "bitcode_parsed", True)]
+unbuilt = sum(1 for _ in kernels()) - built
 # A kernel compiled now that calls a cached kernel (loaded from the cache while this one
 # compiles): the cached kernel's bitcode is parsed then, to link it in.
 from eplb_opt.heuristics.local import next_values
@@ -203,9 +212,10 @@ def fresh(a):
     return l[0] + np.sqrt(a).sum()
 a = np.array([4.0, 1.0, 9.0])
 assert fresh(a) == 18.0 + 6.0
+nrt.append(getattr(rtsys.library, "bitcode_parsed", None))                            # linked into those compiles
 print(json.dumps({"registry_loaded": registry_loaded, "caches": sorted(caches), "hits": hits,
                   "libraries": libraries, "linked": linked, "linked_parsed": linked_parsed,
-                  "numba_extra": numba_extra,
+                  "numba_extra": numba_extra, "nrt": nrt, "unbuilt": unbuilt,
                   "plan": hashlib.sha256(phy2log.numpy().tobytes() + log2phy.numpy().tobytes()).hexdigest()}))
 """
 
@@ -215,10 +225,15 @@ def test_warm_cache_loads_without_the_registry_refresh(cold):
     numba's lowering registries), from the cache, as :class:`LazyLinkLibrary` libraries
     whose bitcode is not parsed, with the same plan as this process; kernels compiled
     afterwards in that process still work, one of them calling a cached kernel (whose
-    bitcode it then parses to link it); nor does it import numba's ``arraymath`` or
-    ``npyimpl`` (the maxima are loops).  Fails with numba's own ``FunctionCache`` (its
-    refresh imports ``numba.typed.typedlist``; its libraries are ``JITCodeLibrary``), and
-    with numba's eager ``_unserialize`` (parsed)."""
+    bitcode it then parses to link it), the other needing the modules the loads skipped;
+    nor does it import numba's ``arraymath`` or ``npyimpl`` (the maxima are loops), nor
+    ``arrayobj`` or ``unicode`` (the environments' modules: ``_quiet_env``).  numba's
+    runtime library comes from the cache too (``initialize_nrt``: a ``LazyLinkLibrary``,
+    which the later compile parses to link), and only the kernels the call used have
+    dispatchers (``LazyKernel``).  Fails with numba's own ``FunctionCache`` (its refresh
+    imports ``numba.typed.typedlist``; its libraries are ``JITCodeLibrary``), with numba's
+    eager ``_unserialize`` (parsed), with numba's ``_rebuild_env`` (imports ``arrayobj``)
+    and with numba's ``rtsys.initialize`` (a ``JITCodeLibrary``)."""
     import hashlib
 
     import eplb_opt
@@ -232,6 +247,8 @@ def test_warm_cache_loads_without_the_registry_refresh(cold):
     got = json.loads(done.stdout.strip().splitlines()[-1])
     assert got["caches"] == ["KernelCache"], got
     assert got["hits"] > 0 and not got["registry_loaded"] and got["numba_extra"] == [], got
+    assert got["nrt"] == ["LazyLinkLibrary", False, True], got   # loaded, then parsed to link a compile
+    assert got["unbuilt"] > 20, got                         # kernels only other kernels call
     # loaded without parsing their linking bitcode (LazyLinkLibrary) ...
     assert got["libraries"] and all(v == ["LazyLinkLibrary", False] for v in got["libraries"].values()), got
     # ... which a kernel compiled later parses, and links, to call one of them
@@ -384,7 +401,6 @@ def test_a_cached_kernel_sees_its_callees_changes(tmp_path):
 
 def test_every_kernel_is_stamped_with_every_kernel_source():
     import eplb_opt  # noqa: F401  (imports every kernel module)
-    from numba.core.dispatcher import Dispatcher
 
     from eplb_opt.heuristics import compile as comp
 
@@ -396,7 +412,49 @@ def test_every_kernel_is_stamped_with_every_kernel_source():
     for name, mod in list(sys.modules.items()):
         if name.startswith("eplb_opt") and mod is not None:
             for obj in list(vars(mod).values()):
-                if isinstance(obj, Dispatcher) and obj.py_func.__module__ == name:
-                    assert obj._cache._cache_file._source_stamp[1] == stamp, name
+                if isinstance(obj, comp.LazyKernel) and obj.py_func.__module__ == name:
+                    assert obj.dispatcher._cache._cache_file._source_stamp[1] == stamp, name
                     found += 1
     assert found > 20
+
+
+# numba's runtime library (initialize_nrt) from a cache file in a scratch folder: which
+# library class the process ended with (JITCodeLibrary: compiled here; LazyLinkLibrary:
+# loaded), then the verifier's maps through a cached kernel that uses the runtime.
+NRT_LOAD = """
+import sys
+import numpy as np
+import eplb_opt.heuristics.compile as c
+c._nrt_folder = lambda: sys.argv[1]
+from numba.core.runtime import rtsys
+from eplb_opt.plan import derive_maps
+phy2log = np.tile(np.arange(24) % 16, (4, 1))
+log2phy, logcnt = derive_maps(phy2log, 16)
+assert logcnt.sum() == 4 * 24
+print(type(rtsys.library).__name__)
+"""
+
+
+def test_runtime_library_is_cached_and_replaced_when_stale(tmp_path):
+    """The first process compiles numba's runtime library and caches it; the next loads
+    it; a file that is unreadable, or written under another key (numba, llvmlite, CPU,
+    settings), is compiled again and replaced, and the process still plans."""
+    import pickle
+
+    from eplb_opt.heuristics import compile as comp
+
+    path = tmp_path / comp._NRT_FILE
+
+    def run() -> str:
+        done = _run(NRT_LOAD, _env(), str(tmp_path))
+        assert done.returncode == 0, done.stderr
+        return done.stdout.split()[-1]
+
+    path.write_bytes(b"not a pickle")
+    assert run() == "JITCodeLibrary"
+    key, state = pickle.loads(path.read_bytes())
+    assert run() == "LazyLinkLibrary"
+    path.write_bytes(pickle.dumps((("another numba",) + key[1:], state)))
+    assert run() == "JITCodeLibrary"
+    assert pickle.loads(path.read_bytes())[0] == key
+    assert run() == "LazyLinkLibrary"
