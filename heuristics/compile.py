@@ -252,8 +252,9 @@ def _nrt_key(codegen: Any) -> tuple:
     """What the NRT library's machine code depends on: the numba and llvmlite that built
     it, the CPU (numba's ``magic_tuple``) and the settings ``create_nrt_module`` and the
     optimiser read."""
-    return (NUMBA_VERSION, llvmlite.__version__, codegen.magic_tuple(), str(numba.config.OPT),
-            numba.config.DEBUG_NRT, numba.config.DEBUG_NRT_STACK_LIMIT, numba.config.MACHINE_BITS)
+    config = numba.config
+    return (NUMBA_VERSION, llvmlite.__version__, codegen.magic_tuple(), str(config.OPT), config.DEBUG_NRT,
+            getattr(config, "DEBUG_NRT_STACK_LIMIT", None), config.MACHINE_BITS)   # the limit: numba >= 0.66
 
 
 @lru_cache(maxsize=1)
@@ -388,7 +389,10 @@ class LazyKernel:
             with global_compiler_lock:     # numba's (reentrant): a compile may build callees
                 built = self._built
                 if built is None:
-                    built = self._built = _dispatcher(self.py_func)
+                    try:
+                        built = self._built = _dispatcher(self.py_func)
+                    except AttributeError as e:    # else Python would take it for a missing
+                        raise RuntimeError(f"building the dispatcher of {self.__qualname__}: {e}") from e
         return built
 
     @property
@@ -404,6 +408,8 @@ class LazyKernel:
         return self.dispatcher(*args)
 
     def __getattr__(self, name: str) -> Any:
+        if name in ("_built", "py_func"):            # not set yet (unpickling, copying)
+            raise AttributeError(name)
         return getattr(self.dispatcher, name)
 
     def __repr__(self) -> str:

@@ -458,3 +458,24 @@ def test_runtime_library_is_cached_and_replaced_when_stale(tmp_path):
     assert run() == "JITCodeLibrary"
     assert pickle.loads(path.read_bytes())[0] == key
     assert run() == "LazyLinkLibrary"
+
+
+def test_a_dispatcher_that_fails_to_build_says_so(monkeypatch):
+    """An ``AttributeError`` while a :class:`LazyKernel` builds its dispatcher (numba 0.65
+    lacks a setting 0.68 has, say) is a ``RuntimeError`` naming the kernel, not an endless
+    recursion through ``__getattr__`` (what a property that raises ``AttributeError``
+    falls into)."""
+    from eplb_opt.heuristics import compile as comp
+
+    def broken(fn):
+        raise AttributeError("module 'numba.config' has no attribute 'SOMETHING'")
+
+    monkeypatch.setattr(comp, "_dispatcher", broken)
+
+    def plus_one(x):
+        return x + 1
+
+    k = comp.LazyKernel(plus_one)
+    with pytest.raises(RuntimeError, match="plus_one.*SOMETHING"):
+        k(1)
+    assert not k.built
