@@ -244,7 +244,7 @@ class _IndexDataFile(IndexDataCacheFile):
         return _Unpickler(io.BytesIO(data)).load()
 
 
-# The NRT library's cache file, next to the kernels' (one per cache folder).
+# The NRT library's cache file, in _nrt_folder().
 _NRT_FILE = "eplb_opt-nrt.py{0}{1}.nbo".format(*sys.version_info[:2])
 
 
@@ -267,7 +267,7 @@ def _nrt_folder() -> str:
 
 def initialize_nrt(target_context: Any) -> None:
     """``rtsys.initialize(target_context)`` (numba's runtime, which every kernel links
-    against), its library of atomic reference-count functions loaded from ``folder``
+    against), its library of atomic reference-count functions loaded from the cache
     when a process before this one compiled it there.
 
     numba compiles that library (a small LLVM module) in every process, on the first
