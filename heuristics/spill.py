@@ -158,26 +158,39 @@ def _node_state(w, x, away, c, v, loads, ws):
     In the same pass: the experts with a replica that may leave each node
     (``mov[n, :nm[n]]``, ascending: it has one there, not its last home one), every
     expert's replicas away from home (``offc``) and what a slot more would make of it
-    (``ve2, de, oe``, for :func:`_retarget_prep`).  ``ws``: :func:`_node_work`.
+    (``ve2, de, oe``), and what of :func:`_retarget_prep`'s figures does not depend on
+    the heaviest node: the experts on each node (``hq[0]``, ascending), every expert's
+    nodes as bits (``on``) and per node the lowest off-node change ``low``.  ``ws``:
+    :func:`_node_work`.
 
     An expert's per-replica figures depend only on its load, count and replicas away;
     they are computed again only where one of those changed since ``ws`` last saw it
     (``key``), by the same expressions, so they are the values a full pass gives."""
     E, N = x.shape
     per, ve2, de, offc, mov, nm, oe, key = ws[0][0], ws[0][1], ws[0][2], ws[3][0], ws[4], ws[5], ws[2], ws[9]
+    on, hq, nq, low = ws[3][3], ws[7], ws[8], ws[1][0]
     loads[:] = 0.0
     nm[:] = 0
+    low[:] = np.inf
+    for n in range(N):
+        nq[0, n] = 0
     for e in range(E):
         s = 0
         a = 0
+        b = 0
         for n in range(N):
             s += x[e, n]
             a += x[e, n] * away[e, n]
-            if x[e, n] >= 1 and not (away[e, n] == 0 and x[e, n] == 1):   # may leave n
-                mov[n, nm[n]] = e
-                nm[n] += 1
+            if x[e, n] >= 1:
+                b |= 1 << n
+                hq[0, n, nq[0, n]] = e
+                nq[0, n] += 1
+                if not (away[e, n] == 0 and x[e, n] == 1):      # may leave n
+                    mov[n, nm[n]] = e
+                    nm[n] += 1
         c[e] = s
         offc[e] = a
+        on[e] = b
         if not (key[0, e] == w[e] and key[1, e] == s and key[2, e] == a):
             key[0, e], key[1, e], key[2, e] = w[e], s, a
             key[3, e] = w[e] / max(s, 1)
@@ -189,6 +202,7 @@ def _node_state(w, x, away, c, v, loads, ws):
         v[e] = key[3, e]
         for n in range(N):
             loads[n] += v[e] * x[e, n]
+            low[n] = min(low[n], oe[n, e])
     return _pairwise(per, 0, E)
 
 
@@ -239,41 +253,38 @@ def _top3(v, t):
 def _retarget_prep(x, h, ws):
     """Per expert ``e`` gaining a slot (``ve2``, ``de`` and ``oe``: as :func:`_node_state`
     left them in ``ws`` for ``x``): the change of ``h`` (``dn``; ``dh`` with the slot on
-    ``h``), the lowest off-node change ``oe[n, e]`` with the slot on ``n`` (``low[n]``;
-    over the experts on ``h`` ``lowh[n]``), its nodes as bits ``on``, the experts on ``h``
-    (``onh``) and those with replicas away and none on ``h`` (``spilled``); per node the
-    experts on it (``hq``, see :func:`_node_work`).  Returns ``(nh, ns, dhmin, dnmin)``."""
+    ``h``), the lowest off-node change ``oe[n, e]`` with the slot on ``n`` over the
+    experts on ``h`` (``lowh[n]``; over all of them, ``low[n]``, :func:`_node_state`
+    keeps), the experts on ``h`` (``onh``) and those with replicas away and none on ``h``
+    (``spilled``); per node the experts on it that are on ``h`` too and those that are
+    not (``hq[1]``, ``hq[2]``: :func:`_node_state`'s ``hq[0]`` split, in order).
+    Returns ``(nh, ns, dhmin, dnmin)``."""
     E, N = x.shape
     fw, lw, oe, iw, hq, nq = ws[0], ws[1], ws[2], ws[3], ws[7], ws[8]
-    ve2, de, dh, dn, low, lowh = fw[1], fw[2], fw[3], fw[4], lw[0], lw[1]
-    offc, onh, spilled, on = iw[0], iw[1], iw[2], iw[3]
-    low[:] = np.inf
+    ve2, de, dh, dn, lowh = fw[1], fw[2], fw[3], fw[4], lw[1]
+    offc, onh, spilled = iw[0], iw[1], iw[2]
     lowh[:] = np.inf
-    nq[:, :] = 0
     nh, ns, dhmin, dnmin = 0, 0, np.inf, np.inf
     for e in range(E):
         dn[e] = x[e, h] * de[e]                 # change of h when e gains a slot elsewhere
         dh[e] = dn[e] + ve2[e]                  # ... a slot on h
-        b = 0
-        for n in range(N):
-            low[n] = min(low[n], oe[n, e])
-            if x[e, h] > 0:
-                lowh[n] = min(lowh[n], oe[n, e])
-            if x[e, n] > 0:
-                b |= 1 << n
-                k = 1 if x[e, h] > 0 else 2
-                hq[0, n, nq[0, n]], hq[k, n, nq[k, n]] = e, e
-                nq[0, n] += 1
-                nq[k, n] += 1
-        on[e] = b
-        if offc[e] > 0 and x[e, h] == 0:
-            spilled[ns] = e
-            ns += 1
-        dhmin = min(dhmin, dh[e])
         if x[e, h] > 0:
+            for n in range(N):
+                lowh[n] = min(lowh[n], oe[n, e])
             onh[nh] = e
             nh += 1
             dnmin = min(dnmin, dn[e])
+        elif offc[e] > 0:
+            spilled[ns] = e
+            ns += 1
+        dhmin = min(dhmin, dh[e])
+    for n in range(N):
+        nq[1, n], nq[2, n] = 0, 0
+        for i in range(nq[0, n]):
+            e = hq[0, n, i]
+            k = 1 if x[e, h] > 0 else 2
+            hq[k, n, nq[k, n]] = e
+            nq[k, n] += 1
     return nh, ns, dhmin, dnmin
 
 
@@ -779,8 +790,9 @@ def _node_start(w, rows, factors, away, rn, P, G, lam, cap, max_steps):
     best_x, best_f, best_s = np.zeros((E, N), dtype=np.int64), np.inf, 0
     for i in range(factors.size):
         x = np.zeros((E, N), dtype=np.int64)
-        for s in range(rows.shape[1]):
-            x[rows[i, s], s // rn] += 1
+        for n in range(N):                      # node n holds slots n rn .. (n + 1) rn - 1
+            for s in range(n * rn, (n + 1) * rn):
+                x[rows[i, s], n] += 1
         if factors[i] >= 0:
             _node_search(w, x, away, P, G, lam * factors[i], cap, max_steps, c, v, loads, ws)
         off = _node_state(w, x, away, c, v, loads, ws)
@@ -855,32 +867,35 @@ def _home_lpt(w, c, home, N, P, k, dup, pen):
         v[e] = w[e] / max(c[e], 1)
     loads, fill = np.zeros(G), np.zeros(G, np.int64)
     free, pend = np.full(N, rn, np.int64), np.zeros(N, np.int64)
-    M = np.zeros((G, E), np.int64)
-    for e in range(E):
+    last = np.full(G, -1, np.int64)         # the expert each GPU got last: an expert's replicas
+    for e in range(E):                      # are placed in one run, so g holds e iff last[g] == e
         pend[home[e]] += 1
     row = np.empty(G * k, np.int64)
     for e in np.argsort(-v, kind="mergesort"):
         for r in range(c[e]):
-            bg, bnew, bkey = -1, False, 0.0
-            for g in range(home[e] * P if r == 0 else 0, home[e] * P + P if r == 0 else G):   # first: home GPUs
-                n = g // P
-                if fill[g] == k or (r == 0 and n != home[e]) or (r > 0 and free[n] <= pend[n]):
+            bg, bn, bnew, bkey = -1, -1, False, 0.0
+            for n in range(home[e] if r == 0 else 0, home[e] + 1 if r == 0 else N):    # first: home
+                if r > 0 and free[n] <= pend[n]:
                     continue
-                new = M[g, e] == 0
-                if not new and not dup:
-                    continue
-                key = loads[g] + (pen * v[e] if n != home[e] else 0.0)
-                if bg < 0 or (new and not bnew) or (new == bnew and key < bkey):
-                    bg, bnew, bkey = g, new, key
+                add = pen * v[e] if n != home[e] else 0.0
+                for g in range(n * P, n * P + P):      # GPUs in index order, no division per GPU
+                    if fill[g] == k:
+                        continue
+                    new = last[g] != e
+                    if not new and not dup:
+                        continue
+                    key = loads[g] + add
+                    if bg < 0 or (new and not bnew) or (new == bnew and key < bkey):
+                        bg, bn, bnew, bkey = g, n, new, key
             if bg < 0:
                 return row, False
             row[bg * k + fill[bg]] = e
             fill[bg] += 1
             loads[bg] += v[e]
-            M[bg, e] += 1
-            free[bg // P] -= 1
+            last[bg] = e
+            free[bn] -= 1
             if r == 0:
-                pend[bg // P] -= 1
+                pend[bn] -= 1
     return row, True
 
 
