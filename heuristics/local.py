@@ -731,24 +731,38 @@ def keep_gpu_slots(new_gpu, old_gpu):
     before (``old_gpu [k]``) keeps one of its old slots; the others fill the remaining
     slots in their order.  Returns ``[k]`` int64."""
     k = new_gpu.size
+    top = 0
+    for t in range(k):
+        top = max(top, new_gpu[t], old_gpu[t])
     out = np.empty(k, dtype=np.int64)
-    keep_slots_into(new_gpu, old_gpu, out, np.empty(k, dtype=np.bool_), np.empty(k, dtype=np.bool_))
+    keep_slots_into(new_gpu, old_gpu, out, np.empty(k, dtype=np.bool_), np.empty(k, dtype=np.bool_),
+                    np.empty(k, dtype=np.int64), np.full(top + 2, -1, dtype=np.int64))
     return out
 
 
 @kernel
-def keep_slots_into(new_gpu, old_gpu, out, filled, used):
-    """:func:`keep_gpu_slots` written into ``out [k]`` (``filled, used [k]``: work)."""
+def keep_slots_into(new_gpu, old_gpu, out, filled, used, nxt, head):
+    """:func:`keep_gpu_slots` written into ``out [k]``: each old slot ``s`` in order keeps
+    its expert where ``new_gpu`` has a copy not yet kept (the first such), then the other
+    slots take the rest in order.  The copies of each expert in ``new_gpu`` are found
+    through a list per expert (``head [e + 1]`` its first position, ``nxt`` the next;
+    ``-1`` ends it; ``e = -1`` is an empty slot), not by a search of every slot per slot.
+    Work: ``filled, used [k]`` bool, ``nxt [k]``, ``head [> max expert + 1]`` int64, all
+    ``-1`` on entry and left so."""
     k = new_gpu.size
-    filled[:] = False
-    used[:] = False
+    for t in range(k - 1, -1, -1):                      # lists in ascending position
+        e = new_gpu[t] + 1
+        nxt[t] = head[e]
+        head[e] = t
+        used[t] = False
     for s in range(k):
-        for t in range(k):
-            if not used[t] and new_gpu[t] == old_gpu[s]:
-                used[t] = True
-                filled[s] = True
-                out[s] = old_gpu[s]
-                break
+        e = old_gpu[s]
+        t = head[e + 1]
+        filled[s] = t >= 0
+        if t >= 0:
+            head[e + 1] = nxt[t]
+            used[t] = True
+            out[s] = e
     t = 0
     for s in range(k):
         if filled[s]:
@@ -757,6 +771,8 @@ def keep_slots_into(new_gpu, old_gpu, out, filled, used):
             t += 1
         out[s] = new_gpu[t]
         used[t] = True
+    for t in range(k):
+        head[new_gpu[t] + 1] = -1
 
 
 @kernel
@@ -858,6 +874,7 @@ def repair_attempt(w, old, start, G, N, hierarchical, node_move_cost, dup, T, ma
     off = 0                                             # moves from another node
     filled = np.empty(k, dtype=np.bool_)
     used = np.empty(k, dtype=np.bool_)
+    nxt, head = np.empty(k, dtype=np.int64), np.full(w.size + 1, -1, dtype=np.int64)
     for g in range(G):
         for s in range(k):
             e = S[g, s]
@@ -865,7 +882,7 @@ def repair_attempt(w, old, start, G, N, hierarchical, node_move_cost, dup, T, ma
                 moves += 1
                 if q[g, e] != 1.0:
                     off += 1
-        keep_slots_into(S[g], old[g * k:(g + 1) * k], row[g * k:(g + 1) * k], filled, used)
+        keep_slots_into(S[g], old[g * k:(g + 1) * k], row[g * k:(g + 1) * k], filled, used, nxt, head)
     return True, row, moves, (moves - off) + off * node_move_cost
 
 

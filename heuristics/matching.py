@@ -220,6 +220,7 @@ def align_rows(new, old, G, N, E):
     perms = np.empty((N, N, P), dtype=np.int64)
     filled = np.empty(k, dtype=np.bool_)
     used = np.empty(k, dtype=np.bool_)
+    nxt, head = np.empty(k, dtype=np.int64), np.full(E + 1, -1, dtype=np.int64)
     for l in range(L):
         _unit_counts(new[l], G, k, cn)
         _unit_counts(old[l], G, k, co)
@@ -231,7 +232,7 @@ def align_rows(new, old, G, N, E):
         for g in range(G):
             h = gpu_of[g]
             keep_slots_into(new[l, g * k:(g + 1) * k], old[l, h * k:(h + 1) * k], out[l, h * k:(h + 1) * k], filled,
-                            used)
+                            used, nxt, head)
         _clear_counts(new[l], G, k, cn)
         _clear_counts(old[l], G, k, co)
     return out

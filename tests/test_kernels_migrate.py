@@ -529,11 +529,20 @@ def test_undo_rules_pick_what_the_reference_picks():
 
 
 def test_keep_gpu_slots_matches_reference():
+    """Repeated experts and empty slots (-1, a masked GPU's in the old plan) included; the
+    per-expert lists' work array is shared across calls, as the kernels share it, and
+    must come back cleared."""
     rng = np.random.default_rng(0)
-    for _ in range(500):
+    head = np.full(6, -1, dtype=np.int64)
+    for _ in range(1000):
         k = int(rng.integers(1, 7))
-        old, new = rng.integers(0, 4, k), rng.integers(0, 4, k)
-        assert K.keep_gpu_slots(new, old).tolist() == ref_keep_slots(list(new), list(old))
+        old, new = rng.integers(-1, 4, k), rng.integers(-1 if rng.random() < 0.3 else 0, 4, k)
+        want = ref_keep_slots(list(new), list(old))
+        assert K.keep_gpu_slots(new, old).tolist() == want
+        out = np.empty(k, dtype=np.int64)
+        K.keep_slots_into(new, old, out, np.empty(k, dtype=np.bool_), np.empty(k, dtype=np.bool_),
+                          np.empty(k, dtype=np.int64), head)
+        assert out.tolist() == want and (head == -1).all()
 
 
 def test_repair_attempt_matches_reference():
