@@ -620,6 +620,13 @@ def _deterministic_wall_section(data: dict) -> list[str]:
     return lines
 
 
+def _when_measured(ran: dict) -> str:
+    """When the sections of ``kernels.json`` were measured (``--sections`` reruns some)."""
+    if len(set(ran.values())) == 1:
+        return f"Measured {next(iter(ran.values()))}."
+    return f"Sections measured: {', '.join(f'{k} {v}' for k, v in ran.items())}."
+
+
 def _kernels_section(data: dict) -> list[str]:
     """``kernels.json``: issue 15's speed targets."""
     pre, sc, mig, sp = data["prefill"], data["scale"], data["migration"], data["spill"]
@@ -632,8 +639,7 @@ def _kernels_section(data: dict) -> list[str]:
         f"{pre['repeats']} (scale: {sc['repeats']}).  The targets in milliseconds have no peer; DeepSeek's prefill "
         "call alternates with them all the same and its median, in brackets, shows how fast the shared machine ran "
         "in that stretch (a process here at times runs 1.5x slower throughout).",
-        *([f"Sections measured: {', '.join(f'{k} {v}' for k, v in data['ran'].items())} "
-           "(`--sections` measures some again)."] if "ran" in data else []),
+        *([_when_measured(data["ran"])] if "ran" in data else []),
         "",
         "| measure | median | DeepSeek | ratio | target |",
         "|---|---:|---:|---:|---|",
