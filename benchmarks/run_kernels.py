@@ -66,10 +66,17 @@ def _alternate(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, 
     return {k: statistics.median(v) for k, v in interleaved(fns, repeats).items()}
 
 
-def against_deepseek(preset: str, repeats: int, with_rebalance: bool = True) -> dict:
+def _preset_input(preset: str) -> tuple:
+    """``rebalance_experts``' arguments for window 0 of ``preset`` (DeepSeek's take the same)."""
     p = PRESETS[preset]
     w = torch.from_numpy(np.ascontiguousarray(generate(preset, windows=1, seed=0)[0]))
-    args = (w, p.num_replicas, p.num_groups, p.num_nodes, p.num_gpus)
+    return w, p.num_replicas, p.num_groups, p.num_nodes, p.num_gpus
+
+
+def against_deepseek(preset: str, repeats: int, with_rebalance: bool = True) -> dict:
+    p = PRESETS[preset]
+    args = _preset_input(preset)
+    w = args[0]
     ds = deepseek_rebalance()
     fns = {"deepseek": lambda: ds(*args), "solve": lambda: eplb_opt.solve(w, **p.topology())}
     if with_rebalance:
@@ -84,11 +91,9 @@ def _beside_deepseek(call: Callable[[], object], repeats: int) -> tuple[float, f
     """Median seconds of ``call`` and of DeepSeek's prefill call, alternating: the targets
     in milliseconds have no peer, so the peer's time in the same stretch shows how fast
     the (shared) machine ran then; the record's prefill ratio says what it costs."""
-    p = PRESETS["deepseek-v3-prefill"]
-    w = torch.from_numpy(np.ascontiguousarray(generate(p.name, windows=1, seed=0)[0]))
+    args = _preset_input("deepseek-v3-prefill")
     ds = deepseek_rebalance()
-    med = _alternate({"ours": call, "deepseek": lambda: ds(w, p.num_replicas, p.num_groups, p.num_nodes,
-                                                          p.num_gpus)}, repeats)
+    med = _alternate({"ours": call, "deepseek": lambda: ds(*args)}, repeats)
     return med["ours"], med["deepseek"]
 
 
@@ -246,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     eplb_opt.warm_up()
     keep = set(args.sections) != set(SECTIONS) and args.out.exists()
     data = json.loads(args.out.read_text()) if keep else {}
+    if keep and data.get("repeats") != args.repeats:       # one count for the whole record
+        ap.error(f"--repeats {args.repeats}: {args.out} was measured with --repeats {data.get('repeats')}")
     data.update({"machine": machine(), "numba": __import__("numba").__version__, "repeats": args.repeats})
     ran = data.setdefault("ran", {})
     for name in SECTIONS:
