@@ -141,12 +141,13 @@ def _pairwise(a, lo, n):
 def _node_work(E, N):
     """Work space of a node search, made once and reused by its steps: ``(fw [6, E + 1]``
     float rows ``per, ve2, de, dh, dn, cy``; ``lw [2, N]`` ``low, lowh``; ``oe [N, E]``;
-    ``iw [5, E + 1]`` int rows ``offc, onh, spilled, on, cand``; ``mov [N, E]``; ``nm [N]``;
+    ``iw [6, E + 1]`` int rows ``offc, onh, spilled, on, cand, mb`` (``mb``: the nodes
+    each expert is in ``mov`` of, as bits); ``mov [N, E]``; ``nm [N]``;
     ``t [3]``; ``hq [3, N, E]`` rows ``hq[k, q, :nq[k, q]]`` the experts on node ``q``:
     all, those on ``h`` too, those not on ``h``; ``key [4, E]`` rows ``w, c, offc, v``:
     what each expert's ``per, ve2, de, oe`` were last computed from, NaN: never; ``pr
     [N E, 12]`` the retarget pairs of a step, :func:`_pair_moves`)."""
-    return (np.empty((6, E + 1)), np.empty((2, N)), np.empty((N, E)), np.empty((5, E + 1), np.int64),
+    return (np.empty((6, E + 1)), np.empty((2, N)), np.empty((N, E)), np.empty((6, E + 1), np.int64),
             np.empty((N, E), np.int64), np.empty(N, np.int64), np.empty(3, np.int64),
             np.empty((3, N, E), np.int64), np.empty((3, N), np.int64), np.full((4, E), np.nan),
             np.empty((N * E, 12)))
@@ -168,7 +169,7 @@ def _node_state(w, x, away, c, v, loads, ws):
     (``key``), by the same expressions, so they are the values a full pass gives."""
     E, N = x.shape
     per, ve2, de, offc, mov, nm, oe, key = ws[0][0], ws[0][1], ws[0][2], ws[3][0], ws[4], ws[5], ws[2], ws[9]
-    on, hq, nq, low = ws[3][3], ws[7], ws[8], ws[1][0]
+    on, hq, nq, low, mb = ws[3][3], ws[7], ws[8], ws[1][0], ws[3][5]
     loads[:] = 0.0
     nm[:] = 0
     low[:] = np.inf
@@ -178,6 +179,7 @@ def _node_state(w, x, away, c, v, loads, ws):
         s = 0
         a = 0
         b = 0
+        m = 0
         for n in range(N):
             s += x[e, n]
             a += x[e, n] * away[e, n]
@@ -186,11 +188,13 @@ def _node_state(w, x, away, c, v, loads, ws):
                 hq[0, n, nq[0, n]] = e
                 nq[0, n] += 1
                 if not (away[e, n] == 0 and x[e, n] == 1):      # may leave n
+                    m |= 1 << n
                     mov[n, nm[n]] = e
                     nm[n] += 1
         c[e] = s
         offc[e] = a
         on[e] = b
+        mb[e] = m
         if not (key[0, e] == w[e] and key[1, e] == s and key[2, e] == a):
             key[0, e], key[1, e], key[2, e] = w[e], s, a
             key[3, e] = w[e] / max(s, 1)
@@ -200,6 +204,79 @@ def _node_state(w, x, away, c, v, loads, ws):
             for n in range(N):
                 oe[n, e] = ve2[e] * (a + away[e, n]) - key[3, e] * a
         v[e] = key[3, e]
+        for n in range(N):
+            loads[n] += v[e] * x[e, n]
+            low[n] = min(low[n], oe[n, e])
+    return _pairwise(per, 0, E)
+
+
+@kernel
+def _list_fix(lst, cnt, n, e, want):
+    """Ascending list ``lst[n, :cnt[n]]``: ``e`` inserted (``want``) or removed (not);
+    nothing where it is already so."""
+    k = cnt[n]
+    t = 0
+    while t < k and lst[n, t] < e:
+        t += 1
+    has = t < k and lst[n, t] == e
+    if want and not has:
+        for u in range(k, t, -1):
+            lst[n, u] = lst[n, u - 1]
+        lst[n, t] = e
+        cnt[n] = k + 1
+    elif has and not want:
+        for u in range(t, k - 1):
+            lst[n, u] = lst[n, u + 1]
+        cnt[n] = k - 1
+
+
+@kernel
+def _node_update(w, x, away, c, v, loads, ws, e1, e2):
+    """:func:`_node_state` after a step changed ``x`` in the rows of experts ``e1`` and
+    ``e2`` only, ``ws`` holding the figures of the ``x`` before: those two experts'
+    figures and list entries are made again, the node loads, ``low`` and the off-node
+    load summed again in full, in :func:`_node_state`'s order, so every value is the one
+    it computes.  Returns the off-node load."""
+    E, N = x.shape
+    per, ve2, de, offc, mov, nm, oe, key = ws[0][0], ws[0][1], ws[0][2], ws[3][0], ws[4], ws[5], ws[2], ws[9]
+    on, hq, nq, low, mb = ws[3][3], ws[7], ws[8], ws[1][0], ws[3][5]
+    hq0, nq0 = hq[0], nq[0]
+    for r in range(2):
+        e = e1 if r == 0 else e2
+        if r == 1 and e2 == e1:
+            break
+        s = 0
+        a = 0
+        b = 0
+        m = 0
+        for n in range(N):
+            s += x[e, n]
+            a += x[e, n] * away[e, n]
+            if x[e, n] >= 1:
+                b |= 1 << n
+                if not (away[e, n] == 0 and x[e, n] == 1):
+                    m |= 1 << n
+        for n in range(N):
+            if (b >> n) & 1 != (on[e] >> n) & 1:
+                _list_fix(hq0, nq0, n, e, (b >> n) & 1 == 1)
+            if (m >> n) & 1 != (mb[e] >> n) & 1:
+                _list_fix(mov, nm, n, e, (m >> n) & 1 == 1)
+        c[e] = s
+        offc[e] = a
+        on[e] = b
+        mb[e] = m
+        if not (key[0, e] == w[e] and key[1, e] == s and key[2, e] == a):     # as _node_state
+            key[0, e], key[1, e], key[2, e] = w[e], s, a
+            key[3, e] = w[e] / max(s, 1)
+            per[e] = key[3, e] * a
+            ve2[e] = w[e] / (s + 1)
+            de[e] = ve2[e] - key[3, e]
+            for n in range(N):
+                oe[n, e] = ve2[e] * (a + away[e, n]) - key[3, e] * a
+        v[e] = key[3, e]
+    loads[:] = 0.0
+    low[:] = np.inf
+    for e in range(E):
         for n in range(N):
             loads[n] += v[e] * x[e, n]
             low[n] = min(low[n], oe[n, e])
@@ -427,6 +504,13 @@ def _node_step_in(w, x, away, c, v, loads, P, G, lam, cap, best, ws):
     ``inf`` if no move gets there); returns the objective now.  ``ws``:
     :func:`_node_work`."""
     off = _node_state(w, x, away, c, v, loads, ws)
+    return _node_choose(w, x, away, c, v, loads, off, P, G, lam, cap, best, ws)
+
+
+@kernel
+def _node_choose(w, x, away, c, v, loads, off, P, G, lam, cap, best, ws):
+    """:func:`_node_step_in`'s choice from the state ``c, v, loads, ws`` of ``x`` and
+    its off-node load ``off``."""
     h = int(np.argmax(loads))
     vmax = v.max()
     f0 = max(loads[h] / P, vmax) + lam * off / G
@@ -441,10 +525,13 @@ def _node_step_in(w, x, away, c, v, loads, P, G, lam, cap, best, ws):
 @kernel
 def _node_search(w, x, away, P, G, lam, cap, max_steps, c, v, loads, ws):
     """Apply the best improving swap or retarget (``x`` in place) until none is left or
-    ``max_steps``; ``c``, ``v``, ``loads`` end as those of the final ``x``."""
+    ``max_steps``; ``c``, ``v``, ``loads`` and ``ws`` end as :func:`_node_state` leaves
+    them for the final ``x`` (after the first step only the two experts a step changed
+    are made again, :func:`_node_update`).  Returns the off-node load."""
     best = np.empty(6)
+    off = _node_state(w, x, away, c, v, loads, ws)
     for _ in range(max_steps):
-        _node_step_in(w, x, away, c, v, loads, P, G, lam, cap, best, ws)
+        _node_choose(w, x, away, c, v, loads, off, P, G, lam, cap, best, ws)
         if best[0] == np.inf:
             break
         if best[1] == 0.0:
@@ -453,11 +540,13 @@ def _node_search(w, x, away, P, G, lam, cap, max_steps, c, v, loads, ws):
             x[e, m] += 1
             x[f, m] -= 1
             x[f, h] += 1
+            off = _node_update(w, x, away, c, v, loads, ws, e, f)
         else:
             f, e, n = int(best[2]), int(best[3]), int(best[4])
             x[f, n] -= 1
             x[e, n] += 1
-    _node_state(w, x, away, c, v, loads, ws)
+            off = _node_update(w, x, away, c, v, loads, ws, f, e)
+    return off
 
 
 @kernel
@@ -541,8 +630,9 @@ def _gpu_counts(S, away, hc, offc, holders, hn):
 
 @kernel
 def _gpu_state(w, row, node, home):
-    """``(S, M, c, v, loads, away, hc, offc, holders, hn, rw)`` of placement ``row``
-    (``rw``: :func:`_gpu_retargets`' per-expert figures, none computed yet)."""
+    """``(S, M, c, v, loads, away, hc, offc, holders, hn, rw, gw, gq)`` of placement
+    ``row`` (``rw``: :func:`_gpu_retargets`' per-expert figures, none computed yet;
+    ``gw [7, max(2 G, E)]`` float and ``gq [2 G]`` int work space of the steps)."""
     G = node.size
     E = w.size
     k = row.size // G
@@ -561,12 +651,14 @@ def _gpu_state(w, row, node, home):
     hc, offc, hn = np.empty(E, np.int64), np.empty(E, np.int64), np.empty(E, np.int64)
     holders = np.empty((E, G), dtype=np.int64)
     _gpu_counts(S, away, hc, offc, holders, hn)
-    return S, M, c, v, loads, away, hc, offc, holders, hn, np.full((8, E), np.nan)
+    return (S, M, c, v, loads, away, hc, offc, holders, hn, np.full((8, E), np.nan), np.empty((7, max(2 * G, E))),
+            np.empty(2 * G, np.int64))
 
 
 @kernel
-def _gpu_swaps(S, M, v, loads, away, hc, g, off0, sq0, f0, eps, lam, dup, bd, bf):
-    """Swaps of a slot ``i`` of ``g`` with slot ``j`` of any ``h``, order (i, h, j)."""
+def _gpu_swaps(S, M, v, loads, away, hc, g, off0, sq0, f0, eps, lam, dup, bd, bf, gw):
+    """Swaps of a slot ``i`` of ``g`` with slot ``j`` of any ``h``, order (i, h, j)
+    (``gw``: :func:`_gpu_state`'s work space)."""
     G, k = S.shape
     i1, v1, v2 = -1, -np.inf, -np.inf           # the two heaviest GPUs other than g
     for q in range(G):
@@ -575,8 +667,9 @@ def _gpu_swaps(S, M, v, loads, away, hc, g, off0, sq0, f0, eps, lam, dup, bd, bf
     for q in range(G):
         if q != g and q != i1 and loads[q] > v2:
             v2 = loads[q]
-    vlo, vhi, olo = np.full(G, np.inf), np.full(G, -np.inf), np.full(G, np.inf)
+    vlo, vhi, olo = gw[0], gw[1], gw[2]
     for h in range(G):                          # per GPU: its lightest and heaviest replica,
+        vlo[h], vhi[h], olo[h] = np.inf, -np.inf, np.inf
         for j in range(k):                      # the lowest off-node change one brings to g
             b = S[h, j]
             vlo[h], vhi[h] = min(vlo[h], v[b]), max(vhi[h], v[b])
@@ -616,15 +709,16 @@ def _gpu_swaps(S, M, v, loads, away, hc, g, off0, sq0, f0, eps, lam, dup, bd, bf
 
 @kernel
 def _gpu_retargets(w, S, M, c, v, loads, away, hc, offc, holders, hn, rw, order, g, off0, sq0, f0, eps, lam,
-                   dup, bd, bf):
+                   dup, bd, bf, gw, gq):
     """Retargets of a slot ``i`` of ``g`` (expert ``a``, ``c >= 2``) to any expert
     ``b``, order (i, b).  Only the GPUs holding ``a`` or ``b`` change load, so the
     new loads of ``g`` and of the busiest GPU bound a pair before the rest; the sum of
     squares changes by those GPUs' terms.  ``rw``: each ``b``'s figures with a slot more
     (``vb2, db``, ``ob`` home / away), kept across steps and computed again (same
-    expressions) only where what rows 0-2 hold (``w, c, offc``; NaN: never) changed."""
+    expressions) only where what rows 0-2 hold (``w, c, offc``; NaN: never) changed.
+    ``gw, gq``: :func:`_gpu_state`'s work space."""
     G, k, E, o0 = S.shape[0], S.shape[1], w.size, order[0]
-    qs, ys = np.empty(2 * G, dtype=np.int64), np.empty(2 * G)
+    qs, ys = gq, gw[3]
     vb2, db, ob0, ob1, ob = rw[3], rw[4], rw[5], rw[6], rw[7]
     for b in range(E):
         if not (rw[0, b] == w[b] and rw[1, b] == c[b] and rw[2, b] == offc[b]):
@@ -634,8 +728,9 @@ def _gpu_retargets(w, S, M, c, v, loads, away, hc, offc, holders, hn, rw, order,
             ob0[b] = w[b] * (offc[b] + 0) / (c[b] + 1) - w[b] * offc[b] / max(c[b], 1)
             ob1[b] = w[b] * (offc[b] + 1) / (c[b] + 1) - w[b] * offc[b] / max(c[b], 1)
         ob[b] = ob1[b] if away[g, b] else ob0[b]
-    mvb, mob, dq = vb2.min(), ob.min(), np.zeros(G)     # per GPU: the lowest change a b
+    mvb, mob, dq = vb2.min(), ob.min(), gw[4]           # per GPU: the lowest change a b
     for q in range(G):                                  # gaining a slot makes there
+        dq[q] = 0.0
         for j in range(k):
             dq[q] = min(dq[q], M[q, S[q, j]] * db[S[q, j]])
     for i in range(k):
@@ -697,48 +792,67 @@ def _gpu_retargets(w, S, M, c, v, loads, away, hc, offc, holders, hn, rw, order,
 
 
 @kernel
-def _gpu_apply(S, M, c, loads, v, best):
-    """Apply the step in ``best``; returns whether counts changed (loads to recompute)."""
+def _gpu_apply(S, M, c, loads, v, away, hc, offc, holders, hn, best):
+    """Apply the step in ``best`` (the replicas at home / away and the holders of the
+    two experts follow, as :func:`_gpu_counts` makes them); returns whether counts
+    changed (loads to recompute)."""
     g, i = int(best[5]), int(best[2])
     a = S[g, i]
     if best[1] == 0.0:
         h, j = int(best[3]), int(best[4])
         b = S[h, j]
         S[g, i], S[h, j] = b, a
-        M[g, a] -= 1
-        M[g, b] += 1
-        M[h, b] -= 1
-        M[h, a] += 1
+        _gpu_slot(M, away, hc, offc, holders, hn, g, a, -1)
+        _gpu_slot(M, away, hc, offc, holders, hn, g, b, 1)
+        _gpu_slot(M, away, hc, offc, holders, hn, h, b, -1)
+        _gpu_slot(M, away, hc, offc, holders, hn, h, a, 1)
         d = v[b] - v[a]
         loads[g] += d
         loads[h] -= d
         return False
     b = int(best[3])
     S[g, i] = b
-    M[g, a] -= 1
-    M[g, b] += 1
+    _gpu_slot(M, away, hc, offc, holders, hn, g, a, -1)
+    _gpu_slot(M, away, hc, offc, holders, hn, g, b, 1)
     c[a] -= 1
     c[b] += 1
     return True
 
 
 @kernel
-def _gpu_step(w, S, M, c, v, loads, away, hc, offc, holders, hn, rw, lam, dup, bd, bf):
-    """One step's choice from the current state: the busiest GPUs in turn (at most
-    two, stopping at the first with an improving move); returns the objective now."""
-    G = loads.size
-    _gpu_counts(S, away, hc, offc, holders, hn)
-    off0 = _pairwise(v * offc, 0, w.size)
+def _gpu_slot(M, away, hc, offc, holders, hn, g, e, d):
+    """``g`` gains (``d = 1``) or loses (``-1``) a replica of ``e``: ``M``, ``e``'s
+    replicas at home / away and its holders (ascending)."""
+    M[g, e] += d
+    if away[g, e]:
+        offc[e] += d
+    else:
+        hc[e] += d
+    _list_fix(holders, hn, e, g, M[g, e] != 0)
+
+
+@kernel
+def _gpu_step(w, S, M, c, v, loads, away, hc, offc, holders, hn, rw, gw, gq, lam, dup, bd, bf):
+    """One step's choice from the current state (``hc, offc, holders, hn`` as
+    :func:`_gpu_counts` makes them): the busiest GPUs in turn (at most two, stopping
+    at the first with an improving move); returns the objective now."""
+    G, E = loads.size, w.size
+    t1, t2 = gw[5], gw[6]
+    for e in range(E):
+        t1[e] = v[e] * offc[e]
+    for h in range(G):
+        t2[h] = loads[h] ** 2
+    off0 = _pairwise(t1, 0, E)
     f0 = loads.max() + lam * off0 / G
     eps = 1e-12 * max(f0, 1e-300)
-    sq0 = _pairwise(loads ** 2, 0, G)
+    sq0 = _pairwise(t2, 0, G)
     order = np.argsort(-loads, kind="mergesort")
     bd[0], bf[0] = np.inf, np.inf
     for t in range(min(2, G)):
         g = order[t]
-        _gpu_swaps(S, M, v, loads, away, hc, g, off0, sq0, f0, eps, lam, dup, bd, bf)
+        _gpu_swaps(S, M, v, loads, away, hc, g, off0, sq0, f0, eps, lam, dup, bd, bf, gw)
         _gpu_retargets(w, S, M, c, v, loads, away, hc, offc, holders, hn, rw, order, g, off0, sq0, f0, eps,
-                       lam, dup, bd, bf)
+                       lam, dup, bd, bf, gw, gq)
         if bd[0] < np.inf:
             break
     return f0
@@ -748,15 +862,15 @@ def _gpu_step(w, S, M, c, v, loads, away, hc, offc, holders, hn, rw, lam, dup, b
 def _polish_kernel(w, row, node, home, lam, dup, max_steps):
     """GPU-level search from ``row`` ``[R]``; returns ``(objective, placement [R])``.
     GPU loads follow a swap incrementally and are recomputed after a retarget."""
-    S, M, c, v, loads, away, hc, offc, holders, hn, rw = _gpu_state(w, row, node, home)
+    S, M, c, v, loads, away, hc, offc, holders, hn, rw, gw, gq = _gpu_state(w, row, node, home)
     bd, bf = np.empty(6), np.empty(6)
     f0 = 0.0
     for _ in range(max_steps):
-        f0 = _gpu_step(w, S, M, c, v, loads, away, hc, offc, holders, hn, rw, lam, dup, bd, bf)
+        f0 = _gpu_step(w, S, M, c, v, loads, away, hc, offc, holders, hn, rw, gw, gq, lam, dup, bd, bf)
         if bd[0] < np.inf:
-            changed = _gpu_apply(S, M, c, loads, v, bd)
+            changed = _gpu_apply(S, M, c, loads, v, away, hc, offc, holders, hn, bd)
         elif bf[0] < np.inf:
-            changed = _gpu_apply(S, M, c, loads, v, bf)
+            changed = _gpu_apply(S, M, c, loads, v, away, hc, offc, holders, hn, bf)
         else:
             return f0, S.ravel().copy()
         if changed:
@@ -780,28 +894,30 @@ NODE_STARTS = np.array([[0, -1.0], [1, 1.0], [1, -1.0]])
 
 
 @kernel
-def _node_start(w, rows, factors, away, rn, P, G, lam, cap, max_steps):
+def _node_start(w, rows, factors, away, rn, P, G, lam, cap, max_steps, ws):
     """Node-level candidates: the counts per node of each start ``rows[s]``, searched
     at cost ``lam * factors[s]`` (not searched where the factor is negative); returns
-    ``(x [E, N], v [E], s)`` of the one lowest at ``lam`` (the first among equals)."""
+    ``(x [E, N], v [E], s)`` of the one lowest at ``lam`` (the first among equals).
+    ``ws``: :func:`_node_work`, its per-expert figures (``key``) made for this layer's
+    ``away`` or never (NaN)."""
     E, N = away.shape
     c, v, loads = np.empty(E, np.int64), np.empty(E), np.empty(N)
-    ws = _node_work(E, N)
-    best_x, best_f, best_s = np.zeros((E, N), dtype=np.int64), np.inf, 0
+    best_x, best_f, best_s, best_v = np.zeros((E, N), dtype=np.int64), np.inf, 0, np.empty(E)
     for i in range(factors.size):
         x = np.zeros((E, N), dtype=np.int64)
         for n in range(N):                      # node n holds slots n rn .. (n + 1) rn - 1
             for s in range(n * rn, (n + 1) * rn):
                 x[rows[i, s], n] += 1
         if factors[i] >= 0:
-            _node_search(w, x, away, P, G, lam * factors[i], cap, max_steps, c, v, loads, ws)
-        off = _node_state(w, x, away, c, v, loads, ws)
+            off = _node_search(w, x, away, P, G, lam * factors[i], cap, max_steps, c, v, loads, ws)
+        else:
+            off = _node_state(w, x, away, c, v, loads, ws)
         f = max(loads.max() / P, v.max()) + lam * off / G
         if f < best_f:
             best_f, best_s = f, i
             best_x[:, :] = x
-    _node_state(w, best_x, away, c, v, loads, ws)
-    return best_x, v, best_s
+            best_v[:] = v
+    return best_x, best_v, best_s
 
 
 @kernel
@@ -816,7 +932,9 @@ def _node_layers(weight, counts, out, home, starts, N, P, G, dup, lam, cap, max_
     R = out.shape[1]
     rn = R // N
     away = np.empty((E, N), np.int64)
+    ws = _node_work(E, N)
     for l in range(lo, hi):
+        ws[9][:, :] = np.nan                    # figures made for another layer's away
         lpt, ok = _home_lpt(weight[l], counts[l], home[l], N, P, R // G, dup, lam)
         for e in range(E):
             for n in range(N):
@@ -831,7 +949,7 @@ def _node_layers(weight, counts, out, home, starts, N, P, G, dup, lam, cap, max_
                 rows[j, :] = out[l] if starts[i, 0] == 0 else lpt
                 factors[j] = starts[i, 1]
                 j += 1
-        x, v, s = _node_start(weight[l], rows, factors, away, rn, P, G, lam, cap, max_steps)
+        x, v, s = _node_start(weight[l], rows, factors, away, rn, P, G, lam, cap, max_steps, ws)
         keep[l] = starts[s, 0] == 0 and starts[s, 1] < 0
         lpts[l, :] = lpt if ok else out[l]
         _node_items(x, v, values[l * N:(l + 1) * N], labels[l * N:(l + 1) * N])

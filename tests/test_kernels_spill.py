@@ -249,6 +249,39 @@ def test_node_lists_per_node_hold_its_experts_along_a_search():
             x = _apply_node(x, best)
 
 
+def _node_figures(ws, c, v, loads, off, N):
+    """What a node search reads of its state: counts, per-replica and node loads, the
+    off-node load and every figure :func:`spill._node_state` leaves in ``ws`` (lists cut
+    to their lengths)."""
+    nm, nq, E = ws[5], ws[8], c.size                 # rows of ws[0] and ws[3] have a spare column
+    return (c.tolist(), v.tolist(), loads.tolist(), off, ws[0][:3, :E].tolist(), ws[1][0].tolist(), ws[2].tolist(),
+            ws[3][0, :E].tolist(), ws[3][3, :E].tolist(), ws[3][5, :E].tolist(), ws[9].tolist(),
+            [ws[4][n, :nm[n]].tolist() for n in range(N)], [ws[7][0, n, :nq[0, n]].tolist() for n in range(N)])
+
+
+def test_node_update_leaves_what_a_full_state_pass_does():
+    """Along random searches, the state after each step made again only for the two
+    experts the step changed (``spill._node_update``, what ``_node_search`` does)
+    against a full pass on the new counts with a fresh work space, value for value:
+    the search's choices read every one of these figures."""
+    rng = np.random.default_rng(5)
+    for w, x, home, away, lam, N, P, G, E in _search_starts(rng):
+        ws = spill._node_work(E, N)
+        c, v, loads, best = np.empty(E, np.int64), np.empty(E), np.empty(N), np.empty(6)
+        off = spill._node_state(w, x, away, c, v, loads, ws)
+        for _ in range(8):
+            spill._node_choose(w, x, away, c, v, loads, off, P, G, lam, np.inf, best, ws)
+            if best[0] == np.inf:
+                break
+            x = _apply_node(x, best)
+            e1, e2 = (int(best[2]), int(best[4])) if best[1] == 0.0 else (int(best[2]), int(best[3]))
+            off = spill._node_update(w, x, away, c, v, loads, ws, e1, e2)
+            ref_ws = spill._node_work(E, N)
+            rc, rv, rl = np.empty(E, np.int64), np.empty(E), np.empty(N)
+            ref_off = spill._node_state(w, x, away, rc, rv, rl, ref_ws)
+            assert _node_figures(ws, c, v, loads, off, N) == _node_figures(ref_ws, rc, rv, rl, ref_off, N)
+
+
 # -- GPU level ------------------------------------------------------------------------
 
 
@@ -339,6 +372,37 @@ def test_gpu_step_is_the_best_move(dup):
             else:
                 assert bd[0] == np.inf and bf[0] == np.inf
                 break
+        seen += 1
+
+
+def test_gpu_apply_keeps_the_counts_a_full_pass_makes():
+    """Along random polishes, each expert's replicas at home / away and its holders
+    (ascending) after every step, as ``spill._gpu_apply`` updates them, against
+    ``spill._gpu_counts`` on the new placement: the next step's choice reads them."""
+    rng = np.random.default_rng(4)
+    seen = 0
+    while seen < CASES // 2:
+        dup = bool(rng.integers(2))
+        case = _layer(rng, dup)
+        if case is None:
+            continue
+        w, row, node, home, N = case
+        lam = float(rng.choice([0.0, 0.5, 1.0, 4.0]))
+        state = spill._gpu_state(w, row.copy(), node, home)
+        S, M, c, v, loads, away, hc, offc, holders, hn = state[:10]
+        bd, bf = np.empty(6), np.empty(6)
+        for _ in range(10):
+            spill._gpu_step(w, *state, lam, dup, bd, bf)
+            best = bd if bd[0] < np.inf else bf
+            if best[0] == np.inf:
+                break
+            if spill._gpu_apply(S, M, c, loads, v, away, hc, offc, holders, hn, best):
+                spill._gpu_loads(w, S, c, v, loads)
+            rh, ro, rhold, rn = np.empty_like(hc), np.empty_like(offc), np.empty_like(holders), np.empty_like(hn)
+            spill._gpu_counts(S, away, rh, ro, rhold, rn)
+            assert hc.tolist() == rh.tolist() and offc.tolist() == ro.tolist() and hn.tolist() == rn.tolist()
+            assert all(holders[e, :hn[e]].tolist() == rhold[e, :rn[e]].tolist() for e in range(w.size))
+            assert M.tolist() == [np.bincount(S[g], minlength=w.size).tolist() for g in range(S.shape[0])]
         seen += 1
 
 
