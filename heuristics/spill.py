@@ -234,13 +234,18 @@ def _list_fix(lst, cnt, n, e, want):
 def _node_update(w, x, away, c, v, loads, ws, e1, e2):
     """:func:`_node_state` after a step changed ``x`` in the rows of experts ``e1`` and
     ``e2`` only, ``ws`` holding the figures of the ``x`` before: those two experts'
-    figures and list entries are made again, the node loads, ``low`` and the off-node
-    load summed again in full, in :func:`_node_state`'s order, so every value is the one
-    it computes.  Returns the off-node load."""
+    figures and list entries are made again, the node loads and the off-node load
+    summed again in :func:`_node_state`'s order, so every value is the one it computes:
+    a node's load over the experts on it (``hq[0]``, ascending; the others add exact
+    zeros there, loads being finite and at least 0).  ``low`` (a minimum, exact in any
+    order) takes the two experts' new figures, and is found again over all experts
+    only on a node where one of them held it and went up.  Returns the off-node
+    load."""
     E, N = x.shape
     per, ve2, de, offc, mov, nm, oe, key = ws[0][0], ws[0][1], ws[0][2], ws[3][0], ws[4], ws[5], ws[2], ws[9]
     on, hq, nq, low, mb = ws[3][3], ws[7], ws[8], ws[1][0], ws[3][5]
     hq0, nq0 = hq[0], nq[0]
+    redo = 0                                    # nodes whose low is found again, as bits
     for r in range(2):
         e = e1 if r == 0 else e2
         if r == 1 and e2 == e1:
@@ -272,14 +277,23 @@ def _node_update(w, x, away, c, v, loads, ws, e1, e2):
             ve2[e] = w[e] / (s + 1)
             de[e] = ve2[e] - key[3, e]
             for n in range(N):
-                oe[n, e] = ve2[e] * (a + away[e, n]) - key[3, e] * a
+                y = ve2[e] * (a + away[e, n]) - key[3, e] * a
+                if oe[n, e] == low[n] and y > low[n]:
+                    redo |= 1 << n
+                low[n] = min(low[n], y)
+                oe[n, e] = y
         v[e] = key[3, e]
-    loads[:] = 0.0
-    low[:] = np.inf
-    for e in range(E):
-        for n in range(N):
-            loads[n] += v[e] * x[e, n]
-            low[n] = min(low[n], oe[n, e])
+    for n in range(N):
+        y = 0.0
+        for i in range(nq0[n]):
+            e = hq0[n, i]
+            y += v[e] * x[e, n]
+        loads[n] = y
+        if (redo >> n) & 1:
+            y = np.inf
+            for e in range(E):
+                y = min(y, oe[n, e])
+            low[n] = y
     return _pairwise(per, 0, E)
 
 
