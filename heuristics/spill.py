@@ -646,7 +646,21 @@ def _gpu_counts(S, away, hc, offc, holders, hn):
 def _gpu_state(w, row, node, home):
     """``(S, M, c, v, loads, away, hc, offc, holders, hn, rw, gw, gq)`` of placement
     ``row`` (``rw``: :func:`_gpu_retargets`' per-expert figures, none computed yet;
-    ``gw [7, max(2 G, E)]`` float and ``gq [2 G]`` int work space of the steps)."""
+    ``gw`` float and ``gq`` int: the steps' work space and figures kept across steps,
+    none computed yet).
+
+    Kept across steps, each with a flag in ``gq`` (1: up to date), cleared by
+    :func:`_gpu_apply` where a step changes what it is made of:
+
+    * per GPU ``h``: its lightest and heaviest replica (``gw[0, h], gw[1, h]``, flag
+      ``gq[2, h]``), the lowest change one of its replicas gaining a slot makes there
+      (``gw[4, h]``, ``gq[3, h]``) and, per node ``n``, the lowest off-node change one
+      of its replicas brings to a GPU of ``n`` (``gw[7 + n, h]``, ``gq[4 + n, h]``);
+    * ``rw`` checked against the counts (``gq[4 + N, 0]``); the least ``vb2``
+      (``gw[7 + N, 0]``, ``gq[4 + N, 1]``) and per node the least ``ob`` of a GPU there
+      (``gw[7 + N, 1 + n]``, ``gq[4 + N, 2 + n]``).
+
+    ``gq[0]``: work; ``gq[1, g]``: ``g``'s node."""
     G = node.size
     E = w.size
     k = row.size // G
@@ -665,14 +679,17 @@ def _gpu_state(w, row, node, home):
     hc, offc, hn = np.empty(E, np.int64), np.empty(E, np.int64), np.empty(E, np.int64)
     holders = np.empty((E, G), dtype=np.int64)
     _gpu_counts(S, away, hc, offc, holders, hn)
-    return (S, M, c, v, loads, away, hc, offc, holders, hn, np.full((8, E), np.nan), np.empty((7, max(2 * G, E))),
-            np.empty(2 * G, np.int64))
+    N = node.max() + 1
+    gq = np.zeros((5 + N, max(2 * G, 2 + N)), np.int64)
+    gq[1, :G] = node
+    return (S, M, c, v, loads, away, hc, offc, holders, hn, np.full((8, E), np.nan),
+            np.empty((8 + N, max(2 * G, E))), gq)
 
 
 @kernel
-def _gpu_swaps(S, M, v, loads, away, hc, g, off0, sq0, f0, eps, lam, dup, bd, bf, gw):
+def _gpu_swaps(S, M, v, loads, away, hc, g, off0, sq0, f0, eps, lam, dup, bd, bf, gw, gq):
     """Swaps of a slot ``i`` of ``g`` with slot ``j`` of any ``h``, order (i, h, j)
-    (``gw``: :func:`_gpu_state`'s work space)."""
+    (``gw, gq``: :func:`_gpu_state`'s work space and kept figures)."""
     G, k = S.shape
     i1, v1, v2 = -1, -np.inf, -np.inf           # the two heaviest GPUs other than g
     for q in range(G):
@@ -681,13 +698,21 @@ def _gpu_swaps(S, M, v, loads, away, hc, g, off0, sq0, f0, eps, lam, dup, bd, bf
     for q in range(G):
         if q != g and q != i1 and loads[q] > v2:
             v2 = loads[q]
-    vlo, vhi, olo = gw[0], gw[1], gw[2]
+    ng = gq[1, g]
+    vlo, vhi, olo = gw[0], gw[1], gw[7 + ng]
     for h in range(G):                          # per GPU: its lightest and heaviest replica,
-        vlo[h], vhi[h], olo[h] = np.inf, -np.inf, np.inf
-        for j in range(k):                      # the lowest off-node change one brings to g
-            b = S[h, j]
-            vlo[h], vhi[h] = min(vlo[h], v[b]), max(vhi[h], v[b])
-            olo[h] = min(olo[h], v[b] * (away[g, b] - away[h, b]))
+        if gq[2, h] == 0:                       # the lowest off-node change one brings to g
+            vlo[h], vhi[h] = np.inf, -np.inf    # (kept across steps, _gpu_state)
+            for j in range(k):
+                b = S[h, j]
+                vlo[h], vhi[h] = min(vlo[h], v[b]), max(vhi[h], v[b])
+            gq[2, h] = 1
+        if gq[4 + ng, h] == 0:
+            olo[h] = np.inf
+            for j in range(k):
+                b = S[h, j]
+                olo[h] = min(olo[h], v[b] * (away[g, b] - away[h, b]))
+            gq[4 + ng, h] = 1
     for i in range(k):
         a = S[g, i]
         for h in range(G):
@@ -730,23 +755,37 @@ def _gpu_retargets(w, S, M, c, v, loads, away, hc, offc, holders, hn, rw, order,
     squares changes by those GPUs' terms.  ``rw``: each ``b``'s figures with a slot more
     (``vb2, db``, ``ob`` home / away), kept across steps and computed again (same
     expressions) only where what rows 0-2 hold (``w, c, offc``; NaN: never) changed.
-    ``gw, gq``: :func:`_gpu_state`'s work space."""
+    ``gw, gq``: :func:`_gpu_state`'s work space and kept figures."""
     G, k, E, o0 = S.shape[0], S.shape[1], w.size, order[0]
-    qs, ys = gq, gw[3]
-    vb2, db, ob0, ob1, ob = rw[3], rw[4], rw[5], rw[6], rw[7]
-    for b in range(E):
-        if not (rw[0, b] == w[b] and rw[1, b] == c[b] and rw[2, b] == offc[b]):
-            rw[0, b], rw[1, b], rw[2, b] = w[b], c[b], offc[b]
-            vb2[b] = w[b] / (c[b] + 1)
-            db[b] = vb2[b] - w[b] / max(c[b], 1)
-            ob0[b] = w[b] * (offc[b] + 0) / (c[b] + 1) - w[b] * offc[b] / max(c[b], 1)
-            ob1[b] = w[b] * (offc[b] + 1) / (c[b] + 1) - w[b] * offc[b] / max(c[b], 1)
-        ob[b] = ob1[b] if away[g, b] else ob0[b]
-    mvb, mob, dq = vb2.min(), ob.min(), gw[4]           # per GPU: the lowest change a b
+    N = gw.shape[0] - 8
+    qs, ys, ng, fl, pm = gq[0], gw[3], gq[1, g], gq[4 + N], gw[7 + N]
+    vb2, db, ob0, ob1 = rw[3], rw[4], rw[5], rw[6]
+    if fl[0] == 0:                                      # rw checked since the last change
+        for b in range(E):
+            if not (rw[0, b] == w[b] and rw[1, b] == c[b] and rw[2, b] == offc[b]):
+                rw[0, b], rw[1, b], rw[2, b] = w[b], c[b], offc[b]
+                vb2[b] = w[b] / (c[b] + 1)
+                db[b] = vb2[b] - w[b] / max(c[b], 1)
+                ob0[b] = w[b] * (offc[b] + 0) / (c[b] + 1) - w[b] * offc[b] / max(c[b], 1)
+                ob1[b] = w[b] * (offc[b] + 1) / (c[b] + 1) - w[b] * offc[b] / max(c[b], 1)
+                fl[1:] = 0
+        fl[0] = 1
+    if fl[1] == 0:
+        pm[0] = vb2.min()
+        fl[1] = 1
+    if fl[2 + ng] == 0:                                 # the least ob on g's node
+        m = np.inf
+        for b in range(E):
+            m = min(m, ob1[b] if away[g, b] else ob0[b])
+        pm[1 + ng] = m
+        fl[2 + ng] = 1
+    mvb, mob, dq = pm[0], pm[1 + ng], gw[4]             # per GPU: the lowest change a b
     for q in range(G):                                  # gaining a slot makes there
-        dq[q] = 0.0
-        for j in range(k):
-            dq[q] = min(dq[q], M[q, S[q, j]] * db[S[q, j]])
+        if gq[3, q] == 0:
+            dq[q] = 0.0
+            for j in range(k):
+                dq[q] = min(dq[q], M[q, S[q, j]] * db[S[q, j]])
+            gq[3, q] = 1
     for i in range(k):
         a = S[g, i]
         ca = c[a]
@@ -773,7 +812,7 @@ def _gpu_retargets(w, S, M, c, v, loads, away, hc, offc, holders, hn, rw, order,
             lb = top + pen_lo                    # b's off-node change at its lowest
             if lb > f0 + eps or lb >= bd[0]:
                 continue
-            pen = lam * (off0 + (oa + ob[b])) / G
+            pen = lam * (off0 + (oa + (ob1[b] if away[g, b] else ob0[b]))) / G
             lb = top + pen
             if lb > f0 + eps or lb >= bd[0]:
                 continue                         # neither a step down nor an equal one
@@ -806,14 +845,19 @@ def _gpu_retargets(w, S, M, c, v, loads, away, hc, offc, holders, hn, rw, order,
 
 
 @kernel
-def _gpu_apply(S, M, c, loads, v, away, hc, offc, holders, hn, best):
+def _gpu_apply(S, M, c, loads, v, away, hc, offc, holders, hn, gq, best):
     """Apply the step in ``best`` (the replicas at home / away and the holders of the
-    two experts follow, as :func:`_gpu_counts` makes them); returns whether counts
-    changed (loads to recompute)."""
+    two experts follow, as :func:`_gpu_counts` makes them; the figures kept in ``gq``'s
+    flags that it changes are marked for making again); returns whether counts changed
+    (loads to recompute)."""
     g, i = int(best[5]), int(best[2])
     a = S[g, i]
-    if best[1] == 0.0:
+    N = gq.shape[0] - 5
+    if best[1] == 0.0:                          # a swap: g's and h's figures, and rw's check
         h, j = int(best[3]), int(best[4])
+        for r in range(2, 4 + N):
+            gq[r, g], gq[r, h] = 0, 0
+        gq[4 + N, 0] = 0
         b = S[h, j]
         S[g, i], S[h, j] = b, a
         _gpu_slot(M, away, hc, offc, holders, hn, g, a, -1)
@@ -826,6 +870,7 @@ def _gpu_apply(S, M, c, loads, v, away, hc, offc, holders, hn, best):
         return False
     b = int(best[3])
     S[g, i] = b
+    gq[2:, :] = 0                               # a retarget: per-replica loads change
     _gpu_slot(M, away, hc, offc, holders, hn, g, a, -1)
     _gpu_slot(M, away, hc, offc, holders, hn, g, b, 1)
     c[a] -= 1
@@ -864,7 +909,7 @@ def _gpu_step(w, S, M, c, v, loads, away, hc, offc, holders, hn, rw, gw, gq, lam
     bd[0], bf[0] = np.inf, np.inf
     for t in range(min(2, G)):
         g = order[t]
-        _gpu_swaps(S, M, v, loads, away, hc, g, off0, sq0, f0, eps, lam, dup, bd, bf, gw)
+        _gpu_swaps(S, M, v, loads, away, hc, g, off0, sq0, f0, eps, lam, dup, bd, bf, gw, gq)
         _gpu_retargets(w, S, M, c, v, loads, away, hc, offc, holders, hn, rw, order, g, off0, sq0, f0, eps,
                        lam, dup, bd, bf, gw, gq)
         if bd[0] < np.inf:
@@ -882,9 +927,9 @@ def _polish_kernel(w, row, node, home, lam, dup, max_steps):
     for _ in range(max_steps):
         f0 = _gpu_step(w, S, M, c, v, loads, away, hc, offc, holders, hn, rw, gw, gq, lam, dup, bd, bf)
         if bd[0] < np.inf:
-            changed = _gpu_apply(S, M, c, loads, v, away, hc, offc, holders, hn, bd)
+            changed = _gpu_apply(S, M, c, loads, v, away, hc, offc, holders, hn, gq, bd)
         elif bf[0] < np.inf:
-            changed = _gpu_apply(S, M, c, loads, v, away, hc, offc, holders, hn, bf)
+            changed = _gpu_apply(S, M, c, loads, v, away, hc, offc, holders, hn, gq, bf)
         else:
             return f0, S.ravel().copy()
         if changed:

@@ -378,10 +378,12 @@ def test_gpu_step_is_the_best_move(dup):
 def test_gpu_apply_keeps_the_counts_a_full_pass_makes():
     """Along random polishes, each expert's replicas at home / away and its holders
     (ascending) after every step, as ``spill._gpu_apply`` updates them, against
-    ``spill._gpu_counts`` on the new placement: the next step's choice reads them."""
+    ``spill._gpu_counts`` on the new placement; and every step's choice, made with the
+    figures kept across steps (``spill._gpu_state``), against the one a fresh state of
+    the same placement and GPU loads makes, value for value."""
     rng = np.random.default_rng(4)
     seen = 0
-    while seen < CASES // 2:
+    while seen < 6 * CASES:                  # a stale bound shows in few states: many of them
         dup = bool(rng.integers(2))
         case = _layer(rng, dup)
         if case is None:
@@ -390,13 +392,18 @@ def test_gpu_apply_keeps_the_counts_a_full_pass_makes():
         lam = float(rng.choice([0.0, 0.5, 1.0, 4.0]))
         state = spill._gpu_state(w, row.copy(), node, home)
         S, M, c, v, loads, away, hc, offc, holders, hn = state[:10]
-        bd, bf = np.empty(6), np.empty(6)
+        bd, bf, rd, rf = np.empty(6), np.empty(6), np.empty(6), np.empty(6)
         for _ in range(10):
-            spill._gpu_step(w, *state, lam, dup, bd, bf)
+            f0 = spill._gpu_step(w, *state, lam, dup, bd, bf)
+            fresh = spill._gpu_state(w, S.ravel().copy(), node, home)
+            fresh[4][:] = loads                 # a swap moves loads by its difference: keep those
+            assert f0 == spill._gpu_step(w, *fresh, lam, dup, rd, rf)
+            pick, ref = (bd, rd) if bd[0] < np.inf or rd[0] < np.inf else (bf, rf)   # unset entries: garbage
+            assert pick[0] == ref[0] and (pick[0] == np.inf or pick.tolist() == ref.tolist()), (bd, rd, bf, rf)
             best = bd if bd[0] < np.inf else bf
             if best[0] == np.inf:
                 break
-            if spill._gpu_apply(S, M, c, loads, v, away, hc, offc, holders, hn, best):
+            if spill._gpu_apply(S, M, c, loads, v, away, hc, offc, holders, hn, state[12], best):
                 spill._gpu_loads(w, S, c, v, loads)
             rh, ro, rhold, rn = np.empty_like(hc), np.empty_like(offc), np.empty_like(holders), np.empty_like(hn)
             spill._gpu_counts(S, away, rh, ro, rhold, rn)
