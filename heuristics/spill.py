@@ -757,35 +757,9 @@ def _gpu_retargets(w, S, M, c, v, loads, away, hc, offc, holders, hn, rw, order,
     expressions) only where what rows 0-2 hold (``w, c, offc``; NaN: never) changed.
     ``gw, gq``: :func:`_gpu_state`'s work space and kept figures."""
     G, k, E, o0 = S.shape[0], S.shape[1], w.size, order[0]
-    N = gw.shape[0] - 8
-    qs, ys, ng, fl, pm = gq[0], gw[3], gq[1, g], gq[4 + N], gw[7 + N]
+    qs, ys, dq = gq[0], gw[3], gw[4]
     vb2, db, ob0, ob1 = rw[3], rw[4], rw[5], rw[6]
-    if fl[0] == 0:                                      # rw checked since the last change
-        for b in range(E):
-            if not (rw[0, b] == w[b] and rw[1, b] == c[b] and rw[2, b] == offc[b]):
-                rw[0, b], rw[1, b], rw[2, b] = w[b], c[b], offc[b]
-                vb2[b] = w[b] / (c[b] + 1)
-                db[b] = vb2[b] - w[b] / max(c[b], 1)
-                ob0[b] = w[b] * (offc[b] + 0) / (c[b] + 1) - w[b] * offc[b] / max(c[b], 1)
-                ob1[b] = w[b] * (offc[b] + 1) / (c[b] + 1) - w[b] * offc[b] / max(c[b], 1)
-                fl[1:] = 0
-        fl[0] = 1
-    if fl[1] == 0:
-        pm[0] = vb2.min()
-        fl[1] = 1
-    if fl[2 + ng] == 0:                                 # the least ob on g's node
-        m = np.inf
-        for b in range(E):
-            m = min(m, ob1[b] if away[g, b] else ob0[b])
-        pm[1 + ng] = m
-        fl[2 + ng] = 1
-    mvb, mob, dq = pm[0], pm[1 + ng], gw[4]             # per GPU: the lowest change a b
-    for q in range(G):                                  # gaining a slot makes there
-        if gq[3, q] == 0:
-            dq[q] = 0.0
-            for j in range(k):
-                dq[q] = min(dq[q], M[q, S[q, j]] * db[S[q, j]])
-            gq[3, q] = 1
+    mvb, mob = _retarget_figures(w, S, M, c, away, offc, rw, g, gw, gq)
     for i in range(k):
         a = S[g, i]
         ca = c[a]
@@ -842,6 +816,45 @@ def _gpu_retargets(w, S, M, c, v, loads, away, hc, offc, holders, hn, rw, order,
                     s2 += ys[t] * ys[t] - loads[qs[t]] * loads[qs[t]]
                 if s2 < sq0 * (1 - 1e-12) and s2 < bf[0]:
                     bf[0], bf[1], bf[2], bf[3], bf[4], bf[5] = s2, 1.0, i, b, 0, g
+
+
+@kernel
+def _retarget_figures(w, S, M, c, away, offc, rw, g, gw, gq):
+    """What :func:`_gpu_retargets` starts from, made again only where flagged (see
+    :func:`_gpu_state`): ``rw`` checked against the counts, each GPU's lowest change a
+    ``b`` gaining a slot makes there (``gw[4]``); returns the least ``vb2`` and the least
+    ``ob`` on ``g``'s node."""
+    G, k, E = S.shape[0], S.shape[1], w.size
+    N = gw.shape[0] - 8
+    ng, fl, pm = gq[1, g], gq[4 + N], gw[7 + N]
+    vb2, db, ob0, ob1 = rw[3], rw[4], rw[5], rw[6]
+    if fl[0] == 0:                                      # rw checked since the last change
+        for b in range(E):
+            if not (rw[0, b] == w[b] and rw[1, b] == c[b] and rw[2, b] == offc[b]):
+                rw[0, b], rw[1, b], rw[2, b] = w[b], c[b], offc[b]
+                vb2[b] = w[b] / (c[b] + 1)
+                db[b] = vb2[b] - w[b] / max(c[b], 1)
+                ob0[b] = w[b] * (offc[b] + 0) / (c[b] + 1) - w[b] * offc[b] / max(c[b], 1)
+                ob1[b] = w[b] * (offc[b] + 1) / (c[b] + 1) - w[b] * offc[b] / max(c[b], 1)
+                fl[1:] = 0
+        fl[0] = 1
+    if fl[1] == 0:
+        pm[0] = vb2.min()
+        fl[1] = 1
+    if fl[2 + ng] == 0:                                 # the least ob on g's node
+        m = np.inf
+        for b in range(E):
+            m = min(m, ob1[b] if away[g, b] else ob0[b])
+        pm[1 + ng] = m
+        fl[2 + ng] = 1
+    dq = gw[4]                                          # per GPU: the lowest change a b
+    for q in range(G):                                  # gaining a slot makes there
+        if gq[3, q] == 0:
+            dq[q] = 0.0
+            for j in range(k):
+                dq[q] = min(dq[q], M[q, S[q, j]] * db[S[q, j]])
+            gq[3, q] = 1
+    return pm[0], pm[1 + ng]
 
 
 @kernel
