@@ -512,19 +512,11 @@ def _cut(b, a, s, r1, r2):
 
 
 @kernel
-def _node_step_in(w, x, away, c, v, loads, P, G, lam, cap, best, ws):
-    """One step's choice on ``x``: refreshes ``c``, ``v``, ``loads`` and fills ``best``
-    with the lowest objective below the current one less ``1e-12`` of it (``best[0]``
-    ``inf`` if no move gets there); returns the objective now.  ``ws``:
-    :func:`_node_work`."""
-    off = _node_state(w, x, away, c, v, loads, ws)
-    return _node_choose(w, x, away, c, v, loads, off, P, G, lam, cap, best, ws)
-
-
-@kernel
 def _node_choose(w, x, away, c, v, loads, off, P, G, lam, cap, best, ws):
-    """:func:`_node_step_in`'s choice from the state ``c, v, loads, ws`` of ``x`` and
-    its off-node load ``off``."""
+    """One step's choice on ``x`` from its state ``c, v, loads, ws`` (:func:`_node_state`)
+    and off-node load ``off``: fills ``best`` with the lowest objective below the
+    current one less ``1e-12`` of it (``best[0]`` ``inf`` if no move gets there);
+    returns the objective now."""
     h = int(np.argmax(loads))
     vmax = v.max()
     f0 = max(loads[h] / P, vmax) + lam * off / G

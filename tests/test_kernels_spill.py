@@ -111,8 +111,15 @@ def _apply_node(x, best):
 
 
 def _node_step(w, x, away, c, v, loads, P, G, lam, cap, best):
-    """One node-search step's choice (``spill._node_step_in``) with a fresh work space."""
-    return spill._node_step_in(w, x, away, c, v, loads, P, G, lam, cap, best, spill._node_work(x.shape[0], x.shape[1]))
+    """One node-search step's choice with a fresh work space."""
+    return _node_step_in(w, x, away, c, v, loads, P, G, lam, cap, best, spill._node_work(x.shape[0], x.shape[1]))
+
+
+def _node_step_in(w, x, away, c, v, loads, P, G, lam, cap, best, ws):
+    """A full state pass on ``x`` (``spill._node_state``), then the step's choice
+    (``spill._node_choose``); returns the objective now."""
+    off = spill._node_state(w, x, away, c, v, loads, ws)
+    return spill._node_choose(w, x, away, c, v, loads, off, P, G, lam, cap, best, ws)
 
 
 def _search_starts(rng):
@@ -236,7 +243,7 @@ def test_node_lists_per_node_hold_its_experts_along_a_search():
         ws = spill._node_work(E, N)
         c, v, loads, best = np.empty(E, np.int64), np.empty(E), np.empty(N), np.empty(6)
         for _ in range(6):
-            spill._node_step_in(w, x, away, c, v, loads, P, G, lam, np.inf, best, ws)
+            _node_step_in(w, x, away, c, v, loads, P, G, lam, np.inf, best, ws)
             h = int(np.argmax(loads))
             hq, nq = ws[7], ws[8]
             for q in range(N):
