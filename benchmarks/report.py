@@ -635,7 +635,8 @@ def _kernels_section(data: dict) -> list[str]:
         "",
         f"Command: `.venv/bin/python -m benchmarks.run_kernels` ({data['machine']}, numba {data['numba']}).  "
         "Single-threaded (torch.set_num_threads(1) for the peer; the kernels are sequential), after "
-        "`warm_up()`; our calls and DeepSeek's (the copy SGLang 0.5.23 ships) alternate, medians of "
+        "`warm_up()`; our calls and DeepSeek's (the copy SGLang 0.5.23 ships) alternate, each of ours right after "
+        "a peer call (prefill and scale: peer, `solve`, peer, `rebalance_experts`), medians of "
         f"{pre['repeats']} (scale: {sc['repeats']}).  The targets in milliseconds have no peer; DeepSeek's prefill "
         "call alternates with them all the same and its median, in brackets, shows how fast the shared machine ran "
         "in that stretch (a process here at times runs 1.5x slower throughout).",
