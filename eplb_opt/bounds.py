@@ -164,43 +164,125 @@ def _taken_above(w, v):
 @kernel
 def _kth_shares(w, k, out):
     """``out[r]``: the ``k``-th largest share ``w_e / j`` (``j >= 1``, the float64
-    quotient) of each row of ``w`` (``[rows, E]``, ``k >= 1``): the shares are taken
-    largest first from a max-heap holding each expert's next share (its next one,
-    ``w_e / (j + 1)``, is never larger), so the ``k``-th taken is the ``k``-th largest
-    of the multiset, whatever order equal shares come in.
+    quotient) of each row of ``w`` (``[rows, E]``, every row with a positive load,
+    ``k >= 1``): :func:`_kth_by_list` where ``k >= E / 16``, else (a few heap steps, a
+    list of about ``E / 2`` shares) and for a row whose list would not fit (none, by the
+    count in :func:`_kth_by_list`), :func:`_kth_by_heap`.  Both give the same value."""
+    rows, E = w.shape
+    val = np.empty(E)
+    who = np.empty(E, dtype=np.int64)
+    nxt = np.empty(E, dtype=np.int64)
+    listing = 16 * k >= E
+    listed = np.empty(k + E + 64 if listing else 0)
+    for r in range(rows):
+        ok, x = _kth_by_list(w[r], k, listed) if listing else (False, 0.0)
+        out[r] = x if ok else _kth_by_heap(w[r], k, val, who, nxt)
+
+
+@kernel
+def _kth_by_list(x, k, listed):
+    """``(True, the k-th largest share of x)``, or ``(False, 0.0)`` where the shares
+    listed do not fit ``listed``: every share at or above ``lo`` is listed
+    (:func:`_shares_above`) and the ``k``-th largest of them selected (:func:`_select`).
+
+    ``lo`` is the average ``S / (k + E - 1)`` lowered by a margin far above the
+    rounding of the sum ``S``.  No count vector summing to ``k + E - 1`` brings every
+    per-replica load below that average, so the answer is above ``lo`` and every share
+    at or above the answer is listed.  The shares listed sum to at most ``S``, so there
+    are at most about ``(k + E - 1) (1 + 1e-6)`` of them."""
+    E = x.size
+    total = 0.0
+    for e in range(E):
+        total += x[e]
+    n = _shares_above(x, total / (k + E - 1) * (1 - 1e-6), listed)
+    if n < k:
+        return False, 0.0
+    return True, _select(listed, n, k)
+
+
+@kernel
+def _kth_by_heap(x, k, val, who, nxt):
+    """The ``k``-th largest share of ``x`` (``[E]``; ``val``, ``who``, ``nxt``: ``[E]``
+    work): the shares are taken largest first from a max-heap holding each expert's
+    next share (its next one, ``x_e / (j + 1)``, is never larger), so the ``k``-th
+    taken is the ``k``-th largest of the multiset, whatever order equal shares come in.
 
     With many spares (``k > E / 2``) the heap starts past the shares at or above ``hi =
     S / k`` (raised by a margin far above float64 rounding): fewer than ``k`` of them
     exist (their sum would pass ``S``) and every one is larger than every other share,
     so they are the largest ones and are counted, not taken one by one."""
-    rows, E = w.shape
-    val = np.empty(E)
-    who = np.empty(E, dtype=np.int64)
-    nxt = np.empty(E, dtype=np.int64)
-    for r in range(rows):
-        left = k - 1                                  # shares to take before the answer
-        if k > E // 2:
-            total = 0.0
-            for e in range(E):
-                total += w[r, e]
-            hi = total / k * (1 + 1e-9)
-            for e in range(E):
-                nxt[e] = _taken_above(w[r, e], hi) + 1
-                left -= nxt[e] - 1
-        else:
-            nxt[:] = 1
+    E = x.size
+    left = k - 1                                      # shares to take before the answer
+    if k > E // 2:
+        total = 0.0
         for e in range(E):
-            val[e] = w[r, e] / nxt[e]
-            who[e] = e
-            nxt[e] += 1
-        for i in range(E // 2 - 1, -1, -1):
-            _sink(val, who, E, i)
-        for _ in range(left):
-            e = who[0]
-            val[0] = w[r, e] / nxt[e]
-            nxt[e] += 1
-            _sink(val, who, E, 0)
-        out[r] = val[0]
+            total += x[e]
+        hi = total / k * (1 + 1e-9)
+        for e in range(E):
+            nxt[e] = _taken_above(x[e], hi) + 1
+            left -= nxt[e] - 1
+    else:
+        nxt[:] = 1
+    for e in range(E):
+        val[e] = x[e] / nxt[e]
+        who[e] = e
+        nxt[e] += 1
+    for i in range(E // 2 - 1, -1, -1):
+        _sink(val, who, E, i)
+    for _ in range(left):
+        e = who[0]
+        val[0] = x[e] / nxt[e]
+        nxt[e] += 1
+        _sink(val, who, E, 0)
+    return val[0]
+
+
+@kernel
+def _shares_above(x, lo, listed):
+    """Write every share ``x_e / j`` (``j >= 1``) at or above ``lo > 0`` into ``listed``
+    and return how many, or -1 when they do not fit.  An expert's shares only fall as
+    ``j`` grows (float64 division rounds monotonically), so its first one below ``lo``
+    ends its list."""
+    n = 0
+    for e in range(x.size):
+        v = x[e]
+        j = 1.0
+        s = v
+        while s >= lo:
+            if n == listed.size:
+                return -1
+            listed[n] = s
+            n += 1
+            j += 1.0
+            s = v / j
+    return n
+
+
+@kernel
+def _select(a, n, k):
+    """The ``k``-th largest of ``a[:n]`` (``1 <= k <= n``; ``a`` is reordered): Hoare's
+    FIND (Wirth's version), in decreasing order.  Each pass partitions ``a[lo..hi]``
+    around the value at the sought position into a part at least as large and a part at
+    most as large, and keeps the part holding the position."""
+    t = k - 1
+    lo, hi = 0, n - 1
+    while lo < hi:
+        x = a[t]
+        i, j = lo, hi
+        while i <= j:
+            while a[i] > x:
+                i += 1
+            while x > a[j]:
+                j -= 1
+            if i <= j:
+                a[i], a[j] = a[j], a[i]
+                i += 1
+                j -= 1
+        if j < t:
+            lo = i
+        if t < i:
+            hi = j
+    return a[t]
 
 
 def _kth_largest_share(w: np.ndarray, k: int) -> np.ndarray:

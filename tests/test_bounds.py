@@ -133,3 +133,26 @@ def test_replica_component_is_the_kth_largest_share():
         got = min_max_replica_load(w, E + spares)
         want = _kth_share_oracle(w, k) if k > 1 else w.max(axis=1)
         assert np.array_equal(got.view(np.int64), want.view(np.int64)), (trial, E, spares)
+
+
+def test_both_ways_to_the_kth_share_agree_with_sorting():
+    """The two methods ``min_max_replica_load`` picks between by ``k`` (the list of the
+    shares above the average, the heap), each on every case, bit for bit against
+    sorting every share: few and many spares, ties, a dominant expert, zeros."""
+    from eplb_opt.bounds import _kth_by_heap, _kth_by_list
+
+    rng = np.random.default_rng(12)
+    for trial in range(400):
+        E = int(rng.integers(1, 200)) if trial % 3 else int(rng.integers(1, 10))
+        k = int(rng.integers(1, 3 * E + 5)) if trial % 2 else int(rng.integers(1, max(2, E // 4)))
+        w = [rng.gamma(0.5, 100.0, E), rng.integers(0, 4, E).astype(float), rng.choice([1.0, 2.0, 6.0], E),
+             np.where(np.arange(E) == 0, 1e4, rng.random(E))][trial % 4]
+        w[0] += 1.0                                           # a positive load
+        want = _kth_share_oracle(w[None, :], k)[0]
+        ok, listed = _kth_by_list(w, k, np.empty(k + E + 64))
+        heap = _kth_by_heap(w, k, np.empty(E), np.empty(E, dtype=np.int64), np.empty(E, dtype=np.int64))
+        assert ok, (trial, E, k)
+        assert np.float64(listed).view(np.int64) == np.float64(want).view(np.int64), (trial, E, k, "list")
+        assert np.float64(heap).view(np.int64) == np.float64(want).view(np.int64), (trial, E, k, "heap")
+    # A list that does not fit says so (the caller then takes the heap).
+    assert not _kth_by_list(np.array([5.0, 1.0, 1.0]), 3, np.empty(2))[0]
