@@ -674,7 +674,7 @@ def _gpu_state(w, row, node, home):
     N = node.max() + 1
     gq = np.zeros((5 + N, max(2 * G, 2 + N)), np.int64)
     gq[1, :G] = node
-    return (S, M, c, v, loads, away, hc, offc, holders, hn, np.full((8, E), np.nan),
+    return (S, M, c, v, loads, away, hc, offc, holders, hn, np.full((7, E), np.nan),
             np.empty((8 + N, max(2 * G, E))), gq)
 
 
@@ -744,8 +744,8 @@ def _gpu_retargets(w, S, M, c, v, loads, away, hc, offc, holders, hn, rw, order,
     """Retargets of a slot ``i`` of ``g`` (expert ``a``, ``c >= 2``) to any expert
     ``b``, order (i, b).  Only the GPUs holding ``a`` or ``b`` change load, so the
     new loads of ``g`` and of the busiest GPU bound a pair before the rest; the sum of
-    squares changes by those GPUs' terms.  ``rw``: each ``b``'s figures with a slot more
-    (``vb2, db``, ``ob`` home / away), kept across steps and computed again (same
+    squares changes by those GPUs' terms.  ``rw`` ``[7, E]``: each ``b``'s figures with a slot
+    more (rows 3-6: ``vb2, db``, ``ob`` home / away), kept across steps and computed again (same
     expressions) only where what rows 0-2 hold (``w, c, offc``; NaN: never) changed.
     ``gw, gq``: :func:`_gpu_state`'s work space and kept figures."""
     G, k, E, o0 = S.shape[0], S.shape[1], w.size, order[0]
