@@ -15,7 +15,8 @@
 # numba's metadata caps it; should numba still refuse the numpy it got at import, numpy
 # steps down through NUMPY_FALLBACKS until it imports, in that venv only.
 #
-# Each venv runs  pytest -q tests/test_kernel*.py tests/test_heuristics.py  with its own
+# Each venv runs  pytest -q tests/test_kernel*.py tests/test_heuristics.py tests/test_bounds.py
+# (the certified bounds have kernels too) with its own
 # NUMBA_CACHE_DIR (so the versions never share or overwrite the checkout's cache), and the
 # versions, counts and durations go to benchmarks/numba_versions.json (OUT overrides).
 # Exit status: 0 when every run passed.
@@ -27,7 +28,7 @@ PY="${PYTHON:-python3}"
 LOWEST="${LOWEST:-0.65.0}"
 OUT="${OUT:-$ROOT/benchmarks/numba_versions.json}"
 NUMPY_FALLBACKS="${NUMPY_FALLBACKS:-2.3.5 2.2.6 2.1.3 2.0.2 1.26.4}"
-TESTS=(tests/test_kernel*.py tests/test_heuristics.py)
+TESTS=(tests/test_kernel*.py tests/test_heuristics.py tests/test_bounds.py)
 SETUP_ONLY=0
 [[ "${1:-}" == "--setup-only" ]] && SETUP_ONLY=1
 
