@@ -93,7 +93,7 @@ import json, os, platform, sys, time
 out, *tests = sys.argv[1:]
 runs = [json.load(open(f"/tmp/eplb-numba-{label}/result.json")) for label in ("lowest", "newest")]
 json.dump({
-    "what": "tests/test_kernel*.py and tests/test_heuristics.py on the lowest declared and the newest numba "
+    "what": "tests/test_kernel*.py, tests/test_heuristics.py and tests/test_bounds.py on the lowest declared and the newest numba "
             "(scripts/check_numba_versions.sh); seconds are the whole pytest run, cold numba cache, wall clock",
     "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     "python": platform.python_version(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
