@@ -815,6 +815,8 @@ def _issue15_and_16(here: Path) -> list[str]:
     lines: list[str] = []
     if (here / "kernels.json").exists():
         lines += _kernels_section(json.loads((here / "kernels.json").read_text()))
+    if (here / "call_gap.json").exists():
+        lines += _call_gap_section(json.loads((here / "call_gap.json").read_text()))
     if (here / "quality_floor.json").exists():
         after = here / "quality_floor_after.json"
         lines += _quality_floor_section(json.loads((here / "quality_floor.json").read_text()),
@@ -830,6 +832,33 @@ def _issue15_and_16(here: Path) -> list[str]:
     if (here / "forecast.json").exists():
         lines += _forecast_section(json.loads((here / "forecast.json").read_text()))
     return lines
+
+
+def _call_gap_section(data: dict) -> list[str]:
+    """``call_gap.json``: one prefill call after a gap against back to back (issue 15)."""
+    before = ("back_to_back", "inputs_cycling", "peer", "sleep_25ms", "busy_25ms", "sweep_64mib")
+    heads = ("back to back", "inputs cycling (20 seeds)", "after the peer", "after a 25 ms sleep",
+             "after a 25 ms busy loop", "after a 64 MiB sweep")
+    lines = [
+        "## Compiled kernels: one call after a gap (issue 15)",
+        "",
+        f"Command: `.venv/bin/python -m benchmarks.run_call_gap` ({data['machine']}; {data['date']}).  "
+        f"{data['preset']}, medians of {data['repeats']} calls, each right after what its column names; "
+        f"DeepSeek's call (the peer) took {data['deepseek_median_s'] * 1e3:.1f} ms.  `run_kernels` times our calls "
+        "right after the peer's: any gap of that length costs about as much.",
+        "",
+        "| call | " + " | ".join(heads) + " |",
+        "|---|" + "---:|" * len(heads),
+    ]
+    for name, row in data["median_s"].items():
+        lines.append(f"| `{name}` | " + " | ".join(f"{row[b] * 1e3:.2f} ms" for b in before) + " |")
+    lines.append("")
+    for name, split in data["after_peer_split"].items():
+        kern = split["kernels_s"]
+        top = ", ".join(f"`{k}` {v * 1e3:.2f}" for k, v in list(kern.items())[:4])
+        lines.append(f"- after the peer, `{name}` {split['median_s'] * 1e3:.2f} ms: kernels "
+                     f"{sum(kern.values()) * 1e3:.2f} ms ({top}, ...), Python and numpy {split['outside_s'] * 1e3:.2f} ms.")
+    return lines + [""]
 
 
 def _forecast_section(data: dict) -> list[str]:
