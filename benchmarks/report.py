@@ -858,6 +858,10 @@ def _call_gap_section(data: dict) -> list[str]:
         top = ", ".join(f"`{k}` {v * 1e3:.2f}" for k, v in list(kern.items())[:4])
         lines.append(f"- after the peer, `{name}` {split['median_s'] * 1e3:.2f} ms: kernels "
                      f"{sum(kern.values()) * 1e3:.2f} ms ({top}, ...), Python and numpy {split['outside_s'] * 1e3:.2f} ms.")
+    for name, row in data.get("kernels_alone_s", {}).items():
+        lines.append(f"- `{name}` alone, back to back: {row['one_input'] * 1e3:.3f} ms on one input, "
+                     f"{row['copies_of_one'] * 1e3:.3f} ms on 20 copies of it (other memory), "
+                     f"{row['inputs_20'] * 1e3:.3f} ms on 20 inputs (other branches).")
     return lines + [""]
 
 

@@ -18,7 +18,11 @@ and ``solve`` calls, median of ``--repeats``, each call right after one of:
 
 Then, after the peer, where the call's time goes: each top-level kernel call timed (the
 module globals of the package's kernels wrapped for that run only) and the rest, Python
-and numpy.  Single-threaded (torch.set_num_threads(1)); after ``warm_up()``.
+and numpy.  And the two largest kernels alone (``heuristics.pipeline``'s count and
+packing steps, on the inputs ``place`` gives them), called back to back on one input, on
+20 copies of it (other memory, the same branches) and on 20 inputs (other branches): a
+kernel timed in a loop on one input runs with its branch history learned.
+Single-threaded (torch.set_num_threads(1)); after ``warm_up()``.
 """
 
 from __future__ import annotations
@@ -103,6 +107,30 @@ def _kernel_split(call: Callable[[], object], before: Callable[[], object], repe
     return {"median_s": total, "kernels_s": kernels, "outside_s": total - sum(kernels.values())}
 
 
+def _kernels_alone(inputs: list, repeats: int) -> dict:
+    """Median seconds of ``_count_layers`` and ``_pack_layers`` (prefill, as ``place``
+    calls them) on one input, on 20 copies of it and on the 20 inputs, in turn."""
+    from eplb_opt.heuristics import pipeline as pp
+    from eplb_opt.heuristics.packing import DEFAULT_REFINE_ROUNDS, item_order
+
+    def state(w: np.ndarray) -> tuple:
+        w = np.array(w, dtype=np.float64)
+        nog, _, experts, neg, cnt, logcnt = pp._counts_step(w, 288, 8, 4, 32, None)
+        return w, np.ascontiguousarray(nog, dtype=np.int64), experts, neg, cnt, logcnt, \
+            item_order(neg.reshape(-1, neg.shape[2])).reshape(neg.shape)
+
+    states = [state(x.numpy()) for x in inputs]
+    copies = [tuple(np.array(a, copy=True) for a in states[0]) for _ in states]
+    phy2log = np.empty((states[0][0].shape[0], 288), dtype=np.int64)
+    steps = {
+        "_count_layers": lambda s: pp._count_layers(s[0], s[1], 8, 8, s[2], s[3], np.ones_like(s[4]), s[5]),
+        "_pack_layers": lambda s: pp._pack_layers(s[2], s[3], s[4], s[6], 8, DEFAULT_REFINE_ROUNDS, True, phy2log),
+    }
+    return {name: {label: _median_after(step, group, None, repeats)
+                   for label, group in (("one_input", states[:1]), ("copies_of_one", copies), ("inputs_20", states))}
+            for name, step in steps.items()}
+
+
 def measure(repeats: int) -> dict:
     torch.set_num_threads(1)
     eplb_opt.warm_up()
@@ -127,7 +155,8 @@ def measure(repeats: int) -> dict:
     x0 = inputs[0]
     split = {name: _kernel_split(lambda c=call: c(x0), lambda: ds(x0, *topo), repeats) for name, call in calls.items()}
     return {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "repeats": repeats,
-            "preset": p.name, "deepseek_median_s": peer, "median_s": rows, "after_peer_split": split}
+            "preset": p.name, "deepseek_median_s": peer, "median_s": rows, "after_peer_split": split,
+            "kernels_alone_s": _kernels_alone(inputs, max(repeats, 60))}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         top = ", ".join(f"{k} {v * 1e3:.3f}" for k, v in list(s["kernels_s"].items())[:4])
         print(f"after the peer, {name}: {s['median_s'] * 1e3:.2f} ms = kernels {sum(s['kernels_s'].values()) * 1e3:.2f} "
               f"({top}) + Python and numpy {s['outside_s'] * 1e3:.2f} ms")
+    for name, row in data["kernels_alone_s"].items():
+        print(f"{name} alone: " + ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in row.items()))
     print(f"DeepSeek's call: {data['deepseek_median_s'] * 1e3:.2f} ms; wrote {args.out}")
     return 0
 
