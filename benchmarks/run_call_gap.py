@@ -107,24 +107,28 @@ def _kernel_split(call: Callable[[], object], before: Callable[[], object], repe
     return {"median_s": total, "kernels_s": kernels, "outside_s": total - sum(kernels.values())}
 
 
-def _kernels_alone(inputs: list, repeats: int) -> dict:
-    """Median seconds of ``_count_layers`` and ``_pack_layers`` (prefill, as ``place``
-    calls them) on one input, on 20 copies of it and on the 20 inputs, in turn."""
+def _kernels_alone(p: Any, inputs: list, repeats: int) -> dict:
+    """Median seconds of ``_count_layers`` and ``_pack_layers`` (preset ``p``, as
+    ``place`` calls them) on one input, on 20 copies of it and on the 20 inputs, in turn."""
     from eplb_opt.heuristics import pipeline as pp
     from eplb_opt.heuristics.packing import DEFAULT_REFINE_ROUNDS, item_order
 
+    R, N, G = p.num_replicas, p.num_nodes, p.num_gpus
+    per_node, m = R // N, inputs[0].shape[1] // N
+    extra, cap = per_node - m, max(G // N, -(-per_node // m))      # as pipeline._counts_step sets them
+
     def state(w: np.ndarray) -> tuple:
         w = np.array(w, dtype=np.float64)
-        nog, _, experts, neg, cnt, logcnt = pp._counts_step(w, 288, 8, 4, 32, None)
+        nog, _, experts, neg, cnt, logcnt = pp._counts_step(w, R, p.num_groups, N, G, None)
         return w, np.ascontiguousarray(nog, dtype=np.int64), experts, neg, cnt, logcnt, \
             item_order(neg.reshape(-1, neg.shape[2])).reshape(neg.shape)
 
     states = [state(x.numpy()) for x in inputs]
     copies = [tuple(np.array(a, copy=True) for a in states[0]) for _ in states]
-    phy2log = np.empty((states[0][0].shape[0], 288), dtype=np.int64)
+    phy2log = np.empty((states[0][0].shape[0], R), dtype=np.int64)
     steps = {
-        "_count_layers": lambda s: pp._count_layers(s[0], s[1], 8, 8, s[2], s[3], np.ones_like(s[4]), s[5]),
-        "_pack_layers": lambda s: pp._pack_layers(s[2], s[3], s[4], s[6], 8, DEFAULT_REFINE_ROUNDS, True, phy2log),
+        "_count_layers": lambda s: pp._count_layers(s[0], s[1], extra, cap, s[2], s[3], np.ones_like(s[4]), s[5]),
+        "_pack_layers": lambda s: pp._pack_layers(s[2], s[3], s[4], s[6], G // N, DEFAULT_REFINE_ROUNDS, True, phy2log),
     }
     return {name: {label: _median_after(step, group, None, repeats)
                    for label, group in (("one_input", states[:1]), ("copies_of_one", copies), ("inputs_20", states))}
@@ -156,7 +160,7 @@ def measure(repeats: int) -> dict:
     split = {name: _kernel_split(lambda c=call: c(x0), lambda: ds(x0, *topo), repeats) for name, call in calls.items()}
     return {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "repeats": repeats,
             "preset": p.name, "deepseek_median_s": peer, "median_s": rows, "after_peer_split": split,
-            "kernels_alone_s": _kernels_alone(inputs, max(repeats, 60))}
+            "kernels_alone_s": _kernels_alone(p, inputs, max(repeats, 60))}
 
 
 def main(argv: list[str] | None = None) -> int:
