@@ -52,8 +52,7 @@ def derive_maps(phy2log: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.n
     p = _int64_c(phy2log)
     L, R = p.shape
     E = int(num_experts)
-    width = R - E if (p < 0).any() else R - E + 1
-    log2phy, logcnt, bad = slot_maps(p, E, max(width, 0))
+    log2phy, logcnt, bad = slot_maps(p, E, -1)
     if bad >= 0:
         raise ValueError(f"phy2log[{bad // R}, {bad % R}] = {p.flat[bad]} is not an expert id below {E}")
     return log2phy, logcnt
@@ -62,6 +61,8 @@ def derive_maps(phy2log: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.n
 def _int64_c(x: Any) -> np.ndarray:
     """``x`` as a C-contiguous, writable, native int64 array (the layout the kernels of
     :mod:`eplb_opt.verify_kernels` are compiled for; a copy only when ``x`` differs)."""
+    if type(x) is np.ndarray and x.dtype == np.int64 and x.flags.c_contiguous and x.flags.writeable:
+        return x                                 # the common case, without np.require's own steps
     return np.require(x, dtype=np.int64, requirements=["C", "W"])
 
 

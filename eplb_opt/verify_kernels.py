@@ -29,11 +29,19 @@ def slot_maps(p, num_experts, width):
     of each expert in increasing order, padded with -1 (slots past ``width`` are
     counted, not listed), and the replica counts; negative ids are empty slots.  ``bad``
     is the flat index ``l * R + s`` of the first id ``>= E`` (the maps are then
-    incomplete and unspecified), else -1.
+    incomplete and unspecified), else -1.  A negative ``width`` asks for the width
+    :func:`eplb_opt.plan.derive_maps` gives: ``R - E + 1``, or ``R - E`` where ``p``
+    holds an empty slot (never below 0).
 
     One layer at a time: its block of ``log2phy`` is padded, then its slots written
     while it is still in cache (the map is the largest array a plan returns)."""
     L, R = p.shape
+    if width < 0:
+        empty = False
+        for l in range(L):
+            for s in range(R):
+                empty |= p[l, s] < 0
+        width = max(R - num_experts + (0 if empty else 1), 0)
     log2phy = np.empty((L, num_experts, width), dtype=np.int64)
     logcnt = np.zeros((L, num_experts), dtype=np.int64)
     block = num_experts * width

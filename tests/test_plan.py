@@ -125,11 +125,15 @@ def ref_slot_maps(p, E, width):
 
 
 def test_slot_maps_matches_plain_loops():
+    """Given widths, and ``-1``: ``R - E + 1``, or ``R - E`` where a slot is empty."""
     rng = np.random.default_rng(1)
-    for _ in range(CASES):
+    for case in range(CASES):
         p, E, _, _ = random_plan(rng)
-        width = int(rng.integers(0, 4))
+        width = int(rng.integers(0, 4)) if case % 2 else -1
         m, c, bad = vk.slot_maps(p, E, width)
+        if width < 0:
+            width = max(p.shape[1] - E + (0 if (p < 0).any() else 1), 0)
+            assert m.shape[2] == width, (p, E)
         rm, rc, rbad = ref_slot_maps(p, E, width)
         assert bad == rbad, p
         if bad < 0:
