@@ -109,7 +109,9 @@ def _kernel_split(call: Callable[[], object], before: Callable[[], object], repe
 
 def _kernels_alone(p: Any, inputs: list, repeats: int) -> dict:
     """Median seconds of ``_count_layers`` and ``_pack_layers`` (preset ``p``, as
-    ``place`` calls them) on one input, on 20 copies of it and on the 20 inputs, in turn."""
+    ``place`` calls them) on one input, on 20 copies of it and on the 20 inputs, in turn.
+    The count step works in place (the loads become per-replica loads, the order moves
+    the experts given spares), so its arrays are restored before each call, untimed."""
     from eplb_opt.heuristics import pipeline as pp
     from eplb_opt.heuristics.packing import DEFAULT_REFINE_ROUNDS, item_order
 
@@ -117,22 +119,32 @@ def _kernels_alone(p: Any, inputs: list, repeats: int) -> dict:
     per_node, m = R // N, inputs[0].shape[1] // N
     extra, cap = per_node - m, max(G // N, -(-per_node // m))      # as pipeline._counts_step sets them
 
-    def state(w: np.ndarray) -> tuple:
+    def state(w: np.ndarray) -> dict:
         w = np.array(w, dtype=np.float64)
-        nog, _, experts, neg, cnt, logcnt = pp._counts_step(w, R, p.num_groups, N, G, None)
-        return w, np.ascontiguousarray(nog, dtype=np.int64), experts, neg, cnt, logcnt, \
-            item_order(neg.reshape(-1, neg.shape[2])).reshape(neg.shape)
+        nog, _, experts, neg, cnt, logcnt, order = pp._counts_step(w, R, p.num_groups, N, G, None)
+        neg0 = np.empty_like(neg)
+        pp._node_layers(w, np.ascontiguousarray(nog, dtype=np.int64), np.empty_like(experts), neg0)
+        return {"experts": experts, "neg": neg, "cnt": cnt, "logcnt": logcnt, "order": order, "neg0": neg0,
+                "order0": item_order(neg0), "work": (np.empty_like(neg0), np.empty_like(order), np.ones_like(cnt))}
+
+    def restore(s: dict) -> None:
+        np.copyto(s["work"][0], s["neg0"])
+        np.copyto(s["work"][1], s["order0"])
+        s["work"][2].fill(1)
 
     states = [state(x.numpy()) for x in inputs]
-    copies = [tuple(np.array(a, copy=True) for a in states[0]) for _ in states]
-    phy2log = np.empty((states[0][0].shape[0], R), dtype=np.int64)
+    copies = [{k: (tuple(np.array(a, copy=True) for a in v) if k == "work" else np.array(v, copy=True))
+               for k, v in states[0].items()} for _ in states]
+    phy2log = np.empty((inputs[0].shape[0], R), dtype=np.int64)
     steps = {
-        "_count_layers": lambda s: pp._count_layers(s[0], s[1], extra, cap, s[2], s[3], np.ones_like(s[4]), s[5]),
-        "_pack_layers": lambda s: pp._pack_layers(s[2], s[3], s[4], s[6], G // N, DEFAULT_REFINE_ROUNDS, True, phy2log),
+        "_count_layers": (lambda s: pp._count_layers(extra, cap, s["experts"], s["work"][0], s["work"][1], s["work"][2],
+                                                     s["logcnt"]), restore),
+        "_pack_layers": (lambda s: pp._pack_layers(s["experts"], s["neg"], s["cnt"], s["order"], G // N,
+                                                   DEFAULT_REFINE_ROUNDS, True, phy2log), None),
     }
-    return {name: {label: _median_after(step, group, None, repeats)
+    return {name: {label: _median_after(step, group, before, repeats)
                    for label, group in (("one_input", states[:1]), ("copies_of_one", copies), ("inputs_20", states))}
-            for name, step in steps.items()}
+            for name, (step, before) in steps.items()}
 
 
 def measure(repeats: int) -> dict:

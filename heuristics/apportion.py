@@ -135,6 +135,15 @@ def _hand_out_few(w: np.ndarray, c: np.ndarray, num: int, cap: int, closed: np.n
         n += 1
         if n == num:
             kth = key[top[n - 1]]
+    return _few_steps(w, c, num, cap, top, n, key)
+
+
+@kernel
+def _few_steps(w: np.ndarray, c: np.ndarray, num: int, cap: int, top: np.ndarray, n: int, key: np.ndarray) -> int:
+    """The steps of :func:`_hand_out_few` once its list is kept: ``top[:n]``, the first
+    ``n`` open experts by :func:`_before` in order, ``key`` their ``w / c``.  Each of
+    ``num`` steps takes the first and moves it back to its place, or drops it when full.
+    Returns the replicas handed out."""
     given = 0
     while given < num and n > 0:
         e = top[0]

@@ -17,11 +17,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .apportion import _counts_row
+from .apportion import _FEW, _counts_row, _few_steps
 from .compile import kernel, warmer, writable
 from .grouping import groups_to_nodes
 from .packing import (
-    DEFAULT_REFINE_ROUNDS, _items_row, _pack_segments, _pack_work, gather_rows, item_order, pack_sorted, replica_items,
+    DEFAULT_REFINE_ROUNDS, _items_row, _order, _pack_segments, _pack_work, _settle_order, gather_rows, item_order,
+    pack_sorted, replica_items,
 )
 
 __all__ = ["Placement", "place", "pack_rows", "replica_counts_of"]
@@ -77,12 +78,10 @@ def place(
         (``ValueError``); callers validate user input (``eplb_opt`` does).
     """
     w = writable(np.ascontiguousarray(weight, dtype=np.float64))
-    node_of_group, exact, experts, neg, cnt, logcnt = _counts_step(w, num_replicas, num_groups, num_nodes, num_gpus,
-                                                                    node_of_group)
-    # 3. The packing (:func:`_pack_layers`) of each node's experts in item order
-    # (numpy's argsort, settled in the kernel).
+    node_of_group, exact, experts, neg, cnt, logcnt, order = _counts_step(w, num_replicas, num_groups, num_nodes,
+                                                                           num_gpus, node_of_group)
+    # 3. The packing (:func:`_pack_layers`) of each node's experts in item order.
     phy2log = np.empty((w.shape[0], num_replicas), dtype=np.int64)
-    order = item_order(neg.reshape(-1, neg.shape[2])).reshape(neg.shape)
     _pack_layers(
         experts, neg, cnt, order, int(num_gpus // num_nodes),
         int(DEFAULT_REFINE_ROUNDS if refine_rounds is None else refine_rounds), bool(allow_duplicates), phy2log,
@@ -102,9 +101,9 @@ def replica_counts_of(weight: np.ndarray, num_replicas: int, num_groups: int, nu
 def _counts_step(w: np.ndarray, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int,
                  node_of_group: np.ndarray | None):
     """Steps 1 and 2 of :func:`place` on ``w`` ``[L, E]`` float64: ``(node_of_group,
-    exact, experts, neg, cnt, logcnt)``, each node's experts with their negated loads
-    and replica counts ``[L, N, E / N]`` (what the packing takes) and the counts per
-    expert ``[L, E]``."""
+    exact, experts, neg, cnt, logcnt, order)``, each node's experts with minus their
+    per-replica loads, their replica counts and their order by ``neg`` (ties by index)
+    ``[L, N, E / N]`` (what the packing takes) and the counts per expert ``[L, E]``."""
     _check_shapes(w, num_replicas, num_groups, num_nodes, num_gpus)
     num_layers, num_experts = w.shape
     gpus_per_node = num_gpus // num_nodes
@@ -119,17 +118,20 @@ def _counts_step(w: np.ndarray, num_replicas: int, num_groups: int, num_nodes: i
     m = num_experts // num_nodes
     experts = np.empty((num_layers, num_nodes, m), dtype=np.int64)
     neg = np.empty((num_layers, num_nodes, m))
+    _node_layers(w, np.ascontiguousarray(node_of_group, dtype=np.int64), experts, neg)
+    # The experts by load (numpy's argsort, settled in the kernel): the spares go to the
+    # first of them, and the item order is this one with the experts given spares moved.
+    order = item_order(neg)
     cnt = np.ones((num_layers, num_nodes, m), dtype=np.int64)
     logcnt = np.empty((num_layers, num_experts), dtype=np.int64)
-    _count_layers(w, np.ascontiguousarray(node_of_group, dtype=np.int64), int(extra), int(cap), experts, neg, cnt,
-                  logcnt)
-    return node_of_group, exact, experts, neg, cnt, logcnt
+    _count_layers(int(extra), int(cap), experts, neg, order, cnt, logcnt)
+    return node_of_group, exact, experts, neg, cnt, logcnt, order
 
 
 @kernel
-def _node_rows(w_l, node_of_group_l, experts, node_w):
+def _node_rows(w_l, node_of_group_l, experts, neg):
     """The experts of every node of one layer (``experts [N, E / N]``, node by node, its
-    groups in index order) and their loads (``node_w``), from ``w_l [E]`` and the
+    groups in index order) and minus their loads (``neg``), from ``w_l [E]`` and the
     layer's ``node_of_group [num_groups]``."""
     num_nodes = experts.shape[0]
     num_groups = node_of_group_l.shape[0]
@@ -140,31 +142,122 @@ def _node_rows(w_l, node_of_group_l, experts, node_w):
             if node_of_group_l[g] == nd:
                 for x in range(g * gs, g * gs + gs):
                     experts[nd, j] = x
-                    node_w[nd, j] = w_l[x]
+                    neg[nd, j] = -w_l[x]
                     j += 1
 
 
 @kernel
-def _count_layers(w, node_of_group, extra, cap, experts, neg, cnt, logcnt):
-    """Step 2 of :func:`place` on every layer of ``w`` (``[L, E]``): per layer, the rows
-    of its nodes (:func:`_node_rows`, into ``experts [L, N, E / N]``), their replica
-    counts (``extra`` spares per node, at most ``cap`` per expert;
-    :func:`~.apportion._counts_row`; ``cnt [L, N, E / N]`` starts all ones) and minus
-    each expert's per-replica load (``neg``, the key its items are sorted by); writes
-    ``logcnt [L, E]`` too."""
-    L = w.shape[0]
-    S, m = experts.shape[1], experts.shape[2]
-    node_w = np.empty((S, m))
-    heap, key, closed = np.empty(m, np.int64), np.empty(m), np.zeros(m, np.bool_)
+def _node_layers(w, node_of_group, experts, neg):
+    """:func:`_node_rows` of every layer of ``w`` (``[L, E]``) into ``experts`` and
+    ``neg`` (``[L, N, E / N]``)."""
+    for l in range(w.shape[0]):
+        _node_rows(w[l], node_of_group[l], experts[l], neg[l])
+
+
+@kernel
+def _count_layers(extra, cap, experts, neg, order, cnt, logcnt):
+    """Step 2 of :func:`place` on every node row of every layer (``[L, N, E / N]``:
+    ``neg``, minus the loads, from :func:`_node_layers`, and ``order``, its argsort,
+    settled here): the replica counts (``extra`` spares per node, at most ``cap`` per
+    expert; ``cnt`` starts all ones), then ``neg`` becomes minus the per-replica loads
+    and ``order`` its order, ties by index (:func:`_spares_row`); writes ``logcnt [L,
+    E]`` too."""
+    L, S, m = experts.shape
+    work = (np.empty(m), np.empty(m, np.int64), np.empty(m), np.zeros(m, np.bool_), np.empty(m, np.int64),
+            np.empty(m, np.int64), np.empty(m, np.int64))
     for l in range(L):
-        _node_rows(w[l], node_of_group[l], experts[l], node_w)
         for nd in range(S):
             c = cnt[l, nd]
+            _settle_order(neg[l, nd], order[l, nd])
             if extra > 0:
-                _counts_row(node_w[nd], extra, cap, c, heap, key, closed)
+                _spares_row(extra, cap, neg[l, nd], order[l, nd], c, work)
             for j in range(m):
-                neg[l, nd, j] = -(node_w[nd, j] / c[j])
                 logcnt[l, experts[l, nd, j]] = c[j]
+
+
+@kernel
+def _spares_row(extra, cap, neg, order, c, work):
+    """One node row of :func:`_count_layers`: the counts ``c`` from one replica each plus
+    ``extra`` spares (:func:`~.apportion._counts_row`'s rule, on the loads ``-neg``), then
+    ``neg`` and ``order`` (settled) updated for the experts given spares.
+
+    With a few spares and a positive load, the experts that can take one are the first
+    ``extra`` of ``order`` (the largest loads, ties by index, as the rule's list keeps
+    them), so the rule's steps (:func:`~.apportion._few_steps`) start from them without a
+    pass over the row, and only they can have been given spares; otherwise
+    :func:`~.apportion._counts_row` runs on the row."""
+    w, top, key, closed, picked, rank, merged = work
+    m = neg.shape[0]
+    for j in range(m):
+        w[j] = -neg[j]
+    few = extra <= _FEW and w[order[0]] > 0.0
+    scan = m                                    # where the experts given spares are
+    if few:
+        scan = min(extra, m) if cap > 1 else 0  # every count is one: open below cap
+        for i in range(scan):
+            top[i] = order[i]
+            key[order[i]] = w[order[i]]
+        _few_steps(w, c, extra, cap, top, scan, key)
+    else:
+        _counts_row(w, extra, cap, c, top, key, closed)
+    b = 0                                       # the experts given spares
+    for i in range(scan):
+        j = order[i] if few else i
+        if c[j] > 1:
+            neg[j] = -(w[j] / c[j])
+            picked[b] = j
+            b += 1
+    if b > 0:
+        _merge_spared(neg, order, c, picked, b, few, work)
+
+
+@kernel
+def _merge_spared(neg, order, c, picked, b, few, work):
+    """Move the ``b`` experts given spares (``picked``: in ``order``'s order when ``few``,
+    else by index) to their places in ``order`` by their new ``neg``, ties by index: they
+    are sorted (insertion on :func:`_first`, or :func:`~.packing._order` by ``neg`` on
+    many, whose ties by position are by index), then merged into the others' order, up to
+    where the last of them is placed."""
+    _, top, key, _, _, rank, merged = work
+    m = neg.shape[0]
+    if few:
+        for i in range(b):                      # a few: sorted in place
+            x = picked[i]
+            t = i
+            while t > 0 and _first(neg, x, picked[t - 1]):
+                picked[t] = picked[t - 1]
+                t -= 1
+            picked[t] = x
+            rank[i] = i
+    else:
+        for i in range(b):
+            key[i] = neg[picked[i]]
+        _order(key, rank[:b], top, 1.0)
+    # A spare only raises neg (w / c <= w for c >= 1, rounding being monotone), so each
+    # of them is placed after its old position: once the last one is, every position
+    # read is written and the rest of order is as it was.
+    ib, k, i = 0, 0, 0
+    while ib < b:
+        j = order[i] if i < m else -1
+        if j >= 0 and c[j] > 1:
+            i += 1
+            continue
+        if j < 0 or _first(neg, picked[rank[ib]], j):
+            merged[k] = picked[rank[ib]]
+            ib += 1
+        else:
+            merged[k] = j
+            i += 1
+        k += 1
+    for t in range(k):
+        order[t] = merged[t]
+
+
+@kernel
+def _first(neg, a, b):
+    """Expert ``a`` comes before ``b`` in item order: a smaller ``neg``, or an equal one
+    and a lower index."""
+    return neg[a] < neg[b] or (neg[a] == neg[b] and a < b)
 
 
 # Replicas packed per call of :func:`~.packing._pack_segments` in :func:`_pack_layers`: the

@@ -387,3 +387,37 @@ def test_resplit_rounds_end_where_no_pair_of_a_round_gains():
                 labs = [int(labels[r, i]) for i in items]
                 best = min(_heavier(vals, f) for f in _valid_first_packs(labs, k))
                 assert best >= max(loads[hp], loads[lp]) * (1 - REL), (trial, r, hp, lp)
+
+
+# ------------------------------------------------------------------ place's count step
+
+
+def test_place_count_step_is_the_rule_and_the_item_order():
+    """pipeline._counts_step on every node row: the counts are the plain-loop rule (few
+    spares, where the rule starts from the sorted experts, and many), minus the
+    per-replica loads, and the order of the experts by them with ties by index (where
+    the experts given spares are merged back in), loads with ties and zeros included."""
+    from eplb_opt.heuristics import pipeline as pp
+
+    rng = np.random.default_rng(154)
+    for trial in range(300):
+        N = int(rng.choice([1, 2, 4]))
+        m = int(rng.choice([3, 8, 20, 70]))
+        gpus = N * int(rng.integers(1, 4))
+        R = gpus * int(rng.integers(-(-N * m // gpus), -(-N * m // gpus) + [2, 6, 40][trial // 3 % 3]))
+        w = _loads(rng, 2, N * m, trial % 3)
+        if trial % 7 == 0:
+            w[0] = 0.0
+        nog, _, experts, neg, cnt, logcnt, order = pp._counts_step(w, R, N, N, gpus, None)
+        extra, cap = R // N - m, max(gpus // N, -(-(R // N) // m))
+        for l in range(2):
+            for nd in range(N):
+                row = [w[l, x] for x in experts[l, nd]]
+                want = _rule_steps(row, [1] * m, extra, cap, [False] * m)
+                if max(row) <= 0:                         # all zero: round-robin
+                    want = [1 + extra // m + (j < extra % m) for j in range(m)]
+                assert cnt[l, nd].tolist() == want, (row, extra, cap)
+                keys = [-(row[j] / want[j]) for j in range(m)]
+                assert neg[l, nd].tolist() == keys
+                assert order[l, nd].tolist() == sorted(range(m), key=lambda j: (keys[j], j)), (row, want)
+                assert [logcnt[l, x] for x in experts[l, nd]] == want
