@@ -21,7 +21,7 @@ from .apportion import _FEW, _counts_row, _few_steps
 from .compile import kernel, warmer, writable
 from .grouping import groups_to_nodes
 from .packing import (
-    DEFAULT_REFINE_ROUNDS, _items_row, _order, _pack_segments, _pack_work, _settle_order, gather_rows, item_order,
+    DEFAULT_REFINE_ROUNDS, _items_row, _pack_segments, _pack_work, _settle_order, gather_rows, item_order,
     pack_sorted, replica_items,
 )
 
@@ -102,8 +102,10 @@ def _counts_step(w: np.ndarray, num_replicas: int, num_groups: int, num_nodes: i
                  node_of_group: np.ndarray | None):
     """Steps 1 and 2 of :func:`place` on ``w`` ``[L, E]`` float64: ``(node_of_group,
     exact, experts, neg, cnt, logcnt, order)``, each node's experts with minus their
-    per-replica loads, their replica counts and their order by ``neg`` (ties by index)
-    ``[L, N, E / N]`` (what the packing takes) and the counts per expert ``[L, E]``."""
+    per-replica loads, their replica counts and their order by ``neg`` ``[L, N, E / N]``
+    (what the packing takes; ties by index with at most ``_FEW`` spares per node, else
+    as numpy's argsort leaves them, for the packing to settle) and the counts per expert
+    ``[L, E]``."""
     _check_shapes(w, num_replicas, num_groups, num_nodes, num_gpus)
     num_layers, num_experts = w.shape
     gpus_per_node = num_gpus // num_nodes
@@ -119,12 +121,17 @@ def _counts_step(w: np.ndarray, num_replicas: int, num_groups: int, num_nodes: i
     experts = np.empty((num_layers, num_nodes, m), dtype=np.int64)
     neg = np.empty((num_layers, num_nodes, m))
     _node_layers(w, np.ascontiguousarray(node_of_group, dtype=np.int64), experts, neg)
-    # The experts by load (numpy's argsort, settled in the kernel): the spares go to the
-    # first of them, and the item order is this one with the experts given spares moved.
-    order = item_order(neg)
     cnt = np.ones((num_layers, num_nodes, m), dtype=np.int64)
     logcnt = np.empty((num_layers, num_experts), dtype=np.int64)
-    _count_layers(int(extra), int(cap), experts, neg, order, cnt, logcnt)
+    # The item order: numpy's argsort, settled in the kernels.  With a few spares it is
+    # taken first: they go to the first experts by load, and those given one are moved
+    # in it (:func:`_spares_row`); with many, after the counts.
+    if extra <= _FEW:
+        order = item_order(neg)
+        _count_layers(int(extra), int(cap), experts, neg, order, cnt, logcnt)
+    else:
+        _count_layers(int(extra), int(cap), experts, neg, np.zeros((1, 1, 1), dtype=np.int64), cnt, logcnt)
+        order = item_order(neg)
     return node_of_group, exact, experts, neg, cnt, logcnt, order
 
 
@@ -157,20 +164,21 @@ def _node_layers(w, node_of_group, experts, neg):
 @kernel
 def _count_layers(extra, cap, experts, neg, order, cnt, logcnt):
     """Step 2 of :func:`place` on every node row of every layer (``[L, N, E / N]``:
-    ``neg``, minus the loads, from :func:`_node_layers`, and ``order``, its argsort,
-    settled here): the replica counts (``extra`` spares per node, at most ``cap`` per
-    expert; ``cnt`` starts all ones), then ``neg`` becomes minus the per-replica loads
-    and ``order`` its order, ties by index (:func:`_spares_row`); writes ``logcnt [L,
-    E]`` too."""
+    ``neg``, minus the loads, from :func:`_node_layers`): the replica counts (``extra``
+    spares per node, at most ``cap`` per expert; ``cnt`` starts all ones), then ``neg``
+    becomes minus the per-replica loads (:func:`_spares_row`); writes ``logcnt [L, E]``
+    too.  With at most ``_FEW`` spares ``order`` is ``neg``'s argsort, settled here and
+    kept the order of ``neg`` as it changes (ties by index); with more it is a
+    placeholder, not read."""
     L, S, m = experts.shape
-    work = (np.empty(m), np.empty(m, np.int64), np.empty(m), np.zeros(m, np.bool_), np.empty(m, np.int64),
-            np.empty(m, np.int64), np.empty(m, np.int64))
+    work = (np.empty(m), np.empty(m, np.int64), np.empty(m), np.zeros(m, np.bool_), np.empty(m, np.int64))
     for l in range(L):
         for nd in range(S):
             c = cnt[l, nd]
-            _settle_order(neg[l, nd], order[l, nd])
+            if extra <= _FEW:
+                _settle_order(neg[l, nd], order[l, nd])
             if extra > 0:
-                _spares_row(extra, cap, neg[l, nd], order[l, nd], c, work)
+                _spares_row(extra, cap, neg[l, nd], order[l, nd] if extra <= _FEW else order[0, 0], c, work)
             for j in range(m):
                 logcnt[l, experts[l, nd, j]] = c[j]
 
@@ -179,14 +187,15 @@ def _count_layers(extra, cap, experts, neg, order, cnt, logcnt):
 def _spares_row(extra, cap, neg, order, c, work):
     """One node row of :func:`_count_layers`: the counts ``c`` from one replica each plus
     ``extra`` spares (:func:`~.apportion._counts_row`'s rule, on the loads ``-neg``), then
-    ``neg`` and ``order`` (settled) updated for the experts given spares.
+    ``neg`` updated for the experts given spares, and with a few spares ``order`` too
+    (:func:`_merge_spared`).
 
     With a few spares and a positive load, the experts that can take one are the first
     ``extra`` of ``order`` (the largest loads, ties by index, as the rule's list keeps
     them), so the rule's steps (:func:`~.apportion._few_steps`) start from them without a
     pass over the row, and only they can have been given spares; otherwise
     :func:`~.apportion._counts_row` runs on the row."""
-    w, top, key, closed, picked, rank, merged = work
+    w, top, key, closed, picked = work
     m = neg.shape[0]
     for j in range(m):
         w[j] = -neg[j]
@@ -207,32 +216,24 @@ def _spares_row(extra, cap, neg, order, c, work):
             neg[j] = -(w[j] / c[j])
             picked[b] = j
             b += 1
-    if b > 0:
-        _merge_spared(neg, order, c, picked, b, few, work)
+    if b > 0 and extra <= _FEW:
+        _merge_spared(neg, order, c, picked, b, top)
 
 
 @kernel
-def _merge_spared(neg, order, c, picked, b, few, work):
-    """Move the ``b`` experts given spares (``picked``: in ``order``'s order when ``few``,
-    else by index) to their places in ``order`` by their new ``neg``, ties by index: they
-    are sorted (insertion on :func:`_first`, or :func:`~.packing._order` by ``neg`` on
-    many, whose ties by position are by index), then merged into the others' order, up to
-    where the last of them is placed."""
-    _, top, key, _, _, rank, merged = work
+def _merge_spared(neg, order, c, picked, b, merged):
+    """Move the ``b <= _FEW`` experts given spares (``picked``) to their places in
+    ``order`` by their new ``neg``, ties by index: they are sorted (insertion, by
+    :func:`_first`), then merged into the others' order up to where the last of them is
+    placed (``merged``: scratch as long as ``order``)."""
     m = neg.shape[0]
-    if few:
-        for i in range(b):                      # a few: sorted in place
-            x = picked[i]
-            t = i
-            while t > 0 and _first(neg, x, picked[t - 1]):
-                picked[t] = picked[t - 1]
-                t -= 1
-            picked[t] = x
-            rank[i] = i
-    else:
-        for i in range(b):
-            key[i] = neg[picked[i]]
-        _order(key, rank[:b], top, 1.0)
+    for i in range(b):
+        x = picked[i]
+        t = i
+        while t > 0 and _first(neg, x, picked[t - 1]):
+            picked[t] = picked[t - 1]
+            t -= 1
+        picked[t] = x
     # A spare only raises neg (w / c <= w for c >= 1, rounding being monotone), so each
     # of them is placed after its old position: once the last one is, every position
     # read is written and the rest of order is as it was.
@@ -242,8 +243,8 @@ def _merge_spared(neg, order, c, picked, b, few, work):
         if j >= 0 and c[j] > 1:
             i += 1
             continue
-        if j < 0 or _first(neg, picked[rank[ib]], j):
-            merged[k] = picked[rank[ib]]
+        if j < 0 or _first(neg, picked[ib], j):
+            merged[k] = picked[ib]
             ib += 1
         else:
             merged[k] = j
