@@ -174,16 +174,20 @@ def _kth_shares(w, k, out):
     nxt = np.empty(E, dtype=np.int64)
     listing = 16 * k >= E
     listed = np.empty(k + E + 64 if listing else 0)
+    spare = np.empty(listed.size)
+    buckets = np.empty(_BUCKETS, dtype=np.int64)
     for r in range(rows):
-        ok, x = _kth_by_list(w[r], k, listed) if listing else (False, 0.0)
+        ok, x = _kth_by_list(w[r], k, listed, spare, buckets) if listing else (False, 0.0)
         out[r] = x if ok else _kth_by_heap(w[r], k, val, who, nxt)
 
 
 @kernel
-def _kth_by_list(x, k, listed):
+def _kth_by_list(x, k, listed, spare, buckets):
     """``(True, the k-th largest share of x)``, or ``(False, 0.0)`` where the shares
     listed do not fit ``listed``: every share at or above ``lo`` is listed
-    (:func:`_shares_above`) and the ``k``-th largest of them selected (:func:`_select`).
+    (:func:`_shares_above`) and the ``k``-th largest of them selected
+    (:func:`_select_by_bits`; ``spare``, as long as ``listed``, and ``buckets`` are its
+    scratch).
 
     ``lo`` is the average ``S / (k + E - 1)`` lowered by a margin far above the
     rounding of the sum ``S``.  No count vector summing to ``k + E - 1`` brings every
@@ -197,7 +201,7 @@ def _kth_by_list(x, k, listed):
     n = _shares_above(x, total / (k + E - 1) * (1 - 1e-6), listed)
     if n < k:
         return False, 0.0
-    return True, _select(listed, n, k)
+    return True, _select_by_bits(listed, n, k, spare, buckets)
 
 
 @kernel
@@ -240,9 +244,43 @@ def _kth_by_heap(x, k, val, who, nxt):
 @kernel
 def _shares_above(x, lo, listed):
     """Write every share ``x_e / j`` (``j >= 1``) at or above ``lo > 0`` into ``listed``
-    and return how many, or -1 when they do not fit.  An expert's shares only fall as
-    ``j`` grows (float64 division rounds monotonically), so its first one below ``lo``
-    ends its list."""
+    (in no particular order) and return how many, or -1 when they do not fit.  An
+    expert's shares only fall as ``j`` grows (float64 division rounds monotonically), so
+    its first one below ``lo`` ends its list.
+
+    The first shares (``x_e`` itself) are gathered in one pass without a branch (each
+    written, and kept by counting it only when at or above ``lo``); then the experts
+    with a second share (``x_e / 2 >= lo``, that is ``x_e >= 2 lo``: halving is exact
+    above the subnormals) add the rest of theirs, a few experts and a branch that seldom
+    turns.  Near the subnormals (``lo < 1e-300``) the shares are listed one by one."""
+    E = x.size
+    if listed.size < E + 1 or lo < 1e-300:      # the gathering writes one past them
+        return _shares_one_by_one(x, lo, listed)
+    n = 0
+    for e in range(E):
+        v = x[e]
+        listed[n] = v
+        n += v >= lo
+    twice = 2.0 * lo
+    for e in range(E):
+        v = x[e]
+        if v >= twice:
+            j = 2.0
+            s = v / j
+            while s >= lo:
+                if n == listed.size:
+                    return -1
+                listed[n] = s
+                n += 1
+                j += 1.0
+                s = v / j
+    return n
+
+
+@kernel
+def _shares_one_by_one(x, lo, listed):
+    """:func:`_shares_above` expert by expert, for a ``listed`` too short to gather the
+    first shares into (every share of an expert in turn)."""
     n = 0
     for e in range(x.size):
         v = x[e]
@@ -256,6 +294,57 @@ def _shares_above(x, lo, listed):
             j += 1.0
             s = v / j
     return n
+
+
+# Buckets of :func:`_select_by_bits` (one pass of counts over the shares listed).
+_BUCKETS = 128
+
+# Candidates :func:`_select_by_bits` ranks against one another; more go to :func:`_select`.
+_RANKED = 32
+
+
+@kernel
+def _select_by_bits(a, n, k, spare, buckets):
+    """The ``k``-th largest of ``a[:n]`` (``1 <= k <= n``; positive finite values), its
+    bits the same as :func:`_select`'s, with few data-dependent branches: the bits of a
+    positive float64, read as an int64, rise with its value, so the values fall into
+    ``_BUCKETS`` buckets of consecutive bit patterns (a higher bucket holds only larger
+    values); the buckets are counted, the one holding the ``k``-th largest found from
+    the top, its values gathered into ``spare`` and the one sought among them picked by
+    counting, for each, the values above it and at or above it (:func:`_select` on the
+    bucket where it holds more than ``_RANKED``)."""
+    bits = a.view(np.int64)
+    low, high = bits[0], bits[0]
+    for i in range(1, n):
+        low = min(low, bits[i])
+        high = max(high, bits[i])
+    shift = 0
+    while (high - low) >> shift >= buckets.size:
+        shift += 1
+    buckets[:] = 0
+    for i in range(n):
+        buckets[(bits[i] - low) >> shift] += 1
+    top = (high - low) >> shift                 # the bucket holding the k-th largest
+    above = 0
+    while above + buckets[top] < k:
+        above += buckets[top]
+        top -= 1
+    c = 0
+    for i in range(n):
+        spare[c] = a[i]
+        c += (bits[i] - low) >> shift == top
+    need = k - above                            # its place among the bucket's values
+    if c > _RANKED:
+        return _select(spare, c, need)
+    found = spare[0]
+    for i in range(c):
+        x = spare[i]
+        over, least = 0, 0
+        for j in range(c):
+            over += spare[j] > x
+            least += spare[j] >= x
+        found = x if over < need <= least else found
+    return found
 
 
 @kernel

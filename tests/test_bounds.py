@@ -149,10 +149,65 @@ def test_both_ways_to_the_kth_share_agree_with_sorting():
              np.where(np.arange(E) == 0, 1e4, rng.random(E))][trial % 4]
         w[0] += 1.0                                           # a positive load
         want = _kth_share_oracle(w[None, :], k)[0]
-        ok, listed = _kth_by_list(w, k, np.empty(k + E + 64))
+        ok, listed = _kth_by_list(w, k, np.empty(k + E + 64), np.empty(k + E + 64), np.empty(128, dtype=np.int64))
         heap = _kth_by_heap(w, k, np.empty(E), np.empty(E, dtype=np.int64), np.empty(E, dtype=np.int64))
         assert ok, (trial, E, k)
         assert np.float64(listed).view(np.int64) == np.float64(want).view(np.int64), (trial, E, k, "list")
         assert np.float64(heap).view(np.int64) == np.float64(want).view(np.int64), (trial, E, k, "heap")
     # A list that does not fit says so (the caller then takes the heap).
-    assert not _kth_by_list(np.array([5.0, 1.0, 1.0]), 3, np.empty(2))[0]
+    assert not _kth_by_list(np.array([5.0, 1.0, 1.0]), 3, np.empty(2), np.empty(2), np.empty(128, dtype=np.int64))[0]
+
+
+def test_shares_above_lists_every_share_at_or_above_the_floor():
+    """The shares at or above ``lo``, as a multiset, against plain loops: first shares
+    gathered without a branch, the rest by the experts with a second one; floors at
+    shares themselves (ties), loads near the subnormals, lists that do not fit."""
+    from eplb_opt.bounds import _shares_above
+
+    rng = np.random.default_rng(13)
+    for trial in range(400):
+        E = int(rng.integers(1, 60))
+        w = [rng.gamma(0.5, 100.0, E), rng.integers(0, 5, E).astype(float),
+             rng.integers(1, 9, E) * 5e-324, rng.random(E)][trial % 4]
+        pos = w[w > 0]
+        if pos.size == 0:
+            continue
+        lo = float(rng.choice(pos) / rng.integers(1, 4)) if trial % 3 else float(pos.mean() / 2)
+        if lo <= 0:
+            continue
+        want = _plain_shares(w, lo)
+        room = len(want) + int(rng.integers(-2, 3)) + (E + 1 if trial % 5 else 0)
+        listed = np.empty(max(room, 0))
+        n = _shares_above(w, lo, listed)
+        if len(want) > listed.size:
+            assert n == -1, (trial, len(want), listed.size)
+        else:
+            assert sorted(listed[:n].tolist()) == want, (trial, E, lo)
+
+
+def _plain_shares(w, lo):
+    out = []
+    for v in w:
+        j = 1
+        while v / j >= lo:
+            out.append(v / j)
+            j += 1
+    return sorted(out)
+
+
+def test_select_by_bits_is_the_kth_largest():
+    """The bucketed selection of the k-th largest against sorting: ties (few distinct
+    values, all equal), buckets ranked among themselves and buckets passed to FIND,
+    values spread over many binades, every k."""
+    from eplb_opt.bounds import _select_by_bits
+
+    rng = np.random.default_rng(14)
+    buckets = np.empty(128, dtype=np.int64)
+    for trial in range(300):
+        n = int(rng.integers(1, 400))
+        a = [rng.random(n) + 0.5, rng.integers(1, 4, n).astype(float), np.full(n, 7.0),
+             10.0 ** rng.uniform(-300, 300, n), rng.pareto(1.0, n) + 1e-3][trial % 5]
+        for k in sorted({1, n, int(rng.integers(1, n + 1)), (n + 1) // 2}):
+            want = np.sort(a)[::-1][k - 1]
+            got = _select_by_bits(a.copy(), n, k, np.empty(n), buckets)
+            assert got == want, (trial, n, k)
