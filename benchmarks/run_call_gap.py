@@ -121,7 +121,7 @@ def _kernels_alone(p: Any, inputs: list, repeats: int) -> dict:
 
     def state(w: np.ndarray) -> dict:
         w = np.array(w, dtype=np.float64)
-        nog, _, experts, neg, cnt, logcnt, order = pp._counts_step(w, R, p.num_groups, N, G, None)
+        nog, _, experts, neg, cnt, logcnt, order, _ = pp._counts_step(w, R, p.num_groups, N, G, None)
         neg0 = np.empty_like(neg)
         pp._node_layers(w, np.ascontiguousarray(nog, dtype=np.int64), np.empty_like(experts), neg0)
         return {"experts": experts, "neg": neg, "cnt": cnt, "logcnt": logcnt, "order": order, "neg0": neg0,
@@ -139,7 +139,7 @@ def _kernels_alone(p: Any, inputs: list, repeats: int) -> dict:
     steps = {
         "_count_layers": (lambda s: pp._count_layers(extra, cap, s["experts"], s["work"][0], s["work"][1], s["work"][2],
                                                      s["logcnt"]), restore),
-        "_pack_layers": (lambda s: pp._pack_layers(s["experts"], s["neg"], s["cnt"], s["order"], G // N,
+        "_pack_layers": (lambda s: pp._pack_layers(s["experts"], s["neg"], s["cnt"], s["order"], True, G // N,
                                                    DEFAULT_REFINE_ROUNDS, True, phy2log), None),
     }
     return {name: {label: _median_after(step, group, before, repeats)

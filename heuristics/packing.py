@@ -71,6 +71,10 @@ _SEPARATE_ROUNDS = 64
 # Labels above this are renumbered at the boundary (kernels index a table by label).
 _LABEL_TABLE_MAX = 1 << 20
 
+# Packs up to which :func:`_kk_row` sorts each merge by counting (:func:`_rank_merge`,
+# ``P * P`` comparisons without a branch); wider rows insert (about ``P * P / 4`` moves).
+_RANK_SORT = 32
+
 
 def _check(values: np.ndarray, num_packs: int) -> tuple[int, int, int]:
     if values.ndim != 2:
@@ -154,9 +158,12 @@ def _top(a):
 def _first_top(a):
     """The index of the first largest value of the 1-D ``a`` (``a`` not empty, no NaN)."""
     j = 0
-    for i in range(1, a.size):
-        if a[i] > a[j]:
-            j = i
+    top = a[0]
+    for i in range(1, a.size):              # selects, not branches: the values come in any order
+        x = a[i]
+        up = x > top
+        j = i if up else j
+        top = x if up else top
     return j
 
 
@@ -348,7 +355,7 @@ def _unsplit_rows(sorted_labels, P, perm):
 def _kk_work(P, k):
     """Work arrays of :func:`_kk_row` for ``P`` packs of ``k`` slots."""
     return (np.empty((k, P)), np.empty(k), np.empty(P), np.empty((k, P + 2), np.int64),
-            np.empty((k, P), np.int64), np.empty(P, np.int64))
+            np.empty((k, P), np.int64), np.empty(P, np.int64), np.empty(P))
 
 
 @kernel
@@ -356,7 +363,7 @@ def _kk_row(sv, lay, work):
     """Largest differencing over items sorted by decreasing load ``sv [n]`` into ``lay
     [P, k]`` (positions; slot ``b`` of every pack holds an item of block ``b``)."""
     P, k = lay.shape
-    parts, spread, raw, hist, final, after = work  # parts: subset loads ascending
+    parts, spread, raw, hist, final, after, sums = work  # parts: subset loads ascending
     for b in range(k):
         for i in range(P):
             parts[b, i] = sv[b * P + P - 1 - i]   # block b arrives heaviest first
@@ -365,17 +372,20 @@ def _kk_row(sv, lay, work):
         ia = _first_top(spread)
         spread[ia] = -np.inf
         ib = _first_top(spread)
-        # Lightest of ia with heaviest of ib, sorted as they come (insertion, stable):
-        # raw[j] is the j-th lightest merged subset, hist[step, 2 + j] its position i.
-        for i in range(P):
-            x = parts[ia, i] + parts[ib, P - 1 - i]
-            j = i
-            while j > 0 and raw[j - 1] > x:
-                raw[j] = raw[j - 1]
-                hist[step, 2 + j] = hist[step, 1 + j]
-                j -= 1
-            raw[j] = x
-            hist[step, 2 + j] = i
+        # Lightest of ia with heaviest of ib, sorted, ties in the order they come: raw[j]
+        # is the j-th lightest merged subset, hist[step, 2 + j] its position i.
+        if P <= _RANK_SORT:
+            _rank_merge(parts, ia, ib, sums, raw, hist[step])
+        else:
+            for i in range(P):                 # insertion, stable
+                x = parts[ia, i] + parts[ib, P - 1 - i]
+                j = i
+                while j > 0 and raw[j - 1] > x:
+                    raw[j] = raw[j - 1]
+                    hist[step, 2 + j] = hist[step, 1 + j]
+                    j -= 1
+                raw[j] = x
+                hist[step, 2 + j] = i
         parts[ia] = raw
         spread[ia] = parts[ia, P - 1] - parts[ia, 0]
         spread[ib] = -np.inf
@@ -394,6 +404,26 @@ def _kk_row(sv, lay, work):
     for b in range(k):
         for j in range(P):
             lay[final[b, P - 1 - j], b] = b * P + j
+
+
+@kernel
+def _rank_merge(parts, ia, ib, sums, raw, hist):
+    """One merge of :func:`_kk_row` by counting instead of insertion: sum ``i`` (the
+    ``i``-th lightest subset of ``ia`` with the ``i``-th heaviest of ``ib``) goes to
+    place ``#{j: sums[j] < sums[i]} + #{j < i: sums[j] == sums[i]}`` of ``raw``, its
+    position ``i`` to ``hist[2 + place]``: the order a stable insertion gives, with no
+    branch that depends on the values."""
+    P = sums.shape[0]
+    for i in range(P):
+        sums[i] = parts[ia, i] + parts[ib, P - 1 - i]
+    for i in range(P):
+        x = sums[i]
+        place = 0
+        for j in range(P):
+            y = sums[j]
+            place += (y < x) | ((y == x) & (j < i))
+        raw[place] = x
+        hist[2 + place] = i
 
 
 @kernel
@@ -966,10 +996,9 @@ def _settle_order(neg, order):
 @kernel
 def _items_row(neg, c, order, num_packs, values, labels):
     """:func:`replica_items` on one row: from ``neg`` (``[e]``, minus each expert's
-    per-replica load ``w / c``), the counts ``c`` and ``order`` (``neg``'s argsort, settled
-    here by :func:`_settle_order`), writes the items' ``values`` and ``labels`` (``[n]``);
+    per-replica load ``w / c``), the counts ``c`` and ``order`` (``neg``'s order, ties by
+    index: :func:`_settle_order`), writes the items' ``values`` and ``labels`` (``[n]``);
     returns the row's bound."""
-    _settle_order(neg, order)
     i = 0
     total = 0.0
     for j in order:
@@ -984,8 +1013,10 @@ def _items_row(neg, c, order, num_packs, values, labels):
 
 @kernel
 def _items_rows(neg, c, order, num_packs, values, labels, bound):
-    """:func:`_items_row` on every row into ``values``, ``labels`` and ``bound``."""
+    """:func:`_items_row` on every row into ``values``, ``labels`` and ``bound``, each
+    row's ``order`` (``neg``'s argsort) settled first."""
     for r in range(neg.shape[0]):
+        _settle_order(neg[r], order[r])
         bound[r] = _items_row(neg[r], c[r], order[r], num_packs, values[r], labels[r])
 
 

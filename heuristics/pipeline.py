@@ -78,12 +78,12 @@ def place(
         (``ValueError``); callers validate user input (``eplb_opt`` does).
     """
     w = writable(np.ascontiguousarray(weight, dtype=np.float64))
-    node_of_group, exact, experts, neg, cnt, logcnt, order = _counts_step(w, num_replicas, num_groups, num_nodes,
-                                                                           num_gpus, node_of_group)
+    node_of_group, exact, experts, neg, cnt, logcnt, order, settled = _counts_step(
+        w, num_replicas, num_groups, num_nodes, num_gpus, node_of_group)
     # 3. The packing (:func:`_pack_layers`) of each node's experts in item order.
     phy2log = np.empty((w.shape[0], num_replicas), dtype=np.int64)
     _pack_layers(
-        experts, neg, cnt, order, int(num_gpus // num_nodes),
+        experts, neg, cnt, order, settled, int(num_gpus // num_nodes),
         int(DEFAULT_REFINE_ROUNDS if refine_rounds is None else refine_rounds), bool(allow_duplicates), phy2log,
     )
     return Placement(phy2log=phy2log, logcnt=logcnt, node_of_group=node_of_group, groups_exact=exact)
@@ -101,11 +101,11 @@ def replica_counts_of(weight: np.ndarray, num_replicas: int, num_groups: int, nu
 def _counts_step(w: np.ndarray, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int,
                  node_of_group: np.ndarray | None):
     """Steps 1 and 2 of :func:`place` on ``w`` ``[L, E]`` float64: ``(node_of_group,
-    exact, experts, neg, cnt, logcnt, order)``, each node's experts with minus their
-    per-replica loads, their replica counts and their order by ``neg`` ``[L, N, E / N]``
-    (what the packing takes; ties by index with at most ``_FEW`` spares per node, else
-    as numpy's argsort leaves them, for the packing to settle) and the counts per expert
-    ``[L, E]``."""
+    exact, experts, neg, cnt, logcnt, order, settled)``, each node's experts with minus
+    their per-replica loads, their replica counts and their order by ``neg`` ``[L, N, E /
+    N]`` (what the packing takes; ``settled``: ties by index, with at most ``_FEW``
+    spares per node, else as numpy's argsort leaves them, for the packing to settle) and
+    the counts per expert ``[L, E]``."""
     _check_shapes(w, num_replicas, num_groups, num_nodes, num_gpus)
     num_layers, num_experts = w.shape
     gpus_per_node = num_gpus // num_nodes
@@ -126,13 +126,14 @@ def _counts_step(w: np.ndarray, num_replicas: int, num_groups: int, num_nodes: i
     # The item order: numpy's argsort, settled in the kernels.  With a few spares it is
     # taken first: they go to the first experts by load, and those given one are moved
     # in it (:func:`_spares_row`); with many, after the counts.
-    if extra <= _FEW:
+    settled = extra <= _FEW
+    if settled:
         order = item_order(neg)
         _count_layers(int(extra), int(cap), experts, neg, order, cnt, logcnt)
     else:
         _count_layers(int(extra), int(cap), experts, neg, np.zeros((1, 1, 1), dtype=np.int64), cnt, logcnt)
         order = item_order(neg)
-    return node_of_group, exact, experts, neg, cnt, logcnt, order
+    return node_of_group, exact, experts, neg, cnt, logcnt, order, settled
 
 
 @kernel
@@ -268,10 +269,11 @@ _CHUNK_ITEMS = 8192
 
 
 @kernel
-def _pack_layers(experts, neg, cnt, order, num_packs, rounds, allow_dup, phy2log):
+def _pack_layers(experts, neg, cnt, order, settled, num_packs, rounds, allow_dup, phy2log):
     """Step 3 of :func:`place` on every layer: the replicas of its nodes as sorted items
     (:func:`~.packing._items_row`, from :func:`_count_layers`' ``neg`` and ``cnt`` and
-    ``order``, ``neg``'s argsort per node), every row's target the largest of its
+    ``order``, ``neg``'s argsort per node, settled here unless ``settled``:
+    :func:`~.packing._settle_order`), every row's target the largest of its
     layer's bounds, and the packing of each layer's nodes as one segment
     (:func:`~.packing._pack_segments`, on chunks of layers of about
     :data:`_CHUNK_ITEMS` replicas, its work arrays unpacked once a chunk); writes
@@ -290,6 +292,8 @@ def _pack_layers(experts, neg, cnt, order, num_packs, rounds, allow_dup, phy2log
             top = -np.inf
             for nd in range(S):
                 r = l * S + nd
+                if not settled:
+                    _settle_order(neg[l0 + l, nd], order[l0 + l, nd])
                 top = max(top, _items_row(neg[l0 + l, nd], cnt[l0 + l, nd], order[l0 + l, nd], num_packs,
                                           values[r], labels[r]))
             target[l * S:(l + 1) * S] = top

@@ -409,7 +409,8 @@ def test_place_count_step_is_the_rule_and_the_item_order():
         w = _loads(rng, 2, N * m, trial % 3)
         if trial % 7 == 0:
             w[0] = 0.0
-        nog, _, experts, neg, cnt, logcnt, order = pp._counts_step(w, R, N, N, gpus, None)
+        nog, _, experts, neg, cnt, logcnt, order, settled = pp._counts_step(w, R, N, N, gpus, None)
+        assert settled == (R // N - m <= A._FEW)
         extra, cap = R // N - m, max(gpus // N, -(-(R // N) // m))
         for l in range(2):
             for nd in range(N):

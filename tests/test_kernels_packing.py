@@ -220,9 +220,12 @@ def ref_kk(sv, P):
 
 
 def test_kk_matches_reference():
+    """Merges sorted by counting (up to 32 packs) and by insertion (wider rows)."""
     rng = np.random.default_rng(4)
     for trial in range(300):
         P, k = int(rng.integers(1, 9)), int(rng.integers(1, 9))
+        if trial % 10 == 0:
+            P, k = int(rng.integers(30, 40)), int(rng.integers(2, 5))
         sv, _ = random_row(rng, P, k, ties=trial % 2 == 0)
         lay = np.empty((P, k), dtype=np.int64)
         K._kk_row(sv, lay, K._kk_work(P, k))
