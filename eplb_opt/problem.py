@@ -127,6 +127,8 @@ def _torch_to_numpy(value: Any) -> np.ndarray:
     import torch
 
     t = value.detach()
+    if t.dtype == torch.float64 and t.device.type == "cpu":
+        return t.numpy()                        # the common case: nothing to convert
     if t.is_complex():
         raise InvalidTypeError(f"weight must hold real loads, got complex dtype {t.dtype}")
     if t.dtype == torch.bool:

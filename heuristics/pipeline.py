@@ -141,17 +141,16 @@ def _node_rows(w_l, node_of_group_l, experts, neg):
     """The experts of every node of one layer (``experts [N, E / N]``, node by node, its
     groups in index order) and minus their loads (``neg``), from ``w_l [E]`` and the
     layer's ``node_of_group [num_groups]``."""
-    num_nodes = experts.shape[0]
     num_groups = node_of_group_l.shape[0]
     gs = w_l.shape[0] // num_groups
-    for nd in range(num_nodes):
-        j = 0
-        for g in range(num_groups):
-            if node_of_group_l[g] == nd:
-                for x in range(g * gs, g * gs + gs):
-                    experts[nd, j] = x
-                    neg[nd, j] = -w_l[x]
-                    j += 1
+    for g in range(num_groups):                 # group g after its node's lower groups
+        nd = node_of_group_l[g]
+        r = 0
+        for q in range(g):
+            r += node_of_group_l[q] == nd
+        for t in range(gs):
+            experts[nd, r * gs + t] = g * gs + t
+            neg[nd, r * gs + t] = -w_l[g * gs + t]
 
 
 @kernel
