@@ -122,25 +122,21 @@ def _kernels_alone(p: Any, inputs: list, repeats: int) -> dict:
     def state(w: np.ndarray) -> dict:
         w = np.array(w, dtype=np.float64)
         nog, _, experts, neg, cnt, logcnt, order, _ = pp._counts_step(w, R, p.num_groups, N, G, None)
-        neg0 = np.empty_like(neg)
-        pp._node_layers(w, np.ascontiguousarray(nog, dtype=np.int64), np.empty_like(experts), neg0)
+        neg0 = pp._node_layers(w, np.ascontiguousarray(nog, dtype=np.int64), N)[1]
         return {"experts": experts, "neg": neg, "cnt": cnt, "logcnt": logcnt, "order": order, "neg0": neg0,
-                "order0": item_order(neg0), "work": (np.empty_like(neg0), np.empty_like(order), np.ones_like(cnt))}
+                "order0": item_order(neg0), "work": (np.empty_like(neg0), np.empty_like(order))}
 
     def restore(s: dict) -> None:
         np.copyto(s["work"][0], s["neg0"])
         np.copyto(s["work"][1], s["order0"])
-        s["work"][2].fill(1)
 
     states = [state(x.numpy()) for x in inputs]
     copies = [{k: (tuple(np.array(a, copy=True) for a in v) if k == "work" else np.array(v, copy=True))
                for k, v in states[0].items()} for _ in states]
-    phy2log = np.empty((inputs[0].shape[0], R), dtype=np.int64)
     steps = {
-        "_count_layers": (lambda s: pp._count_layers(extra, cap, s["experts"], s["work"][0], s["work"][1], s["work"][2],
-                                                     s["logcnt"]), restore),
-        "_pack_layers": (lambda s: pp._pack_layers(s["experts"], s["neg"], s["cnt"], s["order"], True, G // N,
-                                                   DEFAULT_REFINE_ROUNDS, True, phy2log), None),
+        "_count_layers": (lambda s: pp._count_layers(extra, cap, s["experts"], s["work"][0], s["work"][1]), restore),
+        "_pack_layers": (lambda s: pp._pack_layers(s["experts"], s["neg"], s["cnt"], s["order"], True, R, G // N,
+                                                   DEFAULT_REFINE_ROUNDS, True), None),
     }
     return {name: {label: _median_after(step, group, before, repeats)
                    for label, group in (("one_input", states[:1]), ("copies_of_one", copies), ("inputs_20", states))}

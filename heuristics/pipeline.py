@@ -81,10 +81,9 @@ def place(
     node_of_group, exact, experts, neg, cnt, logcnt, order, settled = _counts_step(
         w, num_replicas, num_groups, num_nodes, num_gpus, node_of_group)
     # 3. The packing (:func:`_pack_layers`) of each node's experts in item order.
-    phy2log = np.empty((w.shape[0], num_replicas), dtype=np.int64)
-    _pack_layers(
-        experts, neg, cnt, order, settled, int(num_gpus // num_nodes),
-        int(DEFAULT_REFINE_ROUNDS if refine_rounds is None else refine_rounds), bool(allow_duplicates), phy2log,
+    phy2log = _pack_layers(
+        experts, neg, cnt, order, settled, int(num_replicas), int(num_gpus // num_nodes),
+        int(DEFAULT_REFINE_ROUNDS if refine_rounds is None else refine_rounds), bool(allow_duplicates),
     )
     return Placement(phy2log=phy2log, logcnt=logcnt, node_of_group=node_of_group, groups_exact=exact)
 
@@ -107,7 +106,7 @@ def _counts_step(w: np.ndarray, num_replicas: int, num_groups: int, num_nodes: i
     spares per node, else as numpy's argsort leaves them, for the packing to settle) and
     the counts per expert ``[L, E]``."""
     _check_shapes(w, num_replicas, num_groups, num_nodes, num_gpus)
-    num_layers, num_experts = w.shape
+    num_experts = w.shape[1]
     gpus_per_node = num_gpus // num_nodes
     # 1. Groups to nodes.
     node_of_group, exact = _groups_step(w, num_groups, num_nodes, node_of_group)
@@ -117,21 +116,18 @@ def _counts_step(w: np.ndarray, num_replicas: int, num_groups: int, num_nodes: i
     if extra < 0:
         raise ValueError(f"num_replicas={per_node} is below the expert count {num_experts // num_nodes}")
     cap = max(gpus_per_node, -(-per_node // (num_experts // num_nodes)))
-    m = num_experts // num_nodes
-    experts = np.empty((num_layers, num_nodes, m), dtype=np.int64)
-    neg = np.empty((num_layers, num_nodes, m))
-    _node_layers(w, np.ascontiguousarray(node_of_group, dtype=np.int64), experts, neg)
-    cnt = np.ones((num_layers, num_nodes, m), dtype=np.int64)
-    logcnt = np.empty((num_layers, num_experts), dtype=np.int64)
+    # The arrays of the steps are allocated in the kernels (a numpy call each would be
+    # one more step on the call's path).
+    experts, neg = _node_layers(w, np.ascontiguousarray(node_of_group, dtype=np.int64), num_nodes)
     # The item order: numpy's argsort, settled in the kernels.  With a few spares it is
     # taken first: they go to the first experts by load, and those given one are moved
     # in it (:func:`_spares_row`); with many, after the counts.
     settled = extra <= _FEW
     if settled:
         order = item_order(neg)
-        _count_layers(int(extra), int(cap), experts, neg, order, cnt, logcnt)
+        cnt, logcnt = _count_layers(int(extra), int(cap), experts, neg, order)
     else:
-        _count_layers(int(extra), int(cap), experts, neg, np.zeros((1, 1, 1), dtype=np.int64), cnt, logcnt)
+        cnt, logcnt = _count_layers(int(extra), int(cap), experts, neg, _NO_ORDER)
         order = item_order(neg)
     return node_of_group, exact, experts, neg, cnt, logcnt, order, settled
 
@@ -153,24 +149,34 @@ def _node_rows(w_l, node_of_group_l, experts, neg):
             neg[nd, r * gs + t] = -w_l[g * gs + t]
 
 
+# The order _count_layers is given where it reads none (many spares).
+_NO_ORDER = np.zeros((1, 1, 1), dtype=np.int64)
+
+
 @kernel
-def _node_layers(w, node_of_group, experts, neg):
-    """:func:`_node_rows` of every layer of ``w`` (``[L, E]``) into ``experts`` and
-    ``neg`` (``[L, N, E / N]``)."""
-    for l in range(w.shape[0]):
+def _node_layers(w, node_of_group, num_nodes):
+    """``(experts, neg)``, ``[L, N, E / N]``: :func:`_node_rows` of every layer of ``w``
+    (``[L, E]``)."""
+    L, E = w.shape
+    experts = np.empty((L, num_nodes, E // num_nodes), dtype=np.int64)
+    neg = np.empty((L, num_nodes, E // num_nodes))
+    for l in range(L):
         _node_rows(w[l], node_of_group[l], experts[l], neg[l])
+    return experts, neg
 
 
 @kernel
-def _count_layers(extra, cap, experts, neg, order, cnt, logcnt):
+def _count_layers(extra, cap, experts, neg, order):
     """Step 2 of :func:`place` on every node row of every layer (``[L, N, E / N]``:
-    ``neg``, minus the loads, from :func:`_node_layers`): the replica counts (``extra``
-    spares per node, at most ``cap`` per expert; ``cnt`` starts all ones), then ``neg``
-    becomes minus the per-replica loads (:func:`_spares_row`); writes ``logcnt [L, E]``
-    too.  With at most ``_FEW`` spares ``order`` is ``neg``'s argsort, settled here and
-    kept the order of ``neg`` as it changes (ties by index); with more it is a
-    placeholder, not read."""
+    ``neg``, minus the loads, from :func:`_node_layers`): ``(cnt, logcnt)``, the replica
+    counts (``extra`` spares per node, at most ``cap`` per expert) per row and per expert
+    (``[L, E]``); ``neg`` becomes minus the per-replica loads (:func:`_spares_row`).
+    With at most ``_FEW`` spares ``order`` is ``neg``'s argsort, settled here and kept
+    the order of ``neg`` as it changes (ties by index); with more it is a placeholder,
+    not read."""
     L, S, m = experts.shape
+    cnt = np.ones((L, S, m), dtype=np.int64)
+    logcnt = np.empty((L, S * m), dtype=np.int64)
     work = (np.empty(m), np.empty(m, np.int64), np.empty(m), np.zeros(m, np.bool_), np.empty(m, np.int64))
     for l in range(L):
         for nd in range(S):
@@ -181,6 +187,7 @@ def _count_layers(extra, cap, experts, neg, order, cnt, logcnt):
                 _spares_row(extra, cap, neg[l, nd], order[l, nd] if extra <= _FEW else order[0, 0], c, work)
             for j in range(m):
                 logcnt[l, experts[l, nd, j]] = c[j]
+    return cnt, logcnt
 
 
 @kernel
@@ -268,17 +275,18 @@ _CHUNK_ITEMS = 8192
 
 
 @kernel
-def _pack_layers(experts, neg, cnt, order, settled, num_packs, rounds, allow_dup, phy2log):
+def _pack_layers(experts, neg, cnt, order, settled, num_replicas, num_packs, rounds, allow_dup):
     """Step 3 of :func:`place` on every layer: the replicas of its nodes as sorted items
     (:func:`~.packing._items_row`, from :func:`_count_layers`' ``neg`` and ``cnt`` and
     ``order``, ``neg``'s argsort per node, settled here unless ``settled``:
     :func:`~.packing._settle_order`), every row's target the largest of its
     layer's bounds, and the packing of each layer's nodes as one segment
     (:func:`~.packing._pack_segments`, on chunks of layers of about
-    :data:`_CHUNK_ITEMS` replicas, its work arrays unpacked once a chunk); writes
-    ``phy2log [L, R]``."""
+    :data:`_CHUNK_ITEMS` replicas, its work arrays unpacked once a chunk); returns
+    ``phy2log [L, R]`` (``R = num_replicas``)."""
     L, S, m = experts.shape
-    n = phy2log.shape[1] // S
+    n = num_replicas // S
+    phy2log = np.empty((L, num_replicas), dtype=np.int64)
     k = n // num_packs
     C = min(L, max(1, _CHUNK_ITEMS // (S * n)))         # layers per chunk
     values, labels = np.empty((C * S, n)), np.empty((C * S, n), np.int64)
@@ -309,6 +317,7 @@ def _pack_layers(experts, neg, cnt, order, settled, num_packs, rounds, allow_dup
                 for p in range(num_packs):
                     for t in range(k):
                         phy2log[l0 + l, nd * n + p * k + t] = experts[l0 + l, nd, labels[r, out[r, p, t]]]
+    return phy2log
 
 
 def _check_shapes(w: np.ndarray, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int) -> None:
