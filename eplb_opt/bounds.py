@@ -244,18 +244,22 @@ def _kth_by_heap(x, k, val, who, nxt):
 @kernel
 def _shares_above(x, lo, listed):
     """Write every share ``x_e / j`` (``j >= 1``) at or above ``lo > 0`` into ``listed``
-    (in no particular order) and return how many, or -1 when they do not fit.  An
-    expert's shares only fall as ``j`` grows (float64 division rounds monotonically), so
-    its first one below ``lo`` ends its list.
+    (in no particular order) and return how many, or -1 when they do not fit.
 
     The first shares (``x_e`` itself) are gathered in one pass without a branch (each
     written, and kept by counting it only when at or above ``lo``); then the experts
     with a second share (``x_e / 2 >= lo``, that is ``x_e >= 2 lo``: halving is exact
     above the subnormals) add the rest of theirs, a few experts and a branch that seldom
-    turns.  Near the subnormals (``lo < 1e-300``) the shares are listed one by one."""
+    turns.  Near the subnormals (``lo < 1e-300``), or where ``listed`` is too short to
+    gather into, every expert's shares are listed in turn."""
     E = x.size
     if listed.size < E + 1 or lo < 1e-300:      # the gathering writes one past them
-        return _shares_one_by_one(x, lo, listed)
+        n = 0
+        for e in range(E):
+            n = _shares_from(x[e], 1.0, lo, listed, n)
+            if n < 0:
+                return -1
+        return n
     n = 0
     for e in range(E):
         v = x[e]
@@ -263,36 +267,27 @@ def _shares_above(x, lo, listed):
         n += v >= lo
     twice = 2.0 * lo
     for e in range(E):
-        v = x[e]
-        if v >= twice:
-            j = 2.0
-            s = v / j
-            while s >= lo:
-                if n == listed.size:
-                    return -1
-                listed[n] = s
-                n += 1
-                j += 1.0
-                s = v / j
+        if x[e] >= twice:
+            n = _shares_from(x[e], 2.0, lo, listed, n)
+            if n < 0:
+                return -1
     return n
 
 
 @kernel
-def _shares_one_by_one(x, lo, listed):
-    """:func:`_shares_above` expert by expert, for a ``listed`` too short to gather the
-    first shares into (every share of an expert in turn)."""
-    n = 0
-    for e in range(x.size):
-        v = x[e]
-        j = 1.0
-        s = v
-        while s >= lo:
-            if n == listed.size:
-                return -1
-            listed[n] = s
-            n += 1
-            j += 1.0
-            s = v / j
+def _shares_from(v, j, lo, listed, n):
+    """Append the shares ``v / j``, ``v / (j + 1)``, ... at or above ``lo`` to ``listed``
+    from position ``n``; returns the new count, or -1 when they do not fit.  A load's
+    shares only fall as ``j`` grows (float64 division rounds monotonically), so its
+    first one below ``lo`` ends the list (``v / 1`` is ``v`` bit for bit)."""
+    s = v / j
+    while s >= lo:
+        if n == listed.size:
+            return -1
+        listed[n] = s
+        n += 1
+        j += 1.0
+        s = v / j
     return n
 
 
