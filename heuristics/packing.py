@@ -653,7 +653,7 @@ def _round_work(P, k):
 
 
 @kernel
-def _heavy_swaps(v, lab, loads, occ, multi, work):
+def _heavy_swaps(v, lab, loads, occ, multi, order, items, buf, mids, halves, first, cand, acc, ok, d):
     """Several swaps of the heaviest pack ``h = order[-1]`` in one round.
 
     Candidate 0 is the best single swap (``first = (a slot, partner, b slot)``, or
@@ -666,7 +666,6 @@ def _heavy_swaps(v, lab, loads, occ, multi, work):
     above the rest (one dominant expert) thus sheds many items per round instead of one.
 
     Writes ``cand [q + 1, 3]`` (a slot, partner, b slot) and ``acc [q + 1]``."""
-    order, items, buf, mids, halves, first, _, _, cand, acc, ok, d, _, _ = work
     P, k = v.shape
     q = acc.shape[0] - 1
     h = order[P - 1]
@@ -700,8 +699,11 @@ def _heavy_swaps(v, lab, loads, occ, multi, work):
 
 
 @kernel
-def _refine_round(lay, v, lab, loads, occ, multi, work):
-    """One refinement round on one row (in place): the best swaps of the heaviest pack
+def _refine_round(lay, v, lab, loads, occ, multi, order, items, buf, mids, halves, first, pval, pslot, cand, acc,
+                  ok, d, touched, vb):
+    """One refinement round on one row (in place; the work arrays are
+    :func:`_round_work`'s, passed one by one: a tuple passed to a kernel costs a
+    reference count per array and call): the best swaps of the heaviest pack
     with its ``near`` lightest packs (:func:`_heavy_swaps`), then the paired swaps
     (i-th heaviest, i-th lightest, ``pairs`` of them) touching neither pack changed
     first (all as evaluated on the state before the round).  Returns whether the
@@ -711,7 +713,6 @@ def _refine_round(lay, v, lab, loads, occ, multi, work):
     the best swap found so far is not searched (a swap leaves the pair at ``mid + |d -
     half| >= mid``), and a pair is searched only once it is known to touch no pack
     changed first (its packs, and so its best swap, are then as before the round)."""
-    order, _, buf, mids, halves, first, pval, pslot, cand, acc, _, _, touched, vb = work
     P, k = v.shape
     near, pairs = mids.shape[0], pval.shape[0]
     _order(loads, order, buf, 1.0)                     # lightest first
@@ -729,7 +730,7 @@ def _refine_round(lay, v, lab, loads, occ, multi, work):
             best = val
             first[0], first[1], first[2] = a, order[j], b
     acc[0] = best < np.inf
-    _heavy_swaps(v, lab, loads, occ, multi, work)
+    _heavy_swaps(v, lab, loads, occ, multi, order, items, buf, mids, halves, first, cand, acc, ok, d)
     touched[:] = False
     touched[h] = acc[0]
     for c in range(acc.shape[0]):
@@ -753,6 +754,7 @@ def _refine_segment(lay, v, lab, loads, occ, multi, m, thresh, max_rounds, work)
     k]`` and so on), which form one segment: its objective is their joint heaviest
     pack.  Each round refines every row above its ``thresh`` that attains the
     segment's maximum; the segment stops when such a row finds no improving swap."""
+    order, items, buf, mids, halves, first, pval, pslot, cand, acc, ok, d, touched, vb = work
     row_max = np.empty(m)
     for _ in range(max_rounds):
         seg_max = -np.inf
@@ -764,7 +766,8 @@ def _refine_segment(lay, v, lab, loads, occ, multi, m, thresh, max_rounds, work)
         for i in range(m):
             if row_max[i] > thresh[i] and row_max[i] >= seg_max * (1 - _REL_EPS):
                 active = True
-                if not _refine_round(lay[i], v[i], lab[i], loads[i], occ[i], multi[i], work):
+                if not _refine_round(lay[i], v[i], lab[i], loads[i], occ[i], multi[i], order, items, buf, mids,
+                                     halves, first, pval, pslot, cand, acc, ok, d, touched, vb):
                     stuck = True
         if stuck or not active:
             return

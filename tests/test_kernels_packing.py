@@ -416,7 +416,7 @@ def test_refine_round_matches_reference(ties):
         values, labels, st = random_state(rng, P, k, ties)
         ref = [a.copy() for a in st]
         lay, v, lab, loads, occ, multi = st
-        got = K._refine_round(lay, v, lab, loads, occ, multi, K._round_work(P, k))
+        got = K._refine_round(lay, v, lab, loads, occ, multi, *K._round_work(P, k))
         want = ref_round(ref[0], ref[1], ref[2], ref[3], ref[5])
         assert got == want
         assert np.array_equal(lay, ref[0])
