@@ -44,7 +44,7 @@ from math import comb
 
 from .heuristics import ENUMERATION_LIMIT, equal_partitions, node_load_lower_bound, num_partitions
 from .heuristics.compile import kernel, warmer, writable
-from .metrics import pairwise_sum
+from .heuristics.grouping import group_loads, pairwise_sum
 
 __all__ = ["Bounds", "lower_bounds", "min_max_replica_load", "partition_cardinality_bound", "node_replica_bound"]
 
@@ -106,13 +106,13 @@ def min_max_replica_load(weight: np.ndarray, num_replicas: int) -> np.ndarray:
     """
     w = np.asarray(weight, dtype=np.float64)
     rows, E = w.shape
-    out = w.max(axis=1) if E else np.zeros(rows)
     k = int(num_replicas) - E + 1
-    live = out > 0
-    if k > 1 and live.all():
-        return _kth_largest_share(w, k)
-    if k > 1 and live.any():
-        out[live] = _kth_largest_share(w[live], k)
+    if k <= 1 or E == 0 or rows == 0:
+        return w.max(axis=1) if E else np.zeros(rows)
+    out = np.empty(rows)
+    if _kth_shares(writable(np.ascontiguousarray(w)), k, out):     # rows without a positive load
+        dead = np.isnan(out)
+        out[dead] = w[dead].max(axis=1)
     return out
 
 
@@ -164,10 +164,11 @@ def _taken_above(w, v):
 @kernel
 def _kth_shares(w, k, out):
     """``out[r]``: the ``k``-th largest share ``w_e / j`` (``j >= 1``, the float64
-    quotient) of each row of ``w`` (``[rows, E]``, every row with a positive load,
-    ``k >= 1``): :func:`_kth_by_list` where ``k >= E / 16``, else (a few heap steps, a
-    list of about ``E / 2`` shares) and for a row whose list would not fit (none, by the
-    count in :func:`_kth_by_list`), :func:`_kth_by_heap`.  Both give the same value."""
+    quotient) of each row of ``w`` (``[rows, E]``, ``k >= 1``): :func:`_kth_by_list`
+    where ``k >= E / 16``, else (a few heap steps, a list of about ``E / 2`` shares) and
+    for a row whose list would not fit (none, by the count in :func:`_kth_by_list`),
+    :func:`_kth_by_heap`.  Both give the same value.  A row without a positive load gets
+    NaN (its answer is its largest load, which the caller takes); returns how many."""
     rows, E = w.shape
     val = np.empty(E)
     who = np.empty(E, dtype=np.int64)
@@ -176,9 +177,19 @@ def _kth_shares(w, k, out):
     listed = np.empty(k + E + 64 if listing else 0)
     spare = np.empty(listed.size)
     buckets = np.empty(_BUCKETS, dtype=np.int64)
+    dead = 0
     for r in range(rows):
-        ok, x = _kth_by_list(w[r], k, listed, spare, buckets) if listing else (False, 0.0)
-        out[r] = x if ok else _kth_by_heap(w[r], k, val, who, nxt)
+        x = w[r]
+        live = False
+        for e in range(E):
+            live |= x[e] > 0
+        if not live:
+            out[r] = np.nan
+            dead += 1
+            continue
+        ok, v = _kth_by_list(x, k, listed, spare, buckets) if listing else (False, 0.0)
+        out[r] = v if ok else _kth_by_heap(x, k, val, who, nxt)
+    return dead
 
 
 @kernel
@@ -193,11 +204,22 @@ def _kth_by_list(x, k, listed, spare, buckets):
     rounding of the sum ``S``.  No count vector summing to ``k + E - 1`` brings every
     per-replica load below that average, so the answer is above ``lo`` and every share
     at or above the answer is listed.  The shares listed sum to at most ``S``, so there
-    are at most about ``(k + E - 1) (1 + 1e-6)`` of them."""
+    are at most about ``(k + E - 1) (1 + 1e-6)`` of them.  ``S`` is summed in four
+    running sums (no chain of ``E`` dependent additions): any order errs by at most
+    ``E`` ulps of ``S``, far inside the margin."""
     E = x.size
-    total = 0.0
-    for e in range(E):
-        total += x[e]
+    s0, s1, s2, s3 = 0.0, 0.0, 0.0, 0.0
+    e = 0
+    while e + 4 <= E:
+        s0 += x[e]
+        s1 += x[e + 1]
+        s2 += x[e + 2]
+        s3 += x[e + 3]
+        e += 4
+    while e < E:
+        s0 += x[e]
+        e += 1
+    total = (s0 + s1) + (s2 + s3)
     n = _shares_above(x, total / (k + E - 1) * (1 - 1e-6), listed)
     if n < k:
         return False, 0.0
@@ -369,14 +391,6 @@ def _select(a, n, k):
     return a[t]
 
 
-def _kth_largest_share(w: np.ndarray, k: int) -> np.ndarray:
-    """``[rows]``: the ``k``-th largest share ``w_e / j`` of each row of ``[rows, E]``
-    (every row with a positive load, ``k >= 2``): :func:`_kth_shares`."""
-    out = np.empty(w.shape[0])
-    _kth_shares(writable(np.ascontiguousarray(w, dtype=np.float64)), int(k), out)
-    return out
-
-
 @warmer
 def _warm() -> None:
     """Compile :func:`_kth_shares`, :func:`_content_scores` and :func:`_best_assignment`
@@ -482,7 +496,11 @@ def _content_scores(w, floor, group_load, subsets, spare, gpn, over, score):
     every per-replica load down to ``floor[l]`` (``max(ceil(w / floor) - 1, 0)`` each;
     whole numbers, so any order of the sums gives the same test), and ``score[l, c]``,
     its groups' loads (``group_load [L, groups]``) summed as numpy sums a gathered row
-    (:func:`~eplb_opt.metrics.pairwise_sum`) over ``gpn`` GPUs."""
+    (:func:`~eplb_opt.heuristics.grouping.pairwise_sum`) over ``gpn`` GPUs.
+
+    An expert at or below ``floor[l]`` needs no spare (``w / f <= f / f = 1``: division
+    rounds monotonically), so only the heavier ones are divided: most experts of a layer
+    sit below one GPU's share, and each division held a dependent chain."""
     L, E = w.shape
     num_groups = group_load.shape[1]
     gs = E // num_groups
@@ -494,7 +512,8 @@ def _content_scores(w, floor, group_load, subsets, spare, gpn, over, score):
         for g in range(num_groups):
             s = 0.0
             for x in range(g * gs, g * gs + gs):
-                s += max(np.ceil(w[l, x] / f) - 1.0, 0.0)
+                if w[l, x] > f:
+                    s += max(np.ceil(w[l, x] / f) - 1.0, 0.0)
             need[g] = s
         for c in range(C):
             s = 0.0
@@ -585,7 +604,7 @@ def lower_bounds(
     global_bound = np.max(np.stack(list(comps.values())), axis=0)
     node_exact = True
     if hierarchical and num_nodes > 1:
-        group_load = w.reshape(L, num_groups, E // num_groups).sum(axis=2)
+        group_load = group_loads(w, num_groups)
         node_bound, node_exact = node_load_lower_bound(group_load, num_nodes)
         node_per_gpu = node_bound / (num_gpus // num_nodes)
         comps["node"] = _shave(node_per_gpu, E)

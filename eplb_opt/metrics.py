@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from .heuristics.compile import kernel, warmer, writable
+from .heuristics.grouping import pairwise_sum
 
 __all__ = ["slot_loads", "gpu_loads", "slot_gpu_loads", "max_load", "balancedness", "replica_counts_of", "gap"]
 
@@ -49,10 +50,12 @@ def slot_loads(weight: np.ndarray, phy2log: np.ndarray) -> np.ndarray:
 def _slot_loads(w, p, out):
     """``out [L, R]``: each slot's expert load over that expert's replica count in its
     layer (0 for an empty slot, ``-1``); returns the flat index of the first id ``>= E``
-    (-1: none; ``out`` is then incomplete)."""
+    (-1: none; ``out`` is then incomplete).  Each expert's share is divided once per
+    layer (an expert without a replica is divided by 1, and read by no slot)."""
     L, R = p.shape
     E = w.shape[1]
     cnt = np.zeros(E, dtype=np.int64)
+    share = np.empty(E)
     for l in range(L):
         cnt[:] = 0
         for s in range(R):
@@ -61,45 +64,12 @@ def _slot_loads(w, p, out):
                 return l * R + s
             if e >= 0:
                 cnt[e] += 1
+        for e in range(E):          # one division per expert, in a loop without branches
+            share[e] = w[l, e] / max(cnt[e], 1)
         for s in range(R):
             e = p[l, s]
-            out[l, s] = w[l, e] / cnt[e] if e >= 0 else 0.0
+            out[l, s] = share[e] if e >= 0 else 0.0
     return -1
-
-
-@kernel
-def pairwise_sum(a, lo, n):
-    """``a[lo:lo + n].sum()`` as numpy adds the terms of a contiguous axis (its
-    ``pairwise_sum``), for ``n <= 128``: fewer than 8 terms one by one from ``-0.0``,
-    else eight running sums combined as a tree, then the rest one by one (numpy splits
-    longer runs in halves first; callers take numpy's own sum there).  A reduction then
-    adds this to its initial ``0.0`` (:func:`_pack_sums`), so the result has numpy's
-    bits, not just its value.  Not recursive: a cached kernel of another module calling
-    a recursive one crashed."""
-    if n < 8:
-        res = -0.0
-        for i in range(lo, lo + n):
-            res += a[i]
-        return res
-    r0, r1, r2, r3 = a[lo], a[lo + 1], a[lo + 2], a[lo + 3]
-    r4, r5, r6, r7 = a[lo + 4], a[lo + 5], a[lo + 6], a[lo + 7]
-    i = 8
-    while i < n - n % 8:
-        j = lo + i
-        r0 += a[j]
-        r1 += a[j + 1]
-        r2 += a[j + 2]
-        r3 += a[j + 3]
-        r4 += a[j + 4]
-        r5 += a[j + 5]
-        r6 += a[j + 6]
-        r7 += a[j + 7]
-        i += 8
-    res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
-    while i < n:
-        res += a[lo + i]
-        i += 1
-    return res
 
 
 @kernel

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InvalidProblemError, InvalidTypeError
+from .heuristics.compile import frozen_copy
 
 __all__ = ["Problem", "SolveOptions", "make_problem", "validate_solve", "as_weight", "as_previous", "as_mask",
            "choice", "number", "positive_int", "as_placement", "forecast_loads", "MODES", "POLICIES", "OBJECTIVES",
@@ -192,10 +193,9 @@ def as_weight(weight: Any, name: str = "weight", windows: bool = False) -> np.nd
         raise InvalidProblemError(f"{name} has no layers: shape {tuple(arr.shape)}")
     if arr.shape[-1] == 0:
         raise InvalidProblemError(f"{name} has no experts: shape {tuple(arr.shape)}")
-    out = np.array(arr, dtype=np.float64, order="C", copy=True)
+    out = frozen_copy(arr)                       # read-only; kernels read it without a copy
     lo, hi = out.min(), out.max()               # NaN propagates: fails both tests
     if lo >= 0 and hi < np.inf:                 # the common case, without temporaries
-        out.setflags(write=False)
         return out
     finite = np.isfinite(out)
     if not finite.all():
@@ -210,7 +210,6 @@ def as_weight(weight: Any, name: str = "weight", windows: bool = False) -> np.nd
             f"{name} must be non-negative: {len(bad)} negative value(s), first at "
             f"{_where(bad[0])} = {float(out[tuple(bad[0])])!r}"
         )
-    out.setflags(write=False)
     return out
 
 

@@ -63,6 +63,7 @@ from typing import Any, Callable, Iterable
 import llvmlite
 import llvmlite.binding as ll
 import numba
+import numpy as np
 from numba.core import environment
 from numba.core.caching import CompileResultCacheImpl, FunctionCache, IndexDataCacheFile
 from numba.core.codegen import JITCodeLibrary
@@ -71,7 +72,7 @@ from numba.core.runtime import _nrt_python as _nrt
 from numba.core.runtime import nrtdynmod, rtsys
 
 __all__ = ["kernel", "warmer", "compile_all", "writable", "sources_fingerprint", "NUMBA_VERSION", "KernelCache",
-           "LazyLinkLibrary", "LazyKernel", "initialize_nrt"]
+           "LazyLinkLibrary", "LazyKernel", "initialize_nrt", "frozen_copy"]
 
 NUMBA_VERSION = numba.__version__
 
@@ -423,13 +424,40 @@ def kernel(fn: Callable[..., Any]) -> LazyKernel:
 
 
 def writable(a: Any) -> Any:
-    """``a`` itself when it is writeable, else a copy.
+    """``a`` itself when it is writeable; the private array behind it when ``a`` is a
+    :func:`frozen_copy`; else a copy.
 
     numba types a read-only array differently from a writeable one, so passing one to a
     kernel compiles a second specialisation after :func:`compile_all` (seconds, on a
     serving engine's rebalance path).  Entry points pass their array arguments through
-    this instead; a copy of loads or maps costs microseconds."""
-    return a if a.flags.writeable else a.copy()
+    this instead; a copy of loads or maps costs microseconds, and a call's frozen loads
+    (``eplb_opt.problem.as_weight``) went through it five times per ``solve``.  Kernels
+    read their input arrays and never write them."""
+    if a.flags.writeable:
+        return a
+    base = a.base
+    while type(base) is np.ndarray:                 # views of views (``windows[None][0]``)
+        base = base.base
+    if (type(base) is _FrozenBase and base.shape == a.shape and base.strides == a.strides
+            and base.ctypes.data == a.ctypes.data):
+        return base.view(np.ndarray)
+    return a.copy()
+
+
+class _FrozenBase(np.ndarray):
+    """The private array behind a :func:`frozen_copy` (a marker subclass: only arrays
+    made by it are handed back by :func:`writable`)."""
+
+
+def frozen_copy(a: Any) -> Any:
+    """A read-only C-contiguous float64 copy of ``a`` (numpy's casting, as
+    ``np.array(a, dtype=np.float64)``), whose data :func:`writable` hands to kernels
+    without another copy: it is a view of a private array of a marker class."""
+    owner = _FrozenBase(np.shape(a), dtype=np.float64)      # owns its data: views refer to it
+    owner[...] = a
+    view = owner.view(np.ndarray)
+    view.setflags(write=False)
+    return view
 
 
 def warmer(fn: Callable[[], Any]) -> Callable[[], Any]:

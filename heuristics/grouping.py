@@ -22,7 +22,7 @@ import math
 
 import numpy as np
 
-from .compile import kernel, warmer
+from .compile import kernel, warmer, writable
 from .packing import pack_items
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "num_partitions",
     "equal_partitions",
     "groups_to_nodes",
+    "group_loads",
     "node_load_lower_bound",
 ]
 
@@ -72,6 +73,30 @@ def equal_partitions(num_groups: int, num_nodes: int) -> np.ndarray:
     arr = np.array(out, dtype=np.int64)
     arr.setflags(write=False)
     return arr
+
+
+def group_loads(weight: np.ndarray, num_groups: int) -> np.ndarray:
+    """``[L, num_groups]`` float64: the load of each group of ``E / num_groups``
+    consecutive experts of ``weight`` (``[L, E]`` float64), with the bits of numpy's
+    ``weight.reshape(L, num_groups, -1).sum(axis=2)`` (:func:`_group_rows`; numpy itself
+    for groups of more than 128 experts, where it halves the runs first)."""
+    w = np.asarray(weight, dtype=np.float64)
+    L, E = w.shape
+    if num_groups <= 0 or E % num_groups or E // num_groups > 128 or not w.flags.c_contiguous:
+        return w.reshape(L, num_groups, -1).sum(axis=2)
+    out = np.empty((L, num_groups))
+    _group_rows(writable(w), num_groups, out)
+    return out
+
+
+@kernel
+def _group_rows(w: np.ndarray, num_groups: int, out: np.ndarray) -> None:
+    """``out [L, num_groups]``: :func:`group_loads` (groups of at most 128 experts)."""
+    L, E = w.shape
+    gs = E // num_groups
+    for l in range(L):
+        for g in range(num_groups):
+            out[l, g] = 0.0 + pairwise_sum(w[l], g * gs, gs)
 
 
 def groups_to_nodes(group_load: np.ndarray, num_nodes: int) -> tuple[np.ndarray, np.ndarray, bool]:
@@ -146,24 +171,67 @@ def node_load_lower_bound(group_load: np.ndarray, num_nodes: int) -> tuple[np.nd
 
 
 @kernel
+def pairwise_sum(a, lo, n):
+    """``a[lo:lo + n].sum()`` as numpy adds the terms of a contiguous axis (its
+    ``pairwise_sum``), for ``n <= 128``: fewer than 8 terms one by one from ``-0.0``,
+    else eight running sums combined as a tree, then the rest one by one (numpy splits
+    longer runs in halves first; callers take numpy's own sum there).  A reduction then
+    adds this to its initial ``0.0`` (:func:`_pack_sums`), so the result has numpy's
+    bits, not just its value.  Not recursive: a cached kernel of another module calling
+    a recursive one crashed.  (:mod:`eplb_opt.metrics` and the bounds use it too.)"""
+    if n < 8:
+        res = -0.0
+        for i in range(lo, lo + n):
+            res += a[i]
+        return res
+    r0, r1, r2, r3 = a[lo], a[lo + 1], a[lo + 2], a[lo + 3]
+    r4, r5, r6, r7 = a[lo + 4], a[lo + 5], a[lo + 6], a[lo + 7]
+    i = 8
+    while i < n - n % 8:
+        j = lo + i
+        r0 += a[j]
+        r1 += a[j + 1]
+        r2 += a[j + 2]
+        r3 += a[j + 3]
+        r4 += a[j + 4]
+        r5 += a[j + 5]
+        r6 += a[j + 6]
+        r7 += a[j + 7]
+        i += 8
+    res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+    while i < n:
+        res += a[lo + i]
+        i += 1
+    return res
+
+
+@kernel
 def _pair_groups(gl: np.ndarray, num_nodes: int, node: np.ndarray, worst: np.ndarray) -> None:
-    """Two groups per node (``gl``: ``[L, 2N]``): node ``i`` gets the ``i``-th heaviest
-    and the ``i``-th lightest group (stable order: the lower index first among equal
-    loads), which minimises the heaviest node.  Writes ``node`` (``[L, 2N]``) and
-    ``worst`` (``[L]``, the heaviest node's load)."""
+    """Two groups per node (``gl``: ``[L, 2N]``): :func:`_pair_row` on every layer.
+    Writes ``node`` (``[L, 2N]``) and ``worst`` (``[L]``, the heaviest node's load)."""
     num_layers, num_groups = gl.shape
-    neg = np.empty(num_groups)          # (a loop: an array expression loads numba.np.npyimpl)
+    neg = np.empty(num_groups)
     for l in range(num_layers):
-        for g in range(num_groups):
-            neg[g] = -gl[l, g]
-        order = np.argsort(neg, kind="mergesort")
-        top = -np.inf
-        for i in range(num_nodes):
-            a, b = order[i], order[num_groups - 1 - i]
-            node[l, a] = i
-            node[l, b] = i
-            top = max(top, gl[l, a] + gl[l, b])
-        worst[l] = top
+        worst[l] = _pair_row(gl[l], num_nodes, node[l], neg)
+
+
+@kernel
+def _pair_row(gl_row: np.ndarray, num_nodes: int, node_row: np.ndarray, neg: np.ndarray) -> float:
+    """Two groups per node, one layer (``gl_row``: ``[2N]`` group loads): node ``i`` gets
+    the ``i``-th heaviest and the ``i``-th lightest group (stable order: the lower index
+    first among equal loads), which minimises the heaviest node.  Writes ``node_row``
+    (``[2N]``; ``neg``: ``[2N]`` scratch) and returns the heaviest node's load."""
+    num_groups = gl_row.shape[0]
+    for g in range(num_groups):         # (a loop: an array expression loads numba.np.npyimpl)
+        neg[g] = -gl_row[g]
+    order = np.argsort(neg, kind="mergesort")
+    top = -np.inf
+    for i in range(num_nodes):
+        a, b = order[i], order[num_groups - 1 - i]
+        node_row[a] = i
+        node_row[b] = i
+        top = max(top, gl_row[a] + gl_row[b])
+    return top
 
 
 @kernel
@@ -220,5 +288,6 @@ def _best_partitions(gl: np.ndarray, parts: np.ndarray, num_nodes: int, best: np
 def _warm() -> None:
     """Compile the kernels with the argument types real calls use."""
     gl = np.array([[3.0, 1.0, 2.0, 0.0, 5.0, 4.0]])
+    group_loads(gl, 3)
     groups_to_nodes(gl[:, :4], 2)
     groups_to_nodes(gl, 2)

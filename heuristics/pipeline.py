@@ -19,7 +19,7 @@ import numpy as np
 
 from .apportion import _FEW, _counts_row, _few_steps
 from .compile import kernel, warmer, writable
-from .grouping import groups_to_nodes
+from .grouping import _pair_row, group_loads, groups_to_nodes, pairwise_sum
 from .packing import (
     DEFAULT_REFINE_ROUNDS, _items_row, _pack_segments, _pack_work, _settle_order, gather_rows, item_order,
     pack_sorted, replica_items,
@@ -108,8 +108,13 @@ def _counts_step(w: np.ndarray, num_replicas: int, num_groups: int, num_nodes: i
     _check_shapes(w, num_replicas, num_groups, num_nodes, num_gpus)
     num_experts = w.shape[1]
     gpus_per_node = num_gpus // num_nodes
-    # 1. Groups to nodes.
-    node_of_group, exact = _groups_step(w, num_groups, num_nodes, node_of_group)
+    # 1. Groups to nodes, and each node's experts with minus their loads.
+    if node_of_group is None and _closed_form(num_experts, num_groups, num_nodes):
+        node_of_group, experts, neg = _front_layers(w, num_groups, num_nodes)
+        exact = True
+    else:
+        node_of_group, exact = _groups_step(w, num_groups, num_nodes, node_of_group)
+        experts, neg = _node_layers(w, np.ascontiguousarray(node_of_group, dtype=np.int64), num_nodes)
     # 2. Replica counts (:func:`_count_layers`).
     per_node = num_replicas // num_nodes
     extra = per_node - num_experts // num_nodes
@@ -118,7 +123,6 @@ def _counts_step(w: np.ndarray, num_replicas: int, num_groups: int, num_nodes: i
     cap = max(gpus_per_node, -(-per_node // (num_experts // num_nodes)))
     # The arrays of the steps are allocated in the kernels (a numpy call each would be
     # one more step on the call's path).
-    experts, neg = _node_layers(w, np.ascontiguousarray(node_of_group, dtype=np.int64), num_nodes)
     # The item order: numpy's argsort, settled in the kernels.  With a few spares it is
     # taken first: they go to the first experts by load, and those given one are moved
     # in it (:func:`_spares_row`); with many, after the counts.
@@ -147,6 +151,41 @@ def _node_rows(w_l, node_of_group_l, experts, neg):
         for t in range(gs):
             experts[nd, r * gs + t] = g * gs + t
             neg[nd, r * gs + t] = -w_l[g * gs + t]
+
+
+def _closed_form(num_experts: int, num_groups: int, num_nodes: int) -> bool:
+    """Whether :func:`_front_layers` takes step 1 (one node, or one or two groups per
+    node of at most 128 experts each: see :func:`~.grouping.groups_to_nodes`)."""
+    m = num_groups // num_nodes
+    return num_nodes == 1 or m == 1 or (m == 2 and num_experts // num_groups <= 128)
+
+
+@kernel
+def _front_layers(w, num_groups, num_nodes):
+    """Step 1 of :func:`place` where :func:`~.grouping.groups_to_nodes` has a closed form
+    (:func:`_closed_form`), with :func:`_node_layers`' rows, in one pass over the
+    layers: ``(node_of_group [L, num_groups], experts, neg)``.  One node: every group
+    on it; one group per node: group ``g`` on node ``g``; two: the pairing of
+    :func:`~.grouping._pair_row` on the group loads numpy's ``reshape(...).sum(axis=2)``
+    gives (:func:`~.grouping.pairwise_sum`, the same bits)."""
+    L, E = w.shape
+    gs = E // num_groups
+    node_of_group = np.zeros((L, num_groups), dtype=np.int64)
+    experts = np.empty((L, num_nodes, E // num_nodes), dtype=np.int64)
+    neg = np.empty((L, num_nodes, E // num_nodes))
+    gl, scratch = np.empty(num_groups), np.empty(num_groups)
+    m = num_groups // num_nodes
+    for l in range(L):
+        row = w[l]
+        if num_nodes > 1 and m == 1:
+            for g in range(num_groups):
+                node_of_group[l, g] = g
+        elif num_nodes > 1:
+            for g in range(num_groups):
+                gl[g] = 0.0 + pairwise_sum(row, g * gs, gs)
+            _pair_row(gl, num_nodes, node_of_group[l], scratch)
+        _node_rows(row, node_of_group[l], experts[l], neg[l])
+    return node_of_group, experts, neg
 
 
 # The order _count_layers is given where it reads none (many spares).
@@ -341,8 +380,7 @@ def _groups_step(
     """``([L, num_groups] node of every group, exact)``: the given assignment (checked
     to give every node ``num_groups / N`` groups), else :func:`groups_to_nodes` on the
     group loads ``[L, num_groups]``."""
-    num_layers, num_experts = w.shape
-    group_load = w.reshape(num_layers, num_groups, num_experts // num_groups).sum(axis=2)
+    group_load = group_loads(w, num_groups)
     if node_of_group is None:
         node_of_group, _, exact = groups_to_nodes(group_load, num_nodes)
         return node_of_group, exact

@@ -82,3 +82,62 @@ def test_node_replica_bound_matches_numpy_reference() -> None:
             assert np.array_equal(_bits(got), _bits(_node_replica_reference(w, R, ng, N, G, floor))), trial
             checked += 1
     assert checked > 500
+
+
+def test_group_loads_have_numpys_bits() -> None:
+    """``group_loads`` (pairwise sums in a kernel up to 128 experts a group, numpy
+    beyond) against numpy's ``reshape(...).sum(axis=2)``, bit for bit; read-only and
+    strided input too."""
+    from eplb_opt.heuristics.grouping import group_loads
+
+    rng = np.random.default_rng(11)
+    for trial in range(300):
+        gs = int(rng.integers(1, 140)) if trial % 3 else int(rng.choice([1, 7, 8, 9, 16, 17, 127, 128, 129]))
+        ng, L = int(rng.integers(1, 6)), int(rng.integers(1, 4))
+        w = rng.gamma(0.5, 1.0, (L, ng * gs)) * 10.0 ** rng.uniform(-8, 8, (L, ng * gs))
+        if trial % 5 == 0:
+            w = np.round(w)
+        want = w.reshape(L, ng, gs).sum(axis=2)
+        assert np.array_equal(_bits(group_loads(w, ng)), _bits(want)), (trial, gs, ng)
+        w.setflags(write=False)
+        assert np.array_equal(_bits(group_loads(w, ng)), _bits(want))
+    wide = rng.random((3, 40))
+    assert np.array_equal(_bits(group_loads(wide[:, ::2], 4)), _bits(wide[:, ::2].reshape(3, 4, 5).sum(axis=2)))
+
+
+def test_replica_component_of_rows_without_load_is_their_largest() -> None:
+    """``min_max_replica_load`` on rows that are all zero (the kernel flags them; their
+    answer is the row's largest load) beside rows with load, against the heap of shares
+    in plain Python."""
+    rng = np.random.default_rng(12)
+    for trial in range(60):
+        L, E = int(rng.integers(1, 6)), int(rng.integers(1, 12))
+        R = E + int(rng.integers(0, 2 * E + 2))
+        w = rng.integers(0, 4, (L, E)).astype(float)
+        w[rng.random(L) < 0.5] = 0.0
+        got = B.min_max_replica_load(w, R)
+        for l in range(L):
+            shares = sorted((w[l, e] / j for e in range(E) for j in range(1, R - E + 2)), reverse=True)
+            assert got[l] == (shares[R - E] if w[l].max() > 0 else 0.0), (trial, l)
+
+
+def test_frozen_loads_reach_the_kernels_without_a_copy() -> None:
+    """A call's loads (``as_weight``) are read-only, and ``writable`` hands the kernels
+    their data itself; any other read-only array (a slice of them, a user's) is copied."""
+    from eplb_opt.heuristics.compile import frozen_copy, writable
+    from eplb_opt.problem import as_weight
+
+    w = as_weight(np.arange(12).reshape(3, 4))
+    assert w.dtype == np.float64 and not w.flags.writeable and w.flags.c_contiguous
+    with pytest.raises(ValueError):
+        w[0, 0] = 1.0
+    k = writable(w)
+    assert k.flags.writeable and np.shares_memory(k, w) and np.array_equal(k, w)
+    assert not np.shares_memory(writable(w[1:]), w)
+    again = w[None][0]                                  # a view of a view, as solve's are
+    assert np.shares_memory(writable(again), w) and not np.shares_memory(writable(w[None][0, 1:]), w)
+    assert not np.shares_memory(writable(w[:, :2]), w) and not np.shares_memory(writable(w.T), w)
+    user = np.ones((2, 2))
+    user.setflags(write=False)
+    assert not np.shares_memory(writable(user), user)
+    assert np.array_equal(frozen_copy([[1, 2], [3, 2**60 + 1]]), np.array([[1, 2], [3, 2**60 + 1]], dtype=np.float64))

@@ -427,3 +427,32 @@ def test_place_count_step_is_the_rule_and_the_item_order():
                     assert sorted(order[l, nd].tolist()) == list(range(m))
                     assert all(keys[a] <= keys[b] for a, b in zip(order[l, nd][:-1], order[l, nd][1:]))
                 assert [logcnt[l, x] for x in experts[l, nd]] == want
+
+
+@pytest.mark.parametrize("groups, nodes", [(1, 1), (4, 1), (4, 4), (4, 2), (8, 4), (10, 5)])
+def test_place_group_step_is_the_pairing_and_the_node_rows(groups, nodes):
+    """pipeline._counts_step's step 1 where it has a closed form (one node, one or two
+    groups per node, computed in one kernel with the node rows): the assignment
+    groups_to_nodes makes on numpy's group loads, and each node's experts (its groups in
+    index order) with minus their per-replica loads after the counts, by plain loops;
+    ties and zero loads included."""
+    from eplb_opt.heuristics import pipeline as pp
+
+    rng = np.random.default_rng(groups * 7 + nodes)
+    for trial in range(12):
+        gs = int(rng.choice([1, 3, 8, 32, 128]))
+        L, E = 3, groups * gs
+        w = _loads(rng, L, E, trial % 3)
+        if trial % 4 == 0:
+            w[1] = 0.0
+        assert pp._closed_form(E, groups, nodes)
+        gpus = nodes * 2
+        R = gpus * -(-E // gpus)
+        nog, exact, experts, neg, cnt = pp._counts_step(w, R, groups, nodes, gpus, None)[:5]
+        want, _, _ = groups_to_nodes(w.reshape(L, groups, gs).sum(axis=2), nodes)
+        assert exact and nog.tolist() == want.tolist(), (trial, gs)
+        for l in range(L):
+            for nd in range(nodes):
+                mine = [g * gs + t for g in range(groups) if want[l, g] == nd for t in range(gs)]
+                assert experts[l, nd].tolist() == mine
+                assert neg[l, nd].tolist() == [-(w[l, x] / c) for x, c in zip(mine, cnt[l, nd])]
