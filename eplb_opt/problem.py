@@ -127,9 +127,15 @@ def positive_int(name: str, value: Any) -> int:
 def _torch_to_numpy(value: Any) -> np.ndarray:
     import torch
 
+    try:
+        arr = value.numpy()                     # the common case: a CPU tensor, no grad
+    except (RuntimeError, TypeError):           # on a GPU, needing grad, bfloat16, ...
+        arr = None
+    if arr is not None and arr.dtype == np.float64:
+        return arr
     t = value.detach()
     if t.dtype == torch.float64 and t.device.type == "cpu":
-        return t.numpy()                        # the common case: nothing to convert
+        return t.numpy()
     if t.is_complex():
         raise InvalidTypeError(f"weight must hold real loads, got complex dtype {t.dtype}")
     if t.dtype == torch.bool:
@@ -193,9 +199,11 @@ def as_weight(weight: Any, name: str = "weight", windows: bool = False) -> np.nd
         raise InvalidProblemError(f"{name} has no layers: shape {tuple(arr.shape)}")
     if arr.shape[-1] == 0:
         raise InvalidProblemError(f"{name} has no experts: shape {tuple(arr.shape)}")
-    out = frozen_copy(arr)                       # read-only; kernels read it without a copy
+    out, plain = frozen_copy(arr)               # read-only; kernels read it without a copy
+    if plain:                                   # the common case, checked as it was copied
+        return out
     lo, hi = out.min(), out.max()               # NaN propagates: fails both tests
-    if lo >= 0 and hi < np.inf:                 # the common case, without temporaries
+    if lo >= 0 and hi < np.inf:
         return out
     finite = np.isfinite(out)
     if not finite.all():

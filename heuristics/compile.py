@@ -449,15 +449,23 @@ class _FrozenBase(np.ndarray):
     made by it are handed back by :func:`writable`)."""
 
 
-def frozen_copy(a: Any) -> Any:
-    """A read-only C-contiguous float64 copy of ``a`` (numpy's casting, as
-    ``np.array(a, dtype=np.float64)``), whose data :func:`writable` hands to kernels
-    without another copy: it is a view of a private array of a marker class."""
+def frozen_copy(a: Any) -> tuple[Any, bool]:
+    """``(copy, plain)``: a read-only C-contiguous float64 copy of ``a`` (numpy's
+    casting, as ``np.array(a, dtype=np.float64)``), whose data :func:`writable` hands to
+    kernels without another copy (it is a view of a private array of a marker class),
+    and whether every value is finite and ``>= 0`` (``False`` also means: not checked).
+
+    A C-contiguous float64 ``a`` (a CPU tensor's loads) is copied and checked in one
+    pass (:func:`_copy_plain`); anything else by numpy, unchecked."""
     owner = _FrozenBase(np.shape(a), dtype=np.float64)      # owns its data: views refer to it
-    owner[...] = a
+    plain = False
+    if type(a) is np.ndarray and a.dtype == np.float64 and a.flags.c_contiguous and 1 <= a.ndim <= 3:
+        plain = _copy_plain(writable(a), owner.view(np.ndarray))
+    else:
+        owner[...] = a
     view = owner.view(np.ndarray)
     view.setflags(write=False)
-    return view
+    return view, bool(plain)
 
 
 def warmer(fn: Callable[[], Any]) -> Callable[[], Any]:
@@ -478,3 +486,23 @@ def compile_all() -> int:
     for fn in list(_WARMERS):
         fn()
     return len(_WARMERS)
+
+
+@kernel
+def _copy_plain(src, dst):
+    """Copy ``src`` into ``dst`` (float64, the same C-contiguous shape) and return
+    whether every value is finite and ``>= 0`` (NaN is not), in one branch-free pass."""
+    a, b = src.reshape(src.size), dst.reshape(dst.size)
+    ok = True
+    for i in range(a.size):
+        x = a[i]
+        b[i] = x
+        ok &= (x >= 0.0) & (x < np.inf)
+    return ok
+
+
+@warmer
+def _warm() -> None:
+    """Compile :func:`_copy_plain` for the loads of one window and of several."""
+    for shape in ((2,), (1, 2), (1, 1, 2)):
+        frozen_copy(np.ones(shape))

@@ -140,4 +140,25 @@ def test_frozen_loads_reach_the_kernels_without_a_copy() -> None:
     user = np.ones((2, 2))
     user.setflags(write=False)
     assert not np.shares_memory(writable(user), user)
-    assert np.array_equal(frozen_copy([[1, 2], [3, 2**60 + 1]]), np.array([[1, 2], [3, 2**60 + 1]], dtype=np.float64))
+    big = frozen_copy([[1, 2], [3, 2**60 + 1]])
+    assert np.array_equal(big[0], np.array([[1, 2], [3, 2**60 + 1]], dtype=np.float64)) and not big[1]
+
+
+def test_frozen_copy_checks_plain_loads_as_it_copies() -> None:
+    """``frozen_copy`` of C-contiguous float64 loads copies them exactly and says whether
+    every value is finite and non-negative (NaN, inf, a negative: no; -0.0: yes);
+    other input is copied as numpy casts it and left unchecked."""
+    from eplb_opt.heuristics.compile import frozen_copy
+
+    rng = np.random.default_rng(13)
+    for shape in ((7,), (3, 5), (2, 3, 4)):
+        for bad in (None, np.nan, np.inf, -np.inf, -1e-300, -0.0):
+            a = rng.random(shape) * 100
+            if bad is not None:
+                a.flat[int(rng.integers(a.size))] = bad
+            out, plain = frozen_copy(a)
+            assert np.array_equal(_bits(out), _bits(a)) and not out.flags.writeable
+            assert plain == (bad is None or (bad == 0.0)), (shape, bad)
+    strided = rng.random((4, 6))[:, ::2]
+    out, plain = frozen_copy(strided)
+    assert np.array_equal(out, strided) and out.flags.c_contiguous and not plain
