@@ -13,7 +13,8 @@ import numpy as np
 from .heuristics.compile import kernel, warmer, writable
 from .heuristics.grouping import pairwise_sum
 
-__all__ = ["slot_loads", "gpu_loads", "slot_gpu_loads", "max_load", "balancedness", "replica_counts_of", "gap"]
+__all__ = ["slot_loads", "gpu_loads", "slot_gpu_loads", "max_load", "balancedness", "replica_counts_of", "gap",
+           "layer_marks"]
 
 
 def replica_counts_of(phy2log: np.ndarray, num_experts: int) -> np.ndarray:
@@ -89,7 +90,8 @@ def _pack_sums(slots, num_gpus, out):
 def _warm() -> None:
     """Compile :func:`_slot_loads` and :func:`_pack_sums` with the argument types real
     calls use."""
-    slot_gpu_loads(np.ones((1, 2)), np.array([[0, 1, -1, 0]]), 2)
+    _, gpus = slot_gpu_loads(np.ones((1, 2)), np.array([[0, 1, -1, 0]]), 2)
+    layer_marks(gpus, np.zeros(1), np.zeros(1, dtype=bool), 1.0, 1.0, 1.0)
 
 
 def slot_gpu_loads(weight: np.ndarray, phy2log: np.ndarray, num_gpus: int) -> tuple[np.ndarray, np.ndarray]:
@@ -104,6 +106,45 @@ def slot_gpu_loads(weight: np.ndarray, phy2log: np.ndarray, num_gpus: int) -> tu
     out = np.empty((L, G))
     _pack_sums(s, G, out)
     return s, out
+
+
+def layer_marks(gpus: np.ndarray, lower_bound: np.ndarray, attempted: np.ndarray, hi: float, ok_scale: float,
+                eps4: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """``(top, mean, gap, code)``, each ``[L]``, of GPU loads ``gpus`` ``[L, G]`` and a
+    bound ``[L]``, in one kernel pass (:func:`_marks`): the busiest GPU, the mean GPU
+    load (numpy's ``mean(axis=1)`` bits), :func:`gap`, and per layer ``2`` where ``top
+    <= 0`` or ``lower_bound >= top * hi * ok_scale * eps4`` (multiplied in that order),
+    else ``1`` where ``attempted``, else ``0`` (``eplb_opt.result``'s statuses, whose
+    constants these are).  ``None`` where a bound exceeds ``top * hi`` (the caller's
+    checked path names it) or ``G`` is above 128 (numpy halves longer rows)."""
+    L, G = gpus.shape
+    if G == 0 or G > 128:
+        return None
+    top, mean, gap_, code = np.empty(L), np.empty(L), np.empty(L), np.empty(L, dtype=np.int64)
+    att = np.ascontiguousarray(attempted, dtype=np.bool_)
+    if _marks(gpus, writable(np.ascontiguousarray(lower_bound, dtype=np.float64)), writable(att), float(hi),
+              float(ok_scale), float(eps4), top, mean, gap_, code):
+        return None
+    return top, mean, gap_, code
+
+
+@kernel
+def _marks(gpus, lb, attempted, hi, ok_scale, eps4, top, mean, gap_, code):
+    """:func:`layer_marks`' loop; returns how many layers have ``lb > top * hi``."""
+    L, G = gpus.shape
+    bad = 0
+    for l in range(L):
+        row = gpus[l]
+        t = row[0]
+        for g in range(1, G):
+            t = max(t, row[g])
+        top[l] = t
+        mean[l] = (0.0 + pairwise_sum(row, 0, G)) / G
+        t_hi = t * hi
+        bad += lb[l] > t_hi
+        gap_[l] = 1.0 - min(lb[l], t) / t if t > 0 else 0.0
+        code[l] = 2 if (t <= 0 or lb[l] >= t_hi * ok_scale * eps4) else (1 if attempted[l] else 0)
+    return bad
 
 
 def gpu_loads(weight: np.ndarray, phy2log: np.ndarray, num_gpus: int) -> np.ndarray:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from .bounds import Bounds, lower_bounds
-from .metrics import balancedness, gap as certified_gap, gpu_loads, slot_gpu_loads
+from .metrics import balancedness, gap as certified_gap, gpu_loads, layer_marks, slot_gpu_loads
 from .plan import LazyMetadata, Plan
 from .problem import Problem, SolveOptions
 
@@ -243,6 +243,24 @@ def _statuses(lb: np.ndarray, top: np.ndarray, k: int, tol: float, attempted: np
                  for o, a in zip(ok.tolist(), np.asarray(attempted).tolist()))
 
 
+_STATUS = ("heuristic", "feasible", "optimal")
+
+
+def _marked(gpus: np.ndarray, lower_bound: np.ndarray, attempted: np.ndarray, problem: Problem,
+            options: SolveOptions) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[str, ...]] | None:
+    """``(top, mean, gap, status)`` of a plan's GPU loads against a bound consistent
+    with it, computed as :func:`_consistent_bound`, :func:`_statuses` and
+    :func:`~eplb_opt.metrics.gap` compute them, in one kernel pass
+    (:func:`~eplb_opt.metrics.layer_marks`, given their constants); ``None`` where a
+    bound is inconsistent or the rows are too long (those functions then run)."""
+    k = problem.slots_per_gpu
+    marks = layer_marks(gpus, lower_bound, attempted, 1 + (k + 2) * _EPS, 1.0 - options.tolerance, 1 + 4 * _EPS)
+    if marks is None:
+        return None
+    top, mean, gap, code = marks
+    return top, mean, gap, tuple(_STATUS[c] for c in code.tolist())
+
+
 def _metadata(problem: Problem, options: SolveOptions, top: np.ndarray, lb: np.ndarray, gap: np.ndarray,
               status: tuple[str, ...], events: list[str]) -> dict[str, Any]:
     """What a plan file records about the call that made the plan."""
@@ -340,17 +358,22 @@ def build_result(
     """
     L, G = problem.num_layers, problem.num_gpus
     slots, gpus = slot_gpu_loads(problem.weight, phy2log, G)
-    mean = gpus.mean(axis=1)
     windows = options.windows
     per_window = window_bal = None
     if windows.shape[0] > 1:
         per_window = np.stack([gpu_loads(x, phy2log, G) for x in windows])          # [W, L, G]
         window_bal = tuple(balancedness(x) for x in per_window)
-    if settled is None:
-        att = np.zeros(L, dtype=bool) if attempted is None else attempted
-        settled = _layer_figures(problem, options, phy2log, gpus, per_window, lower_bound, bounds, att, events)
+    att = np.zeros(L, dtype=bool) if attempted is None else attempted
+    marks = None if settled is not None or options.robust else _marked(gpus, lower_bound, att, problem, options)
+    if marks is not None:                    # the common case: every figure in one kernel pass
+        busiest, mean, gap, status = marks
+        settled = LayerFigures(busiest, lower_bound, status)
+    else:
+        busiest, mean = gpus.max(axis=1), gpus.mean(axis=1)
+        if settled is None:
+            settled = _layer_figures(problem, options, phy2log, gpus, per_window, lower_bound, bounds, att, events)
+        gap = certified_gap(settled.lower_bound, settled.max_load)
     top, lb, status = settled.max_load, settled.lower_bound, settled.status
-    gap = certified_gap(lb, top)
     meta = _metadata(problem, options, top, lb, gap, status, events)
     meta["parameters"].update(parameters or {})
     if migration is not None:
@@ -365,7 +388,7 @@ def build_result(
     meta = LazyMetadata(meta, {"input_sha256": (input_sha256, (problem.weight,))})
     return SolveResult(
         plan=Plan.from_numpy(phy2log, problem.num_experts, metadata=meta), max_load=top,
-        mean_load=mean, lower_bound=lb, gap=gap, status=status, balancedness=_balancedness(mean, gpus.max(axis=1)),
+        mean_load=mean, lower_bound=lb, gap=gap, status=status, balancedness=_balancedness(mean, busiest),
         slot_balancedness=balancedness(slots), runtime=time.perf_counter() - start, events=tuple(events),
         policy=policy or problem.policy, bounds=bounds, tolerance=options.tolerance, conditional_bound=conditional,
         migration=migration, objective=options.objective, window_balancedness=window_bal,

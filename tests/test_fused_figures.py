@@ -162,3 +162,35 @@ def test_frozen_copy_checks_plain_loads_as_it_copies() -> None:
     strided = rng.random((4, 6))[:, ::2]
     out, plain = frozen_copy(strided)
     assert np.array_equal(out, strided) and out.flags.c_contiguous and not plain
+
+
+def test_layer_marks_are_the_figures_and_statuses_of_the_numpy_path() -> None:
+    """``metrics.layer_marks`` (solve's common case, one kernel pass) against the numpy
+    path it replaces: ``max``/``mean`` of the GPU loads, ``metrics.gap`` and
+    ``result._statuses``, bit for bit, with bounds at, just under and just over the
+    status threshold, zero layers and solver-attempted layers; ``None`` where a bound
+    exceeds the plan (``result._consistent_bound``'s case) or the rows are long."""
+    from eplb_opt.metrics import gap, layer_marks
+    from eplb_opt.result import _EPS, _STATUS, _statuses
+
+    rng = np.random.default_rng(14)
+    for trial in range(300):
+        L, G, k = int(rng.integers(1, 9)), int(rng.integers(1, 129)), int(rng.integers(1, 12))
+        tol = float(rng.choice([0.0, 1e-4, 0.3]))
+        gpus = rng.gamma(0.7, 1.0, (L, G)) * 10.0 ** rng.uniform(-5, 5, (L, 1))
+        gpus[rng.random(L) < 0.15] = 0.0
+        top = gpus.max(axis=1)
+        hi = 1 + (k + 2) * _EPS
+        edge = top * hi * (1.0 - tol) * (1 + 4 * _EPS)
+        lb = np.where(rng.random(L) < 0.5, edge * rng.choice([1.0, 1 - 1e-16, 1 - 1e-9, 0.5, 0.0], L), top * hi)
+        lb = np.minimum(lb, top * hi)                     # consistent: never above the plan
+        att = rng.random(L) < 0.5
+        got = layer_marks(gpus, lb, att, hi, 1.0 - tol, 1 + 4 * _EPS)
+        assert got is not None
+        assert np.array_equal(_bits(got[0]), _bits(top)) and np.array_equal(_bits(got[1]), _bits(gpus.mean(axis=1)))
+        assert np.array_equal(_bits(got[2]), _bits(gap(lb, top)))
+        assert tuple(_STATUS[c] for c in got[3].tolist()) == _statuses(lb, top, k, tol, att), trial
+        over = lb.copy()
+        over[int(rng.integers(L))] = top.max() * 2 + 1.0
+        assert layer_marks(gpus, over, att, hi, 1.0 - tol, 1 + 4 * _EPS) is None
+    assert layer_marks(np.ones((2, 129)), np.zeros(2), np.zeros(2, bool), 1.0, 1.0, 1.0) is None
