@@ -44,7 +44,7 @@ from math import comb
 
 from .heuristics import ENUMERATION_LIMIT, equal_partitions, node_load_lower_bound, num_partitions
 from .heuristics.compile import kernel, warmer, writable
-from .heuristics.grouping import group_loads, pairwise_sum
+from .heuristics.grouping import _pair_row, group_loads, pairwise_sum
 
 __all__ = ["Bounds", "lower_bounds", "min_max_replica_load", "partition_cardinality_bound", "node_replica_bound"]
 
@@ -187,9 +187,16 @@ def _kth_shares(w, k, out):
             out[r] = np.nan
             dead += 1
             continue
-        ok, v = _kth_by_list(x, k, listed, spare, buckets) if listing else (False, 0.0)
-        out[r] = v if ok else _kth_by_heap(x, k, val, who, nxt)
+        out[r] = _kth_row(x, k, listing, listed, spare, buckets, val, who, nxt)
     return dead
+
+
+@kernel
+def _kth_row(x, k, listing, listed, spare, buckets, val, who, nxt):
+    """The ``k``-th largest share of one row ``x`` with a positive load
+    (:func:`_kth_shares`' choice between the list and the heap; its work arrays)."""
+    ok, v = _kth_by_list(x, k, listed, spare, buckets) if listing else (False, 0.0)
+    return v if ok else _kth_by_heap(x, k, val, who, nxt)
 
 
 @kernel
@@ -393,11 +400,12 @@ def _select(a, n, k):
 
 @warmer
 def _warm() -> None:
-    """Compile :func:`_kth_shares`, :func:`_content_scores` and :func:`_best_assignment`
-    with the argument types real calls use."""
+    """Compile :func:`_kth_shares`, :func:`_content_scores`, :func:`_best_assignment`
+    and :func:`_node_parts` with the argument types real calls use."""
     min_max_replica_load(np.array([[3.0, 1.0, 0.0]]), 5)
     w = np.array([[3.0, 1.0, 0.0, 2.0], [1.0, 1.0, 1.0, 1.0]])
     node_replica_bound(w, 6, 4, 2, 2, floor=np.array([1.0, 1.0]))
+    _node_fused(w, 8, 4, 2, 2)
 
 
 def node_replica_bound(
@@ -501,27 +509,33 @@ def _content_scores(w, floor, group_load, subsets, spare, gpn, over, score):
     An expert at or below ``floor[l]`` needs no spare (``w / f <= f / f = 1``: division
     rounds monotonically), so only the heavier ones are divided: most experts of a layer
     sit below one GPU's share, and each division held a dependent chain."""
-    L, E = w.shape
-    num_groups = group_load.shape[1]
-    gs = E // num_groups
-    C, m = subsets.shape
-    need = np.empty(num_groups)
-    buf = np.empty(m)
+    L = w.shape[0]
+    need = np.empty(group_load.shape[1])
+    buf = np.empty(subsets.shape[1])
     for l in range(L):
-        f = floor[l]
-        for g in range(num_groups):
-            s = 0.0
-            for x in range(g * gs, g * gs + gs):
-                if w[l, x] > f:
-                    s += max(np.ceil(w[l, x] / f) - 1.0, 0.0)
-            need[g] = s
-        for c in range(C):
-            s = 0.0
-            for j in range(m):
-                s += need[subsets[c, j]]
-                buf[j] = group_load[l, subsets[c, j]]
-            over[l, c] = s > spare
-            score[l, c] = (0.0 + pairwise_sum(buf, 0, m)) / gpn
+        _content_row(w[l], floor[l], group_load[l], subsets, spare, gpn, need, buf, over[l], score[l])
+
+
+@kernel
+def _content_row(w_row, f, gl_row, subsets, spare, gpn, need, buf, over_row, score_row):
+    """:func:`_content_scores` on one layer (loads ``w_row [E]``, floor ``f``, group
+    loads ``gl_row``; ``need`` and ``buf`` are work arrays)."""
+    num_groups = gl_row.shape[0]
+    gs = w_row.shape[0] // num_groups
+    C, m = subsets.shape
+    for g in range(num_groups):
+        s = 0.0
+        for x in range(g * gs, g * gs + gs):
+            if w_row[x] > f:
+                s += max(np.ceil(w_row[x] / f) - 1.0, 0.0)
+        need[g] = s
+    for c in range(C):
+        s = 0.0
+        for j in range(m):
+            s += need[subsets[c, j]]
+            buf[j] = gl_row[subsets[c, j]]
+        over_row[c] = s > spare
+        score_row[c] = (0.0 + pairwise_sum(buf, 0, m)) / gpn
 
 
 @kernel
@@ -529,16 +543,83 @@ def _best_assignment(score, blocks, out):
     """``out[l]``: the smallest over assignments (``blocks [P, N]``, each node's
     content) of the largest ``score[l]`` of its contents (scores are ``>= 0``, none
     ``-0.0``: maxima and minima pick equal bits whatever the order)."""
-    L = score.shape[0]
+    for l in range(score.shape[0]):
+        out[l] = _assignment_row(score[l], blocks)
+
+
+@kernel
+def _assignment_row(score_row, blocks):
+    """:func:`_best_assignment` of one layer's content scores."""
     P, N = blocks.shape
+    best = np.inf
+    for p in range(P):
+        top = -np.inf
+        for n in range(N):
+            top = max(top, score_row[blocks[p, n]])
+        best = min(best, top)
+    return best
+
+
+def _node_fused(w: np.ndarray, num_replicas: int, num_groups: int, num_nodes: int,
+                num_gpus: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(node_per_gpu, node_replica)``, each ``[L]`` and unshaved, of the hierarchical
+    policy with two groups per node (the pairing: :func:`node_load_lower_bound` is
+    exact there) where :func:`node_replica_bound` enumerates
+    (:func:`_node_replica_enumerated`), in one kernel pass (:func:`_node_parts`):
+    ``node_load_lower_bound(group_loads(w)) / gpn`` and ``node_replica_bound(...,
+    floor=that)`` with their arithmetic and their helpers, so the same bits.  ``None``
+    outside that case, or where a layer's floor is not above 0 (they then run)."""
+    L, E = w.shape
+    gs, m = E // num_groups, num_groups // num_nodes
+    rn, gpn = num_replicas // num_nodes, num_gpus // num_nodes
+    if (m != 2 or gs > 128 or rn == m * gs or comb(num_groups, m) > SUBSET_LIMIT
+            or num_partitions(num_groups, num_nodes) > ENUMERATION_LIMIT):
+        return None
+    subsets, experts = _contents(num_groups, m, gs)
+    node, nr = np.empty(L), np.empty(L)
+    if not _node_parts(writable(np.ascontiguousarray(w)), num_nodes, gpn, rn, subsets, experts,
+                       _partition_blocks(num_groups, num_nodes), node, nr):
+        return None
+    return node, nr
+
+
+@kernel
+def _node_parts(w, num_nodes, gpn, rn, subsets, experts, blocks, node, nr):
+    """:func:`_node_fused`'s loop, layer by layer: the group loads (numpy's bits), the
+    pairing's heaviest node over ``gpn`` (``node``), the content scores
+    (:func:`_content_row`), each content needing more spares than its node has raised to
+    its own per-replica optimum (:func:`_kth_row` on its loads, ``rn`` replicas), and
+    the best assignment (:func:`_assignment_row`, ``nr``).  Returns False (and stops)
+    at a layer whose floor is not above 0."""
+    L, E = w.shape
+    C, m = subsets.shape
+    num_groups = num_nodes * m
+    gs = E // num_groups
+    gl, pair, scratch = np.empty(num_groups), np.empty(num_groups, np.int64), np.empty(num_groups)
+    need, buf, over, score = np.empty(num_groups), np.empty(m), np.empty(C, np.bool_), np.empty(C)
+    n = m * gs
+    k = rn - n + 1
+    row = np.empty(n)
+    listing = 16 * k >= n
+    listed = np.empty(k + n + 64 if listing else 0)
+    spare, buckets = np.empty(listed.size), np.empty(_BUCKETS, np.int64)
+    val, who, nxt = np.empty(n), np.empty(n, np.int64), np.empty(n, np.int64)
     for l in range(L):
-        best = np.inf
-        for p in range(P):
-            top = -np.inf
-            for n in range(N):
-                top = max(top, score[l, blocks[p, n]])
-            best = min(best, top)
-        out[l] = best
+        x = w[l]
+        for g in range(num_groups):
+            gl[g] = 0.0 + pairwise_sum(x, g * gs, gs)
+        f = _pair_row(gl, num_nodes, pair, scratch) / gpn
+        if not f > 0:
+            return False
+        node[l] = f
+        _content_row(x, f, gl, subsets, rn - n, gpn, need, buf, over, score)
+        for c in range(C):
+            if over[c]:
+                for j in range(n):
+                    row[j] = x[experts[c, j]]
+                score[c] = max(_kth_row(row, k, listing, listed, spare, buckets, val, who, nxt), score[c])
+        nr[l] = _assignment_row(score, blocks)
+    return True
 
 
 @lru_cache(maxsize=16)
@@ -603,7 +684,12 @@ def lower_bounds(
         comps["cardinality"] = _shave(partition_cardinality_bound(w, num_gpus), num_replicas // num_gpus)
     global_bound = np.max(np.stack(list(comps.values())), axis=0)
     node_exact = True
-    if hierarchical and num_nodes > 1:
+    fused = _node_fused(w, num_replicas, num_groups, num_nodes, num_gpus) if hierarchical and num_nodes > 1 else None
+    if fused is not None:                        # two groups per node, enumerable: one kernel pass
+        node_per_gpu, nr = fused
+        comps["node"] = _shave(node_per_gpu, E)
+        comps["node_replica"] = _shave(np.maximum(nr, node_per_gpu), E)
+    elif hierarchical and num_nodes > 1:
         group_load = group_loads(w, num_groups)
         node_bound, node_exact = node_load_lower_bound(group_load, num_nodes)
         node_per_gpu = node_bound / (num_gpus // num_nodes)

@@ -194,3 +194,42 @@ def test_layer_marks_are_the_figures_and_statuses_of_the_numpy_path() -> None:
         over[int(rng.integers(L))] = top.max() * 2 + 1.0
         assert layer_marks(gpus, over, att, hi, 1.0 - tol, 1 + 4 * _EPS) is None
     assert layer_marks(np.ones((2, 129)), np.zeros(2), np.zeros(2, bool), 1.0, 1.0, 1.0) is None
+
+
+def test_node_components_in_one_pass_match_the_steps() -> None:
+    """``bounds._node_fused`` (two groups per node, enumerable: the node and
+    node_replica components in one kernel pass) against the steps it fuses --
+    ``group_loads``, ``node_load_lower_bound``, ``node_replica_bound`` -- bit for bit,
+    with contents that need more spares than their node has (their per-replica optimum
+    raises the score), ties and zero loads; ``None`` outside its case or where a layer
+    has no load."""
+    from eplb_opt.heuristics.grouping import group_loads
+
+    rng = np.random.default_rng(15)
+    raised = 0
+    for trial in range(400):
+        N = int(rng.choice([2, 3, 4]))
+        ng, gs, gpn = 2 * N, int(rng.choice([1, 2, 3, 8, 32])), int(rng.choice([1, 2, 4, 8]))
+        E, G = ng * gs, N * gpn
+        k = int(rng.integers(max(1, -(-E // G)), -(-E // G) + 5))
+        R = k * G
+        L = int(rng.integers(1, 5))
+        w = [rng.gamma(0.3, 100, (L, E)), rng.integers(0, 6, (L, E)).astype(float),
+             rng.random((L, E)) ** 8, rng.pareto(0.8, (L, E))][trial % 4]
+        got = B._node_fused(w, R, ng, N, G)
+        if R // N == 2 * gs:
+            assert got is None
+            continue
+        nb, _ = node_load_lower_bound(group_loads(w, ng), N)
+        floor = nb / gpn
+        if not (floor > 0).all():
+            assert got is None
+            continue
+        want, exact = B.node_replica_bound(w, R, ng, N, G, floor=floor, group_load=group_loads(w, ng))
+        assert exact and got is not None
+        assert np.array_equal(_bits(got[0]), _bits(floor)) and np.array_equal(_bits(got[1]), _bits(want)), trial
+        gl = group_loads(w, ng)
+        subsets, _ = B._contents(ng, 2, gs)
+        raised += int((want > (gl[:, subsets].sum(axis=2) / gpn).max(axis=1) * (1 + 1e-12)).sum())
+    assert raised > 20                                   # the per-replica part was exercised
+    assert B._node_fused(np.ones((2, 12)), 12, 6, 2, 6) is None          # three groups per node
