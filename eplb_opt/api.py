@@ -30,7 +30,7 @@ from .bounds import Bounds, lower_bounds
 from .budget import Budget, collector_paused
 from .errors import EplbOptError, InvalidPlanError, SolveInterrupted
 from .metrics import gpu_loads
-from .plan import derive_maps, verify
+from .plan import derive_checked_maps, derive_maps, verify
 from .problem import OBJECTIVES, Problem, SolveOptions, make_problem, validate_solve
 from .result import Migration, SolveResult, build_result
 
@@ -455,6 +455,10 @@ def rebalance_experts(
         mode=mode, time_limit=time_limit, seed=seed, policy=policy,
     )
     phy2log = _plan_numpy(problem)
-    log2phy, logcnt = derive_maps(phy2log, problem.num_experts)
-    check_plan(problem, phy2log, logcnt=logcnt)
+    maps = derive_checked_maps(phy2log, problem.num_experts, problem.num_gpus, hierarchical=problem.hierarchical,
+                               num_groups=problem.num_groups, num_nodes=problem.num_nodes)
+    if maps is None:                         # the rule-by-rule checks, which name what is wrong
+        maps = derive_maps(phy2log, problem.num_experts)
+        check_plan(problem, phy2log, logcnt=maps[1])
+    log2phy, logcnt = maps
     return torch.from_numpy(phy2log), torch.from_numpy(log2phy), torch.from_numpy(logcnt)

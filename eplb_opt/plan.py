@@ -28,6 +28,7 @@ from .verify_kernels import (
     LOG2PHY_LAYOUT,
     LOG2PHY_OK,
     LOG2PHY_RANGE,
+    checked_maps,
     duplicate_gpus,
     expert_counts,
     group_nodes,
@@ -37,7 +38,7 @@ from .verify_kernels import (
     slot_maps,
 )
 
-__all__ = ["LazyMetadata", "Plan", "derive_maps", "plan_violations", "verify"]
+__all__ = ["LazyMetadata", "Plan", "derive_maps", "derive_checked_maps", "plan_violations", "verify"]
 
 
 def derive_maps(phy2log: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.ndarray]:
@@ -56,6 +57,22 @@ def derive_maps(phy2log: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.n
     if bad >= 0:
         raise ValueError(f"phy2log[{bad // R}, {bad % R}] = {p.flat[bad]} is not an expert id below {E}")
     return log2phy, logcnt
+
+
+def derive_checked_maps(phy2log: np.ndarray, num_experts: int, num_gpus: int, *, hierarchical: bool = False,
+                        num_groups: int = 1, num_nodes: int = 1) -> tuple[np.ndarray, np.ndarray] | None:
+    """:func:`derive_maps` of a plan that :func:`verify` passes (duplicates allowed, its
+    ``logcnt`` given), in one kernel call (:func:`~eplb_opt.verify_kernels.checked_maps`);
+    ``None`` where the plan or the sizes fail (the caller then runs both for the
+    messages)."""
+    p = _int64_c(phy2log)
+    L, R = p.shape
+    E, G, ng, nn = int(num_experts), int(num_gpus), int(num_groups), int(num_nodes)
+    if E <= 0 or G <= 0 or R % G or (hierarchical and (ng <= 0 or nn <= 0 or E % ng or ng % nn or R % nn or G % nn)):
+        return None
+    log2phy, logcnt, ok = checked_maps(p, E, G, E // ng if hierarchical else E, nn if hierarchical else 1,
+                                       ng // nn if hierarchical else 1, bool(hierarchical))
+    return (log2phy, logcnt) if ok else None
 
 
 def _int64_c(x: Any) -> np.ndarray:

@@ -17,7 +17,7 @@ import numpy as np
 
 from .heuristics.compile import kernel, warmer
 
-__all__ = ["slot_maps", "plan_ok", "expert_counts", "masked_mismatches", "duplicate_gpus", "group_nodes", "log2phy_fault"]
+__all__ = ["slot_maps", "checked_maps", "plan_ok", "expert_counts", "masked_mismatches", "duplicate_gpus", "group_nodes", "log2phy_fault"]
 
 # log2phy_fault's answers, in the order plan_violations reports them (the first wins).
 LOG2PHY_OK, LOG2PHY_LAYOUT, LOG2PHY_RANGE, LOG2PHY_EXPERT, LOG2PHY_ONCE = 0, 1, 2, 3, 4
@@ -60,6 +60,19 @@ def slot_maps(p, num_experts, width):
                 flat[l * block + e * width + r] = s
             cnt[e] = r + 1
     return log2phy, logcnt, -1
+
+
+@kernel
+def checked_maps(p, num_experts, num_gpus, group_size, num_nodes, groups_per_node, hierarchical):
+    """``(log2phy, logcnt, ok)``: :func:`slot_maps` of ``p`` (``width=-1``) and, on the
+    plan and those counts, :func:`plan_ok` (duplicates allowed), in one call (the
+    DeepSeek-compatible entry point's two steps).  ``ok`` is False also where an id is
+    not in ``[0, E)`` (the maps are then incomplete)."""
+    log2phy, logcnt, bad = slot_maps(p, num_experts, -1)
+    if bad >= 0:
+        return log2phy, logcnt, False
+    ok = plan_ok(p, num_experts, num_gpus, group_size, num_nodes, groups_per_node, hierarchical, True, logcnt, True)
+    return log2phy, logcnt, ok
 
 
 @kernel
@@ -269,4 +282,5 @@ def _warm() -> None:
     group_nodes(p, 1, 3, 1)
     log2phy_fault(m, p, cnt, empty)
     plan_ok(p, 3, 2, 1, 1, 3, True, False, cnt, True)
+    checked_maps(p, 3, 2, 1, 1, 3, True)
     plan_ok(p, 3, 2, 1, 1, 3, False, True, cnt, False)

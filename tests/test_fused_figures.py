@@ -191,7 +191,8 @@ def test_layer_marks_are_the_figures_and_statuses_of_the_numpy_path() -> None:
         assert np.array_equal(_bits(got[2]), _bits(gap(lb, top)))
         assert tuple(_STATUS[c] for c in got[3].tolist()) == _statuses(lb, top, k, tol, att), trial
         over = lb.copy()
-        over[int(rng.integers(L))] = top.max() * 2 + 1.0
+        l = int(rng.integers(L))
+        over[l] = np.nextafter(top[l] * hi, np.inf) if top[l] > 0 else 1.0     # just above the plan
         assert layer_marks(gpus, over, att, hi, 1.0 - tol, 1 + 4 * _EPS) is None
     assert layer_marks(np.ones((2, 129)), np.zeros(2), np.zeros(2, bool), 1.0, 1.0, 1.0) is None
 
@@ -233,3 +234,13 @@ def test_node_components_in_one_pass_match_the_steps() -> None:
         raised += int((want > (gl[:, subsets].sum(axis=2) / gpn).max(axis=1) * (1 + 1e-12)).sum())
     assert raised > 20                                   # the per-replica part was exercised
     assert B._node_fused(np.ones((2, 12)), 12, 6, 2, 6) is None          # three groups per node
+    zero = np.ones((2, 8))
+    zero[1] = 0.0
+    assert B._node_fused(zero, 12, 4, 2, 6) is None                      # a layer without load
+    # A content over its spares whose per-replica optimum is below its load per GPU, in
+    # the best assignment: the score keeps the larger (163.25, not 156.5).
+    w = np.array([[357.0, 3.0, 3.0, 200.0, 4.0, 13.0, 23.0, 100.0, 313.0, 4.0, 19.0, 8.0]])
+    nb, _ = node_load_lower_bound(group_loads(w, 4), 2)
+    want, _ = B.node_replica_bound(w, 16, 4, 2, 8, floor=nb / 4, group_load=group_loads(w, 4))
+    got = B._node_fused(w, 16, 4, 2, 8)
+    assert np.array_equal(_bits(got[1]), _bits(want)) and got[1][0] == 163.25

@@ -315,3 +315,35 @@ def test_plan_ok_counts_groups_per_node():
     assert not ref_plan_ok(p, E, G, 2, NN, 2, True, True, None)
     assert not vk.plan_ok(p, E, G, 2, NN, 2, True, True, cnt, False)
     assert vk.plan_ok(GOOD, E, G, 2, NN, 2, True, True, cnt, False)
+
+
+def test_checked_maps_are_the_maps_and_the_verdict():
+    """``plan.derive_checked_maps`` (rebalance_experts' one call) gives derive_maps'
+    arrays for a plan verify passes, and ``None`` for every plan verify rejects: an id
+    out of range, an expert without a replica, a group split across nodes, a node with
+    the wrong number of groups; and for sizes that do not divide."""
+    from eplb_opt.plan import derive_checked_maps, derive_maps, plan_violations
+
+    rng = np.random.default_rng(16)
+    seen = {True: 0, False: 0}
+    for trial in range(300):
+        ng, nn, gs = [(1, 1, 4), (4, 2, 2), (6, 3, 1), (4, 4, 3)][trial % 4]
+        E, G = ng * gs, nn * int(rng.integers(1, 3))
+        R = G * int(rng.integers(-(-E // G), -(-E // G) + 3))
+        hier = ng > 1
+        from eplb_opt.heuristics import place
+
+        w = rng.random((2, E))
+        p = place(w, R, ng, nn, G).phy2log.copy()
+        if trial % 3:
+            l, s = int(rng.integers(2)), int(rng.integers(R))
+            p[l, s] = int(rng.integers(-1, E + 1))
+        valid = not plan_violations(p, E, R, G, num_groups=ng, num_nodes=nn, hierarchical=hier)
+        got = derive_checked_maps(p, E, G, hierarchical=hier, num_groups=ng, num_nodes=nn)
+        assert (got is not None) == valid, (trial, p)
+        if valid:
+            want = derive_maps(p, E)
+            assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+        seen[valid] += 1
+    assert min(seen.values()) > 50
+    assert derive_checked_maps(np.zeros((1, 3), dtype=np.int64), 1, 2) is None
