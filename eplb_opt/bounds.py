@@ -35,6 +35,7 @@ what the complete CP-SAT models used to prove on almost every layer.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -648,9 +649,23 @@ def _partition_blocks(num_groups: int, num_nodes: int) -> np.ndarray:
     return blocks
 
 
+_EPS = float(np.finfo(np.float64).eps)
+
+
 def _shave(x: np.ndarray, terms: int) -> np.ndarray:
     """Lower ``x`` by the worst-case relative error of summing ``terms`` float64 values."""
-    return x * (1.0 - (terms + 4) * np.finfo(np.float64).eps)
+    return x * (1.0 - (terms + 4) * _EPS)
+
+
+def _largest(parts: Any) -> np.ndarray:
+    """The elementwise largest of the ``[L]`` arrays ``parts`` (what ``np.max(np.stack(parts),
+    axis=0)`` gives: the components are finite and ``>= 0``, so any order picks the same
+    bits)."""
+    parts = list(parts)
+    out = parts[0]
+    for x in parts[1:]:
+        out = np.maximum(out, x)
+    return out
 
 
 def lower_bounds(
@@ -682,7 +697,7 @@ def lower_bounds(
     comps["replica"] = _shave(min_max_replica_load(w, num_replicas), 1)
     if num_replicas == E:
         comps["cardinality"] = _shave(partition_cardinality_bound(w, num_gpus), num_replicas // num_gpus)
-    global_bound = np.max(np.stack(list(comps.values())), axis=0)
+    global_bound = _largest(comps.values())
     node_exact = True
     fused = _node_fused(w, num_replicas, num_groups, num_nodes, num_gpus) if hierarchical and num_nodes > 1 else None
     if fused is not None:                        # two groups per node, enumerable: one kernel pass
@@ -702,5 +717,5 @@ def lower_bounds(
     if num_replicas == E and E and bool((w == np.floor(w)).all()):
         comps = {name: np.ceil(v) for name, v in comps.items()}
         global_bound = np.ceil(global_bound)
-    bound = np.max(np.stack(list(comps.values())), axis=0)
+    bound = _largest(comps.values())
     return Bounds(lower_bound=bound, components=comps, node_exact=node_exact, global_bound=global_bound)

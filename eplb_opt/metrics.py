@@ -97,15 +97,32 @@ def _warm() -> None:
 def slot_gpu_loads(weight: np.ndarray, phy2log: np.ndarray, num_gpus: int) -> tuple[np.ndarray, np.ndarray]:
     """``(slot_loads [L, R], gpu_loads [L, G])`` of a placement, the GPU loads summed in
     one pass over the slot loads (the same bits as ``gpu_loads``)."""
-    s = slot_loads(weight, phy2log)
-    L, R = s.shape
+    w = np.ascontiguousarray(weight, dtype=np.float64)
+    p = np.ascontiguousarray(phy2log, dtype=np.int64)
     G = int(num_gpus)
+    if w.ndim == 2 and p.ndim == 2 and 0 < w.shape[0] == p.shape[0] and G > 0 and p.shape[1] % G == 0 \
+            and p.shape[1] // G <= 128:                # both steps in one kernel call
+        s, out = np.empty(p.shape), np.empty((p.shape[0], G))
+        if _slot_gpu_rows(writable(w), writable(p), G, s, out) < 0:
+            return s, out
+    s = slot_loads(w, p)                                # (raises on a bad id)
+    L, R = s.shape
     if L == 0 or G <= 0 or R % G or R // G > 128:
         # numpy itself: its error for sizes that do not divide, its halving for long rows
         return s, s.reshape(L, num_gpus, -1).sum(axis=2)
     out = np.empty((L, G))
     _pack_sums(s, G, out)
     return s, out
+
+
+@kernel
+def _slot_gpu_rows(w, p, num_gpus, slots, gpus):
+    """:func:`_slot_loads` into ``slots`` then :func:`_pack_sums` into ``gpus``; returns
+    ``_slot_loads``' answer (``>= 0``: a bad id, ``gpus`` not written)."""
+    bad = _slot_loads(w, p, slots)
+    if bad < 0:
+        _pack_sums(slots, num_gpus, gpus)
+    return bad
 
 
 def layer_marks(gpus: np.ndarray, lower_bound: np.ndarray, attempted: np.ndarray, hi: float, ok_scale: float,

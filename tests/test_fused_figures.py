@@ -38,6 +38,8 @@ def test_gpu_loads_have_numpys_bits() -> None:
 def test_gpu_loads_keep_numpys_errors() -> None:
     with pytest.raises(ValueError):
         gpu_loads(np.ones((1, 3)), np.zeros((1, 4), dtype=np.int64), 3)
+    with pytest.raises(IndexError, match=r"phy2log\[1, 2\] = 3"):
+        slot_gpu_loads(np.ones((2, 3)), np.array([[0, 1, 2, 0], [0, 1, 3, 2]]), 2)
 
 
 def _node_replica_reference(w: np.ndarray, R: int, ng: int, N: int, G: int, floor: np.ndarray) -> np.ndarray:
