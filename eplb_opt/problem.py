@@ -555,7 +555,7 @@ def number(name: str, value: Any, low: float, *, open_low: bool = False) -> floa
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise InvalidTypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
     v = float(value)
-    if not np.isfinite(v) or v < low or (open_low and v == low):
+    if not math.isfinite(v) or v < low or (open_low and v == low):
         bound = f"> {low:g}" if open_low else f">= {low:g}"
         raise InvalidProblemError(f"{name} must be a finite number {bound}, got {value!r}")
     return v

@@ -261,16 +261,22 @@ def _marked(gpus: np.ndarray, lower_bound: np.ndarray, attempted: np.ndarray, pr
     return top, mean, gap, tuple(_STATUS[c] for c in code.tolist())
 
 
+def _created(stamp: float) -> str:
+    """``stamp`` (``time.time()``) as the plan file's ``created`` field: UTC, ISO 8601,
+    to the second."""
+    import datetime
+
+    return datetime.datetime.fromtimestamp(stamp, datetime.timezone.utc).isoformat(timespec="seconds")
+
+
 def _metadata(problem: Problem, options: SolveOptions, top: np.ndarray, lb: np.ndarray, gap: np.ndarray,
               status: tuple[str, ...], events: list[str]) -> dict[str, Any]:
     """What a plan file records about the call that made the plan."""
-    import datetime
-
     from . import __version__
 
     return {
         "library_version": __version__,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created": None,            # the call's time, formatted on first read (build_result)
         "input_sha256": None,       # computed on first read (build_result: LazyMetadata)
         "parameters": {
             "num_layers": problem.num_layers, "num_experts": problem.num_experts,
@@ -385,7 +391,7 @@ def build_result(
         }
     from .planfile import input_sha256
 
-    meta = LazyMetadata(meta, {"input_sha256": (input_sha256, (problem.weight,))})
+    meta = LazyMetadata(meta, {"input_sha256": (input_sha256, (problem.weight,)), "created": (_created, (time.time(),))})
     return SolveResult(
         plan=Plan.from_numpy(phy2log, problem.num_experts, metadata=meta), max_load=top,
         mean_load=mean, lower_bound=lb, gap=gap, status=status, balancedness=_balancedness(mean, busiest),

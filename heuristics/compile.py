@@ -438,8 +438,9 @@ def writable(a: Any) -> Any:
     base = a.base
     while type(base) is np.ndarray:                 # views of views (``windows[None][0]``)
         base = base.base
-    if (type(base) is _FrozenBase and base.shape == a.shape and base.strides == a.strides
-            and base.ctypes.data == a.ctypes.data):
+    # The owner is C-contiguous: a view with its shape and strides spans all of it, so it
+    # starts where it starts (no pointer to compare; ``.ctypes`` builds an object).
+    if type(base) is _FrozenBase and base.shape == a.shape and base.strides == a.strides:
         return base.view(np.ndarray)
     return a.copy()
 

@@ -120,5 +120,11 @@ def test_plan_metadata_hashes_the_input_on_first_read():
     assert pickle.loads(pickle.dumps(meta))["input_sha256"] == want
     assert meta["input_sha256"] == want and dict(meta)["input_sha256"] == want
     assert list(meta)[:3] == ["library_version", "created", "input_sha256"]
+    import datetime
+    import time
+
+    created = datetime.datetime.fromisoformat(meta["created"])       # formatted on first read
+    assert created.utcoffset() == datetime.timedelta(0) and abs(time.time() - created.timestamp()) < 300
+    assert pickle.loads(pickle.dumps(meta))["created"] == meta["created"]
     with pytest.raises(TypeError):
         meta["input_sha256"] = "x"  # type: ignore[index]
