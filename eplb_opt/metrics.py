@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from .heuristics.compile import kernel, warmer, writable
-from .heuristics.grouping import pairwise_sum
+from .heuristics.grouping import pairwise_sum, pairwise_total
 
 __all__ = ["slot_loads", "gpu_loads", "slot_gpu_loads", "max_load", "balancedness", "replica_counts_of", "gap",
            "layer_marks"]
@@ -91,7 +91,7 @@ def _warm() -> None:
     """Compile :func:`_slot_loads` and :func:`_pack_sums` with the argument types real
     calls use."""
     _, gpus = slot_gpu_loads(np.ones((1, 2)), np.array([[0, 1, -1, 0]]), 2)
-    layer_marks(gpus, np.zeros(1), np.zeros(1, dtype=bool), 1.0, 1.0, 1.0)
+    layer_marks(gpus, np.ones((1, 4)), np.zeros(1), np.zeros(1, dtype=bool), 1.0, 1.0, 1.0)
 
 
 def slot_gpu_loads(weight: np.ndarray, phy2log: np.ndarray, num_gpus: int) -> tuple[np.ndarray, np.ndarray]:
@@ -125,30 +125,41 @@ def _slot_gpu_rows(w, p, num_gpus, slots, gpus):
     return bad
 
 
-def layer_marks(gpus: np.ndarray, lower_bound: np.ndarray, attempted: np.ndarray, hi: float, ok_scale: float,
-                eps4: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
-    """``(top, mean, gap, code)``, each ``[L]``, of GPU loads ``gpus`` ``[L, G]`` and a
-    bound ``[L]``, in one kernel pass (:func:`_marks`): the busiest GPU, the mean GPU
-    load (numpy's ``mean(axis=1)`` bits), :func:`gap`, and per layer ``2`` where ``top
-    <= 0`` or ``lower_bound >= top * hi * ok_scale * eps4`` (multiplied in that order),
-    else ``1`` where ``attempted``, else ``0`` (``eplb_opt.result``'s statuses, whose
-    constants these are).  ``None`` where a bound exceeds ``top * hi`` (the caller's
-    checked path names it) or ``G`` is above 128 (numpy halves longer rows)."""
+def layer_marks(gpus: np.ndarray, slots: np.ndarray, lower_bound: np.ndarray, attempted: np.ndarray, hi: float,
+                ok_scale: float, eps4: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float,
+                                                      float] | None:
+    """``(top, mean, gap, code, balancedness, slot_balancedness)`` of GPU loads ``gpus``
+    ``[L, G]``, slot loads ``slots`` ``[L, R]`` and a bound ``[L]``, in one kernel pass
+    (:func:`_marks`): per layer the busiest GPU, the mean GPU load (numpy's
+    ``mean(axis=1)`` bits), :func:`gap`, and ``2`` where ``top <= 0`` or ``lower_bound
+    >= top * hi * ok_scale * eps4`` (multiplied in that order), else ``1`` where
+    ``attempted``, else ``0`` (``eplb_opt.result``'s statuses, whose constants these
+    are); and :func:`balancedness` of both loads (numpy's sums, the same bits).  ``None``
+    where a bound exceeds ``top * hi`` (the caller's checked path names it) or ``G`` is
+    above 128."""
     L, G = gpus.shape
-    if G == 0 or G > 128:
+    if G == 0 or G > 128 or L == 0 or slots.shape[0] != L or slots.shape[1] == 0:
         return None
     top, mean, gap_, code = np.empty(L), np.empty(L), np.empty(L), np.empty(L, dtype=np.int64)
+    totals = np.empty(4)
     att = np.ascontiguousarray(attempted, dtype=np.bool_)
-    if _marks(gpus, writable(np.ascontiguousarray(lower_bound, dtype=np.float64)), writable(att), float(hi),
-              float(ok_scale), float(eps4), top, mean, gap_, code):
+    if _marks(writable(np.ascontiguousarray(gpus)), writable(np.ascontiguousarray(slots)),
+              writable(np.ascontiguousarray(lower_bound, dtype=np.float64)), writable(att), float(hi),
+              float(ok_scale), float(eps4), top, mean, gap_, code, totals):
         return None
-    return top, mean, gap_, code
+    t, m, st, sm = totals.tolist()
+    return top, mean, gap_, code, 1.0 if t <= 0 else float(m / t), 1.0 if st <= 0 else float(sm / st)
 
 
 @kernel
-def _marks(gpus, lb, attempted, hi, ok_scale, eps4, top, mean, gap_, code):
-    """:func:`layer_marks`' loop; returns how many layers have ``lb > top * hi``."""
+def _marks(gpus, slots, lb, attempted, hi, ok_scale, eps4, top, mean, gap_, code, totals):
+    """:func:`layer_marks`' loop; ``totals``: the sums over layers of ``top``, ``mean``
+    and the slots' row maxima and means (numpy's pairwise sums, :func:`pairwise_total`);
+    returns how many layers have ``lb > top * hi``."""
     L, G = gpus.shape
+    R = slots.shape[1]
+    stack = np.empty(4 * 64)
+    slot_top, slot_mean = np.empty(L), np.empty(L)
     bad = 0
     for l in range(L):
         row = gpus[l]
@@ -161,6 +172,16 @@ def _marks(gpus, lb, attempted, hi, ok_scale, eps4, top, mean, gap_, code):
         bad += lb[l] > t_hi
         gap_[l] = 1.0 - min(lb[l], t) / t if t > 0 else 0.0
         code[l] = 2 if (t <= 0 or lb[l] >= t_hi * ok_scale * eps4) else (1 if attempted[l] else 0)
+        srow = slots[l]
+        st = srow[0]
+        for s in range(1, R):
+            st = max(st, srow[s])
+        slot_top[l] = st
+        slot_mean[l] = (0.0 + pairwise_total(srow, 0, R, stack)) / R
+    totals[0] = 0.0 + pairwise_total(top, 0, L, stack)
+    totals[1] = 0.0 + pairwise_total(mean, 0, L, stack)
+    totals[2] = 0.0 + pairwise_total(slot_top, 0, L, stack)
+    totals[3] = 0.0 + pairwise_total(slot_mean, 0, L, stack)
     return bad
 
 

@@ -246,19 +246,21 @@ def _statuses(lb: np.ndarray, top: np.ndarray, k: int, tol: float, attempted: np
 _STATUS = ("heuristic", "feasible", "optimal")
 
 
-def _marked(gpus: np.ndarray, lower_bound: np.ndarray, attempted: np.ndarray, problem: Problem,
-            options: SolveOptions) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[str, ...]] | None:
-    """``(top, mean, gap, status)`` of a plan's GPU loads against a bound consistent
-    with it, computed as :func:`_consistent_bound`, :func:`_statuses` and
-    :func:`~eplb_opt.metrics.gap` compute them, in one kernel pass
+def _marked(gpus: np.ndarray, slots: np.ndarray, lower_bound: np.ndarray, attempted: np.ndarray, problem: Problem,
+            options: SolveOptions) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[str, ...], float, float] | None:
+    """``(top, mean, gap, status, balancedness, slot_balancedness)`` of a plan's GPU and
+    slot loads against a bound consistent with it, computed as :func:`_consistent_bound`,
+    :func:`_statuses`, :func:`~eplb_opt.metrics.gap` and
+    :func:`~eplb_opt.metrics.balancedness` compute them, in one kernel pass
     (:func:`~eplb_opt.metrics.layer_marks`, given their constants); ``None`` where a
     bound is inconsistent or the rows are too long (those functions then run)."""
     k = problem.slots_per_gpu
-    marks = layer_marks(gpus, lower_bound, attempted, 1 + (k + 2) * _EPS, 1.0 - options.tolerance, 1 + 4 * _EPS)
+    marks = layer_marks(gpus, slots, lower_bound, attempted, 1 + (k + 2) * _EPS, 1.0 - options.tolerance,
+                        1 + 4 * _EPS)
     if marks is None:
         return None
-    top, mean, gap, code = marks
-    return top, mean, gap, tuple(_STATUS[c] for c in code.tolist())
+    top, mean, gap, code, bal, slot_bal = marks
+    return top, mean, gap, tuple(_STATUS[c] for c in code.tolist()), bal, slot_bal
 
 
 def _created(stamp: float) -> str:
@@ -370,12 +372,13 @@ def build_result(
         per_window = np.stack([gpu_loads(x, phy2log, G) for x in windows])          # [W, L, G]
         window_bal = tuple(balancedness(x) for x in per_window)
     att = np.zeros(L, dtype=bool) if attempted is None else attempted
-    marks = None if settled is not None or options.robust else _marked(gpus, lower_bound, att, problem, options)
+    marks = None if settled is not None or options.robust else _marked(gpus, slots, lower_bound, att, problem, options)
     if marks is not None:                    # the common case: every figure in one kernel pass
-        busiest, mean, gap, status = marks
+        busiest, mean, gap, status, bal, slot_bal = marks
         settled = LayerFigures(busiest, lower_bound, status)
     else:
         busiest, mean = gpus.max(axis=1), gpus.mean(axis=1)
+        bal, slot_bal = _balancedness(mean, busiest), balancedness(slots)
         if settled is None:
             settled = _layer_figures(problem, options, phy2log, gpus, per_window, lower_bound, bounds, att, events)
         gap = certified_gap(settled.lower_bound, settled.max_load)
@@ -394,8 +397,8 @@ def build_result(
     meta = LazyMetadata(meta, {"input_sha256": (input_sha256, (problem.weight,)), "created": (_created, (time.time(),))})
     return SolveResult(
         plan=Plan.from_numpy(phy2log, problem.num_experts, metadata=meta), max_load=top,
-        mean_load=mean, lower_bound=lb, gap=gap, status=status, balancedness=_balancedness(mean, busiest),
-        slot_balancedness=balancedness(slots), runtime=time.perf_counter() - start, events=tuple(events),
+        mean_load=mean, lower_bound=lb, gap=gap, status=status, balancedness=bal,
+        slot_balancedness=slot_bal, runtime=time.perf_counter() - start, events=tuple(events),
         policy=policy or problem.policy, bounds=bounds, tolerance=options.tolerance, conditional_bound=conditional,
         migration=migration, objective=options.objective, window_balancedness=window_bal,
         off_node_share=_off_share(problem, phy2log, home),

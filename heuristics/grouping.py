@@ -206,6 +206,43 @@ def pairwise_sum(a, lo, n):
 
 
 @kernel
+def pairwise_total(a, lo, n, stack):
+    """``a[lo:lo + n].sum()`` as numpy sums a contiguous run of any length: runs above 128
+    terms halved as numpy halves them (the first part ``n // 2`` rounded down to a
+    multiple of 8), recursively, down to :func:`pairwise_sum`'s blocks, the parts added
+    in that tree's order.  Without recursion (see :func:`pairwise_sum`): ``stack``
+    (``[>= 4 * 64]`` float64 work) holds each pending node as (start, length, whether
+    its first part is summed, that sum).  A reduction adds the result to its initial
+    ``0.0``."""
+    if n <= 128:
+        return pairwise_sum(a, lo, n)
+    top = 0
+    stack[0], stack[1], stack[2] = lo, n, 0.0
+    while True:
+        start, m = int(stack[4 * top]), int(stack[4 * top + 1])
+        if m > 128:                                  # split: descend into the first part
+            h = m // 2
+            h -= h % 8
+            top += 1
+            stack[4 * top], stack[4 * top + 1], stack[4 * top + 2] = start, h, 0.0
+            continue
+        v = pairwise_sum(a, start, m)
+        while True:                                  # hand the value up the tree
+            if top == 0:
+                return v
+            top -= 1
+            if stack[4 * top + 2] == 0.0:            # the first part is done: the second next
+                pstart, pm = int(stack[4 * top]), int(stack[4 * top + 1])
+                h = pm // 2
+                h -= h % 8
+                stack[4 * top + 2], stack[4 * top + 3] = 1.0, v
+                top += 1
+                stack[4 * top], stack[4 * top + 1], stack[4 * top + 2] = pstart + h, pm - h, 0.0
+                break
+            v = stack[4 * top + 3] + v
+
+
+@kernel
 def _pair_groups(gl: np.ndarray, num_nodes: int, node: np.ndarray, worst: np.ndarray) -> None:
     """Two groups per node (``gl``: ``[L, 2N]``): :func:`_pair_row` on every layer.
     Writes ``node`` (``[L, 2N]``) and ``worst`` (``[L]``, the heaviest node's load)."""

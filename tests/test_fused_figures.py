@@ -168,11 +168,11 @@ def test_frozen_copy_checks_plain_loads_as_it_copies() -> None:
 
 def test_layer_marks_are_the_figures_and_statuses_of_the_numpy_path() -> None:
     """``metrics.layer_marks`` (solve's common case, one kernel pass) against the numpy
-    path it replaces: ``max``/``mean`` of the GPU loads, ``metrics.gap`` and
-    ``result._statuses``, bit for bit, with bounds at, just under and just over the
+    path it replaces: ``max``/``mean`` of the GPU loads, ``metrics.gap``,
+    ``result._statuses`` and ``metrics.balancedness`` of GPU and slot loads, bit for bit, with bounds at, just under and just over the
     status threshold, zero layers and solver-attempted layers; ``None`` where a bound
     exceeds the plan (``result._consistent_bound``'s case) or the rows are long."""
-    from eplb_opt.metrics import gap, layer_marks
+    from eplb_opt.metrics import balancedness, gap, layer_marks
     from eplb_opt.result import _EPS, _STATUS, _statuses
 
     rng = np.random.default_rng(14)
@@ -187,16 +187,19 @@ def test_layer_marks_are_the_figures_and_statuses_of_the_numpy_path() -> None:
         lb = np.where(rng.random(L) < 0.5, edge * rng.choice([1.0, 1 - 1e-16, 1 - 1e-9, 0.5, 0.0], L), top * hi)
         lb = np.minimum(lb, top * hi)                     # consistent: never above the plan
         att = rng.random(L) < 0.5
-        got = layer_marks(gpus, lb, att, hi, 1.0 - tol, 1 + 4 * _EPS)
+        slots = rng.gamma(0.5, 1.0, (L, int(rng.choice([1, 7, 128, 129, 288, 1000])))) * 10.0 ** rng.uniform(-5, 5)
+        slots[rng.random(L) < 0.2] = 0.0
+        got = layer_marks(gpus, slots, lb, att, hi, 1.0 - tol, 1 + 4 * _EPS)
         assert got is not None
+        assert got[4] == balancedness(gpus) and got[5] == balancedness(slots), trial
         assert np.array_equal(_bits(got[0]), _bits(top)) and np.array_equal(_bits(got[1]), _bits(gpus.mean(axis=1)))
         assert np.array_equal(_bits(got[2]), _bits(gap(lb, top)))
         assert tuple(_STATUS[c] for c in got[3].tolist()) == _statuses(lb, top, k, tol, att), trial
         over = lb.copy()
         l = int(rng.integers(L))
         over[l] = np.nextafter(top[l] * hi, np.inf) if top[l] > 0 else 1.0     # just above the plan
-        assert layer_marks(gpus, over, att, hi, 1.0 - tol, 1 + 4 * _EPS) is None
-    assert layer_marks(np.ones((2, 129)), np.zeros(2), np.zeros(2, bool), 1.0, 1.0, 1.0) is None
+        assert layer_marks(gpus, slots, over, att, hi, 1.0 - tol, 1 + 4 * _EPS) is None
+    assert layer_marks(np.ones((2, 129)), np.ones((2, 3)), np.zeros(2), np.zeros(2, bool), 1.0, 1.0, 1.0) is None
 
 
 def test_node_components_in_one_pass_match_the_steps() -> None:
@@ -246,3 +249,20 @@ def test_node_components_in_one_pass_match_the_steps() -> None:
     want, _ = B.node_replica_bound(w, 16, 4, 2, 8, floor=nb / 4, group_load=group_loads(w, 4))
     got = B._node_fused(w, 16, 4, 2, 8)
     assert np.array_equal(_bits(got[1]), _bits(want)) and got[1][0] == 163.25
+
+
+def test_pairwise_total_is_numpys_sum() -> None:
+    """``grouping.pairwise_total`` (numpy's halving above 128 terms, without recursion)
+    against ``ndarray.sum``, bit for bit, for every length up to 1200 and some longer,
+    at an offset into the array, with infinities and NaN."""
+    from eplb_opt.heuristics.grouping import pairwise_total
+
+    rng = np.random.default_rng(17)
+    stack = np.empty(4 * 64)
+    for n in [*range(1, 1200), 2047, 2048, 4100, 70001]:
+        a = rng.gamma(0.5, 1.0, n + 3) * 10.0 ** rng.uniform(-8, 8, n + 3)
+        if n % 97 == 0:
+            a[int(rng.integers(3, n + 3))] = [np.inf, np.nan][n % 2]
+        want = a[3:].sum()
+        got = 0.0 + pairwise_total(a, 3, n, stack)
+        assert np.array_equal(_bits(np.array([got])), _bits(np.array([want]))) or (np.isnan(got) and np.isnan(want)), n
