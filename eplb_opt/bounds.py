@@ -45,7 +45,7 @@ from math import comb
 
 from .heuristics import ENUMERATION_LIMIT, equal_partitions, node_load_lower_bound, num_partitions
 from .heuristics.compile import kernel, warmer, writable
-from .heuristics.grouping import _pair_row, group_loads, pairwise_sum
+from .heuristics.grouping import _pair_row, group_loads, pairwise_sum, pairwise_total
 
 __all__ = ["Bounds", "lower_bounds", "min_max_replica_load", "partition_cardinality_bound", "node_replica_bound"]
 
@@ -105,16 +105,24 @@ def min_max_replica_load(weight: np.ndarray, num_replicas: int) -> np.ndarray:
         weight: ``[rows, E]`` non-negative finite loads.
         num_replicas: ``R >= E``.
     """
+    return _replica_and_sums(weight, num_replicas, False)[0]
+
+
+def _replica_and_sums(weight: np.ndarray, num_replicas: int, sums: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(min_max_replica_load(weight, num_replicas), row sums or None)``: with ``sums``
+    the rows' sums too, as numpy's ``sum(axis=1)`` gives them, taken in the same kernel
+    pass where there is one (``None`` where there is not)."""
     w = np.asarray(weight, dtype=np.float64)
     rows, E = w.shape
     k = int(num_replicas) - E + 1
     if k <= 1 or E == 0 or rows == 0:
-        return w.max(axis=1) if E else np.zeros(rows)
+        return (w.max(axis=1) if E else np.zeros(rows)), None
     out = np.empty(rows)
-    if _kth_shares(writable(np.ascontiguousarray(w)), k, out):     # rows without a positive load
+    total = np.empty(rows if sums else 0)
+    if _kth_shares(writable(np.ascontiguousarray(w)), k, out, total):     # rows without a positive load
         dead = np.isnan(out)
         out[dead] = w[dead].max(axis=1)
-    return out
+    return out, (total if sums else None)
 
 
 @kernel
@@ -163,13 +171,15 @@ def _taken_above(w, v):
 
 
 @kernel
-def _kth_shares(w, k, out):
+def _kth_shares(w, k, out, sums):
     """``out[r]``: the ``k``-th largest share ``w_e / j`` (``j >= 1``, the float64
     quotient) of each row of ``w`` (``[rows, E]``, ``k >= 1``): :func:`_kth_by_list`
     where ``k >= E / 16``, else (a few heap steps, a list of about ``E / 2`` shares) and
     for a row whose list would not fit (none, by the count in :func:`_kth_by_list`),
     :func:`_kth_by_heap`.  Both give the same value.  A row without a positive load gets
-    NaN (its answer is its largest load, which the caller takes); returns how many."""
+    NaN (its answer is its largest load, which the caller takes); returns how many.
+    Where ``sums`` is not empty, ``sums[r]`` is the row's sum with numpy's bits
+    (:func:`~eplb_opt.heuristics.grouping.pairwise_total`)."""
     rows, E = w.shape
     val = np.empty(E)
     who = np.empty(E, dtype=np.int64)
@@ -179,8 +189,11 @@ def _kth_shares(w, k, out):
     spare = np.empty(listed.size)
     buckets = np.empty(_BUCKETS, dtype=np.int64)
     dead = 0
+    stack = np.empty(4 * 64)
     for r in range(rows):
         x = w[r]
+        if sums.size:
+            sums[r] = 0.0 + pairwise_total(x, 0, E, stack)
         live = False
         for e in range(E):
             live |= x[e] > 0
@@ -692,9 +705,10 @@ def lower_bounds(
     w = np.asarray(weight, dtype=np.float64)
     L, E = w.shape
     comps: dict[str, np.ndarray] = {}
-    comps["average"] = _shave(w.sum(axis=1) / num_gpus, E)
+    replica, sums = _replica_and_sums(w, num_replicas, True)
+    comps["average"] = _shave((w.sum(axis=1) if sums is None else sums) / num_gpus, E)
     # One division (the optimal count's quotient): exact to 0.5 ulp.
-    comps["replica"] = _shave(min_max_replica_load(w, num_replicas), 1)
+    comps["replica"] = _shave(replica, 1)
     if num_replicas == E:
         comps["cardinality"] = _shave(partition_cardinality_bound(w, num_gpus), num_replicas // num_gpus)
     global_bound = _largest(comps.values())

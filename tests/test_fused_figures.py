@@ -266,3 +266,20 @@ def test_pairwise_total_is_numpys_sum() -> None:
         want = a[3:].sum()
         got = 0.0 + pairwise_total(a, 3, n, stack)
         assert np.array_equal(_bits(np.array([got])), _bits(np.array([want]))) or (np.isnan(got) and np.isnan(want)), n
+
+
+def test_average_component_has_numpys_row_sums() -> None:
+    """``lower_bounds``' average component, whose row sums now come out of the replica
+    bound's kernel pass, against ``w.sum(axis=1) / G`` shaved as before, bit for bit;
+    and the replica component against ``min_max_replica_load``; zero rows and rows
+    longer than 128 included."""
+    rng = np.random.default_rng(18)
+    for trial in range(120):
+        L, E = int(rng.integers(1, 6)), int(rng.choice([3, 8, 64, 129, 256, 300]))
+        G = int(rng.choice([1, 2, 4]))
+        R = G * int(rng.integers(-(-E // G), -(-E // G) + 4))
+        w = rng.gamma(0.5, 1.0, (L, E)) * 10.0 ** rng.uniform(-6, 6, (L, 1))
+        w[rng.random(L) < 0.2] = 0.0
+        b = B.lower_bounds(w, R, G)
+        assert np.array_equal(_bits(b.components["average"]), _bits(B._shave(w.sum(axis=1) / G, E))), trial
+        assert np.array_equal(_bits(b.components["replica"]), _bits(B._shave(B.min_max_replica_load(w, R), 1)))
