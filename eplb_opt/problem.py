@@ -108,9 +108,11 @@ class Problem:
 def positive_int(name: str, value: Any) -> int:
     """A positive integer size (Python, numpy or 0-d torch integer; not bool), else an
     error naming ``name``."""
-    if isinstance(value, bool) or isinstance(value, np.bool_):
+    if type(value) is int:                      # the common case, without the ABC check below
+        out = value
+    elif isinstance(value, bool) or isinstance(value, np.bool_):
         raise InvalidTypeError(f"{name} must be a positive integer, got bool {value!r}")
-    if isinstance(value, numbers.Integral):
+    elif isinstance(value, numbers.Integral):
         out = int(value)
     else:
         try:
@@ -279,7 +281,7 @@ def make_problem(
         if value > MAX_SIZE:
             raise InvalidProblemError(f"{name}={value} is above the largest size supported, 2**24 = {MAX_SIZE}")
     limit = _time_limit(time_limit)
-    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral):
+    if type(seed) is not int and (isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral)):
         raise InvalidTypeError(f"seed must be a non-negative integer, got {type(seed).__name__} {seed!r}")
     if int(seed) < 0:
         raise InvalidProblemError(f"seed must be a non-negative integer, got {seed!r}")
