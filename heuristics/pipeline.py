@@ -436,3 +436,4 @@ def _warm() -> None:
     place(w, 6, 2, 2, 2, allow_duplicates=False)
     place(w, 8, 1, 1, 2)
     place(w, 4, 1, 1, 4)
+    place(np.arange(1.0, 13.0).reshape(2, 6), 6, 6, 2, 2)      # three groups a node: _node_layers
