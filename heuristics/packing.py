@@ -606,14 +606,16 @@ def _best_pair(v, lab, loads, occ, h, l, vb):
         if occ[l, lab[h, a]] > 0:
             continue
         xa = v[h, a] - half
-        m = np.inf
-        for b in range(k):                             # branch-free: the row's minimum
-            m = min(m, abs(xa - vb[b]))
-        if m < low:                                    # then its first slot
-            b = 0
-            while abs(xa - vb[b]) != m:
-                b += 1
-            low, ai, bi = m, a, b
+        m, mb = np.inf, 0
+        for b in range(k):                             # selects, not branches: the first
+            d = abs(xa - vb[b])                        # smallest (the values come in any
+            up = d < m                                 # order, and a branch on them missed
+            m = d if up else m                         # about as often as it turned)
+            mb = b if up else mb
+        up = m < low
+        low = m if up else low
+        ai = a if up else ai
+        bi = mb if up else bi
     if low < lh * (1 - _REL_EPS) - mid:
         return mid + low, ai, bi, mid, half
     return np.inf, ai, bi, mid, half
@@ -631,8 +633,9 @@ def _best_partner(v, lab, loads, occ, h, a, l, half, mid):
             if occ[h, lab[l, b]] > 0:
                 continue
             dev = abs(xa - v[l, b])
-            if dev < low:
-                low, bi = dev, b
+            up = dev < low                             # selects (see _best_pair)
+            low = dev if up else low
+            bi = b if up else bi
     if low < loads[h] * (1 - _REL_EPS) - mid:
         return low, bi
     return np.inf, bi
@@ -1001,16 +1004,30 @@ def _items_row(neg, c, order, num_packs, values, labels):
     """:func:`replica_items` on one row: from ``neg`` (``[e]``, minus each expert's
     per-replica load ``w / c``), the counts ``c`` and ``order`` (``neg``'s order, ties by
     index: :func:`_settle_order`), writes the items' ``values`` and ``labels`` (``[n]``);
-    returns the row's bound."""
+    returns the row's bound.
+
+    An expert's second replica is written, and added to the total, with selects rather
+    than a loop whose exit turns on the count (one or two replicas an expert, in no
+    order the branch predictor learns); a third and more go through the loop."""
+    n = values.shape[0]
     i = 0
     total = 0.0
     for j in order:
         x = -neg[j]
-        for _ in range(c[j]):
-            values[i] = x
-            labels[i] = j
+        cj = c[j]
+        values[i] = x
+        labels[i] = j
+        total += x
+        if i + 1 < n:                   # a second copy, overwritten by the next expert if cj is 1
+            values[i + 1] = x
+            labels[i + 1] = j
+        twice = total + x
+        total = twice if cj > 1 else total
+        for t in range(2, cj):
+            values[i + t] = x
+            labels[i + t] = j
             total += x
-            i += 1
+        i += cj
     return max(total / num_packs, values[0]) if i else 0.0
 
 
