@@ -47,7 +47,8 @@ NOTES = [
     "the issue's numpy-only rule for the heuristics package: the stages other than refinement "
     "take about the whole budget, and the round-cap table shows that without refinement the "
     "plans fall below DeepSeek on some workloads (no-redundancy).  A numba prototype of a "
-    "simplified pipeline (benchmarks/experiments/numba_packing, not part of the package) "
+    "simplified pipeline (benchmarks/experiments/numba_packing, not part of the package; "
+    "retired once issue 15's compiled kernels met their targets, see the git history) "
     "measured 11.3x with our verifier in the same kind of rotation: compiled packing loops "
     "would close the gap.",
     "`rebalance_experts` must return `log2phy` padded to `R - E + 1` (DESIGN.md section 5); "
