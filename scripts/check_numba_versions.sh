@@ -16,7 +16,8 @@
 # steps down through NUMPY_FALLBACKS until it imports, in that venv only.
 #
 # Each venv runs  pytest -q tests/test_kernel*.py tests/test_heuristics.py tests/test_bounds.py
-# (the certified bounds have kernels too) with its own
+# tests/test_fused_figures.py tests/test_plan.py (the certified bounds, the figures and the
+# verifier have kernels too) with its own
 # NUMBA_CACHE_DIR (so the versions never share or overwrite the checkout's cache), and the
 # versions, counts and durations go to benchmarks/numba_versions.json (OUT overrides).
 # Exit status: 0 when every run passed.
@@ -28,7 +29,7 @@ PY="${PYTHON:-python3}"
 LOWEST="${LOWEST:-0.65.0}"
 OUT="${OUT:-$ROOT/benchmarks/numba_versions.json}"
 NUMPY_FALLBACKS="${NUMPY_FALLBACKS:-2.3.5 2.2.6 2.1.3 2.0.2 1.26.4}"
-TESTS=(tests/test_kernel*.py tests/test_heuristics.py tests/test_bounds.py)
+TESTS=(tests/test_kernel*.py tests/test_heuristics.py tests/test_bounds.py tests/test_fused_figures.py tests/test_plan.py)
 SETUP_ONLY=0
 [[ "${1:-}" == "--setup-only" ]] && SETUP_ONLY=1
 
@@ -93,7 +94,7 @@ import json, os, platform, sys, time
 out, *tests = sys.argv[1:]
 runs = [json.load(open(f"/tmp/eplb-numba-{label}/result.json")) for label in ("lowest", "newest")]
 json.dump({
-    "what": "tests/test_kernel*.py, tests/test_heuristics.py and tests/test_bounds.py on the lowest declared and the newest numba "
+    "what": "tests/test_kernel*.py, tests/test_heuristics.py, tests/test_bounds.py, tests/test_fused_figures.py and tests/test_plan.py on the lowest declared and the newest numba "
             "(scripts/check_numba_versions.sh); seconds are the whole pytest run, cold numba cache, wall clock",
     "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     "python": platform.python_version(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
