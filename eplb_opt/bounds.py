@@ -45,7 +45,7 @@ from math import comb
 
 from .heuristics import ENUMERATION_LIMIT, equal_partitions, node_load_lower_bound, num_partitions
 from .heuristics.compile import kernel, warmer, writable
-from .heuristics.grouping import _pair_row, group_loads, pairwise_sum, pairwise_total
+from .heuristics.grouping import _group_row, _pair_row, group_loads, pairwise_sum, pairwise_total
 
 __all__ = ["Bounds", "lower_bounds", "min_max_replica_load", "partition_cardinality_bound", "node_replica_bound"]
 
@@ -620,8 +620,7 @@ def _node_parts(w, num_nodes, gpn, rn, subsets, experts, blocks, node, nr):
     val, who, nxt = np.empty(n), np.empty(n, np.int64), np.empty(n, np.int64)
     for l in range(L):
         x = w[l]
-        for g in range(num_groups):
-            gl[g] = 0.0 + pairwise_sum(x, g * gs, gs)
+        _group_row(x, gl)
         f = _pair_row(gl, num_nodes, pair, scratch) / gpn
         if not f > 0:
             return False

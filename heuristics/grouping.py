@@ -92,11 +92,19 @@ def group_loads(weight: np.ndarray, num_groups: int) -> np.ndarray:
 @kernel
 def _group_rows(w: np.ndarray, num_groups: int, out: np.ndarray) -> None:
     """``out [L, num_groups]``: :func:`group_loads` (groups of at most 128 experts)."""
-    L, E = w.shape
-    gs = E // num_groups
-    for l in range(L):
-        for g in range(num_groups):
-            out[l, g] = 0.0 + pairwise_sum(w[l], g * gs, gs)
+    for l in range(w.shape[0]):
+        _group_row(w[l], out[l])
+
+
+@kernel
+def _group_row(row: np.ndarray, out: np.ndarray) -> None:
+    """``out [num_groups]``: the loads of the groups of one layer ``row [E]`` (numpy's
+    bits: :func:`pairwise_sum` added to ``0.0``); :func:`group_loads`, the bounds and
+    the pipeline share it."""
+    num_groups = out.shape[0]
+    gs = row.shape[0] // num_groups
+    for g in range(num_groups):
+        out[g] = 0.0 + pairwise_sum(row, g * gs, gs)
 
 
 def groups_to_nodes(group_load: np.ndarray, num_nodes: int) -> tuple[np.ndarray, np.ndarray, bool]:
@@ -175,7 +183,7 @@ def pairwise_sum(a, lo, n):
     """``a[lo:lo + n].sum()`` as numpy adds the terms of a contiguous axis (its
     ``pairwise_sum``), for ``n <= 128``: fewer than 8 terms one by one from ``-0.0``,
     else eight running sums combined as a tree, then the rest one by one (numpy splits
-    longer runs in halves first; callers take numpy's own sum there).  A reduction then
+    longer runs in halves first: :func:`pairwise_total`).  A reduction then
     adds this to its initial ``0.0`` (:func:`_pack_sums`), so the result has numpy's
     bits, not just its value.  Not recursive: a cached kernel of another module calling
     a recursive one crashed.  (:mod:`eplb_opt.metrics` and the bounds use it too.)"""

@@ -19,7 +19,7 @@ import numpy as np
 
 from .apportion import _FEW, _counts_row, _few_steps
 from .compile import kernel, warmer, writable
-from .grouping import _pair_row, group_loads, groups_to_nodes, pairwise_sum
+from .grouping import _group_row, _pair_row, group_loads, groups_to_nodes
 from .packing import (
     DEFAULT_REFINE_ROUNDS, _items_row, _pack_segments, _pack_work, _settle_order, gather_rows, item_order,
     pack_sorted, replica_items,
@@ -167,9 +167,8 @@ def _front_layers(w, num_groups, num_nodes):
     layers: ``(node_of_group [L, num_groups], experts, neg)``.  One node: every group
     on it; one group per node: group ``g`` on node ``g``; two: the pairing of
     :func:`~.grouping._pair_row` on the group loads numpy's ``reshape(...).sum(axis=2)``
-    gives (:func:`~.grouping.pairwise_sum`, the same bits)."""
+    gives (:func:`~.grouping._group_row`, the same bits)."""
     L, E = w.shape
-    gs = E // num_groups
     node_of_group = np.zeros((L, num_groups), dtype=np.int64)
     experts = np.empty((L, num_nodes, E // num_nodes), dtype=np.int64)
     neg = np.empty((L, num_nodes, E // num_nodes))
@@ -181,8 +180,7 @@ def _front_layers(w, num_groups, num_nodes):
             for g in range(num_groups):
                 node_of_group[l, g] = g
         elif num_nodes > 1:
-            for g in range(num_groups):
-                gl[g] = 0.0 + pairwise_sum(row, g * gs, gs)
+            _group_row(row, gl)
             _pair_row(gl, num_nodes, node_of_group[l], scratch)
         _node_rows(row, node_of_group[l], experts[l], neg[l])
     return node_of_group, experts, neg
